@@ -1,0 +1,104 @@
+# sluice - top-level build.  `make` builds every program into build/; `make SAN=1` builds the
+# ASan/UBSan variant into build-san/.  `make run` and `make test` first install missing Debian
+# packages (scripts/deps.sh), so both work on a bare Debian 12 machine as root.
+#
+# Sources are found by directory so that a new module needs no Makefile edit:
+#   common/*.c queue/*.c gateway/*.c policy/*.c  -> libsluice.a, except *_main.c
+#   <dir>/NAME_main.c                            -> build/NAME (program; see PROGS)
+#   tests/unit/test_*.c                          -> build/tests/test_* (cmocka)
+#   tests/tools/*.c                              -> build/tools/*     (test and bench helpers)
+
+SAN ?=
+ifeq ($(SAN),1)
+B := build-san
+OPT := -O1 -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=all
+else
+B := build
+OPT := -O2
+endif
+
+CC ?= cc
+PKGS := libuv openssl sqlite3 inih jansson
+PKG_CFLAGS = $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
+PKG_LIBS = $(shell pkg-config --libs $(PKGS) 2>/dev/null)
+WARN := -Wall -Wextra -Werror -Wshadow -Wstrict-prototypes -Wmissing-prototypes \
+        -Wformat=2 -Wformat-truncation=2 -Wpointer-arith -Wvla -Wno-unused-parameter
+CFLAGS += -std=c11 -D_GNU_SOURCE -g $(OPT) $(WARN) -Iinclude -MMD -MP $(PKG_CFLAGS)
+LDFLAGS += $(OPT)
+LDLIBS += $(PKG_LIBS) -lpthread -lm
+
+LIB_DIRS := common queue gateway policy
+ALL_SRCS := $(foreach d,$(LIB_DIRS),$(wildcard $(d)/*.c))
+MAIN_SRCS := $(filter %_main.c,$(ALL_SRCS))
+LIB_SRCS := $(filter-out %_main.c,$(ALL_SRCS))
+LIB_OBJS := $(LIB_SRCS:%.c=$(B)/obj/%.o)
+PROGS := $(foreach m,$(MAIN_SRCS),$(B)/$(patsubst %_main,%,$(basename $(notdir $(m)))))
+TEST_SRCS := $(wildcard tests/unit/test_*.c)
+TESTS := $(TEST_SRCS:tests/unit/%.c=$(B)/tests/%)
+TOOL_SRCS := $(wildcard tests/tools/*.c)
+TOOLS := $(TOOL_SRCS:tests/tools/%.c=$(B)/tools/%)
+
+PYTEST := /usr/bin/python3 -m pytest
+CONF ?= etc/sluice.conf
+
+.PHONY: all deps deps-test run test tests unit e2e bench bench-spool clean
+all: $(B)/libsluice.a $(PROGS) $(TOOLS)
+
+deps:
+	@scripts/deps.sh build
+deps-test:
+	@scripts/deps.sh test
+
+$(B)/obj/%.o: %.c
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -c -o $@ $<
+
+$(B)/libsluice.a: $(LIB_OBJS)
+	@mkdir -p $(dir $@)
+	rm -f $@ && ar rcs $@ $^
+
+# program NAME comes from */NAME_main.c
+define prog_rule
+$(B)/$(patsubst %_main,%,$(basename $(notdir $(1)))): $(B)/obj/$(1:.c=.o) $(B)/libsluice.a
+	$$(CC) $$(LDFLAGS) -o $$@ $$^ $$(LDLIBS)
+endef
+$(foreach m,$(MAIN_SRCS),$(eval $(call prog_rule,$(m))))
+
+$(B)/tests/%: $(B)/obj/tests/unit/%.o $(B)/libsluice.a
+	@mkdir -p $(dir $@)
+	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS) -lcmocka
+
+$(B)/tools/%: $(B)/obj/tests/tools/%.o $(B)/libsluice.a
+	@mkdir -p $(dir $@)
+	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS)
+
+run: deps
+	@$(MAKE) --no-print-directory all
+	@scripts/run.sh $(CONF)
+
+# Every test: unit tests (cmocka), end-to-end (pytest), then the sanitizer build's unit tests
+# and end-to-end tests.  TORTURE_ROUNDS raises the spool crash torture (default 200).
+test: deps-test
+	@$(MAKE) --no-print-directory all tests
+	@$(MAKE) --no-print-directory unit e2e
+	@$(MAKE) --no-print-directory SAN=1 all tests
+	@$(MAKE) --no-print-directory SAN=1 unit e2e
+
+tests: $(TESTS) $(TOOLS)
+
+unit: $(TESTS) $(TOOLS)
+	@scripts/run-unit.sh $(B)
+
+e2e: $(PROGS) $(TOOLS)
+	@SLUICE_BUILD=$(B) scripts/run-e2e.sh
+
+bench-spool: deps-test
+	@$(MAKE) --no-print-directory all
+	@scripts/bench-spool.sh $(B)
+
+bench: bench-spool
+
+clean:
+	rm -rf build build-san
+
+-include $(shell find $(B)/obj -name '*.d' 2>/dev/null)

@@ -1,0 +1,1198 @@
+/*
+ * conf.c - sluice.conf: one table of keys drives defaults, parsing, validation and the dump,
+ * so adding a key is one table line plus a struct field. libinih splits "key=value"; our line
+ * reader sees every physical line first, which is how errors get exact line numbers.
+ *
+ * Sections: value parsers, the key table, the line reader (sections, comments, continuation
+ * lines, syntax errors), the key handler, checks across keys, the dump.
+ */
+#include "conf.h"
+
+#include <arpa/inet.h>
+#include <ctype.h>
+#include <errno.h>
+#include <ini.h>
+#include <inttypes.h>
+#include <stdarg.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include "log.h"
+
+enum conf_type {
+    CT_STR,       /* char[], bounded */
+    CT_INT,       /* int within [min, max] */
+    CT_BOOL,      /* int 0/1 */
+    CT_SIZE,      /* uint64_t bytes */
+    CT_DUR,       /* int64_t milliseconds */
+    CT_LEVEL,     /* int LOG_* */
+    CT_ADDRLIST,  /* struct conf_list of endpoints (IP literal or unix:) */
+    CT_DOMAINLIST,/* struct conf_list of domain names */
+    CT_DELIVER,   /* char[] deliver string, also fills transport and endpoint */
+};
+
+enum conf_sec { SEC_NONE, SEC_SPOOL, SEC_LOG, SEC_GATEWAY, SEC_ROUTING, SEC_MAILSTORE, SEC_BAD };
+
+#define CF_NONEMPTY 1 /* "" is not a valid value */
+#define CF_REQUIRED 2 /* must be set in every section instance (mailstore deliver) */
+
+struct conf_key {
+    enum conf_sec sec;
+    const char *name;
+    enum conf_type type;
+    size_t off;   /* in struct conf, or in struct conf_mailstore for SEC_MAILSTORE */
+    size_t size;  /* of the field: bounds strings */
+    const char *def;
+    int64_t min, max; /* CT_INT only */
+    int flags;
+    const char *help;
+};
+
+static const char *const conf_sec_names[] = {
+    [SEC_SPOOL] = "spool", [SEC_LOG] = "log", [SEC_GATEWAY] = "gateway",
+    [SEC_ROUTING] = "routing", [SEC_MAILSTORE] = "mailstore",
+};
+
+#define FLD(st, f) offsetof(struct st, f), sizeof(((struct st *)0)->f)
+/* Keys of the single sections live in struct conf; mailstore keys in struct conf_mailstore. */
+#define K(sec, name, type, field, def, help) \
+    { SEC_##sec, name, type, FLD(conf, field), def, 0, 0, 0, help }
+#define KF(sec, name, type, field, def, flags, help) \
+    { SEC_##sec, name, type, FLD(conf, field), def, 0, 0, flags, help }
+#define KI(sec, name, field, def, lo, hi, help) \
+    { SEC_##sec, name, CT_INT, FLD(conf, field), def, lo, hi, 0, help }
+#define M(name, type, field, def, help) \
+    { SEC_MAILSTORE, name, type, FLD(conf_mailstore, field), def, 0, 0, 0, help }
+#define MI(name, field, def, lo, hi, help) \
+    { SEC_MAILSTORE, name, CT_INT, FLD(conf_mailstore, field), def, lo, hi, 0, help }
+
+/* The whole schema. Order is the dump's order. Defaults are parsed by the same code as the
+ * file, so a default that does not parse fails the unit tests, not production. */
+static const struct conf_key conf_keys[] = {
+    KF(SPOOL, "dir", CT_STR, spool.dir, "/var/spool/sluice", CF_NONEMPTY,
+       "spool directory (index.db, seg/, big/, tmp/)"),
+    K(SPOOL, "inline_max", CT_SIZE, spool.inline_max, "256K",
+      "messages larger than this get their own file in big/"),
+    K(SPOOL, "segment_size", CT_SIZE, spool.segment_size, "64M",
+      "preallocated size of an append-only segment"),
+    K(SPOOL, "mem_budget", CT_SIZE, spool.mem_budget, "256M",
+      "memory for all messages being received; past it they spill to tmp/"),
+    K(SPOOL, "min_free_space", CT_SIZE, spool.min_free_space, "100M",
+      "below this much free disk, MAIL is answered 452"),
+    K(SPOOL, "reclaim_interval", CT_DUR, spool.reclaim_interval_ms, "60s",
+      "how often dead and sparse segments are reclaimed"),
+
+    K(LOG, "level", CT_LEVEL, log.level, "info",
+      "least important level logged: debug, info, notice, warning or error"),
+
+    KF(GATEWAY, "listen", CT_ADDRLIST, gateway.listen, "127.0.0.1:2525", CF_NONEMPTY,
+       "addresses to accept SMTP on: 1.2.3.4:25, [::1]:25 or unix:/path"),
+    KF(GATEWAY, "hostname", CT_STR, gateway.hostname, "", CF_NONEMPTY,
+       "name in the banner, EHLO reply and Received: (default: the host name)"),
+    K(GATEWAY, "domains", CT_DOMAINLIST, gateway.domains, "",
+      "domains we accept mail for"),
+    K(GATEWAY, "recipient_map", CT_STR, gateway.recipient_map, "",
+      "file of valid recipients, one per line; @domain accepts any user"),
+    K(GATEWAY, "recipient_db", CT_STR, gateway.recipient_db, "",
+      "SQLite database of valid recipients"),
+    KI(GATEWAY, "max_connections", gateway.max_connections, "10000", 1, 1000000,
+       "simultaneous SMTP sessions"),
+    KI(GATEWAY, "max_connections_per_ip", gateway.max_connections_per_ip, "50", 1, 1000000,
+       "simultaneous SMTP sessions from one client address"),
+    K(GATEWAY, "idle_timeout", CT_DUR, gateway.idle_timeout_ms, "300s",
+      "time to wait for a client command"),
+    K(GATEWAY, "data_timeout", CT_DUR, gateway.data_timeout_ms, "10m",
+      "time to wait for more message data"),
+    K(GATEWAY, "max_message_size", CT_SIZE, gateway.max_message_size, "50M",
+      "largest message accepted (advertised in EHLO SIZE)"),
+    KI(GATEWAY, "max_recipients", gateway.max_recipients, "1000", 1, 1000000,
+       "recipients per message"),
+    K(GATEWAY, "max_command_line", CT_SIZE, gateway.max_command_line, "2048",
+      "longest SMTP command line, CRLF included"),
+    K(GATEWAY, "max_text_line", CT_SIZE, gateway.max_text_line, "1000",
+      "longest message text line, CRLF included"),
+    KI(GATEWAY, "max_header_count", gateway.max_header_count, "1000", 1, 1000000,
+       "header fields per message"),
+    K(GATEWAY, "max_header_size", CT_SIZE, gateway.max_header_size, "1M",
+      "total size of the header section"),
+    KI(GATEWAY, "max_errors", gateway.max_errors, "10", 1, 1000000,
+       "client errors before the session is closed"),
+    K(GATEWAY, "tls_cert", CT_STR, gateway.tls_cert, "",
+      "PEM certificate chain for STARTTLS"),
+    K(GATEWAY, "tls_key", CT_STR, gateway.tls_key, "",
+      "PEM private key for STARTTLS"),
+    K(GATEWAY, "tls", CT_BOOL, gateway.tls, "yes",
+      "offer STARTTLS when tls_cert and tls_key are set"),
+    K(GATEWAY, "notify_socket", CT_STR, gateway.notify_socket, "",
+      "datagram socket that tells the deliverer of new mail (empty: <spool dir>/deliver.sock)"),
+    K(GATEWAY, "shutdown_grace", CT_DUR, gateway.shutdown_grace_ms, "30s",
+      "on SIGTERM, time sessions get to finish"),
+    KF(GATEWAY, "banner", CT_STR, gateway.banner, "ESMTP sluice", CF_NONEMPTY,
+       "text after the hostname in the 220 greeting"),
+
+    K(ROUTING, "override_map", CT_STR, routing.override_map, "",
+      "file of address -> mailstore overrides (moved mailboxes)"),
+    K(ROUTING, "domain_map", CT_STR, routing.domain_map, "",
+      "file of domain -> mailstore assignments"),
+
+    { SEC_MAILSTORE, "deliver", CT_DELIVER, FLD(conf_mailstore, deliver), "", 0, 0,
+      CF_REQUIRED | CF_NONEMPTY,
+      "lmtp:HOST:PORT, lmtp:unix:/PATH, smtp:HOST:PORT or maildir:/PATH/%d/%u" },
+    MI("weight", weight, "1", 0, 1000000,
+       "share of users in the rendezvous hash (0: no new users)"),
+    MI("max_connections", max_connections, "10", 1, 100000, "connections to the mailstore"),
+    MI("max_messages_per_connection", max_messages_per_connection, "100", 1, 100000000,
+       "messages sent on one connection before it is closed"),
+    M("connect_timeout", CT_DUR, connect_timeout_ms, "30s", "time to connect and get a greeting"),
+    M("command_timeout", CT_DUR, command_timeout_ms, "5m", "time to wait for a command reply"),
+    M("data_timeout", CT_DUR, data_timeout_ms, "10m", "time to wait after the message data"),
+    M("retry_min", CT_DUR, retry_min_ms, "1m", "first retry delay after a temporary failure"),
+    M("retry_max", CT_DUR, retry_max_ms, "1h", "longest retry delay (backoff doubles up to it)"),
+    MI("trip_after", trip_after, "5", 1, 1000000,
+       "consecutive connection failures that trip the mailstore"),
+    M("probe_interval", CT_DUR, probe_interval_ms, "30s",
+      "while tripped, one probe delivery this often"),
+    MI("release_start_rate", release_start_rate, "10", 1, 1000000,
+       "messages per second when a ramp starts (after release or recovery)"),
+    M("release_ramp", CT_DUR, release_ramp_ms, "10m", "time to ramp up to full rate"),
+    M("max_queue_age", CT_DUR, max_queue_age_ms, "0",
+      "hold and alert on recipients queued longer (0: no limit)"),
+    M("max_backlog", CT_SIZE, max_backlog, "0",
+      "queued bytes past which RCPT for this mailstore gets 452 (0: no limit)"),
+};
+
+#define CONF_NKEYS (sizeof(conf_keys) / sizeof(conf_keys[0]))
+#define CONF_RAW_MAX 1024 /* physical line buffer; longer lines are an error anyway */
+#define CONF_WHY_MAX 512
+
+/* Parser state, heap-allocated: it holds a whole struct conf being built. */
+struct conf_ctx {
+    struct conf c;
+    const char *path;
+    FILE *f;
+    int lineno;
+    int max_line;                 /* longest line inih takes, from its reader argument */
+    enum conf_sec sec;
+    char sec_label[CONF_RAW_MAX]; /* "spool", "mailstore ms1": how messages name a section */
+    int ms;                       /* current mailstore index when sec == SEC_MAILSTORE */
+    int ms_line[CONF_MAILSTORE_MAX];
+    int last_key;                 /* table index of the previous key line, -1 if none */
+    /* Line each key was set on, 0 = not set: row 0 for the single sections, 1 + i for
+     * mailstore i. Finds duplicates and points cross-key errors at a line. */
+    int seen[CONF_MAILSTORE_MAX + 1][CONF_NKEYS];
+    int nerr;
+    int gave_up;
+    char *err;
+    size_t errlen, errused;
+};
+
+static void conf_error(struct conf_ctx *x, int line, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+static int conf_set(const struct conf_key *k, void *base, const char *v, int append, char *why,
+                    size_t whylen);
+static void conf_ms_defaults(struct conf_mailstore *m);
+
+/* --- Value parsers ------------------------------------------------------------------ */
+
+/* Digits only: strtoull would also take "+", "-" and leading spaces. */
+static int conf_parse_digits(const char **sp, uint64_t *out)
+{
+    const char *s = *sp;
+    uint64_t v = 0;
+
+    if (!isdigit((unsigned char)*s))
+        return -EINVAL;
+    while (isdigit((unsigned char)*s)) {
+        unsigned d = (unsigned)(*s - '0');
+        if (v > (UINT64_MAX - d) / 10)
+            return -ERANGE;
+        v = v * 10 + d;
+        s++;
+    }
+    *sp = s;
+    *out = v;
+    return 0;
+}
+
+int conf_parse_size(const char *s, uint64_t *out)
+{
+    uint64_t v, mult = 1;
+    int r;
+
+    if (s == NULL)
+        return -EINVAL;
+    if ((r = conf_parse_digits(&s, &v)) < 0)
+        return r;
+    switch (*s) {
+    case '\0': break;
+    case 'k': case 'K': mult = 1ull << 10; s++; break;
+    case 'm': case 'M': mult = 1ull << 20; s++; break;
+    case 'g': case 'G': mult = 1ull << 30; s++; break;
+    case 't': case 'T': mult = 1ull << 40; s++; break;
+    default: return -EINVAL;
+    }
+    if (*s != '\0')
+        return -EINVAL;
+    if (v > UINT64_MAX / mult)
+        return -ERANGE;
+    *out = v * mult;
+    return 0;
+}
+
+int conf_parse_duration(const char *s, int64_t *ms_out)
+{
+    uint64_t total = 0;
+    int r, bare = 1;
+
+    if (s == NULL || *s == '\0')
+        return -EINVAL;
+    while (*s != '\0') {
+        uint64_t v, mult;
+        if ((r = conf_parse_digits(&s, &v)) < 0)
+            return r;
+        if (s[0] == 'm' && s[1] == 's') {
+            mult = 1;
+            s += 2;
+        } else if (*s == 's') {
+            mult = 1000;
+            s++;
+        } else if (*s == 'm') {
+            mult = 60 * 1000;
+            s++;
+        } else if (*s == 'h') {
+            mult = 3600 * 1000;
+            s++;
+        } else if (*s == 'd') {
+            mult = 86400 * 1000;
+            s++;
+        } else if (*s == '\0' && bare) {
+            mult = 1000; /* a bare number is seconds, as in most daemons' configs */
+        } else {
+            return -EINVAL;
+        }
+        bare = 0;
+        if (v > (uint64_t)INT64_MAX / mult || total > (uint64_t)INT64_MAX - v * mult)
+            return -ERANGE;
+        total += v * mult;
+    }
+    *ms_out = (int64_t)total;
+    return 0;
+}
+
+int conf_parse_bool(const char *s, int *out)
+{
+    static const char *const yes[] = { "yes", "true", "on", "1" };
+    static const char *const no[] = { "no", "false", "off", "0" };
+
+    if (s == NULL)
+        return -EINVAL;
+    for (size_t i = 0; i < 4; i++) {
+        if (strcasecmp(s, yes[i]) == 0) {
+            *out = 1;
+            return 0;
+        }
+        if (strcasecmp(s, no[i]) == 0) {
+            *out = 0;
+            return 0;
+        }
+    }
+    return -EINVAL;
+}
+
+static int conf_parse_port(const char *s, uint16_t *port)
+{
+    uint64_t v;
+
+    if (conf_parse_digits(&s, &v) < 0 || *s != '\0' || v < 1 || v > 65535)
+        return -EINVAL;
+    *port = (uint16_t)v;
+    return 0;
+}
+
+/* RFC 1123 host name characters; '_' too, as it appears in internal names. */
+static int conf_hostname_ok(const char *h)
+{
+    if (*h == '\0' || *h == '.' || *h == '-')
+        return 0;
+    for (; *h != '\0'; h++)
+        if (!isalnum((unsigned char)*h) && *h != '-' && *h != '.' && *h != '_')
+            return 0;
+    return 1;
+}
+
+int conf_parse_endpoint(const char *s, int allow_hostname, struct conf_endpoint *ep)
+{
+    struct sockaddr_un sun;
+    struct conf_endpoint e;
+    const char *colon;
+    size_t hlen;
+
+    memset(&e, 0, sizeof(e));
+    if (s == NULL)
+        return -EINVAL;
+    if (strncmp(s, "unix:", 5) == 0) {
+        s += 5;
+        if (*s == '\0' || strlen(s) >= sizeof(sun.sun_path))
+            return -EINVAL;
+        e.is_unix = 1;
+        memcpy(e.host, s, strlen(s) + 1);
+        *ep = e;
+        return 0;
+    }
+    if (*s == '[') {
+        struct in6_addr a6;
+        const char *end = strchr(s, ']');
+        if (end == NULL || end[1] != ':')
+            return -EINVAL;
+        hlen = (size_t)(end - s - 1);
+        if (hlen == 0 || hlen >= INET6_ADDRSTRLEN)
+            return -EINVAL;
+        memcpy(e.host, s + 1, hlen);
+        e.host[hlen] = '\0';
+        if (inet_pton(AF_INET6, e.host, &a6) != 1)
+            return -EINVAL;
+        colon = end + 1;
+    } else {
+        struct in_addr a4;
+        colon = strrchr(s, ':');
+        if (colon == NULL)
+            return -EINVAL;
+        hlen = (size_t)(colon - s);
+        if (hlen == 0 || hlen >= sizeof(e.host) || memchr(s, ':', hlen) != NULL)
+            return -EINVAL;
+        memcpy(e.host, s, hlen);
+        e.host[hlen] = '\0';
+        if (inet_pton(AF_INET, e.host, &a4) != 1 &&
+            !(allow_hostname && conf_hostname_ok(e.host)))
+            return -EINVAL;
+    }
+    if (conf_parse_port(colon + 1, &e.port) < 0)
+        return -EINVAL;
+    *ep = e;
+    return 0;
+}
+
+/* The maildir path template may use %d (domain), %u (local part) and %% only: anything else
+ * is a typo the deliverer would otherwise write into a directory name. */
+static int conf_maildir_ok(const char *p)
+{
+    if (*p == '\0')
+        return 0;
+    for (; *p != '\0'; p++) {
+        if (*p != '%')
+            continue;
+        p++;
+        if (*p != 'd' && *p != 'u' && *p != '%')
+            return 0;
+    }
+    return 1;
+}
+
+static int conf_parse_deliver(const char *s, struct conf_mailstore *m)
+{
+    struct conf_endpoint ep;
+
+    memset(&ep, 0, sizeof(ep));
+    if (strncmp(s, "lmtp:", 5) == 0) {
+        if (conf_parse_endpoint(s + 5, 1, &ep) < 0)
+            return -EINVAL;
+        m->transport = CONF_LMTP;
+    } else if (strncmp(s, "smtp:", 5) == 0) {
+        if (strncmp(s + 5, "unix:", 5) == 0 || conf_parse_endpoint(s + 5, 1, &ep) < 0)
+            return -EINVAL;
+        m->transport = CONF_SMTP;
+    } else if (strncmp(s, "maildir:", 8) == 0) {
+        if (!conf_maildir_ok(s + 8) || strlen(s + 8) >= sizeof(ep.host))
+            return -EINVAL;
+        memcpy(ep.host, s + 8, strlen(s + 8) + 1);
+        m->transport = CONF_MAILDIR;
+    } else {
+        return -EINVAL;
+    }
+    m->endpoint = ep;
+    return 0;
+}
+
+static int conf_domain_ok(const char *d)
+{
+    /* Letters, digits, '-' and '.': IDNs are configured in their A-label (xn--) form. */
+    if (*d == '\0' || *d == '.' || *d == '-' || strlen(d) > 253)
+        return 0;
+    for (; *d != '\0'; d++)
+        if (!isalnum((unsigned char)*d) && *d != '-' && *d != '.')
+            return 0;
+    return 1;
+}
+
+static int conf_mailstore_name_ok(const char *n)
+{
+    size_t len = strlen(n);
+
+    if (len == 0 || len >= CONF_NAME_MAX)
+        return 0;
+    for (; *n != '\0'; n++)
+        if (!isalnum((unsigned char)*n) && *n != '_' && *n != '.' && *n != '-')
+            return 0;
+    return 1;
+}
+
+/* --- Setting one key ---------------------------------------------------------------- */
+
+/* conf_list_set - split v on commas and blanks into l. append is set for continuation lines,
+ * which add to the items of the line before instead of replacing them. */
+static int conf_list_set(struct conf_list *l, enum conf_type type, const char *v, int append,
+                         char *why, size_t whylen)
+{
+    struct conf_list nl;
+    const char *p = v;
+
+    if (append)
+        nl = *l;
+    else
+        nl.n = 0;
+    while (*p != '\0') {
+        size_t n = strcspn(p, ", \t");
+        char item[CONF_PATH_MAX];
+        if (n == 0) {
+            p++;
+            continue;
+        }
+        if (n >= sizeof(item)) {
+            snprintf(why, whylen, "list item too long (max %zu characters)", sizeof(item) - 1);
+            return -EINVAL;
+        }
+        memcpy(item, p, n);
+        item[n] = '\0';
+        p += n;
+        if (type == CT_ADDRLIST) {
+            struct conf_endpoint ep;
+            if (conf_parse_endpoint(item, 0, &ep) < 0) {
+                snprintf(why, whylen,
+                         "bad address \"%s\" (use 1.2.3.4:25, [::1]:25 or unix:/path)", item);
+                return -EINVAL;
+            }
+        } else if (!conf_domain_ok(item)) {
+            snprintf(why, whylen, "bad domain \"%s\"", item);
+            return -EINVAL;
+        }
+        if (nl.n >= CONF_LIST_MAX) {
+            snprintf(why, whylen, "too many items (max %d)", CONF_LIST_MAX);
+            return -EINVAL;
+        }
+        memcpy(nl.v[nl.n++], item, n + 1);
+    }
+    *l = nl;
+    return 0;
+}
+
+/* conf_set - parse v as key k into the struct at base. On failure nothing is stored and why
+ * says what is wrong, in words the operator can act on. */
+static int conf_set(const struct conf_key *k, void *base, const char *v, int append, char *why,
+                    size_t whylen)
+{
+    void *field = (char *)base + k->off;
+    int r;
+
+    /* A list may start empty and go on in continuation lines: conf_check sees it whole. */
+    if ((k->flags & CF_NONEMPTY) && *v == '\0' && k->type != CT_ADDRLIST &&
+        k->type != CT_DOMAINLIST) {
+        snprintf(why, whylen, "empty value");
+        return -EINVAL;
+    }
+    switch (k->type) {
+    case CT_STR:
+        if (strlen(v) >= k->size) {
+            snprintf(why, whylen, "value too long (max %zu characters)", k->size - 1);
+            return -EINVAL;
+        }
+        memcpy(field, v, strlen(v) + 1);
+        return 0;
+    case CT_INT: {
+        const char *s = v;
+        uint64_t u;
+        int neg = (*s == '-');
+        int64_t val;
+        if (neg)
+            s++;
+        r = conf_parse_digits(&s, &u);
+        if (r == -EINVAL || (r == 0 && *s != '\0')) {
+            snprintf(why, whylen, "bad number \"%s\"", v);
+            return -EINVAL;
+        }
+        if (r < 0 || u > (uint64_t)INT64_MAX) {
+            snprintf(why, whylen, "%s is out of range (%" PRId64 " to %" PRId64 ")", v, k->min,
+                     k->max);
+            return -ERANGE;
+        }
+        val = neg ? -(int64_t)u : (int64_t)u;
+        if (val < k->min || val > k->max) {
+            snprintf(why, whylen, "%s is out of range (%" PRId64 " to %" PRId64 ")", v, k->min,
+                     k->max);
+            return -ERANGE;
+        }
+        *(int *)field = (int)val;
+        return 0;
+    }
+    case CT_BOOL:
+        if (conf_parse_bool(v, (int *)field) < 0) {
+            snprintf(why, whylen, "bad boolean \"%s\" (use yes or no)", v);
+            return -EINVAL;
+        }
+        return 0;
+    case CT_SIZE:
+        r = conf_parse_size(v, (uint64_t *)field);
+        if (r == -ERANGE)
+            snprintf(why, whylen, "size \"%s\" is too large", v);
+        else if (r < 0)
+            snprintf(why, whylen, "bad size \"%s\" (use a number with K, M or G)", v);
+        return r;
+    case CT_DUR:
+        r = conf_parse_duration(v, (int64_t *)field);
+        if (r == -ERANGE)
+            snprintf(why, whylen, "duration \"%s\" is too long", v);
+        else if (r < 0)
+            snprintf(why, whylen,
+                     "bad duration \"%s\" (use a number with ms, s, m, h or d)", v);
+        return r;
+    case CT_LEVEL:
+        r = log_level_parse(v);
+        if (r < 0) {
+            snprintf(why, whylen,
+                     "bad log level \"%s\" (use debug, info, notice, warning or error)", v);
+            return -EINVAL;
+        }
+        *(int *)field = r;
+        return 0;
+    case CT_ADDRLIST:
+    case CT_DOMAINLIST:
+        return conf_list_set(field, k->type, v, append, why, whylen);
+    case CT_DELIVER: {
+        struct conf_mailstore *m = base;
+        if (strlen(v) >= k->size || conf_parse_deliver(v, m) < 0) {
+            snprintf(why, whylen,
+                     "bad deliver \"%s\" (use lmtp:HOST:PORT, lmtp:unix:/PATH, "
+                     "smtp:HOST:PORT or maildir:/PATH/%%d/%%u)", v);
+            return -EINVAL;
+        }
+        memcpy(field, v, strlen(v) + 1);
+        return 0;
+    }
+    }
+    snprintf(why, whylen, "internal error: unknown type");
+    return -EINVAL;
+}
+
+static void conf_apply_defaults(enum conf_sec sec, void *base)
+{
+    char why[CONF_WHY_MAX];
+
+    for (size_t i = 0; i < CONF_NKEYS; i++) {
+        const struct conf_key *k = &conf_keys[i];
+        if (k->sec != sec)
+            continue;
+        /* "" defaults mean "unset": optional strings and lists start empty (memset). A
+         * default that fails to parse is a table bug, caught by the unit tests. */
+        if (*k->def == '\0')
+            continue;
+        if (conf_set(k, base, k->def, 0, why, sizeof(why)) < 0)
+            log_msg(LOG_ERR, "conf: default of %s %s: %s", conf_sec_names[k->sec], k->name,
+                    why);
+    }
+}
+
+static void conf_ms_defaults(struct conf_mailstore *m)
+{
+    memset(m, 0, sizeof(*m));
+    conf_apply_defaults(SEC_MAILSTORE, m);
+}
+
+void conf_defaults(struct conf *c)
+{
+    memset(c, 0, sizeof(*c));
+    conf_apply_defaults(SEC_SPOOL, c);
+    conf_apply_defaults(SEC_LOG, c);
+    conf_apply_defaults(SEC_GATEWAY, c);
+    conf_apply_defaults(SEC_ROUTING, c);
+    if (gethostname(c->gateway.hostname, sizeof(c->gateway.hostname) - 1) < 0 ||
+        c->gateway.hostname[0] == '\0')
+        snprintf(c->gateway.hostname, sizeof(c->gateway.hostname), "localhost");
+}
+
+/* --- Errors ------------------------------------------------------------------------- */
+
+static void conf_append(struct conf_ctx *x, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3)));
+
+static void conf_append(struct conf_ctx *x, const char *fmt, ...)
+{
+    va_list ap;
+    int n;
+
+    if (x->err == NULL || x->errlen == 0 || x->errused >= x->errlen - 1)
+        return;
+    va_start(ap, fmt);
+    n = vsnprintf(x->err + x->errused, x->errlen - x->errused, fmt, ap);
+    va_end(ap);
+    if (n > 0)
+        x->errused += (size_t)n < x->errlen - x->errused ? (size_t)n
+                                                          : x->errlen - x->errused - 1;
+}
+
+/* conf_error - record "FILE:LINE: problem". line 0 means the file as a whole. */
+static void conf_error(struct conf_ctx *x, int line, const char *fmt, ...)
+{
+    char msg[CONF_WHY_MAX + CONF_RAW_MAX];
+    va_list ap;
+
+    if (x->gave_up)
+        return;
+    if (x->nerr >= CONF_ERR_MAX) {
+        conf_append(x, "\n%s: too many errors, stopped after %d", x->path, CONF_ERR_MAX);
+        x->gave_up = 1;
+        return;
+    }
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof(msg), fmt, ap);
+    va_end(ap);
+    if (line > 0)
+        conf_append(x, "%s%s:%d: %s", x->nerr ? "\n" : "", x->path, line, msg);
+    else
+        conf_append(x, "%s%s: %s", x->nerr ? "\n" : "", x->path, msg);
+    x->nerr++;
+}
+
+/* --- Line reader -------------------------------------------------------------------- */
+
+static char *conf_trim(char *s)
+{
+    size_t n;
+
+    while (*s == ' ' || *s == '\t')
+        s++;
+    n = strlen(s);
+    while (n > 0 && isspace((unsigned char)s[n - 1]))
+        s[--n] = '\0';
+    return s;
+}
+
+/* A comment runs from ';' or '#' preceded by a blank to the end of the line, so values may
+ * still contain "a;b" or "a#b". */
+static void conf_strip_comment(char *s)
+{
+    for (char *p = s; *p != '\0'; p++) {
+        if ((*p == ';' || *p == '#') && (p == s || p[-1] == ' ' || p[-1] == '\t')) {
+            *p = '\0';
+            return;
+        }
+    }
+}
+
+static int conf_is_key_line(const char *s)
+{
+    const char *p = s;
+
+    while (isalnum((unsigned char)*p) || *p == '_' || *p == '.' || *p == '-')
+        p++;
+    if (p == s)
+        return 0;
+    while (*p == ' ' || *p == '\t')
+        p++;
+    return *p == '=';
+}
+
+/* "[name]" or "[name] ; comment": writes name (trimmed) into out. */
+static int conf_is_section_line(const char *s, char *out, size_t outlen)
+{
+    const char *end;
+    char tmp[CONF_RAW_MAX];
+    char *name;
+
+    if (*s != '[' || (end = strchr(s, ']')) == NULL)
+        return 0;
+    for (const char *p = end + 1; *p != '\0'; p++) {
+        if (*p == ';' || *p == '#')
+            break;
+        if (*p != ' ' && *p != '\t')
+            return 0;
+    }
+    if ((size_t)(end - s - 1) >= sizeof(tmp))
+        return 0;
+    memcpy(tmp, s + 1, (size_t)(end - s - 1));
+    tmp[end - s - 1] = '\0';
+    name = conf_trim(tmp);
+    snprintf(out, outlen, "%s", name);
+    return 1;
+}
+
+/* Physical line into buf (without the newline). 1 if a line was read, 0 at EOF; *toolong is
+ * set when the line did not fit (the rest is consumed), *nul when it held a NUL byte. */
+static int conf_getline(FILE *f, char *buf, size_t len, int *toolong, int *nul)
+{
+    size_t n = 0;
+    int ch, any = 0;
+
+    *toolong = 0;
+    *nul = 0;
+    while ((ch = getc(f)) != EOF) {
+        any = 1;
+        if (ch == '\n')
+            break;
+        if (ch == '\0')
+            *nul = 1;
+        if (n + 1 < len)
+            buf[n++] = (char)ch;
+        else
+            *toolong = 1;
+    }
+    buf[n] = '\0';
+    return any;
+}
+
+static void conf_open_section(struct conf_ctx *x, const char *label)
+{
+    char word[CONF_RAW_MAX], rest[CONF_RAW_MAX];
+    size_t wl = strcspn(label, " \t");
+
+    x->last_key = -1;
+    x->sec = SEC_BAD;
+    snprintf(x->sec_label, sizeof(x->sec_label), "%s", label);
+    memcpy(word, label, wl);
+    word[wl] = '\0';
+    snprintf(rest, sizeof(rest), "%s", label + wl);
+    {
+        char *r = conf_trim(rest);
+        memmove(rest, r, strlen(r) + 1);
+    }
+    for (int s = SEC_SPOOL; s <= SEC_MAILSTORE; s++) {
+        if (strcmp(word, conf_sec_names[s]) != 0)
+            continue;
+        if (s != SEC_MAILSTORE) {
+            if (rest[0] != '\0') {
+                conf_error(x, x->lineno, "[%s]: section [%s] takes no name", label, word);
+                return;
+            }
+            x->sec = (enum conf_sec)s;
+            return;
+        }
+        if (rest[0] == '\0') {
+            conf_error(x, x->lineno, "[%s]: missing name (use [mailstore NAME])", label);
+            return;
+        }
+        if (!conf_mailstore_name_ok(rest)) {
+            conf_error(x, x->lineno,
+                       "[%s]: bad mailstore name \"%s\" (use 1 to 63 of A-Z a-z 0-9 _ . -)",
+                       label, rest);
+            return;
+        }
+        for (int i = 0; i < x->c.n_mailstores; i++) {
+            if (strcmp(x->c.mailstores[i].name, rest) == 0) {
+                conf_error(x, x->lineno, "[%s]: duplicate mailstore (first at line %d)",
+                           label, x->ms_line[i]);
+                return;
+            }
+        }
+        if (x->c.n_mailstores >= CONF_MAILSTORE_MAX) {
+            conf_error(x, x->lineno, "[%s]: too many mailstores (max %d)", label,
+                       CONF_MAILSTORE_MAX);
+            return;
+        }
+        x->ms = x->c.n_mailstores++;
+        conf_ms_defaults(&x->c.mailstores[x->ms]);
+        memcpy(x->c.mailstores[x->ms].name, rest, strlen(rest) + 1);
+        x->ms_line[x->ms] = x->lineno;
+        snprintf(x->sec_label, sizeof(x->sec_label), "mailstore %.63s", rest); /* name_ok: < 64 */
+        x->sec = SEC_MAILSTORE;
+        return;
+    }
+    conf_error(x, x->lineno, "[%s]: unknown section", label);
+}
+
+static void *conf_key_base(struct conf_ctx *x, const struct conf_key *k)
+{
+    return k->sec == SEC_MAILSTORE ? (void *)&x->c.mailstores[x->ms] : (void *)&x->c;
+}
+
+static int *conf_seen(struct conf_ctx *x, const struct conf_key *k)
+{
+    int row = k->sec == SEC_MAILSTORE ? 1 + x->ms : 0;
+    return &x->seen[row][k - conf_keys];
+}
+
+/* An indented line that is not "key = value" continues the previous key's value. Only
+ * lists can sensibly be continued (long domain lists); for anything else it is a mistake. */
+static void conf_continue(struct conf_ctx *x, char *s)
+{
+    const struct conf_key *k;
+    char why[CONF_WHY_MAX];
+
+    conf_strip_comment(s);
+    s = conf_trim(s);
+    if (x->last_key < 0) {
+        if (x->sec != SEC_BAD)
+            conf_error(x, x->lineno, "syntax error: expected \"key = value\"");
+        return;
+    }
+    k = &conf_keys[x->last_key];
+    if (k->type != CT_ADDRLIST && k->type != CT_DOMAINLIST) {
+        conf_error(x, x->lineno,
+                   "[%s] %s: unexpected indented line (only lists continue on indented lines)",
+                   x->sec_label, k->name);
+        return;
+    }
+    if (conf_set(k, conf_key_base(x, k), s, 1, why, sizeof(why)) < 0)
+        conf_error(x, x->lineno, "[%s] %s: %s", x->sec_label, k->name, why);
+}
+
+/* conf_reader - inih's fgets: hand it only well-formed "key=value" lines of known sections.
+ * Everything else (sections, comments, continuations, syntax errors, long lines) is dealt
+ * with here, where the line number is known; inih then never sees an error of its own. */
+static char *conf_reader(char *str, int num, void *stream)
+{
+    struct conf_ctx *x = stream;
+    char raw[CONF_RAW_MAX], label[CONF_RAW_MAX];
+
+    x->max_line = num - 3; /* '\r', '\n' and NUL, as ini.h says */
+    for (;;) {
+        int toolong, nul, indented;
+        char *s, *eq, *key, *val;
+
+        if (x->gave_up || !conf_getline(x->f, raw, sizeof(raw), &toolong, &nul))
+            return NULL;
+        x->lineno++;
+        s = raw;
+        if (x->lineno == 1 && memcmp(s, "\xEF\xBB\xBF", 3) == 0)
+            s += 3; /* UTF-8 byte order mark from Windows editors */
+        indented = (*s == ' ' || *s == '\t');
+        s = conf_trim(s);
+        if (*s == '\0' || *s == ';' || *s == '#')
+            continue;
+        if (nul) {
+            conf_error(x, x->lineno, "line contains a NUL byte");
+            continue;
+        }
+        if (toolong || strlen(s) > (size_t)x->max_line) {
+            conf_error(x, x->lineno, "line too long (max %d characters)", x->max_line);
+            continue;
+        }
+        /* An indented "[::1]:25" is a list item; an indented "[gateway]" is a section. */
+        if (*s == '[' && (!indented || conf_is_section_line(s, label, sizeof(label)))) {
+            if (!conf_is_section_line(s, label, sizeof(label))) {
+                conf_error(x, x->lineno, "syntax error: expected \"[section]\"");
+                x->sec = SEC_BAD;
+                continue;
+            }
+            conf_open_section(x, label);
+            continue;
+        }
+        if (indented && !conf_is_key_line(s)) {
+            conf_continue(x, s);
+            continue;
+        }
+        x->last_key = -1;
+        if ((eq = strchr(s, '=')) == NULL || !conf_is_key_line(s)) {
+            conf_error(x, x->lineno, "syntax error: expected \"key = value\" or \"[section]\"");
+            continue;
+        }
+        *eq = '\0';
+        key = conf_trim(s);
+        val = eq + 1;
+        conf_strip_comment(val);
+        val = conf_trim(val);
+        if (x->sec == SEC_NONE) {
+            conf_error(x, x->lineno, "%s: key outside of any [section]", key);
+            continue;
+        }
+        if (x->sec == SEC_BAD)
+            continue; /* the section's own error was reported once */
+        if (snprintf(str, (size_t)num, "%s=%s\n", key, val) >= num) {
+            conf_error(x, x->lineno, "line too long (max %d characters)", x->max_line);
+            continue;
+        }
+        return str;
+    }
+}
+
+static int conf_handler(void *user, const char *section, const char *name, const char *value)
+{
+    struct conf_ctx *x = user;
+    const struct conf_key *k = NULL;
+    char why[CONF_WHY_MAX];
+    int *seen;
+
+    for (size_t i = 0; i < CONF_NKEYS; i++) {
+        if (conf_keys[i].sec == x->sec && strcmp(conf_keys[i].name, name) == 0) {
+            k = &conf_keys[i];
+            break;
+        }
+    }
+    if (k == NULL) {
+        conf_error(x, x->lineno, "[%s] %s: unknown key", x->sec_label, name);
+        return 1;
+    }
+    seen = conf_seen(x, k);
+    if (*seen) {
+        conf_error(x, x->lineno, "[%s] %s: duplicate key (first at line %d)", x->sec_label,
+                   name, *seen);
+        return 1;
+    }
+    *seen = x->lineno;
+    x->last_key = (int)(k - conf_keys);
+    if (conf_set(k, conf_key_base(x, k), value, 0, why, sizeof(why)) < 0)
+        conf_error(x, x->lineno, "[%s] %s: %s", x->sec_label, name, why);
+    return 1; /* errors are ours to count; 0 would only make inih remember a line number */
+}
+
+/* --- Checks across keys ------------------------------------------------------------- */
+
+static int conf_key_index(enum conf_sec sec, const char *name)
+{
+    for (size_t i = 0; i < CONF_NKEYS; i++)
+        if (conf_keys[i].sec == sec && strcmp(conf_keys[i].name, name) == 0)
+            return (int)i;
+    return -1;
+}
+
+/* The later of the lines where two related keys were set: the one the operator most likely
+ * just changed. */
+static int conf_later(struct conf_ctx *x, int row, enum conf_sec sec, const char *a,
+                      const char *b, const char **which)
+{
+    int la = x->seen[row][conf_key_index(sec, a)];
+    int lb = x->seen[row][conf_key_index(sec, b)];
+
+    *which = la > lb ? a : b;
+    return la > lb ? la : lb;
+}
+
+static void conf_check(struct conf_ctx *x)
+{
+    const struct conf *c = &x->c;
+    const char *which;
+    int line;
+
+    for (size_t i = 0; i < CONF_NKEYS; i++) {
+        const struct conf_key *k = &conf_keys[i];
+        if ((k->flags & CF_NONEMPTY) && k->sec != SEC_MAILSTORE &&
+            (k->type == CT_ADDRLIST || k->type == CT_DOMAINLIST) &&
+            ((const struct conf_list *)((const char *)c + k->off))->n == 0)
+            conf_error(x, x->seen[0][i], "[%s] %s: empty list", conf_sec_names[k->sec],
+                       k->name);
+    }
+    if (c->spool.segment_size <= c->spool.inline_max) {
+        line = conf_later(x, 0, SEC_SPOOL, "segment_size", "inline_max", &which);
+        conf_error(x, line, "[spool] %s: segment_size must be larger than inline_max", which);
+    }
+    if ((c->gateway.tls_cert[0] == '\0') != (c->gateway.tls_key[0] == '\0')) {
+        line = conf_later(x, 0, SEC_GATEWAY, "tls_cert", "tls_key", &which);
+        conf_error(x, line, "[gateway] %s: tls_cert and tls_key go together", which);
+    }
+    for (int i = 0; i < c->n_mailstores; i++) {
+        const struct conf_mailstore *m = &c->mailstores[i];
+        for (size_t k = 0; k < CONF_NKEYS; k++) {
+            if (conf_keys[k].sec == SEC_MAILSTORE && (conf_keys[k].flags & CF_REQUIRED) &&
+                x->seen[1 + i][k] == 0)
+                conf_error(x, x->ms_line[i], "[mailstore %s]: missing required key \"%s\"",
+                           m->name, conf_keys[k].name);
+        }
+        if (m->retry_min_ms > m->retry_max_ms) {
+            line = conf_later(x, 1 + i, SEC_MAILSTORE, "retry_min", "retry_max", &which);
+            conf_error(x, line, "[mailstore %s] %s: retry_min is larger than retry_max",
+                       m->name, which);
+        }
+    }
+}
+
+/* --- Loading ------------------------------------------------------------------------ */
+
+/* Without a context to report through: "PATH: out of memory", cut to fit. */
+static void conf_err_nomem(char *err, size_t errlen, const char *path)
+{
+    static const char msg[] = ": out of memory";
+    size_t n = 0;
+
+    if (err == NULL || errlen == 0)
+        return;
+    for (const char *p = path; *p != '\0' && n + 1 < errlen; p++)
+        err[n++] = *p;
+    for (const char *p = msg; *p != '\0' && n + 1 < errlen; p++)
+        err[n++] = *p;
+    err[n] = '\0';
+}
+
+int conf_load(struct conf *c, const char *path, char *err, size_t errlen)
+{
+    struct conf_ctx *x;
+    int r;
+
+    if ((x = calloc(1, sizeof(*x))) == NULL) {
+        conf_err_nomem(err, errlen, path);
+        return -ENOMEM;
+    }
+    x->path = path;
+    x->err = err;
+    x->errlen = err != NULL ? errlen : 0;
+    if (x->errlen > 0)
+        err[0] = '\0';
+    x->last_key = -1;
+    conf_defaults(&x->c);
+    if (strlen(path) >= sizeof(x->c.path)) {
+        conf_error(x, 0, "path too long");
+        free(x);
+        return -ENAMETOOLONG;
+    }
+    memcpy(x->c.path, path, strlen(path) + 1);
+
+    if ((x->f = fopen(path, "re")) == NULL) {
+        r = -errno;
+        conf_error(x, 0, "cannot open: %s", strerror(-r));
+        free(x);
+        return r;
+    }
+    r = ini_parse_stream(conf_reader, x, conf_handler, x);
+    if (ferror(x->f)) {
+        int e = errno ? errno : EIO;
+        conf_error(x, 0, "read error: %s", strerror(e));
+        fclose(x->f);
+        free(x);
+        return -e;
+    }
+    fclose(x->f);
+    if (r == -2) {
+        conf_error(x, 0, "out of memory");
+        free(x);
+        return -ENOMEM;
+    }
+    if (r != 0 && x->nerr == 0)
+        conf_error(x, 0, "parse error");
+    if (!x->gave_up)
+        conf_check(x);
+    r = x->nerr ? -EINVAL : 0;
+    if (r == 0)
+        memcpy(c, &x->c, sizeof(*c));
+    free(x);
+    return r;
+}
+
+const struct conf_mailstore *conf_mailstore(const struct conf *c, const char *name)
+{
+    for (int i = 0; i < c->n_mailstores; i++)
+        if (strcmp(c->mailstores[i].name, name) == 0)
+            return &c->mailstores[i];
+    return NULL;
+}
+
+int conf_notify_socket(const struct conf *c, char *buf, size_t len)
+{
+    int n;
+
+    if (c->gateway.notify_socket[0] != '\0')
+        n = snprintf(buf, len, "%s", c->gateway.notify_socket);
+    else
+        n = snprintf(buf, len, "%s/deliver.sock", c->spool.dir);
+    return (n < 0 || (size_t)n >= len) ? -ENAMETOOLONG : 0;
+}
+
+/* --- Dump --------------------------------------------------------------------------- */
+
+/* Largest unit that divides exactly, so "256K" comes back as written and a dump is
+ * stable: dump, load, dump gives the same text. */
+static void conf_fmt_size(uint64_t v, char *buf, size_t len)
+{
+    static const char units[] = "TGMK";
+
+    for (int i = 0; i < 4 && v != 0; i++) {
+        uint64_t m = 1ull << (10 * (4 - i));
+        if (v % m == 0) {
+            snprintf(buf, len, "%" PRIu64 "%c", v / m, units[i]);
+            return;
+        }
+    }
+    snprintf(buf, len, "%" PRIu64, v);
+}
+
+static void conf_fmt_duration(int64_t ms, char *buf, size_t len)
+{
+    static const struct {
+        int64_t ms;
+        const char *unit;
+    } units[] = { { 86400000, "d" }, { 3600000, "h" }, { 60000, "m" }, { 1000, "s" } };
+
+    if (ms != 0) {
+        for (size_t i = 0; i < 4; i++) {
+            if (ms % units[i].ms == 0) {
+                snprintf(buf, len, "%" PRId64 "%s", ms / units[i].ms, units[i].unit);
+                return;
+            }
+        }
+        snprintf(buf, len, "%" PRId64 "ms", ms);
+        return;
+    }
+    snprintf(buf, len, "0");
+}
+
+static void conf_dump_key(const struct conf_key *k, const void *base, FILE *out)
+{
+    const void *field = (const char *)base + k->off;
+    char buf[64];
+
+    fprintf(out, "# %s\n%s =", k->help, k->name);
+    switch (k->type) {
+    case CT_STR:
+    case CT_DELIVER:
+        if (*(const char *)field != '\0')
+            fprintf(out, " %s", (const char *)field);
+        break;
+    case CT_INT:
+        fprintf(out, " %d", *(const int *)field);
+        break;
+    case CT_BOOL:
+        fprintf(out, " %s", *(const int *)field ? "yes" : "no");
+        break;
+    case CT_SIZE:
+        conf_fmt_size(*(const uint64_t *)field, buf, sizeof(buf));
+        fprintf(out, " %s", buf);
+        break;
+    case CT_DUR:
+        conf_fmt_duration(*(const int64_t *)field, buf, sizeof(buf));
+        fprintf(out, " %s", buf);
+        break;
+    case CT_LEVEL:
+        fprintf(out, " %s", log_level_name(*(const int *)field));
+        break;
+    case CT_ADDRLIST:
+    case CT_DOMAINLIST: {
+        const struct conf_list *l = field;
+        for (int i = 0; i < l->n; i++)
+            fprintf(out, "%s%s", i ? ", " : " ", l->v[i]);
+        break;
+    }
+    }
+    fputc('\n', out);
+}
+
+void conf_dump(const struct conf *c, FILE *out)
+{
+    enum conf_sec sec = SEC_NONE;
+
+    /* No path or date here: dumping what a dump loads must give the same text. */
+    fprintf(out, "# sluice effective configuration: every key, defaults included\n");
+    for (size_t i = 0; i < CONF_NKEYS; i++) {
+        const struct conf_key *k = &conf_keys[i];
+        if (k->sec == SEC_MAILSTORE)
+            continue;
+        if (k->sec != sec) {
+            sec = k->sec;
+            fprintf(out, "\n[%s]\n", conf_sec_names[sec]);
+        }
+        conf_dump_key(k, c, out);
+    }
+    for (int m = 0; m < c->n_mailstores; m++) {
+        fprintf(out, "\n[mailstore %s]\n", c->mailstores[m].name);
+        for (size_t i = 0; i < CONF_NKEYS; i++)
+            if (conf_keys[i].sec == SEC_MAILSTORE)
+                conf_dump_key(&conf_keys[i], &c->mailstores[m], out);
+    }
+}

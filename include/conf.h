@@ -1,0 +1,138 @@
+/*
+ * conf.h - sluice.conf, the one INI file every program reads (docs/config.md is the
+ * operator's reference). conf_load fills struct conf from built-in defaults and the file, or
+ * reports every problem as "FILE:LINE: [section] key: problem" and changes nothing.
+ *
+ * Units in the struct: sizes are uint64_t bytes, durations are int64_t milliseconds (fields
+ * end in _ms), booleans are int 0/1, optional strings are "" when unset. Relative paths are
+ * kept as written (relative to the program's working directory).
+ */
+#ifndef SLUICE_CONF_H
+#define SLUICE_CONF_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+
+#define CONF_PATH_MAX 256      /* any string value; inih's line buffer is 200 bytes anyway */
+#define CONF_NAME_MAX 64       /* mailstore name, 1-63 of [A-Za-z0-9_.-]; = SPOOL_MSNAME_MAX */
+#define CONF_LIST_MAX 64       /* items in a list value (listen, domains) */
+#define CONF_MAILSTORE_MAX 64  /* [mailstore NAME] sections */
+#define CONF_ERR_MAX 20        /* errors collected before conf_load gives up */
+#define CONF_ERR_LEN 4096      /* a buffer that holds CONF_ERR_MAX error lines */
+
+struct conf_list {
+    int n;
+    char v[CONF_LIST_MAX][CONF_PATH_MAX];
+};
+
+/* An address from a host:port value. For unix sockets host holds the path and port is 0. */
+struct conf_endpoint {
+    int is_unix;
+    char host[CONF_PATH_MAX]; /* IP literal without brackets, hostname, or socket path */
+    uint16_t port;
+};
+
+enum conf_transport { CONF_LMTP = 1, CONF_SMTP = 2, CONF_MAILDIR = 3 };
+
+struct conf_spool {
+    char dir[CONF_PATH_MAX];
+    uint64_t inline_max;          /* bigger messages get their own file in big/ */
+    uint64_t segment_size;
+    uint64_t mem_budget;
+    uint64_t min_free_space;      /* below this, MAIL gets 452 */
+    int64_t reclaim_interval_ms;
+};
+
+struct conf_log {
+    int level;                    /* LOG_ERR .. LOG_DEBUG */
+};
+
+struct conf_gateway {
+    struct conf_list listen;      /* "1.2.3.4:25", "[::1]:25" or "unix:/path" each */
+    char hostname[CONF_PATH_MAX]; /* default gethostname() */
+    struct conf_list domains;     /* served domains */
+    char recipient_map[CONF_PATH_MAX];  /* optional */
+    char recipient_db[CONF_PATH_MAX];   /* optional */
+    int max_connections;
+    int max_connections_per_ip;
+    int64_t idle_timeout_ms;
+    int64_t data_timeout_ms;
+    uint64_t max_message_size;
+    int max_recipients;
+    uint64_t max_command_line;
+    uint64_t max_text_line;
+    int max_header_count;
+    uint64_t max_header_size;
+    int max_errors;
+    char tls_cert[CONF_PATH_MAX]; /* optional; with tls_key */
+    char tls_key[CONF_PATH_MAX];
+    int tls;
+    char notify_socket[CONF_PATH_MAX]; /* "" = <spool dir>/deliver.sock: conf_notify_socket */
+    int64_t shutdown_grace_ms;
+    char banner[CONF_PATH_MAX];
+};
+
+struct conf_routing {
+    char override_map[CONF_PATH_MAX];   /* optional */
+    char domain_map[CONF_PATH_MAX];     /* optional */
+};
+
+struct conf_mailstore {
+    char name[CONF_NAME_MAX];
+    char deliver[CONF_PATH_MAX];  /* as written: lmtp:HOST:PORT, lmtp:unix:/P, smtp:HOST:PORT,
+                                   * maildir:/PATH/%d/%u */
+    /* read-only: deliver, split by conf_load */
+    enum conf_transport transport;
+    struct conf_endpoint endpoint; /* maildir: is_unix 0, port 0, host = path template */
+    int weight;
+    int max_connections;
+    int max_messages_per_connection;
+    int64_t connect_timeout_ms;
+    int64_t command_timeout_ms;
+    int64_t data_timeout_ms;
+    int64_t retry_min_ms;
+    int64_t retry_max_ms;
+    int trip_after;
+    int64_t probe_interval_ms;
+    int release_start_rate;       /* messages per second when a ramp starts */
+    int64_t release_ramp_ms;
+    int64_t max_queue_age_ms;     /* 0 = no limit */
+    uint64_t max_backlog;         /* bytes; 0 = no limit */
+};
+
+struct conf {
+    char path[CONF_PATH_MAX];     /* the file loaded, "" for defaults only */
+    struct conf_spool spool;
+    struct conf_log log;
+    struct conf_gateway gateway;
+    struct conf_routing routing;
+    int n_mailstores;
+    struct conf_mailstore mailstores[CONF_MAILSTORE_MAX]; /* in file order */
+};
+
+/* Every key at its default; no mailstores. */
+void conf_defaults(struct conf *c);
+/* Defaults, then path. 0 on success. On failure *c is unchanged (a failed reload keeps the
+ * running config) and err holds one "FILE:LINE: problem" line per problem, '\n'-separated,
+ * no trailing newline: -EINVAL for problems in the file, -errno when it cannot be read. */
+int conf_load(struct conf *c, const char *path, char *err, size_t errlen);
+/* The effective configuration as INI that conf_load accepts again, every key. */
+void conf_dump(const struct conf *c, FILE *out);
+/* The mailstore called name, or NULL. */
+const struct conf_mailstore *conf_mailstore(const struct conf *c, const char *name);
+/* gateway.notify_socket, or <spool dir>/deliver.sock when it is "". 0 or -ENAMETOOLONG. */
+int conf_notify_socket(const struct conf *c, char *buf, size_t len);
+
+/* Value parsers, shared with anything that takes the same syntax (sluicectl options).
+ * Size: digits with an optional K, M, G or T (1024 multiples, any case): bytes.
+ * Duration: digits with ms, s, m, h or d, several may follow each other ("1h30m"); a bare
+ * number is seconds. All return 0, -EINVAL (syntax) or -ERANGE (overflow). */
+int conf_parse_size(const char *s, uint64_t *out);
+int conf_parse_duration(const char *s, int64_t *ms_out);
+/* "yes/no/true/false/on/off/1/0", any case: 0 or 1 in *out. */
+int conf_parse_bool(const char *s, int *out);
+/* "1.2.3.4:25", "[::1]:25", "unix:/path"; with allow_hostname also "mx.example.net:24". */
+int conf_parse_endpoint(const char *s, int allow_hostname, struct conf_endpoint *ep);
+
+#endif

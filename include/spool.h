@@ -1,0 +1,204 @@
+/*
+ * spool.h - the durable message spool shared by sluice-gateway and sluice-deliver.
+ *
+ * Contract: a message is acknowledged (its commit callback sees status 0) only after
+ *   1. its bytes are on stable storage: appended to a segment that was fdatasync()ed, or,
+ *      for a message larger than inline_max, in big/QID that was fsync()ed and renamed with
+ *      its directory fsync()ed;
+ *   2. its index rows (messages + recipients) are in index.db, committed in WAL mode with
+ *      synchronous=FULL.
+ * Any failure on that path completes with a negative errno and leaves no index row; bytes
+ * already in a segment are then dead and are reclaimed with the segment. The index is the
+ * truth: spool_open() removes what has no row and holds what has a row but no valid record.
+ *
+ * On-disk layout under dir (docs/spool.md has the operator's view):
+ *   index.db          SQLite index (WAL, synchronous=FULL on every connection)
+ *   seg/SSSSSSSSSSSSSSSS  append-only segments of records (hex id, time-ordered)
+ *   big/QID           one record each, for messages larger than inline_max
+ *   tmp/QID           big messages being received; emptied at open
+ *   writer.lock       flock()ed by the one process that appends (the gateway)
+ *
+ * Record = struct spool_rec_hdr (56 bytes, little-endian) + payload in a segment; a big file
+ * holds body || prefix || header (a trailer, so a big message streams to disk once and our
+ * headers, known only at the end, need no copy). hcrc covers the header before it, crc
+ * covers the payload bytes in file order: both CRC32C. A reader verifies both.
+ *
+ * Threads: spool_msg_* and spool_close run on the loop thread that opened the spool. One
+ * writer thread does every segment append, fdatasync and index commit (group commit: a batch
+ * is whatever arrived while the previous one was on disk); a second thread fsyncs big files
+ * so a 50 MB fsync never delays the small messages' batch. Completions return to the loop
+ * through uv_async_send. The synchronous calls (spool_read, spool_due,
+ * spool_mark, ...) use their own SQLite connection, guarded by a mutex, and may block on the
+ * disk: the deliverer calls them from a worker thread or accepts the short block.
+ */
+#ifndef SLUICE_SPOOL_H
+#define SLUICE_SPOOL_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <time.h>
+#include <uv.h>
+
+#include "qid.h"
+
+#define SPOOL_REC_MAGIC 0x31524c53u /* "SLR1" little-endian */
+#define SPOOL_REC_HDR_LEN 56
+#define SPOOL_REC_TRAILER 0x1   /* flags: header at the end, payload = body || prefix */
+#define SPOOL_ADDR_MAX 512    /* RFC 5321 4.5.3.1.3 path limit is 256; headroom for UTF-8 */
+#define SPOOL_REPLY_MAX 512   /* last reply kept per recipient */
+#define SPOOL_MSNAME_MAX 64   /* mailstore name */
+
+struct spool_rec_hdr {
+    uint32_t magic;
+    uint16_t version;         /* 1 */
+    uint16_t flags;           /* 0 */
+    char qid[QID_SIZE];       /* NUL-padded */
+    uint64_t len;             /* payload bytes */
+    uint32_t prefix_len;      /* trailer form: bytes of prefix stored after the body */
+    uint32_t crc;             /* CRC32C of the payload in file order */
+    uint32_t reserved;        /* 0 */
+    uint32_t hcrc;            /* CRC32C of the 52 bytes before it */
+};
+
+struct spool;
+struct spool_msg;
+
+struct spool_opts {
+    const char *dir;
+    uv_loop_t *loop;          /* NULL: no submissions (sluicectl, deliverer) */
+    size_t inline_max;        /* bigger messages get their own file in big/ */
+    uint64_t segment_size;    /* preallocated size of a segment */
+    size_t mem_budget;        /* all messages being received, in memory, at most */
+    int64_t reclaim_interval_ms; /* the writer reclaims when idle this long (0: only on request) */
+    int readonly;             /* index opened read-only; no recovery, no writes */
+    /* Fault injection for tests: when set, called before each step named by the string
+     * ("seg_write", "seg_sync", "big_write", "big_sync", "big_rename", "index_commit");
+     * a negative return makes that step fail with that errno. */
+    int (*fault)(const char *step, void *arg);
+    void *fault_arg;
+};
+
+/* Open (and, unless readonly, recover) the spool. On failure err says why. A second process
+ * may open the same spool; only the one with a loop takes writer.lock, and a second such
+ * opener fails with -EBUSY. */
+int spool_open(struct spool **sp, const struct spool_opts *o, char *err, size_t errlen);
+/* Drain the writer (every pending submission's callback runs, on this thread, before this
+ * returns) and close. With a loop, the memory goes in the async handle's close callback:
+ * run the loop until it returns afterwards. */
+void spool_close(struct spool *sp);
+
+/* --- Receiving (loop thread) --------------------------------------------------------- */
+
+struct spool_env {
+    char sender[SPOOL_ADDR_MAX];  /* "" for the null reverse-path */
+    char dsn_ret[8];              /* "", "FULL" or "HDRS" */
+    char dsn_envid[104];          /* xtext as received (RFC 3461: 100 chars max) */
+    char client_addr[64];
+    char client_name[256];
+    char helo[256];
+    char tls[128];                /* "" or "TLSv1.3 TLS_AES_256_GCM_SHA384" */
+    char spf[32];                 /* "" until SPF exists */
+    int smtputf8;
+    int body_8bit;
+};
+
+struct spool_rcpt_in {
+    const char *rcpt;
+    const char *orcpt;            /* NULL or as received */
+    const char *notify;           /* NULL or as received */
+    const char *mailstore;
+    const char *hold_reason;      /* non-NULL: accept but hold (quarantine), with this reason */
+};
+
+typedef void (*spool_commit_cb)(void *arg, const char *qid, int status);
+
+/* Start a message. qid is the one chosen at MAIL. Returns NULL only when the spool is closing.
+ * The message streams in with spool_msg_write; past inline_max or when the memory budget is
+ * spent it spills to tmp/QID. */
+struct spool_msg *spool_msg_new(struct spool *sp, const char *qid);
+/* Append body bytes (already dot-unstuffed, CRLF line ends). 0 or -errno. */
+int spool_msg_write(struct spool_msg *m, const void *buf, size_t len);
+/* Prepend headers (our Received:, ...) to the message. Bytes go before every byte written
+ * with spool_msg_write; later prepends go before earlier ones. */
+int spool_msg_prepend(struct spool_msg *m, const void *buf, size_t len);
+uint64_t spool_msg_size(const struct spool_msg *m);
+/* Hand the message to the writer. cb runs on the loop thread exactly once, with 0 when the
+ * message is durable, or a negative errno. The message is freed by the spool either way. If
+ * this returns non-zero the callback never runs and the message is already freed. */
+int spool_msg_commit(struct spool_msg *m, const struct spool_env *env,
+                     const struct spool_rcpt_in *rcpts, size_t nrcpt,
+                     spool_commit_cb cb, void *arg);
+/* Drop a message that will not be committed (RSET, 5xx at end of data, lost connection). */
+void spool_msg_abort(struct spool_msg *m);
+
+/* --- Reading and updating (any thread, synchronous) --------------------------------- */
+
+enum spool_rstate { SPOOL_QUEUED = 0, SPOOL_DELIVERED = 1, SPOOL_HELD = 2 };
+
+struct spool_rcpt {
+    int64_t id;                   /* row id, stable for the recipient's life */
+    char qid[QID_SIZE];
+    char rcpt[SPOOL_ADDR_MAX];
+    char orcpt[SPOOL_ADDR_MAX];
+    char notify[64];
+    char mailstore[SPOOL_MSNAME_MAX];
+    enum spool_rstate state;
+    int attempts;
+    int64_t next_attempt;         /* unix seconds */
+    char last_reply[SPOOL_REPLY_MAX];
+    char hold_reason[256];
+};
+
+/* Recipients of mailstore that are queued and due at `now`, oldest first, at most max.
+ * Returns how many were stored in out, or -errno. */
+int spool_due(struct spool *sp, const char *mailstore, int64_t now, struct spool_rcpt *out,
+              int max);
+/* Recipients of one message. */
+int spool_rcpts(struct spool *sp, const char *qid, struct spool_rcpt *out, int max);
+int spool_envelope(struct spool *sp, const char *qid, struct spool_env *env, int64_t *received_at,
+                   uint64_t *size);
+
+/* The message bytes, CRC-checked, into a malloc()ed buffer the caller frees. A record that is
+ * missing or fails its check returns -EBADMSG and its recipients are held with the reason. */
+int spool_read(struct spool *sp, const char *qid, char **buf, size_t *len);
+
+struct spool_outcome {
+    int64_t rcpt_id;
+    enum spool_rstate state;      /* DELIVERED, QUEUED (deferred) or HELD */
+    int64_t next_attempt;         /* for QUEUED */
+    int count_attempt;            /* 1: attempts += 1 */
+    const char *reply;            /* kept as last_reply; may be NULL */
+};
+/* Record outcomes in one transaction. A message whose recipients are all delivered is
+ * deleted with its record. */
+int spool_mark(struct spool *sp, const struct spool_outcome *o, size_t n);
+/* Hold or release (make due now) every recipient of qid, or of mailstore when qid is NULL.
+ * Returns the number of recipients changed, or -errno. */
+int spool_hold(struct spool *sp, const char *qid, const char *mailstore, const char *reason);
+int spool_release(struct spool *sp, const char *qid, const char *mailstore, int64_t now);
+/* Delete a message whatever its recipients' state (explicit operator action). */
+int spool_delete(struct spool *sp, const char *qid);
+
+/* --- Maintenance -------------------------------------------------------------------- */
+
+struct spool_stats {
+    uint64_t messages, recipients_queued, recipients_held;
+    uint64_t segments, segment_bytes, live_bytes, big_files;
+    uint64_t commits, batches;    /* since open, by this process's writer */
+    uint64_t fsyncs;
+};
+int spool_stats(struct spool *sp, struct spool_stats *st);
+/* Unlink dead segments and compact sparse ones (live bytes below half; never the current
+ * segment) by moving their records to the current segment, with the same fdatasync-then-commit
+ * order as a submission. Runs on the writer thread; this call asks for a pass now and waits
+ * for it (do not call it on the loop thread while commits are outstanding). Only the process
+ * that appends may reclaim: elsewhere -EPERM. Returns the number of segments freed. */
+int spool_reclaim(struct spool *sp);
+/* Verify every record's CRC; calls report for each bad one. Returns the number bad. */
+int spool_verify(struct spool *sp, void (*report)(const char *qid, const char *why, void *arg),
+                 void *arg);
+/* Bytes free for unprivileged writers on the spool's filesystem, or -errno. */
+int64_t spool_free_bytes(struct spool *sp);
+const char *spool_dir(const struct spool *sp);
+
+#endif

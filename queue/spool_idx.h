@@ -1,0 +1,87 @@
+/*
+ * spool_idx.h - the spool's SQLite index: one connection with the durability settings every
+ * connection must have (WAL, synchronous=FULL, busy timeout), the schema, a table of prepared
+ * statements, and transactions that wait for the other process instead of failing.
+ * Private to queue/.
+ */
+#ifndef SLUICE_SPOOL_IDX_H
+#define SLUICE_SPOOL_IDX_H
+
+#include <sqlite3.h>
+#include <stddef.h>
+
+#define SPOOL_IDX_BUSY_MS 10000 /* the other daemon's transactions are short; 10 s is an outage */
+
+/* Every statement the spool runs more than once, prepared once per connection. */
+#define SPOOL_IDX_STMTS(XX) \
+    XX(SAVEPOINT, "SAVEPOINT m") \
+    XX(RELEASE, "RELEASE m") \
+    XX(ROLLBACK_TO, "ROLLBACK TO m") \
+    XX(INS_MSG, "INSERT INTO messages(qid, received_at, size, sender, dsn_ret, dsn_envid," \
+       " client_addr, client_name, helo, tls, spf, smtputf8, body_8bit, seg, off, reclen, crc)" \
+       " VALUES(?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16,?17)") \
+    XX(INS_RCPT, "INSERT INTO recipients(qid, rcpt, orcpt, notify, mailstore, state, attempts," \
+       " next_attempt, hold_reason, updated_at) VALUES(?1,?2,?3,?4,?5,?6,0,?7,?8,?7)") \
+    XX(LOC, "SELECT seg, off, reclen FROM messages WHERE qid=?1") \
+    XX(HAS_SEG, "SELECT 1 FROM messages WHERE seg=?1 LIMIT 1") \
+    XX(SEG_LIVE, "SELECT count(*), coalesce(sum(reclen),0) FROM messages WHERE seg=?1") \
+    XX(SEG_RECS, "SELECT qid, off, reclen FROM messages WHERE seg=?1 AND off>=?2" \
+       " ORDER BY off LIMIT ?3") \
+    XX(MOVE, "UPDATE messages SET seg=?1, off=?2 WHERE qid=?3 AND seg=?4 AND off=?5") \
+    XX(HAS_BIG, "SELECT 1 FROM messages WHERE qid=?1 AND seg=0") \
+    XX(ALL_LOC, "SELECT qid, seg, off, reclen FROM messages ORDER BY seg, off") \
+    XX(DUE, "SELECT id, qid, rcpt, orcpt, notify, mailstore, state, attempts, next_attempt," \
+       " last_reply, hold_reason FROM recipients WHERE mailstore=?1 AND state=0" \
+       " AND next_attempt<=?2 ORDER BY next_attempt, id LIMIT ?3") \
+    XX(RCPTS, "SELECT id, qid, rcpt, orcpt, notify, mailstore, state, attempts, next_attempt," \
+       " last_reply, hold_reason FROM recipients WHERE qid=?1 ORDER BY id LIMIT ?2") \
+    XX(ENV, "SELECT sender, dsn_ret, dsn_envid, client_addr, client_name, helo, tls, spf," \
+       " smtputf8, body_8bit, received_at, size FROM messages WHERE qid=?1") \
+    XX(MARK, "UPDATE recipients SET state=?2, next_attempt=?3, attempts=attempts+?4," \
+       " last_reply=coalesce(?5, last_reply), updated_at=?6 WHERE id=?1") \
+    XX(RCPT_QID, "SELECT qid FROM recipients WHERE id=?1") \
+    XX(UNDONE, "SELECT 1 FROM recipients WHERE qid=?1 AND state<>1 LIMIT 1") \
+    XX(DEL_RCPTS, "DELETE FROM recipients WHERE qid=?1") \
+    XX(DEL_MSG, "DELETE FROM messages WHERE qid=?1 RETURNING seg") \
+    XX(HOLD_QID, "UPDATE recipients SET state=2, hold_reason=?2, updated_at=?3" \
+       " WHERE qid=?1 AND state=0") \
+    XX(HOLD_MS, "UPDATE recipients SET state=2, hold_reason=?2, updated_at=?3" \
+       " WHERE mailstore=?1 AND state=0") \
+    XX(REL_QID, "UPDATE recipients SET state=0, next_attempt=?2, hold_reason=NULL," \
+       " updated_at=?2 WHERE qid=?1 AND (state=2 OR (state=0 AND next_attempt>?2))") \
+    XX(REL_MS, "UPDATE recipients SET state=0, next_attempt=?2, hold_reason=NULL," \
+       " updated_at=?2 WHERE mailstore=?1 AND (state=2 OR (state=0 AND next_attempt>?2))") \
+    XX(COUNTS, "SELECT (SELECT count(*) FROM messages)," \
+       " (SELECT count(*) FROM recipients WHERE state=0)," \
+       " (SELECT count(*) FROM recipients WHERE state=2)," \
+       " (SELECT coalesce(sum(reclen),0) FROM messages WHERE seg<>0)," \
+       " (SELECT count(*) FROM messages WHERE seg=0)")
+
+enum spool_idx_stmt {
+#define XX(name, sql) SPOOL_IDX_##name,
+    SPOOL_IDX_STMTS(XX)
+#undef XX
+    SPOOL_IDX_NSTMT
+};
+
+struct spool_idx {
+    sqlite3 *db;
+    sqlite3_stmt *st[SPOOL_IDX_NSTMT];
+};
+
+/* Open path (creating the schema unless readonly). err gets the reason on failure. */
+int spool_idx_open(struct spool_idx *ix, const char *path, int readonly, char *err,
+                   size_t errlen);
+void spool_idx_close(struct spool_idx *ix);
+/* The statement, reset and with its bindings cleared; NULL only if preparing failed. */
+sqlite3_stmt *spool_idx_stmt(struct spool_idx *ix, enum spool_idx_stmt which);
+/* Run a statement that returns no row of interest: 0 or -errno. */
+int spool_idx_step_done(struct spool_idx *ix, sqlite3_stmt *st);
+int spool_idx_begin(struct spool_idx *ix);   /* BEGIN IMMEDIATE */
+int spool_idx_commit(struct spool_idx *ix);
+void spool_idx_rollback(struct spool_idx *ix);
+/* Map a SQLite result code to a negative errno (SQLITE_FULL -> -ENOSPC, ...). */
+int spool_idx_errno(int rc);
+const char *spool_idx_errmsg(struct spool_idx *ix);
+
+#endif

@@ -1,0 +1,37 @@
+#!/bin/sh
+# deps.sh - install the Debian 12 packages sluice needs to build, run and test.
+# Idempotent: when every package is present this is one dpkg-query and exits.
+# usage: scripts/deps.sh [build|test]   (test adds the real peers the tests talk to)
+set -eu
+BUILD="make gcc libc6-dev pkg-config libuv1-dev libssl-dev libsqlite3-dev
+libinih-dev libjansson-dev openssl sqlite3"
+# swaks and Postfix's smtp-source as clients, Dovecot LMTP as the mailstore
+TEST="libcmocka-dev python3 python3-pytest swaks postfix dovecot-core dovecot-lmtpd
+iproute2 procps"
+want=$BUILD
+[ "${1:-build}" = test ] && want="$BUILD $TEST"
+missing=
+for p in $want; do
+    s=$(dpkg-query -W -f='${db:Status-Status}' "$p" 2>/dev/null || true)
+    [ "$s" = installed ] || missing="$missing $p"
+done
+[ -z "$missing" ] && exit 0
+if [ "$(id -u)" != 0 ]; then
+    echo "deps.sh: missing Debian packages:$missing (run as root to install them)" >&2
+    exit 1
+fi
+echo "deps.sh: installing$missing" >&2
+export DEBIAN_FRONTEND=noninteractive
+# Postfix is here only for smtp-source/smtp-sink and Dovecot only for its LMTP server, both
+# started by the tests on loopback: never configure or start the system's own instances.
+echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
+made_policy=
+if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
+    chmod 755 /usr/sbin/policy-rc.d
+    made_policy=1
+fi
+trap '[ -z "$made_policy" ] || rm -f /usr/sbin/policy-rc.d' EXIT
+apt-get update -qq
+# shellcheck disable=SC2086
+apt-get install -y -qq --no-install-recommends $missing >&2
