@@ -1,0 +1,35 @@
+#!/bin/sh
+# run.sh - what `make run` starts: every sluice daemon that exists, with the given config, in
+# the foreground (logs on stderr). sluice-deliver runs beside the gateway and stops with it.
+# usage: scripts/run.sh [CONFIG]        (default etc/sluice.conf)
+set -eu
+cd "$(dirname "$0")/.."
+CONF=${1:-etc/sluice.conf}
+B=${SLUICE_BUILD:-build}
+if [ -x "$B/sluice-gateway" ] && ! "$B/sluice-gateway" -c "$CONF" --check-config >/dev/null 2>&1; then
+    exec "$B/sluice-gateway" -c "$CONF" --check-config  # prints file:line: problem, exits 1
+fi
+mkdir -p run
+pids=
+cleanup() {
+    for p in $pids; do kill "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+}
+trap cleanup EXIT INT TERM
+if [ -x "$B/sluice-deliver" ]; then
+    "$B/sluice-deliver" -c "$CONF" -f &
+    pids="$pids $!"
+fi
+if [ -x "$B/sluice-gateway" ]; then
+    cat >&2 <<MSG
+sluice: starting with $CONF (Ctrl-C stops it). Try, from another terminal:
+  swaks --server 127.0.0.1:2525 --from you@example.org --to alice@example.test
+  swaks --server 127.0.0.1:2525 --tls --to bob@example.test
+MSG
+    "$B/sluice-gateway" -c "$CONF" -f &
+    gw=$!
+    pids="$pids $gw"
+    wait "$gw"
+else
+    echo "sluice: no gateway built yet; the spool and tools are built in $B/" >&2
+fi
