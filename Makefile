@@ -41,7 +41,7 @@ TOOLS := $(TOOL_SRCS:tests/tools/%.c=$(B)/tools/%)
 PYTEST := /usr/bin/python3 -m pytest
 CONF ?= etc/sluice.conf
 
-.PHONY: all deps deps-test run test tests unit e2e bench bench-spool clean
+.PHONY: all deps deps-test run test tests unit e2e bench bench-spool bench-gateway clean
 all: $(B)/libsluice.a $(PROGS) $(TOOLS)
 
 deps:
@@ -96,7 +96,12 @@ bench-spool: deps-test
 	@$(MAKE) --no-print-directory all
 	@scripts/bench-spool.sh $(B)
 
-bench: bench-spool
+# the gateway against Postfix in the same run (../shared/bench); QUICK=1 for a smoke test
+bench-gateway: deps-test
+	@$(MAKE) --no-print-directory all
+	@scripts/bench-gateway.sh $(B)
+
+bench: bench-spool bench-gateway
 
 clean:
 	rm -rf build build-san

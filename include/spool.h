@@ -170,12 +170,18 @@ struct spool_outcome {
     const char *reply;            /* kept as last_reply; may be NULL */
 };
 /* Record outcomes in one transaction. A message whose recipients are all delivered is
- * deleted with its record. */
+ * deleted with its record. Only queued recipients take a deferral or a hold: one an operator
+ * held meanwhile stays held. DELIVERED always applies (the mailstore has the mail). */
 int spool_mark(struct spool *sp, const struct spool_outcome *o, size_t n);
-/* Hold or release (make due now) every recipient of qid, or of mailstore when qid is NULL.
- * Returns the number of recipients changed, or -errno. */
+/* Scope of the three calls below: every recipient of qid, or of mailstore when qid is NULL.
+ * Each returns the number of recipients changed, or -errno.
+ * hold: queued -> held with reason (an operator's decision; delivery skips them).
+ * release: queued recipients waiting for a retry become due now (a mailstore's pause is
+ *   over); held recipients stay held, a 5xx-held one above all.
+ * unhold: held -> queued and due now. */
 int spool_hold(struct spool *sp, const char *qid, const char *mailstore, const char *reason);
 int spool_release(struct spool *sp, const char *qid, const char *mailstore, int64_t now);
+int spool_unhold(struct spool *sp, const char *qid, const char *mailstore, int64_t now);
 /* Delete a message whatever its recipients' state (explicit operator action). */
 int spool_delete(struct spool *sp, const char *qid);
 

@@ -1671,6 +1671,11 @@ int spool_release(struct spool *sp, const char *qid, const char *mailstore, int6
     return update_scope(sp, SPOOL_IDX_REL_QID, SPOOL_IDX_REL_MS, qid, mailstore, NULL, now);
 }
 
+int spool_unhold(struct spool *sp, const char *qid, const char *mailstore, int64_t now)
+{
+    return update_scope(sp, SPOOL_IDX_UNHOLD_QID, SPOOL_IDX_UNHOLD_MS, qid, mailstore, NULL, now);
+}
+
 int spool_delete(struct spool *sp, const char *qid)
 {
     struct spool_idx *ix = &sp->six;

@@ -38,7 +38,8 @@
     XX(ENV, "SELECT sender, dsn_ret, dsn_envid, client_addr, client_name, helo, tls, spf," \
        " smtputf8, body_8bit, received_at, size FROM messages WHERE qid=?1") \
     XX(MARK, "UPDATE recipients SET state=?2, next_attempt=?3, attempts=attempts+?4," \
-       " last_reply=coalesce(?5, last_reply), updated_at=?6 WHERE id=?1") \
+       " last_reply=coalesce(?5, last_reply), updated_at=?6 WHERE id=?1" \
+       " AND (state=0 OR ?2=1)") \
     XX(RCPT_QID, "SELECT qid FROM recipients WHERE id=?1") \
     XX(UNDONE, "SELECT 1 FROM recipients WHERE qid=?1 AND state<>1 LIMIT 1") \
     XX(DEL_RCPTS, "DELETE FROM recipients WHERE qid=?1") \
@@ -47,10 +48,14 @@
        " WHERE qid=?1 AND state=0") \
     XX(HOLD_MS, "UPDATE recipients SET state=2, hold_reason=?2, updated_at=?3" \
        " WHERE mailstore=?1 AND state=0") \
-    XX(REL_QID, "UPDATE recipients SET state=0, next_attempt=?2, hold_reason=NULL," \
-       " updated_at=?2 WHERE qid=?1 AND (state=2 OR (state=0 AND next_attempt>?2))") \
-    XX(REL_MS, "UPDATE recipients SET state=0, next_attempt=?2, hold_reason=NULL," \
-       " updated_at=?2 WHERE mailstore=?1 AND (state=2 OR (state=0 AND next_attempt>?2))") \
+    XX(REL_QID, "UPDATE recipients SET next_attempt=?2, updated_at=?2" \
+       " WHERE qid=?1 AND state=0 AND next_attempt>?2") \
+    XX(REL_MS, "UPDATE recipients SET next_attempt=?2, updated_at=?2" \
+       " WHERE mailstore=?1 AND state=0 AND next_attempt>?2") \
+    XX(UNHOLD_QID, "UPDATE recipients SET state=0, next_attempt=?2, hold_reason=NULL," \
+       " updated_at=?2 WHERE qid=?1 AND state=2") \
+    XX(UNHOLD_MS, "UPDATE recipients SET state=0, next_attempt=?2, hold_reason=NULL," \
+       " updated_at=?2 WHERE mailstore=?1 AND state=2") \
     XX(COUNTS, "SELECT (SELECT count(*) FROM messages)," \
        " (SELECT count(*) FROM recipients WHERE state=0)," \
        " (SELECT count(*) FROM recipients WHERE state=2)," \

@@ -84,10 +84,12 @@ def write_config(tmp, port, tls_files, overrides=None):
     spool = overrides.get("spool", {}).get("dir", os.path.join(tmp, "spool"))
     rmap = os.path.join(tmp, "recipients")
     if not os.path.exists(rmap):
-        with open(rmap, "w") as f:
+        with open(rmap, "w", encoding="utf-8") as f:
             f.write("# test recipients\n")
             for u in USERS:
                 f.write("%s@%s\n" % (u, DOMAIN))
+            for a in overrides.get("_recipients", []):
+                f.write(a + "\n")
     sections = {
         "spool": {"dir": spool, "min_free_space": "1M", "reclaim_interval": "60s"},
         "log": {"level": "info"},
@@ -104,7 +106,7 @@ def write_config(tmp, port, tls_files, overrides=None):
         },
     }
     for sec, kv in overrides.items():
-        if sec.startswith("mailstore "):
+        if sec.startswith("mailstore ") or sec.startswith("_"):
             continue
         sections.setdefault(sec, {})
         for k, v in kv.items():
@@ -113,7 +115,7 @@ def write_config(tmp, port, tls_files, overrides=None):
             else:
                 sections[sec][k] = v
     conf = os.path.join(tmp, "sluice.conf")
-    with open(conf, "w") as f:
+    with open(conf, "w", encoding="utf-8") as f:
         for sec, kv in sections.items():
             f.write("[%s]\n" % sec)
             for k, v in kv.items():

@@ -1757,7 +1757,9 @@ static void test_hold_release(void **state)
         assert_string_equal(rc[i].hold_reason, "operator");
     }
     assert_int_equal(spool_due(f->sp, "ms1", now, due, 16), 3);
-    assert_int_equal(spool_release(f->sp, s[0].qid, NULL, now), 2);
+    assert_int_equal(spool_release(f->sp, s[0].qid, NULL, now), 0); /* held stay held */
+    assert_int_equal(spool_due(f->sp, "ms1", now, due, 16), 3);
+    assert_int_equal(spool_unhold(f->sp, s[0].qid, NULL, now), 2);
     assert_int_equal(spool_due(f->sp, "ms1", now, due, 16), 4);
 
     /* by mailstore: only that mailstore's recipients */
@@ -1770,7 +1772,8 @@ static void test_hold_release(void **state)
         assert_int_equal(st.recipients_held, 4);
         assert_int_equal(st.recipients_queued, 4);
     }
-    assert_int_equal(spool_release(f->sp, NULL, "ms2", now), 4);
+    assert_int_equal(spool_release(f->sp, NULL, "ms2", now), 0);
+    assert_int_equal(spool_unhold(f->sp, NULL, "ms2", now), 4);
     assert_int_equal(spool_due(f->sp, "ms2", now, due, 16), 4);
 
     /* release makes a deferred recipient due at once; hold leaves delivered ones alone */
@@ -1788,8 +1791,16 @@ static void test_hold_release(void **state)
     assert_int_equal(spool_rcpts(f->sp, s[2].qid, rc, MAX_RCPTS), 2);
     assert_int_equal(find_rcpt(rc, 2, "alice@example.org")->state, SPOOL_DELIVERED);
     assert_int_equal(find_rcpt(rc, 2, "bob@example.org")->state, SPOOL_HELD);
-    /* release of an operator-held recipient makes it due again */
-    assert_int_equal(spool_release(f->sp, s[2].qid, NULL, now), 1);
+    /* a deferral that lands after an operator's hold does not undo the hold */
+    {
+        struct spool_outcome late = { find_rcpt(rc, 2, "bob@example.org")->id, SPOOL_QUEUED,
+                                      now + 60, 1, "451 later" };
+        assert_int_equal(spool_mark(f->sp, &late, 1), 0);
+        assert_int_equal(spool_rcpts(f->sp, s[2].qid, rc, MAX_RCPTS), 2);
+        assert_int_equal(find_rcpt(rc, 2, "bob@example.org")->state, SPOOL_HELD);
+    }
+    /* unhold of an operator-held recipient makes it due again */
+    assert_int_equal(spool_unhold(f->sp, s[2].qid, NULL, now), 1);
     assert_int_equal(spool_due(f->sp, "ms2", now, due, 16), 4);
 
     /* release by mailstore: deferred recipients of that mailstore are due at once */

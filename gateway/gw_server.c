@@ -1,0 +1,540 @@
+/*
+ * gw_server.c - listeners, connection limits, configuration (load, SIGHUP reload), the
+ * deliverer notification and the orderly stop on SIGTERM. Contract: gw_server.h.
+ *
+ * Stop sequence (notes/integration.md 5.5): close the listeners; idle sessions get 421 4.3.2
+ * and close; sessions in DATA/BDAT or waiting for a commit finish their message (then 421);
+ * after shutdown_grace whatever is left is closed; when no session is left, spool_close()
+ * drains the writer (late commit callbacks free their sessions) and the last handles close,
+ * so uv_run() returns.
+ *
+ * Sections: maps and TLS from a config, per-IP table, listeners and accept, notification,
+ * signals (stop, reload), start and free.
+ */
+#include "gw_server.h"
+
+#include <errno.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include "gw_session.h"
+#include "gw_tls.h"
+#include "log.h"
+#include "rcptmap.h"
+#include "router.h"
+#include "spool.h"
+
+#define GW_BACKLOG 4096            /* listen queue; Linux caps it at net.core.somaxconn */
+#define GW_ERR_LEN 1024
+
+struct gw_listener {
+    union {
+        uv_handle_t handle;
+        uv_stream_t stream;
+        uv_tcp_t tcp;
+        uv_pipe_t pipe;
+    } h;
+    struct gw_server *srv;
+    int is_unix;
+    int open;
+    char name[CONF_PATH_MAX + 8];
+};
+
+struct gw_ipcount {
+    struct gw_ipcount *next;
+    int n;
+    char addr[64];
+};
+
+static int server_build_maps(const struct conf *c, struct router **rout, struct rcptmap **mout,
+                             char *err, size_t errlen);
+static unsigned server_ip_hash(const char *addr);
+static void server_ip_del(struct gw_server *srv, const char *addr);
+static int server_listen(struct gw_server *srv, struct gw_listener *l, const char *spec,
+                         char *err, size_t errlen);
+static void server_on_connection(uv_stream_t *ls, int status);
+static void server_listeners_close(struct gw_server *srv);
+static void server_noop_close_cb(uv_handle_t *h);
+static void server_on_signal(uv_signal_t *h, int signum);
+static void server_stop(struct gw_server *srv);
+static void server_stop_timer_cb(uv_timer_t *t);
+static void server_finish(struct gw_server *srv);
+static void server_reload(struct gw_server *srv);
+static int server_lists_equal(const struct conf_list *a, const struct conf_list *b);
+
+/* ---------------------------------------------------------------- maps and TLS from a config */
+
+/* server_build_maps - the router (mailstores, override and domain maps) and the recipient
+ * map (served domains, map file, SQLite) that c describes. All or nothing. */
+static int server_build_maps(const struct conf *c, struct router **rout, struct rcptmap **mout,
+                             char *err, size_t errlen)
+{
+    struct router *r = router_new();
+    struct rcptmap *m = rcptmap_new();
+    int rc = -ENOMEM, i;
+
+    *rout = NULL;
+    *mout = NULL;
+    if (!r || !m) {
+        snprintf(err, errlen, "out of memory");
+        goto fail;
+    }
+    for (i = 0; i < c->n_mailstores; i++) {
+        const struct conf_mailstore *ms = &c->mailstores[i];
+
+        if (ms->weight == 0) {
+            /* The router hashes over weights >= 1; weight 0 means "no new users". */
+            log_info("mailstore %s has weight 0: it takes no users from the hash", ms->name);
+            continue;
+        }
+        if ((rc = router_add_mailstore(r, ms->name, ms->weight)) < 0) {
+            snprintf(err, errlen, "mailstore %s: %s", ms->name, strerror(-rc));
+            goto fail;
+        }
+    }
+    if (c->routing.override_map[0] &&
+        (rc = router_load_overrides(r, c->routing.override_map, err, errlen)) < 0)
+        goto fail;
+    if (c->routing.domain_map[0] &&
+        (rc = router_load_domains(r, c->routing.domain_map, err, errlen)) < 0)
+        goto fail;
+    for (i = 0; i < c->gateway.domains.n; i++) {
+        if ((rc = rcptmap_add_domain(m, c->gateway.domains.v[i])) < 0 && rc != -EEXIST) {
+            snprintf(err, errlen, "domain %s: %s", c->gateway.domains.v[i], strerror(-rc));
+            goto fail;
+        }
+    }
+    if (c->gateway.recipient_map[0] &&
+        (rc = rcptmap_load_file(m, c->gateway.recipient_map, err, errlen)) < 0)
+        goto fail;
+    if (c->gateway.recipient_db[0] &&
+        (rc = rcptmap_open_sqlite(m, c->gateway.recipient_db, err, errlen)) < 0)
+        goto fail;
+    *rout = r;
+    *mout = m;
+    return 0;
+fail:
+    router_free(r);
+    rcptmap_free(m);
+    return rc < 0 ? rc : -EINVAL;
+}
+
+/* ---------------------------------------------------------------- per-IP table */
+
+static unsigned server_ip_hash(const char *addr)
+{
+    unsigned h = 2166136261u; /* FNV-1a */
+
+    for (; *addr; addr++)
+        h = (h ^ (unsigned char)*addr) * 16777619u;
+    return h % GW_IP_BUCKETS;
+}
+
+int gw_server_ip_add(struct gw_server *srv, const char *addr)
+{
+    unsigned b = server_ip_hash(addr);
+    struct gw_ipcount *e;
+
+    for (e = srv->ip[b]; e; e = e->next)
+        if (strcmp(e->addr, addr) == 0)
+            return ++e->n;
+    if (!(e = calloc(1, sizeof(*e))))
+        fatal("out of memory");
+    snprintf(e->addr, sizeof(e->addr), "%s", addr);
+    e->n = 1;
+    e->next = srv->ip[b];
+    srv->ip[b] = e;
+    return 1;
+}
+
+static void server_ip_del(struct gw_server *srv, const char *addr)
+{
+    struct gw_ipcount **pp, *e;
+
+    for (pp = &srv->ip[server_ip_hash(addr)]; (e = *pp); pp = &e->next) {
+        if (strcmp(e->addr, addr) == 0) {
+            if (--e->n == 0) {
+                *pp = e->next;
+                free(e);
+            }
+            return;
+        }
+    }
+}
+
+/* ---------------------------------------------------------------- listeners and accept */
+
+static int server_listen(struct gw_server *srv, struct gw_listener *l, const char *spec,
+                         char *err, size_t errlen)
+{
+    struct conf_endpoint ep;
+    struct sockaddr_storage ss;
+    struct stat st;
+    int r;
+
+    l->srv = srv;
+    snprintf(l->name, sizeof(l->name), "%s", spec);
+    if (conf_parse_endpoint(spec, 0, &ep) < 0) {
+        snprintf(err, errlen, "listen %s: bad address", spec);
+        return -EINVAL;
+    }
+    if (ep.is_unix) {
+        l->is_unix = 1;
+        uv_pipe_init(srv->loop, &l->h.pipe, 0);
+        /* A socket file left by a previous run makes bind fail; we hold the spool's writer
+         * lock, so no other gateway of this spool is listening on it. */
+        if (lstat(ep.host, &st) == 0 && S_ISSOCK(st.st_mode))
+            unlink(ep.host);
+        r = uv_pipe_bind(&l->h.pipe, ep.host);
+    } else {
+        uv_tcp_init(srv->loop, &l->h.tcp);
+        if (strchr(ep.host, ':'))
+            r = uv_ip6_addr(ep.host, ep.port, (struct sockaddr_in6 *)&ss);
+        else
+            r = uv_ip4_addr(ep.host, ep.port, (struct sockaddr_in *)&ss);
+        if (r == 0)
+            r = uv_tcp_bind(&l->h.tcp, (const struct sockaddr *)&ss, 0);
+    }
+    l->h.handle.data = l;
+    l->open = 1;
+    if (r == 0)
+        r = uv_listen(&l->h.stream, GW_BACKLOG, server_on_connection);
+    if (r < 0) {
+        snprintf(err, errlen, "listen %s: %s", spec, uv_strerror(r));
+        return r;
+    }
+    return 0;
+}
+
+/* server_on_connection - accept, apply the limits (421 4.7.0 and close when over), start */
+static void server_on_connection(uv_stream_t *ls, int status)
+{
+    struct gw_listener *l = ls->data;
+    struct gw_server *srv = l->srv;
+    struct gw_session *s;
+    const char *reject = NULL, *addr;
+
+    if (status < 0) {
+        /* EMFILE and friends: libuv already dropped the pending connection. */
+        log_warn("accept on %s: %s", l->name, uv_strerror(status));
+        return;
+    }
+    if (!(s = gw_session_new(srv, l->is_unix)))
+        fatal("out of memory for a session");
+    s->next = srv->sessions;
+    if (srv->sessions)
+        srv->sessions->prev = s;
+    srv->sessions = s;
+    srv->nsessions++;
+    if (uv_accept(ls, &s->h.stream) < 0) {
+        gw_session_abort(s);
+        return;
+    }
+    addr = gw_session_peer(s);
+    if (srv->nsessions > srv->conf->gateway.max_connections) {
+        reject = "too many connections";
+    } else if (!l->is_unix) {
+        s->ip_counted = 1;
+        if (gw_server_ip_add(srv, addr) > srv->conf->gateway.max_connections_per_ip)
+            reject = "too many connections from your address";
+    }
+    gw_session_start(s, reject);
+}
+
+void gw_server_session_closed(struct gw_server *srv, struct gw_session *s)
+{
+    if (s->prev)
+        s->prev->next = s->next;
+    else
+        srv->sessions = s->next;
+    if (s->next)
+        s->next->prev = s->prev;
+    s->prev = s->next = NULL;
+    srv->nsessions--;
+    if (s->ip_counted) {
+        server_ip_del(srv, s->addr);
+        s->ip_counted = 0;
+    }
+    /* The last session of a stop: finish from the timer, not from inside this close
+     * callback (spool_close may free sessions whose callbacks are on the stack). */
+    if (srv->stopping && srv->nsessions == 0 && !srv->finished)
+        uv_timer_start(&srv->stop_timer, server_stop_timer_cb, 0, 0);
+}
+
+static void server_noop_close_cb(uv_handle_t *h)
+{
+}
+
+static void server_listeners_close(struct gw_server *srv)
+{
+    for (int i = 0; i < srv->nlisteners; i++) {
+        struct gw_listener *l = &srv->listeners[i];
+
+        if (l->open) {
+            l->open = 0;
+            uv_close(&l->h.handle, server_noop_close_cb);
+        }
+    }
+}
+
+/* ---------------------------------------------------------------- notification */
+
+/* gw_server_notify - one datagram with the queue ID to sluice-deliver. Non-blocking and
+ * fire-and-forget: the deliverer polls the index anyway, so ENOENT (not running),
+ * ECONNREFUSED (socket left over) and EAGAIN (its queue is full) are normal. */
+void gw_server_notify(struct gw_server *srv, const char *qid)
+{
+    struct sockaddr_un sa;
+    size_t plen = strlen(srv->notify_path);
+
+    if (srv->notify_fd < 0 || plen == 0 || plen >= sizeof(sa.sun_path))
+        return;
+    memset(&sa, 0, sizeof(sa));
+    sa.sun_family = AF_UNIX;
+    memcpy(sa.sun_path, srv->notify_path, plen + 1);
+    if (sendto(srv->notify_fd, qid, strlen(qid), MSG_DONTWAIT | MSG_NOSIGNAL,
+               (const struct sockaddr *)&sa, (socklen_t)sizeof(sa)) < 0 &&
+        errno != ENOENT && errno != ECONNREFUSED && errno != EAGAIN)
+        log_debug("notify %s: %s", srv->notify_path, strerror(errno));
+}
+
+int64_t gw_server_free_bytes(struct gw_server *srv)
+{
+    uint64_t now = uv_now(srv->loop);
+
+    if (srv->spool == NULL)
+        return -ESHUTDOWN;
+    if (srv->free_checked == 0 || now - srv->free_checked >= GW_FREE_CHECK_MS) {
+        srv->free_bytes = spool_free_bytes(srv->spool);
+        srv->free_checked = now ? now : 1;
+    }
+    return srv->free_bytes;
+}
+
+/* ---------------------------------------------------------------- signals */
+
+static void server_on_signal(uv_signal_t *h, int signum)
+{
+    struct gw_server *srv = h->data;
+
+    if (signum == SIGHUP) {
+        server_reload(srv);
+        return;
+    }
+    if (srv->stopping) {
+        log_info("signal %d again: closing %d sessions now", signum, srv->nsessions);
+        for (struct gw_session *s = srv->sessions; s; s = s->next)
+            gw_session_kill(s);
+        return;
+    }
+    log_info("signal %d: stopping (no new connections; sessions in progress get %lld ms)",
+             signum, (long long)srv->conf->gateway.shutdown_grace_ms);
+    server_stop(srv);
+}
+
+static void server_stop(struct gw_server *srv)
+{
+    srv->stopping = 1;
+    server_listeners_close(srv);
+    /* Closing is asynchronous (the list changes only in close callbacks), so the walk is
+     * safe even when a session closes at once. */
+    for (struct gw_session *s = srv->sessions; s; s = s->next)
+        gw_session_stop(s);
+    uv_timer_start(&srv->stop_timer, server_stop_timer_cb,
+                   srv->nsessions ? (uint64_t)srv->conf->gateway.shutdown_grace_ms : 0, 0);
+}
+
+static void server_stop_timer_cb(uv_timer_t *t)
+{
+    struct gw_server *srv = t->data;
+
+    if (srv->nsessions > 0) {
+        log_info("shutdown grace over: closing %d sessions", srv->nsessions);
+        for (struct gw_session *s = srv->sessions; s; s = s->next)
+            gw_session_kill(s);
+        return;                   /* the last close restarts this timer */
+    }
+    server_finish(srv);
+}
+
+/* server_finish - no session left: drain the spool writer, close our last handles */
+static void server_finish(struct gw_server *srv)
+{
+    if (srv->finished)
+        return;
+    srv->finished = 1;
+    spool_close(srv->spool);      /* runs every outstanding commit callback */
+    srv->spool = NULL;
+    uv_close((uv_handle_t *)&srv->sig_term, server_noop_close_cb);
+    uv_close((uv_handle_t *)&srv->sig_int, server_noop_close_cb);
+    uv_close((uv_handle_t *)&srv->sig_hup, server_noop_close_cb);
+    uv_close((uv_handle_t *)&srv->stop_timer, server_noop_close_cb);
+    if (srv->notify_fd >= 0) {
+        close(srv->notify_fd);
+        srv->notify_fd = -1;
+    }
+    log_info("stopped: spool closed");
+}
+
+static int server_lists_equal(const struct conf_list *a, const struct conf_list *b)
+{
+    if (a->n != b->n)
+        return 0;
+    for (int i = 0; i < a->n; i++)
+        if (strcmp(a->v[i], b->v[i]) != 0)
+            return 0;
+    return 1;
+}
+
+/*
+ * server_reload - SIGHUP: load the file into a new struct; on any error keep running with
+ * the old configuration. Maps, limits, banner, hostname and TLS take effect at once;
+ * listen addresses and [spool] need a restart (the sockets and the spool are open).
+ */
+static void server_reload(struct gw_server *srv)
+{
+    char err[CONF_ERR_LEN];
+    struct conf *nc;
+    struct router *r;
+    struct rcptmap *m;
+    int rc;
+
+    if (!(nc = malloc(sizeof(*nc)))) {
+        log_warn("reload: out of memory; keeping the running configuration");
+        return;
+    }
+    if ((rc = conf_load(nc, srv->conf_path, err, sizeof(err))) < 0) {
+        for (char *line = strtok(err, "\n"); line; line = strtok(NULL, "\n"))
+            log_err("reload: %s", line);
+        log_warn("reload failed: keeping the running configuration");
+        free(nc);
+        return;
+    }
+    if ((rc = server_build_maps(nc, &r, &m, err, sizeof(err))) < 0) {
+        log_err("reload: %s", err);
+        log_warn("reload failed: keeping the running configuration");
+        free(nc);
+        return;
+    }
+    if (!server_lists_equal(&nc->gateway.listen, &srv->conf->gateway.listen))
+        log_warn("reload: [gateway] listen changed: it takes effect after a restart");
+    if (memcmp(&nc->spool, &srv->conf->spool, sizeof(nc->spool)) != 0)
+        log_warn("reload: [spool] changed: it takes effect after a restart");
+    if (!nc->gateway.tls) {
+        gw_tls_free(srv->tls);    /* sessions in TLS keep their own reference */
+        srv->tls = NULL;
+    } else if (srv->tls) {
+        if (gw_tls_reload(srv->tls, nc, err, sizeof(err)) < 0)
+            log_warn("reload: TLS: %s; keeping the old certificate", err);
+    } else if (gw_tls_new(&srv->tls, nc, err, sizeof(err)) < 0) {
+        log_warn("reload: TLS: %s; STARTTLS stays off", err);
+    }
+    router_free(srv->router);
+    rcptmap_free(srv->rcptmap);
+    free(srv->conf);
+    srv->router = r;
+    srv->rcptmap = m;
+    srv->conf = nc;
+    log_set_level(nc->log.level);
+    log_info("reloaded %s", srv->conf_path);
+}
+
+/* ---------------------------------------------------------------- start and free */
+
+int gw_server_start(struct gw_server **out, uv_loop_t *loop, struct conf *c,
+                    const char *conf_path, struct spool *sp, char *err, size_t errlen)
+{
+    struct gw_server *srv;
+    char names[GW_ERR_LEN];
+    size_t nlen = 0;
+    int r;
+
+    *out = NULL;
+    if (!(srv = calloc(1, sizeof(*srv)))) {
+        snprintf(err, errlen, "out of memory");
+        return -ENOMEM;
+    }
+    srv->loop = loop;
+    srv->conf = c;
+    srv->conf_path = conf_path;
+    srv->spool = sp;
+    srv->notify_fd = -1;
+    if ((r = server_build_maps(c, &srv->router, &srv->rcptmap, err, errlen)) < 0)
+        goto fail;
+    if ((r = gw_tls_new(&srv->tls, c, err, errlen)) < 0) {
+        if (c->gateway.tls_cert[0] != '\0')
+            goto fail;            /* a configured certificate that does not load is an error */
+        log_warn("tls: %s; STARTTLS is off", err);
+    }
+    if (!(srv->listeners = calloc((size_t)c->gateway.listen.n, sizeof(*srv->listeners)))) {
+        snprintf(err, errlen, "out of memory");
+        r = -ENOMEM;
+        goto fail;
+    }
+    names[0] = '\0';
+    for (int i = 0; i < c->gateway.listen.n; i++) {
+        r = server_listen(srv, &srv->listeners[i], c->gateway.listen.v[i], err, errlen);
+        srv->nlisteners = i + 1;
+        if (r < 0)
+            goto fail;
+        if (nlen + strlen(c->gateway.listen.v[i]) + 3 < sizeof(names)) {
+            if (i) {
+                memcpy(names + nlen, ", ", 2);
+                nlen += 2;
+            }
+            memcpy(names + nlen, c->gateway.listen.v[i], strlen(c->gateway.listen.v[i]) + 1);
+            nlen += strlen(c->gateway.listen.v[i]);
+        }
+    }
+    if (conf_notify_socket(c, srv->notify_path, sizeof(srv->notify_path)) < 0)
+        log_warn("notify_socket: path too long; sluice-deliver will rely on polling");
+    else if ((srv->notify_fd = socket(AF_UNIX, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC,
+                                      0)) < 0)
+        log_errno("notify socket");
+    uv_signal_init(loop, &srv->sig_term);
+    uv_signal_init(loop, &srv->sig_int);
+    uv_signal_init(loop, &srv->sig_hup);
+    srv->sig_term.data = srv->sig_int.data = srv->sig_hup.data = srv;
+    uv_signal_start(&srv->sig_term, server_on_signal, SIGTERM);
+    uv_signal_start(&srv->sig_int, server_on_signal, SIGINT);
+    uv_signal_start(&srv->sig_hup, server_on_signal, SIGHUP);
+    uv_timer_init(loop, &srv->stop_timer);
+    srv->stop_timer.data = srv;
+    log_info("starting, listening on %s (STARTTLS %s)", names, srv->tls ? "on" : "off");
+    *out = srv;
+    return 0;
+fail:
+    server_listeners_close(srv);
+    uv_run(loop, UV_RUN_NOWAIT);  /* their close callbacks, before the memory goes */
+    srv->conf = NULL;             /* the caller still owns c on failure */
+    gw_server_free(srv);
+    return r < 0 ? r : -EINVAL;
+}
+
+void gw_server_free(struct gw_server *srv)
+{
+    if (srv == NULL)
+        return;
+    for (int b = 0; b < GW_IP_BUCKETS; b++) {
+        while (srv->ip[b]) {
+            struct gw_ipcount *e = srv->ip[b];
+
+            srv->ip[b] = e->next;
+            free(e);
+        }
+    }
+    if (srv->notify_fd >= 0)
+        close(srv->notify_fd);
+    router_free(srv->router);
+    rcptmap_free(srv->rcptmap);
+    gw_tls_free(srv->tls);
+    free(srv->listeners);
+    free(srv->conf);
+    free(srv);
+}

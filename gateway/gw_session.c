@@ -1,0 +1,1493 @@
+/*
+ * gw_session.c - the inbound SMTP session: RFC 5321 with PIPELINING (2920), SIZE (1870),
+ * 8BITMIME (6152), ENHANCEDSTATUSCODES (2034, 3463), STARTTLS (3207), SMTPUTF8 (6531),
+ * CHUNKING/BINARYMIME (3030) and DSN parameters (3461). Contract: gw_session.h.
+ *
+ * Invariants:
+ *   - One state machine: s->state changes only in session_enter(), which logs old -> new at
+ *     debug. Commands are dispatched through gw_cmds[] {verb, allowed states, handler,
+ *     flags}; a verb outside its states gets 503 5.5.1 with the reason.
+ *   - Every reply is appended to s->out and sent once per input batch (PIPELINING): when the
+ *     input is exhausted, and at DATA, BDAT and STARTTLS boundaries. uv_try_write first; only
+ *     what the socket did not take is copied into a uv_write request.
+ *   - "250 ... queued as" is sent only from the spool's commit callback. While a commit is
+ *     outstanding the session is paused: no input is processed (it waits in s->in, reading is
+ *     stopped) so replies stay in order. The commit holds a reference: the session outlives its
+ *     connection until the callback has run.
+ *   - The session is freed only when both handles are closed and no commit is outstanding.
+ *     Nothing is freed inside a read callback.
+ *   - Input memory is bounded: s->in holds at most a partial command line (< max_command_line)
+ *     or, while paused, the rest of one read; DATA/BDAT content streams to the spool.
+ *
+ * Sections: declarations and limits, output, closing, timers, the transaction, commands,
+ * message content and commit, input, public functions.
+ */
+#include "gw_session.h"
+
+#include <errno.h>
+#include <inttypes.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "gw_server.h"
+#include "gw_tls.h"
+#include "log.h"
+#include "rcptmap.h"
+#include "router.h"
+
+/* ---------------------------------------------------------------- declarations and limits */
+
+#define GW_IN_BUF 4096            /* per-session input buffer: small, 10,000 idle sessions fit */
+#define GW_IN_SLACK 1024          /* room to read beside a partial command line */
+#define GW_SCRATCH (64 * 1024)    /* loop-wide read buffer (libuv's suggested size) for
+                                   * ciphertext and DATA/BDAT content, used only within one
+                                   * read callback */
+#define GW_OUT_INIT 1024          /* reply buffer; grows with pipelined replies */
+#define GW_REPLY_MAX 512          /* RFC 5321 4.5.3.1.5: a reply line is at most 512 octets */
+#define GW_OUT_HIGH (256 * 1024)  /* queued output past this stops reading (a client that
+                                   * pipelines but never reads cannot make us buffer more) */
+#define GW_CLOSE_LINGER_MS 5000   /* a closing session's last reply gets this long to drain */
+#define GW_TLS_CHUNK 16384        /* ciphertext taken from OpenSSL per write: one TLS record */
+#define GW_RCPT_FIRST 4           /* first recipient array; doubles up to max_recipients */
+#define GW_HELO_MAX 255           /* kept HELO argument (a domain: RFC 5321 4.5.3.1.2) */
+
+#define GW_CLIENT "unknown[%s]"   /* no reverse DNS: see session_start */
+
+enum { GW_CMD_FLUSH = 1 };        /* send the batched replies after this command */
+
+typedef int (*gw_cmd_fn)(struct gw_session *s, struct smtp_cmd *cmd);
+
+struct gw_cmd {
+    unsigned states;              /* bit per enum gw_state in which the verb is allowed */
+    gw_cmd_fn fn;                 /* sends its own reply; 0 = success (counted as ok) */
+    unsigned flags;
+};
+
+struct gw_wreq {
+    uv_write_t req;
+    struct gw_session *s;
+    char data[];                  /* owned by the request until its callback */
+};
+
+static char gw_scratch[GW_SCRATCH];
+
+static const char *const gw_state_names[] = {
+#define XX(name, text) #name,
+    GW_STATE_MAP(XX)
+#undef XX
+};
+
+static int session_bprintf(char *buf, size_t size, size_t *len, const char *fmt, ...)
+    LOG_FMT(4, 5);
+static void session_enter(struct gw_session *s, enum gw_state st);
+static const char *session_host(const struct gw_session *s);
+static void session_reply(struct gw_session *s, const char *fmt, ...) LOG_FMT(2, 3);
+static void session_reply_r(struct gw_session *s, const struct smtp_reply *r);
+static void session_send(struct gw_session *s, const char *p, size_t n);
+static void session_write_cb(uv_write_t *req, int status);
+static void session_flush(struct gw_session *s);
+static void session_tls_drain(struct gw_session *s);
+static void session_read_start(struct gw_session *s);
+static void session_read_stop(struct gw_session *s);
+static void session_close(struct gw_session *s);
+static void session_close_now(struct gw_session *s);
+static void session_shutdown_cb(uv_shutdown_t *req, int status);
+static void session_closed_cb(uv_handle_t *h);
+static void session_unref(struct gw_session *s);
+static void session_free(struct gw_session *s);
+static void session_log_disconnect(struct gw_session *s);
+static void session_arm(struct gw_session *s);
+static void session_timer_cb(uv_timer_t *t);
+static void session_count_error(struct gw_session *s);
+static void tx_reset(struct gw_session *s);
+static int tx_rcpt_reserve(struct gw_session *s);
+static void session_seq_error(struct gw_session *s, enum smtp_verb v);
+static void session_command(struct gw_session *s, const char *line, size_t len);
+static int cmd_helo(struct gw_session *s, struct smtp_cmd *cmd);
+static int cmd_ehlo(struct gw_session *s, struct smtp_cmd *cmd);
+static int cmd_mail(struct gw_session *s, struct smtp_cmd *cmd);
+static int cmd_rcpt(struct gw_session *s, struct smtp_cmd *cmd);
+static int cmd_data(struct gw_session *s, struct smtp_cmd *cmd);
+static int cmd_bdat(struct gw_session *s, struct smtp_cmd *cmd);
+static int cmd_rset(struct gw_session *s, struct smtp_cmd *cmd);
+static int cmd_noop(struct gw_session *s, struct smtp_cmd *cmd);
+static int cmd_quit(struct gw_session *s, struct smtp_cmd *cmd);
+static int cmd_vrfy(struct gw_session *s, struct smtp_cmd *cmd);
+static int cmd_help(struct gw_session *s, struct smtp_cmd *cmd);
+static int cmd_starttls(struct gw_session *s, struct smtp_cmd *cmd);
+static const char *session_proto(const struct gw_session *s);
+static int session_msg_start(struct gw_session *s, enum gw_data_mode mode);
+static int session_data_out(void *arg, const char *buf, size_t len);
+static size_t session_data_input(struct gw_session *s, const char *p, size_t n);
+static size_t session_bdat_input(struct gw_session *s, const char *p, size_t n);
+static void session_chunk_done(struct gw_session *s);
+static void session_eom(struct gw_session *s);
+static void session_storage_reply(struct gw_session *s, int status);
+static void session_commit_cb(void *arg, const char *qid, int status);
+static void session_tx_end(struct gw_session *s);
+static size_t session_process(struct gw_session *s, const char *p, size_t n);
+static int session_keep(struct gw_session *s, const char *p, size_t n);
+static void session_consume_in(struct gw_session *s);
+static void session_tls_pump(struct gw_session *s);
+static void session_after_input(struct gw_session *s);
+static void session_resume(struct gw_session *s);
+static void session_alloc_cb(uv_handle_t *h, size_t suggested, uv_buf_t *buf);
+static void session_read_cb(uv_stream_t *st, ssize_t nread, const uv_buf_t *buf);
+static void session_lost(struct gw_session *s, const char *why);
+
+#define ST(x) (1u << GW_S_##x)
+#define GW_CMD_ANY (ST(GREET) | ST(READY) | ST(MAIL) | ST(RCPT) | ST(CHUNKED))
+
+/* The command table (OpenSMTPD commands[], Postfix smtpd_cmd_table[]). BDAT is allowed
+ * everywhere here because even a refused BDAT must consume its octets: cmd_bdat checks the
+ * state itself. */
+static const struct gw_cmd gw_cmds[SMTP_UNKNOWN] = {
+    [SMTP_HELO] = { GW_CMD_ANY, cmd_helo, 0 },
+    [SMTP_EHLO] = { GW_CMD_ANY, cmd_ehlo, 0 },
+    [SMTP_MAIL] = { ST(READY), cmd_mail, 0 },
+    [SMTP_RCPT] = { ST(MAIL) | ST(RCPT), cmd_rcpt, 0 },
+    [SMTP_DATA] = { ST(RCPT), cmd_data, GW_CMD_FLUSH },
+    [SMTP_BDAT] = { GW_CMD_ANY, cmd_bdat, 0 },
+    [SMTP_RSET] = { GW_CMD_ANY, cmd_rset, 0 },
+    [SMTP_NOOP] = { GW_CMD_ANY, cmd_noop, 0 },
+    [SMTP_QUIT] = { GW_CMD_ANY, cmd_quit, 0 },
+    [SMTP_VRFY] = { GW_CMD_ANY, cmd_vrfy, 0 },
+    [SMTP_HELP] = { GW_CMD_ANY, cmd_help, 0 },
+    [SMTP_STARTTLS] = { ST(GREET) | ST(READY), cmd_starttls, GW_CMD_FLUSH },
+};
+
+const char *gw_session_state_name(enum gw_state st)
+{
+    return (unsigned)st < GW_S_COUNT ? gw_state_names[st] : "?";
+}
+
+/* session_bprintf - append to buf[*len..size); -ENOSPC rather than silent truncation */
+static int session_bprintf(char *buf, size_t size, size_t *len, const char *fmt, ...)
+{
+    va_list ap;
+    int n;
+
+    if (*len >= size)
+        return -ENOSPC;
+    va_start(ap, fmt);
+    n = vsnprintf(buf + *len, size - *len, fmt, ap);
+    va_end(ap);
+    if (n < 0 || (size_t)n >= size - *len)
+        return -ENOSPC;
+    *len += (size_t)n;
+    return 0;
+}
+
+/* session_enter - the one place the state changes */
+static void session_enter(struct gw_session *s, enum gw_state st)
+{
+    if (s->state == st)
+        return;
+    log_debug(GW_CLIENT ": state %s -> %s", s->addr, gw_session_state_name(s->state),
+              gw_session_state_name(st));
+    s->state = st;
+}
+
+static const char *session_host(const struct gw_session *s)
+{
+    return s->srv->conf->gateway.hostname;
+}
+
+/* ---------------------------------------------------------------- output */
+
+/* session_reply - append one reply line (CRLF added). A line longer than RFC 5321 allows is
+ * cut; only client-supplied text (addresses, bounded by the parser) could make it long. */
+static void session_reply(struct gw_session *s, const char *fmt, ...)
+{
+    va_list ap;
+    int n;
+
+    if (s->gone)
+        return;
+    if (s->out_cap - s->out_len < GW_REPLY_MAX + 1) {
+        size_t cap = s->out_cap ? s->out_cap * 2 : GW_OUT_INIT;
+        char *p;
+
+        while (cap - s->out_len < GW_REPLY_MAX + 1)
+            cap *= 2;
+        if (!(p = realloc(s->out, cap))) {
+            log_warn(GW_CLIENT ": out of memory for replies", s->addr);
+            session_close_now(s);
+            return;
+        }
+        s->out = p;
+        s->out_cap = cap;
+    }
+    va_start(ap, fmt);
+    n = vsnprintf(s->out + s->out_len, GW_REPLY_MAX - 1, fmt, ap);
+    va_end(ap);
+    if (n < 0)
+        n = 0;
+    if (n > GW_REPLY_MAX - 2)
+        n = GW_REPLY_MAX - 2;
+    memcpy(s->out + s->out_len + n, "\r\n", 2);
+    s->out_len += (size_t)n + 2;
+}
+
+static void session_reply_r(struct gw_session *s, const struct smtp_reply *r)
+{
+    session_reply(s, "%d %s %s", r->code, r->enh, r->text);
+}
+
+/* session_send - raw octets to the socket: try the write now, queue only the rest */
+static void session_send(struct gw_session *s, const char *p, size_t n)
+{
+    struct gw_wreq *w;
+    uv_buf_t b;
+    int r;
+
+    if (s->gone || n == 0)
+        return;
+    if (uv_stream_get_write_queue_size(&s->h.stream) == 0) {
+        b = uv_buf_init((char *)p, (unsigned)n);
+        r = uv_try_write(&s->h.stream, &b, 1);
+        if (r > 0) {
+            p += r;
+            n -= (size_t)r;
+            if (n == 0)
+                return;
+        } else if (r != UV_EAGAIN && r != UV_ENOSYS) {
+            session_lost(s, uv_strerror(r));
+            return;
+        }
+    }
+    if (!(w = malloc(sizeof(*w) + n))) {
+        log_warn(GW_CLIENT ": out of memory for a write", s->addr);
+        session_close_now(s);
+        return;
+    }
+    memcpy(w->data, p, n);
+    w->s = s;
+    b = uv_buf_init(w->data, (unsigned)n);
+    if ((r = uv_write(&w->req, &s->h.stream, &b, 1, session_write_cb)) < 0) {
+        free(w);
+        session_lost(s, uv_strerror(r));
+    }
+}
+
+static void session_write_cb(uv_write_t *req, int status)
+{
+    struct gw_wreq *w = (struct gw_wreq *)req;
+    struct gw_session *s = w->s;
+
+    free(w);
+    if (s->gone)
+        return;
+    if (status < 0) {
+        session_lost(s, uv_strerror(status));
+        return;
+    }
+    /* Backpressure released: read again if nothing else holds the input. */
+    if (!s->closing && !s->paused && !s->reading &&
+        uv_stream_get_write_queue_size(&s->h.stream) < GW_OUT_HIGH / 2)
+        session_read_start(s);
+}
+
+/* session_flush - send the batched replies, through TLS once it is up */
+static void session_flush(struct gw_session *s)
+{
+    if (s->out_len == 0 || s->gone)
+        return;
+    if (s->tls) {
+        if (s->tls_done && gw_tls_conn_write(s->tls, s->out, s->out_len) < 0) {
+            s->out_len = 0;
+            session_lost(s, "TLS write error");
+            return;
+        }
+        s->out_len = 0;   /* before the handshake there is no way to send a reply */
+        session_tls_drain(s);
+        return;
+    }
+    session_send(s, s->out, s->out_len);
+    s->out_len = 0;
+}
+
+/* session_tls_drain - ciphertext OpenSSL produced (records, tickets, alerts) to the socket */
+static void session_tls_drain(struct gw_session *s)
+{
+    char buf[GW_TLS_CHUNK];
+    size_t n;
+
+    while (s->tls && !s->gone && (n = gw_tls_conn_take(s->tls, buf, sizeof(buf))) > 0)
+        session_send(s, buf, n);
+}
+
+static void session_read_start(struct gw_session *s)
+{
+    if (s->reading || s->gone)
+        return;
+    if (uv_read_start(&s->h.stream, session_alloc_cb, session_read_cb) == 0)
+        s->reading = 1;
+}
+
+static void session_read_stop(struct gw_session *s)
+{
+    if (!s->reading)
+        return;
+    uv_read_stop(&s->h.stream);
+    s->reading = 0;
+}
+
+/* ---------------------------------------------------------------- closing */
+
+/* session_close - after QUIT or a 421: send what is batched, close_notify under TLS, then
+ * shut the write side down once the queue is written (uv_shutdown waits for it) and close.
+ * The linger timer bounds the wait for a peer that does not read. */
+static void session_close(struct gw_session *s)
+{
+    if (s->closing || s->gone)
+        return;
+    session_flush(s);
+    if (s->gone)
+        return;
+    s->closing = 1;
+    if (s->tls && s->tls_done) {
+        gw_tls_conn_shutdown(s->tls);
+        session_tls_drain(s);
+    }
+    session_read_stop(s);
+    if (s->state != GW_S_COMMIT)
+        session_enter(s, GW_S_CLOSING);
+    uv_timer_start(&s->timer, session_timer_cb, GW_CLOSE_LINGER_MS, 0);
+    s->shutdown_req.data = s;
+    if (uv_shutdown(&s->shutdown_req, &s->h.stream, session_shutdown_cb) < 0)
+        session_close_now(s);
+}
+
+/* session_close_now - close both handles; the session goes in the last close callback (or
+ * in the commit callback, whichever comes last) */
+static void session_close_now(struct gw_session *s)
+{
+    if (s->gone)
+        return;
+    s->gone = 1;
+    s->closing = 1;
+    s->reading = 0;
+    if (s->addr[0] != '\0')
+        session_log_disconnect(s);
+    if (s->tx.msg) {
+        spool_msg_abort(s->tx.msg);
+        s->tx.msg = NULL;
+    }
+    uv_close(&s->h.handle, session_closed_cb);
+    uv_close((uv_handle_t *)&s->timer, session_closed_cb);
+}
+
+static void session_shutdown_cb(uv_shutdown_t *req, int status)
+{
+    session_close_now(req->data);
+}
+
+static void session_closed_cb(uv_handle_t *h)
+{
+    struct gw_session *s = h->data;
+
+    if (--s->handles_open > 0)
+        return;
+    gw_server_session_closed(s->srv, s);
+    session_unref(s);
+}
+
+static void session_unref(struct gw_session *s)
+{
+    if (--s->refs == 0)
+        session_free(s);
+}
+
+static void session_free(struct gw_session *s)
+{
+    if (s->tx.msg)
+        spool_msg_abort(s->tx.msg);
+    gw_tls_conn_free(s->tls);
+    free(s->tx.rcpts);
+    free(s->tx.rin);
+    free(s->in);
+    free(s->out);
+    free(s);
+}
+
+/* session_log_disconnect - Postfix's line: "disconnect from unknown[1.2.3.4] ehlo=1 mail=1
+ * rcpt=0/1 quit=1 commands=3/4" (ok/total where they differ) */
+static void session_log_disconnect(struct gw_session *s)
+{
+    char buf[512], name[SMTP_VERB_TEXT_MAX + 1];
+    size_t len = 0;
+    unsigned ok = 0, all = 0;
+
+    for (int v = 0; v < GW_VERB_COUNT; v++) {
+        const char *vn = smtp_verb_name((enum smtp_verb)v);
+        size_t k;
+        int r;
+
+        if (s->verb_all[v] == 0)
+            continue;
+        for (k = 0; vn[k] && k < sizeof(name) - 1; k++)
+            name[k] = (char)(vn[k] >= 'A' && vn[k] <= 'Z' ? vn[k] + 32 : vn[k]);
+        name[k] = '\0';
+        if (s->verb_ok[v] == s->verb_all[v])
+            r = session_bprintf(buf, sizeof(buf), &len, " %s=%u", name, s->verb_ok[v]);
+        else
+            r = session_bprintf(buf, sizeof(buf), &len, " %s=%u/%u", name, s->verb_ok[v],
+                                s->verb_all[v]);
+        if (r < 0)
+            break;
+        ok += s->verb_ok[v];
+        all += s->verb_all[v];
+    }
+    buf[len] = '\0';
+    if (ok == all)
+        log_info("disconnect from " GW_CLIENT "%s commands=%u", s->addr, buf, all);
+    else
+        log_info("disconnect from " GW_CLIENT "%s commands=%u/%u", s->addr, buf, ok, all);
+}
+
+/* session_lost - the peer went away or the socket broke */
+static void session_lost(struct gw_session *s, const char *why)
+{
+    if (s->gone)
+        return;
+    if (!s->closing)
+        log_info("lost connection after %s from " GW_CLIENT ": %s",
+                 s->state == GW_S_DATA || s->state == GW_S_BDAT ? "DATA"
+                                                                  : gw_session_state_name(s->state),
+                 s->addr, why);
+    session_close_now(s);
+}
+
+/* ---------------------------------------------------------------- timers */
+
+/*
+ * session_arm - one timer per session. Between commands it is the idle timeout (RFC 5321
+ * 4.5.3.2: at least 5 minutes); during DATA/BDAT also the deadline for the whole message
+ * (data_timeout), so a client trickling one octet a minute cannot hold a session forever.
+ */
+static void session_arm(struct gw_session *s)
+{
+    const struct conf_gateway *g = &s->srv->conf->gateway;
+    uint64_t ms = (uint64_t)g->idle_timeout_ms;
+
+    if (s->gone || s->closing)
+        return;
+    if (s->tx.data_deadline) {
+        uint64_t now = uv_now(s->srv->loop);
+        uint64_t left = s->tx.data_deadline > now ? s->tx.data_deadline - now : 1;
+
+        if (left < ms)
+            ms = left;
+    }
+    uv_timer_start(&s->timer, session_timer_cb, ms ? ms : 1, 0);
+}
+
+static void session_timer_cb(uv_timer_t *t)
+{
+    struct gw_session *s = t->data;
+
+    if (s->closing) {             /* the linger after a close expired */
+        session_close_now(s);
+        return;
+    }
+    log_info("timeout after %s from " GW_CLIENT, gw_session_state_name(s->state), s->addr);
+    s->out_len = 0;               /* nothing else is owed: the client went silent */
+    session_reply(s, "421 4.4.2 %s Error: timeout exceeded", session_host(s));
+    if (s->tx.msg) {
+        spool_msg_abort(s->tx.msg);
+        s->tx.msg = NULL;
+    }
+    session_close(s);
+}
+
+/* session_count_error - a 4xx/5xx for client input; past max_errors the session ends
+ * (Postfix smtpd_hard_error_limit) */
+static void session_count_error(struct gw_session *s)
+{
+    if (++s->errors < s->srv->conf->gateway.max_errors || s->closing)
+        return;
+    log_info("too many errors after %s from " GW_CLIENT, gw_session_state_name(s->state),
+             s->addr);
+    session_reply(s, "421 4.7.0 %s Error: too many errors", session_host(s));
+    tx_reset(s);
+    session_close(s);
+}
+
+/* ---------------------------------------------------------------- the transaction */
+
+/* tx_reset - forget the transaction (RSET, HELO, end of message); keep the arrays */
+static void tx_reset(struct gw_session *s)
+{
+    struct gw_tx *tx = &s->tx;
+
+    if (tx->msg) {
+        spool_msg_abort(tx->msg);
+        tx->msg = NULL;
+    }
+    tx->qid[0] = '\0';
+    tx->sender[0] = '\0';
+    tx->envid[0] = '\0';
+    tx->body = SMTP_BODY_NONE;
+    tx->smtputf8 = 0;
+    tx->ret = SMTP_RET_NONE;
+    tx->nrcpt = 0;
+    tx->nrcpt_tried = 0;
+    tx->data_started = 0;
+    tx->data_deadline = 0;
+    tx->size = 0;
+}
+
+/* tx_rcpt_reserve - room for one more recipient (doubling; bounded by max_recipients) */
+static int tx_rcpt_reserve(struct gw_session *s)
+{
+    struct gw_tx *tx = &s->tx;
+    struct gw_rcpt *r;
+    struct spool_rcpt_in *ri;
+    int cap;
+
+    if (tx->nrcpt < tx->rcpt_cap)
+        return 0;
+    cap = tx->rcpt_cap ? tx->rcpt_cap * 2 : GW_RCPT_FIRST;
+    if (!(r = realloc(tx->rcpts, (size_t)cap * sizeof(*r))))
+        return -ENOMEM;
+    tx->rcpts = r;
+    if (!(ri = realloc(tx->rin, (size_t)cap * sizeof(*ri))))
+        return -ENOMEM;
+    tx->rin = ri;
+    tx->rcpt_cap = cap;
+    return 0;
+}
+
+/* ---------------------------------------------------------------- commands */
+
+/* session_seq_error - 503 5.5.1 with what is missing (Postfix's wording) */
+static void session_seq_error(struct gw_session *s, enum smtp_verb v)
+{
+    const char *why = "Error: bad sequence of commands";
+
+    switch (v) {
+    case SMTP_MAIL:
+        why = s->state == GW_S_GREET ? "Error: send HELO/EHLO first"
+                                     : "Error: nested MAIL command";
+        break;
+    case SMTP_RCPT:
+    case SMTP_DATA:
+    case SMTP_BDAT:
+        if (s->state == GW_S_GREET)
+            why = "Error: send HELO/EHLO first";
+        else if (s->state == GW_S_READY)
+            why = "Error: need MAIL command";
+        else if (s->state == GW_S_MAIL)
+            why = "Error: need RCPT command";
+        else if (s->state == GW_S_CHUNKED)
+            why = "Error: BDAT transfer in progress";
+        break;
+    case SMTP_STARTTLS:
+        why = "Error: MAIL transaction in progress";
+        break;
+    default:
+        break;
+    }
+    session_reply(s, "503 5.5.1 %s", why);
+    session_count_error(s);
+}
+
+/* session_command - parse one command line (without CRLF) and run its handler */
+static void session_command(struct gw_session *s, const char *line, size_t len)
+{
+    struct smtp_cmd cmd;
+    struct smtp_reply er;
+    const struct gw_cmd *c;
+    int r;
+
+    r = smtp_parse_line(line, len, &cmd, &er);
+    s->verb_all[cmd.verb]++;
+    if (r < 0) {
+        session_reply_r(s, &er);
+        if (cmd.verb == SMTP_BDAT) {
+            /* The chunk size is unknown, so its octets cannot be told from commands. */
+            log_info("bad BDAT syntax from " GW_CLIENT ": closing", s->addr);
+            session_close(s);
+            return;
+        }
+        session_count_error(s);
+        return;
+    }
+    c = &gw_cmds[cmd.verb];
+    if (!(c->states & (1u << s->state))) {
+        session_seq_error(s, cmd.verb);
+        return;
+    }
+    if (c->fn(s, &cmd) == 0)
+        s->verb_ok[cmd.verb]++;
+    if (c->flags & GW_CMD_FLUSH)
+        session_flush(s);
+}
+
+/* cmd_helo - RFC 5321 4.1.1.1; HELO and EHLO also reset the transaction (4.1.4) */
+static int cmd_helo(struct gw_session *s, struct smtp_cmd *cmd)
+{
+    tx_reset(s);
+    snprintf(s->helo, sizeof(s->helo), "%.*s", GW_HELO_MAX, cmd->arg);
+    s->esmtp = 0;
+    session_reply(s, "250 %s", session_host(s));
+    session_enter(s, GW_S_READY);
+    return 0;
+}
+
+/* cmd_ehlo - the extension list. RFC 2034 3 exempts the EHLO reply (and the greeting) from
+ * enhanced codes, so these lines carry none. */
+static int cmd_ehlo(struct gw_session *s, struct smtp_cmd *cmd)
+{
+    const struct conf_gateway *g = &s->srv->conf->gateway;
+
+    tx_reset(s);
+    snprintf(s->helo, sizeof(s->helo), "%.*s", GW_HELO_MAX, cmd->arg);
+    s->esmtp = 1;
+    session_reply(s, "250-%s", g->hostname);
+    session_reply(s, "250-PIPELINING");
+    session_reply(s, "250-SIZE %" PRIu64, g->max_message_size);
+    session_reply(s, "250-8BITMIME");
+    session_reply(s, "250-ENHANCEDSTATUSCODES");
+    if (s->srv->tls && !s->tls)
+        session_reply(s, "250-STARTTLS");
+    session_reply(s, "250-SMTPUTF8");
+    session_reply(s, "250-BINARYMIME");
+    session_reply(s, "250-CHUNKING");
+    session_reply(s, "250 DSN");
+    session_enter(s, GW_S_READY);
+    return 0;
+}
+
+static int cmd_mail(struct gw_session *s, struct smtp_cmd *cmd)
+{
+    const struct conf *c = s->srv->conf;
+    struct gw_tx *tx = &s->tx;
+    struct smtp_mail m;
+    struct smtp_reply er;
+    int64_t fb;
+
+    if (smtp_parse_mail(cmd->arg, &m, &er) < 0) {
+        session_reply_r(s, &er);
+        session_count_error(s);
+        return -1;
+    }
+    if (m.size_given && c->gateway.max_message_size && m.size > c->gateway.max_message_size) {
+        /* RFC 1870 6.1: the declared size is over our fixed limit. */
+        smtp_reply_of(SMTP_ESIZE_EXCEEDED, &er);
+        session_reply_r(s, &er);
+        log_info("NOQUEUE: reject: MAIL from " GW_CLIENT ": %d %s %s; from=<%s> size=%" PRIu64,
+                 s->addr, er.code, er.enh, er.text, m.addr, m.size);
+        session_count_error(s);
+        return -1;
+    }
+    fb = gw_server_free_bytes(s->srv);
+    if (fb >= 0 && (uint64_t)fb < c->spool.min_free_space + (m.size_given ? m.size : 0)) {
+        /* ARCHITECTURE 6: below min_free_space every MAIL gets 452; senders retry. */
+        session_reply(s, "452 4.3.1 Error: insufficient system storage");
+        log_warn("NOQUEUE: reject: MAIL from " GW_CLIENT ": 452 4.3.1 insufficient system "
+                 "storage (%" PRId64 " bytes free); from=<%s>", s->addr, fb, m.addr);
+        return -1;
+    }
+    tx_reset(s);
+    qid_new(tx->qid);
+    memcpy(tx->sender, m.addr, sizeof(tx->sender));
+    tx->body = m.body;
+    tx->smtputf8 = m.smtputf8;
+    tx->ret = m.ret;
+    memcpy(tx->envid, m.envid, sizeof(tx->envid));
+    log_qid(LOG_INFO, tx->qid, "client=" GW_CLIENT, s->addr);
+    session_reply(s, "250 2.1.0 Ok");
+    session_enter(s, GW_S_MAIL);
+    return 0;
+}
+
+static int cmd_rcpt(struct gw_session *s, struct smtp_cmd *cmd)
+{
+    const struct conf *c = s->srv->conf;
+    struct gw_tx *tx = &s->tx;
+    struct smtp_rcpt r;
+    struct smtp_reply er;
+    struct gw_rcpt *gr;
+    const char *ms, *why = "";
+    int rc;
+
+    tx->nrcpt_tried++;
+    if (tx->nrcpt >= c->gateway.max_recipients) {
+        /* RFC 5321 4.5.3.1.10: 452, and the client goes on with those accepted. */
+        session_reply(s, "452 4.5.3 Error: too many recipients");
+        return -1;
+    }
+    if (smtp_parse_rcpt(cmd->arg, tx->smtputf8, &r, &er) < 0) {
+        session_reply_r(s, &er);
+        session_count_error(s);
+        return -1;
+    }
+    rc = rcptmap_check(s->srv->rcptmap, r.addr);
+    if (rc != RCPTMAP_OK) {
+        rcptmap_reply(rc, &er);
+        session_reply(s, "%d %s <%s>: %s", er.code, er.enh, r.addr, er.text);
+        log_info("NOQUEUE: reject: RCPT from " GW_CLIENT ": %d %s <%s>: %s; from=<%s> to=<%s> "
+                 "proto=%s helo=<%s>", s->addr, er.code, er.enh, r.addr, er.text, tx->sender,
+                 r.addr, session_proto(s), s->helo);
+        session_count_error(s);
+        return -1;
+    }
+    if (!(ms = router_route(s->srv->router, r.addr, &why))) {
+        session_reply(s, "451 4.3.0 <%s>: Error: no mailstore configured", r.addr);
+        log_warn("NOQUEUE: reject: RCPT from " GW_CLIENT ": 451 4.3.0 <%s>: no mailstore is "
+                 "configured", s->addr, r.addr);
+        return -1;
+    }
+    for (int i = 0; i < tx->nrcpt; i++) {
+        if (strcmp(tx->rcpts[i].addr, r.addr) == 0) {
+            /* A duplicate: accepted once, delivered once (Postfix drops them in cleanup). */
+            session_reply(s, "250 2.1.5 Ok");
+            return 0;
+        }
+    }
+    if (tx_rcpt_reserve(s) < 0) {
+        session_reply(s, "451 4.3.0 Error: out of memory");
+        return -1;
+    }
+    gr = &tx->rcpts[tx->nrcpt++];
+    memcpy(gr->addr, r.addr, sizeof(gr->addr));
+    snprintf(gr->mailstore, sizeof(gr->mailstore), "%s", ms);
+    memcpy(gr->notify, r.notify_text, sizeof(gr->notify));
+    memcpy(gr->orcpt, r.orcpt, sizeof(gr->orcpt));
+    log_debug("%s: to=<%s>, mailstore=%s (%s)", tx->qid, r.addr, ms, why);
+    session_reply(s, "250 2.1.5 Ok");
+    session_enter(s, GW_S_RCPT);
+    return 0;
+}
+
+static int cmd_data(struct gw_session *s, struct smtp_cmd *cmd)
+{
+    if (s->tx.body == SMTP_BODY_BINARYMIME) {
+        /* RFC 3030 3: BINARYMIME content cannot be sent with DATA. */
+        session_reply(s, "503 5.5.1 Error: BODY=BINARYMIME requires BDAT");
+        session_count_error(s);
+        return -1;
+    }
+    if (session_msg_start(s, GW_DATA_DOT) < 0)
+        return -1;
+    /* 354 is a positive intermediate reply: RFC 3463 has no class 3, so no enhanced code. */
+    session_reply(s, "354 End data with <CR><LF>.<CR><LF>");
+    session_enter(s, GW_S_DATA);
+    return 0;
+}
+
+/* cmd_bdat - RFC 3030. The chunk's octets follow the command line whatever we answer, so a
+ * refused BDAT still reads (and drops) them. */
+static int cmd_bdat(struct gw_session *s, struct smtp_cmd *cmd)
+{
+    struct smtp_reply er;
+    uint64_t size;
+    int last;
+
+    if (smtp_parse_bdat(cmd->arg, &size, &last, &er) < 0) {
+        session_reply_r(s, &er);
+        log_info("bad BDAT size from " GW_CLIENT ": closing", s->addr);
+        session_close(s);
+        return -1;
+    }
+    s->bdat_left = size;
+    s->bdat_last = last ? 1 : 0;
+    s->bdat_discard = 0;
+    if (s->state != GW_S_RCPT && s->state != GW_S_CHUNKED) {
+        s->bdat_discard = 1;
+        s->bdat_back = s->state;
+        session_seq_error(s, SMTP_BDAT);
+    } else if (!s->tx.data_started) {
+        if (session_msg_start(s, s->tx.body == SMTP_BODY_BINARYMIME ? GW_DATA_BINARY
+                                                                      : GW_DATA_CHUNK) < 0) {
+            s->bdat_discard = 1;
+            s->bdat_back = s->state;
+        }
+    }
+    if (s->closing)
+        return -1;
+    session_enter(s, GW_S_BDAT);
+    if (size == 0)
+        session_chunk_done(s);
+    return s->bdat_discard ? -1 : 0;
+}
+
+static int cmd_rset(struct gw_session *s, struct smtp_cmd *cmd)
+{
+    tx_reset(s);
+    session_reply(s, "250 2.0.0 Ok");
+    session_enter(s, s->helo[0] ? GW_S_READY : GW_S_GREET);
+    return 0;
+}
+
+static int cmd_noop(struct gw_session *s, struct smtp_cmd *cmd)
+{
+    session_reply(s, "250 2.0.0 Ok");
+    return 0;
+}
+
+static int cmd_quit(struct gw_session *s, struct smtp_cmd *cmd)
+{
+    tx_reset(s);
+    session_reply(s, "221 2.0.0 Bye");
+    session_close(s);
+    return 0;
+}
+
+/* cmd_vrfy - RFC 5321 3.5.3: 252 when we will not verify but will accept (no harvesting) */
+static int cmd_vrfy(struct gw_session *s, struct smtp_cmd *cmd)
+{
+    session_reply(s, "252 2.5.0 Cannot VRFY user, but will accept message and attempt "
+                     "delivery");
+    return 0;
+}
+
+static int cmd_help(struct gw_session *s, struct smtp_cmd *cmd)
+{
+    session_reply(s, "214 2.0.0 Commands: HELO EHLO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY "
+                     "HELP%s", s->srv->tls ? " STARTTLS" : "");
+    return 0;
+}
+
+/* cmd_starttls - RFC 3207. The 220 goes out in plaintext now; anything the client pipelined
+ * after STARTTLS is dropped (CVE-2011-0411: it did not come through TLS), and so is all we
+ * learnt before (RFC 3207 4.2): HELO, the transaction. */
+static int cmd_starttls(struct gw_session *s, struct smtp_cmd *cmd)
+{
+    struct gw_tls_conn *t;
+
+    if (s->tls) {
+        session_reply(s, "554 5.5.1 Error: TLS already active");
+        session_count_error(s);
+        return -1;
+    }
+    if (!s->srv->tls) {
+        session_reply(s, "502 5.5.1 Error: command not implemented");
+        session_count_error(s);
+        return -1;
+    }
+    if (!(t = gw_tls_conn_new(s->srv->tls))) {
+        session_reply(s, "454 4.7.0 TLS not available due to local problem");
+        log_warn(GW_CLIENT ": cannot start TLS: out of memory", s->addr);
+        return -1;
+    }
+    session_reply(s, "220 2.0.0 Ready to start TLS");
+    session_flush(s);
+    s->tls = t;
+    s->discard_rest = 1;
+    tx_reset(s);
+    s->helo[0] = '\0';
+    s->esmtp = 0;
+    session_enter(s, GW_S_TLS);
+    return 0;
+}
+
+/* ---------------------------------------------------------------- message content and commit */
+
+/* session_proto - RFC 3848 "with" keyword (SMTPUTF8 ones from RFC 6531 4.3) */
+static const char *session_proto(const struct gw_session *s)
+{
+    int tls = s->tls_done;
+
+    if (s->tx.smtputf8)
+        return tls ? "UTF8SMTPS" : "UTF8SMTP";
+    if (!s->esmtp)
+        return tls ? "SMTPS" : "SMTP";
+    return tls ? "ESMTPS" : "ESMTP";
+}
+
+/*
+ * session_msg_start - at DATA or the first BDAT: open the spool message and prepend our
+ * Received: header (RFC 5321 4.4, RFC 5322 3.6.7). The HELO argument is client text and goes
+ * into a header, so anything but printable ASCII outside comment syntax becomes '?'. No
+ * reverse DNS: a lookup per connection would put DNS latency in front of every session and a
+ * resolver on the hot path; "unknown" plus the IP is what Postfix writes when it has no name.
+ */
+static int session_msg_start(struct gw_session *s, enum gw_data_mode mode)
+{
+    const struct conf_gateway *g = &s->srv->conf->gateway;
+    struct gw_tx *tx = &s->tx;
+    struct gw_data_limits lim;
+    char hdr[2048], helo[GW_HELO_MAX + 1], date[64];
+    size_t len = 0;
+    time_t now = time(NULL);
+    struct tm tm;
+    int n, r;
+
+    if (!(tx->msg = spool_msg_new(s->srv->spool, tx->qid))) {
+        session_reply(s, "451 4.3.0 Error: queue file write error");
+        log_warn("%s: cannot start a message in the spool", tx->qid);
+        return -1;
+    }
+    for (n = 0; s->helo[n] && n < GW_HELO_MAX; n++) {
+        unsigned char ch = (unsigned char)s->helo[n];
+
+        helo[n] = (ch > 32 && ch < 127 && ch != '(' && ch != ')' && ch != '\\') ? (char)ch : '?';
+    }
+    helo[n] = '\0';
+    gmtime_r(&now, &tm);
+    strftime(date, sizeof(date), "%a, %d %b %Y %H:%M:%S +0000", &tm);
+    r = session_bprintf(hdr, sizeof(hdr), &len, "Received: from %s (unknown [%s])\r\n\tby %s "
+                        "(sluice) with %s id %s", helo[0] ? helo : "unknown", s->addr,
+                        g->hostname, session_proto(s), tx->qid);
+    if (r == 0 && s->tls_done)
+        r = session_bprintf(hdr, sizeof(hdr), &len, "\r\n\t(using %s with cipher %s)",
+                            gw_tls_conn_version(s->tls), gw_tls_conn_cipher(s->tls));
+    if (r == 0 && tx->nrcpt == 1)
+        r = session_bprintf(hdr, sizeof(hdr), &len, "\r\n\tfor <%s>", tx->rcpts[0].addr);
+    if (r == 0)
+        r = session_bprintf(hdr, sizeof(hdr), &len, "; %s\r\n", date);
+    if (r < 0 || spool_msg_prepend(tx->msg, hdr, len) < 0) {
+        spool_msg_abort(tx->msg);
+        tx->msg = NULL;
+        session_reply(s, "451 4.3.0 Error: queue file write error");
+        return -1;
+    }
+    lim.max_size = g->max_message_size;
+    lim.max_line = g->max_text_line;
+    lim.max_header_size = g->max_header_size;
+    lim.max_header_count = (uint32_t)g->max_header_count;
+    gw_data_init(&tx->data, mode, &lim, session_data_out, s);
+    tx->data_started = 1;
+    tx->data_deadline = uv_now(s->srv->loop) + (uint64_t)g->data_timeout_ms;
+    return 0;
+}
+
+static int session_data_out(void *arg, const char *buf, size_t len)
+{
+    struct gw_session *s = arg;
+
+    return spool_msg_write(s->tx.msg, buf, len);
+}
+
+static size_t session_data_input(struct gw_session *s, const char *p, size_t n)
+{
+    size_t used = gw_data_feed(&s->tx.data, p, n);
+
+    if (gw_data_done(&s->tx.data))
+        session_eom(s);
+    return used;
+}
+
+static size_t session_bdat_input(struct gw_session *s, const char *p, size_t n)
+{
+    size_t take = (uint64_t)n < s->bdat_left ? n : (size_t)s->bdat_left;
+
+    if (!s->bdat_discard)
+        gw_data_feed(&s->tx.data, p, take);
+    s->bdat_left -= take;
+    if (s->bdat_left == 0)
+        session_chunk_done(s);
+    return take;
+}
+
+/* session_chunk_done - the last octet of a BDAT chunk was read */
+static void session_chunk_done(struct gw_session *s)
+{
+    struct gw_tx *tx = &s->tx;
+
+    if (s->bdat_discard) {
+        s->bdat_discard = 0;
+        session_enter(s, s->bdat_back);
+        return;
+    }
+    if (tx->data.err != GW_DATA_OK || s->bdat_last) {
+        /* RFC 3030 2: a failed chunk fails the transaction; the LAST one ends it. */
+        if (s->bdat_last)
+            gw_data_end(&tx->data);
+        session_eom(s);
+        return;
+    }
+    session_reply(s, "250 2.0.0 Ok: %" PRIu64 " octets received", tx->data.size);
+    session_enter(s, GW_S_CHUNKED);
+}
+
+/* session_storage_reply - RFC 3463 X.3.1 "mail system full" for ENOSPC, else X.3.0 */
+static void session_storage_reply(struct gw_session *s, int status)
+{
+    if (status == -ENOSPC || status == -EDQUOT)
+        session_reply(s, "452 4.3.1 Error: insufficient system storage");
+    else
+        session_reply(s, "451 4.3.0 Error: queue file write error");
+}
+
+/* session_eom - end of the message: reject it, or hand it to the spool and wait */
+static void session_eom(struct gw_session *s)
+{
+    struct gw_tx *tx = &s->tx;
+    struct spool_env env;
+    struct spool_msg *m;
+    int err = tx->data.err, r;
+
+    if (err != GW_DATA_OK) {
+        struct smtp_reply rr;
+
+        gw_data_reply(err, &rr);
+        if (err == GW_DATA_ESTORE) {
+            session_storage_reply(s, gw_data_store_errno(&tx->data));
+            log_warn("%s: spool write failed: %s", tx->qid,
+                     strerror(-gw_data_store_errno(&tx->data)));
+        } else {
+            session_reply_r(s, &rr);
+            log_info("%s: reject: END-OF-MESSAGE from " GW_CLIENT ": %d %s %s; from=<%s> "
+                     "proto=%s helo=<%s>", tx->qid, s->addr, rr.code, rr.enh, rr.text,
+                     tx->sender, session_proto(s), s->helo);
+        }
+        tx_reset(s);
+        session_enter(s, GW_S_READY);
+        if (err != GW_DATA_ESTORE)
+            session_count_error(s);
+        session_tx_end(s);
+        return;
+    }
+    memset(&env, 0, sizeof(env));
+    snprintf(env.sender, sizeof(env.sender), "%s", tx->sender);
+    snprintf(env.dsn_ret, sizeof(env.dsn_ret), "%s",
+             tx->ret == SMTP_RET_FULL ? "FULL" : tx->ret == SMTP_RET_HDRS ? "HDRS" : "");
+    snprintf(env.dsn_envid, sizeof(env.dsn_envid), "%s", tx->envid);
+    snprintf(env.client_addr, sizeof(env.client_addr), "%s", s->addr);
+    snprintf(env.client_name, sizeof(env.client_name), "unknown");
+    snprintf(env.helo, sizeof(env.helo), "%s", s->helo);
+    snprintf(env.tls, sizeof(env.tls), "%s", s->tls_info);
+    env.smtputf8 = tx->smtputf8;
+    env.body_8bit = tx->body == SMTP_BODY_8BITMIME || tx->body == SMTP_BODY_BINARYMIME;
+    for (int i = 0; i < tx->nrcpt; i++) {
+        struct gw_rcpt *gr = &tx->rcpts[i];
+
+        tx->rin[i].rcpt = gr->addr;
+        tx->rin[i].orcpt = gr->orcpt[0] ? gr->orcpt : NULL;
+        tx->rin[i].notify = gr->notify[0] ? gr->notify : NULL;
+        tx->rin[i].mailstore = gr->mailstore;
+        tx->rin[i].hold_reason = NULL;
+    }
+    tx->size = spool_msg_size(tx->msg);
+    m = tx->msg;
+    tx->msg = NULL;               /* the spool owns it now, whatever happens */
+    tx->data_deadline = 0;
+    s->refs++;
+    s->paused = 1;
+    session_enter(s, GW_S_COMMIT);
+    r = spool_msg_commit(m, &env, tx->rin, (size_t)tx->nrcpt, session_commit_cb, s);
+    if (r < 0) {
+        s->refs--;
+        s->paused = 0;
+        log_warn("%s: spool commit refused: %s", tx->qid, strerror(-r));
+        session_storage_reply(s, r);
+        tx_reset(s);
+        session_enter(s, GW_S_READY);
+        session_tx_end(s);
+    }
+}
+
+/* session_commit_cb - the spool says the message is durable (0) or not: only now 250 */
+static void session_commit_cb(void *arg, const char *qid, int status)
+{
+    struct gw_session *s = arg;
+    struct gw_tx *tx = &s->tx;
+
+    if (status == 0) {
+        log_qid(LOG_INFO, qid, "from=<%s>, size=%" PRIu64 ", nrcpt=%d (queued as %s)",
+                tx->sender, tx->size, tx->nrcpt, qid);
+        gw_server_notify(s->srv, qid);
+    }
+    if (s->gone || s->closing) {
+        if (status == 0)
+            log_qid(LOG_WARNING, qid, "client " GW_CLIENT " left before the reply: it may send "
+                    "the message again", s->addr);
+        session_unref(s);
+        return;
+    }
+    if (status == 0)
+        session_reply(s, "250 2.0.0 Ok: queued as %s", qid);
+    else
+        session_storage_reply(s, status);
+    tx_reset(s);
+    session_enter(s, GW_S_READY);
+    session_unref(s);             /* the commit's reference; the connection's remains */
+    s->paused = 0;
+    session_tx_end(s);
+    if (!s->closing)
+        session_resume(s);
+    else
+        session_flush(s);
+}
+
+/* session_tx_end - a transaction is over; under SIGTERM this is where a busy session goes */
+static void session_tx_end(struct gw_session *s)
+{
+    if (!(s->stop_after || s->srv->stopping) || s->closing)
+        return;
+    session_reply(s, "421 4.3.2 %s Service shutting down, closing transmission channel",
+                  session_host(s));
+    session_close(s);
+}
+
+/* ---------------------------------------------------------------- input */
+
+/*
+ * session_process - run commands and content from p[0..n); returns how many octets were used.
+ * It stops early when the session pauses (commit), closes, or has a partial command line left
+ * (the caller keeps the rest in s->in).
+ */
+static size_t session_process(struct gw_session *s, const char *p, size_t n)
+{
+    uint64_t cmdmax = s->srv->conf->gateway.max_command_line;
+    size_t off = 0;
+
+    while (off < n && !s->paused && !s->closing && !s->gone) {
+        const char *line, *lf;
+        size_t len;
+
+        switch (s->state) {
+        case GW_S_DATA:
+            off += session_data_input(s, p + off, n - off);
+            continue;
+        case GW_S_BDAT:
+            off += session_bdat_input(s, p + off, n - off);
+            continue;
+        case GW_S_TLS:
+        case GW_S_COMMIT:
+        case GW_S_CLOSING:
+            return n;             /* cannot happen with input: the loop condition stops it */
+        case GW_S_GREET:
+        case GW_S_READY:
+        case GW_S_MAIL:
+        case GW_S_RCPT:
+        case GW_S_CHUNKED:
+            break;
+        default:
+            fatal("session: bad state %d", (int)s->state);
+        }
+        lf = memchr(p + off, '\n', n - off);
+        if (s->discard_line) {
+            if (!lf)
+                return n;
+            off = (size_t)(lf - p) + 1;
+            s->discard_line = 0;
+            session_reply(s, "500 5.5.2 Error: command line too long");
+            session_count_error(s);
+            continue;
+        }
+        if (!lf) {
+            if (n - off >= cmdmax) {
+                s->discard_line = 1;  /* RFC 5321 4.5.3.1.4; dropped up to its LF */
+                return n;
+            }
+            break;
+        }
+        line = p + off;
+        len = (size_t)(lf - line);
+        off += len + 1;
+        if (len + 1 > cmdmax) {
+            session_reply(s, "500 5.5.2 Error: command line too long");
+            session_count_error(s);
+            continue;
+        }
+        if (len == 0 || line[len - 1] != '\r') {
+            /* RFC 5321 2.3.8: commands end in CR LF too. */
+            session_reply(s, "500 5.5.2 Error: bare <LF> received");
+            session_count_error(s);
+            continue;
+        }
+        session_command(s, line, len - 1);
+        if (s->discard_rest) {
+            s->discard_rest = 0;
+            if (n > off)
+                log_info("discarding %zu octets of plaintext pipelined after STARTTLS from "
+                         GW_CLIENT, n - off, s->addr);
+            return n;
+        }
+    }
+    return off;
+}
+
+/* session_keep - append unprocessed input to s->in. It only grows past its usual size while
+ * a commit pauses the session in the middle of one read (at most GW_SCRATCH more). */
+static int session_keep(struct gw_session *s, const char *p, size_t n)
+{
+    if (n == 0)
+        return 0;
+    if (s->in_cap - s->in_len < n + GW_IN_SLACK) {
+        size_t cap = s->in_len + n + GW_IN_SLACK;
+        char *np = realloc(s->in, cap);
+
+        if (!np)
+            return -ENOMEM;
+        s->in = np;
+        s->in_cap = cap;
+    }
+    memcpy(s->in + s->in_len, p, n);
+    s->in_len += n;
+    return 0;
+}
+
+/* session_consume_in - process what waits in s->in and keep the rest at its start */
+static void session_consume_in(struct gw_session *s)
+{
+    size_t used = session_process(s, s->in, s->in_len);
+
+    if (s->gone)
+        return;
+    if (used >= s->in_len) {
+        s->in_len = 0;
+        return;
+    }
+    memmove(s->in, s->in + used, s->in_len - used);
+    s->in_len -= used;
+}
+
+/* session_tls_pump - after ciphertext arrived (or a pause ended): handshake, then decrypt
+ * into s->in and process until OpenSSL wants more input */
+static void session_tls_pump(struct gw_session *s)
+{
+    char err[GW_TLS_ERR_LEN];
+    ssize_t n;
+    int r;
+
+    if (!s->tls_done) {
+        r = gw_tls_conn_handshake(s->tls, err, sizeof(err));
+        session_tls_drain(s);
+        if (r == -EAGAIN || s->gone)
+            return;
+        if (r < 0) {
+            log_info("SSL_accept error from " GW_CLIENT ": %s", s->addr, err);
+            session_close_now(s);
+            return;
+        }
+        s->tls_done = 1;
+        snprintf(s->tls_info, sizeof(s->tls_info), "%s %s", gw_tls_conn_version(s->tls),
+                 gw_tls_conn_cipher(s->tls));
+        log_info("TLS connection established from " GW_CLIENT ": %s with cipher %s", s->addr,
+                 gw_tls_conn_version(s->tls), gw_tls_conn_cipher(s->tls));
+        session_enter(s, GW_S_GREET); /* RFC 3207 4.2: a new EHLO is due */
+    }
+    while (!s->paused && !s->closing && !s->gone && s->in_len < s->in_cap) {
+        n = gw_tls_conn_read(s->tls, s->in + s->in_len, s->in_cap - s->in_len);
+        if (n == -EAGAIN)
+            break;
+        if (n < 0) {
+            session_tls_drain(s);
+            session_lost(s, n == -ECONNRESET ? "TLS close_notify" : "TLS error");
+            return;
+        }
+        s->in_len += (size_t)n;
+        session_consume_in(s);
+    }
+    session_tls_drain(s);
+}
+
+/* session_after_input - end of an input batch: one flush, then decide whether to read on */
+static void session_after_input(struct gw_session *s)
+{
+    session_flush(s);
+    if (s->gone || s->closing)
+        return;
+    if (s->paused) {
+        session_read_stop(s);
+        uv_timer_stop(&s->timer);
+        return;
+    }
+    if (uv_stream_get_write_queue_size(&s->h.stream) > GW_OUT_HIGH)
+        session_read_stop(s);
+    else
+        session_read_start(s);
+    session_arm(s);
+}
+
+/* session_resume - a commit finished: what was read meanwhile runs now */
+static void session_resume(struct gw_session *s)
+{
+    session_consume_in(s);
+    if (s->tls && !s->gone)
+        session_tls_pump(s);
+    if (!s->gone)
+        session_after_input(s);
+}
+
+/* session_alloc_cb - where libuv reads to: the session's small buffer for commands; the
+ * loop-wide scratch for ciphertext and for message content (consumed within the callback) */
+static void session_alloc_cb(uv_handle_t *h, size_t suggested, uv_buf_t *buf)
+{
+    struct gw_session *s = h->data;
+
+    if (s->tls || ((s->state == GW_S_DATA || s->state == GW_S_BDAT) && s->in_len == 0) ||
+        s->in_len >= s->in_cap) {
+        *buf = uv_buf_init(gw_scratch, sizeof(gw_scratch));
+        return;
+    }
+    *buf = uv_buf_init(s->in + s->in_len, (unsigned)(s->in_cap - s->in_len));
+}
+
+static void session_read_cb(uv_stream_t *st, ssize_t nread, const uv_buf_t *buf)
+{
+    struct gw_session *s = st->data;
+    size_t used;
+
+    if (nread == 0 || s->gone)
+        return;
+    if (nread < 0) {
+        session_lost(s, nread == UV_EOF ? "EOF" : uv_strerror((int)nread));
+        return;
+    }
+    if (s->closing)
+        return;                   /* after QUIT or a 421 input is ignored */
+    if (s->tls) {
+        if (gw_tls_conn_feed(s->tls, buf->base, (size_t)nread) < 0) {
+            session_lost(s, "out of memory");
+            return;
+        }
+        session_tls_pump(s);
+    } else if (buf->base == gw_scratch) {
+        if (s->in_len == 0) {
+            used = session_process(s, gw_scratch, (size_t)nread);
+            if (!s->gone && session_keep(s, gw_scratch + used, (size_t)nread - used) < 0)
+                session_lost(s, "out of memory");
+        } else if (session_keep(s, gw_scratch, (size_t)nread) < 0) {
+            session_lost(s, "out of memory");
+        } else {
+            session_consume_in(s);
+        }
+    } else {
+        s->in_len += (size_t)nread;
+        session_consume_in(s);
+    }
+    if (!s->gone)
+        session_after_input(s);
+}
+
+/* ---------------------------------------------------------------- public functions */
+
+struct gw_session *gw_session_new(struct gw_server *srv, int is_unix)
+{
+    struct gw_session *s;
+    size_t cap = GW_IN_BUF;
+
+    if (srv->conf->gateway.max_command_line + GW_IN_SLACK > cap)
+        cap = (size_t)srv->conf->gateway.max_command_line + GW_IN_SLACK;
+    if (!(s = calloc(1, sizeof(*s))))
+        return NULL;
+    if (!(s->in = malloc(cap))) {
+        free(s);
+        return NULL;
+    }
+    s->in_cap = cap;
+    s->srv = srv;
+    s->refs = 1;
+    s->state = GW_S_GREET;
+    if (is_unix)
+        uv_pipe_init(srv->loop, &s->h.pipe, 0);
+    else
+        uv_tcp_init(srv->loop, &s->h.tcp);
+    uv_timer_init(srv->loop, &s->timer);
+    s->h.handle.data = s;
+    s->timer.data = s;
+    s->handles_open = 2;
+    return s;
+}
+
+const char *gw_session_peer(struct gw_session *s)
+{
+    struct sockaddr_storage ss;
+    int len = sizeof(ss);
+
+    snprintf(s->addr, sizeof(s->addr), "unix");
+    if (s->h.handle.type != UV_TCP)
+        return s->addr;
+    if (uv_tcp_getpeername(&s->h.tcp, (struct sockaddr *)&ss, &len) == 0) {
+        if (ss.ss_family == AF_INET6) {
+            const struct sockaddr_in6 *a6 = (const struct sockaddr_in6 *)&ss;
+
+            /* A v4 client on a dual-stack listener is logged and counted as itself. */
+            if (IN6_IS_ADDR_V4MAPPED(&a6->sin6_addr))
+                uv_inet_ntop(AF_INET, &a6->sin6_addr.s6_addr[12], s->addr, sizeof(s->addr));
+            else
+                uv_ip6_name(a6, s->addr, sizeof(s->addr));
+        } else {
+            uv_ip4_name((const struct sockaddr_in *)&ss, s->addr, sizeof(s->addr));
+        }
+    } else {
+        snprintf(s->addr, sizeof(s->addr), "unknown");
+    }
+    uv_tcp_nodelay(&s->h.tcp, 1); /* replies are small and batched already: no Nagle delay */
+    return s->addr;
+}
+
+void gw_session_start(struct gw_session *s, const char *reject)
+{
+    const struct conf_gateway *g = &s->srv->conf->gateway;
+
+    if (reject) {
+        log_info("NOQUEUE: reject: CONNECT from " GW_CLIENT ": 421 4.7.0 Error: %s", s->addr,
+                 reject);
+        session_reply(s, "421 4.7.0 %s Error: %s", g->hostname, reject);
+        session_close(s);
+        return;
+    }
+    log_info("connect from " GW_CLIENT, s->addr);
+    if (s->srv->stopping) {
+        session_reply(s, "421 4.3.2 %s Service shutting down, closing transmission channel",
+                      g->hostname);
+        session_close(s);
+        return;
+    }
+    session_reply(s, "220 %s %s", g->hostname, g->banner);
+    session_flush(s);
+    session_read_start(s);
+    session_arm(s);
+}
+
+void gw_session_abort(struct gw_session *s)
+{
+    session_close_now(s);
+}
+
+void gw_session_stop(struct gw_session *s)
+{
+    if (s->gone || s->closing)
+        return;
+    switch (s->state) {
+    case GW_S_GREET:
+    case GW_S_READY:
+    case GW_S_MAIL:
+    case GW_S_RCPT:
+        tx_reset(s);
+        s->stop_after = 1;
+        session_tx_end(s);
+        break;
+    case GW_S_TLS:
+        if (!s->tls_done) {
+            session_close_now(s);
+            break;
+        }
+        s->stop_after = 1;
+        session_tx_end(s);
+        break;
+    case GW_S_DATA:
+    case GW_S_BDAT:
+    case GW_S_CHUNKED:
+    case GW_S_COMMIT:
+        s->stop_after = 1;        /* after this message */
+        break;
+    case GW_S_CLOSING:
+    default:
+        break;
+    }
+}
+
+void gw_session_kill(struct gw_session *s)
+{
+    if (s->gone)
+        return;
+    if (!s->closing && s->state != GW_S_COMMIT) {
+        s->out_len = 0;
+        session_reply(s, "421 4.3.2 %s Service shutting down, closing transmission channel",
+                      session_host(s));
+        session_flush(s);
+    }
+    session_close_now(s);
+}

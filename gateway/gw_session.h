@@ -1,0 +1,142 @@
+/*
+ * gw_session.h - one inbound SMTP session (private to sluice-gateway; gw_server.c creates,
+ * lists and stops sessions, gw_session.c does everything else).
+ *
+ * Life cycle: gw_session_new() (handle initialised) -> the server's uv_accept() ->
+ * gw_session_start() (banner, or a 421 when over a connection limit) -> commands and data ->
+ * close. The session is freed only when its handles are closed AND no spool commit is
+ * outstanding (refs): a commit callback may arrive after the client is gone, and then only
+ * logs. gw_server_session_closed() is called once the handles are closed.
+ *
+ * Session and transaction are separate structs: RSET, HELO and a finished message reset only
+ * struct gw_tx.
+ */
+#ifndef SLUICE_GW_SESSION_H
+#define SLUICE_GW_SESSION_H
+
+#include <stdint.h>
+#include <uv.h>
+
+#include "conf.h"
+#include "gw_data.h"
+#include "qid.h"
+#include "smtp_parse.h"
+#include "spool.h"
+
+struct gw_server;
+struct gw_tls_conn;
+
+/* Session states: XX(NAME, meaning). Commands are parsed only in GREET, READY, MAIL, RCPT and
+ * CHUNKED; in DATA and BDAT input is message content; in COMMIT and TLS input waits. */
+#define GW_STATE_MAP(XX)                                                                     \
+    XX(GREET, "connected, no HELO/EHLO yet")                                                 \
+    XX(READY, "HELO/EHLO done, no transaction")                                              \
+    XX(MAIL, "MAIL accepted, no recipient yet")                                              \
+    XX(RCPT, "at least one recipient accepted")                                              \
+    XX(DATA, "reading DATA content")                                                         \
+    XX(BDAT, "reading the octets of a BDAT chunk")                                           \
+    XX(CHUNKED, "between BDAT chunks of a message")                                          \
+    XX(COMMIT, "message handed to the spool, waiting for it to be durable")                  \
+    XX(TLS, "TLS handshake after STARTTLS")                                                  \
+    XX(CLOSING, "closing the connection")
+
+enum gw_state {
+#define XX(name, text) GW_S_##name,
+    GW_STATE_MAP(XX)
+#undef XX
+    GW_S_COUNT
+};
+
+/* One accepted recipient, with what the spool stores for it. */
+struct gw_rcpt {
+    char addr[SMTP_ADDR_SIZE];
+    char mailstore[CONF_NAME_MAX];
+    char notify[SMTP_NOTIFY_MAX + 1];     /* "" when not given */
+    char orcpt[SMTP_ORCPT_MAX + 1];       /* "" when not given */
+};
+
+/* The mail transaction: from MAIL to the end of the message (or RSET). */
+struct gw_tx {
+    char qid[QID_SIZE];
+    char sender[SMTP_ADDR_SIZE];
+    enum smtp_body body;
+    int smtputf8;
+    enum smtp_ret ret;
+    char envid[SMTP_ENVID_MAX + 1];
+    struct gw_rcpt *rcpts;                /* kept across transactions (capacity reused) */
+    struct spool_rcpt_in *rin;            /* same capacity: the commit's view of rcpts */
+    int nrcpt, rcpt_cap;
+    int nrcpt_tried;                      /* RCPT commands, accepted or not */
+    struct spool_msg *msg;                /* from DATA/first BDAT until commit or abort */
+    struct gw_data data;                  /* content parser */
+    int data_started;
+    uint64_t data_deadline;               /* uv_now() ms by which DATA/BDAT must be done */
+    uint64_t size;                        /* for the log line after the commit */
+};
+
+/* Command counters for the "disconnect from" line (Postfix style: ehlo=1 mail=1 ...). */
+#define GW_VERB_COUNT (SMTP_UNKNOWN + 1)
+
+struct gw_session {
+    /* public: the server's list */
+    struct gw_session *prev, *next;
+    struct gw_server *srv;
+    char addr[64];                        /* client IP as text, "unix" for unix sockets */
+    /* read-only */
+    enum gw_state state;
+    /* private */
+    union {
+        uv_handle_t handle;
+        uv_stream_t stream;
+        uv_tcp_t tcp;
+        uv_pipe_t pipe;
+    } h;
+    uv_timer_t timer;
+    uv_shutdown_t shutdown_req;
+    int handles_open;                     /* 2 until both close callbacks ran */
+    int refs;                             /* the connection + an outstanding commit */
+    unsigned closing : 1;                 /* no more input; output drains, then close */
+    unsigned gone : 1;                    /* handles closed (or closing): nothing to send */
+    unsigned paused : 1;                  /* input held while a commit is outstanding */
+    unsigned reading : 1;                 /* uv_read_start active */
+    unsigned discard_line : 1;            /* dropping an overlong command line to its LF */
+    unsigned discard_rest : 1;            /* STARTTLS: drop buffered plaintext */
+    unsigned stop_after : 1;              /* SIGTERM: 421 after the current message */
+    unsigned esmtp : 1;
+    unsigned bdat_discard : 1;            /* consume a refused BDAT chunk */
+    unsigned bdat_last : 1;
+    unsigned ip_counted : 1;              /* counted in the server's per-IP table */
+    enum gw_state bdat_back;              /* state after a refused chunk */
+    uint64_t bdat_left;                   /* octets of the current chunk still to read */
+    char helo[256];
+    int errors;
+    unsigned verb_ok[GW_VERB_COUNT], verb_all[GW_VERB_COUNT];
+    /* input: unprocessed bytes (a partial line, or what waits during a commit) */
+    char *in;
+    size_t in_len, in_cap;
+    /* output: replies batched until the input is exhausted (PIPELINING, RFC 2920) */
+    char *out;
+    size_t out_len, out_cap;
+    struct gw_tls_conn *tls;              /* non-NULL from STARTTLS on */
+    int tls_done;                         /* handshake finished */
+    char tls_info[128];                   /* "TLSv1.3 TLS_AES_256_GCM_SHA384" */
+    struct gw_tx tx;
+};
+
+/* A session with its stream handle initialised on the loop (unix: a pipe). NULL on ENOMEM. */
+struct gw_session *gw_session_new(struct gw_server *srv, int is_unix);
+/* After uv_accept: the peer's address into s->addr ("unix" for unix sockets), returned. */
+const char *gw_session_peer(struct gw_session *s);
+/* Then: send the banner (or "421 4.7.0 reject" and close when
+ * reject is not NULL) and start reading. */
+void gw_session_start(struct gw_session *s, const char *reject);
+/* uv_accept failed: close the handle (the session goes like any other). */
+void gw_session_abort(struct gw_session *s);
+/* SIGTERM: an idle session gets 421 4.3.2 and closes; a busy one (DATA, BDAT, commit) does
+ * so after its current message. */
+void gw_session_stop(struct gw_session *s);
+/* Grace expired: 421 4.3.2 (best effort) and close now, whatever the state. */
+void gw_session_kill(struct gw_session *s);
+const char *gw_session_state_name(enum gw_state st);
+
+#endif

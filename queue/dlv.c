@@ -1,0 +1,1374 @@
+/*
+ * dlv.c - the delivery scheduler (contract: dlv.h).
+ *
+ * Ownership and invariants:
+ *   - A recipient row id is in d->known from the fetch that brought it into memory until its
+ *     outcome is committed by spool_mark (or until it is dropped unstarted). A fetch skips
+ *     known ids, so nothing is delivered twice by one process.
+ *   - A job (one message, the recipients of one mailstore) is in exactly one place: being
+ *     loaded (a thread-pool request), on its mailstore's ready list, or started (attached
+ *     to a connection or a Maildir request). ms->inflight counts started jobs.
+ *   - Outcomes go to d->outs; at most one spool_mark batch is in flight (d->flight).
+ *   - Mailstore state changes come from mstore.c; on_transition() applies their side effects
+ *     here (drop the ready list, close idle connections, save, make recipients due).
+ *   - Persisted writes (state rows, make-due) go through one serial queue of ops (d->ops).
+ *
+ * Sections: small helpers (clock, id set, backoff), outcomes and their flush, state ops,
+ * jobs (load, finish), connections, Maildir, fetch, pump and timers, public calls.
+ */
+#include "dlv.h"
+
+#include <errno.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "lmtp.h"
+#include "log.h"
+#include "maildir.h"
+#include "qid.h"
+
+#define DLV_MS_MAX DLV_MS_STATUS_MAX
+
+struct dlv_ms;
+
+struct dlv_rcpt {
+    int64_t id;
+    int attempts;
+    char rcpt[SPOOL_ADDR_MAX];
+    char orcpt[SPOOL_ADDR_MAX];
+    char notify[64];
+};
+
+struct dlv_job {
+    struct dlv_job *next;
+    struct dlv_ms *ms;
+    char qid[QID_SIZE];
+    int nr;
+    struct dlv_rcpt *r;
+    struct lmtp_rcpt *lr;
+    struct spool_env env;
+    int64_t received_at;
+    uint64_t size;
+    char *raw;                  /* maildir: the message as stored */
+    size_t rawlen;
+    char *body;                 /* lmtp/smtp: dot-stuffed */
+    size_t bodylen;
+    size_t mem;                 /* counted in d->mem */
+    int err;
+    char why[LMTP_WHY_MAX];
+    char tmpl[CONF_PATH_MAX];   /* maildir template, copied: a reload may change cf */
+    int64_t started;
+    int probe;                  /* started as the probe of a tripped mailstore */
+    struct lmtp_msg msg;
+    uv_work_t work;
+};
+
+struct dlv_conn {
+    struct dlv_conn *next;
+    struct dlv_ms *ms;
+    struct lmtp_conn *lc;
+    struct dlv_job *job;        /* waiting for the greeting, or being sent */
+    int ready;
+    int gen;
+    int64_t idle_since;
+};
+
+struct dlv_ms {
+    struct dlv *d;
+    struct conf_mailstore cf;
+    struct mstore st;
+    int gone;                   /* removed from the config by a reload */
+    int gen;                    /* bumped when deliver changes */
+    uv_timer_t timer;
+    uint64_t timer_due;         /* uv_now deadline of timer, 0 when idle */
+    int fetching, refetch, drained;
+    int loading;
+    struct dlv_job *ready_head, *ready_tail;
+    int nready;
+    int inflight;
+    int known;
+    struct dlv_conn *conns;
+    int nconns;
+    uint64_t delivered, deferred, held;
+};
+
+struct dlv_out {
+    struct dlv_ms *ms;
+    struct spool_outcome o;
+    char reply[SPOOL_REPLY_MAX];
+};
+
+enum dlv_op_kind { OP_SAVE, OP_DUE };
+
+struct dlv_op {
+    struct dlv_op *next;
+    enum dlv_op_kind kind;
+    struct dlv_ms *ms;
+    struct mstore snap;
+    int64_t now_s;
+    int status;
+    long count;
+    dlv_op_cb cb;
+    void *arg;
+};
+
+struct dlv_fetch {
+    struct dlv_ms *ms;
+    int probe;
+    int64_t now_s;
+    int max, n;
+    struct spool_rcpt *rows;
+    uv_work_t work;
+};
+
+struct dlv {
+    uv_loop_t *loop;
+    struct spool *sp;
+    struct mstore_db *db;
+    char helo[256];
+    int nms;
+    struct dlv_ms *ms[DLV_MS_MAX];
+    /* known recipient ids: open addressing, 0 = empty */
+    int64_t *ids;
+    size_t ids_cap, ids_n;
+    size_t mem;
+    uint64_t rnd;
+    /* outcomes */
+    struct dlv_out *outs, *flight;
+    size_t nouts, capouts, nflight;
+    int flushing;
+    int flush_status;
+    uv_work_t flush_work;
+    uv_timer_t flush_timer;
+    /* state ops */
+    struct dlv_op *ops_head, *ops_tail, *ops_run;
+    int ops_busy;
+    uv_work_t ops_work;
+    /* timers */
+    uv_timer_t tick;
+    uint64_t last_poll;
+    uv_timer_t drain_timer;
+    int draining, stopped;
+    void (*drain_done)(void *);
+    void *drain_arg;
+};
+
+static void ms_kick(struct dlv_ms *ms);
+static void ms_pump(struct dlv_ms *ms);
+static void ms_fetch(struct dlv_ms *ms);
+static void ms_arm(struct dlv_ms *ms, int64_t delay_ms);
+static void on_transition(struct dlv_ms *ms, enum mstore_state from);
+static void flush_outs(struct dlv *d);
+static void ops_run(struct dlv *d);
+static void check_drained(struct dlv *d);
+static void job_free(struct dlv_job *job);
+static void conn_send(struct dlv_conn *cn, struct dlv_job *job);
+
+/* --- Small helpers ----------------------------------------------------------------------- */
+
+static int64_t wall_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static double dlv_rand(struct dlv *d)
+{
+    /* xorshift64*: jitter only, no security */
+    d->rnd ^= d->rnd >> 12;
+    d->rnd ^= d->rnd << 25;
+    d->rnd ^= d->rnd >> 27;
+    return (double)((d->rnd * 0x2545F4914F6CDD1Dull) >> 11) / 9007199254740992.0;
+}
+
+int64_t dlv_backoff_ms(int64_t retry_min, int64_t retry_max, int attempts, double r)
+{
+    double base = (double)retry_min;
+
+    if (retry_min < 1)
+        retry_min = base = 1;
+    if (retry_max < retry_min)
+        retry_max = retry_min;
+    for (int i = 1; i < attempts && base < (double)retry_max; i++)
+        base *= 2;
+    if (base > (double)retry_max)
+        base = (double)retry_max;
+    double v = base * (0.75 + 0.5 * r);
+    if (v < (double)retry_min)
+        v = (double)retry_min;
+    if (v > (double)retry_max)
+        v = (double)retry_max;
+    return (int64_t)v;
+}
+
+static size_t ids_slot(int64_t id, size_t cap)
+{
+    return (size_t)(((uint64_t)id * 0x9E3779B97F4A7C15ull) >> 17) & (cap - 1);
+}
+
+static int ids_has(struct dlv *d, int64_t id)
+{
+    for (size_t i = ids_slot(id, d->ids_cap);; i = (i + 1) & (d->ids_cap - 1)) {
+        if (d->ids[i] == id)
+            return 1;
+        if (d->ids[i] == 0)
+            return 0;
+    }
+}
+
+static void ids_put(int64_t *tab, size_t cap, int64_t id)
+{
+    size_t i = ids_slot(id, cap);
+    while (tab[i] != 0)
+        i = (i + 1) & (cap - 1);
+    tab[i] = id;
+}
+
+static void ids_add(struct dlv *d, int64_t id)
+{
+    if ((d->ids_n + 1) * 2 > d->ids_cap) {
+        size_t cap = d->ids_cap * 2;
+        int64_t *t = calloc(cap, sizeof(*t));
+        if (!t)
+            fatal("out of memory (recipient set of %zu)", cap);
+        for (size_t i = 0; i < d->ids_cap; i++)
+            if (d->ids[i])
+                ids_put(t, cap, d->ids[i]);
+        free(d->ids);
+        d->ids = t;
+        d->ids_cap = cap;
+    }
+    ids_put(d->ids, d->ids_cap, id);
+    d->ids_n++;
+}
+
+/* ids_del - remove with backward shift, so lookups never need tombstones. */
+static void ids_del(struct dlv *d, int64_t id)
+{
+    size_t m = d->ids_cap - 1, i = ids_slot(id, d->ids_cap);
+
+    while (d->ids[i] != id) {
+        if (d->ids[i] == 0)
+            return;
+        i = (i + 1) & m;
+    }
+    d->ids[i] = 0;
+    d->ids_n--;
+    for (size_t j = (i + 1) & m; d->ids[j] != 0; j = (j + 1) & m) {
+        size_t h = ids_slot(d->ids[j], d->ids_cap);
+        /* move j back to i when its home slot h is not cyclically in (i, j] */
+        if ((j > i && (h <= i || h > j)) || (j < i && (h <= i && h > j))) {
+            d->ids[i] = d->ids[j];
+            d->ids[j] = 0;
+            i = j;
+        }
+    }
+}
+
+static void ms_forget(struct dlv_ms *ms, int64_t id)
+{
+    ids_del(ms->d, id);
+    ms->known--;
+}
+
+static struct dlv_ms *find_ms(struct dlv *d, const char *name)
+{
+    for (int i = 0; i < d->nms; i++)
+        if (strcmp(d->ms[i]->cf.name, name) == 0)
+            return d->ms[i];
+    return NULL;
+}
+
+static const char *transport_name(enum conf_transport t)
+{
+    return t == CONF_LMTP ? "lmtp" : t == CONF_SMTP ? "smtp" : "maildir";
+}
+
+static void params_of(const struct conf_mailstore *cf, struct mstore_params *p)
+{
+    p->max_connections = cf->max_connections;
+    p->trip_after = cf->trip_after;
+    p->probe_interval_ms = cf->probe_interval_ms;
+    p->release_start_rate = cf->release_start_rate;
+    p->release_ramp_ms = cf->release_ramp_ms;
+}
+
+/* --- Outcomes and their flush ---------------------------------------------------------- */
+
+static void out_add(struct dlv_ms *ms, int64_t id, enum spool_rstate state, int64_t next,
+                    const char *reply)
+{
+    struct dlv *d = ms->d;
+
+    if (d->nouts == d->capouts) {
+        size_t cap = d->capouts ? d->capouts * 2 : 256;
+        struct dlv_out *o = realloc(d->outs, cap * sizeof(*o));
+        if (!o)
+            fatal("out of memory (%zu outcomes)", cap);
+        d->outs = o;
+        d->capouts = cap;
+    }
+    struct dlv_out *o = &d->outs[d->nouts++];
+    o->ms = ms;
+    o->o.rcpt_id = id;
+    o->o.state = state;
+    o->o.next_attempt = next;
+    o->o.count_attempt = 1;
+    snprintf(o->reply, sizeof(o->reply), "%s", reply ? reply : "");
+    o->o.reply = NULL;
+    flush_outs(d);
+}
+
+static void flush_work(uv_work_t *w)
+{
+    struct dlv *d = w->data;
+    struct spool_outcome *o = malloc(d->nflight * sizeof(*o));
+
+    if (!o) {
+        d->flush_status = -ENOMEM;
+        return;
+    }
+    for (size_t i = 0; i < d->nflight; i++) {
+        o[i] = d->flight[i].o;
+        o[i].reply = d->flight[i].reply;
+    }
+    d->flush_status = spool_mark(d->sp, o, d->nflight);
+    free(o);
+}
+
+static void flush_retry_cb(uv_timer_t *t)
+{
+    flush_outs(t->data);
+}
+
+static void flush_after(uv_work_t *w, int status)
+{
+    struct dlv *d = w->data;
+    struct dlv_ms *touched[DLV_MS_MAX];
+    int nt = 0;
+
+    d->flushing = 0;
+    if (status == 0 && d->flush_status == 0) {
+        for (size_t i = 0; i < d->nflight; i++) {
+            struct dlv_ms *ms = d->flight[i].ms;
+            ms_forget(ms, d->flight[i].o.rcpt_id);
+            int k;
+            for (k = 0; k < nt && touched[k] != ms; k++)
+                ;
+            if (k == nt)
+                touched[nt++] = ms;
+        }
+        free(d->flight);
+        d->flight = NULL;
+        d->nflight = 0;
+        for (int k = 0; k < nt; k++)
+            ms_kick(touched[k]);
+        flush_outs(d);
+    } else {
+        /* keep them (and their ids known, so nothing is delivered again) and retry */
+        log_warn("deliver: recording %zu outcomes failed (%s); retrying", d->nflight,
+                 strerror(d->flush_status < 0 ? -d->flush_status : EIO));
+        if (!d->stopped)
+            uv_timer_start(&d->flush_timer, flush_retry_cb, DLV_RETRY_FLUSH_MS, 0);
+    }
+    check_drained(d);
+}
+
+/* flush_outs - one spool_mark batch at a time: whatever accumulated while the previous one
+ * was on disk goes in the next (group commit, as the gateway's writer). */
+static void flush_outs(struct dlv *d)
+{
+    if (d->flushing || d->stopped || (d->nouts == 0 && d->nflight == 0))
+        return;
+    if (d->nflight == 0) {
+        d->flight = d->outs;
+        d->nflight = d->nouts;
+        d->outs = NULL;
+        d->nouts = d->capouts = 0;
+    } else if (d->nouts > 0) {          /* a retried batch takes what came meanwhile too */
+        struct dlv_out *f = realloc(d->flight, (d->nflight + d->nouts) * sizeof(*f));
+        if (!f)
+            fatal("out of memory (outcomes)");
+        memcpy(f + d->nflight, d->outs, d->nouts * sizeof(*f));
+        d->flight = f;
+        d->nflight += d->nouts;
+        d->nouts = 0;
+    }
+    uv_timer_stop(&d->flush_timer);
+    d->flushing = 1;
+    d->flush_work.data = d;
+    if (uv_queue_work(d->loop, &d->flush_work, flush_work, flush_after) < 0)
+        fatal("uv_queue_work failed");
+}
+
+/* --- State ops (persisted, serial) -------------------------------------------------------- */
+
+static void ops_work(uv_work_t *w)
+{
+    struct dlv *d = w->data;
+    const struct mstore *snaps[DLV_MS_MAX];
+    size_t ns = 0;
+
+    for (struct dlv_op *op = d->ops_run; op; op = op->next) {
+        if (op->kind == OP_DUE) {
+            int r = mstore_db_make_due(d->db, op->snap.name, op->now_s);
+            op->status = r < 0 ? r : 0;
+            op->count = r < 0 ? 0 : r;
+            continue;
+        }
+        /* the latest snapshot of each mailstore wins */
+        size_t k;
+        for (k = 0; k < ns && strcmp(snaps[k]->name, op->snap.name) != 0; k++)
+            ;
+        if (k == ns) {
+            if (ns == DLV_MS_MAX)
+                continue;
+            ns++;
+        }
+        snaps[k] = &op->snap;
+    }
+    int r = ns ? mstore_db_save(d->db, snaps, ns) : 0;
+    for (struct dlv_op *op = d->ops_run; op; op = op->next)
+        if (op->kind == OP_SAVE)
+            op->status = r;
+}
+
+static void ops_after(uv_work_t *w, int status)
+{
+    struct dlv *d = w->data;
+    struct dlv_op *op = d->ops_run, *next;
+
+    d->ops_run = NULL;
+    d->ops_busy = 0;
+    for (; op; op = next) {
+        next = op->next;
+        if (op->kind == OP_DUE && op->status == 0 && !d->stopped) {
+            log_info("mailstore %s: %ld queued recipients made due", op->snap.name, op->count);
+            op->ms->drained = 0;
+            ms_kick(op->ms);
+        }
+        if (op->cb)
+            op->cb(op->arg, status < 0 ? status : op->status, op->count);
+        free(op);
+    }
+    ops_run(d);
+    check_drained(d);
+}
+
+static void ops_run(struct dlv *d)
+{
+    if (d->ops_busy || !d->ops_head)
+        return;
+    d->ops_run = d->ops_head;
+    d->ops_head = d->ops_tail = NULL;
+    d->ops_busy = 1;
+    d->ops_work.data = d;
+    if (uv_queue_work(d->loop, &d->ops_work, ops_work, ops_after) < 0)
+        fatal("uv_queue_work failed");
+}
+
+static void op_add(struct dlv_ms *ms, enum dlv_op_kind kind, dlv_op_cb cb, void *arg)
+{
+    struct dlv *d = ms->d;
+    struct dlv_op *op = calloc(1, sizeof(*op));
+
+    if (!op)
+        fatal("out of memory (state op)");
+    op->kind = kind;
+    op->ms = ms;
+    op->snap = ms->st;
+    op->now_s = wall_ms() / 1000;
+    op->cb = cb;
+    op->arg = arg;
+    if (d->ops_tail)
+        d->ops_tail->next = op;
+    else
+        d->ops_head = op;
+    d->ops_tail = op;
+    ops_run(d);
+}
+
+/* --- Jobs ---------------------------------------------------------------------------------- */
+
+static void job_free(struct dlv_job *job)
+{
+    if (!job)
+        return;
+    if (job->mem && job->ms)
+        job->ms->d->mem -= job->mem;
+    free(job->raw);
+    free(job->body);
+    free(job->r);
+    free(job->lr);
+    free(job);
+}
+
+/* job_drop - a job that will not be started now: its recipients stay queued in the index
+ * untouched and leave memory, so a later fetch brings them back. */
+static void job_drop(struct dlv_job *job)
+{
+    for (int i = 0; i < job->nr; i++)
+        ms_forget(job->ms, job->r[i].id);
+    job_free(job);
+}
+
+static void ms_drop_ready(struct dlv_ms *ms)
+{
+    struct dlv_job *j = ms->ready_head, *next;
+
+    for (; j; j = next) {
+        next = j->next;
+        job_drop(j);
+    }
+    ms->ready_head = ms->ready_tail = NULL;
+    ms->nready = 0;
+}
+
+static void load_work(uv_work_t *w)
+{
+    struct dlv_job *job = w->data;
+    struct spool *sp = job->ms->d->sp;
+    int r;
+
+    if ((r = spool_envelope(sp, job->qid, &job->env, &job->received_at, &job->size)) == 0 &&
+        (r = spool_read(sp, job->qid, &job->raw, &job->rawlen)) == 0 &&
+        job->ms->cf.transport != CONF_MAILDIR) {
+        r = lmtp_dot_stuff(job->raw, job->rawlen, &job->body, &job->bodylen);
+        free(job->raw);
+        job->raw = NULL;
+        job->rawlen = 0;
+    }
+    job->err = r;
+}
+
+static void load_after(uv_work_t *w, int status)
+{
+    struct dlv_job *job = w->data;
+    struct dlv_ms *ms = job->ms;
+    struct dlv *d = ms->d;
+
+    ms->loading--;
+    if (status < 0 && job->err == 0)
+        job->err = -ECANCELED;
+    job->mem = job->rawlen + job->bodylen;
+    d->mem += job->mem;
+    if (job->err == -EBADMSG) {
+        for (int i = 0; i < job->nr; i++)
+            log_qid(LOG_WARNING, job->qid, "to=<%s>, mailstore=%s, relay=none, delay=%.1f,"
+                    " status=held (damaged spool record; not delivered)", job->r[i].rcpt,
+                    ms->cf.name, (double)(wall_ms() / 1000 - job->received_at));
+        ms->held += (uint64_t)job->nr;
+        job_drop(job);
+    } else if (job->err == -ENOENT) {
+        log_qid(LOG_DEBUG, job->qid, "mailstore=%s: message gone before delivery", ms->cf.name);
+        job_drop(job);
+    } else if (job->err < 0) {
+        log_qid(LOG_WARNING, job->qid, "mailstore=%s: cannot load message: %s", ms->cf.name,
+                strerror(-job->err));
+        ms->drained = 1;        /* wait for the poll rather than spin on a sick index */
+        job_drop(job);
+    } else if (d->draining || ms->gone || ms->st.state == MSTORE_PAUSED ||
+               d->stopped) {
+        job_drop(job);
+    } else {
+        job->next = NULL;
+        if (ms->ready_tail)
+            ms->ready_tail->next = job;
+        else
+            ms->ready_head = job;
+        ms->ready_tail = job;
+        ms->nready++;
+    }
+    if (!d->stopped)
+        ms_kick(ms);
+    check_drained(d);
+}
+
+static void job_load(struct dlv_job *job)
+{
+    job->work.data = job;
+    job->ms->loading++;
+    if (uv_queue_work(job->ms->d->loop, &job->work, load_work, load_after) < 0)
+        fatal("uv_queue_work failed");
+}
+
+/* job_finish - the transaction is over (or failed): record and log every recipient's
+ * outcome, tell the state machine, free the job. status < 0 is a connection-level failure;
+ * recipients without a reply are then deferred with why. */
+static void job_finish(struct dlv_job *job, int status, const char *why, const char *relay)
+{
+    struct dlv_ms *ms = job->ms;
+    struct dlv *d = ms->d;
+    int64_t now = wall_ms();
+    double delay = (double)now / 1000.0 - (double)qid_time_us(job->qid) / 1e6;
+    int n2 = 0, n4 = 0, n5 = 0;
+    int64_t soonest = 0;
+    const char *reason = why;
+    enum mstore_result res;
+
+    ms->inflight--;
+    if (d->stopped) {
+        job_free(job);          /* outcome unknown to the index: delivered again later */
+        return;
+    }
+    if (delay < 0)
+        delay = 0;
+    for (int i = 0; i < job->nr; i++) {
+        struct lmtp_rcpt *lr = &job->lr[i];
+        struct dlv_rcpt *r = &job->r[i];
+        const char *reply = lr->code ? lr->reply : why;
+        int cls = lr->code / 100;
+        char text[SPOOL_REPLY_MAX];
+
+        snprintf(text, sizeof(text), "%s", reply && *reply ? reply : "unknown failure");
+        if (cls == 2) {
+            n2++;
+            ms->delivered++;
+            out_add(ms, r->id, SPOOL_DELIVERED, 0, text);
+            log_qid(LOG_INFO, job->qid, "to=<%s>, mailstore=%s, relay=%s, delay=%.1f,"
+                    " status=sent (%s)", r->rcpt, ms->cf.name, relay, delay, text);
+        } else if (cls == 5) {
+            n5++;
+            ms->held++;
+            out_add(ms, r->id, SPOOL_HELD, 0, text);
+            log_qid(LOG_NOTICE, job->qid, "to=<%s>, mailstore=%s, relay=%s, delay=%.1f,"
+                    " status=held (%s)", r->rcpt, ms->cf.name, relay, delay, text);
+        } else {
+            int64_t back = dlv_backoff_ms(ms->cf.retry_min_ms, ms->cf.retry_max_ms,
+                                          r->attempts + 1, dlv_rand(d));
+            int64_t next_s = (now + back + 999) / 1000;
+            n4++;
+            ms->deferred++;
+            out_add(ms, r->id, SPOOL_QUEUED, next_s, text);
+            log_qid(LOG_INFO, job->qid, "to=<%s>, mailstore=%s, relay=%s, delay=%.1f,"
+                    " status=deferred (%s)", r->rcpt, ms->cf.name, relay, delay, text);
+            if (!soonest || next_s * 1000 - now < soonest)
+                soonest = next_s * 1000 - now;
+            if (lr->code)
+                reason = lr->reply;
+        }
+    }
+    if (status == -ETIMEDOUT)
+        res = MSTORE_R_TIMEOUT;
+    else if (status < 0 || (n2 + n5 == 0 && n4 > 0))
+        res = MSTORE_R_FAIL;
+    else if (n4 > 0)
+        res = MSTORE_R_PARTIAL;
+    else
+        res = MSTORE_R_OK;
+    /* while tripped only the probe speaks for the mailstore's health: transactions that
+     * were already running when it tripped finish without effect on the state */
+    int counts = ms->st.state != MSTORE_TRIPPED || job->probe;
+    job_free(job);
+    enum mstore_state from = ms->st.state;
+    if (counts && mstore_result(&ms->st, res, reason, now))
+        on_transition(ms, from);
+    if (soonest > 0)
+        ms_arm(ms, soonest + 10);
+    check_drained(d);
+}
+
+/* job_fail_all - every recipient gets the same reply (a synthetic one). */
+static void job_fail_all(struct dlv_job *job, int code, const char *text, int status,
+                         const char *relay)
+{
+    for (int i = 0; i < job->nr; i++) {
+        job->lr[i].code = code;
+        snprintf(job->lr[i].reply, sizeof(job->lr[i].reply), "%s", text);
+    }
+    job_finish(job, status, text, relay);
+}
+
+/* --- Connections ----------------------------------------------------------------------------- */
+
+static void conn_close_idle(struct dlv_ms *ms, int all)
+{
+    int64_t now = wall_ms();
+
+    for (struct dlv_conn *cn = ms->conns; cn; cn = cn->next) {
+        if (!cn->ready || cn->job || lmtp_state(cn->lc) != LMTP_S_READY)
+            continue;
+        if (all || cn->gen != ms->gen || ms->gone || now - cn->idle_since >= DLV_IDLE_MS)
+            lmtp_close(cn->lc);
+    }
+}
+
+static void conn_ready_cb(struct lmtp_conn *lc, int status, const char *why)
+{
+    struct dlv_conn *cn = lmtp_data(lc);
+    struct dlv_job *job = cn->job;
+
+    if (status < 0) {
+        cn->job = NULL;
+        if (job)
+            job_fail_all(job, 0, why, status, lmtp_relay(lc));
+        return;
+    }
+    cn->ready = 1;
+    cn->idle_since = wall_ms();
+    if (job) {
+        cn->job = NULL;
+        conn_send(cn, job);
+    } else {
+        ms_pump(cn->ms);
+    }
+}
+
+static void conn_done_cb(struct lmtp_conn *lc, struct lmtp_msg *m, int status, const char *why)
+{
+    struct dlv_conn *cn = lmtp_data(lc);
+    struct dlv_ms *ms = cn->ms;
+    struct dlv_job *job = cn->job;
+
+    cn->job = NULL;
+    cn->idle_since = wall_ms();
+    if (job)
+        job_finish(job, status, why, lmtp_relay(lc));
+    if (status == 0 && lmtp_state(lc) == LMTP_S_READY &&
+        (lmtp_count(lc) >= ms->cf.max_messages_per_connection || cn->gen != ms->gen ||
+         ms->gone || ms->d->draining || ms->d->stopped || ms->st.state == MSTORE_PAUSED ||
+         ms->st.state == MSTORE_TRIPPED))
+        lmtp_close(lc);
+    if (!ms->d->stopped)
+        ms_kick(ms);
+}
+
+static void conn_closed_cb(struct lmtp_conn *lc)
+{
+    struct dlv_conn *cn = lmtp_data(lc), **pp;
+    struct dlv_ms *ms = cn->ms;
+
+    for (pp = &ms->conns; *pp && *pp != cn; pp = &(*pp)->next)
+        ;
+    if (*pp)
+        *pp = cn->next;
+    ms->nconns--;
+    if (cn->job)                /* not reachable: failures report through ready/done */
+        job_fail_all(cn->job, 0, "connection closed", -ECONNRESET, lmtp_relay(lc));
+    free(cn);
+    if (!ms->d->stopped)
+        ms_pump(ms);
+}
+
+static void conn_send(struct dlv_conn *cn, struct dlv_job *job)
+{
+    struct lmtp_msg *m = &job->msg;
+    int r;
+
+    memset(m, 0, sizeof(*m));
+    m->sender = job->env.sender;
+    m->dsn_ret = job->env.dsn_ret;
+    m->dsn_envid = job->env.dsn_envid;
+    m->body_8bit = job->env.body_8bit;
+    m->smtputf8 = job->env.smtputf8;
+    m->size = job->size;
+    m->body = job->body;
+    m->body_len = job->bodylen;
+    m->rcpts = job->lr;
+    m->nrcpt = job->nr;
+    cn->job = job;
+    if ((r = lmtp_send(cn->lc, m)) == 0)
+        return;
+    cn->job = NULL;
+    if (r == -EINVAL) {
+        job_fail_all(job, 550, "550 5.1.3 envelope cannot be sent (bad characters or too"
+                     " many recipients)", 0, lmtp_relay(cn->lc));
+        return;
+    }
+    job_fail_all(job, 0, "cannot send on connection", r, lmtp_relay(cn->lc));
+    lmtp_close(cn->lc);
+}
+
+static void conn_open(struct dlv_ms *ms, struct dlv_job *job)
+{
+    struct lmtp_cfg cfg;
+    struct dlv_conn *cn = calloc(1, sizeof(*cn));
+    char why[LMTP_WHY_MAX];
+    int r;
+
+    if (!cn)
+        fatal("out of memory (connection)");
+    memset(&cfg, 0, sizeof(cfg));
+    cfg.proto = ms->cf.transport == CONF_SMTP ? LMTP_PROTO_SMTP : LMTP_PROTO_LMTP;
+    cfg.ep = ms->cf.endpoint;
+    cfg.connect_timeout_ms = ms->cf.connect_timeout_ms;
+    cfg.command_timeout_ms = ms->cf.command_timeout_ms;
+    cfg.data_timeout_ms = ms->cf.data_timeout_ms;
+    snprintf(cfg.helo, sizeof(cfg.helo), "%s", ms->d->helo);
+    cn->ms = ms;
+    cn->gen = ms->gen;
+    cn->job = job;
+    if ((r = lmtp_connect(&cn->lc, ms->d->loop, &cfg, conn_ready_cb, conn_done_cb,
+                          conn_closed_cb, cn)) < 0) {
+        free(cn);
+        snprintf(why, sizeof(why), "cannot connect to %.200s: %s", ms->cf.deliver, strerror(-r));
+        job_fail_all(job, 0, why, -ECONNREFUSED, ms->cf.deliver);
+        return;
+    }
+    cn->next = ms->conns;
+    ms->conns = cn;
+    ms->nconns++;
+}
+
+/* --- Maildir --------------------------------------------------------------------------------- */
+
+static void maildir_work(uv_work_t *w)
+{
+    struct dlv_job *job = w->data;
+    char err[LMTP_WHY_MAX];
+
+    for (int i = 0; i < job->nr; i++) {
+        struct lmtp_rcpt *lr = &job->lr[i];
+        int r = maildir_deliver(job->tmpl, job->r[i].rcpt, job->env.sender, job->raw,
+                                job->rawlen, err, sizeof(err));
+        if (r == 0) {
+            lr->code = 250;
+            snprintf(lr->reply, sizeof(lr->reply), "250 2.0.0 delivered to maildir");
+        } else if (r == -EINVAL) {
+            lr->code = 550;
+            snprintf(lr->reply, sizeof(lr->reply), "550 5.1.1 maildir: %s", err);
+        } else {
+            lr->code = 451;
+            snprintf(lr->reply, sizeof(lr->reply), "451 4.3.0 maildir: %s", err);
+        }
+    }
+}
+
+static void maildir_after(uv_work_t *w, int status)
+{
+    struct dlv_job *job = w->data;
+    job_finish(job, status < 0 ? -ECANCELED : 0, "maildir delivery cancelled", "maildir");
+}
+
+/* --- Fetch ------------------------------------------------------------------------------------ */
+
+/* ms_prefetch - jobs kept loaded or loading ahead of the connections: enough that a free
+ * connection never waits for the index; a fetch starts only below half of it, so each
+ * spool_due call brings a batch rather than one message. */
+static int ms_prefetch(const struct dlv_ms *ms)
+{
+    int n = 4 * ms->cf.max_connections;
+    return n < 16 ? 16 : n > 512 ? 512 : n;
+}
+
+static void fetch_work(uv_work_t *w)
+{
+    struct dlv_fetch *f = w->data;
+    f->n = spool_due(f->ms->d->sp, f->ms->cf.name, f->now_s, f->rows, f->max);
+}
+
+static struct dlv_job *job_new(struct dlv_ms *ms, const char *qid, int cap)
+{
+    struct dlv_job *job = calloc(1, sizeof(*job));
+
+    if (!job || !(job->r = calloc((size_t)cap, sizeof(*job->r))) ||
+        !(job->lr = calloc((size_t)cap, sizeof(*job->lr))))
+        fatal("out of memory (job)");
+    job->ms = ms;
+    snprintf(job->qid, sizeof(job->qid), "%s", qid);
+    snprintf(job->tmpl, sizeof(job->tmpl), "%s", ms->cf.endpoint.host);
+    return job;
+}
+
+/* fetch_after - turn due rows into jobs: skip rows already in memory, hold what is too old,
+ * group the rest by message (one transaction per message), and start loading them. */
+static void fetch_after(uv_work_t *w, int status)
+{
+    struct dlv_fetch *f = w->data;
+    struct dlv_ms *ms = f->ms;
+    struct dlv *d = ms->d;
+    struct dlv_job **jobs = NULL;
+    int njobs = 0, room, taken_all = 1;
+    int64_t now = wall_ms();
+
+    ms->fetching = 0;
+    if (status < 0 || f->n < 0) {
+        if (!d->stopped)
+            log_warn("mailstore %s: reading due recipients failed: %s", ms->cf.name,
+                     strerror(f->n < 0 ? -f->n : ECANCELED));
+        ms->drained = 1;
+        goto out;
+    }
+    if (d->draining || d->stopped || ms->gone || ms->st.state == MSTORE_PAUSED)
+        goto out;
+    room = f->probe ? 1 : ms_prefetch(ms) - ms->nready - ms->loading;
+    if (!(jobs = calloc((size_t)(f->n > 0 ? f->n : 1), sizeof(*jobs))))
+        fatal("out of memory (fetch)");
+    for (int i = 0; i < f->n; i++) {
+        struct spool_rcpt *row = &f->rows[i];
+        struct dlv_job *job = NULL;
+        if (ids_has(d, row->id))
+            continue;
+        if (ms->cf.max_queue_age_ms > 0) {
+            int64_t recv = (int64_t)(qid_time_us(row->qid) / 1000);
+            int64_t age = now - recv - mstore_paused_ms(&ms->st, recv, now);
+            if (age > ms->cf.max_queue_age_ms) {
+                char text[SPOOL_REPLY_MAX];
+                snprintf(text, sizeof(text), "queue age %llds over max_queue_age %llds: held,"
+                         " not bounced (last: %.300s)", (long long)(age / 1000),
+                         (long long)(ms->cf.max_queue_age_ms / 1000),
+                         row->last_reply[0] ? row->last_reply : "none");
+                log_qid(LOG_WARNING, row->qid, "alert: to=<%s>, mailstore=%s, relay=none,"
+                        " delay=%.1f, status=held (%s)", row->rcpt, ms->cf.name,
+                        (double)age / 1000.0, text);
+                ids_add(d, row->id);
+                ms->known++;
+                ms->held++;
+                out_add(ms, row->id, SPOOL_HELD, 0, text);
+                continue;
+            }
+        }
+        for (int k = njobs - 1; k >= 0; k--) {
+            if (strcmp(jobs[k]->qid, row->qid) == 0 && jobs[k]->nr < LMTP_RCPT_MAX) {
+                job = jobs[k];
+                break;
+            }
+        }
+        if (!job) {
+            if (njobs >= room) {
+                taken_all = 0;
+                continue;       /* other rows may still join a job of this batch */
+            }
+            job = jobs[njobs++] = job_new(ms, row->qid, LMTP_RCPT_MAX < f->n ? LMTP_RCPT_MAX
+                                                                             : f->n);
+        }
+        struct dlv_rcpt *r = &job->r[job->nr];
+        struct lmtp_rcpt *lr = &job->lr[job->nr];
+        job->nr++;
+        r->id = row->id;
+        r->attempts = row->attempts;
+        snprintf(r->rcpt, sizeof(r->rcpt), "%s", row->rcpt);
+        snprintf(r->orcpt, sizeof(r->orcpt), "%s", row->orcpt);
+        snprintf(r->notify, sizeof(r->notify), "%s", row->notify);
+        lr->addr = r->rcpt;
+        lr->orcpt = r->orcpt;
+        lr->notify = r->notify;
+        ids_add(d, row->id);
+        ms->known++;
+    }
+    ms->drained = !f->probe && f->n < f->max && taken_all;
+    for (int k = 0; k < njobs; k++)
+        job_load(jobs[k]);
+out:
+    free(jobs);
+    free(f->rows);
+    free(f);
+    if (!d->stopped && !d->draining) {
+        if (ms->refetch) {
+            ms->refetch = 0;
+            ms->drained = 0;
+        }
+        ms_kick(ms);
+    }
+    check_drained(d);
+}
+
+static void ms_fetch(struct dlv_ms *ms)
+{
+    struct dlv *d = ms->d;
+    int probe = ms->st.state == MSTORE_TRIPPED;
+    int64_t now = wall_ms(), wait;
+    struct dlv_fetch *f;
+
+    if (d->draining || d->stopped || ms->gone || ms->st.state == MSTORE_PAUSED)
+        return;
+    if (ms->fetching) {
+        ms->refetch = 1;
+        return;
+    }
+    if (probe) {
+        /* the probe takes the oldest queued recipient whatever its retry time */
+        if (ms->nready || ms->loading || ms->inflight)
+            return;
+        if (mstore_may_start(&ms->st, 0, now, &wait) <= 0) {
+            if (wait >= 0)
+                ms_arm(ms, wait);
+            return;
+        }
+    } else {
+        if (ms->drained || ms->nready + ms->loading > ms_prefetch(ms) / 2)
+            return;
+        if (d->mem >= DLV_MEM_BUDGET && ms->nready + ms->loading > 0)
+            return;
+    }
+    if (!(f = calloc(1, sizeof(*f))))
+        fatal("out of memory (fetch)");
+    f->ms = ms;
+    f->probe = probe;
+    f->now_s = probe ? INT64_MAX / 4 : now / 1000;
+    f->max = ms->known + (probe ? 1 : DLV_FETCH_BATCH);
+    if (!(f->rows = calloc((size_t)f->max, sizeof(*f->rows))))
+        fatal("out of memory (fetch of %d rows)", f->max);
+    f->work.data = f;
+    ms->fetching = 1;
+    ms->refetch = 0;
+    if (uv_queue_work(d->loop, &f->work, fetch_work, fetch_after) < 0)
+        fatal("uv_queue_work failed");
+}
+
+/* --- Pump and timers -------------------------------------------------------------------------- */
+
+/* ms_pump - start as many ready jobs as the mailstore's state admits. */
+static void ms_pump(struct dlv_ms *ms)
+{
+    struct dlv *d = ms->d;
+    int64_t now = wall_ms(), wait;
+
+    while (ms->ready_head && !d->draining && !d->stopped && !ms->gone) {
+        enum mstore_state from = ms->st.state;
+        int n = mstore_may_start(&ms->st, ms->inflight, now, &wait);
+        if (ms->st.state != from)
+            on_transition(ms, from);      /* a ramp ended inside may_start */
+        if (n <= 0) {
+            if (wait >= 0)
+                ms_arm(ms, wait);
+            return;
+        }
+        struct dlv_job *job = ms->ready_head;
+        ms->ready_head = job->next;
+        if (!ms->ready_head)
+            ms->ready_tail = NULL;
+        ms->nready--;
+        job->next = NULL;
+        job->started = now;
+        int probe = job->probe = ms->st.state == MSTORE_TRIPPED;
+        mstore_started(&ms->st, now);
+        ms->inflight++;
+        if (probe)
+            log_info("mailstore %s: probe with %s", ms->cf.name, job->qid);
+        if (ms->cf.transport == CONF_MAILDIR) {
+            job->work.data = job;
+            if (uv_queue_work(d->loop, &job->work, maildir_work, maildir_after) < 0)
+                fatal("uv_queue_work failed");
+            continue;
+        }
+        struct dlv_conn *cn = NULL;
+        if (!probe) {
+            for (cn = ms->conns; cn; cn = cn->next)
+                if (cn->ready && !cn->job && cn->gen == ms->gen &&
+                    lmtp_state(cn->lc) == LMTP_S_READY)
+                    break;
+        }
+        if (cn)
+            conn_send(cn, job);
+        else
+            conn_open(ms, job);
+    }
+}
+
+static void ms_timer_cb(uv_timer_t *t)
+{
+    struct dlv_ms *ms = t->data;
+    ms->timer_due = 0;
+    ms->drained = 0;
+    ms_kick(ms);
+}
+
+static void ms_arm(struct dlv_ms *ms, int64_t delay_ms)
+{
+    uint64_t due;
+
+    if (delay_ms < 1)
+        delay_ms = 1;
+    due = uv_now(ms->d->loop) + (uint64_t)delay_ms;
+    if (ms->timer_due && ms->timer_due <= due)
+        return;
+    ms->timer_due = due;
+    uv_timer_start(&ms->timer, ms_timer_cb, (uint64_t)delay_ms, 0);
+}
+
+static void ms_kick(struct dlv_ms *ms)
+{
+    if (ms->d->stopped)
+        return;
+    ms_pump(ms);
+    ms_fetch(ms);
+}
+
+/* on_transition - side effects of a state change made by mstore.c. */
+static void on_transition(struct dlv_ms *ms, enum mstore_state from)
+{
+    enum mstore_state to = ms->st.state;
+
+    if (to == MSTORE_PAUSED || to == MSTORE_TRIPPED) {
+        ms_drop_ready(ms);
+        conn_close_idle(ms, 1);
+    }
+    if (from == MSTORE_TRIPPED && (to == MSTORE_RAMPING || to == MSTORE_ACTIVE))
+        op_add(ms, OP_DUE, NULL, NULL);   /* recovered: the ramp paces the backlog */
+    op_add(ms, OP_SAVE, NULL, NULL);
+    ms->drained = 0;
+}
+
+static void tick_cb(uv_timer_t *t)
+{
+    struct dlv *d = t->data;
+    int64_t now = wall_ms();
+    int poll = uv_now(d->loop) - d->last_poll >= DLV_POLL_MS;
+
+    if (poll)
+        d->last_poll = uv_now(d->loop);
+    for (int i = 0; i < d->nms; i++) {
+        struct dlv_ms *ms = d->ms[i];
+        enum mstore_state from = ms->st.state;
+        if (mstore_tick(&ms->st, now))
+            on_transition(ms, from);
+        conn_close_idle(ms, 0);
+        if (poll)
+            ms->drained = 0;
+        ms_kick(ms);
+    }
+}
+
+static void check_drained(struct dlv *d)
+{
+    if (!d->draining || !d->drain_done)
+        return;
+    for (int i = 0; i < d->nms; i++) {
+        struct dlv_ms *ms = d->ms[i];
+        if (ms->inflight || ms->loading || ms->fetching)
+            return;
+    }
+    if (d->flushing || d->nouts || d->nflight || d->ops_busy || d->ops_head)
+        return;
+    void (*done)(void *) = d->drain_done;
+    d->drain_done = NULL;
+    uv_timer_stop(&d->drain_timer);
+    log_info("deliver: drained");
+    done(d->drain_arg);
+}
+
+static void drain_timeout_cb(uv_timer_t *t)
+{
+    struct dlv *d = t->data;
+    void (*done)(void *) = d->drain_done;
+
+    if (!done)
+        return;
+    d->drain_done = NULL;
+    log_warn("deliver: deliveries still in flight after %ds; their recipients stay queued",
+             DLV_DRAIN_MS / 1000);
+    done(d->drain_arg);
+}
+
+/* --- Public calls ------------------------------------------------------------------------------ */
+
+static struct dlv_ms *ms_new(struct dlv *d, const struct conf_mailstore *cf)
+{
+    struct mstore_params p;
+    struct dlv_ms *ms;
+
+    if (d->nms >= DLV_MS_MAX) {
+        log_warn("mailstore %s: too many mailstores over reloads; restart to add it", cf->name);
+        return NULL;
+    }
+    if (!(ms = calloc(1, sizeof(*ms))))
+        fatal("out of memory (mailstore)");
+    ms->d = d;
+    ms->cf = *cf;
+    params_of(cf, &p);
+    mstore_init(&ms->st, cf->name, &p, wall_ms());
+    uv_timer_init(d->loop, &ms->timer);
+    ms->timer.data = ms;
+    d->ms[d->nms++] = ms;
+    int r = mstore_db_load(d->db, &ms->st, wall_ms());
+    if (r < 0 && r != -ENOENT)
+        log_warn("mailstore %s: cannot read its saved state (%s); starting active", cf->name,
+                 strerror(-r));
+    log_info("mailstore %s: %s %s, state %s, max_connections %d", cf->name,
+             transport_name(cf->transport), cf->deliver, mstore_state_name(ms->st.state),
+             cf->max_connections);
+    return ms;
+}
+
+int dlv_start(struct dlv **out, uv_loop_t *loop, struct spool *sp, const struct conf *c,
+              const char *index_path, char *err, size_t errlen)
+{
+    struct dlv *d = calloc(1, sizeof(*d));
+    int r;
+
+    *out = NULL;
+    if (!d) {
+        snprintf(err, errlen, "out of memory");
+        return -ENOMEM;
+    }
+    if ((r = mstore_db_open(&d->db, index_path, err, errlen)) < 0) {
+        free(d);
+        return r;
+    }
+    d->loop = loop;
+    d->sp = sp;
+    snprintf(d->helo, sizeof(d->helo), "%s", c->gateway.hostname);
+    d->ids_cap = 1024;
+    if (!(d->ids = calloc(d->ids_cap, sizeof(*d->ids))))
+        fatal("out of memory");
+    d->rnd = (uint64_t)wall_ms() * 2654435761u ^ (uint64_t)getpid() << 32 ^ 0x9E3779B97F4A7C15ull;
+    uv_timer_init(loop, &d->flush_timer);
+    d->flush_timer.data = d;
+    uv_timer_init(loop, &d->tick);
+    d->tick.data = d;
+    uv_timer_init(loop, &d->drain_timer);
+    d->drain_timer.data = d;
+    for (int i = 0; i < c->n_mailstores; i++)
+        ms_new(d, &c->mailstores[i]);
+    d->last_poll = uv_now(loop);
+    uv_timer_start(&d->tick, tick_cb, DLV_TICK_MS, DLV_TICK_MS);
+    for (int i = 0; i < d->nms; i++)
+        ms_kick(d->ms[i]);
+    *out = d;
+    return 0;
+}
+
+void dlv_kick(struct dlv *d)
+{
+    for (int i = 0; i < d->nms; i++) {
+        d->ms[i]->drained = 0;
+        ms_kick(d->ms[i]);
+    }
+}
+
+void dlv_reload(struct dlv *d, const struct conf *c)
+{
+    struct mstore_params p;
+
+    snprintf(d->helo, sizeof(d->helo), "%s", c->gateway.hostname);
+    for (int i = 0; i < d->nms; i++) {
+        struct dlv_ms *ms = d->ms[i];
+        const struct conf_mailstore *cf = conf_mailstore(c, ms->cf.name);
+        if (!cf) {
+            if (!ms->gone)
+                log_notice("mailstore %s: removed from the configuration; finishing what is"
+                           " in flight", ms->cf.name);
+            ms->gone = 1;
+            ms_drop_ready(ms);
+            conn_close_idle(ms, 1);
+            continue;
+        }
+        if (strcmp(cf->deliver, ms->cf.deliver) != 0)
+            ms->gen++;
+        ms->gone = 0;
+        ms->cf = *cf;
+        params_of(cf, &p);
+        mstore_set_params(&ms->st, &p);
+        conn_close_idle(ms, 0);
+    }
+    for (int i = 0; i < c->n_mailstores; i++)
+        if (!find_ms(d, c->mailstores[i].name))
+            ms_new(d, &c->mailstores[i]);
+    log_info("deliver: configuration reloaded (%d mailstores)", c->n_mailstores);
+    dlv_kick(d);
+}
+
+void dlv_drain(struct dlv *d, void (*done)(void *), void *arg)
+{
+    d->draining = 1;
+    d->drain_done = done;
+    d->drain_arg = arg;
+    for (int i = 0; i < d->nms; i++) {
+        ms_drop_ready(d->ms[i]);
+        conn_close_idle(d->ms[i], 1);
+    }
+    uv_timer_start(&d->drain_timer, drain_timeout_cb, DLV_DRAIN_MS, 0);
+    check_drained(d);
+}
+
+void dlv_stop(struct dlv *d)
+{
+    d->stopped = 1;
+    d->draining = 1;
+    uv_close((uv_handle_t *)&d->tick, NULL);
+    uv_close((uv_handle_t *)&d->flush_timer, NULL);
+    uv_close((uv_handle_t *)&d->drain_timer, NULL);
+    for (int i = 0; i < d->nms; i++) {
+        struct dlv_ms *ms = d->ms[i];
+        ms_drop_ready(ms);
+        uv_close((uv_handle_t *)&ms->timer, NULL);
+        for (struct dlv_conn *cn = ms->conns; cn; cn = cn->next)
+            lmtp_close(cn->lc);
+    }
+}
+
+void dlv_free(struct dlv *d)
+{
+    if (!d)
+        return;
+    for (int i = 0; i < d->nms; i++)
+        free(d->ms[i]);
+    mstore_db_close(d->db);
+    free(d->ids);
+    free(d->outs);
+    free(d->flight);
+    free(d);
+}
+
+int dlv_pause(struct dlv *d, const char *name, const char *reason, const char *actor,
+              dlv_op_cb cb, void *arg)
+{
+    struct dlv_ms *ms = find_ms(d, name);
+
+    if (!ms || ms->gone)
+        return -ENOENT;
+    enum mstore_state from = ms->st.state;
+    mstore_pause(&ms->st, reason, actor, wall_ms());
+    if (ms->st.state != from)
+        on_transition(ms, from);
+    op_add(ms, OP_SAVE, cb, arg);
+    return 0;
+}
+
+int dlv_release(struct dlv *d, const char *name, double rate, int64_t ramp_ms, const char *actor,
+                dlv_op_cb cb, void *arg)
+{
+    struct dlv_ms *ms = find_ms(d, name);
+
+    if (!ms || ms->gone)
+        return -ENOENT;
+    enum mstore_state from = ms->st.state;
+    mstore_release(&ms->st, rate, ramp_ms, actor, wall_ms());
+    on_transition(ms, from);
+    op_add(ms, OP_DUE, cb, arg);
+    return 0;
+}
+
+int dlv_status(struct dlv *d, struct dlv_status *out, int max)
+{
+    int n = 0;
+    int64_t now = wall_ms();
+
+    for (int i = 0; i < d->nms && n < max; i++) {
+        struct dlv_ms *ms = d->ms[i];
+        struct dlv_status *s = &out[n++];
+        if (ms->gone) {
+            n--;
+            continue;
+        }
+        memset(s, 0, sizeof(*s));
+        snprintf(s->name, sizeof(s->name), "%s", ms->cf.name);
+        snprintf(s->transport, sizeof(s->transport), "%s", transport_name(ms->cf.transport));
+        s->state = ms->st.state;
+        snprintf(s->reason, sizeof(s->reason), "%s", ms->st.reason);
+        snprintf(s->actor, sizeof(s->actor), "%s", ms->st.actor);
+        s->since = ms->st.since;
+        s->inflight = ms->inflight;
+        s->connections = ms->nconns;
+        s->ready = ms->nready;
+        s->fails = ms->st.fails;
+        s->rate = mstore_rate(&ms->st, now);
+        s->cwnd = ms->st.state == MSTORE_RAMPING ? ms->st.cwnd : ms->cf.max_connections;
+        s->delivered = ms->delivered;
+        s->deferred = ms->deferred;
+        s->held = ms->held;
+    }
+    return n;
+}
+
+int dlv_state_of(struct dlv *d, const char *name)
+{
+    struct dlv_ms *ms = find_ms(d, name);
+    return ms && !ms->gone ? (int)ms->st.state : -ENOENT;
+}

@@ -1,0 +1,100 @@
+/*
+ * dlv.h - the delivery scheduler of sluice-deliver: one queue per mailstore.
+ *
+ * Per mailstore (struct dlv_ms, private): its settings, its state machine (mstore.h), its
+ * own connections, timer and in-memory queue. Nothing one mailstore does blocks the loop or
+ * takes another's slots: network I/O is non-blocking on the loop; spool calls, Maildir writes
+ * and state saves run in the libuv thread pool.
+ *
+ * Flow: fetch (spool_due, in batches, oldest first) -> group the recipients of one message
+ * into a job -> load (envelope + CRC-checked bytes, dot-stuffed for LMTP/SMTP) -> start when
+ * the mailstore's state admits it (mstore_may_start: slots, tokens, probe time) -> deliver on
+ * a reused or new connection (or a Maildir write) -> per-recipient outcome:
+ *   2xx -> delivered; 4xx, connection failure or timeout -> queued again with exponential
+ *   backoff and jitter (dlv_backoff_ms); 5xx -> held with the reply. Never a bounce or DSN.
+ * Outcomes are recorded in batches (spool_mark, one transaction per batch, at most one batch
+ * in flight), always after the server's reply: a crash loses at most the in-flight
+ * deliveries' outcomes, which are then delivered again (duplicates only for those).
+ * Recipients are kept in memory (so not fetched twice) from fetch until their outcome is
+ * committed.
+ *
+ * Recipients queued longer than max_queue_age (minus the time their mailstore was paused)
+ * are held with an alert when fetched; never bounced.
+ *
+ * Every function runs on the loop thread. Return convention: 0 or -errno.
+ */
+#ifndef SLUICE_DLV_H
+#define SLUICE_DLV_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <uv.h>
+
+#include "conf.h"
+#include "mstore.h"
+#include "spool.h"
+
+#define DLV_FETCH_BATCH 256     /* recipients per spool_due beyond those already in memory */
+#define DLV_POLL_MS 5000        /* fallback poll of the index when no notification comes */
+#define DLV_TICK_MS 1000        /* housekeeping: ramp end, idle connections */
+#define DLV_IDLE_MS 5000        /* an idle connection is closed after this */
+#define DLV_DRAIN_MS 30000      /* SIGTERM: longest wait for in-flight deliveries */
+#define DLV_MEM_BUDGET (256u << 20) /* loaded message bytes, all mailstores together */
+#define DLV_RETRY_FLUSH_MS 1000 /* a failed spool_mark is retried after this */
+
+struct dlv;
+
+/* Start scheduling every mailstore of c over sp (opened without a loop). index_path is the
+ * spool's index.db, for the mailstore state table. Restores persisted states (paused stays
+ * paused) and starts fetching at once. */
+int dlv_start(struct dlv **d, uv_loop_t *loop, struct spool *sp, const struct conf *c,
+              const char *index_path, char *err, size_t errlen);
+/* New mail was committed (a notification): every mailstore looks again. */
+void dlv_kick(struct dlv *d);
+/* SIGHUP: take new mailstore settings. Added mailstores start; removed ones finish what is in
+ * flight and stop. Connections opened with old settings close when idle. */
+void dlv_reload(struct dlv *d, const struct conf *c);
+/* SIGTERM: stop starting deliveries, let in-flight ones finish (at most DLV_DRAIN_MS), record
+ * their outcomes and mailstore states, then call done. */
+void dlv_drain(struct dlv *d, void (*done)(void *arg), void *arg);
+/* After drain: close every handle and connection (run the loop afterwards), then dlv_free
+ * once uv_run has returned. */
+void dlv_stop(struct dlv *d);
+void dlv_free(struct dlv *d);
+
+/* --- Operator actions (control socket) -------------------------------------------------- */
+
+/* cb runs on the loop thread once the change is durable: status 0 or -errno, count = the
+ * recipients made due (release) or 0. If the call returns non-zero cb never runs. */
+typedef void (*dlv_op_cb)(void *arg, int status, long count);
+/* -ENOENT: no such mailstore. */
+int dlv_pause(struct dlv *d, const char *ms, const char *reason, const char *actor,
+              dlv_op_cb cb, void *arg);
+/* rate <= 0: the mailstore's release_start_rate; ramp_ms < 0: its release_ramp; ramp_ms 0:
+ * full speed at once. Queued recipients become due now (held ones stay held). */
+int dlv_release(struct dlv *d, const char *ms, double rate, int64_t ramp_ms, const char *actor,
+                dlv_op_cb cb, void *arg);
+
+struct dlv_status {
+    char name[MSTORE_NAME_MAX];
+    char transport[16];
+    enum mstore_state state;
+    char reason[MSTORE_REASON_MAX];
+    char actor[MSTORE_ACTOR_MAX];
+    int64_t since;              /* unix ms */
+    int inflight, connections, ready, fails;
+    double rate, cwnd;          /* rate 0: unlimited */
+    uint64_t delivered, deferred, held;  /* since start */
+};
+#define DLV_MS_STATUS_MAX (2 * CONF_MAILSTORE_MAX) /* mailstores ever seen, reloads included */
+/* Snapshot of up to max mailstores; returns how many. */
+int dlv_status(struct dlv *d, struct dlv_status *out, int max);
+/* The state of mailstore name, or -ENOENT. */
+int dlv_state_of(struct dlv *d, const char *name);
+
+/* Retry delay after `attempts` failed attempts (1 = the first failure): retry_min doubled per
+ * further attempt, capped at retry_max, times a jitter factor 0.75..1.25 from r in [0,1),
+ * and kept within [retry_min, retry_max]. Pure, for tests. */
+int64_t dlv_backoff_ms(int64_t retry_min, int64_t retry_max, int attempts, double r);
+
+#endif

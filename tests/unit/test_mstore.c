@@ -1,0 +1,263 @@
+/*
+ * test_mstore.c - the per-mailstore state machine (queue/mstore.h) on a fake clock: trip after
+ * trip_after failures, one probe per probe_interval, probe success -> ramping, the ramp's
+ * token bucket and its end, AIMD concurrency, pause/release and pause accounting for queue
+ * age, persistence round trip; and the retry backoff of queue/dlv.h.
+ */
+#include <stdarg.h>
+#include <stddef.h>
+#include <setjmp.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <errno.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "../../queue/dlv.h"
+#include "../../queue/mstore.h"
+#include "log.h"
+
+#define T0 1800000000000LL     /* fake clock, unix ms */
+
+static const struct mstore_params P = {
+    .max_connections = 8, .trip_after = 3, .probe_interval_ms = 30000,
+    .release_start_rate = 10, .release_ramp_ms = 600000,
+};
+
+static int may(struct mstore *m, int inflight, int64_t now, int64_t *wait)
+{
+    int64_t w;
+    int n = mstore_may_start(m, inflight, now, &w);
+    if (wait)
+        *wait = w;
+    return n;
+}
+
+static void test_active_full_concurrency(void **state)
+{
+    struct mstore m;
+    mstore_init(&m, "ms1", &P, T0);
+    assert_int_equal(m.state, MSTORE_ACTIVE);
+    assert_int_equal(may(&m, 0, T0, NULL), 8);
+    assert_int_equal(may(&m, 5, T0, NULL), 3);
+    assert_int_equal(may(&m, 8, T0, NULL), 0);
+    assert_true(mstore_rate(&m, T0) == 0);
+}
+
+static void test_trip_after_consecutive_failures(void **state)
+{
+    struct mstore m;
+    mstore_init(&m, "ms1", &P, T0);
+    assert_false(mstore_result(&m, MSTORE_R_FAIL, "refused", T0));
+    assert_false(mstore_result(&m, MSTORE_R_TIMEOUT, "timeout", T0));
+    /* a success in between resets the count; a partial (some 4xx) too */
+    assert_false(mstore_result(&m, MSTORE_R_OK, "250", T0));
+    assert_false(mstore_result(&m, MSTORE_R_FAIL, "421", T0));
+    assert_false(mstore_result(&m, MSTORE_R_PARTIAL, "451 one rcpt", T0));
+    assert_int_equal(m.fails, 0);
+    assert_false(mstore_result(&m, MSTORE_R_FAIL, "x", T0));
+    assert_false(mstore_result(&m, MSTORE_R_FAIL, "x", T0));
+    assert_true(mstore_result(&m, MSTORE_R_FAIL, "connect: refused", T0 + 5));
+    assert_int_equal(m.state, MSTORE_TRIPPED);
+    assert_non_null(strstr(m.reason, "3 consecutive failures"));
+    assert_non_null(strstr(m.reason, "connect: refused"));
+    assert_string_equal(m.actor, "auto");
+}
+
+static void test_probe_every_interval(void **state)
+{
+    struct mstore m;
+    int64_t wait, now = T0;
+    mstore_init(&m, "ms1", &P, T0);
+    for (int i = 0; i < 3; i++)
+        mstore_result(&m, MSTORE_R_FAIL, "x", now);
+    assert_int_equal(m.state, MSTORE_TRIPPED);
+    /* nothing before the probe interval */
+    assert_int_equal(may(&m, 0, now + 1000, &wait), 0);
+    assert_int_equal(wait, 29000);
+    /* one probe at a time, none while anything is in flight */
+    assert_int_equal(may(&m, 1, now + 30000, &wait), 0);
+    assert_int_equal(may(&m, 0, now + 30000, &wait), 1);
+    mstore_started(&m, now + 30000);
+    assert_int_equal(may(&m, 0, now + 30001, &wait), 0);
+    assert_int_equal(wait, -1);
+    /* the probe fails: next one a full interval later */
+    assert_false(mstore_result(&m, MSTORE_R_TIMEOUT, "timeout", now + 31000));
+    assert_int_equal(m.state, MSTORE_TRIPPED);
+    assert_int_equal(may(&m, 0, now + 60000, &wait), 0);
+    assert_int_equal(wait, 1000);
+    assert_int_equal(may(&m, 0, now + 61000, &wait), 1);
+    mstore_started(&m, now + 61000);
+    /* success -> ramping */
+    assert_true(mstore_result(&m, MSTORE_R_OK, "250", now + 61500));
+    assert_int_equal(m.state, MSTORE_RAMPING);
+    assert_string_equal(m.reason, "probe succeeded");
+}
+
+static void test_ramp_token_bucket_and_end(void **state)
+{
+    struct mstore m;
+    int64_t wait, t = T0;
+    int started = 0;
+
+    mstore_init(&m, "ms1", &P, T0);
+    mstore_pause(&m, "maintenance", "uid 0", t);
+    assert_int_equal(m.state, MSTORE_PAUSED);
+    assert_int_equal(may(&m, 0, t, &wait), 0);
+    assert_int_equal(wait, -1);
+    mstore_release(&m, 0, -1, "uid 0", t);  /* configured: 10/s over 600 s */
+    assert_int_equal(m.state, MSTORE_RAMPING);
+    assert_true(fabs(mstore_rate(&m, t) - 10) < 1e-9);
+    /* drive 10 s of a scheduler that starts whatever is admitted (window wide open) */
+    m.cwnd = 8;
+    for (int64_t now = t; now < t + 10000; now += 5) {
+        int n = may(&m, 0, now, &wait);
+        for (int k = 0; k < n; k++, started++)
+            mstore_started(&m, now);
+    }
+    /* integral of 10 * 1024^(s/600) over 10 s ~= 106, plus the first token */
+    assert_in_range(started, 95, 118);
+    /* a token wait is reported when the bucket is empty */
+    assert_int_equal(may(&m, 0, t + 10000, &wait), 0);
+    assert_in_range(wait, 1, 100);
+    /* half way: 10 * 32 = 320/s */
+    assert_true(fabs(mstore_rate(&m, t + 300000) - 320) < 1);
+    /* the ramp ends in active */
+    assert_true(mstore_tick(&m, t + 600000));
+    assert_int_equal(m.state, MSTORE_ACTIVE);
+    assert_string_equal(m.reason, "ramp complete");
+    assert_int_equal(may(&m, 0, t + 600000, NULL), 8);
+}
+
+static void test_aimd_window(void **state)
+{
+    struct mstore m;
+    int64_t t = T0;
+    mstore_init(&m, "ms1", &P, T0);
+    mstore_release(&m, 1000, 60000, "op", t);
+    assert_true(m.cwnd == 1);
+    assert_int_equal(may(&m, 1, t, NULL), 0);      /* window 1, one in flight */
+    for (int i = 0; i < 5; i++)
+        mstore_result(&m, MSTORE_R_OK, "250", t);
+    assert_true(m.cwnd == 6);
+    assert_int_equal(may(&m, 2, t + 100, NULL), 4);
+    mstore_result(&m, MSTORE_R_TIMEOUT, "timeout", t);
+    assert_true(m.cwnd == 3);
+    mstore_result(&m, MSTORE_R_PARTIAL, "451", t);
+    assert_true(m.cwnd == 1.5);
+    mstore_result(&m, MSTORE_R_FAIL, "451", t);
+    assert_true(m.cwnd == 1);                        /* never below 1 */
+    for (int i = 0; i < 20; i++)
+        mstore_result(&m, MSTORE_R_OK, "250", t);
+    assert_true(m.cwnd == 8);                        /* capped at max_connections */
+    /* failures while ramping still trip */
+    for (int i = 0; i < 3; i++)
+        mstore_result(&m, MSTORE_R_FAIL, "refused", t);
+    assert_int_equal(m.state, MSTORE_TRIPPED);
+}
+
+static void test_release_without_ramp_and_pause_accounting(void **state)
+{
+    struct mstore m;
+    mstore_init(&m, "ms1", &P, T0);
+    mstore_pause(&m, "a", "op", T0 + 1000);
+    mstore_pause(&m, "b", "op", T0 + 1500);          /* same pause, new reason */
+    assert_string_equal(m.reason, "b");
+    assert_int_equal(m.npauses, 1);
+    mstore_release(&m, 0, 0, "op", T0 + 4000);
+    assert_int_equal(m.state, MSTORE_ACTIVE);
+    mstore_pause(&m, "c", "op", T0 + 10000);
+    /* [1000,4000] closed, [10000, now] open */
+    assert_int_equal(mstore_paused_ms(&m, T0, T0 + 20000), 3000 + 10000);
+    assert_int_equal(mstore_paused_ms(&m, T0 + 2000, T0 + 12000), 2000 + 2000);
+    assert_int_equal(mstore_paused_ms(&m, T0 + 5000, T0 + 9000), 0);
+    /* results while paused change nothing */
+    for (int i = 0; i < 10; i++)
+        assert_false(mstore_result(&m, MSTORE_R_FAIL, "x", T0 + 11000));
+    assert_int_equal(m.state, MSTORE_PAUSED);
+}
+
+static void test_persistence_round_trip(void **state)
+{
+    char dir[] = "/tmp/test_mstore.XXXXXX", path[64], err[256];
+    struct mstore_db *db;
+    struct mstore a, b, c;
+    const struct mstore *v[2];
+
+    assert_non_null(mkdtemp(dir));
+    snprintf(path, sizeof(path), "%s/index.db", dir);
+    assert_int_equal(mstore_db_open(&db, path, err, sizeof(err)), 0);
+    mstore_init(&a, "ms1", &P, T0);
+    mstore_pause(&a, "reindexing", "uid 0", T0 + 10);
+    mstore_init(&b, "ms2", &P, T0);
+    mstore_release(&b, 5, 60000, "uid 0", T0 + 20);
+    v[0] = &a;
+    v[1] = &b;
+    assert_int_equal(mstore_db_save(db, v, 2), 0);
+    mstore_db_close(db);
+
+    assert_int_equal(mstore_db_open(&db, path, err, sizeof(err)), 0);
+    mstore_init(&c, "ms1", &P, T0 + 100);
+    assert_int_equal(mstore_db_load(db, &c, T0 + 100), 0);
+    assert_int_equal(c.state, MSTORE_PAUSED);
+    assert_string_equal(c.reason, "reindexing");
+    assert_string_equal(c.actor, "uid 0");
+    assert_int_equal(mstore_paused_ms(&c, T0, T0 + 110), 100);
+    mstore_init(&c, "ms2", &P, T0 + 30020);
+    assert_int_equal(mstore_db_load(db, &c, T0 + 30020), 0);
+    assert_int_equal(c.state, MSTORE_RAMPING);       /* resumes mid-ramp */
+    assert_true(fabs(mstore_rate(&c, T0 + 30020) - 5 * 32) < 0.5);
+    mstore_init(&c, "ms2", &P, T0 + 70000);
+    assert_int_equal(mstore_db_load(db, &c, T0 + 70000), 0);
+    assert_int_equal(c.state, MSTORE_ACTIVE);        /* the ramp ended while we were down */
+    mstore_init(&c, "ms3", &P, T0);
+    assert_int_equal(mstore_db_load(db, &c, T0), -ENOENT);
+    mstore_db_close(db);
+    char cmd[128];
+    snprintf(cmd, sizeof(cmd), "rm -rf %s", dir);
+    assert_int_equal(system(cmd), 0);
+}
+
+static void test_backoff(void **state)
+{
+    const int64_t mn = 60000, mx = 3600000;
+    /* first failure: retry_min (jitter below it is clamped up) */
+    assert_int_equal(dlv_backoff_ms(mn, mx, 1, 0.0), mn);
+    assert_int_equal(dlv_backoff_ms(mn, mx, 1, 0.5), mn);
+    assert_int_equal(dlv_backoff_ms(mn, mx, 1, 0.999), (int64_t)(mn * 1.2495));
+    /* doubling with +-25% jitter */
+    assert_int_equal(dlv_backoff_ms(mn, mx, 2, 0.5), 120000);
+    assert_int_equal(dlv_backoff_ms(mn, mx, 3, 0.0), 180000);
+    assert_int_equal(dlv_backoff_ms(mn, mx, 4, 0.999), (int64_t)(480000 * 1.2495));
+    /* capped at retry_max, never above, whatever the attempt count */
+    assert_int_equal(dlv_backoff_ms(mn, mx, 7, 0.999), mx);
+    assert_int_equal(dlv_backoff_ms(mn, mx, 1000, 0.0), mx * 3 / 4);
+    assert_int_equal(dlv_backoff_ms(mn, mx, 1000000, 0.99), mx);
+    /* retry_max below retry_min: retry_min */
+    assert_int_equal(dlv_backoff_ms(5000, 1000, 3, 0.5), 5000);
+    for (int a = 1; a < 40; a++)
+        for (double r = 0; r < 1; r += 0.1) {
+            int64_t v = dlv_backoff_ms(1000, 2000, a, r);
+            assert_in_range(v, 1000, 2000);
+        }
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_active_full_concurrency),
+        cmocka_unit_test(test_trip_after_consecutive_failures),
+        cmocka_unit_test(test_probe_every_interval),
+        cmocka_unit_test(test_ramp_token_bucket_and_end),
+        cmocka_unit_test(test_aimd_window),
+        cmocka_unit_test(test_release_without_ramp_and_pause_accounting),
+        cmocka_unit_test(test_persistence_round_trip),
+        cmocka_unit_test(test_backoff),
+    };
+    log_init("test_mstore", 1, LOG_WARNING);
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
