@@ -18,7 +18,7 @@ OPT := -O2
 endif
 
 CC ?= cc
-PKGS := libuv openssl sqlite3 inih jansson
+PKGS := libuv openssl sqlite3 inih jansson libmicrohttpd
 PKG_CFLAGS = $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
 PKG_LIBS = $(shell pkg-config --libs $(PKGS) 2>/dev/null)
 WARN := -Wall -Wextra -Werror -Wshadow -Wstrict-prototypes -Wmissing-prototypes \
@@ -27,7 +27,7 @@ CFLAGS += -std=c11 -D_GNU_SOURCE -g $(OPT) $(WARN) -Iinclude -MMD -MP $(PKG_CFLA
 LDFLAGS += $(OPT)
 LDLIBS += $(PKG_LIBS) -lpthread -lm
 
-LIB_DIRS := common queue gateway policy
+LIB_DIRS := common queue gateway policy ctl
 ALL_SRCS := $(foreach d,$(LIB_DIRS),$(wildcard $(d)/*.c))
 MAIN_SRCS := $(filter %_main.c,$(ALL_SRCS))
 LIB_SRCS := $(filter-out %_main.c,$(ALL_SRCS))

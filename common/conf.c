@@ -34,7 +34,8 @@ enum conf_type {
     CT_DELIVER,   /* char[] deliver string, also fills transport and endpoint */
 };
 
-enum conf_sec { SEC_NONE, SEC_SPOOL, SEC_LOG, SEC_GATEWAY, SEC_ROUTING, SEC_MAILSTORE, SEC_BAD };
+enum conf_sec { SEC_NONE, SEC_SPOOL, SEC_LOG, SEC_GATEWAY, SEC_ROUTING, SEC_CONTROL, SEC_METRICS,
+                SEC_MAILSTORE, SEC_BAD };
 
 #define CF_NONEMPTY 1 /* "" is not a valid value */
 #define CF_REQUIRED 2 /* must be set in every section instance (mailstore deliver) */
@@ -46,14 +47,15 @@ struct conf_key {
     size_t off;   /* in struct conf, or in struct conf_mailstore for SEC_MAILSTORE */
     size_t size;  /* of the field: bounds strings */
     const char *def;
-    int64_t min, max; /* CT_INT only */
+    int64_t min, max; /* CT_INT; CT_SIZE (bytes) and CT_DUR (ms) when not both 0 */
     int flags;
     const char *help;
 };
 
 static const char *const conf_sec_names[] = {
     [SEC_SPOOL] = "spool", [SEC_LOG] = "log", [SEC_GATEWAY] = "gateway",
-    [SEC_ROUTING] = "routing", [SEC_MAILSTORE] = "mailstore",
+    [SEC_ROUTING] = "routing", [SEC_CONTROL] = "control", [SEC_METRICS] = "metrics",
+    [SEC_MAILSTORE] = "mailstore",
 };
 
 #define FLD(st, f) offsetof(struct st, f), sizeof(((struct st *)0)->f)
@@ -64,6 +66,9 @@ static const char *const conf_sec_names[] = {
     { SEC_##sec, name, type, FLD(conf, field), def, 0, 0, flags, help }
 #define KI(sec, name, field, def, lo, hi, help) \
     { SEC_##sec, name, CT_INT, FLD(conf, field), def, lo, hi, 0, help }
+/* a size or duration with bounds: values outside them break SMTP (RFC minimums, timers) */
+#define KR(sec, name, type, field, def, lo, hi, help) \
+    { SEC_##sec, name, type, FLD(conf, field), def, lo, hi, 0, help }
 #define M(name, type, field, def, help) \
     { SEC_MAILSTORE, name, type, FLD(conf_mailstore, field), def, 0, 0, 0, help }
 #define MI(name, field, def, lo, hi, help) \
@@ -102,15 +107,16 @@ static const struct conf_key conf_keys[] = {
        "simultaneous SMTP sessions"),
     KI(GATEWAY, "max_connections_per_ip", gateway.max_connections_per_ip, "50", 1, 1000000,
        "simultaneous SMTP sessions from one client address"),
-    K(GATEWAY, "idle_timeout", CT_DUR, gateway.idle_timeout_ms, "300s",
+    KR(GATEWAY, "idle_timeout", CT_DUR, gateway.idle_timeout_ms, "300s", 1000, 3600000,
       "time to wait for a client command"),
-    K(GATEWAY, "data_timeout", CT_DUR, gateway.data_timeout_ms, "10m",
+    KR(GATEWAY, "data_timeout", CT_DUR, gateway.data_timeout_ms, "10m", 1000, 86400000,
       "time to wait for more message data"),
     K(GATEWAY, "max_message_size", CT_SIZE, gateway.max_message_size, "50M",
       "largest message accepted (advertised in EHLO SIZE)"),
     KI(GATEWAY, "max_recipients", gateway.max_recipients, "1000", 1, 1000000,
        "recipients per message"),
-    K(GATEWAY, "max_command_line", CT_SIZE, gateway.max_command_line, "2048",
+    /* RFC 5321 4.5.3.1.4: a command line of 512 octets must always be accepted */
+    KR(GATEWAY, "max_command_line", CT_SIZE, gateway.max_command_line, "2048", 512, 65536,
       "longest SMTP command line, CRLF included"),
     K(GATEWAY, "max_text_line", CT_SIZE, gateway.max_text_line, "1000",
       "longest message text line, CRLF included"),
@@ -138,11 +144,23 @@ static const struct conf_key conf_keys[] = {
     K(ROUTING, "domain_map", CT_STR, routing.domain_map, "",
       "file of domain -> mailstore assignments"),
 
+    K(CONTROL, "admin_group", CT_STR, control.admin_group, "",
+      "group whose members may change state with sluicectl (root always may)"),
+    K(CONTROL, "deliver_socket", CT_STR, control.deliver_socket, "",
+      "sluice-deliver's control socket (empty: <spool dir>/deliver.ctl)"),
+    K(CONTROL, "gateway_socket", CT_STR, control.gateway_socket, "",
+      "sluice-gateway's control socket (empty: <spool dir>/gateway.ctl)"),
+
+    K(METRICS, "deliver_listen", CT_STR, metrics.deliver_listen, "",
+      "host:port for sluice-deliver's Prometheus /metrics (empty: off)"),
+    K(METRICS, "gateway_listen", CT_STR, metrics.gateway_listen, "",
+      "host:port for sluice-gateway's Prometheus /metrics (empty: off)"),
+
     { SEC_MAILSTORE, "deliver", CT_DELIVER, FLD(conf_mailstore, deliver), "", 0, 0,
       CF_REQUIRED | CF_NONEMPTY,
       "lmtp:HOST:PORT, lmtp:unix:/PATH, smtp:HOST:PORT or maildir:/PATH/%d/%u" },
-    MI("weight", weight, "1", 0, 1000000,
-       "share of users in the rendezvous hash (0: no new users)"),
+    MI("weight", weight, "1", 1, 1000000,
+       "share of users in the rendezvous hash (changing it moves users: see route)"),
     MI("max_connections", max_connections, "10", 1, 100000, "connections to the mailstore"),
     MI("max_messages_per_connection", max_messages_per_connection, "100", 1, 100000000,
        "messages sent on one connection before it is closed"),
@@ -548,6 +566,12 @@ static int conf_set(const struct conf_key *k, void *base, const char *v, int app
             snprintf(why, whylen, "size \"%s\" is too large", v);
         else if (r < 0)
             snprintf(why, whylen, "bad size \"%s\" (use a number with K, M or G)", v);
+        else if ((k->min || k->max) &&
+                 (*(uint64_t *)field < (uint64_t)k->min || *(uint64_t *)field > (uint64_t)k->max)) {
+            snprintf(why, whylen, "%s is out of range (%" PRId64 " to %" PRId64 " bytes)", v,
+                     k->min, k->max);
+            r = -ERANGE;
+        }
         return r;
     case CT_DUR:
         r = conf_parse_duration(v, (int64_t *)field);
@@ -556,6 +580,12 @@ static int conf_set(const struct conf_key *k, void *base, const char *v, int app
         else if (r < 0)
             snprintf(why, whylen,
                      "bad duration \"%s\" (use a number with ms, s, m, h or d)", v);
+        else if ((k->min || k->max) &&
+                 (*(int64_t *)field < k->min || *(int64_t *)field > k->max)) {
+            snprintf(why, whylen, "%s is out of range (%" PRId64 "ms to %" PRId64 "ms)", v,
+                     k->min, k->max);
+            r = -ERANGE;
+        }
         return r;
     case CT_LEVEL:
         r = log_level_parse(v);
@@ -616,6 +646,8 @@ void conf_defaults(struct conf *c)
     conf_apply_defaults(SEC_LOG, c);
     conf_apply_defaults(SEC_GATEWAY, c);
     conf_apply_defaults(SEC_ROUTING, c);
+    conf_apply_defaults(SEC_CONTROL, c);
+    conf_apply_defaults(SEC_METRICS, c);
     if (gethostname(c->gateway.hostname, sizeof(c->gateway.hostname) - 1) < 0 ||
         c->gateway.hostname[0] == '\0')
         snprintf(c->gateway.hostname, sizeof(c->gateway.hostname), "localhost");
@@ -1082,6 +1114,25 @@ const struct conf_mailstore *conf_mailstore(const struct conf *c, const char *na
         if (strcmp(c->mailstores[i].name, name) == 0)
             return &c->mailstores[i];
     return NULL;
+}
+
+/* conf_spool_file - value, or <spool dir>/name when value is "". */
+static int conf_spool_file(const struct conf *c, const char *value, const char *name, char *buf,
+                           size_t len)
+{
+    int n;
+
+    if (value[0] != '\0')
+        n = snprintf(buf, len, "%s", value);
+    else
+        n = snprintf(buf, len, "%s/%s", c->spool.dir, name);
+    return n < 0 || (size_t)n >= len ? -ENAMETOOLONG : 0;
+}
+
+int conf_ctl_socket(const struct conf *c, int gateway, char *buf, size_t len)
+{
+    return conf_spool_file(c, gateway ? c->control.gateway_socket : c->control.deliver_socket,
+                           gateway ? "gateway.ctl" : "deliver.ctl", buf, len);
 }
 
 int conf_notify_socket(const struct conf *c, char *buf, size_t len)

@@ -257,14 +257,19 @@ void gw_server_session_closed(struct gw_server *srv, struct gw_session *s)
         s->next->prev = s->prev;
     s->prev = s->next = NULL;
     srv->nsessions--;
-    if (s->ip_counted) {
-        server_ip_del(srv, s->addr);
-        s->ip_counted = 0;
-    }
+    gw_server_ip_release(srv, s);
     /* The last session of a stop: finish from the timer, not from inside this close
      * callback (spool_close may free sessions whose callbacks are on the stack). */
     if (srv->stopping && srv->nsessions == 0 && !srv->finished)
         uv_timer_start(&srv->stop_timer, server_stop_timer_cb, 0, 0);
+}
+
+void gw_server_ip_release(struct gw_server *srv, struct gw_session *s)
+{
+    if (s->ip_counted) {
+        server_ip_del(srv, s->addr);
+        s->ip_counted = 0;
+    }
 }
 
 static void server_noop_close_cb(uv_handle_t *h)

@@ -66,6 +66,9 @@ void gw_server_notify(struct gw_server *srv, const char *qid);
 int64_t gw_server_free_bytes(struct gw_server *srv);
 /* A session's handles are closed: unlink it, release its per-IP count. */
 void gw_server_session_closed(struct gw_server *srv, struct gw_session *s);
+/* The session is closing: its client may connect again at once, so it no longer counts
+ * against max_connections_per_ip (idempotent). */
+void gw_server_ip_release(struct gw_server *srv, struct gw_session *s);
 /* Count a new session from addr; returns the sessions from that address now open. */
 int gw_server_ip_add(struct gw_server *srv, const char *addr);
 

@@ -30,6 +30,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <time.h>
 
 #include "gw_server.h"
@@ -349,6 +350,7 @@ static void session_close(struct gw_session *s)
     if (s->gone)
         return;
     s->closing = 1;
+    gw_server_ip_release(s->srv, s);
     if (s->tls && s->tls_done) {
         gw_tls_conn_shutdown(s->tls);
         session_tls_drain(s);
@@ -371,6 +373,7 @@ static void session_close_now(struct gw_session *s)
     s->gone = 1;
     s->closing = 1;
     s->reading = 0;
+    gw_server_ip_release(s->srv, s);
     if (s->addr[0] != '\0')
         session_log_disconnect(s);
     if (s->tx.msg) {
@@ -727,24 +730,34 @@ static int cmd_rcpt(struct gw_session *s, struct smtp_cmd *cmd)
         session_count_error(s);
         return -1;
     }
+    if (r.postmaster && !strchr(r.addr, '@')) {
+        /* RFC 5321 4.5.1: bare <postmaster> is ours; give it a domain the mailstores know */
+        const char *dom = c->gateway.domains.n > 0 ? c->gateway.domains.v[0]
+                                                   : c->gateway.hostname;
+        snprintf(r.addr, sizeof(r.addr), "postmaster@%.*s",
+                 (int)(sizeof(r.addr) - sizeof("postmaster@")), dom);
+    }
     rc = rcptmap_check(s->srv->rcptmap, r.addr);
     if (rc != RCPTMAP_OK) {
         rcptmap_reply(rc, &er);
         session_reply(s, "%d %s <%s>: %s", er.code, er.enh, r.addr, er.text);
-        log_info("NOQUEUE: reject: RCPT from " GW_CLIENT ": %d %s <%s>: %s; from=<%s> to=<%s> "
-                 "proto=%s helo=<%s>", s->addr, er.code, er.enh, r.addr, er.text, tx->sender,
-                 r.addr, session_proto(s), s->helo);
-        session_count_error(s);
+        /* the queue ID exists from MAIL on: grepping it shows the whole transaction */
+        log_info("%s: reject: RCPT from " GW_CLIENT ": %d %s <%s>: %s; from=<%s> to=<%s> "
+                 "proto=%s helo=<%s>", tx->qid, s->addr, er.code, er.enh, r.addr, er.text,
+                 tx->sender, r.addr, session_proto(s), s->helo);
+        if (rc != RCPTMAP_TEMPFAIL) /* our lookup failing is not the client's error */
+            session_count_error(s);
         return -1;
     }
     if (!(ms = router_route(s->srv->router, r.addr, &why))) {
         session_reply(s, "451 4.3.0 <%s>: Error: no mailstore configured", r.addr);
-        log_warn("NOQUEUE: reject: RCPT from " GW_CLIENT ": 451 4.3.0 <%s>: no mailstore is "
-                 "configured", s->addr, r.addr);
+        log_warn("%s: reject: RCPT from " GW_CLIENT ": 451 4.3.0 <%s>: no mailstore is "
+                 "configured", tx->qid, s->addr, r.addr);
         return -1;
     }
     for (int i = 0; i < tx->nrcpt; i++) {
-        if (strcmp(tx->rcpts[i].addr, r.addr) == 0) {
+        /* validation and routing ignore case, so duplicates must too: one delivery each */
+        if (strcasecmp(tx->rcpts[i].addr, r.addr) == 0) {
             /* A duplicate: accepted once, delivered once (Postfix drops them in cleanup). */
             session_reply(s, "250 2.1.5 Ok");
             return 0;

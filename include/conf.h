@@ -78,6 +78,17 @@ struct conf_routing {
     char domain_map[CONF_PATH_MAX];     /* optional */
 };
 
+struct conf_control {
+    char admin_group[CONF_NAME_MAX];    /* "" = root (and the daemon's user) only */
+    char deliver_socket[CONF_PATH_MAX]; /* "" = <spool dir>/deliver.ctl: conf_ctl_socket */
+    char gateway_socket[CONF_PATH_MAX]; /* "" = <spool dir>/gateway.ctl */
+};
+
+struct conf_metrics {
+    char deliver_listen[CONF_PATH_MAX]; /* "host:port" of /metrics, "" = off */
+    char gateway_listen[CONF_PATH_MAX];
+};
+
 struct conf_mailstore {
     char name[CONF_NAME_MAX];
     char deliver[CONF_PATH_MAX];  /* as written: lmtp:HOST:PORT, lmtp:unix:/P, smtp:HOST:PORT,
@@ -107,6 +118,8 @@ struct conf {
     struct conf_log log;
     struct conf_gateway gateway;
     struct conf_routing routing;
+    struct conf_control control;
+    struct conf_metrics metrics;
     int n_mailstores;
     struct conf_mailstore mailstores[CONF_MAILSTORE_MAX]; /* in file order */
 };
@@ -123,6 +136,10 @@ void conf_dump(const struct conf *c, FILE *out);
 const struct conf_mailstore *conf_mailstore(const struct conf *c, const char *name);
 /* gateway.notify_socket, or <spool dir>/deliver.sock when it is "". 0 or -ENAMETOOLONG. */
 int conf_notify_socket(const struct conf *c, char *buf, size_t len);
+
+/* The control socket of sluice-deliver (gateway 0) or sluice-gateway (gateway 1): the
+ * [control] key, or <spool dir>/deliver.ctl / gateway.ctl when it is "". 0 or -ENAMETOOLONG. */
+int conf_ctl_socket(const struct conf *c, int gateway, char *buf, size_t len);
 
 /* Value parsers, shared with anything that takes the same syntax (sluicectl options).
  * Size: digits with an optional K, M, G or T (1024 multiples, any case): bytes.

@@ -29,6 +29,7 @@
 #include "lmtp.h"
 #include "log.h"
 #include "maildir.h"
+#include "metrics.h"
 #include "qid.h"
 
 #define DLV_MS_MAX DLV_MS_STATUS_MAX
@@ -94,6 +95,12 @@ struct dlv_ms {
     struct dlv_conn *conns;
     int nconns;
     uint64_t delivered, deferred, held;
+    uint64_t trips;             /* times the mailstore tripped since start */
+    uint64_t rate_last;         /* delivered at the last tick */
+    double rate_ewma;           /* recipients delivered per second, smoothed over ~5 s */
+    char last_error[SPOOL_REPLY_MAX]; /* the newest temporary failure, "" when none yet */
+    int64_t last_error_at;      /* unix ms */
+    struct metrics_hist lat;    /* transaction latency, seconds (start to outcome) */
 };
 
 struct dlv_out {
@@ -612,6 +619,8 @@ static void job_finish(struct dlv_job *job, int status, const char *why, const c
     enum mstore_result res;
 
     ms->inflight--;
+    if (job->started > 0 && now >= job->started)
+        metrics_hist_observe(&ms->lat, (double)(now - job->started) / 1000.0);
     if (d->stopped) {
         job_free(job);          /* outcome unknown to the index: delivered again later */
         return;
@@ -663,6 +672,10 @@ static void job_finish(struct dlv_job *job, int status, const char *why, const c
         res = MSTORE_R_OK;
     /* while tripped only the probe speaks for the mailstore's health: transactions that
      * were already running when it tripped finish without effect on the state */
+    if (n4 > 0 && reason && *reason) {
+        snprintf(ms->last_error, sizeof(ms->last_error), "%s", reason);
+        ms->last_error_at = now;
+    }
     int counts = ms->st.state != MSTORE_TRIPPED || job->probe;
     job_free(job);
     enum mstore_state from = ms->st.state;
@@ -1095,6 +1108,8 @@ static void on_transition(struct dlv_ms *ms, enum mstore_state from)
 {
     enum mstore_state to = ms->st.state;
 
+    if (to == MSTORE_TRIPPED && from != MSTORE_TRIPPED)
+        ms->trips++;
     if (to == MSTORE_PAUSED || to == MSTORE_TRIPPED) {
         ms_drop_ready(ms);
         conn_close_idle(ms, 1);
@@ -1119,6 +1134,9 @@ static void tick_cb(uv_timer_t *t)
         if (mstore_tick(&ms->st, now))
             on_transition(ms, from);
         conn_close_idle(ms, 0);
+        ms->rate_ewma = 0.8 * ms->rate_ewma + 0.2 * (double)(ms->delivered - ms->rate_last) *
+                        1000.0 / DLV_TICK_MS;
+        ms->rate_last = ms->delivered;
         if (poll)
             ms->drained = 0;
         ms_kick(ms);
@@ -1171,6 +1189,7 @@ static struct dlv_ms *ms_new(struct dlv *d, const struct conf_mailstore *cf)
         fatal("out of memory (mailstore)");
     ms->d = d;
     ms->cf = *cf;
+    metrics_hist_init(&ms->lat, metrics_latency_bounds, metrics_latency_nbounds);
     params_of(cf, &p);
     mstore_init(&ms->st, cf->name, &p, wall_ms());
     uv_timer_init(d->loop, &ms->timer);
@@ -1363,8 +1382,26 @@ int dlv_status(struct dlv *d, struct dlv_status *out, int max)
         s->delivered = ms->delivered;
         s->deferred = ms->deferred;
         s->held = ms->held;
+        s->trips = ms->trips;
+        s->delivery_rate = ms->rate_ewma;
+        snprintf(s->last_error, sizeof(s->last_error), "%s", ms->last_error);
+        s->last_error_at = ms->last_error_at;
+        s->max_connections = ms->cf.max_connections;
+        s->lat = ms->lat;
     }
     return n;
+}
+
+int dlv_drop_ready(struct dlv *d, const char *name)
+{
+    struct dlv_ms *ms = find_ms(d, name);
+
+    if (!ms || ms->gone)
+        return -ENOENT;
+    ms_drop_ready(ms);
+    ms->drained = 0;
+    ms_kick(ms);
+    return 0;
 }
 
 int dlv_state_of(struct dlv *d, const char *name)

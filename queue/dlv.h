@@ -31,6 +31,7 @@
 #include <uv.h>
 
 #include "conf.h"
+#include "metrics.h"
 #include "mstore.h"
 #include "spool.h"
 
@@ -85,10 +86,20 @@ struct dlv_status {
     int inflight, connections, ready, fails;
     double rate, cwnd;          /* rate 0: unlimited */
     uint64_t delivered, deferred, held;  /* since start */
+    uint64_t trips;             /* transitions into tripped since start */
+    double delivery_rate;       /* recipients delivered per second, smoothed */
+    char last_error[SPOOL_REPLY_MAX]; /* newest temporary failure ("" none) */
+    int64_t last_error_at;      /* unix ms */
+    int max_connections;
+    struct metrics_hist lat;    /* transaction latency in seconds, since start */
 };
 #define DLV_MS_STATUS_MAX (2 * CONF_MAILSTORE_MAX) /* mailstores ever seen, reloads included */
 /* Snapshot of up to max mailstores; returns how many. */
 int dlv_status(struct dlv *d, struct dlv_status *out, int max);
+/* Drop the mailstore's loaded but unstarted jobs (their recipients stay queued and are
+ * fetched again) and look again: after an operator rewrote its rows (reroute, hold, delete).
+ * -ENOENT: no such mailstore. */
+int dlv_drop_ready(struct dlv *d, const char *name);
 /* The state of mailstore name, or -ENOENT. */
 int dlv_state_of(struct dlv *d, const char *name);
 

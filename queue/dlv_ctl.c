@@ -1,402 +1,682 @@
 /*
- * dlv_ctl.c - the control socket (contract: dlv_ctl.h).
+ * dlv_ctl.c - sluice-deliver's control commands (contract: dlv_ctl.h).
  *
- * One request at a time per client: while a pause or release is being made durable the
- * client's reading stops, so replies come back in request order. A client is freed only
- * when its handle is closed and no operation still refers to it (refs).
+ * Every command becomes a struct job. Reading the index, changing recipients and writing the
+ * audit row block on SQLite, so they run in the thread pool (job_work) with connections of
+ * the job's own (spool_query, audit_db: opened and closed per job, never shared between
+ * threads); what touches the scheduler (a snapshot for status, pause and release, dropping a
+ * mailstore's loaded jobs after its rows changed) runs on the loop thread before or after.
+ * The reply goes out from job_after, on the loop thread.
  *
- * Sections: replies, commands, reading, listening.
+ * Order for a write command: (loop) validate -> [pause/release: the scheduler's durable
+ * change] -> (pool) the spool change, count, audit row -> (loop) drop loaded jobs that the
+ * change made stale, kick, reply.
+ *
+ * Sections: jobs, commands (pool side), loop side, handlers, start and stop.
  */
 #include "dlv_ctl.h"
 
 #include <errno.h>
 #include <jansson.h>
-#include <stdarg.h>
+#include <sqlite3.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/socket.h>
-#include <sys/stat.h>
-#include <sys/un.h>
+#include <time.h>
 #include <unistd.h>
 
-#include "conf.h"
+#include "audit.h"
+#include "ctl_server.h"
 #include "log.h"
+#include "spool_query.h"
+#include "version.h"
 
-struct dlv_ctl_client {
-    uv_pipe_t pipe;
-    struct dlv_ctl *ctl;
-    struct dlv_ctl_client *next;
-    int refs;                   /* the handle + operations in flight */
-    int closing;
-    char actor[64];
-    char name[MSTORE_NAME_MAX]; /* mailstore of the operation in flight */
-    char buf[DLV_CTL_LINE_MAX + 1];
-    size_t len;
-    char rbuf[1024];
-};
+#define DLV_CTL_BODY_MAX (1u << 20)  /* show --body: bytes of the message returned */
+#define DLV_CTL_BUSY_MS 10000
 
 struct dlv_ctl {
     uv_loop_t *loop;
     struct dlv *d;
-    uv_pipe_t server;
-    int nclients;
-    struct dlv_ctl_client *clients;
-    int stopped;
+    struct spool *sp;
+    struct ctl_server *srv;
+    char dir[CONF_PATH_MAX];
+    char index_path[CONF_PATH_MAX + 16];
+    char path[CONF_PATH_MAX];
 };
 
-struct dlv_ctl_wreq {
-    uv_write_t req;
-    char data[];
+struct job {
+    uv_work_t w;
+    struct dlv_ctl *ctl;
+    struct ctl_req *rq;
+    enum ctl_cmd cmd;
+    int legacy;
+    json_t *req;
+    json_t *rep;                /* built by the pool side */
+    /* arguments, validated on the loop thread */
+    char ms[MSTORE_NAME_MAX], to[MSTORE_NAME_MAX];
+    char qid[QID_SIZE];
+    char rcpt[SPOOL_ADDR_MAX];
+    char reason[MSTORE_REASON_MAX];
+    /* status: the scheduler's snapshot */
+    struct dlv_status *st;
+    int nst;
+    /* pause/release: the scheduler's result */
+    int op_status;
+    long op_due;
+    /* audit */
+    uid_t uid;
+    char actor[CTL_USER_MAX + 40];
+    char scope[SPOOL_ADDR_MAX + 160];
+    long count;
+    int changed;                /* rows changed: loaded jobs are stale */
 };
 
-static void client_close(struct dlv_ctl_client *cl);
-static void client_unref(struct dlv_ctl_client *cl);
-static void client_read_cb(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf);
-static void client_alloc_cb(uv_handle_t *h, size_t suggested, uv_buf_t *buf);
+/* --- Jobs ------------------------------------------------------------------------------------ */
 
-/* --- Replies ------------------------------------------------------------------------------ */
-
-static void write_cb(uv_write_t *req, int status)
+static void job_free(struct job *j)
 {
-    free(req);
+    json_decref(j->req);
+    json_decref(j->rep);
+    free(j->st);
+    free(j);
 }
 
-/* reply - send one JSON line and take the reference. */
-static void reply(struct dlv_ctl_client *cl, json_t *j)
+static int64_t now_s(void)
 {
-    char *s = json_dumps(j, JSON_COMPACT);
-    size_t n;
-    struct dlv_ctl_wreq *w;
+    return (int64_t)time(NULL);
+}
 
-    json_decref(j);
-    if (!s)
-        return;
-    n = strlen(s);
-    if (!cl->closing && (w = malloc(sizeof(*w) + n + 1))) {
-        memcpy(w->data, s, n);
-        w->data[n] = '\n';
-        uv_buf_t b = uv_buf_init(w->data, (unsigned)n + 1);
-        if (uv_write(&w->req, (uv_stream_t *)&cl->pipe, &b, 1, write_cb) < 0)
-            free(w);
+static const char *jstr(const json_t *req, const char *key)
+{
+    const char *s = json_string_value(json_object_get(req, key));
+    return s && *s ? s : NULL;
+}
+
+/* dur_arg - a duration as a number of seconds or a string like "10m": ms, or -1 when absent,
+ * -2 when malformed. */
+static int64_t dur_arg(const json_t *req, const char *key)
+{
+    const json_t *v = json_object_get(req, key);
+    int64_t ms;
+
+    if (!v || json_is_null(v))
+        return -1;
+    if (json_is_number(v))
+        return json_number_value(v) < 0 ? -2 : (int64_t)(json_number_value(v) * 1000.0);
+    if (!json_is_string(v) || conf_parse_duration(json_string_value(v), &ms) < 0)
+        return -2;
+    return ms;
+}
+
+/* --- Commands (pool side) --------------------------------------------------------------------- */
+
+/* fail - an error reply (a macro so the format is checked at each call). */
+#define fail(code, fmt, arg) ctl_reply_error(code, fmt, arg)
+
+static long count_waiting(struct spool_query *q, const char *ms)
+{
+    struct spool_query_filter f = { .mailstore = ms, .state = 0 };
+    return q ? spool_query_queue_count(q, &f) : -1;
+}
+
+static json_t *ms_json(const struct dlv_status *s, json_t *counts)
+{
+    json_t *c = json_object_get(counts, s->name);
+    json_t *o = json_pack(
+        "{s:s,s:s,s:s,s:I,s:s,s:s,s:i,s:i,s:i,s:i,s:f,s:f,s:I,s:I,s:I,s:I,s:i}",
+        "name", s->name, "state", mstore_state_name(s->state), "reason", s->reason,
+        "since", (json_int_t)(s->since / 1000), "actor", s->actor, "transport", s->transport,
+        "inflight", s->inflight, "connections", s->connections, "ready", s->ready,
+        "fails", s->fails, "rate", s->rate, "cwnd", s->cwnd,
+        "delivered", (json_int_t)s->delivered, "deferred", (json_int_t)s->deferred,
+        "held_total", (json_int_t)s->held, "trips", (json_int_t)s->trips,
+        "max_connections", s->max_connections);
+    json_object_set_new(o, "delivery_rate", json_real(s->delivery_rate));
+    json_object_set_new(o, "last_error", json_string(s->last_error));
+    json_object_set_new(o, "last_error_at", json_integer(s->last_error_at / 1000));
+    static const char *const keys[] = { "queued", "held", "due", "messages", "bytes" };
+    for (size_t k = 0; k < sizeof(keys) / sizeof(keys[0]); k++) {
+        json_t *v = c ? json_object_get(c, keys[k]) : NULL;
+        json_object_set_new(o, keys[k], v ? json_incref(v) : json_integer(0));
     }
-    free(s);
+    json_object_set_new(o, "oldest_queued",
+                        c ? json_incref(json_object_get(c, "oldest_queued")) : json_null());
+    json_object_set_new(o, "oldest_held",
+                        c ? json_incref(json_object_get(c, "oldest_held")) : json_null());
+    return o;
 }
 
-static void reply_error(struct dlv_ctl_client *cl, const char *fmt, ...)
-    __attribute__((format(printf, 2, 3)));
-static void reply_error(struct dlv_ctl_client *cl, const char *fmt, ...)
+static json_t *do_status(struct job *j, struct spool_query *q)
 {
-    char msg[256];
-    va_list ap;
+    json_t *counts = spool_query_counts(q, now_s()), *arr = json_array(), *rep;
 
-    va_start(ap, fmt);
-    vsnprintf(msg, sizeof(msg), fmt, ap);
-    va_end(ap);
-    reply(cl, json_pack("{s:b,s:s}", "ok", 0, "error", msg));
+    if (!counts)
+        return fail(CTL_E_FAILED, "index: %s", spool_query_error(q));
+    for (int i = 0; i < j->nst; i++)
+        json_array_append_new(arr, ms_json(&j->st[i], counts));
+    /* mail waiting for a mailstore no longer configured is still the operator's business */
+    const char *name;
+    json_t *c;
+    json_object_foreach(counts, name, c) {
+        int known = 0;
+        for (int i = 0; i < j->nst && !known; i++)
+            known = strcmp(j->st[i].name, name) == 0;
+        if (!known) {
+            json_t *o = json_pack("{s:s,s:s,s:s}", "name", name, "state", "unconfigured",
+                                  "reason", "not in the configuration");
+            json_object_update(o, c);
+            json_array_append_new(arr, o);
+        }
+    }
+    json_decref(counts);
+    rep = ctl_reply_ok();
+    json_object_set_new(rep, "daemon", json_string("sluice-deliver"));
+    json_object_set_new(rep, "version", json_string(SLUICE_VERSION));
+    json_object_set_new(rep, "pid", json_integer(getpid()));
+    json_object_set_new(rep, "time", json_integer(now_s()));
+    json_object_set_new(rep, "spool", json_pack("{s:s,s:I}", "dir", j->ctl->dir, "free_bytes",
+                                                (json_int_t)spool_free_bytes(j->ctl->sp)));
+    json_object_set_new(rep, "mailstores", arr);
+    return rep;
 }
 
-/* --- Commands ---------------------------------------------------------------------------- */
-
-static void resume(struct dlv_ctl_client *cl)
+static json_t *do_queue(struct job *j, struct spool_query *q)
 {
-    if (!cl->closing)
-        uv_read_start((uv_stream_t *)&cl->pipe, client_alloc_cb, client_read_cb);
+    struct spool_query_filter f = { .state = -1 };
+    const char *state = jstr(j->req, "state");
+    int64_t older = dur_arg(j->req, "older_than");
+    json_t *lim = json_object_get(j->req, "limit"), *arr, *rep;
+    int more;
+    long total;
+
+    f.mailstore = jstr(j->req, "mailstore");
+    f.sender = jstr(j->req, "sender");
+    f.rcpt = jstr(j->req, "rcpt");
+    if (state && strcmp(state, "queued") == 0)
+        f.state = 0;
+    else if (state && strcmp(state, "held") == 0)
+        f.state = 2;
+    else if (state)
+        return fail(CTL_E_BADREQ, "queue: state must be queued or held, not \"%s\"", state);
+    if (older == -2)
+        return fail(CTL_E_BADREQ, "%s", "queue: bad older_than (a duration like 30m)");
+    f.older_than_s = older > 0 ? older / 1000 : 0;
+    if (lim && json_is_integer(lim))
+        f.limit = (int)(json_integer_value(lim) < 1 ? 1
+                        : json_integer_value(lim) > SPOOL_QUERY_LIMIT_MAX ? SPOOL_QUERY_LIMIT_MAX
+                        : json_integer_value(lim));
+    if (!(arr = spool_query_queue(q, &f, &more)))
+        return fail(CTL_E_FAILED, "index: %s", spool_query_error(q));
+    total = more ? spool_query_queue_count(q, &f) : (long)json_array_size(arr);
+    rep = ctl_reply_ok();
+    json_object_set_new(rep, "recipients", arr);
+    json_object_set_new(rep, "more", json_boolean(more));
+    json_object_set_new(rep, "total", json_integer(total));
+    return rep;
 }
 
-static void op_done(void *arg, int status, long count, const char *state)
+static json_t *do_show(struct job *j, struct spool_query *q)
 {
-    struct dlv_ctl_client *cl = arg;
+    int found;
+    json_t *m = spool_query_show(q, j->qid, &found), *rep;
 
-    if (status < 0)
-        reply(cl, json_pack("{s:b,s:s,s:s}", "ok", 0, "mailstore", cl->name, "error",
-                            strerror(-status)));
-    else if (count >= 0)
-        reply(cl, json_pack("{s:b,s:s,s:s,s:I}", "ok", 1, "mailstore", cl->name, "state",
-                            state, "due", (json_int_t)count));
-    else
-        reply(cl, json_pack("{s:b,s:s,s:s}", "ok", 1, "mailstore", cl->name, "state", state));
-    resume(cl);
-    client_unref(cl);
+    if (!m)
+        return fail(CTL_E_FAILED, "index: %s", spool_query_error(q));
+    if (!found) {
+        json_decref(m);
+        return fail(CTL_E_NOTFOUND, "no such message: %s", j->qid);
+    }
+    if (json_is_true(json_object_get(j->req, "body"))) {
+        char *buf = NULL;
+        size_t len = 0;
+        int r = spool_read(j->ctl->sp, j->qid, &buf, &len);
+        if (r < 0) {
+            json_object_set_new(m, "body_error", json_string(strerror(-r)));
+        } else {
+            size_t n = len > DLV_CTL_BODY_MAX ? DLV_CTL_BODY_MAX : len;
+            json_t *b = json_stringn(buf, n);
+            if (!b) {            /* 8-bit, not UTF-8: show it with '?' for those bytes */
+                for (size_t i = 0; i < n; i++)
+                    if ((unsigned char)buf[i] >= 0x80 || buf[i] == '\0')
+                        buf[i] = '?';
+                b = json_stringn(buf, n);
+            }
+            json_object_set_new(m, "body", b);
+            json_object_set_new(m, "body_truncated", json_boolean(n < len));
+        }
+        free(buf);
+    }
+    rep = ctl_reply_ok();
+    json_object_set_new(rep, "message", m);
+    return rep;
 }
 
-static void pause_done(void *arg, int status, long count)
+static json_t *do_affected(struct job *j, struct spool_query *q)
 {
-    op_done(arg, status, -1, "paused");
+    json_t *arr = spool_query_affected(q, j->ms), *rep;
+
+    if (!arr)
+        return fail(CTL_E_FAILED, "index: %s", spool_query_error(q));
+    rep = ctl_reply_ok();
+    json_object_set_new(rep, "mailstore", json_string(j->ms));
+    json_object_set_new(rep, "recipients", arr);
+    return rep;
 }
 
-static void release_done(void *arg, int status, long count)
+static json_t *do_audit(struct job *j, struct spool_query *q)
 {
-    struct dlv_ctl_client *cl = arg;
-    int st = dlv_state_of(cl->ctl->d, cl->name);
+    json_t *lim = json_object_get(j->req, "limit"), *since = json_object_get(j->req, "since");
+    json_t *arr = spool_query_audit(q, lim && json_is_integer(lim) ? (int)json_integer_value(lim) : 0,
+                                    since && json_is_integer(since) ? json_integer_value(since) : 0);
+    json_t *rep;
 
-    op_done(arg, status, count, st < 0 ? "unknown" : mstore_state_name((enum mstore_state)st));
+    if (!arr)
+        return fail(CTL_E_FAILED, "index: %s", spool_query_error(q));
+    rep = ctl_reply_ok();
+    json_object_set_new(rep, "audit", arr);
+    return rep;
 }
 
-static void cmd_status(struct dlv_ctl_client *cl)
+/* reroute_rows - move every undelivered recipient of j->ms (or only j->rcpt) to j->to; the
+ * queued ones become due now. Returns how many, or -errno. */
+static long reroute_rows(struct job *j)
+{
+    sqlite3 *db = NULL;
+    sqlite3_stmt *st = NULL;
+    long n = -EIO;
+    const char *sql = j->rcpt[0]
+        ? "UPDATE recipients SET mailstore=?2, next_attempt=min(next_attempt, ?3),"
+          " updated_at=?3 WHERE mailstore=?1 AND state<>1 AND lower(rcpt)=lower(?4)"
+        : "UPDATE recipients SET mailstore=?2, next_attempt=min(next_attempt, ?3),"
+          " updated_at=?3 WHERE mailstore=?1 AND state<>1";
+
+    if (sqlite3_open_v2(j->ctl->index_path, &db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_NOMUTEX,
+                        NULL) != SQLITE_OK)
+        goto out;
+    sqlite3_busy_timeout(db, DLV_CTL_BUSY_MS);
+    if (sqlite3_exec(db, "PRAGMA synchronous=FULL", NULL, NULL, NULL) != SQLITE_OK ||
+        sqlite3_prepare_v2(db, sql, -1, &st, NULL) != SQLITE_OK)
+        goto out;
+    sqlite3_bind_text(st, 1, j->ms, -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 2, j->to, -1, SQLITE_STATIC);
+    sqlite3_bind_int64(st, 3, now_s());
+    if (j->rcpt[0])
+        sqlite3_bind_text(st, 4, j->rcpt, -1, SQLITE_STATIC);
+    if (sqlite3_step(st) == SQLITE_DONE)
+        n = sqlite3_changes(db);
+out:
+    if (n < 0 && db)
+        log_warn("control: reroute: %s", sqlite3_errmsg(db));
+    sqlite3_finalize(st);
+    sqlite3_close(db);
+    return n;
+}
+
+/* do_write - the spool side of a write command; sets j->count. */
+static json_t *do_write(struct job *j, struct spool_query *q)
+{
+    struct spool *sp = j->ctl->sp;
+    const char *qid = j->qid[0] ? j->qid : NULL, *ms = qid ? NULL : j->ms;
+    long r = 0;
+    json_t *rep;
+
+    switch (j->cmd) {
+    case CTL_CMD_pause:
+    case CTL_CMD_release:
+        if (j->op_status < 0)
+            return fail(CTL_E_FAILED, "%s", strerror(-j->op_status));
+        r = count_waiting(q, j->ms);
+        break;
+    case CTL_CMD_hold:
+        r = spool_hold(sp, qid, ms, j->reason[0] ? j->reason : "held by operator");
+        break;
+    case CTL_CMD_unhold:
+        r = spool_unhold(sp, qid, ms, now_s());
+        break;
+    case CTL_CMD_retry:
+        r = spool_release(sp, qid, ms, now_s());
+        break;
+    case CTL_CMD_delete: {
+        int found;
+        json_t *m = spool_query_show(q, qid, &found);
+        json_t *rc = m ? json_object_get(m, "recipients") : NULL;
+        long n = rc ? (long)json_array_size(rc) : 0;
+        json_decref(m);
+        if (!found)
+            return fail(CTL_E_NOTFOUND, "no such message: %s", qid);
+        r = spool_delete(sp, qid);
+        if (r == 0)
+            r = n;
+        break;
+    }
+    case CTL_CMD_reroute:
+        r = reroute_rows(j);
+        break;
+    default:
+        return fail(CTL_E_BADREQ, "%s", "not a write command");
+    }
+    if (r == -ENOENT && qid)
+        return fail(CTL_E_NOTFOUND, "no such message: %s", qid);
+    if (r < 0)
+        return fail(CTL_E_FAILED, "%s", strerror((int)-r));
+    j->count = r;
+    j->changed = 1;
+    rep = ctl_reply_ok();
+    if (j->ms[0])
+        json_object_set_new(rep, "mailstore", json_string(j->ms));
+    if (qid)
+        json_object_set_new(rep, "qid", json_string(qid));
+    json_object_set_new(rep, "count", json_integer(r));
+    json_object_update(rep, json_object_get(j->req, "_result")); /* pause/release: state, due */
+    return rep;
+}
+
+static void job_work(uv_work_t *w)
+{
+    struct job *j = w->data;
+    struct spool_query *q = NULL;
+    char err[512];
+
+    if (spool_query_open(&q, j->ctl->dir, err, sizeof(err)) < 0) {
+        j->rep = ctl_reply_error(CTL_E_FAILED, "index: %s", err);
+        return;
+    }
+    switch (j->cmd) {
+    case CTL_CMD_status: j->rep = do_status(j, q); break;
+    case CTL_CMD_queue: j->rep = do_queue(j, q); break;
+    case CTL_CMD_show: j->rep = do_show(j, q); break;
+    case CTL_CMD_affected: j->rep = do_affected(j, q); break;
+    case CTL_CMD_audit: j->rep = do_audit(j, q); break;
+    default: j->rep = do_write(j, q); break;
+    }
+    spool_query_close(q);
+    if (ctl_cmd_is_write(j->cmd)) {
+        struct audit_db *a = NULL;
+        json_t *a_req = json_deep_copy(j->req);
+        static const char *const drop[] = { "v", "cmd", "_result", "sudo_user", "mailstore",
+                                            "qid", "reason" };
+        for (size_t k = 0; a_req && k < sizeof(drop) / sizeof(drop[0]); k++)
+            json_object_del(a_req, drop[k]);
+        char *args = a_req && json_object_size(a_req)
+                   ? json_dumps(a_req, JSON_COMPACT | JSON_SORT_KEYS) : NULL;
+        json_decref(a_req);
+        const char *e = json_string_value(json_object_get(j->rep, "error"));
+        struct audit_rec rec = {
+            .uid = j->uid, .user = j->actor, .daemon = "sluice-deliver",
+            .cmd = ctl_cmd_name(j->cmd), .scope = j->scope, .reason = j->reason,
+            .args = args, .count = e ? -1 : j->count, .result = e ? e : "ok",
+        };
+        if (audit_db_open(&a, j->ctl->index_path, err, sizeof(err)) < 0)
+            log_warn("audit: %s", err);
+        if (audit_db_add(a, &rec) < 0 && !e) {
+            json_decref(j->rep);
+            j->rep = ctl_reply_error(CTL_E_FAILED, "done, but the audit row could not be "
+                                     "written (%s); see the log", "index.db");
+        }
+        audit_db_close(a);
+        free(args);
+    }
+}
+
+/* --- Loop side ----------------------------------------------------------------------------- */
+
+static void drop_all_ready(struct dlv_ctl *ctl)
 {
     struct dlv_status *st = calloc(DLV_MS_STATUS_MAX, sizeof(*st));
-    json_t *arr = json_array();
-    int n;
+    int n = st ? dlv_status(ctl->d, st, DLV_MS_STATUS_MAX) : 0;
 
-    if (!st || !arr) {
-        free(st);
-        json_decref(arr);
-        reply_error(cl, "%s", "out of memory");
-        return;
-    }
-    n = dlv_status(cl->ctl->d, st, DLV_MS_STATUS_MAX);
-    for (int i = 0; i < n; i++) {
-        json_array_append_new(arr, json_pack(
-            "{s:s,s:s,s:s,s:I,s:s,s:s,s:i,s:i,s:i,s:i,s:f,s:f,s:I,s:I,s:I}",
-            "name", st[i].name, "state", mstore_state_name(st[i].state), "reason", st[i].reason,
-            "since", (json_int_t)(st[i].since / 1000), "actor", st[i].actor,
-            "transport", st[i].transport, "inflight", st[i].inflight,
-            "connections", st[i].connections, "ready", st[i].ready, "fails", st[i].fails,
-            "rate", st[i].rate, "cwnd", st[i].cwnd, "delivered", (json_int_t)st[i].delivered,
-            "deferred", (json_int_t)st[i].deferred, "held", (json_int_t)st[i].held));
-    }
+    for (int i = 0; i < n; i++)
+        dlv_drop_ready(ctl->d, st[i].name);
     free(st);
-    reply(cl, json_pack("{s:b,s:o}", "ok", 1, "mailstores", arr));
 }
 
-static void handle_line(struct dlv_ctl_client *cl, const char *line)
+static void job_after(uv_work_t *w, int status)
 {
-    json_error_t jerr;
-    json_t *req = json_loads(line, 0, &jerr), *v;
-    const char *cmd, *ms = NULL, *actor = cl->actor;
+    struct job *j = w->data;
+    json_t *rep = j->rep;
+
+    j->rep = NULL;
+    if (j->changed) {
+        /* loaded jobs may carry recipients the command just held, deleted or moved */
+        if (j->cmd == CTL_CMD_reroute) {
+            dlv_drop_ready(j->ctl->d, j->ms);
+            dlv_drop_ready(j->ctl->d, j->to);
+        } else if (j->cmd == CTL_CMD_hold || j->cmd == CTL_CMD_delete) {
+            drop_all_ready(j->ctl);
+        } else {
+            dlv_kick(j->ctl->d);
+        }
+    }
+    if (j->legacy && rep && json_is_true(json_object_get(rep, "ok")) &&
+        (j->cmd == CTL_CMD_pause || j->cmd == CTL_CMD_release)) {
+        json_object_del(rep, "count");   /* the first protocol's exact shape */
+    }
+    ctl_req_reply(j->rq, rep);
+    job_free(j);
+}
+
+static void job_queue(struct job *j)
+{
+    j->w.data = j;
+    if (uv_queue_work(j->ctl->loop, &j->w, job_work, job_after) < 0) {
+        ctl_req_reply(j->rq, ctl_reply_error(CTL_E_FAILED, "cannot queue work"));
+        job_free(j);
+    }
+}
+
+static void op_done(void *arg, int status, long count)
+{
+    struct job *j = arg;
+    int st = dlv_state_of(j->ctl->d, j->ms);
+    const char *state = st < 0 ? "unknown" : mstore_state_name((enum mstore_state)st);
+
+    j->op_status = status;
+    j->op_due = count;
+    /* the reply is built now (the state as of the change); the pool adds count and audit */
+    json_t *extra = json_pack("{s:s}", "state", state);
+    if (j->cmd == CTL_CMD_release)
+        json_object_set_new(extra, "due", json_integer(count));
+    json_object_set_new(j->req, "_result", extra);
+    job_queue(j);
+}
+
+/* --- Handlers ------------------------------------------------------------------------------ */
+
+static struct job *job_new(struct dlv_ctl *ctl, struct ctl_req *rq, const json_t *req)
+{
+    struct job *j = calloc(1, sizeof(*j));
+
+    if (!j) {
+        ctl_req_reply(rq, ctl_reply_error(CTL_E_FAILED, "out of memory"));
+        return NULL;
+    }
+    j->ctl = ctl;
+    j->rq = rq;
+    j->cmd = ctl_req_cmd(rq);
+    j->legacy = ctl_req_legacy(rq);
+    j->req = json_deep_copy(req);
+    j->uid = ctl_req_peer(rq)->uid;
+    j->count = -1;
+    snprintf(j->actor, sizeof(j->actor), "%s", ctl_req_actor(rq));
+    return j;
+}
+
+/* reject - reply with an error and free the job; -1. */
+static int reject_rep(struct job *j, json_t *rep)
+{
+    ctl_req_reply(j->rq, rep);
+    job_free(j);
+    return -1;
+}
+#define reject(j, code, fmt, arg) reject_rep(j, ctl_reply_error(code, fmt, arg))
+
+/* args - copy and check the arguments the command takes; replies and frees on error. */
+static int args(struct job *j)
+{
+    struct dlv_ctl *ctl = j->ctl;
+    const char *ms = jstr(j->req, "mailstore"), *qid = jstr(j->req, "qid");
+    const char *to = jstr(j->req, "to"), *rcpt = jstr(j->req, "rcpt");
+    const char *reason = jstr(j->req, "reason");
+    const char *name = ctl_cmd_name(j->cmd);
+    int need_ms = 0, ms_or_qid = 0, need_qid = 0;
+
+    switch (j->cmd) {
+    case CTL_CMD_pause: case CTL_CMD_release: case CTL_CMD_affected: case CTL_CMD_reroute:
+        need_ms = 1;
+        break;
+    case CTL_CMD_hold: case CTL_CMD_unhold: case CTL_CMD_retry:
+        ms_or_qid = 1;
+        break;
+    case CTL_CMD_show: case CTL_CMD_delete:
+        need_qid = 1;
+        break;
+    default:
+        break;
+    }
+    if (need_ms && !ms)
+        return reject(j, CTL_E_BADREQ, "%s: missing \"mailstore\"", name);
+    if (need_qid && !qid)
+        return reject(j, CTL_E_BADREQ, "%s: missing \"qid\"", name);
+    if (ms_or_qid && !ms == !qid)
+        return reject(j, CTL_E_BADREQ, "%s: give exactly one of \"qid\" and \"mailstore\"", name);
+    if (ms && strlen(ms) >= sizeof(j->ms))
+        return reject(j, CTL_E_BADREQ, "%s: mailstore name too long", name);
+    if (qid && (strlen(qid) >= sizeof(j->qid) || !qid_valid(qid)))
+        return reject(j, CTL_E_BADREQ, "not a queue ID: %.40s", qid);
+    /* a mailstore the scheduler does not know: affected may still look (mail waiting for a
+     * mailstore removed from the config), the rest need a live one */
+    if (ms && j->cmd != CTL_CMD_affected && dlv_state_of(ctl->d, ms) < 0)
+        return reject(j, CTL_E_NOTFOUND, "no such mailstore: %s", ms);
+    if (j->cmd == CTL_CMD_reroute) {
+        if (!to)
+            return reject(j, CTL_E_BADREQ, "%s", "reroute: missing \"to\"");
+        if (strlen(to) >= sizeof(j->to) || dlv_state_of(ctl->d, to) < 0)
+            return reject(j, CTL_E_NOTFOUND, "no such mailstore: %s", to);
+        if (strcmp(to, ms) == 0)
+            return reject(j, CTL_E_BADREQ, "reroute: %s to itself", ms);
+        snprintf(j->to, sizeof(j->to), "%s", to);
+        if (rcpt) {
+            if (strlen(rcpt) >= sizeof(j->rcpt) || !strchr(rcpt, '@'))
+                return reject(j, CTL_E_BADREQ, "reroute: bad address %.100s", rcpt);
+            snprintf(j->rcpt, sizeof(j->rcpt), "%s", rcpt);
+        }
+    }
+    if (ms)
+        snprintf(j->ms, sizeof(j->ms), "%s", ms);
+    if (qid)
+        snprintf(j->qid, sizeof(j->qid), "%s", qid);
+    if (reason)
+        snprintf(j->reason, sizeof(j->reason), "%s", reason);
+    if (qid)
+        snprintf(j->scope, sizeof(j->scope), "qid:%s", qid);
+    else if (ms)
+        snprintf(j->scope, sizeof(j->scope), "mailstore:%s%s%s%s%s", ms,
+                 j->to[0] ? " to:" : "", j->to, j->rcpt[0] ? " rcpt:" : "", j->rcpt);
+    return 0;
+}
+
+static void handle(struct ctl_req *rq, const json_t *req, void *arg)
+{
+    struct dlv_ctl *ctl = arg;
+    struct job *j = job_new(ctl, rq, req);
     int r;
 
-    if (!req || !json_is_object(req)) {
-        reply_error(cl, "bad JSON: %s", req ? "not an object" : jerr.text);
-        json_decref(req);
+    if (!j || args(j) < 0)
         return;
-    }
-    cmd = json_string_value(json_object_get(req, "cmd"));
-    ms = json_string_value(json_object_get(req, "mailstore"));
-    if ((v = json_object_get(req, "actor")) && json_is_string(v))
-        actor = json_string_value(v);
-    if (!cmd) {
-        reply_error(cl, "%s", "missing \"cmd\"");
-    } else if (strcmp(cmd, "status") == 0) {
-        cmd_status(cl);
-    } else if (strcmp(cmd, "pause") == 0 || strcmp(cmd, "release") == 0) {
-        if (!ms) {
-            reply_error(cl, "%s: missing \"mailstore\"", cmd);
-            goto out;
-        }
-        snprintf(cl->name, sizeof(cl->name), "%s", ms);
-        if (strcmp(cmd, "pause") == 0) {
-            const char *reason = json_string_value(json_object_get(req, "reason"));
-            r = dlv_pause(cl->ctl->d, ms, reason, actor, pause_done, cl);
-        } else {
-            double rate = 0;
-            int64_t ramp = -1;
-            if ((v = json_object_get(req, "rate")) && json_is_number(v))
-                rate = json_number_value(v);
-            if ((v = json_object_get(req, "ramp"))) {
-                if (json_is_number(v)) {
-                    ramp = (int64_t)(json_number_value(v) * 1000.0);
-                } else if (!json_is_string(v) ||
-                           conf_parse_duration(json_string_value(v), &ramp) < 0) {
-                    reply_error(cl, "%s", "release: bad \"ramp\" (use e.g. \"10m\" or 0)");
-                    goto out;
-                }
-            }
-            if (ramp < -1 || rate < 0) {
-                reply_error(cl, "%s", "release: negative rate or ramp");
-                goto out;
-            }
-            r = dlv_release(cl->ctl->d, ms, rate, ramp, actor, release_done, cl);
-        }
-        if (r < 0) {
-            reply_error(cl, "no such mailstore: %s", ms);
-        } else {
-            cl->refs++;        /* the reply comes from the operation's callback */
-            uv_read_stop((uv_stream_t *)&cl->pipe);
-        }
-    } else {
-        reply_error(cl, "unknown command: %s", cmd);
-    }
-out:
-    json_decref(req);
-}
-
-/* --- Reading ------------------------------------------------------------------------------ */
-
-static void client_closed_cb(uv_handle_t *h)
-{
-    client_unref(h->data);
-}
-
-static void client_unref(struct dlv_ctl_client *cl)
-{
-    if (--cl->refs > 0)
-        return;
-    struct dlv_ctl *ctl = cl->ctl;
-    struct dlv_ctl_client **pp;
-    for (pp = &ctl->clients; *pp && *pp != cl; pp = &(*pp)->next)
-        ;
-    if (*pp)
-        *pp = cl->next;
-    ctl->nclients--;
-    free(cl);
-}
-
-static void client_close(struct dlv_ctl_client *cl)
-{
-    if (cl->closing)
-        return;
-    cl->closing = 1;
-    uv_close((uv_handle_t *)&cl->pipe, client_closed_cb);
-}
-
-static void client_alloc_cb(uv_handle_t *h, size_t suggested, uv_buf_t *buf)
-{
-    struct dlv_ctl_client *cl = h->data;
-    *buf = uv_buf_init(cl->rbuf, sizeof(cl->rbuf));
-}
-
-static void client_read_cb(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
-{
-    struct dlv_ctl_client *cl = s->data;
-
-    if (nread < 0) {
-        client_close(cl);
-        return;
-    }
-    for (ssize_t i = 0; i < nread; i++) {
-        char ch = buf->base[i];
-        if (ch != '\n') {
-            if (cl->len >= DLV_CTL_LINE_MAX) {
-                reply_error(cl, "%s", "request line too long");
-                client_close(cl);
-                return;
-            }
-            cl->buf[cl->len++] = ch;
-            continue;
-        }
-        cl->buf[cl->len] = '\0';
-        cl->len = 0;
-        handle_line(cl, cl->buf);
-        if (cl->refs > 1) {
-            /* an operation is in flight: the rest of this read (rare) is dropped with a
-             * note; clients send one request and wait for its reply */
-            if (i + 1 < nread)
-                log_warn("control: requests pipelined behind a pause/release were dropped");
+    switch (j->cmd) {
+    case CTL_CMD_status:
+        if (!(j->st = calloc(DLV_MS_STATUS_MAX, sizeof(*j->st)))) {
+            reject(j, CTL_E_FAILED, "%s", "out of memory");
             return;
         }
+        j->nst = dlv_status(ctl->d, j->st, DLV_MS_STATUS_MAX);
+        break;
+    case CTL_CMD_pause:
+        if (!j->reason[0] && !j->legacy) {
+            reject(j, CTL_E_BADREQ, "%s", "pause: a reason is required (--reason TEXT): it "
+                   "goes into status and the audit trail");
+            return;
+        }
+        r = dlv_pause(ctl->d, j->ms, j->reason, j->actor, op_done, j);
+        if (r < 0)
+            reject(j, CTL_E_NOTFOUND, "no such mailstore: %s", j->ms);
+        return;
+    case CTL_CMD_release: {
+        const json_t *v = json_object_get(j->req, "rate");
+        double rate = v && json_is_number(v) ? json_number_value(v) : 0;
+        int64_t ramp = dur_arg(j->req, "ramp");
+        if (ramp == -2) {
+            reject(j, CTL_E_BADREQ, "%s", "release: bad \"ramp\" (use e.g. \"10m\" or 0)");
+            return;
+        }
+        if (rate < 0 || (v && !json_is_number(v))) {
+            reject(j, CTL_E_BADREQ, "%s", "release: bad \"rate\" (messages per second)");
+            return;
+        }
+        r = dlv_release(ctl->d, j->ms, rate, ramp, j->actor, op_done, j);
+        if (r < 0)
+            reject(j, CTL_E_NOTFOUND, "no such mailstore: %s", j->ms);
+        return;
     }
+    default:
+        break;
+    }
+    job_queue(j);
 }
 
-/* --- Listening ---------------------------------------------------------------------------- */
+/* --- Start and stop ------------------------------------------------------------------------ */
 
-static void on_connection(uv_stream_t *server, int status)
+int dlv_ctl_start(struct dlv_ctl **out, uv_loop_t *loop, struct dlv *d, struct spool *sp,
+                  const struct conf *c, char *err, size_t errlen)
 {
-    struct dlv_ctl *ctl = server->data;
-    struct dlv_ctl_client *cl;
-    struct ucred cred;
-    socklen_t clen = sizeof(cred);
-    uv_os_fd_t fd;
-
-    if (status < 0) {
-        log_warn("control: accept: %s", uv_strerror(status));
-        return;
-    }
-    if (!(cl = calloc(1, sizeof(*cl))))
-        return;
-    uv_pipe_init(ctl->loop, &cl->pipe, 0);
-    cl->pipe.data = cl;
-    cl->ctl = ctl;
-    cl->refs = 1;
-    cl->next = ctl->clients;
-    ctl->clients = cl;
-    ctl->nclients++;
-    if (uv_accept(server, (uv_stream_t *)&cl->pipe) < 0) {
-        client_close(cl);
-        return;
-    }
-    if (ctl->nclients > DLV_CTL_CLIENTS_MAX) {
-        reply_error(cl, "%s", "too many control connections");
-        client_close(cl);
-        return;
-    }
-    if (uv_fileno((uv_handle_t *)&cl->pipe, &fd) < 0 ||
-        getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &clen) < 0 ||
-        (cred.uid != 0 && cred.uid != geteuid())) {
-        reply_error(cl, "%s", "permission denied");
-        client_close(cl);
-        return;
-    }
-    snprintf(cl->actor, sizeof(cl->actor), "uid %u", (unsigned)cred.uid);
-    uv_read_start((uv_stream_t *)&cl->pipe, client_alloc_cb, client_read_cb);
-}
-
-/* stale_socket - 1 when path is a socket file nobody listens on (safe to replace). */
-static int stale_socket(const char *path)
-{
-    struct sockaddr_un sa = { .sun_family = AF_UNIX };
-    int fd, r;
-
-    if (access(path, F_OK) < 0)
-        return 1;
-    snprintf(sa.sun_path, sizeof(sa.sun_path), "%s", path);
-    if ((fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0)) < 0)
-        return 0;
-    r = connect(fd, (struct sockaddr *)&sa, sizeof(sa));
-    close(fd);
-    return r < 0;
-}
-
-int dlv_ctl_start(struct dlv_ctl **out, uv_loop_t *loop, struct dlv *d, const char *path,
-                  char *err, size_t errlen)
-{
-    struct dlv_ctl *ctl;
+    struct dlv_ctl *ctl = calloc(1, sizeof(*ctl));
+    struct ctl_server_opts o;
     int r;
 
     *out = NULL;
-    if (strlen(path) >= sizeof(((struct sockaddr_un *)0)->sun_path)) {
-        snprintf(err, errlen, "control socket path too long: %s", path);
-        return -ENAMETOOLONG;
-    }
-    if (!stale_socket(path)) {
-        snprintf(err, errlen, "%s: another sluice-deliver is listening there", path);
-        return -EADDRINUSE;
-    }
-    unlink(path);
-    if (!(ctl = calloc(1, sizeof(*ctl)))) {
+    if (!ctl) {
         snprintf(err, errlen, "out of memory");
         return -ENOMEM;
     }
     ctl->loop = loop;
     ctl->d = d;
-    uv_pipe_init(loop, &ctl->server, 0);
-    ctl->server.data = ctl;
-    if ((r = uv_pipe_bind(&ctl->server, path)) < 0 ||
-        (r = uv_listen((uv_stream_t *)&ctl->server, 16, on_connection)) < 0) {
-        snprintf(err, errlen, "%s: %s", path, uv_strerror(r));
-        uv_close((uv_handle_t *)&ctl->server, NULL);
-        ctl->stopped = 1;
-        *out = ctl;            /* the caller stops and frees it like any other */
-        return -EADDRINUSE;
+    ctl->sp = sp;
+    snprintf(ctl->dir, sizeof(ctl->dir), "%s", c->spool.dir);
+    snprintf(ctl->index_path, sizeof(ctl->index_path), "%s/index.db", c->spool.dir);
+    if (conf_ctl_socket(c, 0, ctl->path, sizeof(ctl->path)) < 0) {
+        snprintf(err, errlen, "control socket path too long");
+        free(ctl);
+        return -ENAMETOOLONG;
     }
-    uv_pipe_chmod(&ctl->server, UV_READABLE | UV_WRITABLE);
-    chmod(path, 0600);
+    memset(&o, 0, sizeof(o));
+    o.loop = loop;
+    o.path = ctl->path;
+    o.who = "sluice-deliver";
+    o.admin_group = c->control.admin_group;
+    o.arg = ctl;
+    for (int i = 0; i < CTL_NCMDS; i++)
+        o.handlers[i] = i == CTL_CMD_metrics ? NULL : handle;
+    r = ctl_server_start(&ctl->srv, &o, err, errlen);
     *out = ctl;
-    return 0;
+    return r;
+}
+
+void dlv_ctl_reload(struct dlv_ctl *ctl, const struct conf *c)
+{
+    if (ctl && ctl->srv)
+        ctl_server_set_admin_group(ctl->srv, c->control.admin_group);
 }
 
 void dlv_ctl_stop(struct dlv_ctl *ctl)
 {
-    if (!ctl || ctl->stopped)
-        return;
-    ctl->stopped = 1;
-    uv_close((uv_handle_t *)&ctl->server, NULL); /* uv_close unlinks the bound path */
-    for (struct dlv_ctl_client *cl = ctl->clients; cl; cl = cl->next)
-        client_close(cl);
+    if (ctl)
+        ctl_server_stop(ctl->srv);
 }
 
 void dlv_ctl_free(struct dlv_ctl *ctl)
 {
+    if (!ctl)
+        return;
+    ctl_server_free(ctl->srv);
     free(ctl);
 }

@@ -1,21 +1,27 @@
 /*
- * dlv_ctl.h - sluice-deliver's minimal control socket (until sluicectl's protocol exists).
+ * dlv_ctl.h - sluice-deliver's control socket: the commands of the control protocol
+ * (ctl_proto.h) that concern queues and mailstores, on top of ctl_server.h.
  *
- * A unix stream socket (default <spool dir>/deliver.ctl, mode 0600) taking newline-delimited
- * JSON requests, one JSON line back per request, in order:
- *   {"cmd":"status"}
- *       -> {"ok":true,"mailstores":[{"name":..,"state":..,"reason":..,"since":unix_s,
- *           "actor":..,"transport":..,"inflight":..,"connections":..,"ready":..,"fails":..,
- *           "rate":msg_per_s_or_0,"cwnd":..,"delivered":..,"deferred":..,"held":..},...]}
- *   {"cmd":"pause","mailstore":"ms1","reason":"reindexing"}
- *       -> {"ok":true,"mailstore":"ms1","state":"paused"}       (once durable)
- *   {"cmd":"release","mailstore":"ms1","rate":20,"ramp":"10m"}
- *       -> {"ok":true,"mailstore":"ms1","state":"ramping","due":N}   (once durable)
- *       rate (msg/s) and ramp (a duration string as in sluice.conf, or seconds as a number)
- *       are optional: the mailstore's release_start_rate and release_ramp; "ramp":"0" releases
- *       at full speed.
- * Errors: {"ok":false,"error":"..."}. Only the daemon's own uid and root may connect
- * (SO_PEERCRED); the actor recorded for pause/release is "uid N" or the request's "actor".
+ * Socket: [control] deliver_socket (default <spool dir>/deliver.ctl), mode 0666; root, the
+ * daemon's uid and members of [control] admin_group may change state, others only read.
+ * Requests and replies (all replies also carry "v":1 and "ok"):
+ *   status                       -> "daemon","pid","version","spool":{"dir","free_bytes"},
+ *                                   "mailstores":[{name,state,reason,since,actor,transport,
+ *                                   inflight,connections,ready,fails,rate,cwnd,delivered,
+ *                                   deferred,held_total,trips,queued,held,due,messages,bytes,
+ *                                   oldest_queued,oldest_held},...]
+ *   queue {mailstore,state,sender,rcpt,older_than,limit} -> "recipients":[...],"total","more"
+ *   show {qid,body}              -> "message":{...,"recipients":[...],"body"?}
+ *   affected {mailstore}         -> "recipients":[{rcpt,queued,held,messages,oldest,last_reply}]
+ *   audit {limit,since}          -> "audit":[{id,at,uid,user,daemon,cmd,scope,reason,args,
+ *                                   count,result},...]
+ *   pause {mailstore,reason}     -> "mailstore","state","count" (recipients now waiting)
+ *   release {mailstore,rate,ramp} -> "mailstore","state","due","count"
+ *   hold {qid|mailstore,reason}, unhold {qid|mailstore}, retry {qid|mailstore},
+ *   delete {qid}, reroute {mailstore,to,rcpt} -> "count" (recipients changed)
+ * Every write command leaves an audit row (audit.h) with the caller's user name, the scope,
+ * the reason and the count, whether it succeeded or not. The first protocol (no "v":
+ * status, pause, release) is still answered in its own reply shape.
  */
 #ifndef SLUICE_DLV_CTL_H
 #define SLUICE_DLV_CTL_H
@@ -23,18 +29,18 @@
 #include <stddef.h>
 #include <uv.h>
 
+#include "conf.h"
 #include "dlv.h"
-
-#define DLV_CTL_LINE_MAX 4096   /* one request line; the commands are tiny */
-#define DLV_CTL_CLIENTS_MAX 64  /* simultaneous control connections */
 
 struct dlv_ctl;
 
-/* Listen on path (a stale socket file is replaced; a live one is -EADDRINUSE). */
-int dlv_ctl_start(struct dlv_ctl **c, uv_loop_t *loop, struct dlv *d, const char *path,
-                  char *err, size_t errlen);
+/* Listen on c's deliver socket (a stale socket file is replaced; a live one is -EADDRINUSE).
+ * c is read now and on dlv_ctl_reload only. */
+int dlv_ctl_start(struct dlv_ctl **ctl, uv_loop_t *loop, struct dlv *d, struct spool *sp,
+                  const struct conf *c, char *err, size_t errlen);
+void dlv_ctl_reload(struct dlv_ctl *ctl, const struct conf *c);
 /* Close the listener (unlinking the path) and every client; run the loop, then free. */
-void dlv_ctl_stop(struct dlv_ctl *c);
-void dlv_ctl_free(struct dlv_ctl *c);
+void dlv_ctl_stop(struct dlv_ctl *ctl);
+void dlv_ctl_free(struct dlv_ctl *ctl);
 
 #endif

@@ -28,6 +28,7 @@
 #include "conf.h"
 #include "dlv.h"
 #include "dlv_ctl.h"
+#include "dlv_metrics.h"
 #include "log.h"
 #include "spool.h"
 
@@ -42,6 +43,7 @@ struct deliver {
     struct spool *sp;
     struct dlv *d;
     struct dlv_ctl *ctl;
+    struct dlv_metrics *metrics;
     int notify_fd;
     int lock_fd;              /* deliver.lock, held for the life of the process */
     char notify_path[CONF_PATH_MAX];
@@ -129,6 +131,7 @@ static void drained(void *arg)
 
     dlv_stop(dv->d);
     dlv_ctl_stop(dv->ctl);
+    dlv_metrics_stop(dv->metrics);
     if (dv->notify_init)
         uv_close((uv_handle_t *)&dv->notify, notify_closed);
     uv_close((uv_handle_t *)&dv->sig_term, NULL);
@@ -170,6 +173,7 @@ static void on_hup(uv_signal_t *h, int signum)
     nc->spool = dv->c->spool;
     log_set_level(nc->log.level);
     dlv_reload(dv->d, nc);
+    dlv_ctl_reload(dv->ctl, nc);
     free(dv->c);
     dv->c = nc;
 }
@@ -229,11 +233,15 @@ int main(int argc, char **argv)
     }
     if ((r = notify_open(&dv, err, sizeof(err))) < 0)
         log_warn("deliver: %s; polling the index every %ds instead", err, DLV_POLL_MS / 1000);
-    snprintf(path, sizeof(path), "%s/deliver.ctl", dv.c->spool.dir);
-    if ((r = dlv_ctl_start(&dv.ctl, dv.loop, dv.d, path, err, sizeof(err))) < 0) {
+    conf_ctl_socket(dv.c, 0, path, sizeof(path));
+    if ((r = dlv_ctl_start(&dv.ctl, dv.loop, dv.d, dv.sp, dv.c, err, sizeof(err))) < 0) {
         log_err("deliver: control socket: %s", err);
         return 1;
     }
+    if (dv.c->metrics.deliver_listen[0] &&
+        dlv_metrics_start(&dv.metrics, dv.loop, dv.d, dv.sp, dv.c->spool.dir,
+                          dv.c->metrics.deliver_listen, err, sizeof(err)) < 0)
+        log_warn("deliver: %s; no metrics", err);   /* delivery matters more than metrics */
     uv_signal_init(dv.loop, &dv.sig_term);
     uv_signal_init(dv.loop, &dv.sig_int);
     uv_signal_init(dv.loop, &dv.sig_hup);
@@ -249,6 +257,7 @@ int main(int argc, char **argv)
 
     dlv_free(dv.d);
     dlv_ctl_free(dv.ctl);
+    dlv_metrics_free(dv.metrics);
     spool_close(dv.sp);
     r = uv_loop_close(dv.loop);
     if (r < 0)

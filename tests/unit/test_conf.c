@@ -554,6 +554,19 @@ static void test_errors_structure(void **state)
     assert_errors("@:2: syntax error: expected \"key = value\"");
 }
 
+/* Sizes and durations with bounds: values that would break SMTP are refused at load. */
+static void test_bounded_values(void **state)
+{
+    (void)state;
+    assert_int_equal(load_text(&cf, "[gateway]\nmax_command_line = 100\n"), -EINVAL);
+    assert_errors("@:2: [gateway] max_command_line: 100 is out of range (512 to 65536 bytes)");
+    assert_int_equal(load_text(&cf, "[gateway]\nidle_timeout = 0\n"), -EINVAL);
+    assert_errors("@:2: [gateway] idle_timeout: 0 is out of range (1000ms to 3600000ms)");
+    assert_int_equal(load_text(&cf, "[gateway]\nidle_timeout = 2s\nmax_command_line = 512\n"), 0);
+    assert_int_equal(cf.gateway.idle_timeout_ms, 2000);
+    assert_int_equal(cf.gateway.max_command_line, 512);
+}
+
 static void test_line_too_long(void **state)
 {
     char text[1200];
@@ -837,6 +850,7 @@ static void test_shipped_files_cover_every_key(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_bounded_values),
         cmocka_unit_test(test_parse_size),
         cmocka_unit_test(test_parse_duration),
         cmocka_unit_test(test_parse_bool),

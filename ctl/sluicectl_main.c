@@ -1,0 +1,1187 @@
+/*
+ * sluicectl_main.c - the operator's tool (docs/sluicectl.8.md; runbook: docs/operations.md).
+ *
+ * A grammar table (OpenSMTPD smtpctl's parser.c, flattened): each command is its words, its
+ * positional argument, the options it takes with their types, whether it changes state, and a
+ * handler. Parsing checks everything against the table before anything is sent, so a typo is
+ * a usage error (exit 2) and never half an action.
+ *
+ * Where answers come from:
+ *   - state changes go to sluice-deliver's control socket (ctl_proto.h), which checks who
+ *     we are (SO_PEERCRED) and writes the audit trail; we never change the spool ourselves;
+ *   - status, queue, show, affected and audit ask the daemon, and when it is not running
+ *     read the index read-only instead (saying so on stderr, "source":"index" in JSON);
+ *   - route and users are computed here from the configuration (router.h, rcptmap_list.h);
+ *   - spool verify opens the spool read-only here and checks every record's CRC.
+ *
+ * Exit status: 0 done; 1 the command failed (the daemon said no, no such message, bad records
+ * found); 2 usage; 3 the daemon needed is not running; 4 permission denied; 5 sluicectl and
+ * the daemon speak different protocol versions. check exits 0/1/2/3 as a Nagios plugin.
+ *
+ * Sections: output helpers, talking to the daemons, commands, the grammar table, main.
+ */
+#include <errno.h>
+#include <inttypes.h>
+#include <jansson.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "cli.h"
+#include "conf.h"
+#include "ctl_check.h"
+#include "ctl_proto.h"
+#include "log.h"
+#include "qid.h"
+#include "rcptmap_list.h"
+#include "router.h"
+#include "spool.h"
+#include "spool_query.h"
+
+#define EX_OK 0
+#define EX_FAILED 1
+#define EX_USAGE 2
+#define EX_NODAEMON 3
+#define EX_DENIED 4
+#define EX_VERSION 5
+
+#define CTL_TIMEOUT_MS 30000    /* a write waits for durability; a listing may be long */
+#define OPT_MAX 12
+#define ERR_LEN 1024
+
+enum opt_type { OT_STR, OT_DUR, OT_RATE, OT_INT, OT_SIZE, OT_FLAG };
+
+struct opt_def {
+    const char *name;           /* without "--" */
+    enum opt_type type;
+};
+
+struct ctx;
+struct cmd_def {
+    const char *words;          /* "spool verify" */
+    const char *arg;            /* positional: NULL none, "MS", "QID", "ADDR"; "[X]" optional */
+    const struct opt_def *opts; /* NULL-terminated */
+    int (*fn)(struct ctx *x);
+    const char *synopsis;
+};
+
+struct ctx {
+    struct conf c;
+    const char *prog;
+    int json;
+    const struct cmd_def *cmd;
+    const char *arg;            /* positional value or NULL */
+    int nopt;
+    const char *optname[OPT_MAX];
+    const char *optval[OPT_MAX];
+    char deliver_path[CONF_PATH_MAX];
+    char gateway_path[CONF_PATH_MAX];
+};
+
+static const struct cmd_def cmds[];
+
+/* --- Output helpers ---------------------------------------------------------------------- */
+
+static void die_usage(const char *fmt, ...) __attribute__((format(printf, 1, 2), noreturn));
+static void die_usage(const char *fmt, ...)
+{
+    va_list ap;
+
+    fprintf(stderr, "sluicectl: ");
+    va_start(ap, fmt);
+    vfprintf(stderr, fmt, ap);
+    va_end(ap);
+    fprintf(stderr, " (sluicectl -h lists the commands)\n");
+    exit(EX_USAGE);
+}
+
+static void print_json(const json_t *j)
+{
+    char *s = json_dumps(j, JSON_INDENT(2));
+    if (s) {
+        puts(s);
+        free(s);
+    }
+}
+
+static void fmt_age(int64_t s, char *out, size_t len)
+{
+    if (s < 0)
+        snprintf(out, len, "-");
+    else if (s >= 86400)
+        snprintf(out, len, "%" PRId64 "d%02" PRId64 "h", s / 86400, s % 86400 / 3600);
+    else if (s >= 3600)
+        snprintf(out, len, "%" PRId64 "h%02" PRId64 "m", s / 3600, s % 3600 / 60);
+    else if (s >= 60)
+        snprintf(out, len, "%" PRId64 "m%02" PRId64 "s", s / 60, s % 60);
+    else
+        snprintf(out, len, "%" PRId64 "s", s);
+}
+
+static void fmt_time(int64_t t, char *out, size_t len)
+{
+    struct tm tm;
+    time_t tt = (time_t)t;
+
+    if (t <= 0 || !localtime_r(&tt, &tm) || strftime(out, len, "%Y-%m-%d %H:%M:%S", &tm) == 0)
+        snprintf(out, len, "-");
+}
+
+static int64_t now_s(void)
+{
+    return (int64_t)time(NULL);
+}
+
+static const char *js(const json_t *o, const char *k)
+{
+    const char *s = json_string_value(json_object_get(o, k));
+    return s ? s : "";
+}
+
+static int64_t ji(const json_t *o, const char *k)
+{
+    const json_t *v = json_object_get(o, k);
+    return json_is_integer(v) ? json_integer_value(v) : json_is_real(v) ? (int64_t)json_real_value(v) : 0;
+}
+
+/* age_of - now minus the unix time at key, or -1 when null. */
+static int64_t age_of(const json_t *o, const char *k)
+{
+    const json_t *v = json_object_get(o, k);
+    return json_is_integer(v) ? now_s() - json_integer_value(v) : -1;
+}
+
+static const char *opt(const struct ctx *x, const char *name)
+{
+    for (int i = 0; i < x->nopt; i++)
+        if (strcmp(x->optname[i], name) == 0)
+            return x->optval[i];
+    return NULL;
+}
+
+/* clip - a copy of s cut to n characters with "..." (for table cells). */
+static const char *clip(const char *s, size_t n, char *buf, size_t len)
+{
+    if (strlen(s) <= n || n + 1 > len)
+        return s;
+    snprintf(buf, len, "%.*s...", (int)(n - 3), s);
+    return buf;
+}
+
+/* --- Talking to the daemons ---------------------------------------------------------------- */
+
+/* call - send req to a daemon. 0 with *rep on success; on failure prints why and returns the
+ * exit status (EX_*), or -ENOENT when the daemon is not running and fallback is allowed. */
+static int call(struct ctx *x, int gateway, json_t *req, json_t **rep, int fallback_ok)
+{
+    char err[ERR_LEN];
+    const char *code, *path = gateway ? x->gateway_path : x->deliver_path;
+    const char *sudo = getenv("SUDO_USER");
+    int r;
+
+    *rep = NULL;
+    if (sudo && *sudo)
+        json_object_set_new(req, "sudo_user", json_string(sudo));
+    r = ctl_call(path, req, rep, CTL_TIMEOUT_MS, err, sizeof(err));
+    json_decref(req);
+    if (r == -ENOENT || r == -ECONNREFUSED) {
+        if (fallback_ok)
+            return -ENOENT;
+        fprintf(stderr, "sluicectl: %s is not running (%s)\n",
+                gateway ? "sluice-gateway" : "sluice-deliver", err);
+        return EX_NODAEMON;
+    }
+    if (r < 0) {
+        fprintf(stderr, "sluicectl: %s\n", err);
+        return r == -EACCES ? EX_DENIED : EX_FAILED;
+    }
+    r = ctl_reply_check(*rep, &code, err, sizeof(err));
+    if (r == 0)
+        return 0;
+    if (x->json)
+        print_json(*rep);
+    fprintf(stderr, "sluicectl: %s\n", err);
+    int ex = r == -EPROTO ? EX_VERSION
+           : strcmp(code, CTL_E_DENIED) == 0 ? EX_DENIED
+           : strcmp(code, CTL_E_BADREQ) == 0 ? EX_USAGE : EX_FAILED;
+    json_decref(*rep);          /* code points into it */
+    *rep = NULL;
+    return ex;
+}
+
+static int open_index(struct ctx *x, struct spool_query **q)
+{
+    char err[ERR_LEN];
+    int r = spool_query_open(q, x->c.spool.dir, err, sizeof(err));
+
+    if (r < 0) {
+        fprintf(stderr, "sluicectl: sluice-deliver is not running, and the index cannot be "
+                        "read either: %s\n", err);
+        return r == -EACCES ? EX_DENIED : EX_NODAEMON;
+    }
+    fprintf(stderr, "sluicectl: sluice-deliver is not running; read-only answer from the "
+                    "index (%s/index.db)\n", x->c.spool.dir);
+    return 0;
+}
+
+static json_t *req_new(const char *cmd)
+{
+    json_t *r = ctl_request_new(cmd);
+    if (!r) {
+        fprintf(stderr, "sluicectl: out of memory\n");
+        exit(EX_FAILED);
+    }
+    return r;
+}
+
+static void req_str(json_t *req, const char *key, const char *v)
+{
+    if (v)
+        json_object_set_new(req, key, json_string(v));
+}
+
+/* --- Commands: reading ---------------------------------------------------------------------- */
+
+/* status_fallback - the status reply built from the index alone. */
+static json_t *status_fallback(struct ctx *x, struct spool_query *q)
+{
+    json_t *counts = spool_query_counts(q, now_s()), *states = spool_query_states(q);
+    json_t *arr = json_array(), *rep = ctl_reply_ok();
+
+    for (int i = 0; i < x->c.n_mailstores; i++) {
+        const char *name = x->c.mailstores[i].name;
+        json_t *st = json_object_get(states, name), *c = json_object_get(counts, name);
+        json_t *o = json_pack("{s:s,s:s,s:s,s:O,s:s}", "name", name, "state",
+                              st ? js(st, "state") : "active", "reason",
+                              st ? js(st, "reason") : "", "since",
+                              st ? json_object_get(st, "since") : json_null(),
+                              "actor", st ? js(st, "actor") : "");
+        json_object_set_new(o, "queued", json_integer(c ? ji(c, "queued") : 0));
+        json_object_set_new(o, "held", json_integer(c ? ji(c, "held") : 0));
+        json_object_set_new(o, "messages", json_integer(c ? ji(c, "messages") : 0));
+        json_object_set_new(o, "bytes", json_integer(c ? ji(c, "bytes") : 0));
+        json_object_set_new(o, "oldest_queued",
+                            c ? json_incref(json_object_get(c, "oldest_queued")) : json_null());
+        json_object_set_new(o, "oldest_held",
+                            c ? json_incref(json_object_get(c, "oldest_held")) : json_null());
+        json_array_append_new(arr, o);
+    }
+    json_object_set_new(rep, "daemon", json_string("none"));
+    json_object_set_new(rep, "mailstores", arr);
+    json_decref(counts);
+    json_decref(states);
+    return rep;
+}
+
+/* get_status - the deliverer's status, or the index's; *source says which. EX_* or 0. */
+static int get_status(struct ctx *x, json_t **rep, const char **source)
+{
+    struct spool_query *q;
+    int r = call(x, 0, req_new("status"), rep, 1);
+
+    *source = "daemon";
+    if (r != -ENOENT)
+        return r;
+    if ((r = open_index(x, &q)) != 0)
+        return r;
+    *rep = status_fallback(x, q);
+    spool_query_close(q);
+    *source = "index";
+    return 0;
+}
+
+static int do_status(struct ctx *x)
+{
+    json_t *rep, *gw = NULL, *m;
+    const char *source;
+    size_t i;
+    int r = get_status(x, &rep, &source);
+
+    if (r)
+        return r;
+    if (call(x, 1, req_new("status"), &gw, 1) != 0)
+        gw = NULL;
+    if (x->json) {
+        json_object_set_new(rep, "source", json_string(source));
+        json_object_set_new(rep, "gateway", gw ? json_incref(gw) : json_null());
+        print_json(rep);
+        json_decref(rep);
+        json_decref(gw);
+        return EX_OK;
+    }
+    printf("%-12s %-9s %8s %6s %8s %8s %7s  %s\n", "MAILSTORE", "STATE", "QUEUED", "HELD",
+           "OLDEST", "RATE/s", "CONNS", "REASON / LAST ERROR");
+    json_array_foreach(json_object_get(rep, "mailstores"), i, m) {
+        char age[32], rate[320], conns[64], cb[128], note[600];
+        fmt_age(age_of(m, "oldest_queued"), age, sizeof(age));
+        if (json_object_get(m, "delivery_rate"))
+            snprintf(rate, sizeof(rate), "%.1f", json_number_value(json_object_get(m, "delivery_rate")));
+        else
+            snprintf(rate, sizeof(rate), "-");
+        if (json_object_get(m, "connections"))
+            snprintf(conns, sizeof(conns), "%" PRId64 "/%" PRId64, ji(m, "connections"),
+                     ji(m, "max_connections"));
+        else
+            snprintf(conns, sizeof(conns), "-");
+        const char *reason = js(m, "reason"), *last = js(m, "last_error");
+        if (*reason && strcmp(js(m, "state"), "active") != 0)
+            snprintf(note, sizeof(note), "%s%s%s", reason, *js(m, "actor") ? " by " : "",
+                     js(m, "actor"));
+        else
+            snprintf(note, sizeof(note), "%s", last);
+        printf("%-12s %-9s %8" PRId64 " %6" PRId64 " %8s %8s %7s  %s\n", js(m, "name"),
+               js(m, "state"), ji(m, "queued"), ji(m, "held"), age, rate, conns,
+               clip(note, 60, cb, sizeof(cb)));
+    }
+    json_t *sp = json_object_get(rep, "spool");
+    if (sp)
+        printf("spool: %s, %" PRId64 " MB free\n", js(sp, "dir"), ji(sp, "free_bytes") >> 20);
+    if (strcmp(source, "index") == 0)
+        printf("sluice-deliver: NOT RUNNING (states and counts read from the index)\n");
+    if (gw) {
+        printf("gateway: %" PRId64 " sessions, %.1f messages/s accepted, %" PRId64
+               " accepted and %" PRId64 " rejected since start, spool %" PRId64 " MB free\n",
+               ji(gw, "sessions"), json_number_value(json_object_get(gw, "accept_rate")),
+               ji(gw, "accepted"), ji(gw, "rejected"), ji(gw, "spool_free_bytes") >> 20);
+    } else {
+        printf("gateway: not running (or no control socket at %s)\n", x->gateway_path);
+    }
+    json_decref(rep);
+    json_decref(gw);
+    return EX_OK;
+}
+
+static int queue_filter(struct ctx *x, struct spool_query_filter *f)
+{
+    const char *s;
+    int64_t ms;
+
+    memset(f, 0, sizeof(*f));
+    f->state = -1;
+    f->mailstore = opt(x, "mailstore");
+    f->sender = opt(x, "sender");
+    f->rcpt = opt(x, "rcpt");
+    if ((s = opt(x, "state"))) {
+        if (strcmp(s, "queued") == 0)
+            f->state = 0;
+        else if (strcmp(s, "held") == 0)
+            f->state = 2;
+        else
+            die_usage("queue: --state is queued or held, not \"%s\"", s);
+    }
+    if ((s = opt(x, "older-than")) && conf_parse_duration(s, &ms) == 0)
+        f->older_than_s = ms / 1000;
+    if ((s = opt(x, "limit")))
+        f->limit = atoi(s);
+    return 0;
+}
+
+static int do_queue(struct ctx *x)
+{
+    struct spool_query_filter f;
+    json_t *req = req_new("queue"), *rep, *m;
+    const char *source = "daemon";
+    size_t i;
+    int r;
+
+    queue_filter(x, &f);
+    req_str(req, "mailstore", f.mailstore);
+    req_str(req, "sender", f.sender);
+    req_str(req, "rcpt", f.rcpt);
+    req_str(req, "state", opt(x, "state"));
+    if (f.older_than_s)
+        json_object_set_new(req, "older_than", json_integer(f.older_than_s));
+    if (f.limit)
+        json_object_set_new(req, "limit", json_integer(f.limit));
+    r = call(x, 0, req, &rep, 1);
+    if (r == -ENOENT) {
+        struct spool_query *q;
+        int more;
+        if ((r = open_index(x, &q)) != 0)
+            return r;
+        json_t *arr = spool_query_queue(q, &f, &more);
+        if (!arr) {
+            fprintf(stderr, "sluicectl: index: %s\n", spool_query_error(q));
+            spool_query_close(q);
+            return EX_FAILED;
+        }
+        rep = ctl_reply_ok();
+        json_object_set_new(rep, "recipients", arr);
+        json_object_set_new(rep, "more", json_boolean(more));
+        json_object_set_new(rep, "total", json_integer(more ? spool_query_queue_count(q, &f)
+                                                            : (long)json_array_size(arr)));
+        spool_query_close(q);
+        source = "index";
+    } else if (r) {
+        return r;
+    }
+    if (x->json) {
+        json_object_set_new(rep, "source", json_string(source));
+        print_json(rep);
+        json_decref(rep);
+        return EX_OK;
+    }
+    printf("%-16s %-7s %-10s %5s %8s  %-30s %-30s %s\n", "QID", "STATE", "MAILSTORE", "TRIES",
+           "AGE", "SENDER", "RECIPIENT", "LAST REPLY / HOLD REASON");
+    json_array_foreach(json_object_get(rep, "recipients"), i, m) {
+        char age[32], b1[64], b2[64], b3[128];
+        const char *why = strcmp(js(m, "state"), "held") == 0 && *js(m, "hold_reason")
+                        ? js(m, "hold_reason") : js(m, "last_reply");
+        fmt_age(age_of(m, "received_at"), age, sizeof(age));
+        printf("%-16s %-7s %-10s %5" PRId64 " %8s  %-30s %-30s %s\n", js(m, "qid"), js(m, "state"),
+               js(m, "mailstore"), ji(m, "attempts"), age,
+               clip(*js(m, "sender") ? js(m, "sender") : "<>", 30, b1, sizeof(b1)),
+               clip(js(m, "rcpt"), 30, b2, sizeof(b2)), clip(why, 60, b3, sizeof(b3)));
+    }
+    printf("%" PRId64 " recipient(s)%s\n", ji(rep, "total"),
+           json_is_true(json_object_get(rep, "more")) ? " (list cut: use --limit N)" : "");
+    json_decref(rep);
+    return EX_OK;
+}
+
+static int do_show(struct ctx *x)
+{
+    json_t *req = req_new("show"), *rep, *m, *r1;
+    const char *source = "daemon";
+    int body = opt(x, "body") != NULL;
+    size_t i;
+    int r;
+
+    req_str(req, "qid", x->arg);
+    if (body)
+        json_object_set_new(req, "body", json_true());
+    r = call(x, 0, req, &rep, 1);
+    if (r == -ENOENT) {
+        struct spool_query *q;
+        int found;
+        if ((r = open_index(x, &q)) != 0)
+            return r;
+        m = spool_query_show(q, x->arg, &found);
+        spool_query_close(q);
+        if (!m || !found) {
+            json_decref(m);
+            fprintf(stderr, "sluicectl: no such message: %s\n", x->arg);
+            return EX_FAILED;
+        }
+        if (body) {
+            struct spool *sp;
+            struct spool_opts so = { .dir = x->c.spool.dir, .readonly = 1 };
+            char err[ERR_LEN], *buf = NULL;
+            size_t len = 0;
+            if (spool_open(&sp, &so, err, sizeof(err)) == 0) {
+                if (spool_read(sp, x->arg, &buf, &len) == 0) {
+                    json_t *b = json_stringn(buf, len);
+                    json_object_set_new(m, "body", b ? b : json_string("(not UTF-8)"));
+                }
+                free(buf);
+                spool_close(sp);
+            } else {
+                json_object_set_new(m, "body_error", json_string(err));
+            }
+        }
+        rep = ctl_reply_ok();
+        json_object_set_new(rep, "message", m);
+        source = "index";
+    } else if (r) {
+        return r;
+    }
+    if (x->json) {
+        json_object_set_new(rep, "source", json_string(source));
+        print_json(rep);
+        json_decref(rep);
+        return EX_OK;
+    }
+    m = json_object_get(rep, "message");
+    char t[64], age[32];
+    fmt_time(ji(m, "received_at"), t, sizeof(t));
+    fmt_age(age_of(m, "received_at"), age, sizeof(age));
+    printf("qid:       %s\nreceived:  %s (%s ago)\nsize:      %" PRId64 "\nsender:    <%s>\n"
+           "client:    %s [%s] helo=%s\ntls:       %s\n", js(m, "qid"), t, age, ji(m, "size"),
+           js(m, "sender"), js(m, "client_name"), js(m, "client_addr"), js(m, "helo"),
+           *js(m, "tls") ? js(m, "tls") : "none");
+    printf("recipients:\n");
+    json_array_foreach(json_object_get(m, "recipients"), i, r1) {
+        char next[64];
+        fmt_time(ji(r1, "next_attempt"), next, sizeof(next));
+        printf("  %-7s %-10s <%s> tries=%" PRId64 " next=%s%s%s%s%s\n", js(r1, "state"),
+               js(r1, "mailstore"), js(r1, "rcpt"), ji(r1, "attempts"), next,
+               *js(r1, "last_reply") ? " last=\"" : "", js(r1, "last_reply"),
+               *js(r1, "last_reply") ? "\"" : "",
+               *js(r1, "hold_reason") ? " (held)" : "");
+    }
+    if (json_object_get(m, "body"))
+        printf("\n%s", js(m, "body"));
+    json_decref(rep);
+    return EX_OK;
+}
+
+static int do_affected(struct ctx *x)
+{
+    json_t *req = req_new("affected"), *rep, *m;
+    const char *source = "daemon";
+    size_t i;
+    int r;
+
+    req_str(req, "mailstore", x->arg);
+    r = call(x, 0, req, &rep, 1);
+    if (r == -ENOENT) {
+        struct spool_query *q;
+        if ((r = open_index(x, &q)) != 0)
+            return r;
+        json_t *arr = spool_query_affected(q, x->arg);
+        spool_query_close(q);
+        if (!arr)
+            return EX_FAILED;
+        rep = ctl_reply_ok();
+        json_object_set_new(rep, "mailstore", json_string(x->arg));
+        json_object_set_new(rep, "recipients", arr);
+        source = "index";
+    } else if (r) {
+        return r;
+    }
+    if (x->json) {
+        json_object_set_new(rep, "source", json_string(source));
+        print_json(rep);
+        json_decref(rep);
+        return EX_OK;
+    }
+    printf("%-40s %6s %5s %8s  %s\n", "RECIPIENT", "QUEUED", "HELD", "OLDEST", "LAST REPLY");
+    json_array_foreach(json_object_get(rep, "recipients"), i, m) {
+        char age[32], b[128];
+        fmt_age(age_of(m, "oldest"), age, sizeof(age));
+        printf("%-40s %6" PRId64 " %5" PRId64 " %8s  %s\n", js(m, "rcpt"), ji(m, "queued"),
+               ji(m, "held"), age, clip(js(m, "last_reply"), 70, b, sizeof(b)));
+    }
+    printf("%zu recipient(s) with mail waiting for %s\n",
+           json_array_size(json_object_get(rep, "recipients")), x->arg);
+    json_decref(rep);
+    return EX_OK;
+}
+
+static int do_audit(struct ctx *x)
+{
+    json_t *req = req_new("audit"), *rep, *m;
+    const char *s, *source = "daemon";
+    int limit = (s = opt(x, "limit")) ? atoi(s) : 50;
+    int64_t since = 0, ms;
+    size_t i;
+    int r;
+
+    if ((s = opt(x, "since")) && conf_parse_duration(s, &ms) == 0)
+        since = now_s() - ms / 1000;
+    json_object_set_new(req, "limit", json_integer(limit));
+    json_object_set_new(req, "since", json_integer(since));
+    r = call(x, 0, req, &rep, 1);
+    if (r == -ENOENT) {
+        struct spool_query *q;
+        if ((r = open_index(x, &q)) != 0)
+            return r;
+        json_t *arr = spool_query_audit(q, limit, since);
+        spool_query_close(q);
+        if (!arr)
+            return EX_FAILED;
+        rep = ctl_reply_ok();
+        json_object_set_new(rep, "audit", arr);
+        source = "index";
+    } else if (r) {
+        return r;
+    }
+    if (x->json) {
+        json_object_set_new(rep, "source", json_string(source));
+        print_json(rep);
+        json_decref(rep);
+        return EX_OK;
+    }
+    printf("%-19s %-16s %-8s %-28s %6s %-6s %s\n", "TIME", "USER", "COMMAND", "SCOPE", "COUNT",
+           "RESULT", "REASON / ARGS");
+    json_array_foreach(json_object_get(rep, "audit"), i, m) {
+        char t[64], cnt[32], b[64];
+        fmt_time(ji(m, "at"), t, sizeof(t));
+        if (json_is_integer(json_object_get(m, "count")))
+            snprintf(cnt, sizeof(cnt), "%" PRId64, ji(m, "count"));
+        else
+            snprintf(cnt, sizeof(cnt), "-");
+        printf("%-19s %-16s %-8s %-28s %6s %-6s %s%s%s\n", t, js(m, "user"), js(m, "cmd"),
+               clip(js(m, "scope"), 28, b, sizeof(b)), cnt,
+               strcmp(js(m, "result"), "ok") == 0 ? "ok" : "FAILED", js(m, "reason"),
+               *js(m, "args") ? " " : "", js(m, "args"));
+    }
+    json_decref(rep);
+    return EX_OK;
+}
+
+/* --- Commands: writing --------------------------------------------------------------------- */
+
+/* write_done - print a write command's reply. */
+static int write_done(struct ctx *x, json_t *rep, const char *what)
+{
+    if (x->json) {
+        print_json(rep);
+    } else {
+        const json_t *c = json_object_get(rep, "count"), *st = json_object_get(rep, "state");
+        printf("%s", what);
+        if (json_is_string(st))
+            printf(": %s is now %s", js(rep, "mailstore"), json_string_value(st));
+        if (json_is_integer(c))
+            printf("%s%" PRId64 " recipient(s)", json_is_string(st) ? ", " : ": ",
+                   (int64_t)json_integer_value(c));
+        if (json_is_string(st) && strcmp(json_string_value(st), "paused") == 0)
+            printf(" waiting");
+        if (json_is_integer(json_object_get(rep, "due")))
+            printf(", %" PRId64 " made due now", ji(rep, "due"));
+        printf(" (recorded in the audit trail)\n");
+    }
+    json_decref(rep);
+    return EX_OK;
+}
+
+static int do_pause(struct ctx *x)
+{
+    json_t *req = req_new("pause"), *rep;
+    int r;
+
+    if (!opt(x, "reason"))
+        die_usage("pause: --reason TEXT is required (it shows in status and the audit trail)");
+    req_str(req, "mailstore", x->arg);
+    req_str(req, "reason", opt(x, "reason"));
+    if ((r = call(x, 0, req, &rep, 0)))
+        return r;
+    return write_done(x, rep, "paused");
+}
+
+static int do_release(struct ctx *x)
+{
+    json_t *req = req_new("release"), *rep;
+    const char *s;
+    int r;
+
+    req_str(req, "mailstore", x->arg);
+    if ((s = opt(x, "rate")))
+        json_object_set_new(req, "rate", json_real(strtod(s, NULL)));
+    req_str(req, "ramp", opt(x, "ramp"));
+    if ((r = call(x, 0, req, &rep, 0)))
+        return r;
+    return write_done(x, rep, "released");
+}
+
+/* scoped - hold, unhold, retry: QID positional, or a mailstore (--mailstore or, for retry, a
+ * positional that is not a QID). */
+static int scoped(struct ctx *x, const char *cmd, const char *what)
+{
+    json_t *req = req_new(cmd), *rep;
+    const char *ms = opt(x, "mailstore");
+    int r;
+
+    if (x->arg && !ms && !qid_valid(x->arg))
+        ms = x->arg;            /* retry MS */
+    else if (x->arg)
+        req_str(req, "qid", x->arg);
+    if (!x->arg == !ms && !(x->arg && ms == x->arg))
+        die_usage("%s: give a queue ID or --mailstore MS (one of them)", cmd);
+    req_str(req, "mailstore", ms);
+    req_str(req, "reason", opt(x, "reason"));
+    if ((r = call(x, 0, req, &rep, 0)))
+        return r;
+    return write_done(x, rep, what);
+}
+
+static int do_hold(struct ctx *x) { return scoped(x, "hold", "held"); }
+static int do_unhold(struct ctx *x) { return scoped(x, "unhold", "unheld (queued, due now)"); }
+static int do_retry(struct ctx *x) { return scoped(x, "retry", "made due now"); }
+
+static int do_delete(struct ctx *x)
+{
+    json_t *req = req_new("delete"), *rep;
+    int r;
+
+    if (!qid_valid(x->arg))
+        die_usage("delete: \"%s\" is not a queue ID (delete takes one message at a time)", x->arg);
+    req_str(req, "qid", x->arg);
+    req_str(req, "reason", opt(x, "reason"));
+    if ((r = call(x, 0, req, &rep, 0)))
+        return r;
+    return write_done(x, rep, "deleted");
+}
+
+static int do_reroute(struct ctx *x)
+{
+    json_t *req = req_new("reroute"), *rep;
+    int r;
+
+    if (!opt(x, "to"))
+        die_usage("reroute: --to MAILSTORE is required");
+    req_str(req, "mailstore", x->arg);
+    req_str(req, "to", opt(x, "to"));
+    req_str(req, "rcpt", opt(x, "rcpt"));
+    req_str(req, "reason", opt(x, "reason"));
+    if ((r = call(x, 0, req, &rep, 0)))
+        return r;
+    if (!x->json)
+        fprintf(stderr, "sluicectl: queued mail moved; for new mail, add the address to "
+                        "[routing] override_map and reload the gateway (kill -HUP)\n");
+    return write_done(x, rep, "rerouted");
+}
+
+/* --- Commands: routing (local) ------------------------------------------------------------- */
+
+static struct router *build_router(struct ctx *x)
+{
+    struct router *rt = router_new();
+    char err[ERR_LEN];
+
+    if (!rt) {
+        fprintf(stderr, "sluicectl: out of memory\n");
+        exit(EX_FAILED);
+    }
+    for (int i = 0; i < x->c.n_mailstores; i++)
+        router_add_mailstore(rt, x->c.mailstores[i].name,
+                             x->c.mailstores[i].weight > 0 ? x->c.mailstores[i].weight : 1);
+    if ((x->c.routing.override_map[0] &&
+         router_load_overrides(rt, x->c.routing.override_map, err, sizeof(err)) < 0) ||
+        (x->c.routing.domain_map[0] &&
+         router_load_domains(rt, x->c.routing.domain_map, err, sizeof(err)) < 0)) {
+        fprintf(stderr, "sluicectl: %s\n", err);
+        router_free(rt);
+        exit(EX_FAILED);
+    }
+    return rt;
+}
+
+static int do_route(struct ctx *x)
+{
+    struct router *rt = build_router(x);
+    const char *why, *ms = router_route(rt, x->arg, &why);
+    static const char *const explain[][2] = {
+        { "override", "listed in [routing] override_map (a moved mailbox)" },
+        { "domain", "its domain is listed in [routing] domain_map" },
+        { "hash", "rendezvous hash of the address over the mailstores' weights" },
+        { "none", "no mailstore is configured" },
+    };
+    const char *text = why;
+
+    for (size_t i = 0; i < sizeof(explain) / sizeof(explain[0]); i++)
+        if (strcmp(why, explain[i][0]) == 0)
+            text = explain[i][1];
+    if (x->json) {
+        json_t *o = json_pack("{s:i,s:b,s:s,s:s,s:s,s:s}", "v", CTL_PROTO_VERSION, "ok", 1,
+                              "address", x->arg, "mailstore", ms ? ms : "", "why", why,
+                              "explanation", text);
+        print_json(o);
+        json_decref(o);
+    } else {
+        printf("%s -> %s (%s: %s)\n", x->arg, ms ? ms : "(none)", why, text);
+    }
+    router_free(rt);
+    return ms ? EX_OK : EX_FAILED;
+}
+
+struct users_ctx {
+    struct router *rt;
+    const char *ms;
+    json_t *arr;
+    json_t *waiting;            /* rcpt -> affected row, or NULL */
+};
+
+static int users_cb(const char *entry, const char *source, void *arg)
+{
+    struct users_ctx *u = arg;
+    const char *why, *ms;
+
+    if (entry[0] == '@') {
+        /* a catch-all: every user of the domain; routed by domain map or per address */
+        ms = router_route(u->rt, entry + 1, &why);
+        char probe[600];
+        snprintf(probe, sizeof(probe), "*%s", entry);
+        ms = router_route(u->rt, probe, &why);
+        if (strcmp(why, "domain") == 0 && strcmp(ms, u->ms) == 0)
+            json_array_append_new(u->arr, json_pack("{s:s,s:s,s:s,s:I}", "address", entry,
+                                                    "why", "domain (every user)", "source",
+                                                    source, "waiting", (json_int_t)0));
+        else if (strcmp(why, "domain") != 0)
+            json_array_append_new(u->arr, json_pack("{s:s,s:s,s:s,s:I}", "address", entry,
+                                                    "why", "catch-all",
+                                                    "source", source, "waiting", (json_int_t)0));
+        return 0;
+    }
+    ms = router_route(u->rt, entry, &why);
+    if (ms && strcmp(ms, u->ms) == 0) {
+        json_t *w = u->waiting ? json_object_get(u->waiting, entry) : NULL;
+        json_array_append_new(u->arr, json_pack("{s:s,s:s,s:s,s:I}", "address", entry, "why",
+                                                why, "source", source, "waiting",
+                                                (json_int_t)(w ? ji(w, "queued") + ji(w, "held")
+                                                               : 0)));
+    }
+    return 0;
+}
+
+static int do_users(struct ctx *x)
+{
+    struct users_ctx u = { .ms = x->arg };
+    char err[ERR_LEN];
+    json_t *rep = NULL, *m;
+    size_t i;
+    int r;
+
+    if (!conf_mailstore(&x->c, x->arg)) {
+        fprintf(stderr, "sluicectl: no such mailstore: %s\n", x->arg);
+        return EX_FAILED;
+    }
+    if (!x->c.gateway.recipient_map[0] && !x->c.gateway.recipient_db[0]) {
+        fprintf(stderr, "sluicectl: users needs a directory: neither [gateway] recipient_map "
+                        "nor recipient_db is set\n");
+        return EX_FAILED;
+    }
+    u.rt = build_router(x);
+    u.arr = json_array();
+    /* which of them have mail waiting: best effort (the daemon, else the index) */
+    json_t *areq = req_new("affected");
+    req_str(areq, "mailstore", x->arg);
+    if (call(x, 0, areq, &rep, 1) == 0 && rep) {
+        u.waiting = json_object();
+        json_array_foreach(json_object_get(rep, "recipients"), i, m)
+            json_object_set(u.waiting, js(m, "rcpt"), m);
+    }
+    r = rcptmap_list(x->c.gateway.recipient_map, x->c.gateway.recipient_db, users_cb, &u, err,
+                     sizeof(err));
+    router_free(u.rt);
+    json_decref(rep);
+    json_decref(u.waiting);
+    if (r < 0) {
+        fprintf(stderr, "sluicectl: %s\n", err);
+        json_decref(u.arr);
+        return EX_FAILED;
+    }
+    if (x->json) {
+        json_t *o = json_pack("{s:i,s:b,s:s,s:o}", "v", CTL_PROTO_VERSION, "ok", 1, "mailstore",
+                              x->arg, "users", u.arr);
+        print_json(o);
+        json_decref(o);
+        return EX_OK;
+    }
+    printf("%-40s %-10s %-8s %s\n", "ADDRESS", "ROUTED BY", "WAITING", "SOURCE");
+    json_array_foreach(u.arr, i, m)
+        printf("%-40s %-10s %-8" PRId64 " %s\n", js(m, "address"), js(m, "why"),
+               ji(m, "waiting"), js(m, "source"));
+    printf("%zu user(s) route to %s\n", json_array_size(u.arr), x->arg);
+    json_decref(u.arr);
+    return EX_OK;
+}
+
+/* --- Commands: check and verify ------------------------------------------------------------ */
+
+static int64_t opt_num(struct ctx *x, const char *name, int64_t def, enum opt_type t)
+{
+    const char *s = opt(x, name);
+    int64_t ms;
+    uint64_t sz;
+
+    if (!s)
+        return def;
+    if (t == OT_DUR)
+        return conf_parse_duration(s, &ms) == 0 ? ms / 1000 : def;
+    if (t == OT_SIZE)
+        return conf_parse_size(s, &sz) == 0 ? (int64_t)sz : def;
+    return strtoll(s, NULL, 10);
+}
+
+static int do_check(struct ctx *x)
+{
+    struct ctl_check_limits l;
+    struct ctl_check_input in = { .deliver_up = 1, .free_bytes = -1 };
+    struct ctl_check_ms ms[CONF_MAILSTORE_MAX * 2];
+    json_t *rep, *m;
+    const char *source;
+    char line[4096];
+    size_t i;
+    int r;
+
+    ctl_check_defaults(&l);
+    l.warn_age_s = opt_num(x, "warn-age", l.warn_age_s, OT_DUR);
+    l.crit_age_s = opt_num(x, "crit-age", l.crit_age_s, OT_DUR);
+    l.warn_depth = (long)opt_num(x, "warn-depth", l.warn_depth, OT_INT);
+    l.crit_depth = (long)opt_num(x, "crit-depth", l.crit_depth, OT_INT);
+    l.warn_held = (long)opt_num(x, "warn-held", l.warn_held, OT_INT);
+    l.crit_held = (long)opt_num(x, "crit-held", l.crit_held, OT_INT);
+    l.warn_free = opt_num(x, "warn-free", l.warn_free, OT_SIZE);
+    l.crit_free = opt_num(x, "crit-free", l.crit_free, OT_SIZE);
+    /* a plugin prints one line on stdout, whatever happens */
+    freopen("/dev/null", "w", stderr);
+    r = get_status(x, &rep, &source);
+    if (r) {
+        printf("SLUICE UNKNOWN - cannot read sluice's state (sluicectl exit %d: daemon down and "
+               "index unreadable?)\n", r);
+        return CTL_CHECK_UNKNOWN;
+    }
+    in.deliver_up = strcmp(source, "daemon") == 0;
+    json_t *sp = json_object_get(rep, "spool");
+    if (sp)
+        in.free_bytes = ji(sp, "free_bytes");
+    json_array_foreach(json_object_get(rep, "mailstores"), i, m) {
+        if (in.nms >= (int)(sizeof(ms) / sizeof(ms[0])))
+            break;
+        struct ctl_check_ms *c = &ms[in.nms++];
+        c->name = js(m, "name");
+        c->state = js(m, "state");
+        c->reason = js(m, "reason");
+        c->queued = (long)ji(m, "queued");
+        c->held = (long)ji(m, "held");
+        c->oldest_age_s = age_of(m, "oldest_queued");
+    }
+    in.ms = ms;
+    enum ctl_check_status st = ctl_check_eval(&l, &in, line, sizeof(line));
+    if (x->json) {
+        json_t *o = json_pack("{s:s,s:i,s:s}", "status", ctl_check_name(st), "exit", (int)st,
+                              "line", line);
+        print_json(o);
+        json_decref(o);
+    } else {
+        printf("%s\n", line);
+    }
+    json_decref(rep);
+    return (int)st;
+}
+
+struct verify_ctx {
+    json_t *bad;
+    int json;
+};
+
+static void verify_report(const char *qid, const char *why, void *arg)
+{
+    struct verify_ctx *v = arg;
+    json_array_append_new(v->bad, json_pack("{s:s,s:s}", "qid", qid, "why", why));
+    if (!v->json)
+        printf("BAD %s: %s\n", qid, why);
+}
+
+static int do_spool_verify(struct ctx *x)
+{
+    struct spool *sp;
+    struct spool_opts so = { .dir = x->c.spool.dir, .readonly = 1 };
+    struct verify_ctx v = { .bad = json_array(), .json = x->json };
+    char err[ERR_LEN];
+    int n;
+
+    if (spool_open(&sp, &so, err, sizeof(err)) < 0) {
+        fprintf(stderr, "sluicectl: cannot open the spool: %s\n", err);
+        json_decref(v.bad);
+        return EX_FAILED;
+    }
+    n = spool_verify(sp, verify_report, &v);
+    spool_close(sp);
+    if (x->json) {
+        json_t *o = json_pack("{s:i,s:b,s:i,s:O}", "v", CTL_PROTO_VERSION, "ok", n == 0, "bad",
+                              n < 0 ? 0 : n, "records", v.bad);
+        print_json(o);
+        json_decref(o);
+    } else if (n == 0) {
+        printf("spool %s: every record's CRC is good\n", x->c.spool.dir);
+    } else if (n > 0) {
+        printf("spool %s: %d bad record(s); their recipients are held (sluicectl queue --state "
+               "held)\n", x->c.spool.dir, n);
+    }
+    json_decref(v.bad);
+    if (n < 0) {
+        fprintf(stderr, "sluicectl: verify: %s\n", strerror(-n));
+        return EX_FAILED;
+    }
+    return n == 0 ? EX_OK : EX_FAILED;
+}
+
+/* --- The grammar table --------------------------------------------------------------------- */
+
+static const struct opt_def o_none[] = { { NULL, OT_FLAG } };
+static const struct opt_def o_pause[] = { { "reason", OT_STR }, { NULL, OT_FLAG } };
+static const struct opt_def o_release[] = { { "rate", OT_RATE }, { "ramp", OT_DUR },
+                                            { NULL, OT_FLAG } };
+static const struct opt_def o_queue[] = { { "mailstore", OT_STR }, { "state", OT_STR },
+                                          { "sender", OT_STR }, { "rcpt", OT_STR },
+                                          { "older-than", OT_DUR }, { "limit", OT_INT },
+                                          { NULL, OT_FLAG } };
+static const struct opt_def o_show[] = { { "body", OT_FLAG }, { NULL, OT_FLAG } };
+static const struct opt_def o_scope[] = { { "mailstore", OT_STR }, { "reason", OT_STR },
+                                          { NULL, OT_FLAG } };
+static const struct opt_def o_reroute[] = { { "to", OT_STR }, { "rcpt", OT_STR },
+                                            { "reason", OT_STR }, { NULL, OT_FLAG } };
+static const struct opt_def o_check[] = { { "warn-age", OT_DUR }, { "crit-age", OT_DUR },
+                                          { "warn-depth", OT_INT }, { "crit-depth", OT_INT },
+                                          { "warn-held", OT_INT }, { "crit-held", OT_INT },
+                                          { "warn-free", OT_SIZE }, { "crit-free", OT_SIZE },
+                                          { NULL, OT_FLAG } };
+static const struct opt_def o_audit[] = { { "limit", OT_INT }, { "since", OT_DUR },
+                                          { NULL, OT_FLAG } };
+
+static const struct cmd_def cmds[] = {
+    { "status", NULL, o_none, do_status, "status" },
+    { "pause", "MS", o_pause, do_pause, "pause MS --reason TEXT" },
+    { "release", "MS", o_release, do_release, "release MS [--rate N/s] [--ramp DURATION]" },
+    { "queue", NULL, o_queue, do_queue,
+      "queue [--mailstore MS] [--state queued|held] [--sender A] [--rcpt A] [--older-than D]"
+      " [--limit N]" },
+    { "show", "QID", o_show, do_show, "show QID [--body]" },
+    { "hold", "[QID]", o_scope, do_hold, "hold QID|--mailstore MS [--reason TEXT]" },
+    { "unhold", "[QID]", o_scope, do_unhold, "unhold QID|--mailstore MS" },
+    { "retry", "[QID]", o_scope, do_retry, "retry QID|MS" },
+    { "delete", "QID", o_scope, do_delete, "delete QID [--reason TEXT]" },
+    { "reroute", "MS", o_reroute, do_reroute, "reroute MS --to MS2 [--rcpt ADDR] [--reason TEXT]" },
+    { "affected", "MS", o_none, do_affected, "affected MS" },
+    { "users", "MS", o_none, do_users, "users MS" },
+    { "route", "ADDR", o_none, do_route, "route ADDR" },
+    { "check", NULL, o_check, do_check,
+      "check [--warn-age D] [--crit-age D] [--warn-depth N] [--crit-depth N] [--warn-held N]"
+      " [--crit-held N] [--warn-free SIZE] [--crit-free SIZE]" },
+    { "spool verify", NULL, o_none, do_spool_verify, "spool verify" },
+    { "audit", NULL, o_audit, do_audit, "audit [--limit N] [--since DURATION]" },
+    { NULL, NULL, NULL, NULL, NULL },
+};
+
+/* check_value - an option's value has its type's syntax. */
+static int check_value(enum opt_type t, const char *v)
+{
+    int64_t ms;
+    uint64_t sz;
+    char *end;
+
+    switch (t) {
+    case OT_DUR: return conf_parse_duration(v, &ms) == 0;
+    case OT_SIZE: return conf_parse_size(v, &sz) == 0;
+    case OT_INT: return *v && strtol(v, &end, 10) >= 0 && *end == '\0';
+    case OT_RATE: {
+        double d = strtod(v, &end);
+        return end != v && d > 0 && (*end == '\0' || strcmp(end, "/s") == 0);
+    }
+    default: return 1;
+    }
+}
+
+/* parse - match argv against the table; fills x or exits 2. */
+static void parse(struct ctx *x, int argc, char **argv)
+{
+    const struct cmd_def *c, *best = NULL;
+    int used = 0, i;
+
+    for (c = cmds; c->words; c++) {
+        char words[64];
+        int n = 0, ok = 1;
+        snprintf(words, sizeof(words), "%s", c->words);
+        for (char *w = strtok(words, " "); w; w = strtok(NULL, " "), n++)
+            if (n >= argc || strcmp(argv[n], w) != 0)
+                ok = 0;
+        if (ok && n > used) {
+            best = c;
+            used = n;
+        }
+    }
+    if (!best)
+        die_usage("unknown command \"%s\"", argc ? argv[0] : "");
+    x->cmd = best;
+    for (i = used; i < argc; i++) {
+        const char *a = argv[i];
+        if (strcmp(a, "--json") == 0) {
+            x->json = 1;
+            continue;
+        }
+        if (strncmp(a, "--", 2) == 0) {
+            const char *name = a + 2, *eq = strchr(name, '=');
+            char nb[64];
+            size_t nl = eq ? (size_t)(eq - name) : strlen(name);
+            const struct opt_def *o;
+            if (nl >= sizeof(nb))
+                die_usage("%s: unknown option %.70s", best->words, a);
+            memcpy(nb, name, nl);
+            nb[nl] = '\0';
+            for (o = best->opts; o->name && strcmp(o->name, nb) != 0; o++)
+                ;
+            if (!o->name)
+                die_usage("%s: unknown option --%s (usage: sluicectl %s)", best->words, nb,
+                          best->synopsis);
+            if (x->nopt >= OPT_MAX)
+                die_usage("too many options");
+            const char *val = "1";
+            if (o->type != OT_FLAG) {
+                if (eq)
+                    val = eq + 1;
+                else if (i + 1 < argc)
+                    val = argv[++i];
+                else
+                    die_usage("%s: --%s needs a value", best->words, nb);
+                if (!check_value(o->type, val))
+                    die_usage("%s: bad value for --%s: \"%s\"", best->words, nb, val);
+            }
+            x->optname[x->nopt] = o->name;
+            x->optval[x->nopt++] = val;
+            continue;
+        }
+        if (!best->arg || x->arg)
+            die_usage("%s: unexpected argument \"%s\" (usage: sluicectl %s)", best->words, a,
+                      best->synopsis);
+        x->arg = a;
+    }
+    if (best->arg && best->arg[0] != '[' && !x->arg)
+        die_usage("%s: missing %s (usage: sluicectl %s)", best->words, best->arg, best->synopsis);
+    if (x->arg && strcmp(best->arg, "QID") == 0 && !qid_valid(x->arg))
+        die_usage("%s: \"%s\" is not a queue ID (16 characters, as in the logs)", best->words,
+                  x->arg);
+}
+
+static char *usage_text;
+
+static void build_usage(void)
+{
+    size_t len;
+    FILE *f = open_memstream(&usage_text, &len);
+
+    if (!f)
+        return;
+    fprintf(f, "Commands (add --json to any for machine-readable output):\n");
+    for (const struct cmd_def *c = cmds; c->words; c++)
+        fprintf(f, "  %s\n", c->synopsis);
+    fprintf(f, "Exit status: 0 ok, 1 failed, 2 usage, 3 daemon not running, 4 permission "
+               "denied, 5 version mismatch;\ncheck: 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN.\n");
+    fclose(f);
+}
+
+/* --- main ------------------------------------------------------------------------------------ */
+
+int main(int argc, char **argv)
+{
+    struct ctx *x = calloc(1, sizeof(*x));
+    struct cli_opts o = { .usage_args = "[--json] COMMAND [ARG] [OPTIONS]" };
+    char err[CONF_ERR_LEN];
+    int i, r;
+
+    if (!x)
+        return EX_FAILED;
+    /* --json may also come before the command */
+    for (i = 1; i < argc; i++) {
+        if (strcmp(argv[i], "--json") == 0) {
+            x->json = 1;
+            memmove(&argv[i], &argv[i + 1], (size_t)(argc - i) * sizeof(argv[0]));
+            argc--;
+            break;
+        }
+    }
+    build_usage();
+    o.usage_extra = usage_text;
+    i = cli_parse(argc, argv, "sluicectl", &o);
+    if (i >= argc)
+        die_usage("no command given");
+    parse(x, argc - i, argv + i);
+    log_init("sluicectl", 1, LOG_WARNING);
+    if ((r = conf_load(&x->c, o.conf_path, err, sizeof(err))) < 0) {
+        fprintf(stderr, "sluicectl: %s\n", err);
+        return strcmp(x->cmd->words, "check") == 0 ? CTL_CHECK_UNKNOWN : EX_FAILED;
+    }
+    if (conf_ctl_socket(&x->c, 0, x->deliver_path, sizeof(x->deliver_path)) < 0 ||
+        conf_ctl_socket(&x->c, 1, x->gateway_path, sizeof(x->gateway_path)) < 0) {
+        fprintf(stderr, "sluicectl: control socket path too long\n");
+        return EX_FAILED;
+    }
+    r = x->cmd->fn(x);
+    free(x);
+    return r;
+}

@@ -1,0 +1,48 @@
+/*
+ * gw_ctl.h - sluice-gateway's control socket and Prometheus metrics: counters the SMTP side
+ * bumps through the hooks below, served as `status` on [control] gateway_socket (default
+ * <spool dir>/gateway.ctl, protocol ctl_proto.h, read-only commands only) and as /metrics on
+ * [metrics] gateway_listen (off when empty).
+ *
+ * One instance per process (the hooks are plain functions so a session needs no pointer);
+ * every hook is a no-op before gw_ctl_start and after gw_ctl_stop. Loop thread only.
+ *
+ * Wiring (gw_server.c / sluice-gateway_main.c):
+ *   after the listeners are up:   gw_ctl_start(loop, conf, spool, err, sizeof(err)) (a failure
+ *                                 is a warning: mail matters more than metrics)
+ *   SIGHUP with the new config:   gw_ctl_reload(newconf)
+ *   shutdown, before the loop's last run: gw_ctl_stop()
+ *   session accepted / closed:    gw_ctl_session_open() / gw_ctl_session_close()
+ *   250 after DATA:               gw_ctl_accepted(nrcpt, bytes, commit_seconds)
+ *   each 4xx/5xx refusal:         gw_ctl_rejected("unknown_user") (one short reason word)
+ */
+#ifndef SLUICE_GW_CTL_H
+#define SLUICE_GW_CTL_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <uv.h>
+
+#include "conf.h"
+#include "spool.h"
+
+#define GW_CTL_REASONS_MAX 32   /* distinct rejection reasons counted; more go to "other" */
+#define GW_CTL_REASON_LEN 32
+
+/* Start counting, listen on the control socket and, when configured, serve /metrics. A
+ * negative return means the control socket could not be had (err says why); counting and
+ * metrics run anyway, and gw_ctl_stop must be called whatever this returned. */
+int gw_ctl_start(uv_loop_t *loop, const struct conf *c, struct spool *sp, char *err,
+                 size_t errlen);
+void gw_ctl_reload(const struct conf *c);
+void gw_ctl_stop(void);
+
+void gw_ctl_session_open(void);
+void gw_ctl_session_close(void);
+/* A message was committed for nrcpt recipients; commit_s = end of data to durable. */
+void gw_ctl_accepted(int nrcpt, uint64_t bytes, double commit_s);
+/* A refusal (any command): reason like "unknown_user", "relay_denied", "too_big",
+ * "spool_full", "backlog", "rate_limit", "syntax", "tls_required", "policy". */
+void gw_ctl_rejected(const char *reason);
+
+#endif

@@ -1,0 +1,50 @@
+/*
+ * ctl_check.h - the verdict of `sluicectl check`, a Nagios/Icinga plugin: one status line
+ * "SLUICE OK|WARNING|CRITICAL|UNKNOWN - what | perfdata" and exit 0/1/2/3 (Nagios plugin
+ * guidelines). Pure functions over numbers sluicectl gathered, so the thresholds are unit-tested.
+ *
+ * Rules, worst wins:
+ *   CRITICAL  sluice-deliver not running; a mailstore tripped; a mailstore's queue depth or
+ *             oldest queued age at or past crit; spool free space below crit_free.
+ *   WARNING   a mailstore paused (someone is on it, but mail is waiting); depth, age or free
+ *             space past warn; held recipients at or past warn_held (when set).
+ *   UNKNOWN   the facts could not be gathered (the caller passes that).
+ */
+#ifndef SLUICE_CTL_CHECK_H
+#define SLUICE_CTL_CHECK_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+enum ctl_check_status { CTL_CHECK_OK = 0, CTL_CHECK_WARNING = 1, CTL_CHECK_CRITICAL = 2,
+                        CTL_CHECK_UNKNOWN = 3 };
+
+struct ctl_check_limits {
+    int64_t warn_age_s, crit_age_s;     /* oldest queued recipient, per mailstore */
+    long warn_depth, crit_depth;        /* queued recipients, per mailstore */
+    long warn_held, crit_held;          /* held recipients, per mailstore; 0 = off */
+    int64_t warn_free, crit_free;       /* spool bytes free; 0 = off */
+};
+
+struct ctl_check_ms {
+    const char *name;
+    const char *state;                  /* "active", "paused", "tripped", "ramping", ... */
+    const char *reason;                 /* may be NULL */
+    long queued, held;
+    int64_t oldest_age_s;               /* oldest queued; -1 when nothing is queued */
+};
+
+struct ctl_check_input {
+    int deliver_up;                     /* 0: sluice-deliver's socket did not answer */
+    int64_t free_bytes;                 /* -1 unknown */
+    int nms;
+    const struct ctl_check_ms *ms;
+};
+
+void ctl_check_defaults(struct ctl_check_limits *l);
+const char *ctl_check_name(enum ctl_check_status s);
+/* The verdict and its line (without newline) in out. */
+enum ctl_check_status ctl_check_eval(const struct ctl_check_limits *l,
+                                     const struct ctl_check_input *in, char *out, size_t len);
+
+#endif
