@@ -49,7 +49,15 @@ struct ctl_server {
     struct ctl_client *clients;
     int nclients;
     int stopped;
+    int listener_open;          /* until the listener's close callback */
+    int free_asked;             /* ctl_server_free was called: free when the handles are closed */
 };
+
+static void server_maybe_free(struct ctl_server *srv)
+{
+    if (srv->free_asked && !srv->listener_open && srv->nclients == 0)
+        free(srv);
+}
 
 struct ctl_wreq {
     uv_write_t req;
@@ -215,6 +223,7 @@ static void client_unref(struct ctl_client *cl)
     srv->nclients--;
     ctl_lines_free(&cl->lines);
     free(cl);
+    server_maybe_free(srv);
 }
 
 static void client_close(struct ctl_client *cl)
@@ -263,6 +272,14 @@ static void client_read_cb(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
 }
 
 /* --- Listening ---------------------------------------------------------------------------- */
+
+static void listener_closed(uv_handle_t *h)
+{
+    struct ctl_server *srv = h->data;
+
+    srv->listener_open = 0;
+    server_maybe_free(srv);
+}
 
 static void on_connection(uv_stream_t *server, int status)
 {
@@ -345,10 +362,11 @@ int ctl_server_start(struct ctl_server **out, const struct ctl_server_opts *o, c
     srv->arg = o->arg;
     uv_pipe_init(o->loop, &srv->listener, 0);
     srv->listener.data = srv;
+    srv->listener_open = 1;
     if ((r = uv_pipe_bind(&srv->listener, o->path)) < 0 ||
         (r = uv_listen((uv_stream_t *)&srv->listener, 16, on_connection)) < 0) {
         snprintf(err, errlen, "%s: %s", o->path, uv_strerror(r));
-        uv_close((uv_handle_t *)&srv->listener, NULL);
+        uv_close((uv_handle_t *)&srv->listener, listener_closed);
         srv->stopped = 1;
         *out = srv;            /* the caller stops and frees it like any other */
         return r;
@@ -369,12 +387,15 @@ void ctl_server_stop(struct ctl_server *srv)
     if (!srv || srv->stopped)
         return;
     srv->stopped = 1;
-    uv_close((uv_handle_t *)&srv->listener, NULL); /* uv_close unlinks the bound path */
+    uv_close((uv_handle_t *)&srv->listener, listener_closed); /* unlinks the bound path */
     for (struct ctl_client *cl = srv->clients; cl; cl = cl->next)
         client_close(cl);
 }
 
 void ctl_server_free(struct ctl_server *srv)
 {
-    free(srv);
+    if (!srv)
+        return;
+    srv->free_asked = 1;
+    server_maybe_free(srv);
 }

@@ -166,9 +166,10 @@ static const char *opt(const struct ctx *x, const char *name)
 /* clip - a copy of s cut to n characters with "..." (for table cells). */
 static const char *clip(const char *s, size_t n, char *buf, size_t len)
 {
-    if (strlen(s) <= n || n + 1 > len)
+    if (strlen(s) <= n || n < 4 || n + 1 > len)
         return s;
-    snprintf(buf, len, "%.*s...", (int)(n - 3), s);
+    memcpy(buf, s, n - 3);
+    memcpy(buf + n - 3, "...", 4);
     return buf;
 }
 
@@ -624,15 +625,16 @@ static int write_done(struct ctx *x, json_t *rep, const char *what)
     } else {
         const json_t *c = json_object_get(rep, "count"), *st = json_object_get(rep, "state");
         printf("%s", what);
-        if (json_is_string(st))
+        if (json_is_string(st)) {
+            /* pause, release: the count is what waits for the mailstore */
             printf(": %s is now %s", js(rep, "mailstore"), json_string_value(st));
-        if (json_is_integer(c))
-            printf("%s%" PRId64 " recipient(s)", json_is_string(st) ? ", " : ": ",
-                   (int64_t)json_integer_value(c));
-        if (json_is_string(st) && strcmp(json_string_value(st), "paused") == 0)
-            printf(" waiting");
-        if (json_is_integer(json_object_get(rep, "due")))
-            printf(", %" PRId64 " made due now", ji(rep, "due"));
+            if (json_is_integer(c))
+                printf(", %" PRId64 " recipient(s) waiting", (int64_t)json_integer_value(c));
+            if (json_is_integer(json_object_get(rep, "due")))
+                printf(", %" PRId64 " made due now", ji(rep, "due"));
+        } else if (json_is_integer(c)) {
+            printf(": %" PRId64 " recipient(s)", (int64_t)json_integer_value(c));
+        }
         printf(" (recorded in the audit trail)\n");
     }
     json_decref(rep);
@@ -1149,13 +1151,12 @@ static void build_usage(void)
 
 int main(int argc, char **argv)
 {
-    struct ctx *x = calloc(1, sizeof(*x));
+    static struct ctx ctx;      /* static: exit() from anywhere leaks nothing */
+    struct ctx *x = &ctx;
     struct cli_opts o = { .usage_args = "[--json] COMMAND [ARG] [OPTIONS]" };
     char err[CONF_ERR_LEN];
     int i, r;
 
-    if (!x)
-        return EX_FAILED;
     /* --json may also come before the command */
     for (i = 1; i < argc; i++) {
         if (strcmp(argv[i], "--json") == 0) {
@@ -1173,8 +1174,16 @@ int main(int argc, char **argv)
     parse(x, argc - i, argv + i);
     log_init("sluicectl", 1, LOG_WARNING);
     if ((r = conf_load(&x->c, o.conf_path, err, sizeof(err))) < 0) {
+        free(usage_text);
+        if (strcmp(x->cmd->words, "check") == 0) {
+            char *nl = strchr(err, '\n');
+            if (nl)
+                *nl = '\0';
+            printf("SLUICE UNKNOWN - cannot load the configuration: %s\n", err);
+            return CTL_CHECK_UNKNOWN;
+        }
         fprintf(stderr, "sluicectl: %s\n", err);
-        return strcmp(x->cmd->words, "check") == 0 ? CTL_CHECK_UNKNOWN : EX_FAILED;
+        return EX_FAILED;
     }
     if (conf_ctl_socket(&x->c, 0, x->deliver_path, sizeof(x->deliver_path)) < 0 ||
         conf_ctl_socket(&x->c, 1, x->gateway_path, sizeof(x->gateway_path)) < 0) {
@@ -1182,6 +1191,6 @@ int main(int argc, char **argv)
         return EX_FAILED;
     }
     r = x->cmd->fn(x);
-    free(x);
+    free(usage_text);
     return r;
 }

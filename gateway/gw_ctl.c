@@ -94,6 +94,45 @@ void gw_ctl_rejected(const char *reason)
     g.reason_n[i]++;
 }
 
+/* Reason words for replies, first match wins: "CODE ENH" prefix or "ENH" alone. */
+static const char *const reply_reasons[][2] = {
+    { "5.1.1", "unknown_user" },
+    { "5.7.1", "relay_denied" },
+    { "5.3.4", "too_big" },
+    { "552 ", "too_big" },
+    { "4.3.1", "spool_full" },
+    { "4.5.3", "too_many_recipients" },
+    { "5.5.3", "too_many_recipients" },
+    { "421 4.7.0", "too_many_connections" },
+    { "454 4.7.0", "tls_unavailable" },
+    { "421 4.4.2", "timeout" },
+    { "421 4.3.2", "shutting_down" },
+    { "451 4.3.0", "tempfail" },
+    { "4.2.2", "backlog" },
+    { "5.1.3", "bad_address" },
+    { "5.1.7", "bad_address" },
+    { "5.5.", "protocol" },
+    { "5.7.0", "policy" },
+};
+
+const char *gw_ctl_reply_reason(const char *reply)
+{
+    for (size_t i = 0; i < sizeof(reply_reasons) / sizeof(reply_reasons[0]); i++) {
+        const char *pat = reply_reasons[i][0];
+        if (pat[0] == '4' && pat[1] == '.' ? strncmp(reply + 4, pat, strlen(pat)) == 0
+            : pat[0] == '5' && pat[1] == '.' ? strncmp(reply + 4, pat, strlen(pat)) == 0
+            : strncmp(reply, pat, strlen(pat)) == 0)
+            return reply_reasons[i][1];
+    }
+    return reply[0] == '4' ? "other_4xx" : "other_5xx";
+}
+
+void gw_ctl_rejected_reply(const char *reply)
+{
+    if (g.on && reply && (reply[0] == '4' || reply[0] == '5') && strlen(reply) >= 3)
+        gw_ctl_rejected(gw_ctl_reply_reason(reply));
+}
+
 /* --- Status and metrics ---------------------------------------------------------------------- */
 
 static void handle_status(struct ctl_req *rq, const json_t *req, void *arg)

@@ -14,7 +14,7 @@
  *   shutdown, before the loop's last run: gw_ctl_stop()
  *   session accepted / closed:    gw_ctl_session_open() / gw_ctl_session_close()
  *   250 after DATA:               gw_ctl_accepted(nrcpt, bytes, commit_seconds)
- *   each 4xx/5xx refusal:         gw_ctl_rejected("unknown_user") (one short reason word)
+ *   each reply sent:              gw_ctl_rejected_reply(line) (counts 4xx/5xx by reason)
  */
 #ifndef SLUICE_GW_CTL_H
 #define SLUICE_GW_CTL_H
@@ -44,5 +44,10 @@ void gw_ctl_accepted(int nrcpt, uint64_t bytes, double commit_s);
 /* A refusal (any command): reason like "unknown_user", "relay_denied", "too_big",
  * "spool_full", "backlog", "rate_limit", "syntax", "tls_required", "policy". */
 void gw_ctl_rejected(const char *reason);
+/* The same from the reply line itself ("550 5.1.1 ..."): 2xx/3xx are ignored, 4xx/5xx are
+ * counted under gw_ctl_reply_reason's word. One call in the reply writer covers them all. */
+void gw_ctl_rejected_reply(const char *reply);
+/* "550 5.1.1 ..." -> "unknown_user", "552 ..." -> "too_big", ...; "other_4xx"/"other_5xx". */
+const char *gw_ctl_reply_reason(const char *reply);
 
 #endif

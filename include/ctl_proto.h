@@ -39,7 +39,6 @@
     XX(show, 0) \
     XX(affected, 0) \
     XX(audit, 0) \
-    XX(metrics, 0) \
     XX(pause, 1) \
     XX(release, 1) \
     XX(hold, 1) \

@@ -43,7 +43,8 @@ int ctl_server_start(struct ctl_server **s, const struct ctl_server_opts *o, cha
                      size_t errlen);
 /* After a config reload. */
 void ctl_server_set_admin_group(struct ctl_server *s, const char *group);
-/* Close the listener (unlinking the path) and every client; run the loop, then free. */
+/* Close the listener (unlinking the path) and every client. ctl_server_free may follow at
+ * once: the memory goes when the last handle's close callback has run (so run the loop). */
 void ctl_server_stop(struct ctl_server *s);
 void ctl_server_free(struct ctl_server *s);
 

@@ -278,7 +278,14 @@ static json_t *do_audit(struct job *j, struct spool_query *q)
 }
 
 /* reroute_rows - move every undelivered recipient of j->ms (or only j->rcpt) to j->to; the
- * queued ones become due now. Returns how many, or -errno. */
+ * queued ones become due now. Returns how many, or -errno.
+ * Rows in flight are moved too: if their delivery to the old mailstore succeeds, the mark
+ * (by row id) deletes them as usual; if it is deferred, the retry goes to the new one. Jobs
+ * loaded but not started are dropped in job_after (dlv_drop_ready).
+ * XXX: like mstore_db_make_due this writes the spool's recipients table with one statement of
+ * our own; a spool_reroute() in spool.c would be the cleaner home once spool.c is open again.
+ * XXX: a fetch of the old mailstore running in the pool at this very moment may still load
+ * rows it read before the update and start them on the old mailstore (milliseconds wide). */
 static long reroute_rows(struct job *j)
 {
     sqlite3 *db = NULL;
@@ -655,7 +662,7 @@ int dlv_ctl_start(struct dlv_ctl **out, uv_loop_t *loop, struct dlv *d, struct s
     o.admin_group = c->control.admin_group;
     o.arg = ctl;
     for (int i = 0; i < CTL_NCMDS; i++)
-        o.handlers[i] = i == CTL_CMD_metrics ? NULL : handle;
+        o.handlers[i] = handle;
     r = ctl_server_start(&ctl->srv, &o, err, errlen);
     *out = ctl;
     return r;

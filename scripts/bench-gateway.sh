@@ -11,11 +11,13 @@
 #   sluice-deliver out even when built), BENCH_BASE (/var/tmp/bench-sluice; wiped).
 #
 # What runs, all on 127.0.0.1 only:
-#   1. sluice-gateway on :2525 with a throwaway spool under $BENCH_BASE; smtp-sink on :2626 as
-#      the mailstore. lib.sh's run_matrix: accept/s for each size x sessions, smtp-source as
-#      the client, a fresh gateway per configuration. Until sluice-deliver exists nothing is
-#      delivered: the e2e/s column then counts messages reaching the spool index (acceptance
-#      only) and the outage test is skipped.
+#   1. sluice-gateway on :2525 with a throwaway spool under $BENCH_BASE, and sluice-deliver
+#      when it is built, relaying to smtp-sink on :2626 (the mailstore). lib.sh's run_matrix:
+#      accept/s for each size x sessions, smtp-source as the client, a fresh spool and daemons
+#      per configuration; then lib.sh's run_outage (unless SKIP_OUTAGE), with a release
+#      (ramp 0) on sluice-deliver's control socket as the flush. Without sluice-deliver (or
+#      with BENCH_DELIVER=0) nothing is delivered: the e2e/s column then counts messages
+#      reaching the spool index (acceptance only), no sink runs and the outage test is skipped.
 #   2. p50/p99 latency from the end of data to the 250 reply (LAT_MSGS messages over
 #      LAT_THREADS sessions, 4 KiB), and the RSS of the gateway holding IDLE_CONNS idle
 #      plaintext connections (target: 10,000 in at most 200 MiB).
@@ -64,25 +66,33 @@ esac
 [ "$(id -u)" = 0 ] || die "run as root"
 
 # ---------------------------------------------------------------- the gateway
-SERVER_PID= DELIVER_PID=
+# SERVER_PID is the root of what the memory sampler sums: the gateway itself, or with the
+# deliverer a small parent shell of both (so the figures cover both, as Postfix's cover its
+# delivery agents). GATEWAY_PID is the gateway (listening sockets, idle-connection RSS).
+SERVER_PID= GATEWAY_PID= DELIVER_PID=
 index_count() { # messages in the spool index (0 before the first start)
     [ -f "$QUEUE_DIR/index.db" ] || { echo 0; return; }
     sqlite3 -readonly "$QUEUE_DIR/index.db" 'SELECT count(*) FROM messages' 2>/dev/null || echo 0
 }
 
+stop_pid() { # pid: SIGTERM, 30 s, then SIGKILL
+    kill -0 "$1" 2>/dev/null || return 0
+    kill -TERM "$1" 2>/dev/null || true
+    for _ in $(seq 300); do kill -0 "$1" 2>/dev/null || break; sleep 0.1; done
+    if kill -0 "$1" 2>/dev/null; then
+        log "pid $1 still running 30 s after SIGTERM; sending SIGKILL"
+        kill -9 "$1" 2>/dev/null || true
+    fi
+}
+
 server_stop() {
     local p
-    for p in $DELIVER_PID $SERVER_PID; do
-        kill -0 "$p" 2>/dev/null || continue
-        kill -TERM "$p" 2>/dev/null || true
-        for _ in $(seq 300); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
-        if kill -0 "$p" 2>/dev/null; then
-            log "pid $p still running 30 s after SIGTERM; sending SIGKILL"
-            kill -9 "$p" 2>/dev/null || true
-        fi
-        wait "$p" 2>/dev/null || true
-    done
-    SERVER_PID= DELIVER_PID=
+    for p in $DELIVER_PID $GATEWAY_PID; do stop_pid "$p"; done
+    if [ -n "$SERVER_PID" ]; then
+        [ "$SERVER_PID" = "$GATEWAY_PID" ] || stop_pid "$SERVER_PID"
+        wait "$SERVER_PID" 2>/dev/null || true
+    fi
+    SERVER_PID= GATEWAY_PID= DELIVER_PID=
 }
 
 server_start() {
@@ -90,37 +100,64 @@ server_start() {
     # a fresh spool per configuration: it is throwaway, and 3 x 3000 x 64 KiB per row add up
     rm -rf "$QUEUE_DIR"
     mkdir -p "$QUEUE_DIR"
-    # enough descriptors for IDLE_CONNS sessions whatever the caller's limit
-    (ulimit -n $((IDLE_CONNS + 4096)) 2>/dev/null || true
-     exec "$GATEWAY" -c "$CONF" -f) 2>>"$BASE/gateway.log" &
-    SERVER_PID=$!
+    rm -f "$BASE/gateway.pid" "$BASE/deliver.pid"
     if [ -n "$HAVE_DELIVER" ]; then
-        "$DELIVER" -c "$CONF" -f 2>>"$BASE/deliver.log" &
-        DELIVER_PID=$!
+        (
+            # enough descriptors for IDLE_CONNS sessions whatever the caller's limit
+            ulimit -n $((IDLE_CONNS + 4096)) 2>/dev/null || true
+            "$GATEWAY" -c "$CONF" -f 2>>"$BASE/gateway.log" &
+            echo $! >"$BASE/gateway.pid"
+            "$DELIVER" -c "$CONF" -f 2>>"$BASE/deliver.log" &
+            echo $! >"$BASE/deliver.pid"
+            wait
+        ) &
+        SERVER_PID=$!
+        for _ in $(seq 50); do [ -s "$BASE/deliver.pid" ] && break; sleep 0.1; done
+        GATEWAY_PID=$(cat "$BASE/gateway.pid")
+        DELIVER_PID=$(cat "$BASE/deliver.pid")
+    else
+        (ulimit -n $((IDLE_CONNS + 4096)) 2>/dev/null || true
+         exec "$GATEWAY" -c "$CONF" -f) 2>>"$BASE/gateway.log" &
+        SERVER_PID=$!
+        GATEWAY_PID=$SERVER_PID
     fi
     for _ in $(seq 100); do
         listening "$LISTEN_PORT" && break
-        kill -0 "$SERVER_PID" 2>/dev/null || die "sluice-gateway exited; see $BASE/gateway.log"
+        kill -0 "$GATEWAY_PID" 2>/dev/null || die "sluice-gateway exited; see $BASE/gateway.log"
         sleep 0.1
     done
     listening "$LISTEN_PORT" || die "sluice-gateway did not listen; see $BASE/gateway.log"
-    check_loopback_only "$SERVER_PID"
-    log "sluice-gateway pid $SERVER_PID listening on 127.0.0.1:$LISTEN_PORT"
+    check_loopback_only "$GATEWAY_PID"
+    [ -z "$DELIVER_PID" ] || check_loopback_only "$DELIVER_PID"
+    log "sluice-gateway pid $GATEWAY_PID listening on 127.0.0.1:$LISTEN_PORT${DELIVER_PID:+, sluice-deliver pid $DELIVER_PID}"
 }
 
 if [ -n "$HAVE_DELIVER" ]; then
-    # queued = recipients not yet delivered; untried = queued and never attempted
+    # queued = messages with recipients left (delivered ones are deleted); untried = queued and
+    # never attempted, except that a tripped mailstore defers everything by design (only a
+    # probe runs), so then all of them count as tried
     server_queue_count() {
         [ -f "$QUEUE_DIR/index.db" ] || { echo 0; return; }
         sqlite3 -readonly "$QUEUE_DIR/index.db" 'SELECT count(DISTINCT qid) FROM recipients' 2>/dev/null || echo 0
     }
     server_untried_count() {
         [ -f "$QUEUE_DIR/index.db" ] || { echo 0; return; }
-        sqlite3 -readonly "$QUEUE_DIR/index.db" \
-            'SELECT count(DISTINCT qid) FROM recipients WHERE attempts = 0' 2>/dev/null || echo 0
+        sqlite3 -readonly "$QUEUE_DIR/index.db" "SELECT CASE WHEN EXISTS (SELECT 1 FROM mailstores
+            WHERE name = 'sink' AND state = 'tripped') THEN 0 ELSE (SELECT count(DISTINCT qid)
+            FROM recipients WHERE attempts = 0) END" 2>/dev/null || echo 0
     }
-    # no flush command: retry_min/probe_interval of 1 s stand in for it
-    server_flush() { :; }
+    # the flush: release the mailstore with no ramp on sluice-deliver's control socket
+    # (docs/delivery.md), as Postfix's postqueue -f
+    server_flush() {
+        /usr/bin/python3 - "$QUEUE_DIR/deliver.ctl" <<'PY' >&2 || true
+import socket, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.settimeout(10)
+s.connect(sys.argv[1])
+s.sendall(b'{"cmd":"release","mailstore":"sink","ramp":0}\n')
+print("deliver.ctl:", s.recv(4096).decode().strip())
+PY
+    }
 else
     # acceptance only: nothing leaves the spool, so nothing is ever "queued" for the harness,
     # and the "sink" count is what reached the index (a 250 is sent only after the commit)
@@ -161,16 +198,10 @@ tls_key = $BASE/key.pem
 notify_socket = $BASE/deliver.sock
 shutdown_grace = 10s
 
-# the fake mailstore; the retry and release pacing is short so that the outage test measures
-# the release, not the timers (Postfix's flush is postqueue -f)
+# the fake mailstore, with Postfix's relay concurrency (20); other settings are the defaults
 [mailstore sink]
 deliver = smtp:127.0.0.1:2626
 max_connections = 20
-retry_min = 1s
-retry_max = 2s
-probe_interval = 1s
-release_start_rate = 100000
-release_ramp = 1s
 EOF
     "$GATEWAY" --check-config -c "$CONF" >"$BASE/effective.conf" ||
         die "config rejected: see above"
@@ -189,7 +220,7 @@ print_header "$("$GATEWAY" --version 2>/dev/null | head -n 1 || echo sluice-gate
     echo "# acceptance only (sluice-deliver not built or BENCH_DELIVER=0): e2e/s = messages reaching the spool index per second" | tee -a "$RES"
 run_matrix
 if [ -n "$HAVE_DELIVER" ] && [ -z "${SKIP_OUTAGE:-}" ]; then
-    run_outage "retries every 1 s (retry_min, probe_interval)"
+    run_outage "release with ramp 0 on deliver.ctl"
 fi
 SLUICE_RES=$RES
 
@@ -206,9 +237,9 @@ server_stop
 server_start
 sleep 0.5
 log "idle: $IDLE_CONNS connections"
-SLUICE_IDLE=$(/usr/bin/python3 "$CLIENT" idle "$SERVER_PID" "$LISTEN_PORT" "$IDLE_CONNS" 3)
+SLUICE_IDLE=$(/usr/bin/python3 "$CLIENT" idle "$GATEWAY_PID" "$LISTEN_PORT" "$IDLE_CONNS" 3)
 log "$SLUICE_IDLE"
-kill -0 "$SERVER_PID" 2>/dev/null || die "sluice-gateway died holding $IDLE_CONNS connections; see $BASE/gateway.log"
+kill -0 "$GATEWAY_PID" 2>/dev/null || die "sluice-gateway died holding $IDLE_CONNS connections; see $BASE/gateway.log"
 stop_all
 
 # ---------------------------------------------------------------- Postfix, same run

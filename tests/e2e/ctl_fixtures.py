@@ -15,7 +15,8 @@ import tempfile
 
 import pytest
 
-from deliver_fixtures import BUILD_DIR, MS_DEFAULTS, Deliverer, free_port, wait_for
+from deliver_fixtures import (BUILD_DIR, GATEWAY_BIN, MS_DEFAULTS, SANITIZER_MARKS, Deliverer,
+                              free_port, wait_for)
 
 SLUICECTL_BIN = os.path.join(BUILD_DIR, "sluicectl")
 USERS = ["alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi", "ivan", "judy",
@@ -30,6 +31,9 @@ class CtlDeliverer(Deliverer):
         self.pub = tempfile.mkdtemp(prefix="sluice-ctl-")
         os.chmod(self.pub, 0o755)
         self.metrics_port = free_port()
+        self.gw_metrics_port = free_port()
+        self.smtp_port = free_port()
+        self.gw = None
         self.users = ["%s@example.test" % u for u in USERS]
         self.extra = kw.pop("extra", "")
         super().__init__(tmp, mailstores, **kw)
@@ -49,10 +53,12 @@ class CtlDeliverer(Deliverer):
             f.write("[log]\nlevel = %s\n" % self.log_level)
             f.write("[gateway]\nhostname = mx.test\nnotify_socket = %s\n" % self.notify)
             f.write("domains = example.test catchall.test\nrecipient_map = %s\n" % rmap)
+            f.write("listen = 127.0.0.1:%d\n" % self.smtp_port)
             f.write("[control]\ndeliver_socket = %s\ngateway_socket = %s\n"
                     % (os.path.join(self.pub, "deliver.ctl"),
                        os.path.join(self.pub, "gateway.ctl")))
-            f.write("[metrics]\ndeliver_listen = 127.0.0.1:%d\n" % self.metrics_port)
+            f.write("[metrics]\ndeliver_listen = 127.0.0.1:%d\ngateway_listen = 127.0.0.1:%d\n"
+                    % (self.metrics_port, self.gw_metrics_port))
             f.write(self.extra)
             for name, kv in self.mailstores.items():
                 f.write("[mailstore %s]\n" % name)
@@ -77,16 +83,54 @@ class CtlDeliverer(Deliverer):
         wait_for(answers, 15, what="sluice-deliver control socket answering")
         return self
 
+    def start_gateway(self):
+        """sluice-gateway on the same spool and config; returns its Popen."""
+        log = open(os.path.join(self.tmp, "gateway.log"), "wb")
+        self.gw = subprocess.Popen([GATEWAY_BIN, "-c", self.conf, "-f"], stdout=log,
+                                   stderr=subprocess.STDOUT, cwd=self.tmp)
+        self.gw_log = log
+
+        def up():
+            assert self.gw.poll() is None, self.gateway_log()
+            try:
+                with socket.create_connection(("127.0.0.1", self.smtp_port), 0.5) as s:
+                    return s.recv(100).startswith(b"220")
+            except OSError:
+                return False
+        wait_for(up, 15, what="sluice-gateway listening")
+        return self.gw
+
+    def gateway_log(self):
+        with open(os.path.join(self.tmp, "gateway.log"), errors="replace") as f:
+            return f.read()
+
+    def stop_gateway(self):
+        if self.gw and self.gw.poll() is None:
+            self.gw.terminate()
+            rc = self.gw.wait(40)
+            self.gw_log.close()
+            text = self.gateway_log()
+            for mark in SANITIZER_MARKS:
+                assert mark not in text, "sanitizer report in sluice-gateway output:\n" + text
+            assert rc == 0, text
+        self.gw = None
+
     def cleanup(self):
+        if self.gw and self.gw.poll() is None:
+            self.gw.kill()
+            self.gw.wait()
         shutil.rmtree(self.pub, ignore_errors=True)
 
     # -- sluicectl
-    def run(self, *args, user=None, timeout=60):
+    def run(self, *args, user=None, env=None, timeout=60):
         """sluicectl -c CONF ARGS...: (exit status, stdout, stderr)."""
         cmd = [SLUICECTL_BIN, "-c", self.conf] + [str(a) for a in args]
         if user:
             cmd = ["setpriv", "--reuid=%s" % user, "--regid=nogroup", "--clear-groups"] + cmd
-        p = subprocess.run(cmd, capture_output=True, timeout=timeout)
+        e = dict(os.environ)
+        e.pop("SUDO_USER", None)
+        e.update(env or {})
+        p = subprocess.run(cmd, capture_output=True, timeout=timeout, env=e)
         return p.returncode, p.stdout.decode(errors="replace"), p.stderr.decode(errors="replace")
 
     def ok(self, *args, **kw):
@@ -104,9 +148,9 @@ class CtlDeliverer(Deliverer):
     def route(self, addr):
         return self.js("route", addr)["mailstore"]
 
-    def metrics(self):
+    def metrics(self, port=None):
         import urllib.request
-        with urllib.request.urlopen("http://127.0.0.1:%d/metrics" % self.metrics_port,
+        with urllib.request.urlopen("http://127.0.0.1:%d/metrics" % (port or self.metrics_port),
                                     timeout=5) as r:
             assert r.headers["Content-Type"].startswith("text/plain")
             return parse_prometheus(r.read().decode())

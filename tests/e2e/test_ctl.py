@@ -5,9 +5,12 @@ without --json, exit statuses, the read-only fallback when the daemon is down, p
 (nobody may read but not change state), the audit trail, the Prometheus endpoint, and the
 incident runbook of docs/operations.md as one scenario.
 
-The gateway's control socket (gateway/gw_ctl.c) is not wired into sluice-gateway yet; its
-socket is covered by tests/unit/test_ctl.c.
+The gateway's side (gateway/gw_ctl.c: status over gateway.ctl, /metrics) is tested by
+test_gateway_status_and_metrics, which skips itself while sluice-gateway does not open its
+control socket (the hooks are wired by the gateway's owner); tests/unit/test_ctl.c covers the
+module on its own.
 """
+import smtplib
 import json
 import os
 import re
@@ -103,7 +106,7 @@ def test_check_ok_warning_critical_unknown(ctl_deliverer, fake_lmtp):
     rc, out, err = d.run("check")
     assert rc == 2 and "sluice-deliver is not running" in out and err == "", (out, err)
     rc, out, _ = d.run("-c", "/nonexistent.conf", "check")
-    assert rc == 3 or "UNKNOWN" in out
+    assert rc == 3 and out.startswith("SLUICE UNKNOWN - cannot load the configuration"), out
 
 
 def test_metrics_scraped_and_parsed(ctl_deliverer, fake_lmtp):
@@ -248,7 +251,6 @@ def test_hold_unhold_retry_delete_audited(ctl_deliverer, fake_lmtp):
     assert "1 recipient(s)" not in d.ok("unhold", "--mailstore", "ms1")  # 2 of them
     assert d.queued("ms1") == 3
     # retry: due now (still paused, so nothing moves)
-    d.rows("SELECT 1")
     assert d.js("retry", "ms1")["ok"]
     assert d.js("retry", q[1])["ok"]
     # delete one message, by QID only
@@ -303,6 +305,13 @@ def test_pause_release_human_and_exit_codes(ctl_deliverer, fake_lmtp):
     d, p1, p2 = two_stores(ctl_deliverer, fake_lmtp)
     out = d.ok("pause", "ms1", "--reason", "disk")
     assert out.startswith("paused: ms1 is now paused, 0 recipient(s) waiting")
+    # root through sudo: the audit names both
+    d.ok("pause", "ms1", "--reason", "again", env={"SUDO_USER": "alice"})
+    row = audit_rows(d)[-1]
+    assert row["user"] == "root (sudo alice)" and row["reason"] == "again"
+    # a SUDO_USER that is not a plain name is not trusted into the log
+    d.ok("pause", "ms1", "--reason", "x", env={"SUDO_USER": "a b\nc"})
+    assert audit_rows(d)[-1]["user"] == "root"
     rc, out, err = d.run("pause", "ms1")                # reason required
     assert rc == 2 and "--reason" in err
     rc, _, err = d.run("pause", "nosuch", "--reason", "x")
@@ -412,17 +421,47 @@ def test_spool_verify(ctl_deliverer, fake_lmtp):
 # ------------------------------------------------------------------ the runbook
 
 
-def test_runbook_mailstore_fails_at_3am(ctl_deliverer, fake_lmtp):
-    """docs/operations.md, "A mailstore fails at 03:00", step by step."""
+def gateway_wired(d):
+    """Start sluice-gateway; True when it opens its control socket (gw_ctl wired)."""
+    d.start_gateway()
+    sock = os.path.join(d.pub, "gateway.ctl")
+    end = time.time() + 3
+    while not os.path.exists(sock) and time.time() < end:
+        time.sleep(0.1)
+    return os.path.exists(sock)
+
+
+def smtp_send(port, rcpt):
+    """One message through the gateway; its queue ID, or None when it was not acknowledged."""
+    try:
+        with smtplib.SMTP("127.0.0.1", port, timeout=10) as c:
+            c.ehlo("load.test")
+            c.mail("load@sender.org")
+            c.rcpt(rcpt)
+            code, msg = c.data(b"Subject: load\r\n\r\nincident load\r\n")
+            m = re.search(rb"queued as ([0-9A-Z]{16})", msg)
+            return m.group(1).decode() if code == 250 and m else None
+    except (OSError, smtplib.SMTPException):
+        return None
+
+
+@pytest.mark.parametrize("via", ["inject", "gateway"])
+def test_runbook_mailstore_fails_at_3am(ctl_deliverer, fake_lmtp, via):
+    """docs/operations.md, "A mailstore fails at 03:00", step by step. via=inject: mail enters
+    with spool_inject (the gateway's commit path); via=gateway: through sluice-gateway over SMTP,
+    and kill -9 hits both daemons (skipped while the gateway's control socket is not wired)."""
     p1, p2 = fake_lmtp(), fake_lmtp()
     d = ctl_deliverer({"ms1": {"deliver": "lmtp:127.0.0.1:%d" % p1.port, "max_connections": "8",
                                "release_start_rate": "5", "release_ramp": "60s"},
                        "ms2": {"deliver": "lmtp:127.0.0.1:%d" % p2.port}})
+    if via == "gateway" and not gateway_wired(d):
+        d.stop_gateway()
+        pytest.skip("sluice-gateway does not open its control socket yet (gw_ctl not wired)")
     routes = {u: d.route(u) for u in d.users}
     on1 = sorted(u for u, ms in routes.items() if ms == "ms1")
     on2 = sorted(u for u, ms in routes.items() if ms == "ms2")
     assert on1 and on2
-    sent = {}                   # qid -> rcpt
+    sent = {}                   # qid -> rcpt, acknowledged
     lock = threading.Lock()
     stop = threading.Event()
 
@@ -430,8 +469,15 @@ def test_runbook_mailstore_fails_at_3am(ctl_deliverer, fake_lmtp):
         i = 0
         while not stop.is_set():
             u = d.users[i % len(d.users)]
-            for q in d.inject(["%s:%s" % (u, routes[u])]):
-                with lock:
+            if via == "inject":
+                qids = d.inject(["%s:%s" % (u, routes[u])])
+            else:
+                q = smtp_send(d.smtp_port, u)
+                qids = [q] if q else []
+                if not q:
+                    time.sleep(0.2)     # the gateway is down (kill -9): try again
+            with lock:
+                for q in qids:
                     sent[q] = u
             i += 1
             time.sleep(0.02)
@@ -459,17 +505,23 @@ def test_runbook_mailstore_fails_at_3am(ctl_deliverer, fake_lmtp):
         # the operator pauses ms1 (the probes stop) with a reason
         j = d.js("pause", "ms1", "--reason", "ms1 disk array rebuild, ticket 4711")
         assert j["state"] == "paused"
-        # the pause survives kill -9 of the deliverer
+        # the pause survives kill -9 (of both daemons when the gateway is in the loop)
         d.kill9()
+        if via == "gateway":
+            d.gw.kill()
+            d.gw.wait()
         assert d.js("status")["source"] == "index"
         d.start()
+        if via == "gateway":
+            d.start_gateway()
         st = d.status("ms1")
         assert st["state"] == "paused" and st["reason"].startswith("ms1 disk array rebuild")
         rc, out, _ = d.run("check")
         assert rc == 1 and "ms1 paused" in out, out
         # the mailstore is repaired; stop the load and release gently
+        time.sleep(0.5)
         stop.set()
-        t.join(10)
+        t.join(20)
         p1.mode = "ok"
         before = len(p1.received())
         waiting = d.queued("ms1")
@@ -494,7 +546,10 @@ def test_runbook_mailstore_fails_at_3am(ctl_deliverer, fake_lmtp):
                     got[(q, r)] += 1
         with lock:
             want = {(q, u) for q, u in sent.items()}
-        assert set(got) == want
+        assert want <= set(got), sorted(want - set(got))[:10]
+        # a message committed by the gateway as it was killed was never acknowledged: the
+        # client retries it, so it may arrive without being in "sent" (at most one or two)
+        assert len(set(got) - want) <= (2 if via == "gateway" else 0), set(got) - want
         dup = {k: v for k, v in got.items() if v != 1}
         # kill -9 may repeat only what was in flight at that instant
         assert len(dup) <= 8, dup
@@ -506,6 +561,54 @@ def test_runbook_mailstore_fails_at_3am(ctl_deliverer, fake_lmtp):
                              ("root", "release", "mailstore:ms1")]
         out = d.ok("audit")
         assert "ticket 4711" in out
+        if via == "gateway":
+            d.stop_gateway()
     finally:
         stop.set()
-        t.join(10)
+        t.join(20)
+
+
+# ------------------------------------------------------------------ the gateway's side
+
+
+def test_gateway_status_and_metrics(ctl_deliverer, fake_lmtp):
+    p1, p2 = fake_lmtp(), fake_lmtp()
+    d = ctl_deliverer({"ms1": {"deliver": "lmtp:127.0.0.1:%d" % p1.port},
+                       "ms2": {"deliver": "lmtp:127.0.0.1:%d" % p2.port}})
+    d.start_gateway()
+    gw_sock = os.path.join(d.pub, "gateway.ctl")
+    end = time.time() + 3
+    while not os.path.exists(gw_sock) and time.time() < end:
+        time.sleep(0.1)
+    if not os.path.exists(gw_sock):
+        d.stop_gateway()
+        pytest.skip("sluice-gateway does not open its control socket yet (gw_ctl not wired)")
+    with smtplib.SMTP("127.0.0.1", d.smtp_port, timeout=10) as c:
+        c.sendmail("a@sender.org", ["alice@example.test", "bob@example.test"],
+                   b"Subject: hi\r\n\r\nbody\r\n")
+        with pytest.raises(smtplib.SMTPRecipientsRefused):
+            c.sendmail("a@sender.org", ["nobody@example.test"], b"Subject: x\r\n\r\nx\r\n")
+        with pytest.raises(smtplib.SMTPRecipientsRefused):
+            c.sendmail("a@sender.org", ["x@elsewhere.org"], b"Subject: x\r\n\r\nx\r\n")
+    wait_for(lambda: len(p1.received()) + len(p2.received()) >= 1, 10, what="delivery")
+    st = d.js("status")
+    gw = st["gateway"]
+    assert gw["daemon"] == "sluice-gateway" and gw["accepted"] == 1
+    assert gw["accepted_recipients"] == 2 and gw["rejected"] >= 2
+    assert gw["rejected_by_reason"]["unknown_user"] == 1
+    assert gw["rejected_by_reason"]["relay_denied"] == 1
+    assert gw["spool_free_bytes"] > 0
+    out = d.ok("status")
+    assert re.search(r"gateway: \d+ sessions, .* 1 accepted and \d+ rejected", out), out
+
+    def scraped():
+        m = d.metrics(d.gw_metrics_port)
+        return m if sample(m, "sluice_gateway_accepted_messages_total") == 1 else None
+    m = wait_for(scraped, 10, 0.3, what="gateway metrics")
+    assert m["types"]["sluice_gateway_commit_seconds"] == "histogram"
+    assert sample(m, "sluice_gateway_commit_seconds_count") == 1
+    assert sample(m, "sluice_gateway_rejected_total", reason="unknown_user") == 1
+    assert sample(m, "sluice_gateway_sessions_total") >= 1
+    assert sample(m, "sluice_spool_free_bytes") > 0
+    d.stop_gateway()
+    assert not os.path.exists(gw_sock)

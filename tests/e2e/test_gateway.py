@@ -796,10 +796,11 @@ def test_routing_hash_stable_and_weights(gateway_factory, tmp_path):
     m2 = {x["rcpt"]: x["mailstore"] for x in gw.recipients(r2.qid())}
     assert m1 == m2, (m1, m2)
     assert set(m1.values()) <= set(MAILSTORES)
-    # weight 0 takes no users: with ms1 and ms2 at 0 everyone hashes to ms3
-    gw0 = gateway_factory({"mailstore ms1": {"weight": "0"}, "mailstore ms2": {"weight": "0"}})
+    # weights: ms3 at 1000000 against 1 and 1 wins a user with probability 1 - 2e-6
+    # (rendezvous score -w / ln u), so all three land there
+    gw0 = gateway_factory({"mailstore ms3": {"weight": "1000000"}})
     with Raw(gw0.port) as c:
-        r = transaction(c, SENDER, [ALICE, BOB, CAROL], make_body("w0"))
+        r = transaction(c, SENDER, [ALICE, BOB, CAROL], make_body("w"))
     assert {x["mailstore"] for x in gw0.recipients(r.qid())} == {"ms3"}
 
 

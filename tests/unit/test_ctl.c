@@ -348,6 +348,15 @@ static void test_gw_ctl_status(void **state)
                            "does not support"));
     json_decref(cl.rep);
     json_decref(cl.rep_pause);
+    assert_string_equal(gw_ctl_reply_reason("550 5.1.1 <x@y>: User unknown"), "unknown_user");
+    assert_string_equal(gw_ctl_reply_reason("554 5.7.1 Relay access denied"), "relay_denied");
+    assert_string_equal(gw_ctl_reply_reason("552 5.3.4 Message too big"), "too_big");
+    assert_string_equal(gw_ctl_reply_reason("452 4.3.1 Insufficient storage"), "spool_full");
+    assert_string_equal(gw_ctl_reply_reason("421 4.7.0 Too many connections"),
+                        "too_many_connections");
+    assert_string_equal(gw_ctl_reply_reason("454 4.7.0 TLS not available"), "tls_unavailable");
+    assert_string_equal(gw_ctl_reply_reason("503 5.5.1 Bad sequence"), "protocol");
+    assert_string_equal(gw_ctl_reply_reason("450 4.9.9 whatever"), "other_4xx");
     /* hooks after stop are no-ops */
     gw_ctl_rejected("x");
     assert_int_equal(access(cl.path, F_OK), -1); /* the socket is gone */
