@@ -12,6 +12,7 @@
  * signals (stop, reload), start and free.
  */
 #include "gw_server.h"
+#include "gw_ctl.h"
 
 #include <errno.h>
 #include <signal.h>
@@ -232,6 +233,7 @@ static void server_on_connection(uv_stream_t *ls, int status)
         srv->sessions->prev = s;
     srv->sessions = s;
     srv->nsessions++;
+    gw_ctl_session_open();
     if (uv_accept(ls, &s->h.stream) < 0) {
         gw_session_abort(s);
         return;
@@ -257,6 +259,7 @@ void gw_server_session_closed(struct gw_server *srv, struct gw_session *s)
         s->next->prev = s->prev;
     s->prev = s->next = NULL;
     srv->nsessions--;
+    gw_ctl_session_close();
     gw_server_ip_release(srv, s);
     /* The last session of a stop: finish from the timer, not from inside this close
      * callback (spool_close may free sessions whose callbacks are on the stack). */
@@ -374,6 +377,7 @@ static void server_finish(struct gw_server *srv)
     if (srv->finished)
         return;
     srv->finished = 1;
+    gw_ctl_stop();
     spool_close(srv->spool);      /* runs every outstanding commit callback */
     srv->spool = NULL;
     uv_close((uv_handle_t *)&srv->sig_term, server_noop_close_cb);
@@ -446,6 +450,7 @@ static void server_reload(struct gw_server *srv)
     srv->router = r;
     srv->rcptmap = m;
     srv->conf = nc;
+    gw_ctl_reload(nc);
     log_set_level(nc->log.level);
     log_info("reloaded %s", srv->conf_path);
 }
@@ -511,6 +516,9 @@ int gw_server_start(struct gw_server **out, uv_loop_t *loop, struct conf *c,
     uv_signal_start(&srv->sig_hup, server_on_signal, SIGHUP);
     uv_timer_init(loop, &srv->stop_timer);
     srv->stop_timer.data = srv;
+    /* sluicectl and metrics are for operators: the MX still serves mail without them */
+    if (gw_ctl_start(loop, c, sp, err, errlen) < 0)
+        log_warn("control socket: %s", err);
     log_info("starting, listening on %s (STARTTLS %s)", names, srv->tls ? "on" : "off");
     *out = srv;
     return 0;

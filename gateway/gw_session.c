@@ -23,6 +23,7 @@
  * message content and commit, input, public functions.
  */
 #include "gw_session.h"
+#include "gw_ctl.h"
 
 #include <errno.h>
 #include <inttypes.h>
@@ -229,6 +230,7 @@ static void session_reply(struct gw_session *s, const char *fmt, ...)
         n = 0;
     if (n > GW_REPLY_MAX - 2)
         n = GW_REPLY_MAX - 2;
+    gw_ctl_rejected_reply(s->out + s->out_len); /* counts 4xx/5xx by reason for metrics */
     memcpy(s->out + s->out_len + n, "\r\n", 2);
     s->out_len += (size_t)n + 2;
 }
@@ -1085,6 +1087,7 @@ static void session_eom(struct gw_session *s)
     s->refs++;
     s->paused = 1;
     session_enter(s, GW_S_COMMIT);
+    tx->commit_ns = uv_hrtime();
     r = spool_msg_commit(m, &env, tx->rin, (size_t)tx->nrcpt, session_commit_cb, s);
     if (r < 0) {
         s->refs--;
@@ -1107,6 +1110,7 @@ static void session_commit_cb(void *arg, const char *qid, int status)
         log_qid(LOG_INFO, qid, "from=<%s>, size=%" PRIu64 ", nrcpt=%d (queued as %s)",
                 tx->sender, tx->size, tx->nrcpt, qid);
         gw_server_notify(s->srv, qid);
+        gw_ctl_accepted(tx->nrcpt, tx->size, (double)(uv_hrtime() - tx->commit_ns) / 1e9);
     }
     if (s->gone || s->closing) {
         if (status == 0)

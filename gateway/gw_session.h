@@ -58,6 +58,7 @@ struct gw_rcpt {
 /* The mail transaction: from MAIL to the end of the message (or RSET). */
 struct gw_tx {
     char qid[QID_SIZE];
+    uint64_t commit_ns;           /* uv_hrtime() at spool_msg_commit, for the latency metric */
     char sender[SMTP_ADDR_SIZE];
     enum smtp_body body;
     int smtputf8;
