@@ -19,13 +19,14 @@ endif
 
 CC ?= cc
 PKGS := libuv openssl sqlite3 inih jansson libmicrohttpd
+# libspf2 has no .pc file on Debian 12
 PKG_CFLAGS = $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
 PKG_LIBS = $(shell pkg-config --libs $(PKGS) 2>/dev/null)
 WARN := -Wall -Wextra -Werror -Wshadow -Wstrict-prototypes -Wmissing-prototypes \
         -Wformat=2 -Wformat-truncation=2 -Wpointer-arith -Wvla -Wno-unused-parameter
 CFLAGS += -std=c11 -D_GNU_SOURCE -g $(OPT) $(WARN) -Iinclude -MMD -MP $(PKG_CFLAGS)
 LDFLAGS += $(OPT)
-LDLIBS += $(PKG_LIBS) -lpthread -lm
+LDLIBS += $(PKG_LIBS) -lspf2 -lresolv -lpthread -lm
 
 LIB_DIRS := common queue gateway policy ctl
 ALL_SRCS := $(foreach d,$(LIB_DIRS),$(wildcard $(d)/*.c))
@@ -42,6 +43,8 @@ PYTEST := /usr/bin/python3 -m pytest
 CONF ?= etc/sluice.conf
 
 .PHONY: all deps deps-test run test tests unit e2e bench bench-spool bench-gateway clean
+# keep test and tool objects: make would otherwise delete them as intermediates and rebuild
+.SECONDARY:
 all: $(B)/libsluice.a $(PROGS) $(TOOLS)
 
 deps:
@@ -63,6 +66,8 @@ $(B)/$(patsubst %_main,%,$(basename $(notdir $(1)))): $(B)/obj/$(1:.c=.o) $(B)/l
 	$$(CC) $$(LDFLAGS) -o $$@ $$^ $$(LDLIBS)
 endef
 $(foreach m,$(MAIN_SRCS),$(eval $(call prog_rule,$(m))))
+# libmilter only for the policy milter (Debian libmilter-dev)
+$(B)/sluice-policyd: LDLIBS += -lmilter
 
 $(B)/tests/%: $(B)/obj/tests/unit/%.o $(B)/libsluice.a
 	@mkdir -p $(dir $@)

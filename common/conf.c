@@ -35,7 +35,7 @@ enum conf_type {
 };
 
 enum conf_sec { SEC_NONE, SEC_SPOOL, SEC_LOG, SEC_GATEWAY, SEC_ROUTING, SEC_CONTROL, SEC_METRICS,
-                SEC_MAILSTORE, SEC_BAD };
+                SEC_POLICYD, SEC_SPF, SEC_MAILSTORE, SEC_BAD };
 
 #define CF_NONEMPTY 1 /* "" is not a valid value */
 #define CF_REQUIRED 2 /* must be set in every section instance (mailstore deliver) */
@@ -55,6 +55,7 @@ struct conf_key {
 static const char *const conf_sec_names[] = {
     [SEC_SPOOL] = "spool", [SEC_LOG] = "log", [SEC_GATEWAY] = "gateway",
     [SEC_ROUTING] = "routing", [SEC_CONTROL] = "control", [SEC_METRICS] = "metrics",
+    [SEC_POLICYD] = "policyd", [SEC_SPF] = "spf",
     [SEC_MAILSTORE] = "mailstore",
 };
 
@@ -156,6 +157,52 @@ static const struct conf_key conf_keys[] = {
     K(METRICS, "gateway_listen", CT_STR, metrics.gateway_listen, "",
       "host:port for sluice-gateway's Prometheus /metrics (empty: off)"),
 
+    KF(POLICYD, "listen", CT_STR, policyd.listen, "inet:8895@127.0.0.1", CF_NONEMPTY,
+       "milter socket of sluice-policyd: inet:PORT@HOST or unix:/path"),
+    K(POLICYD, "state_db", CT_STR, policyd.state_db, "",
+      "SQLite file of suspensions and offences (empty: <spool dir>/policyd.db)"),
+    K(POLICYD, "control_socket", CT_STR, policyd.control_socket, "",
+      "sluice-policyd's control socket (empty: <spool dir>/policyd.ctl)"),
+    KF(POLICYD, "scopes", CT_STR, policyd.scopes, "ip address", CF_NONEMPTY,
+       "what is counted and suspended: any of ip, domain, address"),
+    KR(POLICYD, "window", CT_DUR, policyd.window_ms, "10m", 1000, 7 * 86400000LL,
+      "sliding window the thresholds count over"),
+    KI(POLICYD, "max_messages", policyd.max_messages, "0", 0, 100000000,
+       "MAIL commands per window before suspension (0: off)"),
+    KI(POLICYD, "max_connections", policyd.max_connections, "0", 0, 100000000,
+       "connections per window from one client IP before suspension (0: off)"),
+    KI(POLICYD, "max_unknown_rcpts", policyd.max_unknown_rcpts, "20", 0, 100000000,
+       "rejected (unknown) recipients per window before suspension (0: off)"),
+    KI(POLICYD, "max_spf_fails", policyd.max_spf_fails, "10", 0, 100000000,
+       "messages with SPF fail per window before suspension (0: off)"),
+    KF(POLICYD, "action", CT_STR, policyd.action, "tempfail", CF_NONEMPTY,
+       "what a suspension does: tempfail (451 4.7.1) or hold (accept, quarantine)"),
+    KR(POLICYD, "suspend_base", CT_DUR, policyd.suspend_base_ms, "15m", 1000, 365 * 86400000LL,
+      "length of a first suspension; each repeat offence doubles it"),
+    KR(POLICYD, "suspend_max", CT_DUR, policyd.suspend_max_ms, "1d", 1000, 365 * 86400000LL,
+      "longest automatic suspension"),
+    KR(POLICYD, "offence_memory", CT_DUR, policyd.offence_memory_ms, "7d", 1000,
+      3650 * 86400000LL, "a sender with no offence for this long starts again at suspend_base"),
+
+    K(SPF, "enabled", CT_BOOL, spf.enabled, "no",
+      "check SPF at MAIL (sluice-gateway)"),
+    KF(SPF, "fail", CT_STR, spf.fail, "reject", CF_NONEMPTY,
+       "on SPF fail: reject (550 5.7.23) or tag (accept with the headers)"),
+    KF(SPF, "softfail", CT_STR, spf.softfail, "accept", CF_NONEMPTY,
+       "on SPF softfail: accept, tag, tempfail (451 4.7.24) or reject (550 5.7.23)"),
+    KF(SPF, "temperror", CT_STR, spf.temperror, "tempfail", CF_NONEMPTY,
+       "on a DNS error or timeout: tempfail (451 4.4.3) or accept"),
+    KF(SPF, "permerror", CT_STR, spf.permerror, "accept", CF_NONEMPTY,
+       "on a broken SPF record: accept, tag or reject (550 5.7.24)"),
+    KR(SPF, "timeout", CT_DUR, spf.timeout_ms, "10s", 100, 300000,
+      "time one SPF check may take; past it the result is temperror"),
+    K(SPF, "dns_server", CT_STR, spf.dns_server, "",
+      "IPv4 address[:port] of the DNS server for SPF (empty: the system's resolv.conf)"),
+    KI(SPF, "max_jobs", spf.max_jobs, "2", 1, 64,
+       "SPF checks running at once on the thread pool (others wait their turn)"),
+    K(SPF, "client_ip_override", CT_STR, spf.client_ip_override, "",
+      "for tests only: check this IP instead of the client's (libspf2 passes loopback)"),
+
     { SEC_MAILSTORE, "deliver", CT_DELIVER, FLD(conf_mailstore, deliver), "", 0, 0,
       CF_REQUIRED | CF_NONEMPTY,
       "lmtp:HOST:PORT, lmtp:unix:/PATH, smtp:HOST:PORT or maildir:/PATH/%d/%u" },
@@ -180,6 +227,8 @@ static const struct conf_key conf_keys[] = {
       "hold and alert on recipients queued longer (0: no limit)"),
     M("max_backlog", CT_SIZE, max_backlog, "0",
       "queued bytes past which RCPT for this mailstore gets 452 (0: no limit)"),
+    MI("max_backlog_messages", max_backlog_messages, "0", 0, 1000000000,
+       "queued messages past which RCPT for this mailstore gets 452 (0: no limit)"),
 };
 
 #define CONF_NKEYS (sizeof(conf_keys) / sizeof(conf_keys[0]))
@@ -648,6 +697,8 @@ void conf_defaults(struct conf *c)
     conf_apply_defaults(SEC_ROUTING, c);
     conf_apply_defaults(SEC_CONTROL, c);
     conf_apply_defaults(SEC_METRICS, c);
+    conf_apply_defaults(SEC_POLICYD, c);
+    conf_apply_defaults(SEC_SPF, c);
     if (gethostname(c->gateway.hostname, sizeof(c->gateway.hostname) - 1) < 0 ||
         c->gateway.hostname[0] == '\0')
         snprintf(c->gateway.hostname, sizeof(c->gateway.hostname), "localhost");
@@ -1021,6 +1072,38 @@ static void conf_check(struct conf_ctx *x)
         line = conf_later(x, 0, SEC_GATEWAY, "tls_cert", "tls_key", &which);
         conf_error(x, line, "[gateway] %s: tls_cert and tls_key go together", which);
     }
+    {
+        static const struct { const char *key; const char *ok; } spf_enums[] = {
+            { "fail", " reject tag " }, { "softfail", " accept tag tempfail reject " },
+            { "temperror", " tempfail accept " }, { "permerror", " accept tag reject " },
+        };
+        const char *vals[] = { c->spf.fail, c->spf.softfail, c->spf.temperror,
+                               c->spf.permerror };
+        char w[24];
+
+        for (size_t i = 0; i < sizeof(spf_enums) / sizeof(spf_enums[0]); i++) {
+            snprintf(w, sizeof(w), " %s ", vals[i]);
+            if (!strstr(spf_enums[i].ok, w))
+                conf_error(x, x->seen[0][conf_key_index(SEC_SPF, spf_enums[i].key)],
+                           "[spf] %s: \"%s\" is not one of%s", spf_enums[i].key, vals[i],
+                           spf_enums[i].ok);
+        }
+    }
+    if (strcmp(c->policyd.action, "tempfail") != 0 && strcmp(c->policyd.action, "hold") != 0)
+        conf_error(x, x->seen[0][conf_key_index(SEC_POLICYD, "action")],
+                   "[policyd] action: \"%s\" is not tempfail or hold", c->policyd.action);
+    {
+        char sc[CONF_PATH_MAX], *save = NULL;
+        snprintf(sc, sizeof(sc), "%s", c->policyd.scopes);
+        for (char *w = strtok_r(sc, ", \t", &save); w; w = strtok_r(NULL, ", \t", &save))
+            if (strcmp(w, "ip") != 0 && strcmp(w, "domain") != 0 && strcmp(w, "address") != 0)
+                conf_error(x, x->seen[0][conf_key_index(SEC_POLICYD, "scopes")],
+                           "[policyd] scopes: \"%s\" is not ip, domain or address", w);
+    }
+    if (c->policyd.suspend_base_ms > c->policyd.suspend_max_ms) {
+        line = conf_later(x, 0, SEC_POLICYD, "suspend_base", "suspend_max", &which);
+        conf_error(x, line, "[policyd] %s: suspend_base is longer than suspend_max", which);
+    }
     for (int i = 0; i < c->n_mailstores; i++) {
         const struct conf_mailstore *m = &c->mailstores[i];
         for (size_t k = 0; k < CONF_NKEYS; k++) {
@@ -1133,6 +1216,12 @@ int conf_ctl_socket(const struct conf *c, int gateway, char *buf, size_t len)
 {
     return conf_spool_file(c, gateway ? c->control.gateway_socket : c->control.deliver_socket,
                            gateway ? "gateway.ctl" : "deliver.ctl", buf, len);
+}
+
+int conf_policyd_file(const struct conf *c, int which, char *buf, size_t len)
+{
+    return conf_spool_file(c, which ? c->policyd.control_socket : c->policyd.state_db,
+                           which ? "policyd.ctl" : "policyd.db", buf, len);
 }
 
 int conf_notify_socket(const struct conf *c, char *buf, size_t len)

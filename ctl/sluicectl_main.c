@@ -80,6 +80,7 @@ struct ctx {
     const char *optval[OPT_MAX];
     char deliver_path[CONF_PATH_MAX];
     char gateway_path[CONF_PATH_MAX];
+    char policyd_path[CONF_PATH_MAX];
 };
 
 static const struct cmd_def cmds[];
@@ -175,12 +176,14 @@ static const char *clip(const char *s, size_t n, char *buf, size_t len)
 
 /* --- Talking to the daemons ---------------------------------------------------------------- */
 
-/* call - send req to a daemon. 0 with *rep on success; on failure prints why and returns the
- * exit status (EX_*), or -ENOENT when the daemon is not running and fallback is allowed. */
+/* call - send req to a daemon (gateway: 0 sluice-deliver, 1 sluice-gateway, 2 sluice-policyd).
+ * 0 with *rep on success; on failure prints why and returns the exit status (EX_*), or
+ * -ENOENT when the daemon is not running and fallback is allowed. */
 static int call(struct ctx *x, int gateway, json_t *req, json_t **rep, int fallback_ok)
 {
     char err[ERR_LEN];
-    const char *code, *path = gateway ? x->gateway_path : x->deliver_path;
+    const char *code, *path = gateway == 2 ? x->policyd_path
+                            : gateway ? x->gateway_path : x->deliver_path;
     const char *sudo = getenv("SUDO_USER");
     int r;
 
@@ -193,7 +196,8 @@ static int call(struct ctx *x, int gateway, json_t *req, json_t **rep, int fallb
         if (fallback_ok)
             return -ENOENT;
         fprintf(stderr, "sluicectl: %s is not running (%s)\n",
-                gateway ? "sluice-gateway" : "sluice-deliver", err);
+                gateway == 2 ? "sluice-policyd" : gateway ? "sluice-gateway" : "sluice-deliver",
+                err);
         return EX_NODAEMON;
     }
     if (r < 0) {
@@ -994,6 +998,87 @@ static int do_spool_verify(struct ctx *x)
     return n == 0 ? EX_OK : EX_FAILED;
 }
 
+/* --- Commands: sluice-policyd's suspensions ------------------------------------------------ */
+
+static int do_suspend(struct ctx *x)
+{
+    json_t *req = req_new("suspend"), *rep;
+    const char *a = opt(x, "action");
+    char until[32];
+    int r;
+
+    if (!opt(x, "for"))
+        die_usage("suspend: --for DURATION is required (e.g. --for 2h)");
+    if (!opt(x, "reason"))
+        die_usage("suspend: --reason TEXT is required (it goes into the 451 reply and the "
+                  "audit trail)");
+    if (a && strcmp(a, "tempfail") != 0 && strcmp(a, "hold") != 0)
+        die_usage("suspend: --action is tempfail or hold, not \"%s\"", a);
+    req_str(req, "target", x->arg);
+    req_str(req, "for", opt(x, "for"));
+    req_str(req, "action", a);
+    req_str(req, "reason", opt(x, "reason"));
+    if ((r = call(x, 2, req, &rep, 0)))
+        return r;
+    if (x->json) {
+        print_json(rep);
+    } else {
+        fmt_time(ji(rep, "until"), until, sizeof(until));
+        printf("suspended: %s until %s, action %s (recorded in the audit trail)\n",
+               js(rep, "key"), until, js(rep, "action"));
+    }
+    json_decref(rep);
+    return EX_OK;
+}
+
+static int do_unsuspend(struct ctx *x)
+{
+    json_t *req = req_new("unsuspend"), *rep;
+    int r;
+
+    req_str(req, "target", x->arg);
+    req_str(req, "reason", opt(x, "reason"));
+    if ((r = call(x, 2, req, &rep, 0)))
+        return r;
+    if (x->json)
+        print_json(rep);
+    else
+        printf("unsuspended: %s (recorded in the audit trail)\n", js(rep, "key"));
+    json_decref(rep);
+    return EX_OK;
+}
+
+static int do_suspensions(struct ctx *x)
+{
+    json_t *rep, *arr, *s;
+    size_t i;
+    int r;
+
+    if ((r = call(x, 2, req_new("suspensions"), &rep, 0)))
+        return r;
+    if (x->json) {
+        print_json(rep);
+        json_decref(rep);
+        return EX_OK;
+    }
+    arr = json_object_get(rep, "suspensions");
+    if (json_array_size(arr) == 0)
+        printf("no active suspensions\n");
+    else
+        printf("%-40s %-8s %-9s %-19s %-16s %s\n", "KEY", "ACTION", "REMAINING", "UNTIL",
+               "SOURCE", "REASON");
+    json_array_foreach(arr, i, s) {
+        char rem[32], until[32], b1[48], b2[24];
+        fmt_age(ji(s, "remaining_s"), rem, sizeof(rem));
+        fmt_time(ji(s, "until"), until, sizeof(until));
+        printf("%-40s %-8s %-9s %-19s %-16s %s\n", clip(js(s, "key"), 40, b1, sizeof(b1)),
+               js(s, "action"), rem, until, clip(js(s, "source"), 16, b2, sizeof(b2)),
+               js(s, "reason"));
+    }
+    json_decref(rep);
+    return EX_OK;
+}
+
 /* --- The grammar table --------------------------------------------------------------------- */
 
 static const struct opt_def o_none[] = { { NULL, OT_FLAG } };
@@ -1017,6 +1102,10 @@ static const struct opt_def o_check[] = { { "warn-age", OT_DUR }, { "crit-age", 
 static const struct opt_def o_audit[] = { { "limit", OT_INT }, { "since", OT_DUR },
                                           { NULL, OT_FLAG } };
 
+static const struct opt_def o_suspend[] = { { "for", OT_DUR }, { "action", OT_STR },
+                                            { "reason", OT_STR }, { NULL, OT_FLAG } };
+static const struct opt_def o_unsuspend[] = { { "reason", OT_STR }, { NULL, OT_FLAG } };
+
 static const struct cmd_def cmds[] = {
     { "status", NULL, o_none, do_status, "status" },
     { "pause", "MS", o_pause, do_pause, "pause MS --reason TEXT" },
@@ -1038,6 +1127,11 @@ static const struct cmd_def cmds[] = {
       " [--crit-held N] [--warn-free SIZE] [--crit-free SIZE]" },
     { "spool verify", NULL, o_none, do_spool_verify, "spool verify" },
     { "audit", NULL, o_audit, do_audit, "audit [--limit N] [--since DURATION]" },
+    { "suspend", "TARGET", o_suspend, do_suspend,
+      "suspend IP|DOMAIN|ADDRESS --for D [--action tempfail|hold] --reason TEXT" },
+    { "unsuspend", "TARGET", o_unsuspend, do_unsuspend,
+      "unsuspend IP|DOMAIN|ADDRESS [--reason TEXT]" },
+    { "suspensions", NULL, o_none, do_suspensions, "suspensions" },
     { NULL, NULL, NULL, NULL, NULL },
 };
 
@@ -1186,7 +1280,8 @@ int main(int argc, char **argv)
         return EX_FAILED;
     }
     if (conf_ctl_socket(&x->c, 0, x->deliver_path, sizeof(x->deliver_path)) < 0 ||
-        conf_ctl_socket(&x->c, 1, x->gateway_path, sizeof(x->gateway_path)) < 0) {
+        conf_ctl_socket(&x->c, 1, x->gateway_path, sizeof(x->gateway_path)) < 0 ||
+        conf_policyd_file(&x->c, 1, x->policyd_path, sizeof(x->policyd_path)) < 0) {
         fprintf(stderr, "sluicectl: control socket path too long\n");
         return EX_FAILED;
     }

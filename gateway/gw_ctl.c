@@ -7,6 +7,7 @@
  * spool's free space fresh for `status`.
  */
 #include "gw_ctl.h"
+#include "gw_backlog.h"
 
 #include <errno.h>
 #include <jansson.h>
@@ -100,6 +101,7 @@ static const char *const reply_reasons[][2] = {
     { "5.7.1", "relay_denied" },
     { "5.3.4", "too_big" },
     { "552 ", "too_big" },
+    { "452 4.3.1 <", "backlog" },   /* RCPT: a mailstore over max_backlog */
     { "4.3.1", "spool_full" },
     { "4.5.3", "too_many_recipients" },
     { "5.5.3", "too_many_recipients" },
@@ -153,6 +155,12 @@ static void handle_status(struct ctl_req *rq, const json_t *req, void *arg)
     json_object_set_new(rep, "rejected", json_integer((json_int_t)g.rejected));
     json_object_set_new(rep, "rejected_by_reason", by);
     json_object_set_new(rep, "spool_free_bytes", json_integer(g.free_bytes));
+    {
+        json_t *bl = gw_backlog_status_json();
+
+        if (bl)
+            json_object_set_new(rep, "mailstore_backlog", bl);
+    }
     ctl_req_reply(rq, rep);
 }
 

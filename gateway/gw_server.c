@@ -13,6 +13,8 @@
  */
 #include "gw_server.h"
 #include "gw_ctl.h"
+#include "gw_backlog.h"
+#include "gw_spf.h"
 
 #include <errno.h>
 #include <signal.h>
@@ -378,6 +380,7 @@ static void server_finish(struct gw_server *srv)
         return;
     srv->finished = 1;
     gw_ctl_stop();
+    gw_backlog_stop(srv->backlog);
     spool_close(srv->spool);      /* runs every outstanding commit callback */
     srv->spool = NULL;
     uv_close((uv_handle_t *)&srv->sig_term, server_noop_close_cb);
@@ -451,6 +454,8 @@ static void server_reload(struct gw_server *srv)
     srv->rcptmap = m;
     srv->conf = nc;
     gw_ctl_reload(nc);
+    gw_backlog_reload(srv->backlog, nc);
+    gw_spf_reload(srv->spf, nc);
     log_set_level(nc->log.level);
     log_info("reloaded %s", srv->conf_path);
 }
@@ -516,6 +521,12 @@ int gw_server_start(struct gw_server **out, uv_loop_t *loop, struct conf *c,
     uv_signal_start(&srv->sig_hup, server_on_signal, SIGHUP);
     uv_timer_init(loop, &srv->stop_timer);
     srv->stop_timer.data = srv;
+    if ((r = gw_spf_new(&srv->spf, loop, c, err, errlen)) < 0)
+        goto fail;
+    if ((r = gw_backlog_start(&srv->backlog, loop, c)) < 0) {
+        snprintf(err, errlen, "out of memory");
+        goto fail;
+    }
     /* sluicectl and metrics are for operators: the MX still serves mail without them */
     if (gw_ctl_start(loop, c, sp, err, errlen) < 0)
         log_warn("control socket: %s", err);
@@ -544,6 +555,8 @@ void gw_server_free(struct gw_server *srv)
     }
     if (srv->notify_fd >= 0)
         close(srv->notify_fd);
+    gw_backlog_free(srv->backlog);
+    gw_spf_free(srv->spf);
     router_free(srv->router);
     rcptmap_free(srv->rcptmap);
     gw_tls_free(srv->tls);

@@ -22,6 +22,8 @@ struct rcptmap;
 struct gw_tls;
 struct gw_session;
 struct gw_listener;
+struct gw_backlog;
+struct gw_spf;
 struct gw_ipcount;
 
 #define GW_IP_BUCKETS 4096            /* per-IP connection table; chains stay short */
@@ -35,6 +37,8 @@ struct gw_server {
     struct rcptmap *rcptmap;
     struct gw_tls *tls;               /* NULL: no STARTTLS */
     struct spool *spool;
+    struct gw_backlog *backlog;       /* per-mailstore admission (gw_backlog.h) */
+    struct gw_spf *spf;               /* SPF checks (gw_spf.h), used when [spf] enabled */
     int stopping;                     /* SIGTERM seen */
     /* private */
     const char *conf_path;

@@ -24,6 +24,7 @@
  */
 #include "gw_session.h"
 #include "gw_ctl.h"
+#include "gw_backlog.h"
 
 #include <errno.h>
 #include <inttypes.h>
@@ -130,6 +131,7 @@ static void session_eom(struct gw_session *s);
 static void session_storage_reply(struct gw_session *s, int status);
 static void session_commit_cb(void *arg, const char *qid, int status);
 static void session_tx_end(struct gw_session *s);
+static void session_spf_cb(void *arg, const struct gw_spf_result *r);
 static size_t session_process(struct gw_session *s, const char *p, size_t n);
 static int session_keep(struct gw_session *s, const char *p, size_t n);
 static void session_consume_in(struct gw_session *s);
@@ -544,6 +546,7 @@ static void tx_reset(struct gw_session *s)
     tx->data_started = 0;
     tx->data_deadline = 0;
     tx->size = 0;
+    tx->spf_done = 0;
 }
 
 /* tx_rcpt_reserve - room for one more recipient (doubling; bounded by max_recipients) */
@@ -706,9 +709,69 @@ static int cmd_mail(struct gw_session *s, struct smtp_cmd *cmd)
     tx->ret = m.ret;
     memcpy(tx->envid, m.envid, sizeof(tx->envid));
     log_qid(LOG_INFO, tx->qid, "client=" GW_CLIENT, s->addr);
+    if (c->spf.enabled && s->srv->spf) {
+        /* SPF runs off the loop; input waits (paused) so replies stay in order, and the
+         * check holds a reference like a commit does. */
+        s->refs++;
+        s->paused = 1;
+        if (gw_spf_check(s->srv->spf, s->addr, s->helo, tx->sender, session_spf_cb, s) < 0) {
+            s->refs--;
+            s->paused = 0;
+            session_reply(s, "451 4.3.0 Error: out of memory");
+            tx_reset(s);
+            return -1;
+        }
+        return 0;
+    }
     session_reply(s, "250 2.1.0 Ok");
     session_enter(s, GW_S_MAIL);
     return 0;
+}
+
+/* session_spf_cb - the SPF result for the pending MAIL: apply [spf] and answer it */
+static void session_spf_cb(void *arg, const struct gw_spf_result *r)
+{
+    struct gw_session *s = arg;
+    struct gw_tx *tx = &s->tx;
+    const char *res = gw_spf_res_name(r->res);
+
+    s->paused = 0;
+    if (s->gone || s->closing) {
+        session_unref(s);
+        return;
+    }
+    switch (gw_spf_action_for(s->srv->conf, r->res)) {
+    case GW_SPF_REJECT:
+        /* RFC 7372: 5.7.23 SPF validation failed, 5.7.24 SPF validation error */
+        session_reply(s, "550 %s SPF %s: <%s> is not allowed to send from [%s]",
+                      r->res == GW_SPF_PERMERROR ? "5.7.24" : "5.7.23", res, tx->sender,
+                      r->ip);
+        log_info("%s: reject: MAIL from " GW_CLIENT ": 550 SPF %s; from=<%s> client-ip=%s "
+                 "(%s)", tx->qid, s->addr, res, tx->sender, r->ip, r->comment);
+        tx_reset(s);
+        break;
+    case GW_SPF_TEMPFAIL:
+        if (r->res == GW_SPF_TEMPERROR)
+            session_reply(s, "451 4.4.3 SPF temperror: cannot check <%s> now, try again later",
+                          tx->sender);
+        else
+            session_reply(s, "451 4.7.23 SPF %s: <%s> is not confirmed for [%s], try again "
+                          "later", res, tx->sender, r->ip);
+        log_info("%s: reject: MAIL from " GW_CLIENT ": 451 SPF %s; from=<%s> client-ip=%s "
+                 "(%s)", tx->qid, s->addr, res, tx->sender, r->ip, r->comment);
+        tx_reset(s);
+        break;
+    default:
+        tx->spf = *r;
+        tx->spf_done = 1;
+        log_qid(LOG_INFO, tx->qid, "spf=%s client-ip=%s from=<%s> (%s)", res, r->ip,
+                tx->sender, r->comment);
+        session_reply(s, "250 2.1.0 Ok");
+        session_enter(s, GW_S_MAIL);
+        break;
+    }
+    session_unref(s);             /* the check's reference; the connection's remains */
+    session_resume(s);
 }
 
 static int cmd_rcpt(struct gw_session *s, struct smtp_cmd *cmd)
@@ -755,6 +818,16 @@ static int cmd_rcpt(struct gw_session *s, struct smtp_cmd *cmd)
         session_reply(s, "451 4.3.0 <%s>: Error: no mailstore configured", r.addr);
         log_warn("%s: reject: RCPT from " GW_CLIENT ": 451 4.3.0 <%s>: no mailstore is "
                  "configured", tx->qid, s->addr, r.addr);
+        return -1;
+    }
+    if (gw_backlog_over(s->srv->backlog, ms)) {
+        /* ARCHITECTURE 6 / issue 6: this mailstore's backlog is past max_backlog; senders
+         * retry later and the spool stays free for everyone else's mail. */
+        session_reply(s, "452 4.3.1 <%s>: Mailbox store temporarily overloaded, try again "
+                      "later", r.addr);
+        log_info("%s: reject: RCPT from " GW_CLIENT ": 452 4.3.1 <%s>: mailstore %s backlog "
+                 "over its limit; from=<%s> to=<%s>", tx->qid, s->addr, r.addr, ms,
+                 tx->sender, r.addr);
         return -1;
     }
     for (int i = 0; i < tx->nrcpt; i++) {
@@ -957,7 +1030,15 @@ static int session_msg_start(struct gw_session *s, enum gw_data_mode mode)
         r = session_bprintf(hdr, sizeof(hdr), &len, "\r\n\tfor <%s>", tx->rcpts[0].addr);
     if (r == 0)
         r = session_bprintf(hdr, sizeof(hdr), &len, "; %s\r\n", date);
-    if (r < 0 || spool_msg_prepend(tx->msg, hdr, len) < 0) {
+    if (r == 0 && spool_msg_prepend(tx->msg, hdr, len) < 0)
+        r = -1;
+    if (r == 0 && tx->spf_done) {
+        /* prepended after Received:, so they end up above it */
+        r = gw_spf_headers(&tx->spf, g->hostname, tx->sender, s->helo, hdr, sizeof(hdr));
+        if (r == 0 && spool_msg_prepend(tx->msg, hdr, strlen(hdr)) < 0)
+            r = -1;
+    }
+    if (r < 0) {
         spool_msg_abort(tx->msg);
         tx->msg = NULL;
         session_reply(s, "451 4.3.0 Error: queue file write error");
@@ -1069,6 +1150,8 @@ static void session_eom(struct gw_session *s)
     snprintf(env.client_name, sizeof(env.client_name), "unknown");
     snprintf(env.helo, sizeof(env.helo), "%s", s->helo);
     snprintf(env.tls, sizeof(env.tls), "%s", s->tls_info);
+    if (tx->spf_done)
+        snprintf(env.spf, sizeof(env.spf), "%s", gw_spf_res_name(tx->spf.res));
     env.smtputf8 = tx->smtputf8;
     env.body_8bit = tx->body == SMTP_BODY_8BITMIME || tx->body == SMTP_BODY_BINARYMIME;
     for (int i = 0; i < tx->nrcpt; i++) {

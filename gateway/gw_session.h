@@ -19,6 +19,7 @@
 
 #include "conf.h"
 #include "gw_data.h"
+#include "gw_spf.h"
 #include "qid.h"
 #include "smtp_parse.h"
 #include "spool.h"
@@ -73,6 +74,8 @@ struct gw_tx {
     int data_started;
     uint64_t data_deadline;               /* uv_now() ms by which DATA/BDAT must be done */
     uint64_t size;                        /* for the log line after the commit */
+    int spf_done;                         /* spf holds this transaction's SPF result */
+    struct gw_spf_result spf;
 };
 
 /* Command counters for the "disconnect from" line (Postfix style: ehlo=1 mail=1 ...). */

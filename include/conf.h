@@ -89,6 +89,37 @@ struct conf_metrics {
     char gateway_listen[CONF_PATH_MAX];
 };
 
+/* sluice-policyd (docs/sluice-policyd.8.md): thresholds count per scope (client IP, sender
+ * domain, sender address) over one sliding window; 0 turns a threshold off. */
+struct conf_policyd {
+    char listen[CONF_PATH_MAX];         /* libmilter socket: inet:PORT@HOST or unix:/path */
+    char state_db[CONF_PATH_MAX];       /* "" = <spool dir>/policyd.db: conf_policyd_file */
+    char control_socket[CONF_PATH_MAX]; /* "" = <spool dir>/policyd.ctl */
+    char scopes[CONF_PATH_MAX];         /* words: ip domain address */
+    int64_t window_ms;
+    int max_messages;
+    int max_connections;
+    int max_unknown_rcpts;
+    int max_spf_fails;
+    char action[CONF_NAME_MAX];         /* tempfail or hold */
+    int64_t suspend_base_ms;
+    int64_t suspend_max_ms;
+    int64_t offence_memory_ms;
+};
+
+/* [spf]: SPF (RFC 7208) at MAIL in sluice-gateway, with libspf2 (docs/policy.md). */
+struct conf_spf {
+    int enabled;
+    char fail[16];                /* reject | tag */
+    char softfail[16];            /* accept | tag | tempfail | reject */
+    char temperror[16];           /* tempfail | accept */
+    char permerror[16];           /* accept | tag | reject */
+    int64_t timeout_ms;           /* one check, all its DNS queries */
+    char dns_server[CONF_PATH_MAX]; /* "" = the system's resolv.conf; IPv4[:PORT] */
+    int max_jobs;                 /* checks running at once on libuv's thread pool */
+    char client_ip_override[64];  /* tests only: check this IP instead of the client's */
+};
+
 struct conf_mailstore {
     char name[CONF_NAME_MAX];
     char deliver[CONF_PATH_MAX];  /* as written: lmtp:HOST:PORT, lmtp:unix:/P, smtp:HOST:PORT,
@@ -110,6 +141,7 @@ struct conf_mailstore {
     int64_t release_ramp_ms;
     int64_t max_queue_age_ms;     /* 0 = no limit */
     uint64_t max_backlog;         /* bytes; 0 = no limit */
+    int max_backlog_messages;     /* messages; 0 = no limit */
 };
 
 struct conf {
@@ -120,6 +152,8 @@ struct conf {
     struct conf_routing routing;
     struct conf_control control;
     struct conf_metrics metrics;
+    struct conf_policyd policyd;
+    struct conf_spf spf;
     int n_mailstores;
     struct conf_mailstore mailstores[CONF_MAILSTORE_MAX]; /* in file order */
 };
@@ -136,6 +170,9 @@ void conf_dump(const struct conf *c, FILE *out);
 const struct conf_mailstore *conf_mailstore(const struct conf *c, const char *name);
 /* gateway.notify_socket, or <spool dir>/deliver.sock when it is "". 0 or -ENAMETOOLONG. */
 int conf_notify_socket(const struct conf *c, char *buf, size_t len);
+/* [policyd] state_db (which 0) or control_socket (which 1), or <spool dir>/policyd.db /
+ * policyd.ctl when it is "". 0 or -ENAMETOOLONG. */
+int conf_policyd_file(const struct conf *c, int which, char *buf, size_t len);
 
 /* The control socket of sluice-deliver (gateway 0) or sluice-gateway (gateway 1): the
  * [control] key, or <spool dir>/deliver.ctl / gateway.ctl when it is "". 0 or -ENAMETOOLONG. */

@@ -45,7 +45,10 @@
     XX(unhold, 1) \
     XX(retry, 1) \
     XX(delete, 1) \
-    XX(reroute, 1)
+    XX(reroute, 1) \
+    XX(suspensions, 0) \
+    XX(suspend, 1) \
+    XX(unsuspend, 1)
 
 enum ctl_cmd {
 #define XX(name, w) CTL_CMD_##name,

@@ -661,8 +661,9 @@ int dlv_ctl_start(struct dlv_ctl **out, uv_loop_t *loop, struct dlv *d, struct s
     o.who = "sluice-deliver";
     o.admin_group = c->control.admin_group;
     o.arg = ctl;
-    for (int i = 0; i < CTL_NCMDS; i++)
-        o.handlers[i] = handle;
+    for (int i = 0; i < CTL_NCMDS; i++)   /* the suspension commands are sluice-policyd's */
+        if (i != CTL_CMD_suspensions && i != CTL_CMD_suspend && i != CTL_CMD_unsuspend)
+            o.handlers[i] = handle;
     r = ctl_server_start(&ctl->srv, &o, err, errlen);
     *out = ctl;
     return r;

@@ -213,7 +213,9 @@ def test_trip_probe_then_ramp(deliverer, fake_lmtp):
     # the recipients deferred for 30s+ are released by the recovery, not left to their timers
     wait_for(lambda: sorted(set(p.qids())) == sorted(qids), 15, what="all 5 delivered")
     d.wait_log(r"mailstore ms1: ramping -> active \(ramp complete\)", timeout=10)
-    assert d.rows("SELECT state FROM mailstores WHERE name='ms1'")[0][0] == "active"
+    # the state row is written off the loop, just after the transition is logged
+    wait_for(lambda: d.rows("SELECT state FROM mailstores WHERE name='ms1'")[0][0] == "active",
+             5, what="state row active")
     no_bounce(d, [p])
 
 

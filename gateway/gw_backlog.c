@@ -1,0 +1,272 @@
+/*
+ * gw_backlog.c - per-mailstore admission: see gw_backlog.h.
+ */
+#include "gw_backlog.h"
+
+#include <errno.h>
+#include <inttypes.h>
+#include <sqlite3.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "log.h"
+#include "spool.h"
+
+struct gw_backlog_ms {
+    char name[CONF_NAME_MAX];
+    int64_t messages;
+    int64_t bytes;
+    int over;
+};
+
+struct gw_backlog {
+    uv_loop_t *loop;
+    const struct conf *conf;
+    uv_timer_t timer;
+    uv_work_t work;
+    int busy;                     /* a query is on a worker thread */
+    int stopped;
+    int timer_closed;
+    char dbpath[CONF_PATH_MAX + 16];
+    sqlite3 *db;                  /* used by one worker at a time only */
+    /* worker output */
+    int res_rc;
+    int nres;
+    struct gw_backlog_ms res[CONF_MAILSTORE_MAX];
+    /* loop-side cache */
+    int valid;
+    int nms;
+    struct gw_backlog_ms ms[CONF_MAILSTORE_MAX];
+    int warned;                   /* a failing query is logged once until it works again */
+};
+
+static struct gw_backlog *gw_backlog_instance;
+
+/* Messages with a recipient waiting (QUEUED or HELD) for each mailstore, and their bytes:
+ * a message counts once per mailstore however many of its recipients are there. */
+static const char backlog_sql[] =
+    "SELECT mailstore, COUNT(*), COALESCE(SUM(size), 0) FROM"
+    " (SELECT DISTINCT r.mailstore AS mailstore, r.qid AS qid, m.size AS size"
+    "  FROM recipients r JOIN messages m ON m.qid = r.qid WHERE r.state IN (0, 2))"
+    " GROUP BY mailstore";
+
+static void backlog_work(uv_work_t *w)
+{
+    struct gw_backlog *b = w->data;
+    sqlite3_stmt *st = NULL;
+    int rc;
+
+    b->nres = 0;
+    if (!b->db) {
+        rc = sqlite3_open_v2(b->dbpath, &b->db, SQLITE_OPEN_READONLY | SQLITE_OPEN_NOMUTEX,
+                             NULL);
+        if (rc != SQLITE_OK) {
+            sqlite3_close(b->db);
+            b->db = NULL;
+            b->res_rc = rc;
+            return;
+        }
+        sqlite3_busy_timeout(b->db, 1000);
+    }
+    rc = sqlite3_prepare_v2(b->db, backlog_sql, -1, &st, NULL);
+    while (rc == SQLITE_OK && (rc = sqlite3_step(st)) == SQLITE_ROW) {
+        const unsigned char *name = sqlite3_column_text(st, 0);
+        struct gw_backlog_ms *m;
+
+        if (b->nres >= CONF_MAILSTORE_MAX || !name)
+            continue;
+        m = &b->res[b->nres++];
+        snprintf(m->name, sizeof(m->name), "%s", (const char *)name);
+        m->messages = sqlite3_column_int64(st, 1);
+        m->bytes = sqlite3_column_int64(st, 2);
+        rc = SQLITE_OK;
+    }
+    if (rc == SQLITE_DONE)
+        rc = SQLITE_OK;
+    sqlite3_finalize(st);
+    if (rc != SQLITE_OK) {
+        /* reopen next time: the file may have been replaced */
+        sqlite3_close(b->db);
+        b->db = NULL;
+    }
+    b->res_rc = rc;
+}
+
+static const struct gw_backlog_ms *backlog_find(const struct gw_backlog_ms *v, int n,
+                                                const char *name)
+{
+    for (int i = 0; i < n; i++)
+        if (strcmp(v[i].name, name) == 0)
+            return &v[i];
+    return NULL;
+}
+
+static int backlog_limit_passed(const struct conf_mailstore *cm, const struct gw_backlog_ms *m)
+{
+    if (!m)
+        return 0;
+    if (cm->max_backlog > 0 && (uint64_t)m->bytes > cm->max_backlog)
+        return 1;
+    if (cm->max_backlog_messages > 0 && m->messages > cm->max_backlog_messages)
+        return 1;
+    return 0;
+}
+
+static void backlog_after(uv_work_t *w, int status)
+{
+    struct gw_backlog *b = w->data;
+    struct gw_backlog_ms next[CONF_MAILSTORE_MAX];
+    int n = 0;
+
+    b->busy = 0;
+    if (b->stopped || status != 0)
+        return;
+    if (b->res_rc != SQLITE_OK) {
+        if (!b->warned)
+            log_warn("backlog: cannot read %s: %s; mailstore admission keeps its last state",
+                     b->dbpath, sqlite3_errstr(b->res_rc));
+        b->warned = 1;
+        return;
+    }
+    if (b->warned)
+        log_info("backlog: %s readable again", b->dbpath);
+    b->warned = 0;
+    /* one entry per configured mailstore, zero when nothing waits for it */
+    for (int i = 0; i < b->conf->n_mailstores && n < CONF_MAILSTORE_MAX; i++) {
+        const struct conf_mailstore *cm = &b->conf->mailstores[i];
+        const struct gw_backlog_ms *r = backlog_find(b->res, b->nres, cm->name);
+        const struct gw_backlog_ms *old = backlog_find(b->ms, b->nms, cm->name);
+        struct gw_backlog_ms *m = &next[n++];
+
+        memset(m, 0, sizeof(*m));
+        memcpy(m->name, cm->name, sizeof(m->name));
+        if (r) {
+            m->messages = r->messages;
+            m->bytes = r->bytes;
+        }
+        m->over = backlog_limit_passed(cm, m);
+        if (m->over && !(old && old->over))
+            log_warn("backlog: mailstore %s over its limit (%" PRId64 " messages, %" PRId64
+                     " bytes waiting; max_backlog %" PRIu64 ", max_backlog_messages %d): "
+                     "RCPT for its users gets 452 4.3.1", cm->name, m->messages, m->bytes,
+                     cm->max_backlog, cm->max_backlog_messages);
+        else if (!m->over && old && old->over)
+            log_notice("backlog: mailstore %s under its limit again (%" PRId64 " messages, %"
+                       PRId64 " bytes waiting): accepting its recipients", cm->name,
+                       m->messages, m->bytes);
+    }
+    memcpy(b->ms, next, sizeof(next[0]) * (size_t)n);
+    b->nms = n;
+    b->valid = 1;
+}
+
+static void backlog_timer_cb(uv_timer_t *t)
+{
+    struct gw_backlog *b = t->data;
+    int any = 0;
+
+    if (b->busy || b->stopped)
+        return;
+    for (int i = 0; i < b->conf->n_mailstores; i++)
+        if (b->conf->mailstores[i].max_backlog || b->conf->mailstores[i].max_backlog_messages)
+            any = 1;
+    if (!any && b->nms == 0)
+        return;                   /* no limit anywhere: nothing to watch */
+    if (!any) {
+        /* limits removed by a reload: forget the old state */
+        for (int i = 0; i < b->nms; i++)
+            if (b->ms[i].over)
+                log_notice("backlog: mailstore %s has no limit any more", b->ms[i].name);
+        b->nms = 0;
+        return;
+    }
+    b->work.data = b;
+    if (uv_queue_work(b->loop, &b->work, backlog_work, backlog_after) == 0)
+        b->busy = 1;
+}
+
+int gw_backlog_start(struct gw_backlog **out, uv_loop_t *loop, const struct conf *c)
+{
+    struct gw_backlog *b = calloc(1, sizeof(*b));
+
+    *out = NULL;
+    if (!b)
+        return -ENOMEM;
+    b->loop = loop;
+    b->conf = c;
+    snprintf(b->dbpath, sizeof(b->dbpath), "%s/index.db", c->spool.dir);
+    uv_timer_init(loop, &b->timer);
+    b->timer.data = b;
+    uv_timer_start(&b->timer, backlog_timer_cb, 0, GW_BACKLOG_CHECK_MS);
+    uv_unref((uv_handle_t *)&b->timer);
+    gw_backlog_instance = b;
+    *out = b;
+    return 0;
+}
+
+void gw_backlog_reload(struct gw_backlog *b, const struct conf *c)
+{
+    if (b)
+        b->conf = c;
+}
+
+static void backlog_close_cb(uv_handle_t *h)
+{
+    struct gw_backlog *b = h->data;
+
+    b->timer_closed = 1;
+}
+
+void gw_backlog_stop(struct gw_backlog *b)
+{
+    if (!b || b->stopped)
+        return;
+    b->stopped = 1;
+    uv_close((uv_handle_t *)&b->timer, backlog_close_cb);
+}
+
+void gw_backlog_free(struct gw_backlog *b)
+{
+    if (!b)
+        return;
+    if (gw_backlog_instance == b)
+        gw_backlog_instance = NULL;
+    sqlite3_close(b->db);
+    free(b);
+}
+
+int gw_backlog_over(const struct gw_backlog *b, const char *mailstore)
+{
+    const struct gw_backlog_ms *m;
+
+    if (!b || !b->valid)
+        return 0;
+    m = backlog_find(b->ms, b->nms, mailstore);
+    return m ? m->over : 0;
+}
+
+json_t *gw_backlog_status_json(void)
+{
+    const struct gw_backlog *b = gw_backlog_instance;
+    json_t *o;
+
+    if (!b)
+        return NULL;
+    o = json_object();
+    for (int i = 0; i < b->nms; i++) {
+        const struct conf_mailstore *cm = conf_mailstore(b->conf, b->ms[i].name);
+        json_t *e = json_object();
+
+        json_object_set_new(e, "messages", json_integer((json_int_t)b->ms[i].messages));
+        json_object_set_new(e, "bytes", json_integer((json_int_t)b->ms[i].bytes));
+        json_object_set_new(e, "over", json_boolean(b->ms[i].over));
+        if (cm) {
+            json_object_set_new(e, "max_backlog", json_integer((json_int_t)cm->max_backlog));
+            json_object_set_new(e, "max_backlog_messages",
+                                json_integer(cm->max_backlog_messages));
+        }
+        json_object_set_new(o, b->ms[i].name, e);
+    }
+    return o;
+}
