@@ -109,6 +109,15 @@ static void print_json(const json_t *j)
     }
 }
 
+/* --json for a reply that may come from the daemon or from the index: say which, then print */
+static int print_json_from(json_t *rep, const char *source)
+{
+    json_object_set_new(rep, "source", json_string(source));
+    print_json(rep);
+    json_decref(rep);
+    return EX_OK;
+}
+
 static void fmt_age(int64_t s, char *out, size_t len)
 {
     if (s < 0)
@@ -424,12 +433,8 @@ static int do_queue(struct ctx *x)
     } else if (r) {
         return r;
     }
-    if (x->json) {
-        json_object_set_new(rep, "source", json_string(source));
-        print_json(rep);
-        json_decref(rep);
-        return EX_OK;
-    }
+    if (x->json)
+        return print_json_from(rep, source);
     printf("%-16s %-7s %-10s %5s %8s  %-30s %-30s %s\n", "QID", "STATE", "MAILSTORE", "TRIES",
            "AGE", "SENDER", "RECIPIENT", "LAST REPLY / HOLD REASON");
     json_array_foreach(json_object_get(rep, "recipients"), i, m) {
@@ -494,12 +499,8 @@ static int do_show(struct ctx *x)
     } else if (r) {
         return r;
     }
-    if (x->json) {
-        json_object_set_new(rep, "source", json_string(source));
-        print_json(rep);
-        json_decref(rep);
-        return EX_OK;
-    }
+    if (x->json)
+        return print_json_from(rep, source);
     m = json_object_get(rep, "message");
     char t[64], age[32];
     fmt_time(ji(m, "received_at"), t, sizeof(t));
@@ -548,12 +549,8 @@ static int do_affected(struct ctx *x)
     } else if (r) {
         return r;
     }
-    if (x->json) {
-        json_object_set_new(rep, "source", json_string(source));
-        print_json(rep);
-        json_decref(rep);
-        return EX_OK;
-    }
+    if (x->json)
+        return print_json_from(rep, source);
     printf("%-40s %6s %5s %8s  %s\n", "RECIPIENT", "QUEUED", "HELD", "OLDEST", "LAST REPLY");
     json_array_foreach(json_object_get(rep, "recipients"), i, m) {
         char age[32], b[128];
@@ -595,12 +592,8 @@ static int do_audit(struct ctx *x)
     } else if (r) {
         return r;
     }
-    if (x->json) {
-        json_object_set_new(rep, "source", json_string(source));
-        print_json(rep);
-        json_decref(rep);
-        return EX_OK;
-    }
+    if (x->json)
+        return print_json_from(rep, source);
     printf("%-19s %-16s %-8s %-28s %6s %-6s %s\n", "TIME", "USER", "COMMAND", "SCOPE", "COUNT",
            "RESULT", "REASON / ARGS");
     json_array_foreach(json_object_get(rep, "audit"), i, m) {

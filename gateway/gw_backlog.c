@@ -11,6 +11,7 @@
 #include <string.h>
 
 #include "log.h"
+#include "metrics.h"
 #include "spool.h"
 
 struct gw_backlog_ms {
@@ -269,4 +270,36 @@ json_t *gw_backlog_status_json(void)
         json_object_set_new(o, b->ms[i].name, e);
     }
     return o;
+}
+
+void gw_backlog_metrics(struct metrics_buf *b)
+{
+    const struct gw_backlog *bl = gw_backlog_instance;
+    char lab[CONF_NAME_MAX * 2 + 16], esc[CONF_NAME_MAX * 2];
+
+    if (!bl || bl->nms == 0)
+        return;
+    metrics_head(b, "sluice_gateway_mailstore_backlog_messages", "gauge",
+                 "messages waiting for the mailstore (queued or held), as of the last check");
+    for (int i = 0; i < bl->nms; i++) {
+        metrics_escape(bl->ms[i].name, esc, sizeof(esc));
+        snprintf(lab, sizeof(lab), "mailstore=\"%s\"", esc);
+        metrics_sample(b, "sluice_gateway_mailstore_backlog_messages", lab,
+                       (double)bl->ms[i].messages);
+    }
+    metrics_head(b, "sluice_gateway_mailstore_backlog_bytes", "gauge",
+                 "bytes of the messages waiting for the mailstore, as of the last check");
+    for (int i = 0; i < bl->nms; i++) {
+        metrics_escape(bl->ms[i].name, esc, sizeof(esc));
+        snprintf(lab, sizeof(lab), "mailstore=\"%s\"", esc);
+        metrics_sample(b, "sluice_gateway_mailstore_backlog_bytes", lab,
+                       (double)bl->ms[i].bytes);
+    }
+    metrics_head(b, "sluice_gateway_mailstore_backlog_over", "gauge",
+                 "1 while RCPT for the mailstore's users gets 452 (past max_backlog)");
+    for (int i = 0; i < bl->nms; i++) {
+        metrics_escape(bl->ms[i].name, esc, sizeof(esc));
+        snprintf(lab, sizeof(lab), "mailstore=\"%s\"", esc);
+        metrics_sample(b, "sluice_gateway_mailstore_backlog_over", lab, bl->ms[i].over);
+    }
 }

@@ -17,6 +17,8 @@
 
 #include "conf.h"
 
+struct metrics_buf;
+
 #define GW_BACKLOG_CHECK_MS 2000
 
 struct gw_backlog;
@@ -34,5 +36,7 @@ int gw_backlog_over(const struct gw_backlog *b, const char *mailstore);
 /* {"ms1": {"messages": N, "bytes": N, "over": bool, "max_backlog": N,
  *  "max_backlog_messages": N}, ...} for `status`, from the process's instance; NULL if none. */
 json_t *gw_backlog_status_json(void);
+/* sluice_gateway_mailstore_backlog_{messages,bytes,over}{mailstore="..."} gauges. */
+void gw_backlog_metrics(struct metrics_buf *b);
 
 #endif

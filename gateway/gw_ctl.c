@@ -199,6 +199,7 @@ static void render(void)
     metrics_hist_write(&b, "sluice_gateway_commit_seconds", "", &g.commit);
     metrics_head(&b, "sluice_spool_free_bytes", "gauge", "bytes free on the spool's file system");
     metrics_sample(&b, "sluice_spool_free_bytes", "", (double)g.free_bytes);
+    gw_backlog_metrics(&b);
     if (!b.oom)
         metrics_http_publish(g.http, b.p, b.len);
     metrics_buf_free(&b);

@@ -264,6 +264,7 @@ static void spf_work(uv_work_t *w)
     SPF_request_t *rq = NULL;
     SPF_response_t *rs = NULL;
     SPF_result_t r;
+    SPF_errcode_t err = SPF_E_SUCCESS;
     int isv6 = strchr(j->ip, ':') != NULL;
 
     snprintf(j->res.ip, sizeof(j->res.ip), "%s", j->ip);
@@ -307,16 +308,32 @@ static void spf_work(uv_work_t *w)
     case SPF_RESULT_NONE: j->res.res = GW_SPF_NONE; break;
     case SPF_RESULT_PERMERROR: j->res.res = GW_SPF_PERMERROR; break;
     case SPF_RESULT_TEMPERROR:
-    default:
-        /* 1.2.10: a DNS failure while fetching the record is INVALID with no header */
         j->res.res = GW_SPF_TEMPERROR;
+        break;
+    default:
+        /* INVALID. 1.2.10: a DNS failure while fetching the record comes back this way with
+         * no header (err SPF_E_DNS_ERROR): temperror. A record that does not compile does too
+         * (err SPF_E_SYNTAX, SPF_E_UNKNOWN_MECH, ...): that is permerror (RFC 7208 4.6). */
+        err = rs ? SPF_response_errcode(rs) : SPF_E_NO_MEMORY;
+        for (int i = 0; rs && err == SPF_E_SUCCESS && i < SPF_response_messages(rs); i++) {
+            SPF_error_t *e = SPF_response_message(rs, i);
+
+            if (e && SPF_error_errorp(e))
+                err = SPF_error_code(e); /* a compile error is only in the message list */
+        }
+        j->res.res = (err == SPF_E_DNS_ERROR || err == SPF_E_NO_MEMORY ||
+                      err == SPF_E_INTERNAL_ERROR || err == SPF_E_SUCCESS)
+                         ? GW_SPF_TEMPERROR : GW_SPF_PERMERROR;
         break;
     }
     if (rs && SPF_response_get_header_comment(rs) && r != SPF_RESULT_INVALID)
         spf_clean(j->res.comment, sizeof(j->res.comment), SPF_response_get_header_comment(rs));
+    else if (j->res.res == GW_SPF_PERMERROR)
+        snprintf(j->res.comment, sizeof(j->res.comment), "%s: invalid SPF record: %s",
+                 j->rec_dom, SPF_strerror(err));
     else
-        snprintf(j->res.comment, sizeof(j->res.comment), "%s: DNS error while checking SPF",
-                 j->rec_dom);
+        snprintf(j->res.comment, sizeof(j->res.comment), "%s: error while checking SPF: %s",
+                 j->rec_dom, SPF_strerror(err));
     SPF_response_free(rs);
     SPF_request_free(rq);
 }

@@ -10,11 +10,13 @@ policyd_fixtures.py - helpers for the end-to-end tests of sluice-policyd (test_p
   - sluicectl against that policyd.
 """
 import os
+import shutil
 import signal
 import socket
 import sqlite3
 import struct
 import subprocess
+import tempfile
 import time
 
 import pytest
@@ -173,9 +175,12 @@ class Policyd:
         self.spool = os.path.join(self.tmp, "spool")
         os.makedirs(self.spool, exist_ok=True)
         self.port = free_port()
-        self.conf = os.path.join(self.tmp, "sluice.conf")
+        # config and control socket in a 0755 directory, so sluicectl can run as nobody
+        self.pub = tempfile.mkdtemp(prefix="sluice-pd-")
+        os.chmod(self.pub, 0o755)
+        self.conf = os.path.join(self.pub, "sluice.conf")
         self.state = os.path.join(self.tmp, "policyd.db")
-        self.ctl = os.path.join(self.tmp, "policyd.ctl")
+        self.ctl = os.path.join(self.pub, "policyd.ctl")
         self.log = os.path.join(self.tmp, "policyd.log")
         self.settings = {"listen": "inet:%d@127.0.0.1" % self.port, "state_db": self.state,
                          "control_socket": self.ctl}
@@ -236,10 +241,18 @@ class Policyd:
         m.negotiate()
         return m
 
-    def ctl_run(self, *args, env=None):
-        p = subprocess.run([SLUICECTL_BIN, "-c", self.conf] + [str(a) for a in args],
-                           capture_output=True, text=True, timeout=60, env=env)
+    def ctl_run(self, *args, user=None):
+        """sluicectl -c CONF ARGS...: (exit status, stdout, stderr); user: run as that user."""
+        cmd = [SLUICECTL_BIN, "-c", self.conf] + [str(a) for a in args]
+        if user:
+            cmd = ["setpriv", "--reuid=%s" % user, "--regid=nogroup", "--clear-groups"] + cmd
+        e = dict(os.environ)
+        e.pop("SUDO_USER", None)
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=e)
         return p.returncode, p.stdout, p.stderr
+
+    def cleanup(self):
+        shutil.rmtree(self.pub, ignore_errors=True)
 
     def audit_rows(self):
         db = sqlite3.connect("file:%s?mode=ro" % self.state, uri=True)
@@ -266,4 +279,5 @@ def policyd(tmp_path):
             p.stop()
         except AssertionError as e:
             errors.append(str(e))
+        p.cleanup()
     assert not errors, "\n".join(errors)

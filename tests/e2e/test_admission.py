@@ -9,8 +9,9 @@ import os
 import re
 import socket
 import time
+import urllib.request
 
-from conftest import DOMAIN
+from conftest import DOMAIN, free_port
 from smtp_raw import Raw, transaction
 from test_gateway import make_body
 
@@ -53,6 +54,8 @@ def fill(port, rcpt, n=1):
 def test_max_backlog_bytes_452_only_for_that_mailstore(gateway_factory, tmp_path):
     d, ov = routed(tmp_path, "bytes")
     ov["mailstore ms1"] = {"max_backlog": "1"}
+    mport = free_port()
+    ov["metrics"] = {"gateway_listen": "127.0.0.1:%d" % mport}
     gw = gateway_factory(ov, tmp=d)
     fill(gw.port, ALICE)
     r = wait_rcpt(gw.port, ALICE, 452)
@@ -73,6 +76,16 @@ def test_max_backlog_bytes_452_only_for_that_mailstore(gateway_factory, tmp_path
     assert bl["ms1"]["bytes"] > 1 and bl["ms1"]["max_backlog"] == 1, bl
     assert bl["ms2"]["over"] is False, bl
     assert st["rejected_by_reason"].get("backlog", 0) >= 2, st["rejected_by_reason"]
+    deadline = time.time() + 10
+    while True:
+        text = urllib.request.urlopen("http://127.0.0.1:%d/metrics" % mport, timeout=5).read()
+        text = text.decode()
+        if 'sluice_gateway_mailstore_backlog_over{mailstore="ms1"} 1' in text:
+            break
+        assert time.time() < deadline, text[-3000:]
+        time.sleep(0.3)
+    assert 'sluice_gateway_mailstore_backlog_over{mailstore="ms2"} 0' in text
+    assert 'sluice_gateway_mailstore_backlog_messages{mailstore="ms1"} 1' in text
 
 
 def ctl_status(gw):

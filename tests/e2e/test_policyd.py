@@ -1,0 +1,347 @@
+"""
+test_policyd.py - sluice-policyd end to end: driven over the milter wire protocol by the MTA
+side in policyd_fixtures.py (as Postfix would), by sluicectl, and by a private Postfix
+instance (smtpd_milters) in test_postfix_smtpd_gets_451.
+"""
+import json
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+
+import pytest
+
+from policyd_fixtures import (QUARANTINE, RCPT_REJ, MilterMTA, free_port, policyd,  # noqa: F401
+                              reply_text)
+
+SPAMMER_IP = "192.0.2.10"
+SPAMMER = "spam@bad.test"
+
+
+def suspensions(p):
+    rc, out, err = p.ctl_run("--json", "suspensions")
+    assert rc == 0, err
+    return {s["key"]: s for s in json.loads(out)["suspensions"]}
+
+
+def test_negotiation_asks_for_rejected_rcpts_and_quarantine(policyd):
+    p = policyd()
+    m = MilterMTA(p.port)
+    ver, actions, proto = m.negotiate()
+    assert ver == 6
+    assert actions & QUARANTINE
+    assert proto & RCPT_REJ
+    m.close()
+
+
+def test_threshold_suspends_expires_and_repeat_is_longer(policyd):
+    p = policyd(max_messages=3, window="60s", suspend_base="2s", suspend_max="1h")
+    m = p.mta()
+    assert m.connect(SPAMMER_IP)[0] == "c"
+    for _ in range(3):
+        kind, r = m.message(SPAMMER)
+        assert kind == "eom" and r[-1][0] == "c", r
+    # the 4th message crosses max_messages: suspended, and so is everything after it
+    for _ in range(2):
+        kind, r = m.message(SPAMMER)
+        assert kind == "mail", r
+        text = reply_text(r)
+        assert text.startswith("451 4.7.1 "), text
+        assert "suspended" in text and ("ip:" + SPAMMER_IP in text or SPAMMER in text), text
+        assert "max_messages" in text, text
+    m.close()
+    s = suspensions(p)
+    assert s["ip:" + SPAMMER_IP]["offence"] == 1
+    assert s["ip:" + SPAMMER_IP]["source"] == "auto"
+    assert s["ip:" + SPAMMER_IP]["action"] == "tempfail"
+    assert "suspended ip:%s for 2s (offence 1" % SPAMMER_IP in p.read_log()
+
+    # it expires by itself
+    time.sleep(2.5)
+    assert suspensions(p) == {}
+    m = p.mta()
+    m.connect(SPAMMER_IP)
+    kind, r = m.message(SPAMMER)
+    assert kind == "eom" and r[-1][0] == "c", r
+    # crossing again is a repeat offence: twice as long
+    for _ in range(3):
+        kind, r = m.message(SPAMMER)
+    assert kind == "mail" and reply_text(r).startswith("451 4.7.1 "), r
+    m.close()
+    s = suspensions(p)
+    assert s["ip:" + SPAMMER_IP]["offence"] == 2
+    assert 2 < s["ip:" + SPAMMER_IP]["remaining_s"] <= 4
+    assert "suspended ip:%s for 4s (offence 2" % SPAMMER_IP in p.read_log()
+    # another client is not affected
+    m = p.mta()
+    m.connect("192.0.2.99")
+    kind, r = m.message("good@fine.test")
+    assert kind == "eom" and r[-1][0] == "c", r
+    m.close()
+
+
+def test_unknown_recipients_suspend(policyd):
+    p = policyd(max_unknown_rcpts=2, window="60s")
+    m = p.mta()
+    m.connect(SPAMMER_IP)
+    kind, r = m.message(SPAMMER, rejected=["x1@example.test", "x2@example.test",
+                                          "x3@example.test"])
+    assert kind == "eom"
+    kind, r = m.message(SPAMMER)
+    assert kind == "mail"
+    text = reply_text(r)
+    assert text.startswith("451 4.7.1 ") and "max_unknown_rcpts" in text, text
+    m.close()
+
+
+def test_spf_fails_suspend(policyd):
+    p = policyd(max_spf_fails=1, window="60s")
+    m = p.mta()
+    m.connect(SPAMMER_IP)
+    hdr = [("Received-SPF", " fail (mx.test: domain of bad.test does not designate "
+                            "192.0.2.10 as permitted sender)")]
+    assert m.message(SPAMMER, headers=hdr)[0] == "eom"
+    ar = [("Authentication-Results", " mx.test; spf=fail smtp.mailfrom=bad.test")]
+    assert m.message(SPAMMER, headers=ar)[0] == "eom"
+    kind, r = m.message(SPAMMER)
+    assert kind == "mail" and "max_spf_fails" in reply_text(r), r
+    m.close()
+    # softfail and pass do not count
+    m = p.mta()
+    m.connect("192.0.2.77")
+    for v in (" softfail (x)", " pass (x)"):
+        assert m.message("a@ok.test", headers=[("Received-SPF", v)])[0] == "eom"
+    kind, r = m.message("a@ok.test")
+    assert kind == "eom" and r[-1][0] == "c"
+    m.close()
+
+
+def test_hold_action_quarantines(policyd):
+    p = policyd(max_messages=1, window="60s", action="hold")
+    m = p.mta()
+    m.connect(SPAMMER_IP)
+    kind, r = m.message(SPAMMER)
+    assert kind == "eom" and [c for c, _ in r] == ["c"], r
+    kind, r = m.message(SPAMMER)
+    assert kind == "eom", r             # accepted ...
+    codes = [c for c, _ in r]
+    assert codes == ["q", "c"], r       # ... and quarantined: the MTA holds it
+    assert b"Sender suspended" in r[0][1] and b"max_messages" in r[0][1]
+    m.close()
+    assert suspensions(p)["ip:" + SPAMMER_IP]["action"] == "hold"
+
+
+def test_operator_suspend_unsuspend(policyd):
+    p = policyd()
+    ip = "198.51.100.7"
+    rc, out, err = p.ctl_run("suspend", ip, "--for", "1h", "--action", "tempfail",
+                             "--reason", "spam run from ticket 42")
+    assert rc == 0, err
+    assert "suspended: ip:%s" % ip in out
+    m = p.mta()
+    m.connect(ip)
+    kind, r = m.message("someone@anywhere.test")
+    text = reply_text(r)
+    assert kind == "mail" and text.startswith("451 4.7.1 "), r
+    assert "by operator: spam run from ticket 42" in text and "ip:" + ip in text, text
+    m.close()
+
+    # a domain put on hold: its mail is accepted and quarantined
+    rc, out, err = p.ctl_run("suspend", "Bulk.Example", "--for", "30m", "--action", "hold",
+                             "--reason", "check with the customer")
+    assert rc == 0, err
+    rc, out, err = p.ctl_run("suspensions")
+    assert rc == 0 and "domain:bulk.example" in out and "ip:" + ip in out, out
+    m = p.mta()
+    m.connect("192.0.2.200")
+    kind, r = m.message("news@bulk.example")
+    assert kind == "eom" and [c for c, _ in r] == ["q", "c"], r
+    m.close()
+
+    rc, out, err = p.ctl_run("unsuspend", ip, "--reason", "customer fixed it")
+    assert rc == 0, err
+    m = p.mta()
+    m.connect(ip)
+    kind, r = m.message("someone@anywhere.test")
+    assert kind == "eom" and r[-1][0] == "c", r
+    m.close()
+
+    # exit codes: not suspended 1, usage 2
+    assert p.ctl_run("unsuspend", ip)[0] == 1
+    assert p.ctl_run("suspend", ip, "--for", "1h", "--action", "reject", "--reason", "x")[0] == 2
+    assert p.ctl_run("suspend", ip, "--for", "1h")[0] == 2
+    assert p.ctl_run("suspend", ip, "--for", "soon", "--reason", "x")[0] == 2
+    assert p.ctl_run("suspend", "not a target", "--for", "1h", "--reason", "x")[0] == 2
+
+    rows = p.audit_rows()
+    assert ("sluice-policyd", "suspend", "ip:" + ip, "spam run from ticket 42", "ok") in \
+        [r[1:] for r in rows]
+    assert ("sluice-policyd", "unsuspend", "ip:" + ip, "customer fixed it", "ok") in \
+        [r[1:] for r in rows]
+    assert ("sluice-policyd", "unsuspend", "ip:" + ip, "", "not suspended") in \
+        [r[1:] for r in rows]
+    assert "audit: user=" in p.read_log() and "cmd=suspend scope=ip:" + ip in p.read_log()
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to run sluicectl as nobody")
+def test_non_admin_cannot_suspend(policyd):
+    p = policyd()
+    rc, out, err = p.ctl_run("suspend", "192.0.2.1", "--for", "1h", "--reason", "x",
+                             user="nobody")
+    assert rc == 4, err
+    assert p.ctl_run("suspensions", user="nobody")[0] == 0
+    assert suspensions(p) == {}
+
+
+def test_no_daemon_exit_3(policyd):
+    p = policyd(start=False)
+    assert p.ctl_run("suspensions")[0] == 3
+
+
+def test_suspensions_survive_restart(policyd):
+    p = policyd()
+    assert p.ctl_run("suspend", "x@spam.example", "--for", "1h", "--reason", "r")[0] == 0
+    p.stop()
+    p.start()
+    assert "address:x@spam.example" in suspensions(p)
+    m = p.mta()
+    m.connect("192.0.2.5")
+    kind, r = m.message("X@Spam.Example")
+    assert kind == "mail" and reply_text(r).startswith("451 4.7.1 "), r
+    m.close()
+
+
+# --------------------------------------------------------------- a real Postfix smtpd in front
+
+POSTFIX = shutil.which("postfix") or "/usr/sbin/postfix"
+
+
+def smtp(port, lines):
+    """A plain SMTP dialogue: a list of (command, reply) with each reply's full text."""
+    out = []
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        f = s.makefile("rb")
+
+        def read():
+            text = b""
+            while True:
+                ln = f.readline()
+                assert ln, "connection closed"
+                text += ln
+                if ln[3:4] != b"-":
+                    return text.decode()
+        out.append(("", read()))
+        for cmd in lines:
+            s.sendall(cmd.encode() + b"\r\n")
+            out.append((cmd, read()))
+    return out
+
+
+@pytest.mark.skipif(not os.path.exists(POSTFIX) or os.getuid() != 0,
+                    reason="needs Debian postfix and root for a private instance")
+def test_postfix_smtpd_gets_451(policyd):
+    p = policyd(max_messages=2, window="60s", suspend_base="1h")
+    base = tempfile.mkdtemp(prefix="sluice-pf-", dir="/var/tmp")
+    os.chmod(base, 0o755)
+    cdir, qdir, ddir = (os.path.join(base, d) for d in ("etc", "spool", "lib"))
+    for d in (cdir, qdir, ddir):
+        os.mkdir(d)
+    shutil.chown(ddir, "postfix", "postfix")
+    port = free_port()
+    # master.cf: smtpd on 127.0.0.1:PORT instead of *:25, no other inet listener, no chroot
+    master = []
+    for ln in open("/etc/postfix/master.cf"):
+        f = ln.split()
+        if ln[:1] not in ("#", " ", "\t", "\n") and len(f) >= 8:
+            if f[1] == "inet":
+                if f[0] != "smtp":
+                    continue
+                f[0] = "127.0.0.1:%d" % port
+            f[4] = "n"
+            ln = " ".join(f) + "\n"
+        master.append(ln)
+    with open(os.path.join(cdir, "master.cf"), "w") as fh:
+        fh.write("".join(master))
+    with open(os.path.join(cdir, "main.cf"), "w") as fh:
+        fh.write("\n".join([
+            "compatibility_level = 3.6",
+            "queue_directory = %s" % qdir,
+            "data_directory = %s" % ddir,
+            "syslog_name = postfix-sluice-test",
+            "maillog_file = %s" % os.path.join(base, "maillog"),
+            "mail_owner = postfix",
+            "setgid_group = postdrop",
+            "myhostname = pf.test",
+            "mydomain = test",
+            "myorigin = $myhostname",
+            "inet_interfaces = 127.0.0.1",
+            "inet_protocols = ipv4",
+            "mynetworks = 127.0.0.0/8",
+            "mydestination =",
+            "local_recipient_maps =",
+            "alias_maps =",
+            "alias_database =",
+            "biff = no",
+            "relay_domains = example.test",
+            "relay_recipient_maps =",
+            "smtpd_relay_restrictions = permit_auth_destination, reject",
+            # nothing is ever delivered anywhere
+            "relay_transport = error:5.3.0 test instance delivers nothing",
+            "default_transport = error:5.3.0 test instance delivers nothing",
+            "local_transport = error:5.3.0 test instance delivers nothing",
+            "smtpd_milters = inet:127.0.0.1:%d" % p.port,
+            "milter_default_action = accept",
+            "milter_protocol = 6",
+            "",
+        ]))
+    env = dict(os.environ)
+    pf = [POSTFIX, "-c", cdir]
+
+    def maillog():
+        try:
+            with open(os.path.join(base, "maillog"), errors="replace") as fh:
+                return fh.read()
+        except OSError:
+            return ""
+    r = subprocess.run(pf + ["check"], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr + maillog()
+    r = subprocess.run(pf + ["start"], capture_output=True, text=True, env=env)
+    if r.returncode != 0:
+        shutil.rmtree(base, ignore_errors=True)
+        raise AssertionError(r.stderr + r.stdout + maillog())
+    try:
+        deadline = time.time() + 20
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.time() < deadline, "postfix smtpd did not listen"
+                time.sleep(0.2)
+        cmds = ["EHLO client.test"]
+        for _ in range(3):
+            cmds += ["MAIL FROM:<%s>" % SPAMMER, "RSET"]
+        cmds.append("QUIT")
+        out = smtp(port, cmds)
+        mails = [rep for cmd, rep in out if cmd.startswith("MAIL")]
+        assert mails[0].startswith("250") and mails[1].startswith("250"), out
+        # the 3rd MAIL crosses max_messages = 2: Postfix passes the milter's 451 4.7.1 on
+        assert mails[2].startswith("451 4.7.1 "), out
+        assert "suspended" in mails[2] and "max_messages" in mails[2], out
+        # a new session from the same client: still suspended
+        out = smtp(port, ["EHLO client.test", "MAIL FROM:<other@else.test>", "QUIT"])
+        assert out[2][1].startswith("451 4.7.1 ") and "ip:127.0.0.1" in out[2][1], out
+        assert "ip:127.0.0.1" in suspensions(p)
+    finally:
+        subprocess.run(pf + ["stop"], capture_output=True, text=True, env=env, timeout=60)
+        for _ in range(100):     # postfix stop returns before master has gone
+            pid = os.path.join(qdir, "pid", "master.pid")
+            try:
+                with open(pid) as fh:
+                    os.kill(int(fh.read().strip()), 0)
+            except (OSError, ValueError):
+                break
+            time.sleep(0.1)
+        shutil.rmtree(base, ignore_errors=True)
