@@ -449,7 +449,7 @@ int gw_spf_check(struct gw_spf *spf, const char *ip, const char *helo, const cha
     snprintf(j->sender, sizeof(j->sender), "%s", sender);
     snprintf(j->rec_dom, sizeof(j->rec_dom), "%s", spf->conf->gateway.hostname);
     snprintf(j->dns, sizeof(j->dns), "%s", sc->dns_server);
-    qt = sc->timeout_ms / 3000;   /* a query may be retried; a check makes several */
+    qt = sc->timeout_ms / 3000;   /* one attempt per query; a check makes several */
     j->query_timeout_s = qt < 1 ? 1 : qt > 5 ? 5 : (int)qt;
     uv_timer_init(spf->loop, &j->timer);
     j->timer.data = j;

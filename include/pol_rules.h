@@ -27,7 +27,7 @@ enum pol_signal {
 enum pol_scope { POL_SCOPE_IP = 1, POL_SCOPE_DOMAIN = 2, POL_SCOPE_ADDRESS = 4 };
 
 /* One signal's count over a sliding window of POL_BUCKETS slices. The count is exact to one
- * slice (window/16): events older than the window drop out a slice at a time. */
+ * slice (window/16, at least 1 ms): events older than the window drop out a slice at a time. */
 struct pol_window {
     int64_t slice[POL_BUCKETS]; /* slice number (now / width) the bucket holds, -1 empty */
     uint32_t n[POL_BUCKETS];

@@ -182,7 +182,7 @@ static sfsistat pd_negotiate(SMFICTX *ctx, unsigned long f0, unsigned long f1,
     *pf2 = 0;
     *pf3 = 0;
     if (!(f1 & SMFIP_RCPT_REJ))
-        log_info("the MTA does not send rejected recipients: max_unknown_rcpts cannot work");
+        log_debug("the MTA does not send rejected recipients: max_unknown_rcpts cannot work");
     return SMFIS_CONTINUE;
 }
 

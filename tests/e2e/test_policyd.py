@@ -3,6 +3,7 @@ test_policyd.py - sluice-policyd end to end: driven over the milter wire protoco
 side in policyd_fixtures.py (as Postfix would), by sluicectl, and by a private Postfix
 instance (smtpd_milters) in test_postfix_smtpd_gets_451.
 """
+import contextlib
 import json
 import os
 import shutil
@@ -116,6 +117,28 @@ def test_spf_fails_suspend(policyd):
     kind, r = m.message("a@ok.test")
     assert kind == "eom" and r[-1][0] == "c"
     m.close()
+
+
+def test_connection_rate_and_domain_scope(policyd):
+    p = policyd(max_connections=2, max_messages=2, window="60s", scopes="ip domain")
+    conns = [p.mta() for _ in range(3)]
+    for m in conns:
+        m.connect("203.0.113.9")
+    # the 3rd connection crossed max_connections: its MAIL is refused
+    kind, r = conns[2].message("a@one.test")
+    assert kind == "mail" and "max_connections" in reply_text(r), r
+    for m in conns:
+        m.close()
+    # domain scope: different clients and senders of one domain add up
+    for i, ip in enumerate(("203.0.113.20", "203.0.113.21", "203.0.113.22")):
+        m = p.mta()
+        m.connect(ip)
+        kind, r = m.message("user%d@Spray.Example" % i)
+        m.close()
+    assert kind == "mail", r
+    text = reply_text(r)
+    assert "domain:spray.example" in text and "max_messages" in text, text
+    assert "address:user0@spray.example" not in suspensions(p)
 
 
 def test_hold_action_quarantines(policyd):
@@ -239,10 +262,11 @@ def smtp(port, lines):
     return out
 
 
-@pytest.mark.skipif(not os.path.exists(POSTFIX) or os.getuid() != 0,
-                    reason="needs Debian postfix and root for a private instance")
-def test_postfix_smtpd_gets_451(policyd):
-    p = policyd(max_messages=2, window="60s", suspend_base="1h")
+@contextlib.contextmanager
+def private_postfix(milter_port):
+    """A Postfix instance of its own (config, queue and data directories under /var/tmp; the
+    system's instance is never touched): smtpd on 127.0.0.1:PORT with smtpd_milters pointing
+    at milter_port, accepting example.test and delivering nothing. Yields the SMTP port."""
     base = tempfile.mkdtemp(prefix="sluice-pf-", dir="/var/tmp")
     os.chmod(base, 0o755)
     cdir, qdir, ddir = (os.path.join(base, d) for d in ("etc", "spool", "lib"))
@@ -291,7 +315,7 @@ def test_postfix_smtpd_gets_451(policyd):
             "relay_transport = error:5.3.0 test instance delivers nothing",
             "default_transport = error:5.3.0 test instance delivers nothing",
             "local_transport = error:5.3.0 test instance delivers nothing",
-            "smtpd_milters = inet:127.0.0.1:%d" % p.port,
+            "smtpd_milters = inet:127.0.0.1:%d" % milter_port,
             "milter_default_action = accept",
             "milter_protocol = 6",
             "",
@@ -306,8 +330,8 @@ def test_postfix_smtpd_gets_451(policyd):
         except OSError:
             return ""
     r = subprocess.run(pf + ["check"], capture_output=True, text=True, env=env)
-    assert r.returncode == 0, r.stderr + maillog()
-    r = subprocess.run(pf + ["start"], capture_output=True, text=True, env=env)
+    if r.returncode == 0:
+        r = subprocess.run(pf + ["start"], capture_output=True, text=True, env=env)
     if r.returncode != 0:
         shutil.rmtree(base, ignore_errors=True)
         raise AssertionError(r.stderr + r.stdout + maillog())
@@ -320,6 +344,28 @@ def test_postfix_smtpd_gets_451(policyd):
             except OSError:
                 assert time.time() < deadline, "postfix smtpd did not listen"
                 time.sleep(0.2)
+        yield port
+    finally:
+        subprocess.run(pf + ["stop"], capture_output=True, text=True, env=env, timeout=60)
+        for _ in range(100):     # postfix stop returns before master has gone
+            pid = os.path.join(qdir, "pid", "master.pid")
+            try:
+                with open(pid) as fh:
+                    os.kill(int(fh.read().strip()), 0)
+            except (OSError, ValueError):
+                break
+            time.sleep(0.1)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+needs_postfix = pytest.mark.skipif(not os.path.exists(POSTFIX) or os.getuid() != 0,
+                                   reason="needs Debian postfix and root for a private instance")
+
+
+@needs_postfix
+def test_postfix_smtpd_gets_451(policyd):
+    p = policyd(max_messages=2, window="60s", suspend_base="1h")
+    with private_postfix(p.port) as port:
         cmds = ["EHLO client.test"]
         for _ in range(3):
             cmds += ["MAIL FROM:<%s>" % SPAMMER, "RSET"]
@@ -334,14 +380,18 @@ def test_postfix_smtpd_gets_451(policyd):
         out = smtp(port, ["EHLO client.test", "MAIL FROM:<other@else.test>", "QUIT"])
         assert out[2][1].startswith("451 4.7.1 ") and "ip:127.0.0.1" in out[2][1], out
         assert "ip:127.0.0.1" in suspensions(p)
-    finally:
-        subprocess.run(pf + ["stop"], capture_output=True, text=True, env=env, timeout=60)
-        for _ in range(100):     # postfix stop returns before master has gone
-            pid = os.path.join(qdir, "pid", "master.pid")
-            try:
-                with open(pid) as fh:
-                    os.kill(int(fh.read().strip()), 0)
-            except (OSError, ValueError):
-                break
-            time.sleep(0.1)
-        shutil.rmtree(base, ignore_errors=True)
+
+
+@needs_postfix
+def test_postfix_rejected_rcpts_reach_policyd(policyd):
+    """Postfix sends the recipients it rejects (SMFIP_RCPT_REJ, {rcpt_mailer}=error)."""
+    p = policyd(max_unknown_rcpts=2, window="60s", suspend_base="1h")
+    with private_postfix(p.port) as port:
+        cmds = ["EHLO client.test", "MAIL FROM:<%s>" % SPAMMER]
+        cmds += ["RCPT TO:<u%d@elsewhere.test>" % i for i in range(3)]
+        cmds += ["RSET", "MAIL FROM:<%s>" % SPAMMER, "QUIT"]
+        out = smtp(port, cmds)
+        rcpts = [rep for cmd, rep in out if cmd.startswith("RCPT")]
+        assert all(r.startswith("554") or r.startswith("550") for r in rcpts), out
+        last_mail = [rep for cmd, rep in out if cmd.startswith("MAIL")][-1]
+        assert last_mail.startswith("451 4.7.1 ") and "max_unknown_rcpts" in last_mail, out

@@ -15,6 +15,7 @@
 
 #include <cmocka.h>
 
+#include "conf.h"
 #include "pol_rules.h"
 #include "pol_store.h"
 
@@ -47,10 +48,11 @@ static void test_window_tiny(void **state)
     struct pol_window w;
 
     pol_window_init(&w);
-    /* a window shorter than POL_BUCKETS ms still counts (1 ms slices) */
+    /* a window shorter than POL_BUCKETS ms counts over POL_BUCKETS 1 ms slices */
     assert_int_equal(pol_window_add(&w, 5, 100, 1), 1);
     assert_int_equal(pol_window_add(&w, 5, 101, 1), 2);
-    assert_int_equal(pol_window_count(&w, 5, 100 + POL_BUCKETS), 0);
+    assert_int_equal(pol_window_count(&w, 5, 100 + POL_BUCKETS), 1);
+    assert_int_equal(pol_window_count(&w, 5, 101 + POL_BUCKETS), 0);
 }
 
 static void test_counters(void **state)
@@ -230,6 +232,61 @@ static void test_store(void **state)
     unlink(db);
 }
 
+/* The [policyd] section: defaults, a full section, and the checks across keys. */
+static int load(const char *text, struct conf *c, char *err, size_t errlen)
+{
+    char path[] = "/tmp/test_pol_conf.XXXXXX";
+    int fd = mkstemp(path), r;
+    FILE *f;
+
+    assert_true(fd >= 0);
+    f = fdopen(fd, "w");
+    assert_non_null(f);
+    fputs(text, f);
+    fclose(f);
+    r = conf_load(c, path, err, errlen);
+    unlink(path);
+    return r;
+}
+
+static void test_conf_policyd(void **state)
+{
+    static struct conf c;
+    char err[CONF_ERR_LEN], buf[CONF_PATH_MAX];
+
+    conf_defaults(&c);
+    assert_string_equal(c.policyd.listen, "inet:8895@127.0.0.1");
+    assert_string_equal(c.policyd.action, "tempfail");
+    assert_int_equal(c.policyd.window_ms, 10 * MIN);
+    assert_int_equal(c.policyd.max_messages, 0);
+    assert_int_equal(c.policyd.suspend_base_ms, 15 * MIN);
+    assert_int_equal(pol_scopes_parse(c.policyd.scopes), POL_SCOPE_IP | POL_SCOPE_ADDRESS);
+    assert_int_equal(conf_policyd_file(&c, 0, buf, sizeof(buf)), 0);
+    assert_string_equal(buf, "/var/spool/sluice/policyd.db");
+    assert_int_equal(conf_policyd_file(&c, 1, buf, sizeof(buf)), 0);
+    assert_string_equal(buf, "/var/spool/sluice/policyd.ctl");
+
+    assert_int_equal(load("[policyd]\nlisten = unix:/run/pd.sock\naction = hold\n"
+                          "scopes = ip, domain\nmax_messages = 5\nwindow = 30s\n"
+                          "suspend_base = 1m\nsuspend_max = 4m\ncontrol_socket = /run/pd.ctl\n",
+                          &c, err, sizeof(err)), 0);
+    assert_string_equal(c.policyd.action, "hold");
+    assert_int_equal(c.policyd.max_messages, 5);
+    assert_int_equal(c.policyd.window_ms, 30000);
+    assert_int_equal(conf_policyd_file(&c, 1, buf, sizeof(buf)), 0);
+    assert_string_equal(buf, "/run/pd.ctl");
+
+    assert_int_equal(load("[policyd]\naction = reject\n", &c, err, sizeof(err)), -EINVAL);
+    assert_non_null(strstr(err, ":2: [policyd] action: \"reject\" is not tempfail or hold"));
+    assert_int_equal(load("[policyd]\nscopes = ip helo\n", &c, err, sizeof(err)), -EINVAL);
+    assert_non_null(strstr(err, "[policyd] scopes: \"helo\""));
+    assert_int_equal(load("[policyd]\nsuspend_base = 2d\nsuspend_max = 1d\n", &c, err,
+                          sizeof(err)), -EINVAL);
+    assert_non_null(strstr(err, "suspend_base is longer than suspend_max"));
+    assert_int_equal(load("[policyd]\nwindow = 10ms\n", &c, err, sizeof(err)), -EINVAL);
+    assert_int_equal(load("[policyd]\nmax_messages = -1\n", &c, err, sizeof(err)), -EINVAL);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -239,6 +296,7 @@ int main(void)
         cmocka_unit_test(test_crossed_and_duration),
         cmocka_unit_test(test_keys),
         cmocka_unit_test(test_store),
+        cmocka_unit_test(test_conf_policyd),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

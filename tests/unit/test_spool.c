@@ -1111,17 +1111,20 @@ static void *dlv_main(void *arg)
     struct spool_rcpt *due = calloc(64, sizeof(*due));
     struct spool_outcome o[64];
     time_t give_up = time(NULL) + 90;
+    int last_pass = 0;
 
     if (!due)
         return NULL;
     while (time(NULL) < give_up) {
+        /* stop is set after the last commit: one query after seeing it finds every row */
+        int stopping = atomic_load(&d->stop);
         int n = spool_due(d->sp, d->mailstore, (int64_t)time(NULL) + 1, due, 64);
         if (n < 0) {
             dlv_error(d, "spool_due", d->mailstore, n);
             break;
         }
         if (n == 0) {
-            if (atomic_load(&d->stop))
+            if (stopping && last_pass++)
                 break;
             sched_yield();
             continue;
