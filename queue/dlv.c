@@ -423,7 +423,8 @@ static void ops_work(uv_work_t *w)
 
     for (struct dlv_op *op = d->ops_run; op; op = op->next) {
         if (op->kind == OP_DUE) {
-            int r = mstore_db_make_due(d->db, op->snap.name, op->now_s);
+            /* queued (not held) recipients become due now: the ramp paces them */
+            int r = spool_release(d->sp, NULL, op->snap.name, op->now_s);
             op->status = r < 0 ? r : 0;
             op->count = r < 0 ? 0 : r;
             continue;

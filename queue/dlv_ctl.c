@@ -282,8 +282,8 @@ static json_t *do_audit(struct job *j, struct spool_query *q)
  * Rows in flight are moved too: if their delivery to the old mailstore succeeds, the mark
  * (by row id) deletes them as usual; if it is deferred, the retry goes to the new one. Jobs
  * loaded but not started are dropped in job_after (dlv_drop_ready).
- * XXX: like mstore_db_make_due this writes the spool's recipients table with one statement of
- * our own; a spool_reroute() in spool.c would be the cleaner home once spool.c is open again.
+ * XXX: this writes the spool's recipients table with one statement of its own; a
+ * spool_reroute() in spool.c would be the cleaner home.
  * XXX: a fetch of the old mailstore running in the pool at this very moment may still load
  * rows it read before the update and start them on the old mailstore (milliseconds wide). */
 static long reroute_rows(struct job *j)

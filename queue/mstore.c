@@ -525,32 +525,3 @@ out:
     }
     return r;
 }
-
-int mstore_db_make_due(struct mstore_db *d, const char *name, int64_t now_s)
-{
-    sqlite3_stmt *st = NULL;
-    int r, n = 0;
-
-    if ((r = mstore_db_exec(d, "BEGIN IMMEDIATE")) < 0)
-        return r;
-    if (sqlite3_prepare_v2(d->db, "UPDATE recipients SET next_attempt=?2, updated_at=?2"
-                           " WHERE mailstore=?1 AND state=0 AND next_attempt>?2", -1, &st,
-                           NULL) != SQLITE_OK) {
-        r = -EIO;
-    } else {
-        sqlite3_bind_text(st, 1, name, -1, SQLITE_STATIC);
-        sqlite3_bind_int64(st, 2, now_s);
-        r = mstore_db_errno(sqlite3_step(st));
-        n = sqlite3_changes(d->db);
-    }
-    sqlite3_finalize(st);
-    if (r == 0)
-        r = mstore_db_exec(d, "COMMIT");
-    if (r < 0) {
-        log_warn("mailstore %s: making recipients due failed: %s", name, sqlite3_errmsg(d->db));
-        if (!sqlite3_get_autocommit(d->db))
-            sqlite3_exec(d->db, "ROLLBACK", NULL, NULL, NULL);
-        return r;
-    }
-    return n;
-}

@@ -139,10 +139,5 @@ int mstore_db_load(struct mstore_db *db, struct mstore *m, int64_t now);
 /* Write the rows of n mailstores (state, reason, since, actor, ramp, pause intervals) in one
  * transaction. */
 int mstore_db_save(struct mstore_db *db, const struct mstore *const *ms, size_t n);
-/* Release: make every queued (not held) recipient of mailstore name due at now_s (unix
- * seconds), so the ramp and not the old backoff timers paces them. Returns how many changed.
- * XXX: this one statement writes the spool's recipients table; spool_release(sp, NULL, ms)
- * would also un-hold the mailstore's held (5xx) recipients, which is the operator's call. */
-int mstore_db_make_due(struct mstore_db *db, const char *name, int64_t now_s);
 
 #endif
