@@ -6,7 +6,8 @@ set -eu
 BUILD="make gcc libc6-dev pkg-config libuv1-dev libssl-dev libsqlite3-dev
 libinih-dev libjansson-dev libmicrohttpd-dev libmilter-dev libspf2-dev openssl sqlite3"
 # swaks (with Net::SSLeay for -tls) and Postfix's smtp-source as clients, Dovecot LMTP as the mailstore
-TEST="libcmocka-dev python3 python3-pytest swaks libnet-ssleay-perl postfix dovecot-core
+TEST="libcmocka-dev python3 python3-pytest swaks libnet-ssleay-perl libio-socket-ssl-perl
+postfix dovecot-core
 dovecot-lmtpd iproute2 procps"
 want=$BUILD
 [ "${1:-build}" = test ] && want="$BUILD $TEST"
