@@ -47,7 +47,7 @@ struct spool_msg {
     size_t body_len, body_cap;
     int tmp_fd;                         /* >= 0 once spilled to tmp/QID */
     uint64_t file_len;                  /* body bytes in tmp/QID */
-    uint32_t body_crc;                  /* CRC32C of the body so far */
+    uint32_t body_crc;                  /* CRC32C of the body in tmp/QID (spilled only) */
     uint64_t size;                      /* prefix + body */
     int err;                            /* sticky write error */
     /* commit */
@@ -226,6 +226,8 @@ static int spill(struct spool_msg *m)
         unlinkat(sp->tmpfd, m->qid, 0);
         return r;
     }
+    /* from here the CRC is kept as bytes go to the file; inline bodies get theirs once, at commit */
+    m->body_crc = crc32c(0, m->body, m->body_len);
     m->tmp_fd = fd;
     m->file_len = m->body_len;
     free(m->body);
@@ -244,7 +246,6 @@ int spool_msg_write(struct spool_msg *m, const void *buf, size_t len)
         return m->err;
     if (len == 0)
         return 0;
-    m->body_crc = crc32c(m->body_crc, buf, len);
     m->size += len;
     if (m->tmp_fd < 0) {
         size_t need = m->body_len + len;
@@ -278,6 +279,7 @@ int spool_msg_write(struct spool_msg *m, const void *buf, size_t len)
     }
     if ((r = write_full(m->tmp_fd, buf, len)) < 0)
         return m->err = r;
+    m->body_crc = crc32c(m->body_crc, buf, len);
     m->file_len += len;
     return 0;
 }
