@@ -49,14 +49,16 @@ static void app(char *buf, size_t cap, size_t *pl, const char *fmt, ...)
         *pl = *pl + (size_t)n < cap ? *pl + (size_t)n : cap - 1;
 }
 
-static void fmt_age(int64_t s, char *out, size_t len)
+void ctl_fmt_age(int64_t s, char *out, size_t len)
 {
-    if (s >= 86400)
-        snprintf(out, len, "%" PRId64 "d%" PRId64 "h", s / 86400, s % 86400 / 3600);
+    if (s < 0)
+        snprintf(out, len, "-");
+    else if (s >= 86400)
+        snprintf(out, len, "%" PRId64 "d%02" PRId64 "h", s / 86400, s % 86400 / 3600);
     else if (s >= 3600)
-        snprintf(out, len, "%" PRId64 "h%" PRId64 "m", s / 3600, s % 3600 / 60);
+        snprintf(out, len, "%" PRId64 "h%02" PRId64 "m", s / 3600, s % 3600 / 60);
     else if (s >= 60)
-        snprintf(out, len, "%" PRId64 "m%" PRId64 "s", s / 60, s % 60);
+        snprintf(out, len, "%" PRId64 "m%02" PRId64 "s", s / 60, s % 60);
     else
         snprintf(out, len, "%" PRId64 "s", s);
 }
@@ -124,7 +126,7 @@ enum ctl_check_status ctl_check_eval(const struct ctl_check_limits *l,
             why_add(&warn, "%s %ld queued", m->name, m->queued);
         }
         if (m->oldest_age_s >= 0) {
-            fmt_age(m->oldest_age_s, age, sizeof(age));
+            ctl_fmt_age(m->oldest_age_s, age, sizeof(age));
             if (l->crit_age_s > 0 && m->oldest_age_s >= l->crit_age_s) {
                 raise_to(&st, CTL_CHECK_CRITICAL);
                 why_add(&crit, "%s oldest queued %s", m->name, age);

@@ -118,20 +118,6 @@ static int print_json_from(json_t *rep, const char *source)
     return EX_OK;
 }
 
-static void fmt_age(int64_t s, char *out, size_t len)
-{
-    if (s < 0)
-        snprintf(out, len, "-");
-    else if (s >= 86400)
-        snprintf(out, len, "%" PRId64 "d%02" PRId64 "h", s / 86400, s % 86400 / 3600);
-    else if (s >= 3600)
-        snprintf(out, len, "%" PRId64 "h%02" PRId64 "m", s / 3600, s % 3600 / 60);
-    else if (s >= 60)
-        snprintf(out, len, "%" PRId64 "m%02" PRId64 "s", s / 60, s % 60);
-    else
-        snprintf(out, len, "%" PRId64 "s", s);
-}
-
 static void fmt_time(int64_t t, char *out, size_t len)
 {
     struct tm tm;
@@ -331,7 +317,7 @@ static int do_status(struct ctx *x)
            "OLDEST", "RATE/s", "CONNS", "REASON / LAST ERROR");
     json_array_foreach(json_object_get(rep, "mailstores"), i, m) {
         char age[32], rate[320], conns[64], cb[128], note[600];
-        fmt_age(age_of(m, "oldest_queued"), age, sizeof(age));
+        ctl_fmt_age(age_of(m, "oldest_queued"), age, sizeof(age));
         if (json_object_get(m, "delivery_rate"))
             snprintf(rate, sizeof(rate), "%.1f", json_number_value(json_object_get(m, "delivery_rate")));
         else
@@ -441,7 +427,7 @@ static int do_queue(struct ctx *x)
         char age[32], b1[64], b2[64], b3[128];
         const char *why = strcmp(js(m, "state"), "held") == 0 && *js(m, "hold_reason")
                         ? js(m, "hold_reason") : js(m, "last_reply");
-        fmt_age(age_of(m, "received_at"), age, sizeof(age));
+        ctl_fmt_age(age_of(m, "received_at"), age, sizeof(age));
         printf("%-16s %-7s %-10s %5" PRId64 " %8s  %-30s %-30s %s\n", js(m, "qid"), js(m, "state"),
                js(m, "mailstore"), ji(m, "attempts"), age,
                clip(*js(m, "sender") ? js(m, "sender") : "<>", 30, b1, sizeof(b1)),
@@ -504,7 +490,7 @@ static int do_show(struct ctx *x)
     m = json_object_get(rep, "message");
     char t[64], age[32];
     fmt_time(ji(m, "received_at"), t, sizeof(t));
-    fmt_age(age_of(m, "received_at"), age, sizeof(age));
+    ctl_fmt_age(age_of(m, "received_at"), age, sizeof(age));
     printf("qid:       %s\nreceived:  %s (%s ago)\nsize:      %" PRId64 "\nsender:    <%s>\n"
            "client:    %s [%s] helo=%s\ntls:       %s\n", js(m, "qid"), t, age, ji(m, "size"),
            js(m, "sender"), js(m, "client_name"), js(m, "client_addr"), js(m, "helo"),
@@ -554,7 +540,7 @@ static int do_affected(struct ctx *x)
     printf("%-40s %6s %5s %8s  %s\n", "RECIPIENT", "QUEUED", "HELD", "OLDEST", "LAST REPLY");
     json_array_foreach(json_object_get(rep, "recipients"), i, m) {
         char age[32], b[128];
-        fmt_age(age_of(m, "oldest"), age, sizeof(age));
+        ctl_fmt_age(age_of(m, "oldest"), age, sizeof(age));
         printf("%-40s %6" PRId64 " %5" PRId64 " %8s  %s\n", js(m, "rcpt"), ji(m, "queued"),
                ji(m, "held"), age, clip(js(m, "last_reply"), 70, b, sizeof(b)));
     }
@@ -1062,7 +1048,7 @@ static int do_suspensions(struct ctx *x)
                "SOURCE", "REASON");
     json_array_foreach(arr, i, s) {
         char rem[32], until[32], b1[48], b2[24];
-        fmt_age(ji(s, "remaining_s"), rem, sizeof(rem));
+        ctl_fmt_age(ji(s, "remaining_s"), rem, sizeof(rem));
         fmt_time(ji(s, "until"), until, sizeof(until));
         printf("%-40s %-8s %-9s %-19s %-16s %s\n", clip(js(s, "key"), 40, b1, sizeof(b1)),
                js(s, "action"), rem, until, clip(js(s, "source"), 16, b2, sizeof(b2)),

@@ -46,5 +46,8 @@ const char *ctl_check_name(enum ctl_check_status s);
 /* The verdict and its line (without newline) in out. */
 enum ctl_check_status ctl_check_eval(const struct ctl_check_limits *l,
                                      const struct ctl_check_input *in, char *out, size_t len);
+/* An age in seconds as operators read it: "42s", "15m00s", "3h07m", "2d04h"; "-" when s < 0.
+ * Shared by the check line and sluicectl's tables so both print ages alike. */
+void ctl_fmt_age(int64_t s, char *out, size_t len);
 
 #endif

@@ -190,7 +190,7 @@ static void test_check_thresholds(void **state)
     assert_int_equal(eval1(&l, 1, "active", 1, 0, 899, -1, line, sizeof(line)), CTL_CHECK_OK);
     assert_int_equal(eval1(&l, 1, "active", 1, 0, 900, -1, line, sizeof(line)),
                      CTL_CHECK_WARNING);
-    assert_non_null(strstr(line, "ms1 oldest queued 15m0s"));
+    assert_non_null(strstr(line, "ms1 oldest queued 15m00s"));
     assert_int_equal(eval1(&l, 1, "active", 1, 0, 3600, -1, line, sizeof(line)),
                      CTL_CHECK_CRITICAL);
     /* nothing queued: no age at all */
