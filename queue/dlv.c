@@ -64,6 +64,7 @@ struct dlv_job {
     char tmpl[CONF_PATH_MAX];   /* maildir template, copied: a reload may change cf */
     int64_t started;
     int probe;                  /* started as the probe of a tripped mailstore */
+    unsigned rows_gen;          /* ms->rows_gen when its rows were fetched */
     struct lmtp_msg msg;
     uv_work_t work;
 };
@@ -87,6 +88,10 @@ struct dlv_ms {
     uv_timer_t timer;
     uint64_t timer_due;         /* uv_now deadline of timer, 0 when idle */
     int fetching, refetch, drained;
+    /* An operator rewrite of this mailstore's rows (reroute) is running: nothing starts or
+     * fetches, and rows read before it (rows_gen older) are dropped, not delivered. */
+    int fenced;
+    unsigned rows_gen;
     int loading;
     struct dlv_job *ready_head, *ready_tail;
     int nready;
@@ -126,6 +131,7 @@ struct dlv_op {
 struct dlv_fetch {
     struct dlv_ms *ms;
     int probe;
+    unsigned rows_gen;
     int64_t now_s;
     int max, n;
     struct spool_rcpt *rows;
@@ -581,7 +587,7 @@ static void load_after(uv_work_t *w, int status)
         ms->drained = 1;        /* wait for the poll rather than spin on a sick index */
         job_drop(job);
     } else if (d->draining || ms->gone || ms->st.state == MSTORE_PAUSED ||
-               d->stopped) {
+               d->stopped || job->rows_gen != ms->rows_gen) {
         job_drop(job);
     } else {
         job->next = NULL;
@@ -884,6 +890,7 @@ static struct dlv_job *job_new(struct dlv_ms *ms, const char *qid, int cap)
         !(job->lr = calloc((size_t)cap, sizeof(*job->lr))))
         fatal("out of memory (job)");
     job->ms = ms;
+    job->rows_gen = ms->rows_gen;
     snprintf(job->qid, sizeof(job->qid), "%s", qid);
     snprintf(job->tmpl, sizeof(job->tmpl), "%s", ms->cf.endpoint.host);
     return job;
@@ -910,6 +917,10 @@ static void fetch_after(uv_work_t *w, int status)
     }
     if (d->draining || d->stopped || ms->gone || ms->st.state == MSTORE_PAUSED)
         goto out;
+    if (f->rows_gen != ms->rows_gen || ms->fenced) {
+        ms->refetch = 1;        /* read before an operator moved rows: read again after */
+        goto out;
+    }
     room = f->probe ? 1 : ms_prefetch(ms) - ms->nready - ms->loading;
     if (!(jobs = calloc((size_t)(f->n > 0 ? f->n : 1), sizeof(*jobs))))
         fatal("out of memory (fetch)");
@@ -989,7 +1000,7 @@ static void ms_fetch(struct dlv_ms *ms)
     int64_t now = wall_ms(), wait;
     struct dlv_fetch *f;
 
-    if (d->draining || d->stopped || ms->gone || ms->st.state == MSTORE_PAUSED)
+    if (d->draining || d->stopped || ms->gone || ms->st.state == MSTORE_PAUSED || ms->fenced)
         return;
     if (ms->fetching) {
         ms->refetch = 1;
@@ -1014,6 +1025,7 @@ static void ms_fetch(struct dlv_ms *ms)
         fatal("out of memory (fetch)");
     f->ms = ms;
     f->probe = probe;
+    f->rows_gen = ms->rows_gen;
     f->now_s = probe ? INT64_MAX / 4 : now / 1000;
     f->max = ms->known + (probe ? 1 : DLV_FETCH_BATCH);
     if (!(f->rows = calloc((size_t)f->max, sizeof(*f->rows))))
@@ -1033,7 +1045,7 @@ static void ms_pump(struct dlv_ms *ms)
     struct dlv *d = ms->d;
     int64_t now = wall_ms(), wait;
 
-    while (ms->ready_head && !d->draining && !d->stopped && !ms->gone) {
+    while (ms->ready_head && !ms->fenced && !d->draining && !d->stopped && !ms->gone) {
         enum mstore_state from = ms->st.state;
         int n = mstore_may_start(&ms->st, ms->inflight, now, &wait);
         if (ms->st.state != from)
@@ -1402,6 +1414,34 @@ int dlv_drop_ready(struct dlv *d, const char *name)
     ms_drop_ready(ms);
     ms->drained = 0;
     ms_kick(ms);
+    return 0;
+}
+
+int dlv_fence(struct dlv *d, const char *name)
+{
+    struct dlv_ms *ms = find_ms(d, name);
+
+    if (!ms)
+        return -ENOENT;
+    ms->fenced++;
+    ms->rows_gen++;
+    ms_drop_ready(ms);
+    return 0;
+}
+
+int dlv_unfence(struct dlv *d, const char *name)
+{
+    struct dlv_ms *ms = find_ms(d, name);
+
+    if (!ms)
+        return -ENOENT;
+    if (ms->fenced > 0)
+        ms->fenced--;
+    ms_drop_ready(ms);
+    ms->drained = 0;
+    ms->refetch = 0;
+    if (!ms->fenced && !ms->gone)
+        ms_kick(ms);
     return 0;
 }
 

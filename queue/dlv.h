@@ -100,6 +100,13 @@ int dlv_status(struct dlv *d, struct dlv_status *out, int max);
  * fetched again) and look again: after an operator rewrote its rows (reroute, hold, delete).
  * -ENOENT: no such mailstore. */
 int dlv_drop_ready(struct dlv *d, const char *name);
+/* Fence a mailstore while an operator command rewrites its rows outside the scheduler
+ * (reroute): no job of it starts and no fetch runs, jobs loaded or loading are dropped, and a
+ * fetch that read the rows before the rewrite is thrown away when it returns. Deliveries
+ * already in flight finish (their outcome is marked by row id as usual). dlv_unfence lifts
+ * it and looks again. Fences nest. -ENOENT: no such mailstore. */
+int dlv_fence(struct dlv *d, const char *name);
+int dlv_unfence(struct dlv *d, const char *name);
 /* The state of mailstore name, or -ENOENT. */
 int dlv_state_of(struct dlv *d, const char *name);
 

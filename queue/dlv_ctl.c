@@ -281,11 +281,11 @@ static json_t *do_audit(struct job *j, struct spool_query *q)
  * queued ones become due now. Returns how many, or -errno.
  * Rows in flight are moved too: if their delivery to the old mailstore succeeds, the mark
  * (by row id) deletes them as usual; if it is deferred, the retry goes to the new one. Jobs
- * loaded but not started are dropped in job_after (dlv_drop_ready).
+ * loaded but not started are dropped when the fence goes up.
+ * The old mailstore is fenced (dlv_fence) from before this runs until job_after: a fetch
+ * that read its rows before the update is thrown away instead of starting them there.
  * XXX: this writes the spool's recipients table with one statement of its own; a
- * spool_reroute() in spool.c would be the cleaner home.
- * XXX: a fetch of the old mailstore running in the pool at this very moment may still load
- * rows it read before the update and start them on the old mailstore (milliseconds wide). */
+ * spool_reroute() in spool.c would be the cleaner home. */
 static long reroute_rows(struct job *j)
 {
     sqlite3 *db = NULL;
@@ -443,10 +443,11 @@ static void job_after(uv_work_t *w, int status)
     json_t *rep = j->rep;
 
     j->rep = NULL;
+    if (j->cmd == CTL_CMD_reroute)
+        dlv_unfence(j->ctl->d, j->ms);
     if (j->changed) {
         /* loaded jobs may carry recipients the command just held, deleted or moved */
         if (j->cmd == CTL_CMD_reroute) {
-            dlv_drop_ready(j->ctl->d, j->ms);
             dlv_drop_ready(j->ctl->d, j->to);
         } else if (j->cmd == CTL_CMD_hold || j->cmd == CTL_CMD_delete) {
             drop_all_ready(j->ctl);
@@ -465,7 +466,11 @@ static void job_after(uv_work_t *w, int status)
 static void job_queue(struct job *j)
 {
     j->w.data = j;
+    if (j->cmd == CTL_CMD_reroute)
+        dlv_fence(j->ctl->d, j->ms);
     if (uv_queue_work(j->ctl->loop, &j->w, job_work, job_after) < 0) {
+        if (j->cmd == CTL_CMD_reroute)
+            dlv_unfence(j->ctl->d, j->ms);
         ctl_req_reply(j->rq, ctl_reply_error(CTL_E_FAILED, "cannot queue work"));
         job_free(j);
     }
