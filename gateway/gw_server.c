@@ -406,8 +406,9 @@ static int server_lists_equal(const struct conf_list *a, const struct conf_list 
 
 /*
  * server_reload - SIGHUP: load the file into a new struct; on any error keep running with
- * the old configuration. Maps, limits, banner, hostname and TLS take effect at once;
- * listen addresses and [spool] need a restart (the sockets and the spool are open).
+ * the old configuration. Maps, limits, banner, hostname, TLS and [spool] min_free_space take
+ * effect at once; listen addresses and the rest of [spool] need a restart (the sockets and the
+ * spool are open).
  */
 static void server_reload(struct gw_server *srv)
 {
@@ -436,8 +437,12 @@ static void server_reload(struct gw_server *srv)
     }
     if (!server_lists_equal(&nc->gateway.listen, &srv->conf->gateway.listen))
         log_warn("reload: [gateway] listen changed: it takes effect after a restart");
-    if (memcmp(&nc->spool, &srv->conf->spool, sizeof(nc->spool)) != 0)
-        log_warn("reload: [spool] changed: it takes effect after a restart");
+    /* min_free_space is read per MAIL from the live config: only the rest waits */
+    struct conf_spool sp_new = nc->spool;
+    sp_new.min_free_space = srv->conf->spool.min_free_space;
+    if (memcmp(&sp_new, &srv->conf->spool, sizeof(sp_new)) != 0)
+        log_warn("reload: [spool] changed: it takes effect after a restart"
+                 " (min_free_space excepted: it applies at once)");
     if (!nc->gateway.tls) {
         gw_tls_free(srv->tls);    /* sessions in TLS keep their own reference */
         srv->tls = NULL;

@@ -1341,6 +1341,27 @@ def test_sighup_reloads_tls_certificate_and_limits(gateway, tmp_path):
         assert r.code == 452 and r.enh == "4.5.3", "max_recipients = 2 after SIGHUP: %s" % r
 
 
+def test_sighup_min_free_space_applies_at_once_without_restart_warning(gateway):
+    """min_free_space is read per MAIL from the live config: a reload that raises it makes the
+    next MAIL 452 at once, and the log does not tell the operator to restart for it."""
+    with open(gateway.conf) as f:
+        text = f.read()
+    new = re.sub(r"(?m)^min_free_space = .*$", "min_free_space = 1000000G", text)
+    assert new != text
+    with open(gateway.conf, "w") as f:
+        f.write(new)
+    gateway.sighup()
+    for _ in range(50):
+        time.sleep(0.1)
+        if "reloaded" in gateway.log():
+            break
+    with Raw(gateway.port) as c:
+        c.ehlo()
+        r = c.cmd("MAIL FROM:<%s>" % SENDER)
+    assert r.code == 452 and r.enh == "4.3.1", r
+    assert "[spool] changed" not in gateway.log(), gateway.log()[-2000:]
+
+
 def test_sighup_with_bad_config_keeps_running(gateway):
     with open(gateway.conf) as f:
         good = f.read()
