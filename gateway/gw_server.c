@@ -26,6 +26,7 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+#include "gw_proxy.h"
 #include "gw_session.h"
 #include "gw_tls.h"
 #include "log.h"
@@ -45,6 +46,7 @@ struct gw_listener {
     } h;
     struct gw_server *srv;
     int is_unix;
+    int proxy;                     /* proxy_protocol_listen: a PROXY header comes first */
     int open;
     char name[CONF_PATH_MAX + 8];
 };
@@ -70,6 +72,7 @@ static void server_stop_timer_cb(uv_timer_t *t);
 static void server_finish(struct gw_server *srv);
 static void server_reload(struct gw_server *srv);
 static int server_lists_equal(const struct conf_list *a, const struct conf_list *b);
+static void server_proxy_nets(struct gw_server *srv, const struct conf *c);
 
 /* ---------------------------------------------------------------- maps and TLS from a config */
 
@@ -228,6 +231,7 @@ static void server_on_connection(uv_stream_t *ls, int status)
         log_warn("accept on %s: %s", l->name, uv_strerror(status));
         return;
     }
+
     if (!(s = gw_session_new(srv, l->is_unix)))
         fatal("out of memory for a session");
     s->next = srv->sessions;
@@ -241,7 +245,21 @@ static void server_on_connection(uv_stream_t *ls, int status)
         return;
     }
     addr = gw_session_peer(s);
-    if (srv->nsessions > srv->conf->gateway.max_connections) {
+    if (l->proxy) {
+        /* Only the load balancers may name a client: anyone else could pick any address
+         * past the per-IP limit, SPF and the logs. A unix socket is guarded by its file
+         * permissions instead. The per-IP count waits for the real address. */
+        if (!l->is_unix && !gw_proxy_net_match(srv->proxy_nets, srv->nproxy_nets, addr)) {
+            log_warn("PROXY listener %s: connection from untrusted [%s] dropped (not in "
+                     "proxy_trusted_networks)", l->name, addr);
+            s->addr[0] = '\0';   /* never a session: no "disconnect from" line */
+            gw_session_abort(s);
+            return;
+        }
+        s->proxy = 1;
+        if (srv->nsessions > srv->conf->gateway.max_connections)
+            reject = "too many connections";
+    } else if (srv->nsessions > srv->conf->gateway.max_connections) {
         reject = "too many connections";
     } else if (!l->is_unix) {
         s->ip_counted = 1;
@@ -434,7 +452,9 @@ static void server_reload(struct gw_server *srv)
         free(nc);
         return;
     }
-    if (!server_lists_equal(&nc->gateway.listen, &srv->conf->gateway.listen))
+    if (!server_lists_equal(&nc->gateway.listen, &srv->conf->gateway.listen) ||
+        !server_lists_equal(&nc->gateway.proxy_protocol_listen,
+                            &srv->conf->gateway.proxy_protocol_listen))
         log_warn("reload: [gateway] listen changed: it takes effect after a restart");
     if (memcmp(&nc->spool, &srv->conf->spool, sizeof(nc->spool)) != 0)
         log_warn("reload: [spool] changed: it takes effect after a restart");
@@ -453,11 +473,24 @@ static void server_reload(struct gw_server *srv)
     srv->router = r;
     srv->rcptmap = m;
     srv->conf = nc;
+    server_proxy_nets(srv, nc);
     gw_ctl_reload(nc);
     gw_backlog_reload(srv->backlog, nc);
     gw_spf_reload(srv->spf, nc);
     log_set_level(nc->log.level);
     log_info("reloaded %s", srv->conf_path);
+}
+
+/* server_proxy_nets - proxy_trusted_networks parsed once, not per connection (conf_load
+ * checked every item, so none fails here) */
+static void server_proxy_nets(struct gw_server *srv, const struct conf *c)
+{
+    const struct conf_list *l = &c->gateway.proxy_trusted_networks;
+
+    srv->nproxy_nets = 0;
+    for (int i = 0; i < l->n && i < CONF_LIST_MAX; i++)
+        if (conf_parse_net(l->v[i], &srv->proxy_nets[srv->nproxy_nets]) == 0)
+            srv->nproxy_nets++;
 }
 
 /* ---------------------------------------------------------------- start and free */
@@ -468,7 +501,7 @@ int gw_server_start(struct gw_server **out, uv_loop_t *loop, struct conf *c,
     struct gw_server *srv;
     char names[GW_ERR_LEN];
     size_t nlen = 0;
-    int r;
+    int r, nl;
 
     *out = NULL;
     if (!(srv = calloc(1, sizeof(*srv)))) {
@@ -487,25 +520,29 @@ int gw_server_start(struct gw_server **out, uv_loop_t *loop, struct conf *c,
             goto fail;            /* a configured certificate that does not load is an error */
         log_warn("tls: %s; STARTTLS is off", err);
     }
-    if (!(srv->listeners = calloc((size_t)c->gateway.listen.n, sizeof(*srv->listeners)))) {
+    server_proxy_nets(srv, c);
+    nl = c->gateway.listen.n + c->gateway.proxy_protocol_listen.n;
+    if (!(srv->listeners = calloc((size_t)nl, sizeof(*srv->listeners)))) {
         snprintf(err, errlen, "out of memory");
         r = -ENOMEM;
         goto fail;
     }
     names[0] = '\0';
-    for (int i = 0; i < c->gateway.listen.n; i++) {
-        r = server_listen(srv, &srv->listeners[i], c->gateway.listen.v[i], err, errlen);
+    for (int i = 0; i < nl; i++) {
+        int proxy = i >= c->gateway.listen.n;
+        const char *spec = proxy ? c->gateway.proxy_protocol_listen.v[i - c->gateway.listen.n]
+                                 : c->gateway.listen.v[i];
+        int w;
+
+        srv->listeners[i].proxy = proxy;
+        r = server_listen(srv, &srv->listeners[i], spec, err, errlen);
         srv->nlisteners = i + 1;
         if (r < 0)
             goto fail;
-        if (nlen + strlen(c->gateway.listen.v[i]) + 3 < sizeof(names)) {
-            if (i) {
-                memcpy(names + nlen, ", ", 2);
-                nlen += 2;
-            }
-            memcpy(names + nlen, c->gateway.listen.v[i], strlen(c->gateway.listen.v[i]) + 1);
-            nlen += strlen(c->gateway.listen.v[i]);
-        }
+        w = snprintf(names + nlen, sizeof(names) - nlen, "%s%s%s", i ? ", " : "", spec,
+                     proxy ? " (PROXY)" : "");
+        if (w > 0 && (size_t)w < sizeof(names) - nlen)
+            nlen += (size_t)w;
     }
     if (conf_notify_socket(c, srv->notify_path, sizeof(srv->notify_path)) < 0)
         log_warn("notify_socket: path too long; sluice-deliver will rely on polling");
