@@ -35,6 +35,9 @@
 #include "spool.h"
 
 #define GW_BACKLOG 4096            /* listen queue; Linux caps it at net.core.somaxconn */
+#define GW_ACCEPT_BURST 32         /* accepts per listener per loop iteration: libuv accepts
+                                    * until EAGAIN, so a connection flood would otherwise keep
+                                    * the loop in accept() and starve every session's I/O */
 #define GW_ERR_LEN 1024
 
 struct gw_listener {
@@ -48,6 +51,8 @@ struct gw_listener {
     int is_unix;
     int proxy;                     /* proxy_protocol_listen: a PROXY header comes first */
     int open;
+    int burst;                     /* accepted since the last check phase */
+    int deferred;                  /* one connection waits in libuv for uv_accept */
     char name[CONF_PATH_MAX + 8];
 };
 
@@ -64,6 +69,8 @@ static void server_ip_del(struct gw_server *srv, const char *addr);
 static int server_listen(struct gw_server *srv, struct gw_listener *l, const char *spec,
                          char *err, size_t errlen);
 static void server_on_connection(uv_stream_t *ls, int status);
+static void server_accept(struct gw_listener *l);
+static void server_check_cb(uv_check_t *h);
 static void server_listeners_close(struct gw_server *srv);
 static void server_noop_close_cb(uv_handle_t *h);
 static void server_on_signal(uv_signal_t *h, int signum);
@@ -218,19 +225,49 @@ static int server_listen(struct gw_server *srv, struct gw_listener *l, const cha
     return 0;
 }
 
-/* server_on_connection - accept, apply the limits (421 4.7.0 and close when over), start */
+/* server_on_connection - libuv has a connection. Past GW_ACCEPT_BURST in this iteration it
+ * is left pending: libuv then stops watching the listener until uv_accept, which the check
+ * phase does once the sessions' I/O of this iteration has run. */
 static void server_on_connection(uv_stream_t *ls, int status)
 {
     struct gw_listener *l = ls->data;
-    struct gw_server *srv = l->srv;
-    struct gw_session *s;
-    const char *reject = NULL, *addr;
 
     if (status < 0) {
         /* EMFILE and friends: libuv already dropped the pending connection. */
         log_warn("accept on %s: %s", l->name, uv_strerror(status));
         return;
     }
+    if (l->burst >= GW_ACCEPT_BURST) {
+        l->deferred = 1;
+        return;
+    }
+    server_accept(l);
+}
+
+/* server_check_cb - after each poll phase: new bursts, and the connections held back */
+static void server_check_cb(uv_check_t *h)
+{
+    struct gw_server *srv = h->data;
+
+    for (int i = 0; i < srv->nlisteners; i++) {
+        struct gw_listener *l = &srv->listeners[i];
+
+        l->burst = 0;
+        if (l->deferred && l->open) {
+            l->deferred = 0;
+            server_accept(l);
+        }
+    }
+}
+
+/* server_accept - accept, apply the limits (421 4.7.0 and close when over), start */
+static void server_accept(struct gw_listener *l)
+{
+    struct gw_server *srv = l->srv;
+    struct gw_session *s;
+    const char *reject = NULL, *addr;
+
+    l->burst++;
 
     if (!(s = gw_session_new(srv, l->is_unix)))
         fatal("out of memory for a session");
@@ -240,7 +277,7 @@ static void server_on_connection(uv_stream_t *ls, int status)
     srv->sessions = s;
     srv->nsessions++;
     gw_ctl_session_open();
-    if (uv_accept(ls, &s->h.stream) < 0) {
+    if (uv_accept(&l->h.stream, &s->h.stream) < 0) {
         gw_session_abort(s);
         return;
     }
@@ -405,6 +442,7 @@ static void server_finish(struct gw_server *srv)
     uv_close((uv_handle_t *)&srv->sig_int, server_noop_close_cb);
     uv_close((uv_handle_t *)&srv->sig_hup, server_noop_close_cb);
     uv_close((uv_handle_t *)&srv->stop_timer, server_noop_close_cb);
+    uv_close((uv_handle_t *)&srv->accept_check, server_noop_close_cb);
     if (srv->notify_fd >= 0) {
         close(srv->notify_fd);
         srv->notify_fd = -1;
@@ -558,6 +596,10 @@ int gw_server_start(struct gw_server **out, uv_loop_t *loop, struct conf *c,
     uv_signal_start(&srv->sig_hup, server_on_signal, SIGHUP);
     uv_timer_init(loop, &srv->stop_timer);
     srv->stop_timer.data = srv;
+    uv_check_init(loop, &srv->accept_check);
+    srv->accept_check.data = srv;
+    uv_check_start(&srv->accept_check, server_check_cb);
+    uv_unref((uv_handle_t *)&srv->accept_check); /* the listeners keep the loop alive */
     if ((r = gw_spf_new(&srv->spf, loop, c, err, errlen)) < 0)
         goto fail;
     if ((r = gw_backlog_start(&srv->backlog, loop, c)) < 0) {

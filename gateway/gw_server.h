@@ -51,6 +51,7 @@ struct gw_server {
     int nproxy_nets;
     uv_signal_t sig_term, sig_int, sig_hup;
     uv_timer_t stop_timer;            /* grace period, then the final step */
+    uv_check_t accept_check;          /* resumes accepting held back by the burst limit */
     int finished;
     int notify_fd;
     char notify_path[108];            /* sizeof(sockaddr_un.sun_path) */
