@@ -471,6 +471,13 @@ static void session_lost(struct gw_session *s, const char *why)
 {
     if (s->gone)
         return;
+    if (s->state == GW_S_PROXY) {
+        /* a load balancer's plain TCP health check connects and closes: not worth more */
+        log_debug("PROXY listener: [%s] closed before a header (%zu octets): %s", s->addr,
+                  s->in_len, why);
+        session_proxy_drop(s);
+        return;
+    }
     if (!s->closing)
         log_info("lost connection after %s from " GW_CLIENT ": %s",
                  s->state == GW_S_DATA || s->state == GW_S_BDAT ? "DATA"

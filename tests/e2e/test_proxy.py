@@ -19,6 +19,7 @@ import time
 import pytest
 
 from conftest import DOMAIN, free_port, index_count
+from dns_server import DNSServer
 from smtp_raw import Closed, Raw, dot_stuff, transaction
 
 SENDER = "sender@client.test"
@@ -341,3 +342,22 @@ def test_config_requires_trusted_networks(gateway_factory, tmp_path):
                        stderr=subprocess.STDOUT, timeout=10)
     assert p.returncode != 0
     assert b"proxy_protocol_listen: needs proxy_trusted_networks" in p.stdout, p.stdout
+
+
+def test_spf_checks_the_address_from_the_header(gateway_factory):
+    """libspf2 passes loopback clients, so only a header address can make these differ: the
+    zone allows 198.51.100.1 and nothing else."""
+    with DNSServer({"only.test": ["v=spf1 ip4:198.51.100.1 -all"]}) as dns:
+        ov, pport = proxy_conf()
+        ov["spf"] = {"enabled": "yes", "dns_server": dns.addr, "timeout": "3s"}
+        gw = gateway_factory(ov)
+        for src, code in (("198.51.100.1", 250), ("192.0.2.10", 550)):
+            with RawFrom(pport, "127.0.0.1", greet=False) as c:
+                c.send(b"PROXY TCP4 %s 127.0.0.1 40000 25\r\n" % src.encode())
+                assert c.reply(enh=False).code == 220
+                c.ehlo()
+                r = c.cmd("MAIL FROM:<user@only.test>")
+                assert r.code == code, "%s: %s" % (src, r)
+                if code == 550:
+                    assert r.enh == "5.7.23" and "[%s]" % src in r.text, r
+    wait_log(gw, r"spf=pass client-ip=198\.51\.100\.1 from=<user@only\.test>")
