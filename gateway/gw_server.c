@@ -596,16 +596,17 @@ int gw_server_start(struct gw_server **out, uv_loop_t *loop, struct conf *c,
     uv_signal_start(&srv->sig_hup, server_on_signal, SIGHUP);
     uv_timer_init(loop, &srv->stop_timer);
     srv->stop_timer.data = srv;
-    uv_check_init(loop, &srv->accept_check);
-    srv->accept_check.data = srv;
-    uv_check_start(&srv->accept_check, server_check_cb);
-    uv_unref((uv_handle_t *)&srv->accept_check); /* the listeners keep the loop alive */
     if ((r = gw_spf_new(&srv->spf, loop, c, err, errlen)) < 0)
         goto fail;
     if ((r = gw_backlog_start(&srv->backlog, loop, c)) < 0) {
         snprintf(err, errlen, "out of memory");
         goto fail;
     }
+    /* last: nothing after it fails, so the fail path never has to close it */
+    uv_check_init(loop, &srv->accept_check);
+    srv->accept_check.data = srv;
+    uv_check_start(&srv->accept_check, server_check_cb);
+    uv_unref((uv_handle_t *)&srv->accept_check); /* the listeners keep the loop alive */
     /* sluicectl and metrics are for operators: the MX still serves mail without them */
     if (gw_ctl_start(loop, c, sp, err, errlen) < 0)
         log_warn("control socket: %s", err);
