@@ -8,7 +8,8 @@
  * PROXY), takes the client address from it and only then counts it per IP and greets; with
  * greet_delay the banner waits (state WAIT) and input before it is a pregreet.
  * The session is freed only when its handles are closed AND no spool commit is outstanding
- * (refs): a commit callback may arrive after the client is gone, and then only logs. gw_server_session_closed() is called once the handles are closed.
+ * (refs): a commit callback may arrive after the client is gone, and then only logs.
+ * gw_server_session_closed() is called once the handles are closed.
  *
  * Session and transaction are separate structs: RSET, HELO and a finished message reset only
  * struct gw_tx.
