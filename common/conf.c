@@ -31,6 +31,7 @@ enum conf_type {
     CT_LEVEL,     /* int LOG_* */
     CT_ADDRLIST,  /* struct conf_list of endpoints (IP literal or unix:) */
     CT_DOMAINLIST,/* struct conf_list of domain names */
+    CT_NETLIST,   /* struct conf_list of networks (CIDR) */
     CT_DELIVER,   /* char[] deliver string, also fills transport and endpoint */
 };
 
@@ -108,8 +109,25 @@ static const struct conf_key conf_keys[] = {
        "simultaneous SMTP sessions"),
     KI(GATEWAY, "max_connections_per_ip", gateway.max_connections_per_ip, "50", 1, 1000000,
        "simultaneous SMTP sessions from one client address"),
+    K(GATEWAY, "proxy_protocol_listen", CT_ADDRLIST, gateway.proxy_protocol_listen, "",
+      "more addresses to accept SMTP on, behind a load balancer: each connection must start "
+      "with a PROXY protocol v1 or v2 header"),
+    K(GATEWAY, "proxy_trusted_networks", CT_NETLIST, gateway.proxy_trusted_networks, "",
+      "networks (CIDR) allowed to connect to proxy_protocol_listen: the load balancers"),
+    KR(GATEWAY, "proxy_timeout", CT_DUR, gateway.proxy_timeout_ms, "5s", 100, 300000,
+      "time for the PROXY header to arrive"),
+    KR(GATEWAY, "greet_delay", CT_DUR, gateway.greet_delay_ms, "0", 0, 60000,
+      "wait this long before the 220 banner; a client that talks first is a pregreeter "
+      "(0: banner at once, no test)"),
+    K(GATEWAY, "pregreet_action", CT_STR, gateway.pregreet_action, "reject",
+      "for a client that talks before the banner: reject (554 5.7.1 and close) or ignore "
+      "(log only)"),
     KR(GATEWAY, "idle_timeout", CT_DUR, gateway.idle_timeout_ms, "300s", 1000, 3600000,
       "time to wait for a client command"),
+    KR(GATEWAY, "command_line_timeout", CT_DUR, gateway.command_line_timeout_ms, "60s", 1000,
+       3600000, "time for a whole command line once its first octet arrived"),
+    KR(GATEWAY, "tls_handshake_timeout", CT_DUR, gateway.tls_handshake_timeout_ms, "30s",
+       1000, 3600000, "time for the TLS handshake after STARTTLS"),
     KR(GATEWAY, "data_timeout", CT_DUR, gateway.data_timeout_ms, "10m", 1000, 86400000,
       "time to wait for more message data"),
     K(GATEWAY, "max_message_size", CT_SIZE, gateway.max_message_size, "50M",
@@ -442,6 +460,47 @@ int conf_parse_endpoint(const char *s, int allow_hostname, struct conf_endpoint 
     return 0;
 }
 
+int conf_parse_net(const char *s, struct conf_net *out)
+{
+    char host[INET6_ADDRSTRLEN];
+    const char *slash;
+    struct conf_net n;
+    size_t hlen;
+    int max;
+
+    memset(&n, 0, sizeof(n));
+    if (s == NULL)
+        return -EINVAL;
+    slash = strchr(s, '/');
+    hlen = slash ? (size_t)(slash - s) : strlen(s);
+    if (hlen == 0 || hlen >= sizeof(host))
+        return -EINVAL;
+    memcpy(host, s, hlen);
+    host[hlen] = '\0';
+    if (inet_pton(AF_INET, host, n.addr) == 1)
+        n.family = AF_INET;
+    else if (inet_pton(AF_INET6, host, n.addr) == 1)
+        n.family = AF_INET6;
+    else
+        return -EINVAL;
+    max = n.family == AF_INET ? 32 : 128;
+    n.prefix = max;
+    if (slash) {
+        const char *p = slash + 1;
+        uint64_t u;
+
+        if (*p == '\0' || (p[0] == '0' && p[1] != '\0') || conf_parse_digits(&p, &u) < 0 ||
+            *p != '\0' || u > (uint64_t)max)
+            return -EINVAL;
+        n.prefix = (int)u;
+    }
+    for (int bit = n.prefix; bit < max; bit++)
+        if (n.addr[bit / 8] & (0x80u >> (bit % 8)))
+            return -EINVAL;
+    *out = n;
+    return 0;
+}
+
 /* The maildir path template may use %d (domain), %u (local part) and %% only: anything else
  * is a typo the deliverer would otherwise write into a directory name. */
 static int conf_maildir_ok(const char *p)
@@ -541,6 +600,13 @@ static int conf_list_set(struct conf_list *l, enum conf_type type, const char *v
                          "bad address \"%s\" (use 1.2.3.4:25, [::1]:25 or unix:/path)", item);
                 return -EINVAL;
             }
+        } else if (type == CT_NETLIST) {
+            struct conf_net net;
+            if (conf_parse_net(item, &net) < 0) {
+                snprintf(why, whylen, "bad network \"%s\" (use 10.0.0.0/8, 2001:db8::/32 or an "
+                         "address; no host bits under the prefix)", item);
+                return -EINVAL;
+            }
         } else if (!conf_domain_ok(item)) {
             snprintf(why, whylen, "bad domain \"%s\"", item);
             return -EINVAL;
@@ -565,7 +631,7 @@ static int conf_set(const struct conf_key *k, void *base, const char *v, int app
 
     /* A list may start empty and go on in continuation lines: conf_check sees it whole. */
     if ((k->flags & CF_NONEMPTY) && *v == '\0' && k->type != CT_ADDRLIST &&
-        k->type != CT_DOMAINLIST) {
+        k->type != CT_DOMAINLIST && k->type != CT_NETLIST) {
         snprintf(why, whylen, "empty value");
         return -EINVAL;
     }
@@ -647,6 +713,7 @@ static int conf_set(const struct conf_key *k, void *base, const char *v, int app
         return 0;
     case CT_ADDRLIST:
     case CT_DOMAINLIST:
+    case CT_NETLIST:
         return conf_list_set(field, k->type, v, append, why, whylen);
     case CT_DELIVER: {
         struct conf_mailstore *m = base;
@@ -919,7 +986,7 @@ static void conf_continue(struct conf_ctx *x, char *s)
         return;
     }
     k = &conf_keys[x->last_key];
-    if (k->type != CT_ADDRLIST && k->type != CT_DOMAINLIST) {
+    if (k->type != CT_ADDRLIST && k->type != CT_DOMAINLIST && k->type != CT_NETLIST) {
         conf_error(x, x->lineno,
                    "[%s] %s: unexpected indented line (only lists continue on indented lines)",
                    x->sec_label, k->name);
@@ -1072,6 +1139,22 @@ static void conf_check(struct conf_ctx *x)
         line = conf_later(x, 0, SEC_GATEWAY, "tls_cert", "tls_key", &which);
         conf_error(x, line, "[gateway] %s: tls_cert and tls_key go together", which);
     }
+    if (strcmp(c->gateway.pregreet_action, "reject") != 0 &&
+        strcmp(c->gateway.pregreet_action, "ignore") != 0)
+        conf_error(x, x->seen[0][conf_key_index(SEC_GATEWAY, "pregreet_action")],
+                   "[gateway] pregreet_action: \"%s\" is not reject or ignore",
+                   c->gateway.pregreet_action);
+    if (c->gateway.proxy_protocol_listen.n > 0 && c->gateway.proxy_trusted_networks.n == 0)
+        /* An open PROXY listener lets anyone claim any client address. */
+        conf_error(x, x->seen[0][conf_key_index(SEC_GATEWAY, "proxy_protocol_listen")],
+                   "[gateway] proxy_protocol_listen: needs proxy_trusted_networks (the load "
+                   "balancers' addresses)");
+    for (int i = 0; i < c->gateway.proxy_protocol_listen.n; i++)
+        for (int j = 0; j < c->gateway.listen.n; j++)
+            if (strcmp(c->gateway.proxy_protocol_listen.v[i], c->gateway.listen.v[j]) == 0)
+                conf_error(x, x->seen[0][conf_key_index(SEC_GATEWAY, "proxy_protocol_listen")],
+                           "[gateway] proxy_protocol_listen: %s is also in listen (an address "
+                           "is either plain SMTP or PROXY)", c->gateway.listen.v[j]);
     {
         static const struct { const char *key; const char *ok; } spf_enums[] = {
             { "fail", " reject tag " }, { "softfail", " accept tag tempfail reject " },
@@ -1303,7 +1386,8 @@ static void conf_dump_key(const struct conf_key *k, const void *base, FILE *out)
         fprintf(out, " %s", log_level_name(*(const int *)field));
         break;
     case CT_ADDRLIST:
-    case CT_DOMAINLIST: {
+    case CT_DOMAINLIST:
+    case CT_NETLIST: {
         const struct conf_list *l = field;
         for (int i = 0; i < l->n; i++)
             fprintf(out, "%s%s", i ? ", " : " ", l->v[i]);

@@ -26,6 +26,7 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+#include "gw_proxy.h"
 #include "gw_session.h"
 #include "gw_tls.h"
 #include "log.h"
@@ -34,6 +35,9 @@
 #include "spool.h"
 
 #define GW_BACKLOG 4096            /* listen queue; Linux caps it at net.core.somaxconn */
+#define GW_ACCEPT_BURST 32         /* accepts per listener per loop iteration: libuv accepts
+                                    * until EAGAIN, so a connection flood would otherwise keep
+                                    * the loop in accept() and starve every session's I/O */
 #define GW_ERR_LEN 1024
 
 struct gw_listener {
@@ -45,7 +49,10 @@ struct gw_listener {
     } h;
     struct gw_server *srv;
     int is_unix;
+    int proxy;                     /* proxy_protocol_listen: a PROXY header comes first */
     int open;
+    int burst;                     /* accepted since the last check phase */
+    int deferred;                  /* one connection waits in libuv for uv_accept */
     char name[CONF_PATH_MAX + 8];
 };
 
@@ -62,6 +69,8 @@ static void server_ip_del(struct gw_server *srv, const char *addr);
 static int server_listen(struct gw_server *srv, struct gw_listener *l, const char *spec,
                          char *err, size_t errlen);
 static void server_on_connection(uv_stream_t *ls, int status);
+static void server_accept(struct gw_listener *l);
+static void server_check_cb(uv_check_t *h);
 static void server_listeners_close(struct gw_server *srv);
 static void server_noop_close_cb(uv_handle_t *h);
 static void server_on_signal(uv_signal_t *h, int signum);
@@ -70,6 +79,7 @@ static void server_stop_timer_cb(uv_timer_t *t);
 static void server_finish(struct gw_server *srv);
 static void server_reload(struct gw_server *srv);
 static int server_lists_equal(const struct conf_list *a, const struct conf_list *b);
+static void server_proxy_nets(struct gw_server *srv, const struct conf *c);
 
 /* ---------------------------------------------------------------- maps and TLS from a config */
 
@@ -215,19 +225,50 @@ static int server_listen(struct gw_server *srv, struct gw_listener *l, const cha
     return 0;
 }
 
-/* server_on_connection - accept, apply the limits (421 4.7.0 and close when over), start */
+/* server_on_connection - libuv has a connection. Past GW_ACCEPT_BURST in this iteration it
+ * is left pending: libuv then stops watching the listener until uv_accept, which the check
+ * phase does once the sessions' I/O of this iteration has run. */
 static void server_on_connection(uv_stream_t *ls, int status)
 {
     struct gw_listener *l = ls->data;
-    struct gw_server *srv = l->srv;
-    struct gw_session *s;
-    const char *reject = NULL, *addr;
 
     if (status < 0) {
         /* EMFILE and friends: libuv already dropped the pending connection. */
         log_warn("accept on %s: %s", l->name, uv_strerror(status));
         return;
     }
+    if (l->burst >= GW_ACCEPT_BURST) {
+        l->deferred = 1;
+        return;
+    }
+    server_accept(l);
+}
+
+/* server_check_cb - after each poll phase: new bursts, and the connections held back */
+static void server_check_cb(uv_check_t *h)
+{
+    struct gw_server *srv = h->data;
+
+    for (int i = 0; i < srv->nlisteners; i++) {
+        struct gw_listener *l = &srv->listeners[i];
+
+        l->burst = 0;
+        if (l->deferred && l->open) {
+            l->deferred = 0;
+            server_accept(l);
+        }
+    }
+}
+
+/* server_accept - accept, apply the limits (421 4.7.0 and close when over), start */
+static void server_accept(struct gw_listener *l)
+{
+    struct gw_server *srv = l->srv;
+    struct gw_session *s;
+    const char *reject = NULL, *addr;
+
+    l->burst++;
+
     if (!(s = gw_session_new(srv, l->is_unix)))
         fatal("out of memory for a session");
     s->next = srv->sessions;
@@ -236,12 +277,26 @@ static void server_on_connection(uv_stream_t *ls, int status)
     srv->sessions = s;
     srv->nsessions++;
     gw_ctl_session_open();
-    if (uv_accept(ls, &s->h.stream) < 0) {
+    if (uv_accept(&l->h.stream, &s->h.stream) < 0) {
         gw_session_abort(s);
         return;
     }
     addr = gw_session_peer(s);
-    if (srv->nsessions > srv->conf->gateway.max_connections) {
+    if (l->proxy) {
+        /* Only the load balancers may name a client: anyone else could pick any address
+         * past the per-IP limit, SPF and the logs. A unix socket is guarded by its file
+         * permissions instead. The per-IP count waits for the real address. */
+        if (!l->is_unix && !gw_proxy_net_match(srv->proxy_nets, srv->nproxy_nets, addr)) {
+            log_warn("PROXY listener %s: connection from untrusted [%s] dropped (not in "
+                     "proxy_trusted_networks)", l->name, addr);
+            s->addr[0] = '\0';   /* never a session: no "disconnect from" line */
+            gw_session_abort(s);
+            return;
+        }
+        s->proxy = 1;
+        if (srv->nsessions > srv->conf->gateway.max_connections)
+            reject = "too many connections";
+    } else if (srv->nsessions > srv->conf->gateway.max_connections) {
         reject = "too many connections";
     } else if (!l->is_unix) {
         s->ip_counted = 1;
@@ -387,6 +442,7 @@ static void server_finish(struct gw_server *srv)
     uv_close((uv_handle_t *)&srv->sig_int, server_noop_close_cb);
     uv_close((uv_handle_t *)&srv->sig_hup, server_noop_close_cb);
     uv_close((uv_handle_t *)&srv->stop_timer, server_noop_close_cb);
+    uv_close((uv_handle_t *)&srv->accept_check, server_noop_close_cb);
     if (srv->notify_fd >= 0) {
         close(srv->notify_fd);
         srv->notify_fd = -1;
@@ -435,7 +491,9 @@ static void server_reload(struct gw_server *srv)
         free(nc);
         return;
     }
-    if (!server_lists_equal(&nc->gateway.listen, &srv->conf->gateway.listen))
+    if (!server_lists_equal(&nc->gateway.listen, &srv->conf->gateway.listen) ||
+        !server_lists_equal(&nc->gateway.proxy_protocol_listen,
+                            &srv->conf->gateway.proxy_protocol_listen))
         log_warn("reload: [gateway] listen changed: it takes effect after a restart");
     /* min_free_space is read per MAIL from the live config: only the rest waits */
     struct conf_spool sp_new = nc->spool;
@@ -458,11 +516,24 @@ static void server_reload(struct gw_server *srv)
     srv->router = r;
     srv->rcptmap = m;
     srv->conf = nc;
+    server_proxy_nets(srv, nc);
     gw_ctl_reload(nc);
     gw_backlog_reload(srv->backlog, nc);
     gw_spf_reload(srv->spf, nc);
     log_set_level(nc->log.level);
     log_info("reloaded %s", srv->conf_path);
+}
+
+/* server_proxy_nets - proxy_trusted_networks parsed once, not per connection (conf_load
+ * checked every item, so none fails here) */
+static void server_proxy_nets(struct gw_server *srv, const struct conf *c)
+{
+    const struct conf_list *l = &c->gateway.proxy_trusted_networks;
+
+    srv->nproxy_nets = 0;
+    for (int i = 0; i < l->n && i < CONF_LIST_MAX; i++)
+        if (conf_parse_net(l->v[i], &srv->proxy_nets[srv->nproxy_nets]) == 0)
+            srv->nproxy_nets++;
 }
 
 /* ---------------------------------------------------------------- start and free */
@@ -473,7 +544,7 @@ int gw_server_start(struct gw_server **out, uv_loop_t *loop, struct conf *c,
     struct gw_server *srv;
     char names[GW_ERR_LEN];
     size_t nlen = 0;
-    int r;
+    int r, nl;
 
     *out = NULL;
     if (!(srv = calloc(1, sizeof(*srv)))) {
@@ -492,25 +563,29 @@ int gw_server_start(struct gw_server **out, uv_loop_t *loop, struct conf *c,
             goto fail;            /* a configured certificate that does not load is an error */
         log_warn("tls: %s; STARTTLS is off", err);
     }
-    if (!(srv->listeners = calloc((size_t)c->gateway.listen.n, sizeof(*srv->listeners)))) {
+    server_proxy_nets(srv, c);
+    nl = c->gateway.listen.n + c->gateway.proxy_protocol_listen.n;
+    if (!(srv->listeners = calloc((size_t)nl, sizeof(*srv->listeners)))) {
         snprintf(err, errlen, "out of memory");
         r = -ENOMEM;
         goto fail;
     }
     names[0] = '\0';
-    for (int i = 0; i < c->gateway.listen.n; i++) {
-        r = server_listen(srv, &srv->listeners[i], c->gateway.listen.v[i], err, errlen);
+    for (int i = 0; i < nl; i++) {
+        int proxy = i >= c->gateway.listen.n;
+        const char *spec = proxy ? c->gateway.proxy_protocol_listen.v[i - c->gateway.listen.n]
+                                 : c->gateway.listen.v[i];
+        int w;
+
+        srv->listeners[i].proxy = proxy;
+        r = server_listen(srv, &srv->listeners[i], spec, err, errlen);
         srv->nlisteners = i + 1;
         if (r < 0)
             goto fail;
-        if (nlen + strlen(c->gateway.listen.v[i]) + 3 < sizeof(names)) {
-            if (i) {
-                memcpy(names + nlen, ", ", 2);
-                nlen += 2;
-            }
-            memcpy(names + nlen, c->gateway.listen.v[i], strlen(c->gateway.listen.v[i]) + 1);
-            nlen += strlen(c->gateway.listen.v[i]);
-        }
+        w = snprintf(names + nlen, sizeof(names) - nlen, "%s%s%s", i ? ", " : "", spec,
+                     proxy ? " (PROXY)" : "");
+        if (w > 0 && (size_t)w < sizeof(names) - nlen)
+            nlen += (size_t)w;
     }
     if (conf_notify_socket(c, srv->notify_path, sizeof(srv->notify_path)) < 0)
         log_warn("notify_socket: path too long; sluice-deliver will rely on polling");
@@ -532,6 +607,11 @@ int gw_server_start(struct gw_server **out, uv_loop_t *loop, struct conf *c,
         snprintf(err, errlen, "out of memory");
         goto fail;
     }
+    /* last: nothing after it fails, so the fail path never has to close it */
+    uv_check_init(loop, &srv->accept_check);
+    srv->accept_check.data = srv;
+    uv_check_start(&srv->accept_check, server_check_cb);
+    uv_unref((uv_handle_t *)&srv->accept_check); /* the listeners keep the loop alive */
     /* sluicectl and metrics are for operators: the MX still serves mail without them */
     if (gw_ctl_start(loop, c, sp, err, errlen) < 0)
         log_warn("control socket: %s", err);

@@ -47,8 +47,11 @@ struct gw_server {
     struct gw_session *sessions;      /* list of open sessions */
     int nsessions;
     struct gw_ipcount *ip[GW_IP_BUCKETS];
+    struct conf_net proxy_nets[CONF_LIST_MAX]; /* proxy_trusted_networks, parsed */
+    int nproxy_nets;
     uv_signal_t sig_term, sig_int, sig_hup;
     uv_timer_t stop_timer;            /* grace period, then the final step */
+    uv_check_t accept_check;          /* resumes accepting held back by the burst limit */
     int finished;
     int notify_fd;
     char notify_path[108];            /* sizeof(sockaddr_un.sun_path) */

@@ -35,6 +35,7 @@
 #include <strings.h>
 #include <time.h>
 
+#include "gw_proxy.h"
 #include "gw_server.h"
 #include "gw_tls.h"
 #include "log.h"
@@ -141,6 +142,15 @@ static void session_resume(struct gw_session *s);
 static void session_alloc_cb(uv_handle_t *h, size_t suggested, uv_buf_t *buf);
 static void session_read_cb(uv_stream_t *st, ssize_t nread, const uv_buf_t *buf);
 static void session_lost(struct gw_session *s, const char *why);
+static void session_reject(struct gw_session *s, const char *why);
+static void session_greet(struct gw_session *s);
+static void session_banner(struct gw_session *s);
+static void session_pregreet(struct gw_session *s);
+static void session_early_input(struct gw_session *s, const uv_buf_t *buf, size_t n);
+static void session_proxy_header(struct gw_session *s, const struct gw_proxy_result *pr,
+                                 size_t used);
+static void session_printable(const char *p, size_t n, char *out, size_t outlen);
+static void session_proxy_drop(struct gw_session *s);
 
 #define ST(x) (1u << GW_S_##x)
 #define GW_CMD_ANY (ST(GREET) | ST(READY) | ST(MAIL) | ST(RCPT) | ST(CHUNKED))
@@ -461,6 +471,13 @@ static void session_lost(struct gw_session *s, const char *why)
 {
     if (s->gone)
         return;
+    if (s->state == GW_S_PROXY) {
+        /* a load balancer's plain TCP health check connects and closes: not worth more */
+        log_debug("PROXY listener: [%s] closed before a header (%zu octets): %s", s->addr,
+                  s->in_len, why);
+        session_proxy_drop(s);
+        return;
+    }
     if (!s->closing)
         log_info("lost connection after %s from " GW_CLIENT ": %s",
                  s->state == GW_S_DATA || s->state == GW_S_BDAT ? "DATA"
@@ -474,20 +491,26 @@ static void session_lost(struct gw_session *s, const char *why)
 /*
  * session_arm - one timer per session. Between commands it is the idle timeout (RFC 5321
  * 4.5.3.2: at least 5 minutes); during DATA/BDAT also the deadline for the whole message
- * (data_timeout), so a client trickling one octet a minute cannot hold a session forever.
+ * (data_timeout) and within a command line the deadline for the whole line
+ * (command_line_timeout), so a client trickling one octet at a time cannot hold a session
+ * forever; in TLS the handshake deadline. Before the banner (PROXY, WAIT) only s->deadline
+ * counts: the greet delay may be longer than the idle timeout.
  */
 static void session_arm(struct gw_session *s)
 {
     const struct conf_gateway *g = &s->srv->conf->gateway;
     uint64_t ms = (uint64_t)g->idle_timeout_ms;
+    uint64_t now, dl[3] = { s->tx.data_deadline, s->cmd_deadline, s->deadline };
 
     if (s->gone || s->closing)
         return;
-    if (s->tx.data_deadline) {
-        uint64_t now = uv_now(s->srv->loop);
-        uint64_t left = s->tx.data_deadline > now ? s->tx.data_deadline - now : 1;
+    if (s->state == GW_S_PROXY || s->state == GW_S_WAIT)
+        ms = UINT64_MAX;
+    now = uv_now(s->srv->loop);
+    for (int i = 0; i < 3; i++) {
+        uint64_t left = dl[i] > now ? dl[i] - now : 1;
 
-        if (left < ms)
+        if (dl[i] && left < ms)
             ms = left;
     }
     uv_timer_start(&s->timer, session_timer_cb, ms ? ms : 1, 0);
@@ -501,7 +524,31 @@ static void session_timer_cb(uv_timer_t *t)
         session_close_now(s);
         return;
     }
-    log_info("timeout after %s from " GW_CLIENT, gw_session_state_name(s->state), s->addr);
+    switch (s->state) {
+    case GW_S_PROXY:
+        /* never SMTP without the header: no reply, the proxy just sees the close */
+        log_info("PROXY header timeout from [%s] (%zu octets received): dropped", s->addr,
+                 s->in_len);
+        session_proxy_drop(s);
+        return;
+    case GW_S_WAIT:
+        session_banner(s);        /* the greet delay is over and the client kept quiet */
+        return;
+    case GW_S_TLS:
+        /* no reply: the client expects a handshake, not plaintext */
+        log_info("TLS handshake timeout from " GW_CLIENT, s->addr);
+        session_close_now(s);
+        return;
+    default:
+        break;
+    }
+    if (s->cmd_deadline && uv_now(s->srv->loop) >= s->cmd_deadline)
+        log_info("command timeout after %s from " GW_CLIENT ": no complete command line "
+                 "within %lld ms (%zu octets)", gw_session_state_name(s->state), s->addr,
+                 (long long)s->srv->conf->gateway.command_line_timeout_ms, s->in_len);
+    else
+        log_info("timeout after %s from " GW_CLIENT, gw_session_state_name(s->state),
+                 s->addr);
     s->out_len = 0;               /* nothing else is owed: the client went silent */
     session_reply(s, "421 4.4.2 %s Error: timeout exceeded", session_host(s));
     if (s->tx.msg) {
@@ -971,6 +1018,8 @@ static int cmd_starttls(struct gw_session *s, struct smtp_cmd *cmd)
     tx_reset(s);
     s->helo[0] = '\0';
     s->esmtp = 0;
+    s->deadline = uv_now(s->srv->loop) +
+                  (uint64_t)s->srv->conf->gateway.tls_handshake_timeout_ms;
     session_enter(s, GW_S_TLS);
     return 0;
 }
@@ -1254,6 +1303,9 @@ static size_t session_process(struct gw_session *s, const char *p, size_t n)
         case GW_S_COMMIT:
         case GW_S_CLOSING:
             return n;             /* cannot happen with input: the loop condition stops it */
+        case GW_S_PROXY:
+        case GW_S_WAIT:
+            return off;           /* not commands yet: session_early_input has them */
         case GW_S_GREET:
         case GW_S_READY:
         case GW_S_MAIL:
@@ -1264,6 +1316,8 @@ static size_t session_process(struct gw_session *s, const char *p, size_t n)
             fatal("session: bad state %d", (int)s->state);
         }
         lf = memchr(p + off, '\n', n - off);
+        if (lf)
+            s->cmd_deadline = 0;  /* a whole line arrived: the next one gets its own time */
         if (s->discard_line) {
             if (!lf)
                 return n;
@@ -1360,6 +1414,7 @@ static void session_tls_pump(struct gw_session *s)
             return;
         }
         s->tls_done = 1;
+        s->deadline = 0;
         snprintf(s->tls_info, sizeof(s->tls_info), "%s %s", gw_tls_conn_version(s->tls),
                  gw_tls_conn_cipher(s->tls));
         log_info("TLS connection established from " GW_CLIENT ": %s with cipher %s", s->addr,
@@ -1396,6 +1451,15 @@ static void session_after_input(struct gw_session *s)
         session_read_stop(s);
     else
         session_read_start(s);
+    if ((s->in_len > 0 || s->discard_line) && s->state != GW_S_DATA && s->state != GW_S_BDAT &&
+        s->state != GW_S_TLS) {
+        /* part of a command line waits: it has command_line_timeout from now to be complete */
+        if (!s->cmd_deadline)
+            s->cmd_deadline = uv_now(s->srv->loop) +
+                              (uint64_t)s->srv->conf->gateway.command_line_timeout_ms;
+    } else {
+        s->cmd_deadline = 0;
+    }
     session_arm(s);
 }
 
@@ -1436,6 +1500,10 @@ static void session_read_cb(uv_stream_t *st, ssize_t nread, const uv_buf_t *buf)
     }
     if (s->closing)
         return;                   /* after QUIT or a 421 input is ignored */
+    if (s->state == GW_S_PROXY || s->state == GW_S_WAIT) {
+        session_early_input(s, buf, (size_t)nread);
+        return;
+    }
     if (s->tls) {
         if (gw_tls_conn_feed(s->tls, buf->base, (size_t)nread) < 0) {
             session_lost(s, "out of memory");
@@ -1519,26 +1587,183 @@ const char *gw_session_peer(struct gw_session *s)
 
 void gw_session_start(struct gw_session *s, const char *reject)
 {
-    const struct conf_gateway *g = &s->srv->conf->gateway;
-
     if (reject) {
-        log_info("NOQUEUE: reject: CONNECT from " GW_CLIENT ": 421 4.7.0 Error: %s", s->addr,
-                 reject);
-        session_reply(s, "421 4.7.0 %s Error: %s", g->hostname, reject);
-        session_close(s);
+        session_reject(s, reject);
+        return;
+    }
+    if (s->proxy) {
+        /* s->addr is the proxy's until the header says otherwise: no log line, no per-IP
+         * count and no SMTP before it */
+        session_enter(s, GW_S_PROXY);
+        s->deadline = uv_now(s->srv->loop) + (uint64_t)s->srv->conf->gateway.proxy_timeout_ms;
+        session_read_start(s);
+        session_arm(s);
         return;
     }
     log_info("connect from " GW_CLIENT, s->addr);
+    session_greet(s);
+}
+
+/* session_reject - over a connection limit: 421 4.7.0 instead of the banner, and close */
+static void session_reject(struct gw_session *s, const char *why)
+{
+    log_info("NOQUEUE: reject: CONNECT from " GW_CLIENT ": 421 4.7.0 Error: %s", s->addr, why);
+    session_reply(s, "421 4.7.0 %s Error: %s", session_host(s), why);
+    session_close(s);
+}
+
+/* session_greet - the client's address is final here (after the PROXY header, if any): the
+ * banner now, or after greet_delay. Octets already in s->in came before any banner. */
+static void session_greet(struct gw_session *s)
+{
+    const struct conf_gateway *g = &s->srv->conf->gateway;
+
     if (s->srv->stopping) {
         session_reply(s, "421 4.3.2 %s Service shutting down, closing transmission channel",
                       g->hostname);
         session_close(s);
         return;
     }
+    if (g->greet_delay_ms > 0) {
+        session_enter(s, GW_S_WAIT);
+        s->deadline = uv_now(s->srv->loop) + (uint64_t)g->greet_delay_ms;
+        session_read_start(s);
+        if (s->in_len > 0)
+            session_pregreet(s);
+        session_arm(s);
+        return;
+    }
+    session_banner(s);
+}
+
+/* session_banner - 220, then whatever the client sent early (behind a proxy, or pregreet
+ * ignored) runs as its first commands */
+static void session_banner(struct gw_session *s)
+{
+    const struct conf_gateway *g = &s->srv->conf->gateway;
+
+    s->deadline = 0;
+    session_enter(s, GW_S_GREET);
     session_reply(s, "220 %s %s", g->hostname, g->banner);
-    session_flush(s);
-    session_read_start(s);
-    session_arm(s);
+    if (s->in_len > 0)
+        session_consume_in(s);
+    if (!s->gone)
+        session_after_input(s);
+}
+
+/* session_printable - the start of client octets for a log line: up to the first line end,
+ * anything but printable ASCII as '?' */
+static void session_printable(const char *p, size_t n, char *out, size_t outlen)
+{
+    size_t i;
+
+    for (i = 0; i < n && i + 1 < outlen && p[i] != '\r' && p[i] != '\n'; i++)
+        out[i] = (p[i] >= 0x20 && p[i] < 0x7f) ? p[i] : '?';
+    out[i] = '\0';
+}
+
+/* session_pregreet - the client talked before our banner (postscreen's pregreet test): a
+ * real MTA waits for the 220 (RFC 5321 3.1), spamware often does not */
+static void session_pregreet(struct gw_session *s)
+{
+    const struct conf_gateway *g = &s->srv->conf->gateway;
+    uint64_t start = s->deadline - (uint64_t)g->greet_delay_ms;
+    char first[64];
+
+    if (!s->pregreet) {
+        s->pregreet = 1;
+        session_printable(s->in, s->in_len, first, sizeof(first));
+        log_info("PREGREET %zu after %.3f s from " GW_CLIENT ": %s (%s)", s->in_len,
+                 (double)(uv_now(s->srv->loop) - start) / 1000.0, s->addr, first,
+                 g->pregreet_action);
+    }
+    if (strcmp(g->pregreet_action, "ignore") != 0) {
+        s->in_len = 0;
+        /* as the first reply, 554 stands for the greeting (RFC 5321 3.1) */
+        session_reply(s, "554 5.7.1 %s Error: SMTP protocol violation: client spoke before "
+                      "the greeting", g->hostname);
+        log_info("NOQUEUE: reject: CONNECT from " GW_CLIENT ": 554 5.7.1 pregreet", s->addr);
+        session_close(s);
+        return;
+    }
+    /* ignore: the octets wait in s->in for the banner; no more reading until then, so a
+     * client that keeps talking cannot grow the buffer */
+    session_read_stop(s);
+}
+
+/* session_early_input - octets before the banner: the PROXY header, or a pregreet */
+static void session_early_input(struct gw_session *s, const uv_buf_t *buf, size_t n)
+{
+    struct gw_proxy_result pr;
+    char first[64];
+    int r;
+
+    if (buf->base != gw_scratch) {
+        s->in_len += n;
+    } else if (s->state == GW_S_PROXY) {
+        /* s->in is full and still no header: far longer than any proxy sends */
+        log_info("PROXY header from [%s] longer than %zu octets: dropped", s->addr, s->in_cap);
+        session_proxy_drop(s);
+        return;
+    } else if (session_keep(s, buf->base, n) < 0) {
+        session_lost(s, "out of memory");
+        return;
+    }
+    if (s->state == GW_S_WAIT) {
+        session_pregreet(s);
+        session_flush(s);
+        return;
+    }
+    r = gw_proxy_parse((const uint8_t *)s->in, s->in_len, &pr);
+    if (r == 0) {
+        if (s->in_len >= s->in_cap) {
+            log_info("PROXY header from [%s] longer than %zu octets: dropped", s->addr,
+                     s->in_cap);
+            session_proxy_drop(s);
+        }
+        return;                   /* more to come, within proxy_timeout */
+    }
+    if (r < 0) {
+        session_printable(s->in, s->in_len, first, sizeof(first));
+        log_info("PROXY header from [%s] malformed: dropped (starts \"%s\")", s->addr, first);
+        session_proxy_drop(s);
+        return;
+    }
+    session_proxy_header(s, &pr, (size_t)r);
+}
+
+/* session_proxy_drop - close a connection that never became an SMTP session: it had no
+ * "connect from" line, so it gets no "disconnect from" either (the caller logged why) */
+static void session_proxy_drop(struct gw_session *s)
+{
+    s->addr[0] = '\0';
+    session_close_now(s);
+}
+
+/* session_proxy_header - a valid header of used octets starts s->in: the client is who it
+ * names; count it per IP now (the limit is about clients, not the proxy) and greet it */
+static void session_proxy_header(struct gw_session *s, const struct gw_proxy_result *pr,
+                                 size_t used)
+{
+    char peer[sizeof(s->addr)];
+
+    memcpy(peer, s->addr, sizeof(peer));
+    if (!pr->local && gw_proxy_src_text(pr, s->addr, sizeof(s->addr)) < 0) {
+        log_info("PROXY header from [%s]: unusable source address: dropped", peer);
+        session_proxy_drop(s);
+        return;
+    }
+    memmove(s->in, s->in + used, s->in_len - used);
+    s->in_len -= used;
+    s->deadline = 0;
+    log_info("connect from " GW_CLIENT " via PROXY v%d from [%s]%s", s->addr, pr->version, peer,
+             pr->local ? " (LOCAL: the proxy's own connection)" : "");
+    s->ip_counted = 1;
+    if (gw_server_ip_add(s->srv, s->addr) > s->srv->conf->gateway.max_connections_per_ip) {
+        session_reject(s, "too many connections from your address");
+        return;
+    }
+    session_greet(s);
 }
 
 void gw_session_abort(struct gw_session *s)
@@ -1551,6 +1776,10 @@ void gw_session_stop(struct gw_session *s)
     if (s->gone || s->closing)
         return;
     switch (s->state) {
+    case GW_S_PROXY:
+        session_proxy_drop(s);    /* not SMTP yet: nothing to say */
+        break;
+    case GW_S_WAIT:
     case GW_S_GREET:
     case GW_S_READY:
     case GW_S_MAIL:

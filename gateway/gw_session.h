@@ -4,9 +4,12 @@
  *
  * Life cycle: gw_session_new() (handle initialised) -> the server's uv_accept() ->
  * gw_session_start() (banner, or a 421 when over a connection limit) -> commands and data ->
- * close. The session is freed only when its handles are closed AND no spool commit is
- * outstanding (refs): a commit callback may arrive after the client is gone, and then only
- * logs. gw_server_session_closed() is called once the handles are closed.
+ * close. On a PROXY listener (s->proxy) the session first reads the PROXY header (state
+ * PROXY), takes the client address from it and only then counts it per IP and greets; with
+ * greet_delay the banner waits (state WAIT) and input before it is a pregreet.
+ * The session is freed only when its handles are closed AND no spool commit is outstanding
+ * (refs): a commit callback may arrive after the client is gone, and then only logs.
+ * gw_server_session_closed() is called once the handles are closed.
  *
  * Session and transaction are separate structs: RSET, HELO and a finished message reset only
  * struct gw_tx.
@@ -28,7 +31,8 @@ struct gw_server;
 struct gw_tls_conn;
 
 /* Session states: XX(NAME, meaning). Commands are parsed only in GREET, READY, MAIL, RCPT and
- * CHUNKED; in DATA and BDAT input is message content; in COMMIT and TLS input waits. */
+ * CHUNKED; in DATA and BDAT input is message content; in COMMIT and TLS input waits; in PROXY
+ * input is the PROXY header, in WAIT it is a pregreet. */
 #define GW_STATE_MAP(XX)                                                                     \
     XX(GREET, "connected, no HELO/EHLO yet")                                                 \
     XX(READY, "HELO/EHLO done, no transaction")                                              \
@@ -39,6 +43,8 @@ struct gw_tls_conn;
     XX(CHUNKED, "between BDAT chunks of a message")                                          \
     XX(COMMIT, "message handed to the spool, waiting for it to be durable")                  \
     XX(TLS, "TLS handshake after STARTTLS")                                                  \
+    XX(PROXY, "PROXY listener: waiting for the PROXY protocol header")                       \
+    XX(WAIT, "greet_delay: the banner is not sent yet; input now is a pregreet")             \
     XX(CLOSING, "closing the connection")
 
 enum gw_state {
@@ -85,7 +91,8 @@ struct gw_session {
     /* public: the server's list */
     struct gw_session *prev, *next;
     struct gw_server *srv;
-    char addr[64];                        /* client IP as text, "unix" for unix sockets */
+    char addr[64];                        /* client IP as text, "unix" for unix sockets;
+                                           * behind PROXY the real client's, once known */
     /* read-only */
     enum gw_state state;
     /* private */
@@ -110,8 +117,14 @@ struct gw_session {
     unsigned bdat_discard : 1;            /* consume a refused BDAT chunk */
     unsigned bdat_last : 1;
     unsigned ip_counted : 1;              /* counted in the server's per-IP table */
+    unsigned proxy : 1;                   /* PROXY listener: the header comes first */
+    unsigned pregreet : 1;                /* talked before the banner (logged once) */
     enum gw_state bdat_back;              /* state after a refused chunk */
     uint64_t bdat_left;                   /* octets of the current chunk still to read */
+    uint64_t deadline;                    /* uv_now() ms: end of the PROXY header wait, the
+                                           * greet delay or the TLS handshake; 0 = none */
+    uint64_t cmd_deadline;                /* uv_now() ms by which the partial command line
+                                           * must be complete (command_timeout); 0 = none */
     char helo[256];
     int errors;
     unsigned verb_ok[GW_VERB_COUNT], verb_all[GW_VERB_COUNT];
@@ -132,7 +145,7 @@ struct gw_session *gw_session_new(struct gw_server *srv, int is_unix);
 /* After uv_accept: the peer's address into s->addr ("unix" for unix sockets), returned. */
 const char *gw_session_peer(struct gw_session *s);
 /* Then: send the banner (or "421 4.7.0 reject" and close when
- * reject is not NULL) and start reading. */
+ * reject is not NULL) and start reading. With s->proxy set, read the PROXY header first. */
 void gw_session_start(struct gw_session *s, const char *reject);
 /* uv_accept failed: close the handle (the session goes like any other). */
 void gw_session_abort(struct gw_session *s);

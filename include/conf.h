@@ -33,6 +33,13 @@ struct conf_endpoint {
     uint16_t port;
 };
 
+/* A network from a CIDR value ("10.0.0.0/8", "::1/128", or a bare address). */
+struct conf_net {
+    int family;                   /* AF_INET or AF_INET6 */
+    uint8_t addr[16];             /* network order, host bits zero */
+    int prefix;                   /* 0..32 or 0..128 */
+};
+
 enum conf_transport { CONF_LMTP = 1, CONF_SMTP = 2, CONF_MAILDIR = 3 };
 
 struct conf_spool {
@@ -56,7 +63,16 @@ struct conf_gateway {
     char recipient_db[CONF_PATH_MAX];   /* optional */
     int max_connections;
     int max_connections_per_ip;
+    /* PROXY protocol: these listeners (not in listen) want a v1/v2 header first, from a
+     * trusted network only, within proxy_timeout */
+    struct conf_list proxy_protocol_listen;
+    struct conf_list proxy_trusted_networks;  /* CIDR each */
+    int64_t proxy_timeout_ms;
+    int64_t greet_delay_ms;       /* 0 = banner at once, no pregreet test */
+    char pregreet_action[16];     /* reject | ignore */
     int64_t idle_timeout_ms;
+    int64_t command_line_timeout_ms; /* a whole command line, from its first octet */
+    int64_t tls_handshake_timeout_ms;
     int64_t data_timeout_ms;
     uint64_t max_message_size;
     int max_recipients;
@@ -186,6 +202,9 @@ int conf_parse_size(const char *s, uint64_t *out);
 int conf_parse_duration(const char *s, int64_t *ms_out);
 /* "yes/no/true/false/on/off/1/0", any case: 0 or 1 in *out. */
 int conf_parse_bool(const char *s, int *out);
+/* "10.0.0.0/8", "2001:db8::/32", or a bare address (/32, /128). Host bits set under the prefix
+ * ("10.1.2.3/8", almost always a typo) are -EINVAL like any other syntax error. */
+int conf_parse_net(const char *s, struct conf_net *out);
 /* "1.2.3.4:25", "[::1]:25", "unix:/path"; with allow_hostname also "mx.example.net:24". */
 int conf_parse_endpoint(const char *s, int allow_hostname, struct conf_endpoint *ep);
 

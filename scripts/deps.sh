@@ -6,9 +6,10 @@ set -eu
 BUILD="make gcc libc6-dev pkg-config libuv1-dev libssl-dev libsqlite3-dev
 libinih-dev libjansson-dev libmicrohttpd-dev libmilter-dev libspf2-dev openssl sqlite3"
 # swaks (with Net::SSLeay for -tls) and Postfix's smtp-source as clients, Dovecot LMTP as the mailstore
+# haproxy (TCP mode, send-proxy / send-proxy-v2) in front of the gateway for the PROXY protocol tests
 TEST="libcmocka-dev python3 python3-pytest swaks libnet-ssleay-perl libio-socket-ssl-perl
 postfix dovecot-core
-dovecot-lmtpd iproute2 procps"
+dovecot-lmtpd iproute2 procps haproxy"
 want=$BUILD
 [ "${1:-build}" = test ] && want="$BUILD $TEST"
 missing=
@@ -23,8 +24,9 @@ if [ "$(id -u)" != 0 ]; then
 fi
 echo "deps.sh: installing$missing" >&2
 export DEBIAN_FRONTEND=noninteractive
-# Postfix is here only for smtp-source/smtp-sink and Dovecot only for its LMTP server, both
-# started by the tests on loopback: never configure or start the system's own instances.
+# Postfix is here only for smtp-source/smtp-sink, Dovecot only for its LMTP server and haproxy
+# only as a test proxy, all started by the tests on loopback: never configure or start the
+# system's own instances (policy-rc.d below keeps their services from starting).
 echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
 made_policy=
 if [ ! -e /usr/sbin/policy-rc.d ]; then

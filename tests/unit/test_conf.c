@@ -808,6 +808,42 @@ static char *slurp(const char *path)
 
 /* Every "key =" line of a dump with one mailstore must show up in the example config (set or
  * commented out) and as `key` in docs/config.md. */
+/* PROXY protocol, greet delay and the hostile-client timeouts (issue 7) */
+static void test_proxy_and_hostile_keys(void **state)
+{
+    assert_int_equal(load_text(&cf, "[gateway]\n"), 0);
+    assert_int_equal(cf.gateway.proxy_protocol_listen.n, 0);
+    assert_int_equal(cf.gateway.proxy_timeout_ms, 5000);
+    assert_int_equal(cf.gateway.greet_delay_ms, 0);
+    assert_string_equal(cf.gateway.pregreet_action, "reject");
+    assert_int_equal(cf.gateway.command_line_timeout_ms, 60000);
+    assert_int_equal(cf.gateway.tls_handshake_timeout_ms, 30000);
+    assert_int_equal(load_text(&cf, "[gateway]\nlisten = 127.0.0.1:25\n"
+                                    "proxy_protocol_listen = 10.0.0.5:2525, [::1]:2526\n"
+                                    "proxy_trusted_networks = 10.0.0.0/24,\n"
+                                    "  2001:db8::/32 127.0.0.1\n"
+                                    "greet_delay = 2s\npregreet_action = ignore\n"), 0);
+    assert_int_equal(cf.gateway.proxy_protocol_listen.n, 2);
+    assert_int_equal(cf.gateway.proxy_trusted_networks.n, 3);
+    assert_string_equal(cf.gateway.proxy_trusted_networks.v[2], "127.0.0.1");
+    assert_int_equal(cf.gateway.greet_delay_ms, 2000);
+    assert_one_error("gateway", "proxy_trusted_networks = 10.0.0.1/8",
+                     "[gateway] proxy_trusted_networks: bad network \"10.0.0.1/8\" (use "
+                     "10.0.0.0/8, 2001:db8::/32 or an address; no host bits under the prefix)");
+    assert_one_error("gateway", "pregreet_action = drop",
+                     "[gateway] pregreet_action: \"drop\" is not reject or ignore");
+    assert_one_error("gateway", "proxy_protocol_listen = 127.0.0.1:2526",
+                     "[gateway] proxy_protocol_listen: needs proxy_trusted_networks (the load "
+                     "balancers' addresses)");
+    assert_int_equal(load_text(&cf, "[gateway]\nlisten = 127.0.0.1:25\n"
+                                    "proxy_protocol_listen = 127.0.0.1:25\n"
+                                    "proxy_trusted_networks = 127.0.0.1\n"), -EINVAL);
+    assert_errors("@:3: [gateway] proxy_protocol_listen: 127.0.0.1:25 is also in listen (an "
+                  "address is either plain SMTP or PROXY)");
+    assert_one_error("gateway", "greet_delay = 2m",
+                     "[gateway] greet_delay: 2m is out of range (0ms to 60000ms)");
+}
+
 static void test_shipped_files_cover_every_key(void **state)
 {
     char *example = slurp("etc/sluice.conf"), *doc = slurp("docs/config.md"), *d;
@@ -872,6 +908,7 @@ int main(void)
         cmocka_unit_test(test_failed_load_keeps_config),
         cmocka_unit_test(test_notify_socket),
         cmocka_unit_test(test_dump_roundtrip),
+        cmocka_unit_test(test_proxy_and_hostile_keys),
         cmocka_unit_test(test_shipped_files_cover_every_key),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
