@@ -148,7 +148,9 @@ install: all
 	else \
 	    echo "installing $(DESTDIR)$(SYSCONFDIR)/sluice/sluice.conf"; \
 	    sed -e 's|\./run/spool|/var/spool/sluice|g' -e 's|\./run/mail|/var/lib/sluice/mail|g' \
-	        -e 's|= etc/|= $(SYSCONFDIR)/sluice/|' etc/sluice.conf \
+	        -e 's|= etc/|= $(SYSCONFDIR)/sluice/|' \
+	        -e '1s|^|# Installed by make install from etc/sluice.conf with system paths; what\n# the header below says about ./run and make run is about the original.\n|' \
+	        etc/sluice.conf \
 	        >$(DESTDIR)$(SYSCONFDIR)/sluice/sluice.conf && \
 	    chmod 0644 $(DESTDIR)$(SYSCONFDIR)/sluice/sluice.conf; \
 	fi

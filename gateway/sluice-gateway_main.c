@@ -150,8 +150,9 @@ int main(int argc, char **argv)
     }
     /* Nothing has run on the loop yet, so no session can be writing while the tree changes
      * hands. Failing here leaves the process as root: exit, do not serve. */
-    if (conf_ctl_socket(srv->conf, 1, ctl, sizeof(ctl)) < 0 ||
-        privs_own_tree(&pv, srv->conf->spool.dir, err, sizeof(err)) < 0 ||
+    if (conf_ctl_socket(srv->conf, 1, ctl, sizeof(ctl)) < 0)
+        ctl[0] = '\0';        /* too long: gw_ctl_start already said so and made none */
+    if (privs_own_tree(&pv, srv->conf->spool.dir, err, sizeof(err)) < 0 ||
         privs_own_path(&pv, ctl, 0660, err, sizeof(err)) < 0 ||
         privs_drop(&pv, "sluice-gateway", err, sizeof(err)) < 0) {
         log_err("%s", err);
