@@ -309,3 +309,31 @@ def test_started_as_another_unprivileged_user_refused(sluice_user, base, tls_fil
                        text=True, timeout=30, preexec_fn=become_nobody)
     assert r.returncode == 1
     assert "start it as root or as %s:%s" % (name, name) in r.stderr, r.stderr
+
+
+def test_policyd_runs_unprivileged(sluice_user, base, tls_files):
+    """The milter socket is opened as root, then the switch; libmilter's threads start
+    afterwards, and the state database is created as the user."""
+    name, uid, gid = sluice_user
+    port = free_port()
+    conf, spool = make_config(base, free_port(), tls_files, user=name,
+                              extra={"policyd": {"listen": "inet:%d@127.0.0.1" % port}})
+    pd = Proc(os.path.join(BUILD, "sluice-policyd"), conf, base, "policyd")
+    try:
+        def listening():
+            if pd.p.poll() is not None:
+                pytest.fail("policyd exited %d:\n%s" % (pd.p.returncode, pd.log()))
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=2).close()
+                return True
+            except OSError:
+                return False
+        wait_for(listening, 15, "the milter port")
+        assert "dropped privileges to %s:%s" % (name, name) in pd.log()
+        assert_unprivileged(pd.p.pid, uid, gid)
+        st = os.stat(os.path.join(spool, "policyd.db"))
+        assert (st.st_uid, st.st_gid) == (uid, gid)
+        assert stat.S_IMODE(os.stat(os.path.join(spool, "policyd.ctl")).st_mode) == 0o660
+    finally:
+        assert pd.stop() == 0, pd.log()
+    sanitizer_clean(pd)
