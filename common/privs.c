@@ -95,9 +95,10 @@ static int privs_entry(const struct privs *p, enum privs_op op, int dfd, const c
     if (op == PRIVS_CHECK) {
         if (st->st_uid != 0 && st->st_uid != p->uid) {
             const struct passwd *pw = getpwuid(st->st_uid);
-            snprintf(err, errlen, "%s: owned by %s (uid %u), not by root or %s: refusing to "
-                     "use this spool", path, pw ? pw->pw_name : "?", (unsigned)st->st_uid,
-                     p->user[0] ? p->user : "us");
+            snprintf(err, errlen, "%s: owned by %s (uid %u), not by %s%s: refusing to use "
+                     "this spool", path, pw ? pw->pw_name : "?", (unsigned)st->st_uid,
+                     p->uid == 0 ? "root" : "root or ",
+                     p->uid == 0 ? "" : p->user[0] ? p->user : "us");
             return -EPERM;
         }
         if (S_ISLNK(st->st_mode) || S_ISSOCK(st->st_mode))
@@ -122,9 +123,9 @@ static int privs_entry(const struct privs *p, enum privs_op op, int dfd, const c
         return 0;
     if ((st->st_uid != p->uid || st->st_gid != p->gid) &&
         fchownat(dfd, name, p->uid, p->gid, AT_SYMLINK_NOFOLLOW) < 0) {
-        snprintf(err, errlen, "chown %s to %s:%s: %s", path, p->user, p->group,
-                 strerror(errno));
-        return -errno;
+        int e = errno;
+        snprintf(err, errlen, "chown %s to %s:%s: %s", path, p->user, p->group, strerror(e));
+        return -e;
     }
     if (S_ISLNK(st->st_mode))
         return 0;
@@ -135,8 +136,9 @@ static int privs_entry(const struct privs *p, enum privs_op op, int dfd, const c
     else
         want = (mode & 0640) | 0600;
     if (want != mode && fchmodat(dfd, name, want, 0) < 0) {
-        snprintf(err, errlen, "chmod %s: %s", path, strerror(errno));
-        return -errno;
+        int e = errno;
+        snprintf(err, errlen, "chmod %s: %s", path, strerror(e));
+        return -e;
     }
     return 0;
 }
@@ -273,9 +275,13 @@ int privs_own_path(const struct privs *p, const char *path, unsigned mode, char 
 
     if (!p->configured || path[0] == '\0')
         return 0;
-    if (lstat(path, &st) < 0)
-        return errno == ENOENT ? 0 : (snprintf(err, errlen, "%s: %s", path, strerror(errno)),
-                                      -errno);
+    if (lstat(path, &st) < 0) {
+        int e = errno;
+        if (e == ENOENT)
+            return 0;
+        snprintf(err, errlen, "%s: %s", path, strerror(e));
+        return -e;
+    }
     if (S_ISLNK(st.st_mode)) {
         snprintf(err, errlen, "%s: a symlink: not changing its owner", path);
         return -ELOOP;

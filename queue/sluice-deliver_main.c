@@ -207,8 +207,10 @@ int main(int argc, char **argv)
         fprintf(stderr, "sluice-deliver: out of memory\n");
         return 1;
     }
-    if (cli_load_config(&dv.o, dv.c) < 0)
+    if (cli_load_config(&dv.o, dv.c) < 0) {
+        free(dv.c);
         return 1;
+    }
     signal(SIGPIPE, SIG_IGN);
     srandom((unsigned)time(NULL) ^ (unsigned)getpid() << 16); /* Maildir name salt */
     /* read once, at the first pool use (integration 5.2): set it before any uv work */
@@ -220,6 +222,7 @@ int main(int argc, char **argv)
         privs_own_tree(&pv, dv.c->spool.dir, err, sizeof(err)) < 0 ||
         privs_drop(&pv, "sluice-deliver", err, sizeof(err)) < 0) {
         log_err("deliver: %s", err);
+        free(dv.c);
         return 1;
     }
 
