@@ -329,6 +329,8 @@ def test_policyd_runs_unprivileged(sluice_user, base, tls_files):
             except OSError:
                 return False
         wait_for(listening, 15, "the milter port")
+        # the port opens first (before the switch); "listening on" comes once all is set up
+        wait_for(lambda: "listening on" in pd.log(), 15, "the end of start-up")
         assert "dropped privileges to %s:%s" % (name, name) in pd.log()
         assert_unprivileged(pd.p.pid, uid, gid)
         st = os.stat(os.path.join(spool, "policyd.db"))
