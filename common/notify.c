@@ -55,3 +55,17 @@ void notify_status(const char *fmt, ...)
     if (n >= 0)
         notify_send(buf);      /* a long status is cut, which is fine for a status line */
 }
+
+uint64_t notify_watchdog_ms(void)
+{
+    uint64_t usec = 0;
+
+    if (sd_watchdog_enabled(0, &usec) <= 0)
+        return 0;
+    return usec / 1000 ? usec / 1000 : 1;
+}
+
+void notify_watchdog(void)
+{
+    notify_send("WATCHDOG=1");
+}

@@ -29,11 +29,14 @@
  * handle registered for a signal). Unreferenced: they never keep the loop alive. */
 struct main_notify {
     uv_signal_t hup, term, intr;
+    uv_timer_t watchdog;      /* WATCHDOG=1 at half of WatchdogSec=, when systemd asks */
+    int watchdog_on;
 };
 
 static int main_mkdir_parents(const char *dir);
 static void main_on_signal(uv_signal_t *h, int signum);
 static void main_notify_start(struct main_notify *n, uv_loop_t *loop);
+static void main_on_watchdog(uv_timer_t *t);
 
 /* main_mkdir_parents - create the directories above the spool (spool_open makes the last
  * one), so a fresh checkout's ./run/spool works with `make run` */
@@ -74,10 +77,24 @@ static void main_on_signal(uv_signal_t *h, int signum)
     uv_close((uv_handle_t *)&n->intr, NULL);
 }
 
+static void main_on_watchdog(uv_timer_t *t)
+{
+    notify_watchdog();
+}
+
 static void main_notify_start(struct main_notify *n, uv_loop_t *loop)
 {
     uv_signal_t *hs[] = { &n->hup, &n->term, &n->intr };
     int sigs[] = { SIGHUP, SIGTERM, SIGINT };
+    uint64_t wd = notify_watchdog_ms();
+
+    if (wd > 0) {
+        /* kept through the drain after SIGTERM: systemd still watches a stopping service */
+        uv_timer_init(loop, &n->watchdog);
+        uv_timer_start(&n->watchdog, main_on_watchdog, 0, wd / 2 ? wd / 2 : 1);
+        uv_unref((uv_handle_t *)&n->watchdog);
+        n->watchdog_on = 1;
+    }
 
     for (int i = 0; i < 3; i++) {
         uv_signal_init(loop, hs[i]);
@@ -95,7 +112,7 @@ int main(int argc, char **argv)
     struct spool_opts so;
     struct gw_server *srv;
     struct privs pv;
-    struct main_notify mn;
+    struct main_notify mn = { 0 };
     uv_loop_t *loop;
     char err[1024], ctl[CONF_PATH_MAX];
     int idx, r;
@@ -163,6 +180,10 @@ int main(int argc, char **argv)
     /* The server owns c from here; uv_run returns once SIGTERM has drained every session
      * and the spool, and all handles are closed. */
     uv_run(loop, UV_RUN_DEFAULT);
+    if (mn.watchdog_on) {
+        uv_close((uv_handle_t *)&mn.watchdog, NULL);
+        uv_run(loop, UV_RUN_DEFAULT);
+    }
     gw_server_free(srv);
     if ((r = uv_loop_close(loop)) < 0)
         log_warn("loop close: %s", uv_strerror(r));

@@ -10,6 +10,8 @@
 #ifndef SLUICE_NOTIFY_H
 #define SLUICE_NOTIFY_H
 
+#include <stdint.h>
+
 #include "log.h"
 
 /* READY=1 with STATUS=status. */
@@ -20,5 +22,11 @@ void notify_reloading(void);
 void notify_stopping(const char *status);
 /* STATUS=..., printf-style. */
 void notify_status(const char *fmt, ...) LOG_FMT(1, 2);
+/* WatchdogSec= of our unit in ms ($WATCHDOG_USEC for this process), 0 when off. A daemon
+ * that gets a non-zero value calls notify_watchdog from its event loop at half that period,
+ * so a loop stuck that long gets the service restarted. */
+uint64_t notify_watchdog_ms(void);
+/* WATCHDOG=1. */
+void notify_watchdog(void);
 
 #endif

@@ -54,6 +54,8 @@ struct deliver {
     uv_poll_t notify;
     int notify_init;
     uv_signal_t sig_term, sig_int, sig_hup;
+    uv_timer_t watchdog;      /* WATCHDOG=1 at half of WatchdogSec=, when systemd asks */
+    int watchdog_on;
     int stopping;
 };
 
@@ -125,6 +127,11 @@ static void notify_closed(uv_handle_t *h)
     close(dv->notify_fd);
     unlink(dv->notify_path);
     dv->notify_fd = -1;
+}
+
+static void on_watchdog(uv_timer_t *t)
+{
+    notify_watchdog();
 }
 
 /* --- Signals ------------------------------------------------------------------------------- */
@@ -276,9 +283,20 @@ int main(int argc, char **argv)
     log_info("deliver: started (%s %s), spool %s, %d mailstores, control %s, %s threads",
              "sluice", SLUICE_VERSION, dv.c->spool.dir, dv.c->n_mailstores, path,
              getenv("UV_THREADPOOL_SIZE"));
+    if (notify_watchdog_ms() > 0) {
+        uint64_t half = notify_watchdog_ms() / 2;
+        uv_timer_init(dv.loop, &dv.watchdog);
+        uv_timer_start(&dv.watchdog, on_watchdog, 0, half ? half : 1);
+        uv_unref((uv_handle_t *)&dv.watchdog);   /* through the drain; closed after it */
+        dv.watchdog_on = 1;
+    }
     notify_ready("delivering");
 
     uv_run(dv.loop, UV_RUN_DEFAULT);
+    if (dv.watchdog_on) {
+        uv_close((uv_handle_t *)&dv.watchdog, NULL);
+        uv_run(dv.loop, UV_RUN_DEFAULT);
+    }
 
     dlv_free(dv.d);
     dlv_ctl_free(dv.ctl);

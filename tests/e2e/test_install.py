@@ -2,7 +2,8 @@
 test_install.py - deployment: `make install` / `make uninstall` (PREFIX, DESTDIR, SYSCONFDIR),
 the systemd units (systemd-analyze verify on the installed, path-substituted files), and the
 sd_notify protocol of each daemon against a NOTIFY_SOCKET this test owns: READY=1 only once
-the daemon serves, RELOADING=1/READY=1 around SIGHUP, STOPPING=1 on SIGTERM.
+the daemon serves, RELOADING=1/READY=1 around SIGHUP, STOPPING=1 on SIGTERM, WATCHDOG=1
+pings when the service manager asks for them (and none when it does not).
 """
 import os
 import shutil
@@ -157,12 +158,17 @@ def smtp_banner(port):
         return False
 
 
-def run_notify_cycle(tmp_path, argv, serving, reload_ok=True):
+def run_notify_cycle(tmp_path, argv, serving, reload_ok=True, watchdog=False):
     """Start argv with NOTIFY_SOCKET; READY=1 must arrive only when serving() is true (it is
     checked the moment READY is seen, and before it serving may be anything); then SIGHUP
-    (RELOADING=1 and READY=1 again, when the daemon reloads) and SIGTERM (STOPPING=1)."""
+    (RELOADING=1 and READY=1 again, when the daemon reloads) and SIGTERM (STOPPING=1).
+    With watchdog, WatchdogSec=0.4s is simulated and WATCHDOG=1 pings must keep coming."""
     ns = NotifySocket(str(tmp_path / "notify.sock"))
     env = dict(os.environ, NOTIFY_SOCKET=ns.path)
+    env.pop("WATCHDOG_USEC", None)
+    env.pop("WATCHDOG_PID", None)
+    if watchdog:
+        env["WATCHDOG_USEC"] = "400000"
     err = open(str(tmp_path / "daemon.stderr"), "wb")
     p = subprocess.Popen(argv, cwd=str(tmp_path), env=env, stdin=subprocess.DEVNULL,
                          stdout=err, stderr=err)
@@ -171,6 +177,9 @@ def run_notify_cycle(tmp_path, argv, serving, reload_ok=True):
         assert serving(), "READY=1 before the daemon serves"
         assert p.poll() is None
         assert ns.msgs[i].get("STATUS"), ns.msgs[i]
+        if watchdog:
+            k = ns.wait("WATCHDOG", after=i + 1)
+            ns.wait("WATCHDOG", after=k + 1)
         if reload_ok:
             p.send_signal(signal.SIGHUP)
             j = ns.wait("RELOADING", after=i + 1)
@@ -178,6 +187,9 @@ def run_notify_cycle(tmp_path, argv, serving, reload_ok=True):
         p.send_signal(signal.SIGTERM)
         ns.wait("STOPPING", after=i + 1)
         assert p.wait(timeout=30) == 0
+        ns.poll()
+        if not watchdog:
+            assert not [m for m in ns.msgs if "WATCHDOG" in m], ns.msgs
     finally:
         if p.poll() is None:
             p.kill()
@@ -194,7 +206,7 @@ def test_sd_notify_gateway(tmp_path, tls_files):
     port = free_port()
     conf, _, _ = write_config(tmp_path, port, tls_files)
     msgs = run_notify_cycle(tmp_path, [GATEWAY_BIN, "-c", conf, "-f"],
-                            lambda: smtp_banner(port))
+                            lambda: smtp_banner(port), watchdog=True)
     assert [m for m in msgs if "READY" in m][0]["STATUS"] == "accepting mail"
 
 
@@ -221,7 +233,7 @@ def test_sd_notify_deliverer(tmp_path, tls_files):
     conf, spool, _ = write_config(tmp_path, free_port(), tls_files)
     ctl = os.path.join(spool, "deliver.ctl")
     run_notify_cycle(tmp_path, [DELIVER_BIN, "-c", conf, "-f"],
-                     lambda: can_connect(socket.AF_UNIX, ctl))
+                     lambda: can_connect(socket.AF_UNIX, ctl), watchdog=True)
 
 
 def test_sd_notify_policyd(tmp_path, tls_files):
