@@ -18,7 +18,7 @@ OPT := -O2
 endif
 
 CC ?= cc
-PKGS := libuv openssl sqlite3 inih jansson libmicrohttpd
+PKGS := libuv openssl sqlite3 inih jansson libmicrohttpd libsystemd
 # libspf2 has no .pc file on Debian 12
 PKG_CFLAGS = $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
 PKG_LIBS = $(shell pkg-config --libs $(PKGS) 2>/dev/null)
@@ -42,7 +42,8 @@ TOOLS := $(TOOL_SRCS:tests/tools/%.c=$(B)/tools/%)
 PYTEST := /usr/bin/python3 -m pytest
 CONF ?= etc/sluice.conf
 
-.PHONY: all deps deps-test run test tests unit e2e bench bench-spool bench-gateway clean
+.PHONY: all deps deps-test run test tests unit e2e bench bench-spool bench-gateway clean \
+        install uninstall
 # keep test and tool objects: make would otherwise delete them as intermediates and rebuild
 .SECONDARY:
 all: $(B)/libsluice.a $(PROGS) $(TOOLS)
@@ -110,5 +111,59 @@ bench: bench-spool bench-gateway
 
 clean:
 	rm -rf build build-san
+
+# ---- install / uninstall (docs/operations.md "Installing") ----------------------------------
+# make install [PREFIX=/usr/local] [DESTDIR=] [SYSCONFDIR=/etc]: daemons to sbin, sluicectl to
+# bin, the systemd units (paths filled in) with sysusers.d/tmpfiles.d files for the sluice user
+# and spool, the docs and man pages (Markdown, as written) to share/doc/sluice, and
+# SYSCONFDIR/sluice/sluice.conf from etc/sluice.conf with system paths -- only if absent, so
+# a reinstall never overwrites an operator's configuration. Nothing is chowned or started.
+PREFIX ?= /usr/local
+SYSCONFDIR ?= /etc
+SBINDIR = $(PREFIX)/sbin
+BINDIR = $(PREFIX)/bin
+DOCDIR = $(PREFIX)/share/doc/sluice
+# systemd reads /usr/local/lib/systemd but the distribution's own units live in /lib (usrmerge)
+SYSTEMD_LIB = $(if $(filter /usr,$(PREFIX)),/lib,$(PREFIX)/lib)
+UNITDIR = $(SYSTEMD_LIB)/systemd/system
+DAEMONS := sluice-gateway sluice-deliver sluice-policyd
+UNITS := $(DAEMONS:%=%.service)
+INSTALL_SUBST = sed -e 's|@SBINDIR@|$(SBINDIR)|g' -e 's|@SYSCONFDIR@|$(SYSCONFDIR)|g' \
+                    -e 's|@DOCDIR@|$(DOCDIR)|g'
+
+install: all
+	install -d $(DESTDIR)$(SBINDIR) $(DESTDIR)$(BINDIR) $(DESTDIR)$(DOCDIR) \
+	    $(DESTDIR)$(UNITDIR) $(DESTDIR)$(SYSTEMD_LIB)/sysusers.d \
+	    $(DESTDIR)$(SYSTEMD_LIB)/tmpfiles.d $(DESTDIR)$(SYSCONFDIR)/sluice
+	install -m 0755 $(DAEMONS:%=$(B)/%) $(DESTDIR)$(SBINDIR)/
+	install -m 0755 $(B)/sluicectl $(DESTDIR)$(BINDIR)/
+	for u in $(UNITS); do \
+	    $(INSTALL_SUBST) etc/systemd/$$u >$(DESTDIR)$(UNITDIR)/$$u && \
+	    chmod 0644 $(DESTDIR)$(UNITDIR)/$$u || exit 1; done
+	install -m 0644 etc/systemd/sluice.sysusers $(DESTDIR)$(SYSTEMD_LIB)/sysusers.d/sluice.conf
+	install -m 0644 etc/systemd/sluice.tmpfiles $(DESTDIR)$(SYSTEMD_LIB)/tmpfiles.d/sluice.conf
+	install -m 0644 README.md docs/*.md $(DESTDIR)$(DOCDIR)/
+	@if [ -e $(DESTDIR)$(SYSCONFDIR)/sluice/sluice.conf ]; then \
+	    echo "keeping $(DESTDIR)$(SYSCONFDIR)/sluice/sluice.conf"; \
+	else \
+	    echo "installing $(DESTDIR)$(SYSCONFDIR)/sluice/sluice.conf"; \
+	    sed -e 's|\./run/spool|/var/spool/sluice|g' -e 's|\./run/mail|/var/lib/sluice/mail|g' \
+	        -e 's|= etc/|= $(SYSCONFDIR)/sluice/|' \
+	        -e '1s|^|# Installed by make install from etc/sluice.conf with system paths; what\n# the header below says about ./run and make run is about the original.\n|' \
+	        etc/sluice.conf \
+	        >$(DESTDIR)$(SYSCONFDIR)/sluice/sluice.conf && \
+	    chmod 0644 $(DESTDIR)$(SYSCONFDIR)/sluice/sluice.conf; \
+	fi
+	@[ -e $(DESTDIR)$(SYSCONFDIR)/sluice/recipients ] || \
+	    install -m 0644 etc/recipients $(DESTDIR)$(SYSCONFDIR)/sluice/recipients
+
+# Leaves SYSCONFDIR/sluice (the operator's configuration) and the spool alone.
+uninstall:
+	rm -f $(DAEMONS:%=$(DESTDIR)$(SBINDIR)/%) $(DESTDIR)$(BINDIR)/sluicectl
+	rm -f $(UNITS:%=$(DESTDIR)$(UNITDIR)/%)
+	rm -f $(DESTDIR)$(SYSTEMD_LIB)/sysusers.d/sluice.conf \
+	    $(DESTDIR)$(SYSTEMD_LIB)/tmpfiles.d/sluice.conf
+	rm -rf $(DESTDIR)$(DOCDIR)
+# ---- end install / uninstall -----------------------------------------------------------------
 
 -include $(shell find $(B)/obj -name '*.d' 2>/dev/null)

@@ -11,8 +11,10 @@
 #include <arpa/inet.h>
 #include <ctype.h>
 #include <errno.h>
+#include <grp.h>
 #include <ini.h>
 #include <inttypes.h>
+#include <pwd.h>
 #include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
@@ -91,6 +93,10 @@ static const struct conf_key conf_keys[] = {
       "below this much free disk, MAIL is answered 452"),
     K(SPOOL, "reclaim_interval", CT_DUR, spool.reclaim_interval_ms, "60s",
       "how often dead and sparse segments are reclaimed"),
+    K(SPOOL, "user", CT_STR, spool.user, "",
+      "daemons started as root switch to this user after binding (empty: no switch)"),
+    K(SPOOL, "group", CT_STR, spool.group, "",
+      "and to this group (empty: the user's primary group)"),
 
     K(LOG, "level", CT_LEVEL, log.level, "info",
       "least important level logged: debug, info, notice, warning or error"),
@@ -1135,6 +1141,16 @@ static void conf_check(struct conf_ctx *x)
         line = conf_later(x, 0, SEC_SPOOL, "segment_size", "inline_max", &which);
         conf_error(x, line, "[spool] %s: segment_size must be larger than inline_max", which);
     }
+    /* Checked here, not at the switch, so --check-config and a SIGHUP catch a typo. */
+    if (c->spool.user[0] != '\0' && getpwnam(c->spool.user) == NULL)
+        conf_error(x, x->seen[0][conf_key_index(SEC_SPOOL, "user")],
+                   "[spool] user: no such user \"%s\"", c->spool.user);
+    if (c->spool.group[0] != '\0' && getgrnam(c->spool.group) == NULL)
+        conf_error(x, x->seen[0][conf_key_index(SEC_SPOOL, "group")],
+                   "[spool] group: no such group \"%s\"", c->spool.group);
+    if (c->spool.group[0] != '\0' && c->spool.user[0] == '\0')
+        conf_error(x, x->seen[0][conf_key_index(SEC_SPOOL, "group")],
+                   "[spool] group: set user too (a group alone switches nothing)");
     if ((c->gateway.tls_cert[0] == '\0') != (c->gateway.tls_key[0] == '\0')) {
         line = conf_later(x, 0, SEC_GATEWAY, "tls_cert", "tls_key", &which);
         conf_error(x, line, "[gateway] %s: tls_cert and tls_key go together", which);

@@ -2,6 +2,10 @@
  * sluice-gateway_main.c - the perimeter ESMTP listener: options and configuration, the spool,
  * the server on libuv's default loop, run until SIGTERM has drained everything.
  *
+ * Start-up order (privs.h): config -> spool safety check -> spool opened and recovered ->
+ * listeners bound (port 25 needs root or CAP_NET_BIND_SERVICE) -> spool tree and control
+ * socket handed to [spool] user -> privileges dropped for good -> READY=1 (notify.h) -> loop.
+ *
  * Exit status: 0 after an orderly stop, 1 when the configuration, the spool or a listener
  * cannot be set up, 2 on a usage error (cli_parse).
  */
@@ -17,9 +21,22 @@
 #include "conf.h"
 #include "gw_server.h"
 #include "log.h"
+#include "notify.h"
+#include "privs.h"
 #include "spool.h"
 
+/* Service-manager notifications beside gw_server's own signal handlers (libuv runs every
+ * handle registered for a signal). Unreferenced: they never keep the loop alive. */
+struct main_notify {
+    uv_signal_t hup, term, intr;
+    uv_timer_t watchdog;      /* WATCHDOG=1 at half of WatchdogSec=, when systemd asks */
+    int watchdog_on;
+};
+
 static int main_mkdir_parents(const char *dir);
+static void main_on_signal(uv_signal_t *h, int signum);
+static void main_notify_start(struct main_notify *n, uv_loop_t *loop);
+static void main_on_watchdog(uv_timer_t *t);
 
 /* main_mkdir_parents - create the directories above the spool (spool_open makes the last
  * one), so a fresh checkout's ./run/spool works with `make run` */
@@ -42,6 +59,51 @@ static int main_mkdir_parents(const char *dir)
     return 0;
 }
 
+/* main_on_signal - SIGHUP: gw_server reloads synchronously in this same loop iteration, so
+ * "RELOADING=1" then "READY=1" brackets it closely enough for systemctl reload. SIGTERM/INT:
+ * STOPPING=1 at once; our handles go so that the loop can end when gw_server's do. */
+static void main_on_signal(uv_signal_t *h, int signum)
+{
+    struct main_notify *n = h->data;
+
+    if (signum == SIGHUP) {
+        notify_reloading();
+        notify_ready("reloaded; accepting mail");
+        return;
+    }
+    notify_stopping("stopping: finishing sessions in progress");
+    uv_close((uv_handle_t *)&n->hup, NULL);
+    uv_close((uv_handle_t *)&n->term, NULL);
+    uv_close((uv_handle_t *)&n->intr, NULL);
+}
+
+static void main_on_watchdog(uv_timer_t *t)
+{
+    notify_watchdog();
+}
+
+static void main_notify_start(struct main_notify *n, uv_loop_t *loop)
+{
+    uv_signal_t *hs[] = { &n->hup, &n->term, &n->intr };
+    int sigs[] = { SIGHUP, SIGTERM, SIGINT };
+    uint64_t wd = notify_watchdog_ms();
+
+    if (wd > 0) {
+        /* kept through the drain after SIGTERM: systemd still watches a stopping service */
+        uv_timer_init(loop, &n->watchdog);
+        uv_timer_start(&n->watchdog, main_on_watchdog, 0, wd / 2 ? wd / 2 : 1);
+        uv_unref((uv_handle_t *)&n->watchdog);
+        n->watchdog_on = 1;
+    }
+
+    for (int i = 0; i < 3; i++) {
+        uv_signal_init(loop, hs[i]);
+        hs[i]->data = n;
+        uv_signal_start(hs[i], main_on_signal, sigs[i]);
+        uv_unref((uv_handle_t *)hs[i]);
+    }
+}
+
 int main(int argc, char **argv)
 {
     struct cli_opts o;
@@ -49,8 +111,10 @@ int main(int argc, char **argv)
     struct spool *sp;
     struct spool_opts so;
     struct gw_server *srv;
+    struct privs pv;
+    struct main_notify mn = { 0 };
     uv_loop_t *loop;
-    char err[1024];
+    char err[1024], ctl[CONF_PATH_MAX];
     int idx, r;
 
     /* A peer closing mid-write must not kill the process (libuv guide; no SO_NOSIGPIPE). */
@@ -82,6 +146,12 @@ int main(int argc, char **argv)
         free(c);
         return 1;
     }
+    if (privs_init(&pv, c, err, sizeof(err)) < 0 ||
+        privs_check_tree(&pv, c->spool.dir, err, sizeof(err)) < 0) {
+        log_err("%s", err);
+        free(c);
+        return 1;
+    }
     if ((r = spool_open(&sp, &so, err, sizeof(err))) < 0) {
         log_err("spool %s: %s", c->spool.dir, err);
         free(c);
@@ -95,9 +165,25 @@ int main(int argc, char **argv)
         free(c);
         return 1;
     }
+    /* Nothing has run on the loop yet, so no session can be writing while the tree changes
+     * hands. Failing here leaves the process as root: exit, do not serve. */
+    if (conf_ctl_socket(srv->conf, 1, ctl, sizeof(ctl)) < 0)
+        ctl[0] = '\0';        /* too long: gw_ctl_start already said so and made none */
+    if (privs_own_tree(&pv, srv->conf->spool.dir, err, sizeof(err)) < 0 ||
+        privs_own_path(&pv, ctl, 0660, err, sizeof(err)) < 0 ||
+        privs_drop(&pv, "sluice-gateway", err, sizeof(err)) < 0) {
+        log_err("%s", err);
+        exit(1);
+    }
+    main_notify_start(&mn, loop);
+    notify_ready("accepting mail");
     /* The server owns c from here; uv_run returns once SIGTERM has drained every session
      * and the spool, and all handles are closed. */
     uv_run(loop, UV_RUN_DEFAULT);
+    if (mn.watchdog_on) {
+        uv_close((uv_handle_t *)&mn.watchdog, NULL);
+        uv_run(loop, UV_RUN_DEFAULT);
+    }
     gw_server_free(srv);
     if ((r = uv_loop_close(loop)) < 0)
         log_warn("loop close: %s", uv_strerror(r));

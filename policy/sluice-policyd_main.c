@@ -42,6 +42,8 @@
 #include "ctl_proto.h"
 #include "ctl_server.h"
 #include "log.h"
+#include "notify.h"
+#include "privs.h"
 #include "pol_rules.h"
 #include "pol_store.h"
 
@@ -513,6 +515,7 @@ int main(int argc, char **argv)
 {
     struct cli_opts o = { 0 };
     struct ctl_server_opts so;
+    struct privs pv;
     char err[512];
     pthread_t th;
     sigset_t set;
@@ -538,6 +541,30 @@ int main(int argc, char **argv)
     P.lim.cap_ms = P.c.policyd.suspend_max_ms;
     P.lim.memory_ms = P.c.policyd.offence_memory_ms;
     pthread_mutex_init(&P.mu, NULL);
+    /* The milter socket first (a unix socket in a root-owned directory, or a port below 1024,
+     * may need root; callbacks only run from smfi_main), then the switch (privs.h), then
+     * the state database and the control socket, created as [spool] user. */
+    if (privs_init(&pv, &P.c, err, sizeof(err)) < 0 ||
+        privs_check_tree(&pv, P.c.spool.dir, err, sizeof(err)) < 0) {
+        log_err("%s", err);
+        return 1;
+    }
+    if (smfi_setconn(P.c.policyd.listen) != MI_SUCCESS ||
+        smfi_register(pd_desc) != MI_SUCCESS) {
+        log_err("[policyd] listen %s: not a milter socket (inet:PORT@HOST or unix:/path)",
+                P.c.policyd.listen);
+        return 1;
+    }
+    if (smfi_opensocket(true) != MI_SUCCESS) {
+        log_err("[policyd] listen %s: cannot listen", P.c.policyd.listen);
+        return 1;
+    }
+    if (privs_own_tree(&pv, P.c.spool.dir, err, sizeof(err)) < 0 ||
+        privs_own_path(&pv, P.state_path, 0640, err, sizeof(err)) < 0 ||
+        privs_drop(&pv, PD_NAME, err, sizeof(err)) < 0) {
+        log_err("%s", err);
+        return 1;
+    }
     if (!(P.ctr = pol_counters_new(P.c.policyd.window_ms))) {
         log_err("out of memory");
         return 1;
@@ -571,27 +598,23 @@ int main(int argc, char **argv)
         log_err("control socket %s: %s", P.ctl_path, err);
         return 1;
     }
+    if (privs_own_path(&pv, P.ctl_path, 0660, err, sizeof(err)) < 0)
+        log_warn("%s", err);
     uv_async_init(&P.loop, &P.stop, on_stop);
     uv_timer_init(&P.loop, &P.expire);
     uv_timer_start(&P.expire, on_expire, PD_EXPIRE_MS, PD_EXPIRE_MS);
 
-    if (smfi_setconn(P.c.policyd.listen) != MI_SUCCESS ||
-        smfi_register(pd_desc) != MI_SUCCESS) {
-        log_err("[policyd] listen %s: not a milter socket (inet:PORT@HOST or unix:/path)",
-                P.c.policyd.listen);
-        return 1;
-    }
-    if (smfi_opensocket(true) != MI_SUCCESS) {
-        log_err("[policyd] listen %s: cannot listen", P.c.policyd.listen);
-        return 1;
-    }
     if (pthread_create(&th, NULL, ctl_thread, NULL) != 0) {
         log_err("cannot start the control thread");
         return 1;
     }
     log_notice("listening on %s (control %s, state %s)", P.c.policyd.listen, P.ctl_path,
                P.state_path);
+    /* libmilter owns the loop from here, but its socket is already listening: ready. Its
+     * signal thread takes SIGTERM, so STOPPING=1 goes out once smfi_main returns. */
+    notify_ready("filtering");
     r = smfi_main();
+    notify_stopping("stopping");
     log_notice("stopping");
     uv_async_send(&P.stop);
     pthread_join(th, NULL);

@@ -2,10 +2,12 @@
  * sluice-deliver_main.c - the delivery daemon: one queue per mailstore (docs/delivery.md).
  *
  * Order of start-up: options and config (cli.h) -> SIGPIPE ignored and the thread pool sized
- * (before any libuv work) -> spool opened without a loop (the gateway is the spool's writer;
+ * (before any libuv work) -> the spool checked, handed to [spool] user and privileges dropped
+ * (privs.h: we bind nothing privileged, so this comes first and every file below is created
+ * as that user) -> spool opened without a loop (the gateway is the spool's writer;
  * we only read, mark and release) -> the scheduler (dlv.h) restores mailstore states and
  * starts fetching -> the notify socket (the gateway's "new mail" datagrams) and the control
- * socket (dlv_ctl.h) -> signals -> the loop.
+ * socket (dlv_ctl.h) -> signals -> READY=1 (notify.h) -> the loop.
  *
  * Signals: SIGTERM/SIGINT drain (no new deliveries; in-flight ones finish within
  * DLV_DRAIN_MS and their outcomes are recorded) and exit 0. SIGHUP reloads the config: the
@@ -30,6 +32,8 @@
 #include "dlv_ctl.h"
 #include "dlv_metrics.h"
 #include "log.h"
+#include "notify.h"
+#include "privs.h"
 #include "spool.h"
 
 #define DELIVER_POOL_MIN 4      /* spool reads and marks, fetches, state saves */
@@ -50,6 +54,8 @@ struct deliver {
     uv_poll_t notify;
     int notify_init;
     uv_signal_t sig_term, sig_int, sig_hup;
+    uv_timer_t watchdog;      /* WATCHDOG=1 at half of WatchdogSec=, when systemd asks */
+    int watchdog_on;
     int stopping;
 };
 
@@ -123,6 +129,11 @@ static void notify_closed(uv_handle_t *h)
     dv->notify_fd = -1;
 }
 
+static void on_watchdog(uv_timer_t *t)
+{
+    notify_watchdog();
+}
+
 /* --- Signals ------------------------------------------------------------------------------- */
 
 static void drained(void *arg)
@@ -148,6 +159,7 @@ static void on_term(uv_signal_t *h, int signum)
     dv->stopping = 1;
     log_info("deliver: %s: finishing deliveries in flight, then exiting",
              signum == SIGINT ? "SIGINT" : "SIGTERM");
+    notify_stopping("stopping: finishing deliveries in flight");
     dlv_drain(dv->d, drained, dv);
 }
 
@@ -161,11 +173,13 @@ static void on_hup(uv_signal_t *h, int signum)
         log_warn("deliver: SIGHUP: out of memory; configuration unchanged");
         return;
     }
+    notify_reloading();
     if (conf_load(nc, dv->o.conf_path, err, sizeof(err)) < 0) {
         log_warn("deliver: SIGHUP: %s has errors; configuration unchanged:", dv->o.conf_path);
         for (char *line = strtok(err, "\n"); line; line = strtok(NULL, "\n"))
             log_warn("  %s", line);
         free(nc);
+        notify_ready("reload failed (see the log); delivering with the old configuration");
         return;
     }
     if (strcmp(nc->spool.dir, dv->c->spool.dir) != 0)
@@ -176,6 +190,7 @@ static void on_hup(uv_signal_t *h, int signum)
     dlv_ctl_reload(dv->ctl, nc);
     free(dv->c);
     dv->c = nc;
+    notify_ready("reloaded; delivering");
 }
 
 /* --- main ---------------------------------------------------------------------------------- */
@@ -184,6 +199,7 @@ int main(int argc, char **argv)
 {
     struct deliver dv;
     struct spool_opts so;
+    struct privs pv;
     char err[DELIVER_ERR_LEN], path[CONF_PATH_MAX + 32], num[16];
     int i, r;
 
@@ -198,13 +214,24 @@ int main(int argc, char **argv)
         fprintf(stderr, "sluice-deliver: out of memory\n");
         return 1;
     }
-    if (cli_load_config(&dv.o, dv.c) < 0)
+    if (cli_load_config(&dv.o, dv.c) < 0) {
+        free(dv.c);
         return 1;
+    }
     signal(SIGPIPE, SIG_IGN);
     srandom((unsigned)time(NULL) ^ (unsigned)getpid() << 16); /* Maildir name salt */
     /* read once, at the first pool use (integration 5.2): set it before any uv work */
     snprintf(num, sizeof(num), "%d", pool_size(dv.c));
     setenv("UV_THREADPOOL_SIZE", num, 0);
+
+    if (privs_init(&pv, dv.c, err, sizeof(err)) < 0 ||
+        privs_check_tree(&pv, dv.c->spool.dir, err, sizeof(err)) < 0 ||
+        privs_own_tree(&pv, dv.c->spool.dir, err, sizeof(err)) < 0 ||
+        privs_drop(&pv, "sluice-deliver", err, sizeof(err)) < 0) {
+        log_err("deliver: %s", err);
+        free(dv.c);
+        return 1;
+    }
 
     dv.loop = uv_default_loop();
     memset(&so, 0, sizeof(so));
@@ -238,6 +265,10 @@ int main(int argc, char **argv)
         log_err("deliver: control socket: %s", err);
         return 1;
     }
+    /* sockets we created: the group's members may run sluicectl, the gateway may notify */
+    if (privs_own_path(&pv, path, 0660, err, sizeof(err)) < 0 ||
+        (dv.notify_fd >= 0 && privs_own_path(&pv, dv.notify_path, 0660, err, sizeof(err)) < 0))
+        log_warn("deliver: %s", err);
     if (dv.c->metrics.deliver_listen[0] &&
         dlv_metrics_start(&dv.metrics, dv.loop, dv.d, dv.sp, dv.c->spool.dir,
                           dv.c->metrics.deliver_listen, err, sizeof(err)) < 0)
@@ -252,8 +283,20 @@ int main(int argc, char **argv)
     log_info("deliver: started (%s %s), spool %s, %d mailstores, control %s, %s threads",
              "sluice", SLUICE_VERSION, dv.c->spool.dir, dv.c->n_mailstores, path,
              getenv("UV_THREADPOOL_SIZE"));
+    if (notify_watchdog_ms() > 0) {
+        uint64_t half = notify_watchdog_ms() / 2;
+        uv_timer_init(dv.loop, &dv.watchdog);
+        uv_timer_start(&dv.watchdog, on_watchdog, 0, half ? half : 1);
+        uv_unref((uv_handle_t *)&dv.watchdog);   /* through the drain; closed after it */
+        dv.watchdog_on = 1;
+    }
+    notify_ready("delivering");
 
     uv_run(dv.loop, UV_RUN_DEFAULT);
+    if (dv.watchdog_on) {
+        uv_close((uv_handle_t *)&dv.watchdog, NULL);
+        uv_run(dv.loop, UV_RUN_DEFAULT);
+    }
 
     dlv_free(dv.d);
     dlv_ctl_free(dv.ctl);

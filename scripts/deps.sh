@@ -4,7 +4,8 @@
 # usage: scripts/deps.sh [build|test]   (test adds the real peers the tests talk to)
 set -eu
 BUILD="make gcc libc6-dev pkg-config libuv1-dev libssl-dev libsqlite3-dev
-libinih-dev libjansson-dev libmicrohttpd-dev libmilter-dev libspf2-dev openssl sqlite3"
+libinih-dev libjansson-dev libmicrohttpd-dev libmilter-dev libspf2-dev openssl sqlite3
+libsystemd-dev"
 # swaks (with Net::SSLeay for -tls) and Postfix's smtp-source as clients, Dovecot LMTP as the mailstore
 # haproxy (TCP mode, send-proxy / send-proxy-v2) in front of the gateway for the PROXY protocol tests
 TEST="libcmocka-dev python3 python3-pytest swaks libnet-ssleay-perl libio-socket-ssl-perl

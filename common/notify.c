@@ -1,0 +1,71 @@
+/*
+ * notify.c - sd_notify(3) for the daemons, through libsystemd rather than our own datagram
+ * code: it knows the abstract-namespace socket names and message limits. Contract: notify.h.
+ */
+#include "notify.h"
+
+#include <stdarg.h>
+#include <stdio.h>
+#include <string.h>
+#include <systemd/sd-daemon.h>
+
+#define NOTIFY_STATUS_MAX 256   /* one line in `systemctl status` */
+
+static void notify_send(const char *state);
+
+static void notify_send(const char *state)
+{
+    int r = sd_notify(0, state);
+
+    if (r < 0)
+        log_debug("sd_notify: %s", strerror(-r));
+}
+
+void notify_ready(const char *status)
+{
+    char buf[NOTIFY_STATUS_MAX + 32];
+
+    snprintf(buf, sizeof(buf), "READY=1\nSTATUS=%.*s", NOTIFY_STATUS_MAX, status);
+    notify_send(buf);
+}
+
+void notify_reloading(void)
+{
+    notify_send("RELOADING=1\nSTATUS=reloading the configuration");
+}
+
+void notify_stopping(const char *status)
+{
+    char buf[NOTIFY_STATUS_MAX + 32];
+
+    snprintf(buf, sizeof(buf), "STOPPING=1\nSTATUS=%.*s", NOTIFY_STATUS_MAX, status);
+    notify_send(buf);
+}
+
+void notify_status(const char *fmt, ...)
+{
+    char buf[NOTIFY_STATUS_MAX + 8];
+    va_list ap;
+    int n;
+
+    memcpy(buf, "STATUS=", 7);
+    va_start(ap, fmt);
+    n = vsnprintf(buf + 7, sizeof(buf) - 7, fmt, ap);
+    va_end(ap);
+    if (n >= 0)
+        notify_send(buf);      /* a long status is cut, which is fine for a status line */
+}
+
+uint64_t notify_watchdog_ms(void)
+{
+    uint64_t usec = 0;
+
+    if (sd_watchdog_enabled(0, &usec) <= 0)
+        return 0;
+    return usec / 1000 ? usec / 1000 : 1;
+}
+
+void notify_watchdog(void)
+{
+    notify_send("WATCHDOG=1");
+}
