@@ -19,7 +19,7 @@ import time
 import pytest
 
 from conftest import DOMAIN, read_message
-from deliver_fixtures import DELIVER_BIN, deliverer, wait_for  # noqa: F401
+from deliver_fixtures import DELIVER_BIN, SANITIZER_MARKS, deliverer, wait_for  # noqa: F401
 from smtp_raw import Closed, Raw, dot_stuff
 
 INLINE_MAX = 64 * 1024
@@ -344,6 +344,10 @@ def deliver_proc():
     for d in made:
         rc = d.stop()
         assert rc == 0, "sluice-deliver exit status %r\n%s" % (rc, d.log())
+        with open(d.logpath, "r", errors="replace") as f:
+            text = f.read()
+        for mark in SANITIZER_MARKS:
+            assert mark not in text, "sanitizer report from sluice-deliver:\n" + text[-8000:]
 
 
 def delivered_bodies(gw):
