@@ -281,7 +281,7 @@ def test_maildir_target_full_defers_then_delivers(small_fs, deliverer):
         assert sum(1 for v in delivered if v.endswith(b) or v.endswith(lf)) == 1
 
 
-# ---------------------------------------------------------------- restarts and the index on a full disk
+# ---------------------------------------------------------------- restarts on a full disk
 
 def test_gateway_restarts_on_full_spool(small_fs, gateway_factory):
     """A gateway (re)started while its spool's file system is full comes up and answers with

@@ -10,9 +10,11 @@ middle of group commits, big-file renames, deliveries and reclaim passes), and r
 Afterwards the deliverer drains the spool and the test checks, per (message, recipient):
 
   - every 250'd message is in the mailbox at least once; a further copy only for a delivery
-    in flight at a deliverer kill (Dovecot had it, the index had not recorded it): between
-    the save times of any two copies lies a deliverer kill. That is one copy more at most,
-    except for a message in flight again when the restarted deliverer is killed at once;
+    in flight at a deliverer kill (Dovecot had it, the index had not recorded it): no
+    deliverer process made two copies (Dovecot's Received: header names each copy's LMTP
+    transaction, the deliverer's log the transactions whose replies it read). That is one
+    copy more at most, except for a message in flight again when the restarted deliverer is
+    killed at once (third copy);
   - nothing arrives that was never sent, and every delivered body matches its checksum;
   - after every kill, before the restart, `PRAGMA integrity_check` says ok;
   - nothing is held (a held recipient would mean a damaged record), the index is empty,
@@ -210,7 +212,6 @@ class Daemons:
         self.gw = Gateway(tmp, self.port, self.dlv.conf, self.spool, rmap)
         self.gw_kills = 0
         self.dlv_kills = 0
-        self.dlv_kill_times = []
 
     def start(self):
         self.gw.start()
@@ -223,7 +224,6 @@ class Daemons:
         self.gw_kills += 1
 
     def kill_dlv(self):
-        self.dlv_kill_times.append(time.time())
         self.dlv.kill9()
         self.dlv_kills += 1
 
@@ -276,8 +276,7 @@ def killer(dm, rounds, rnd, errors):
 
 
 def mailbox_files(dovecot):
-    """(user, save time, bytes) of every mail in Dovecot's Maildirs. Dovecot names a new
-    file SECONDS.M<MICROSECONDS>P<PID>.HOST, the time it saved it."""
+    """(user, bytes) of every mail in Dovecot's Maildirs."""
     base = os.path.join(dovecot.dir, "mail", DOMAIN)
     for u in USERS:
         for sub in ("new", "cur"):
@@ -285,10 +284,22 @@ def mailbox_files(dovecot):
             if not os.path.isdir(d):
                 continue
             for name in os.listdir(d):
-                m = re.match(r"^(\d+)\.M(\d+)P", name)
-                assert m, "unexpected Maildir file name %s" % name
                 with open(os.path.join(d, name), "rb") as f:
-                    yield u, int(m.group(1)) + int(m.group(2)) / 1e6, f.read()
+                    yield u, f.read()
+
+
+SENT = re.compile(r"sluice-deliver\[(\d+)\]: [0-9A-Z]{16}: to=<[^>]*>.* status=sent "
+                  r"\(250 2\.0\.0 <[^>]*> (\S+?)(?::R\d+)? Saved\)")
+
+
+def deliverer_of_transactions(logs):
+    """{Dovecot LMTP transaction id: pid of the sluice-deliver that read its reply}."""
+    out = {}
+    for path in logs:
+        with open(path, "r", errors="replace") as f:
+            for m in SENT.finditer(f.read()):
+                out[m.group(2)] = int(m.group(1))
+    return out
 
 
 # ---------------------------------------------------------------- the test
@@ -353,35 +364,39 @@ def test_crash_torture_end_to_end(tmp_path, dovecot):
         left = os.listdir(os.path.join(dm.spool, sub))
         assert left == [], "%s/ not empty after drain and recovery: %s" % (sub, left)
 
-    # what Dovecot has, per (message, recipient), with the time it saved each copy
+    # what Dovecot has, per (message, recipient), with the LMTP transaction of each copy
     saved = {}
     corrupt = []
-    for u, t, raw in mailbox_files(dovecot):
+    for u, raw in mailbox_files(dovecot):
         mid, ok = parse_delivered(raw)
         assert mid is not None, "a mail without our headers in %s's box" % u
         if not ok:
             corrupt.append((mid, u))
-        saved.setdefault((mid, u), []).append(t)
+        tx = re.search(rb"with LMTP\s+id (\S+)", raw)
+        assert tx, "no LMTP id in Dovecot's Received: header of %s for %s" % (mid, u)
+        saved.setdefault((mid, u), []).append(tx.group(1).decode())
     assert not corrupt, "bodies that do not match their checksum: %s" % corrupt[:10]
     got = {k: len(v) for k, v in saved.items()}
     never_sent = [k for k in got if k[0] not in load.sent or k[1] not in load.sent[k[0]]]
     assert not never_sent, "delivered but never sent: %s" % never_sent[:10]
     missing = [(mid, u) for mid, rc in load.acked.items() for u in rc if (mid, u) not in got]
     assert not missing, "250 but never delivered: %s (of %d)" % (missing[:10], len(load.acked))
-    # A copy more than the first is only allowed across a deliverer kill: the one delivering
-    # it was killed after the mailstore took it and before the index recorded that. So
-    # between any two copies' save times lies a kill. Usually one copy more at most; a
-    # message that was in flight again when the restarted deliverer was killed right after
-    # its restart legitimately gets a third.
-    kills = sorted(dm.dlv_kill_times)
-    unexplained = {}
-    for k, times in saved.items():
-        times.sort()
-        for a, b in zip(times, times[1:]):
-            if not any(a - 0.01 <= x <= b for x in kills):
-                unexplained[k] = times
-    assert not unexplained, ("delivered again with no deliverer kill in between: %s"
-                             % dict(list(unexplained.items())[:10]))
+    # A copy more than the first is only allowed across a deliverer kill: the deliverer that
+    # made it was killed after Dovecot took it and before the index recorded that. Each copy
+    # names its LMTP transaction in Dovecot's Received: header, and a deliverer logs the
+    # transaction of each reply it read: no deliverer process may have made two copies.
+    # (A copy whose reply no deliverer logged was made by one killed before reading it.)
+    by_tx = deliverer_of_transactions(dm.dlv.logs)
+    twice_by_one = {}
+    for k, txs in saved.items():
+        pids = [by_tx[t] for t in txs if t in by_tx]
+        if len(pids) != len(set(pids)):
+            twice_by_one[k] = [(t, by_tx.get(t)) for t in txs]
+    assert not twice_by_one, ("one deliverer process delivered a message twice: %s"
+                              % dict(list(twice_by_one.items())[:10]))
+    attributed = sum(1 for txs in saved.values() for t in txs if t in by_tx)
+    assert attributed >= 0.9 * sum(len(v) for v in saved.values()), \
+        "only %d copies matched a deliverer's log line: did its format change?" % attributed
     dups = sum(n - 1 for n in got.values() if n > 1)
     over_two = sum(1 for n in got.values() if n > 2)
     acked_rcpts = sum(len(r) for r in load.acked.values())
