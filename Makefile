@@ -98,6 +98,16 @@ unit: $(TESTS) $(TOOLS)
 e2e: $(PROGS) $(TOOLS)
 	@SLUICE_BUILD=$(B) scripts/run-e2e.sh
 
+# --- crash torture end to end (tests/e2e/test_torture.py; issue 7) ---
+# SIGKILLs gateway and deliverer ROUNDS times under SMTP load into Dovecot and prints the
+# figures; `make test` runs the same test with 5 rounds.  SEED=N repeats a run.
+ROUNDS ?= 100
+.PHONY: torture
+torture: $(PROGS) $(TOOLS)
+	@SLUICE_BUILD=$(B) SLUICE_TORTURE_ROUNDS=$(ROUNDS) $(if $(SEED),SLUICE_TORTURE_SEED=$(SEED)) \
+	    SLUICE_TORTURE_REPORT=$(B)/torture.json scripts/run-e2e.sh tests/e2e/test_torture.py -s
+# --- end crash torture ---
+
 bench-spool: deps-test
 	@$(MAKE) --no-print-directory all
 	@scripts/bench-spool.sh $(B)

@@ -37,7 +37,9 @@ int audit_db_open(struct audit_db **out, const char *path, char *err, size_t err
     }
     rc = sqlite3_open_v2(path, &a->db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_NOMUTEX, NULL);
     if (rc == SQLITE_OK) {
+        int persist = 1; /* keep -wal and -shm at close, as spool_idx.c explains */
         sqlite3_busy_timeout(a->db, AUDIT_BUSY_MS);
+        sqlite3_file_control(a->db, "main", SQLITE_FCNTL_PERSIST_WAL, &persist);
         rc = sqlite3_exec(a->db, "PRAGMA synchronous=FULL", NULL, NULL, NULL);
     }
     if (rc == SQLITE_OK)

@@ -368,6 +368,10 @@ int mstore_db_open(struct mstore_db **out, const char *path, char *err, size_t e
         goto fail;
     }
     sqlite3_busy_timeout(d->db, MSTORE_DB_BUSY_MS);
+    /* keep -wal and -shm at close, as every spool connection does (spool_idx.c: a restart
+     * on a full file system must not need new space to open the index) */
+    int persist = 1;
+    sqlite3_file_control(d->db, "main", SQLITE_FCNTL_PERSIST_WAL, &persist);
     /* synchronous is per connection: FULL makes each WAL commit durable (integration 4.1) */
     if ((r = mstore_db_exec(d, "PRAGMA synchronous=FULL")) < 0 ||
         (r = mstore_db_exec(d, "PRAGMA journal_mode=WAL")) < 0 ||

@@ -798,7 +798,9 @@ static void *writer_main(void *arg)
             break;
     }
     seg_retire(sp);
-    checkpoint(sp, SQLITE_CHECKPOINT_TRUNCATE);
+    /* Not TRUNCATE: index.db-wal is kept at its size (spool_idx.c keeps the file), a
+     * reserve that lets the next run record deliveries, and so free space, on a full disk. */
+    checkpoint(sp, SQLITE_CHECKPOINT_PASSIVE);
     return NULL;
 }
 
@@ -1619,6 +1621,12 @@ int spool_mark(struct spool *sp, const struct spool_outcome *o, size_t n)
         log_msg(LOG_ERR, "spool: recording %zu outcomes failed: %s", n, spool_idx_errmsg(ix));
         spool_idx_rollback(ix);
         nbig = 0;
+        /* Full disk: the WAL can only restart from its first frame (reusing its space) once
+         * it is checkpointed, and after a restart nobody may have done that: the gateway
+         * checkpoints only after its own commits, which fail too. Without this the deliverer
+         * could never record a delivery, so never free the space. */
+        if (r == -ENOSPC)
+            sqlite3_wal_checkpoint_v2(ix->db, NULL, SQLITE_CHECKPOINT_PASSIVE, NULL, NULL);
     }
 out:
     pthread_mutex_unlock(&sp->smu);

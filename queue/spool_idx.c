@@ -63,6 +63,20 @@ static int exec(struct spool_idx *ix, const char *sql)
     return spool_idx_errno(sqlite3_exec(ix->db, sql, NULL, NULL, NULL));
 }
 
+static int user_version(struct spool_idx *ix, int *version)
+{
+    sqlite3_stmt *st;
+    int rc = sqlite3_prepare_v2(ix->db, "PRAGMA user_version", -1, &st, NULL);
+
+    if (rc != SQLITE_OK)
+        return spool_idx_errno(rc) ? spool_idx_errno(rc) : -EIO;
+    rc = sqlite3_step(st);
+    if (rc == SQLITE_ROW)
+        *version = sqlite3_column_int(st, 0);
+    sqlite3_finalize(st);
+    return rc == SQLITE_ROW ? 0 : spool_idx_errno(rc) ? spool_idx_errno(rc) : -EIO;
+}
+
 int spool_idx_open(struct spool_idx *ix, const char *path, int readonly, char *err,
                    size_t errlen)
 {
@@ -85,14 +99,31 @@ int spool_idx_open(struct spool_idx *ix, const char *path, int readonly, char *e
     if (!readonly) {
         if ((r = exec(ix, "PRAGMA journal_mode=WAL")) < 0)
             goto fail;
-        if ((r = spool_idx_begin(ix)) < 0)
-            goto fail;
-        if ((r = exec(ix, schema_v1)) < 0) {
-            spool_idx_rollback(ix);
+        /* Keep index.db-wal and -shm when the last connection closes. Creating -shm
+         * allocates its pages, so on a full file system a daemon restarted after a clean
+         * stop could not open the index at all (SQLITE_IOERR_SHMSIZE); kept, they need no
+         * new space, and the kept WAL's frames are reused by the next commits. */
+        int persist = 1;
+        if (sqlite3_file_control(ix->db, "main", SQLITE_FCNTL_PERSIST_WAL, &persist) !=
+            SQLITE_OK) {
+            r = -EIO;
             goto fail;
         }
-        if ((r = spool_idx_commit(ix)) < 0)
+        /* Only a new index gets the schema: opening an existing one writes nothing, so a
+         * daemon can start on a full file system (and the deliverer then frees space). */
+        int version = 0;
+        if ((r = user_version(ix, &version)) < 0)
             goto fail;
+        if (version < 1) {
+            if ((r = spool_idx_begin(ix)) < 0)
+                goto fail;
+            if ((r = exec(ix, schema_v1)) < 0) {
+                spool_idx_rollback(ix);
+                goto fail;
+            }
+            if ((r = spool_idx_commit(ix)) < 0)
+                goto fail;
+        }
     }
     return 0;
 fail:

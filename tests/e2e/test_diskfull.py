@@ -1,0 +1,438 @@
+"""
+test_diskfull.py - full disks (issue 7): the spool, and a Maildir mailstore, each on a small
+tmpfs of its own that the test fills with a filler file.
+
+The promise under test: a full file system costs a retry, never a message. The gateway answers
+452 4.3.1 (or 451 4.3.0) and never 250 without the message being readable from the spool;
+it leaves no tmp/ file behind and accepts again by itself once space returns. The deliverer
+defers (never holds, never bounces) while a Maildir target is full and delivers once space
+returns.
+
+Needs root (mount -t tmpfs); skipped with the reason otherwise.
+"""
+import errno
+import os
+import random
+import subprocess
+import time
+
+import pytest
+
+from conftest import DOMAIN, read_message
+from deliver_fixtures import DELIVER_BIN, SANITIZER_MARKS, deliverer, wait_for  # noqa: F401
+from smtp_raw import Closed, Raw, dot_stuff
+
+INLINE_MAX = 64 * 1024
+STORAGE_REPLIES = {(452, "4.3.1"), (451, "4.3.0")}
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """mount(fs_size) -> a fresh tmpfs of that size under tmp_path; unmounted at teardown."""
+    mounts = []
+
+    def mount(size):
+        d = str(tmp_path / ("fs%d" % len(mounts)))
+        os.makedirs(d)
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=%s,mode=0755" % size, "tmpfs", d],
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            pytest.skip("cannot mount a tmpfs for the full-disk tests (needs root): %s"
+                        % r.stderr.strip())
+        mounts.append(d)
+        return d
+    yield mount
+    for d in reversed(mounts):
+        subprocess.run(["umount", "-l", d], capture_output=True)
+
+
+def fill(fs, leave=0, name="filler"):
+    """Fill fs with fs/NAME until ENOSPC, then give back `leave` bytes. Returns the path."""
+    path = os.path.join(fs, name)
+    chunk = b"\0" * 65536
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        while True:
+            try:
+                if os.write(fd, chunk) == 0:
+                    break
+            except OSError as e:
+                assert e.errno == errno.ENOSPC, e
+                if len(chunk) == 1:
+                    break
+                chunk = chunk[:len(chunk) // 2]   # fill the last pages too
+        if leave:
+            os.ftruncate(fd, max(0, os.fstat(fd).st_size - leave))
+    finally:
+        os.close(fd)
+    return path
+
+
+def unfill(path):
+    os.unlink(path)
+
+
+def body_of(size, tag):
+    """A CRLF body of about size bytes, unique per tag."""
+    line = ("%s " % tag).encode() + b"y" * 70 + b"\r\n"
+    head = ("Subject: %s\r\nMessage-ID: <%s@diskfull.test>\r\n\r\n" % (tag, tag)).encode()
+    return head + b".dot line\r\n" + line * max(1, size // len(line))
+
+
+def send(port, body, rcpt="alice@" + DOMAIN, size_param=False):
+    """One transaction in its own session: ("MAIL"|"DATA", Reply)."""
+    with Raw(port, timeout=30) as c:
+        c.ehlo()
+        r = c.cmd("MAIL FROM:<s@sender.test>%s" % (" SIZE=%d" % len(body) if size_param else ""))
+        if r.code != 250:
+            return "MAIL", r
+        c.expect("RCPT TO:<%s>" % rcpt, 250, "2.1.5")
+        r = c.cmd("DATA", enh=False)
+        assert r.code == 354, r
+        c.send(dot_stuff(body))
+        r = c.reply()
+        try:
+            c.cmd("QUIT")
+        except (Closed, OSError):
+            pass
+        return "DATA", r
+
+
+def check_stored(gw, accepted):
+    """Every 250'd message is readable from the spool, CRC-checked and byte-identical."""
+    for qid, body in accepted.items():
+        stored = read_message(gw.spool_dir, qid)
+        assert stored.endswith(body), "queued %s: the spool holds something else" % qid
+
+
+def spool_conf(fs, **kw):
+    spool = {"dir": os.path.join(fs, "spool"), "inline_max": "64K", "segment_size": "1M",
+             "min_free_space": "0", "reclaim_interval": "60s"}
+    spool.update(kw)
+    return {"spool": spool, "gateway": {"max_message_size": "20M"}}
+
+
+def tmp_files(gw):
+    return os.listdir(os.path.join(gw.spool_dir, "tmp"))
+
+
+def storage_reply(stage, r):
+    return (r.code, r.enh) in STORAGE_REPLIES, "%s -> %s" % (stage, r)
+
+
+# ---------------------------------------------------------------- the spool
+
+def test_spool_full_then_space_returns(small_fs, gateway_factory):
+    """min_free_space 0, so every write path meets ENOSPC itself: the segment preallocation,
+    segment writes, the SQLite WAL (SQLITE_FULL) and big files in tmp/. Every reply is 250 with
+    the message readable, or a storage tempfail; acceptance resumes without a restart."""
+    fs = small_fs("8m")
+    gw = gateway_factory(spool_conf(fs))
+    rnd = random.Random(7)
+    accepted = {}
+    where, r = send(gw.port, body_of(2000, "first"))
+    assert r.code == 250, r
+    accepted[r.qid()] = body_of(2000, "first")
+
+    filler = fill(fs)
+    replies = []
+    for i in range(60):
+        size = rnd.choice((500, 3000, 30_000, 60_000, 200_000, 1_500_000))
+        body = body_of(size, "full%d" % i)
+        stage, r = send(gw.port, body)
+        replies.append((stage, r.code, r.enh))
+        if r.code == 250:
+            assert stage == "DATA"
+            accepted[r.qid()] = body
+        else:
+            ok, why = storage_reply(stage, r)
+            assert ok, why
+    assert gw.alive(), gw.log()[-3000:]
+    fails = [x for x in replies if x[1] != 250]
+    print("\nspool full: %d accepted, replies %s" % (len(accepted), replies))
+    assert len(fails) >= 30, "the full file system refused too little: %s" % replies
+    check_stored(gw, accepted)
+    assert tmp_files(gw) == [], "tmp/ files left behind: %s" % tmp_files(gw)
+
+    unfill(filler)
+    # no restart: the next messages are accepted (the free-space reading is at most 1 s old)
+    for i in range(5):
+        body = body_of(rnd.choice((800, 300_000)), "again%d" % i)
+        got = wait_for(lambda: (lambda sr: sr[1] if sr[1].code == 250 else None)(
+            send(gw.port, body)), 15, 0.2, "acceptance to resume")
+        accepted[got.qid()] = body
+    check_stored(gw, accepted)
+    assert tmp_files(gw) == []
+
+
+def test_spool_fills_up_with_mail(small_fs, gateway_factory):
+    """The spool fills up with accepted mail itself (no min_free_space guard): up to the last
+    byte every 250 is readable, past it every reply is a storage tempfail, and once space is
+    freed acceptance resumes."""
+    fs = small_fs("8m")
+    gw = gateway_factory(spool_conf(fs))
+    filler = fill(fs, leave=3 << 20)
+    rnd = random.Random(11)
+    accepted, replies, refused_in_a_row = {}, [], 0
+    for i in range(400):
+        size = rnd.choice((400, 2000, 9000, 40_000, 63_000, 120_000, 700_000))
+        body = body_of(size, "m%d" % i)
+        stage, r = send(gw.port, body)
+        replies.append((size, r.code))
+        if r.code == 250:
+            accepted[r.qid()] = body
+            refused_in_a_row = 0
+            continue
+        ok, why = storage_reply(stage, r)
+        assert ok, why
+        refused_in_a_row += 1
+        if refused_in_a_row >= 12:
+            break
+    print("\nfilled by mail: %d accepted, %d replies" % (len(accepted), len(replies)))
+    assert refused_in_a_row >= 12, "never full? %s" % replies
+    assert len(accepted) >= 5, replies
+    assert gw.alive(), gw.log()[-3000:]
+    check_stored(gw, accepted)
+    assert tmp_files(gw) == []
+    unfill(filler)
+    body = body_of(5000, "after")
+    got = wait_for(lambda: (lambda sr: sr[1] if sr[1].code == 250 else None)(
+        send(gw.port, body)), 15, 0.2, "acceptance to resume")
+    accepted[got.qid()] = body
+    check_stored(gw, accepted)
+
+
+def test_mail_refused_below_min_free_space(small_fs, gateway_factory):
+    """With min_free_space set, MAIL is refused (452 4.3.1) before any byte is taken."""
+    fs = small_fs("8m")
+    gw = gateway_factory(spool_conf(fs, min_free_space="2M"))
+    stage, r = send(gw.port, body_of(1000, "before"))
+    assert r.code == 250, r
+    filler = fill(fs, leave=1 << 20)
+    # the reading is cached for up to a second
+    wait_for(lambda: send(gw.port, body_of(1000, "x"))[0] == "MAIL", 10, 0.2, "MAIL refusal")
+    stage, r = send(gw.port, body_of(1000, "refused"))
+    assert (stage, r.code, r.enh) == ("MAIL", 452, "4.3.1"), (stage, r)
+    unfill(filler)
+    got = wait_for(lambda: (lambda sr: sr[1] if sr[1].code == 250 else None)(
+        send(gw.port, body_of(1000, "after"))), 10, 0.2, "acceptance to resume")
+    assert read_message(gw.spool_dir, got.qid()).endswith(body_of(1000, "after"))
+
+
+def test_big_message_enospc_mid_stream(small_fs, gateway_factory):
+    """A big message runs out of space in tmp/ halfway: 452 4.3.1 at the end of DATA, its tmp/
+    file is gone, no index row; the same message goes through once space returns."""
+    fs = small_fs("8m")
+    gw = gateway_factory(spool_conf(fs))
+    stage, r = send(gw.port, body_of(1000, "warm"))    # index and first segment exist
+    assert r.code == 250, r
+    filler = fill(fs, leave=512 * 1024)
+    big = body_of(3_000_000, "big")
+    stage, r = send(gw.port, big)
+    assert (stage, r.code, r.enh) == ("DATA", 452, "4.3.1"), (stage, r)
+    assert tmp_files(gw) == []
+    assert os.listdir(os.path.join(gw.spool_dir, "big")) == []
+    assert gw.alive()
+    unfill(filler)
+    stage, r = send(gw.port, big)
+    assert r.code == 250, (stage, r)
+    assert read_message(gw.spool_dir, r.qid()).endswith(big)
+    assert tmp_files(gw) == []
+
+
+# ---------------------------------------------------------------- the deliverer's Maildir
+
+def maildir_files(root):
+    out = {}
+    for dirpath, _, names in os.walk(root):
+        for n in names:
+            with open(os.path.join(dirpath, n), "rb") as f:
+                out[os.path.relpath(os.path.join(dirpath, n), root)] = f.read()
+    return out
+
+
+def test_maildir_target_full_defers_then_delivers(small_fs, deliverer):
+    fs = small_fs("1m")
+    root = os.path.join(fs, "mail")
+    os.makedirs(root)
+    d = deliverer({"md": {"deliver": "maildir:%s/%%d/%%u" % root, "retry_min": "1s",
+                          "retry_max": "1s", "trip_after": "1000"}})
+    filler = fill(fs)
+    bodies = [body_of(size, "md%d" % i) for i, size in enumerate((2000, 40_000, 300_000))]
+    qids = []
+    for b in bodies:
+        qids += d.inject(["u%d@%s:md" % (len(qids), DOMAIN)], body=b)
+    # every recipient tried and deferred at least twice, none held, nothing in new/
+    wait_for(lambda: d.rows("SELECT count(*) FROM recipients WHERE state = 0 AND attempts >= 2")
+             [0][0] == len(qids), 30, 0.2, "deferrals\n" + d.log()[-2000:])
+    assert d.held() == []
+    replies = [r[0] for r in d.rows("SELECT last_reply FROM recipients")]
+    assert all(r.startswith("451 4.3.0") for r in replies), replies
+    assert not [p for p in maildir_files(root) if "/new/" in "/" + p or "/cur/" in "/" + p]
+    unfill(filler)
+    wait_for(lambda: d.queued() == 0, 30, 0.2, "delivery after space returned\n" + d.log()[-2000:])
+    assert d.held() == []
+    files = maildir_files(root)
+    assert not [p for p in files if "/tmp/" in "/" + p], "maildir tmp/ leftovers: %s" % list(files)
+    delivered = [v for p, v in files.items() if "/new/" in "/" + p]
+    assert len(delivered) == len(bodies), list(files)
+    for b in bodies:
+        lf = b.replace(b"\r\n", b"\n")
+        assert sum(1 for v in delivered if v.endswith(b) or v.endswith(lf)) == 1
+
+
+# ---------------------------------------------------------------- restarts on a full disk
+
+def test_gateway_restarts_on_full_spool(small_fs, gateway_factory):
+    """A gateway (re)started while its spool's file system is full comes up and answers with
+    storage tempfails, keeps what it had acknowledged, and accepts once space returns."""
+    fs = small_fs("8m")
+    gw = gateway_factory(spool_conf(fs))
+    accepted = {}
+    for i in range(3):
+        body = body_of(3000 + i * 100_000, "pre%d" % i)
+        stage, r = send(gw.port, body)
+        assert r.code == 250, r
+        accepted[r.qid()] = body
+    assert gw.stop() == 0
+    filler = fill(fs)
+    gw.start()
+    stage, r = send(gw.port, body_of(1000, "while-full"))
+    ok, why = storage_reply(stage, r)
+    assert ok, why
+    check_stored(gw, accepted)
+    unfill(filler)
+    body = body_of(5000, "after")
+    got = wait_for(lambda: (lambda sr: sr[1] if sr[1].code == 250 else None)(
+        send(gw.port, body)), 15, 0.2, "acceptance to resume")
+    accepted[got.qid()] = body
+    check_stored(gw, accepted)
+
+
+class DeliverProc:
+    """sluice-deliver on the gateway's own config (its [mailstore]s are Maildirs under the
+    gateway's tmp directory, off the small file system)."""
+
+    def __init__(self, gw):
+        self.gw = gw
+        self.logpath = os.path.join(gw.tmp, "deliver.log")
+        self.logf = open(self.logpath, "ab")
+        self.proc = subprocess.Popen([DELIVER_BIN, "-c", gw.conf, "-f"], stdout=self.logf,
+                                     stderr=subprocess.STDOUT, cwd=gw.tmp)
+
+    def log(self):
+        with open(self.logpath, "r", errors="replace") as f:
+            return f.read()[-3000:]
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        rc = self.proc.wait(30)
+        self.logf.close()
+        return rc
+
+
+@pytest.fixture
+def deliver_proc():
+    made = []
+
+    def start(gw):
+        d = DeliverProc(gw)
+        made.append(d)
+        return d
+    yield start
+    for d in made:
+        rc = d.stop()
+        assert rc == 0, "sluice-deliver exit status %r\n%s" % (rc, d.log())
+        with open(d.logpath, "r", errors="replace") as f:
+            text = f.read()
+        for mark in SANITIZER_MARKS:
+            assert mark not in text, "sanitizer report from sluice-deliver:\n" + text[-8000:]
+
+
+def delivered_bodies(gw):
+    files = maildir_files(os.path.join(gw.tmp, "mail"))
+    return [v for p, v in files.items() if "/new/" in "/" + p]
+
+
+def times_delivered(delivered, body):
+    lf = body.replace(b"\r\n", b"\n")
+    return sum(1 for v in delivered if v.endswith(body) or v.endswith(lf))
+
+
+def first_run(gw):
+    """The deliverer has run on this spool before (its tables exist), as on any live system:
+    its very first start creates tables, which needs a little space."""
+    d = DeliverProc(gw)
+    wait_for(lambda: os.path.exists(os.path.join(gw.spool_dir, "deliver.ctl")), 10)
+    assert d.stop() == 0, d.log()
+
+
+def test_deliverer_with_full_spool(small_fs, gateway_factory, deliver_proc):
+    """The spool's file system is full while the deliverer delivers: the mailstore gets each
+    message; recording the outcome may fail (SQLITE_FULL) and is retried; once space returns
+    the index empties, with every message delivered exactly once."""
+    fs = small_fs("8m")
+    gw = gateway_factory(spool_conf(fs))
+    first_run(gw)
+    bodies = {}
+    for i, (user, size) in enumerate((("alice", 1500), ("bob", 20_000), ("carol", 200_000))):
+        b = body_of(size, "sf%d" % i)
+        stage, r = send(gw.port, b, rcpt="%s@%s" % (user, DOMAIN))
+        assert r.code == 250, r
+        bodies[r.qid()] = b
+    filler = fill(fs)
+    d = deliver_proc(gw)
+    wait_for(lambda: len(delivered_bodies(gw)) >= len(bodies) or d.proc.poll() is not None,
+             30, 0.2, "deliveries")
+    assert d.proc.poll() is None, d.log()
+    time.sleep(1.5)   # recording may be failing meanwhile
+    unfill(filler)
+    wait_for(lambda: gw.messages() == [], 30, 0.2, "the index to empty")
+    for b in bodies.values():
+        assert times_delivered(delivered_bodies(gw), b) == 1, d.log()
+
+
+@pytest.mark.parametrize("restart", [False, True], ids=["running", "restarted"])
+def test_full_spool_drains_itself(small_fs, gateway_factory, deliver_proc, restart):
+    """The spool fills up with mail while the deliverer is down. Started, the deliverer drains
+    it on the full disk, the reclaimed space comes back to the gateway, and acceptance resumes
+    with no operator action. "restarted": the gateway is stopped and started on the full disk
+    first (it must come up, and leave the index writable for the deliverer)."""
+    fs = small_fs("8m")
+    gw = gateway_factory(spool_conf(fs, reclaim_interval="1s"))
+    first_run(gw)
+    filler = fill(fs, leave=3 << 20)
+    rnd = random.Random(5)
+    accepted, refused = {}, 0
+    for i in range(400):
+        body = body_of(rnd.choice((2000, 30_000, 60_000, 150_000)), "d%d" % i)
+        stage, r = send(gw.port, body, rcpt=rnd.choice(("alice", "bob", "carol")) + "@" + DOMAIN)
+        if r.code == 250:
+            accepted[r.qid()] = body
+            refused = 0
+            continue
+        ok, why = storage_reply(stage, r)
+        assert ok, why
+        refused += 1
+        if refused >= 8:
+            break
+    assert refused >= 8 and len(accepted) >= 5, (len(accepted), refused)
+    check_stored(gw, accepted)
+    if restart:
+        assert gw.stop() == 0, gw.log()[-2000:]
+    # what is left below a segment's size goes too: the disk is full to the last byte
+    filler2 = fill(fs, name="filler2")
+    if restart:
+        gw.start()
+    d = deliver_proc(gw)
+    wait_for(lambda: gw.messages() == [], 60, 0.2, "the full spool to drain\n" + d.log())
+    body = body_of(5000, "after")
+    got = wait_for(lambda: (lambda sr: sr[1] if sr[1].code == 250 else None)(
+        send(gw.port, body)), 20, 0.3, "acceptance to resume\n" + gw.log()[-2000:])
+    assert read_message(gw.spool_dir, got.qid()).endswith(body)
+    delivered = delivered_bodies(gw)
+    for b in accepted.values():
+        assert times_delivered(delivered, b) == 1
+    unfill(filler)
+    unfill(filler2)
