@@ -6,9 +6,10 @@ set -eu
 BUILD="make gcc libc6-dev pkg-config libuv1-dev libssl-dev libsqlite3-dev
 libinih-dev libjansson-dev libmicrohttpd-dev libmilter-dev libspf2-dev openssl sqlite3"
 # swaks (with Net::SSLeay for -tls) and Postfix's smtp-source as clients, Dovecot LMTP as the mailstore
+# opendkim (+ opendkim-tools for test keys) and rspamd are real milters for the gateway's milter client
 TEST="libcmocka-dev python3 python3-pytest swaks libnet-ssleay-perl libio-socket-ssl-perl
 postfix dovecot-core
-dovecot-lmtpd iproute2 procps"
+dovecot-lmtpd iproute2 procps opendkim opendkim-tools rspamd"
 want=$BUILD
 [ "${1:-build}" = test ] && want="$BUILD $TEST"
 missing=
@@ -23,8 +24,9 @@ if [ "$(id -u)" != 0 ]; then
 fi
 echo "deps.sh: installing$missing" >&2
 export DEBIAN_FRONTEND=noninteractive
-# Postfix is here only for smtp-source/smtp-sink and Dovecot only for its LMTP server, both
-# started by the tests on loopback: never configure or start the system's own instances.
+# Postfix is here only for smtp-source/smtp-sink, Dovecot only for its LMTP server, opendkim
+# and rspamd only as milters: all started by the tests on loopback with private configs, so
+# never configure or start the system's own instances.
 echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
 made_policy=
 if [ ! -e /usr/sbin/policy-rc.d ]; then
