@@ -214,11 +214,23 @@ int milter_proto_parse(const char *pkt, size_t len, struct milter_reply *r)
 
 /* ---------------------------------------------------------------- reader */
 
-void milter_reader_init(struct milter_reader *rd, char *buf, size_t cap)
+void milter_reader_init(struct milter_reader *rd, char *buf, size_t cap, size_t max)
 {
     memset(rd, 0, sizeof(*rd));
     rd->buf = buf;
-    rd->cap = cap < MILTER_PKT_MAX ? cap : MILTER_PKT_MAX;
+    rd->cap = cap;
+    rd->max = max < MILTER_PKT_MAX ? max : MILTER_PKT_MAX;
+}
+
+size_t milter_reader_want(const struct milter_reader *rd)
+{
+    return rd->need;
+}
+
+void milter_reader_setbuf(struct milter_reader *rd, char *buf, size_t cap)
+{
+    rd->buf = buf;
+    rd->cap = cap;
 }
 
 int milter_reader_feed(struct milter_reader *rd, const char *p, size_t n, size_t *used)
@@ -240,11 +252,15 @@ int milter_reader_feed(struct milter_reader *rd, const char *p, size_t n, size_t
     if (rd->need == 0) {
         uint32_t l = get32((const char *)rd->lenbuf);
 
-        if (l == 0 || l > rd->cap) {
+        if (l == 0 || l > rd->max) {
             *used = off;
             return MILTER_ETOOBIG;
         }
         rd->need = l;
+    }
+    if (rd->need > rd->cap) {
+        *used = off;
+        return MILTER_NEEDBUF;
     }
     {
         size_t take = rd->need - rd->have;

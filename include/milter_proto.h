@@ -124,8 +124,8 @@ struct milter_reply {
 int milter_proto_parse(const char *pkt, size_t len, struct milter_reply *r);
 const char *milter_reply_name(enum milter_reply_type t);
 
-/* Incremental packet reader over a caller-provided buffer of cap bytes (cap bounds the
- * packet size; at most MILTER_PKT_MAX is used). */
+/* Incremental packet reader over a caller-provided buffer of cap bytes; packets up to max
+ * (at most MILTER_PKT_MAX) are accepted, a bigger buffer is asked for when one exceeds cap. */
 struct milter_reader {
     /* private */
     unsigned char lenbuf[4];
@@ -133,15 +133,21 @@ struct milter_reader {
     uint32_t need;                      /* packet length once the length field is read */
     size_t have;
     char *buf;
-    size_t cap;
+    size_t cap, max;
 };
-void milter_reader_init(struct milter_reader *rd, char *buf, size_t cap);
+#define MILTER_NEEDBUF 2
+void milter_reader_init(struct milter_reader *rd, char *buf, size_t cap, size_t max);
 /* Consume up to n bytes into the current packet; *used says how many were taken. Returns 1
  * when a whole packet is ready (milter_reader_packet gives it; the next feed starts a new
- * one), 0 when more bytes are needed (all n used), or MILTER_ETOOBIG for a length of 0 or
- * over the buffer (the stream cannot be resynchronised: drop the connection). */
+ * one), 0 when more bytes are needed (all n used), MILTER_NEEDBUF when the packet is longer
+ * than the buffer (give a buffer of milter_reader_want() bytes with milter_reader_setbuf and
+ * feed the rest again), or MILTER_ETOOBIG for a length of 0 or over max (the stream cannot be
+ * resynchronised: drop the connection). */
 int milter_reader_feed(struct milter_reader *rd, const char *p, size_t n, size_t *used);
 const char *milter_reader_packet(const struct milter_reader *rd, size_t *len);
+size_t milter_reader_want(const struct milter_reader *rd);
+/* Only right after MILTER_NEEDBUF (nothing of the packet is in the old buffer yet). */
+void milter_reader_setbuf(struct milter_reader *rd, char *buf, size_t cap);
 
 /* A bounded output buffer for the builders. */
 struct milter_buf {

@@ -127,7 +127,7 @@ static void test_reader_splits(void **state)
             char got[3];
             int ng = 0;
 
-            milter_reader_init(&rd, buf, sizeof(buf));
+            milter_reader_init(&rd, buf, sizeof(buf), sizeof(buf));
             for (int k = 0; k < 3; k++) {
                 size_t off = cuts[k];
 
@@ -163,13 +163,13 @@ static void test_reader_bounds(void **state)
     struct milter_reader rd;
     size_t used;
 
-    milter_reader_init(&rd, buf, sizeof(buf));
+    milter_reader_init(&rd, buf, sizeof(buf), sizeof(buf));
     assert_int_equal(milter_reader_feed(&rd, "\0\0\0\0", 4, &used), MILTER_ETOOBIG);
-    milter_reader_init(&rd, buf, sizeof(buf));
+    milter_reader_init(&rd, buf, sizeof(buf), sizeof(buf));
     assert_int_equal(milter_reader_feed(&rd, "\0\0\0\x11", 4, &used), MILTER_ETOOBIG);
-    milter_reader_init(&rd, buf, sizeof(buf));
+    milter_reader_init(&rd, buf, sizeof(buf), sizeof(buf));
     assert_int_equal(milter_reader_feed(&rd, "\xff\xff\xff\xff", 4, &used), MILTER_ETOOBIG);
-    milter_reader_init(&rd, buf, sizeof(buf));
+    milter_reader_init(&rd, buf, sizeof(buf), sizeof(buf));
     assert_int_equal(milter_reader_feed(&rd, "\0\0\0\x10", 4, &used), 0);
     assert_int_equal(used, 4);
 }
@@ -280,6 +280,25 @@ static void test_envelope_replies(void **state)
     assert_int_equal(parse("qa\nb\0", 5, &r), MILTER_EPROTO);
 }
 
+/* a packet longer than the buffer asks for a bigger one, then completes */
+static void test_reader_grow(void **state)
+{
+    char small[4], big[64], stream[32];
+    struct milter_reader rd;
+    size_t used, sl = pkt(stream, 'h', "X-A\0v\0", 6), plen;
+    const char *p;
+
+    milter_reader_init(&rd, small, sizeof(small), sizeof(big));
+    assert_int_equal(milter_reader_feed(&rd, stream, sl, &used), MILTER_NEEDBUF);
+    assert_int_equal(used, 4);
+    assert_int_equal(milter_reader_want(&rd), 7);
+    milter_reader_setbuf(&rd, big, sizeof(big));
+    assert_int_equal(milter_reader_feed(&rd, stream + used, sl - used, &used), 1);
+    p = milter_reader_packet(&rd, &plen);
+    assert_int_equal(plen, 7);
+    assert_memory_equal(p, "hX-A\0v\0", 7);
+}
+
 static void test_body_and_optneg(void **state)
 {
     struct milter_reply r;
@@ -349,13 +368,13 @@ static void test_oversized_stream(void **state)
     struct milter_reader rd;
     size_t used;
 
-    milter_reader_init(&rd, buf, sizeof(buf));
+    milter_reader_init(&rd, buf, sizeof(buf), sizeof(buf));
     big[0] = 0;
     big[1] = 0x01;   /* 65536 + 256 + 1 > cap */
     big[2] = 0x01;
     big[3] = 0x01;
     assert_int_equal(milter_reader_feed(&rd, big, 4, &used), MILTER_ETOOBIG);
-    milter_reader_init(&rd, buf, sizeof(buf));
+    milter_reader_init(&rd, buf, sizeof(buf), sizeof(buf));
     big[1] = 0;       /* 257: fine, then truncated */
     assert_int_equal(milter_reader_feed(&rd, big, 4, &used), 0);
     assert_int_equal(milter_reader_feed(&rd, "b", 1, &used), 0);
@@ -368,6 +387,7 @@ int main(void)
         cmocka_unit_test(test_builder_bounds),
         cmocka_unit_test(test_reader_splits),
         cmocka_unit_test(test_reader_bounds),
+        cmocka_unit_test(test_reader_grow),
         cmocka_unit_test(test_simple_replies),
         cmocka_unit_test(test_replycode),
         cmocka_unit_test(test_header_replies),
