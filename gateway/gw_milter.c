@@ -19,6 +19,7 @@
 #include <string.h>
 #include <strings.h>
 
+#include "gw_ctl.h"
 #include "log.h"
 #include "milter_proto.h"
 #include "qid.h"
@@ -421,6 +422,7 @@ static void mc_fail(struct mconn *c, const char *fmt, ...)
     va_end(ap);
     log_qid(LOG_WARNING, ms_qid(c->ms), "milter %s: %s; default_action=%s", c->name, why,
             action_name(c->action));
+    gw_ctl_milter(c->name, "failure");
     mc_close(c, 0);
     mc_edits_free(c);
     c->in_tx = 0;
@@ -463,6 +465,8 @@ static void ms_decide(struct gw_milter_sess *ms, struct mconn *c, enum gw_milter
 
     r->verdict = v;
     snprintf(r->milter, sizeof(r->milter), "%s", c->name);
+    gw_ctl_milter(c->name, v == GW_MV_DISCARD ? "discard" : v == GW_MV_REJECT ? "reject"
+                                                                           : "tempfail");
     if (v == GW_MV_DISCARD) {
         r->reply[0] = '\0';
         return;
@@ -1117,6 +1121,7 @@ static int mc_on_packet(struct mconn *c, const char *pkt, size_t len)
         if (ms->st >= ST_MAIL && ms->quarantine[0] == '\0')
             snprintf(ms->quarantine, sizeof(ms->quarantine), "milter %s: %s", c->name,
                      r.reason[0] == ' ' ? r.reason + 1 : r.reason);
+        gw_ctl_milter(c->name, "quarantine");
         log_qid(LOG_INFO, ms_qid(ms), "milter %s: quarantine: %s", c->name, r.reason);
         return 0;
     case MILTER_R_ADDHEADER:
