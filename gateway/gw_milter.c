@@ -62,10 +62,11 @@ static const char *const ms_stage_names[] = { "CONNECT", "HELO", "MAIL", "RCPT",
 enum mc_step { CS_HDRS, CS_EOH, CS_BODY, CS_EOM, CS_WAIT_EOM };
 
 struct mhdr {
-    size_t name, name_len;        /* offsets into the buffer (prefix or message) */
+    size_t name, name_len;        /* offsets into msg->buf */
     size_t val, val_len;          /* after the colon up to the last CRLF (excluded) */
     size_t line, line_len;        /* the whole field with its CRLF */
-    int prefix;                   /* from msg->prefix (read-only) */
+    int own;                      /* one of our own fields (msg->own) */
+    int hidden;                   /* our Received: milters do not see */
 };
 
 /* One edit from end of message, applied after the milter's final reply. */
@@ -99,7 +100,6 @@ struct mconn {
     unsigned in_tx : 1;           /* MAIL sent, no end of message yet: ABORT is due */
     unsigned msg_accepted : 1;    /* ACCEPT for this message: nothing more for it */
     unsigned skip_body : 1;       /* SKIP: no more body chunks */
-    unsigned warned_edit : 1;     /* one log line for edits it did not negotiate */
     uint32_t version, actions, proto;
     char *macros[MILTER_NSTAGES]; /* requested lists, NULL = our defaults */
     struct milter_reader rd;
@@ -139,7 +139,7 @@ struct gw_milter_sess {
     size_t cmd_len;
     struct gw_milter_result res;
     struct gw_milter_msg *msg;
-    struct mhdr *hdrs;            /* header index of prefix + msg->buf */
+    struct mhdr *hdrs;            /* header index of msg->buf */
     size_t nhdrs, hdrs_cap, body_off;
     char quarantine[GW_MILTER_REASON_MAX];
     /* connect arguments, kept for milters connected one after another */
@@ -702,8 +702,8 @@ static void mc_gai_cb(uv_getaddrinfo_t *req, int status, struct addrinfo *ai)
 
     c->gai_busy = 0;
     ms->nhandles--;
-    if (ms->freeing) {
-        uv_freeaddrinfo(ai);
+    if (ms->freeing || c->state != MC_CONNECTING) {
+        uv_freeaddrinfo(ai);      /* freed, or timed out meanwhile (already failed) */
         ms_maybe_free(ms);
         return;
     }
@@ -813,7 +813,7 @@ static void stage_cmd(enum ms_stage st, int *mst, char *cmd, uint32_t *no, uint3
 /* mc_put_header - HEADER for field h, as the milter wants it (leading space, LF folding) */
 static int mc_put_header(struct mconn *c, const struct mhdr *h)
 {
-    const char *base = h->prefix ? c->ms->msg->prefix : c->ms->msg->buf;
+    const char *base = c->ms->msg->buf;
     const char *v = base + h->val;
     size_t vl = h->val_len, n = 5;
     char *d = gw_m_scratch;
@@ -853,6 +853,8 @@ static int mc_content(struct mconn *c)
     for (;;) {
         switch (c->step) {
         case CS_HDRS:
+            while (c->hdr_i < ms->nhdrs && ms->hdrs[c->hdr_i].hidden)
+                c->hdr_i++;
             if ((c->proto & MILTER_P_NOHDRS) || c->hdr_i >= ms->nhdrs) {
                 c->step = CS_EOH;
                 break;
@@ -978,11 +980,9 @@ static int mc_edit(struct mconn *c, const struct milter_reply *r)
 
     for (size_t i = 0; i < sizeof(need) / sizeof(need[0]); i++) {
         if (need[i].t == r->type && !(c->actions & need[i].flag)) {
-            if (!c->warned_edit)
-                log_qid(LOG_WARNING, ms_qid(ms), "milter %s: %s without negotiating it: "
-                        "ignored", c->name, milter_reply_name(r->type));
-            c->warned_edit = 1;
-            return 0;
+            /* Postfix: a protocol error. The change is not made, the milter fails. */
+            mc_fail(c, "%s reply without negotiating that action", milter_reply_name(r->type));
+            return -1;
         }
     }
     if (r->type == MILTER_R_REPLBODY) {
@@ -1114,9 +1114,8 @@ static int mc_on_packet(struct mconn *c, const char *pkt, size_t len)
         return 0;
     case MILTER_R_QUARANTINE:
         if (!(c->actions & MILTER_F_QUARANTINE)) {
-            log_qid(LOG_WARNING, ms_qid(ms), "milter %s: QUARANTINE without negotiating it: "
-                    "ignored", c->name);
-            return 0;
+            mc_fail(c, "QUARANTINE reply without negotiating that action");
+            return -1;
         }
         if (ms->st >= ST_MAIL && ms->quarantine[0] == '\0')
             snprintf(ms->quarantine, sizeof(ms->quarantine), "milter %s: %s", c->name,
@@ -1389,10 +1388,26 @@ void gw_milter_msg_clear(struct gw_milter_msg *msg)
 
 /* ---------------------------------------------------------------- the message */
 
+/* field_own - the field f[0..n) is one of our own (a whole field of own) */
+static int field_own(const char *own, const char *f, size_t n)
+{
+    size_t ol = own ? strlen(own) : 0;
+
+    for (size_t off = 0; off + n <= ol;) {
+        const char *hit = memmem(own + off, ol - off, f, n);
+
+        if (!hit)
+            return 0;
+        if (hit == own || (hit[-1] == '\n' && hit[0] != ' ' && hit[0] != '\t'))
+            return 1;
+        off = (size_t)(hit - own) + 1;
+    }
+    return 0;
+}
+
 /* hdr_scan - index the header fields of buf[0..len) into ms->hdrs from position *n on;
  * returns the offset where the body starts (after the empty line) */
-static int hdr_scan(struct gw_milter_sess *ms, const char *buf, size_t len, int prefix,
-                    size_t *body)
+static int hdr_scan(struct gw_milter_sess *ms, const char *buf, size_t len, size_t *body)
 {
     size_t p = 0;
 
@@ -1424,7 +1439,9 @@ static int hdr_scan(struct gw_milter_sess *ms, const char *buf, size_t len, int 
             ms->hdrs_cap = cap;
         }
         h = &ms->hdrs[ms->nhdrs++];
-        h->prefix = prefix;
+        h->own = field_own(ms->msg->own, buf + p, e - p);
+        h->hidden = h->own && (size_t)(colon - (buf + p)) == 8 &&
+                    strncasecmp(buf + p, "Received", 8) == 0;
         h->name = p;
         h->name_len = (size_t)(colon - (buf + p));
         while (h->name_len > 0 && (buf[p + h->name_len - 1] == ' ' ||
@@ -1446,13 +1463,8 @@ static int hdr_scan(struct gw_milter_sess *ms, const char *buf, size_t len, int 
 
 static int ms_index_headers(struct gw_milter_sess *ms)
 {
-    struct gw_milter_msg *m = ms->msg;
-    size_t pb;
-
     ms->nhdrs = 0;
-    if (m->prefix && hdr_scan(ms, m->prefix, strlen(m->prefix), 1, &pb) < 0)
-        return -1;
-    return hdr_scan(ms, m->buf, m->len, 0, &ms->body_off);
+    return hdr_scan(ms, ms->msg->buf, ms->msg->len, &ms->body_off);
 }
 
 /* A header field being rebuilt: either a slice of the old buffer or an owned string. */
@@ -1460,6 +1472,7 @@ struct nhdr {
     const char *p;
     size_t len;
     char *own;
+    int ours;                     /* our own field: never matched by CHGHEADER */
 };
 
 /* field_make - "Name: value\r\n" from a milter's value: LF (or CRLF) line ends become CRLF
@@ -1549,13 +1562,14 @@ static int mc_apply_edits(struct mconn *c)
     }
     /* the message's fields, then the edits in order */
     ms->nhdrs = 0;
-    if (hdr_scan(ms, m->buf, m->len, 0, &body_off) < 0)
+    if (hdr_scan(ms, m->buf, m->len, &body_off) < 0)
         goto oom;
     cap = ms->nhdrs + 16;
     if (!(h = calloc(cap, sizeof(*h))))
         goto oom;
     for (size_t i = 0; i < ms->nhdrs; i++) {
         h[nh].p = m->buf + ms->hdrs[i].line;
+        h[nh].ours = ms->hdrs[i].own;
         h[nh++].len = ms->hdrs[i].line_len;
     }
     for (struct medit *e = c->edits; e; e = e->next) {
@@ -1578,7 +1592,7 @@ static int mc_apply_edits(struct mconn *c)
             size_t i;
 
             for (i = 0; i < nh; i++)
-                if (field_is(&h[i], e->name) && ++seen == want)
+                if (!h[i].ours && field_is(&h[i], e->name) && ++seen == want)
                     break;
             if (i == nh && (!e->value || !e->value[0]))
                 continue;                    /* deleting what is not there */
@@ -1596,6 +1610,7 @@ static int mc_apply_edits(struct mconn *c)
                 free(h[i].own);
                 h[i].p = h[i].own = f;
                 h[i].len = fl;
+                h[i].ours = 0;
                 log_qid(LOG_INFO, ms_qid(ms), "milter %s: change header: %s", c->name,
                         e->name);
                 continue;
@@ -1611,6 +1626,7 @@ static int mc_apply_edits(struct mconn *c)
         memmove(&h[at + 1], &h[at], (nh - at) * sizeof(*h));
         h[at].p = h[at].own = f;
         h[at].len = fl;
+        h[at].ours = 0;
         nh++;
     }
     if (c->newbody_set) {

@@ -142,6 +142,7 @@ static void session_resume(struct gw_session *s);
 static void session_alloc_cb(uv_handle_t *h, size_t suggested, uv_buf_t *buf);
 static void session_read_cb(uv_stream_t *st, ssize_t nread, const uv_buf_t *buf);
 static void session_lost(struct gw_session *s, const char *why);
+static void session_milter_close(struct gw_session *s);
 static void session_milter_cb(void *arg, const struct gw_milter_result *res);
 static int session_milter_connect(struct gw_session *s);
 static void session_greet(struct gw_session *s);
@@ -403,6 +404,7 @@ static void session_close_now(struct gw_session *s)
         spool_msg_abort(s->tx.msg);
         s->tx.msg = NULL;
     }
+    session_milter_close(s);
     uv_close(&s->h.handle, session_closed_cb);
     uv_close((uv_handle_t *)&s->timer, session_closed_cb);
 }
@@ -694,19 +696,18 @@ static int cmd_ehlo(struct gw_session *s, struct smtp_cmd *cmd)
     return 0;
 }
 
-/* session_helo_finish - the HELO/EHLO reply, or a milter's refusal of it (then a new HELO is
- * due: the state goes back to GREET) */
+/* session_helo_finish - the HELO/EHLO reply. A milter's refusal of HELO is kept like one at
+ * CONNECT: HELO itself gets 250 and every MAIL of the session gets the milter's reply. */
 static void session_helo_finish(struct gw_session *s, int esmtp,
                                 const struct gw_milter_result *res)
 {
     const struct conf_gateway *g = &s->srv->conf->gateway;
 
-    if (res && (res->verdict == GW_MV_REJECT || res->verdict == GW_MV_TEMPFAIL)) {
-        session_reply(s, "%s", res->reply);
+    if (res && (res->verdict == GW_MV_REJECT || res->verdict == GW_MV_TEMPFAIL) &&
+        !s->milter_reply[0]) {
+        snprintf(s->milter_reply, sizeof(s->milter_reply), "%s", res->reply);
+        snprintf(s->milter_by, sizeof(s->milter_by), "%s", res->milter);
         session_milter_log(s, esmtp ? "EHLO" : "HELO", res, "");
-        s->helo[0] = '\0';
-        session_enter(s, GW_S_GREET);
-        return;
     }
     if (!esmtp) {
         session_reply(s, "250 %s", session_host(s));
@@ -1047,6 +1048,7 @@ static int cmd_noop(struct gw_session *s, struct smtp_cmd *cmd)
 static int cmd_quit(struct gw_session *s, struct smtp_cmd *cmd)
 {
     tx_reset(s);
+    session_milter_close(s);      /* milters get their QUIT before the client its 221 */
     session_reply(s, "221 2.0.0 Bye");
     session_close(s);
     return 0;
@@ -1155,20 +1157,37 @@ static int session_msg_start(struct gw_session *s, enum gw_data_mode mode)
         r = session_bprintf(hdr, sizeof(hdr), &len, "\r\n\tfor <%s>", tx->rcpts[0].addr);
     if (r == 0)
         r = session_bprintf(hdr, sizeof(hdr), &len, "; %s\r\n", date);
-    if (r == 0 && spool_msg_prepend(tx->msg, hdr, len) < 0)
-        r = -1;
-    if (r == 0 && tx->spf_done) {
-        /* prepended after Received:, so they end up above it */
-        r = gw_spf_headers(&tx->spf, g->hostname, tx->sender, s->helo, hdr, sizeof(hdr));
-        if (r == 0 && spool_msg_prepend(tx->msg, hdr, strlen(hdr)) < 0)
+    /* With milters the content is held until end of data (they may change it), our headers
+     * at its top (milters may insert above them, as in Postfix); without, everything streams
+     * to the spool exactly as before: no copy. */
+    tx->milter_buffer = s->milter != NULL && mode != GW_DATA_BINARY;
+    if (tx->milter_buffer) {
+        char spf[2048] = "";
+
+        if (r == 0 && tx->spf_done)
+            r = gw_spf_headers(&tx->spf, g->hostname, tx->sender, s->helo, spf, sizeof(spf));
+        /* SPF lines above Received:, as without milters; milters see the SPF ones
+         * (sluice-policyd counts SPF fails from Received-SPF:) */
+        if (r == 0 && (!(tx->mprefix = malloc(strlen(spf) + len + 1)) ||
+                       (size_t)snprintf(tx->mprefix, strlen(spf) + len + 1, "%s%.*s", spf,
+                                        (int)len, hdr) != strlen(spf) + len))
             r = -1;
-        /* milters see them too (sluice-policyd counts SPF fails from Received-SPF:) */
-        if (r == 0 && s->milter && !(tx->mprefix = strdup(hdr)))
+        if (r == 0 && session_data_out(s, tx->mprefix, strlen(tx->mprefix)) < 0)
             r = -1;
+    } else {
+        if (r == 0 && spool_msg_prepend(tx->msg, hdr, len) < 0)
+            r = -1;
+        if (r == 0 && tx->spf_done) {
+            /* prepended after Received:, so they end up above it */
+            r = gw_spf_headers(&tx->spf, g->hostname, tx->sender, s->helo, hdr, sizeof(hdr));
+            if (r == 0 && spool_msg_prepend(tx->msg, hdr, strlen(hdr)) < 0)
+                r = -1;
+        }
     }
     if (r < 0) {
         spool_msg_abort(tx->msg);
         tx->msg = NULL;
+        tx->milter_buffer = 0;
         session_reply(s, "451 4.3.0 Error: queue file write error");
         return -1;
     }
@@ -1177,9 +1196,6 @@ static int session_msg_start(struct gw_session *s, enum gw_data_mode mode)
     lim.max_header_size = g->max_header_size;
     lim.max_header_count = (uint32_t)g->max_header_count;
     gw_data_init(&tx->data, mode, &lim, session_data_out, s);
-    /* With milters the content is held until end of data (they may change it); without,
-     * it streams to the spool exactly as before: no copy. */
-    tx->milter_buffer = s->milter != NULL && mode != GW_DATA_BINARY;
     tx->data_started = 1;
     tx->data_deadline = uv_now(s->srv->loop) + (uint64_t)g->data_timeout_ms;
     return 0;
@@ -1430,6 +1446,16 @@ static void session_tx_end(struct gw_session *s)
 
 /* ---------------------------------------------------------------- milters */
 
+/* session_milter_close - QUIT to the milters now that the session ends (unless a stage is
+ * outstanding: then they go with the session) */
+static void session_milter_close(struct gw_session *s)
+{
+    if (!s->milter || s->mpend != GW_MP_NONE)
+        return;
+    gw_milter_free(s->milter);
+    s->milter = NULL;
+}
+
 /* session_milter_wait - a milter stage is outstanding: input waits (paused) so replies stay
  * in order, and the stage holds a reference like a commit does */
 static void session_milter_wait(struct gw_session *s, enum gw_mpend what)
@@ -1533,7 +1559,7 @@ static void session_helo_stage(struct gw_session *s, int esmtp)
     struct gw_milter_result res;
     char bits[16];
 
-    if (!s->milter) {
+    if (!s->milter || s->milter_reply[0]) {   /* a milter refused the session already */
         session_helo_finish(s, esmtp, NULL);
         return;
     }
@@ -1673,7 +1699,7 @@ static int session_eom_content(struct gw_session *s)
 
     if (!tx->milter_buffer || tx->discard)
         return 0;
-    tx->mmsg.prefix = tx->mprefix;
+    tx->mmsg.own = tx->mprefix;
     if (gw_milter_eom(s->milter, &tx->mmsg, &res) == 0) {
         session_milter_wait(s, GW_MP_EOM);
         return 1;

@@ -93,7 +93,8 @@ struct gw_tx {
     int mdata_done;                       /* milters saw DATA (BDAT: at end of data) */
     int discard;                          /* a milter said DISCARD: 250, nothing stored */
     char discard_by[CONF_NAME_MAX];
-    char *mprefix;                        /* our SPF header lines, shown to milters */
+    char *mprefix;                        /* our header lines (SPF, Received:) at the top of
+                                           * mmsg: gw_milter_msg.own */
     struct gw_milter_msg mmsg;
 };
 

@@ -62,12 +62,14 @@ struct gw_milter_rcptmod {
 };
 
 struct gw_milter_msg {
-    /* in/out: the message as milters see and change it (malloc()ed, owned by the caller;
-     * may be reallocated). Our own trace headers are not in it. */
+    /* in/out: the whole message (malloc()ed, owned by the caller; may be reallocated) */
     char *buf;
     size_t len, cap;
-    const char *prefix;                 /* in: header lines shown to milters before buf's
-                                         * ("Received-SPF: ...\r\n"), read-only, may be NULL */
+    /* in: our own header fields as they stand at the top of buf ("Received-SPF: ...\r\n
+     * Received: ...\r\n"), or NULL. As in Postfix, milters are not shown our Received:,
+     * header change indexes count only the message's own fields (ours cannot be changed or
+     * deleted), and insert indexes count every field, ours included (0 = the very top). */
+    const char *own;
     /* out, after gw_milter_eom */
     int changed;                        /* buf was rewritten (headers or body) */
     char *sender;                       /* CHGFROM: new reverse-path, NULL if unchanged */
