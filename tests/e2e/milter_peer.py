@@ -182,6 +182,8 @@ class MilterPeer:
 
     def stop(self):
         self.stopping.set()
+        for t in self.threads[:len(self.listeners)]:
+            t.join(timeout=5)
         for l in self.listeners:
             try:
                 l.close()
@@ -238,8 +240,12 @@ class MilterPeer:
     def _accept_loop(self, listener):
         while not self.stopping.is_set():
             try:
+                # a close() from another thread does not wake accept(): poll instead
+                r, _, _ = select.select([listener], [], [], 0.1)
+                if not r:
+                    continue
                 conn, addr = listener.accept()
-            except OSError:
+            except (OSError, ValueError):
                 return
             sess = Session(self, conn, addr)
             sess.ended = lambda s=sess: s.quit or s.closed_by_mta or s.died
