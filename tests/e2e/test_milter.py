@@ -399,7 +399,9 @@ def test_without_progress_the_same_delay_times_out(gateway_factory, milter_peer)
 
 # ------------------------------------------------------------------ EOM modifications
 
-EXTRA = b"X-Remove: bye\r\nX-Multi: one\r\nX-Multi: two\r\n"
+EXTRA = (b"X-Remove: bye\r\nX-Multi: one\r\nX-Multi: two\r\n"
+         b"Received: from upstream.test (relay.test [192.0.2.7]) by relay.test;\r\n"
+         b"\tSun, 22 Nov 2026 07:59:00 +0000\r\n")
 
 
 def _mod_case(mods, check, rcpts=(ALICE,), proto=0):
@@ -443,6 +445,14 @@ def _check_delheader(gw, o, stored):
     assert header_values(stored, "X-Multi") == [" one", " two"]
 
 
+def _check_delheader_received(gw, o, stored):
+    # change/delete indexes count the message's own fields: Received 1 is upstream's, ours
+    # (the gateway's, on top) cannot be changed
+    rs = header_values(stored, "Received")
+    assert len(rs) == 1 and rs[0].startswith(" from client.test"), rs
+    assert stored.startswith(b"Received: from client.test")
+
+
 def _check_chgfrom(gw, o, stored):
     assert gw.message(o.qid)["sender"] == "bounce@client.test", gw.message(o.qid)
 
@@ -480,6 +490,7 @@ MODS = {
     "chgheader": _mod_case([("chgheader", 1, "Subject", "changed subject")], _check_chgheader),
     "chgheader_second": _mod_case([("chgheader", 2, "X-Multi", "TWO")], _check_chgheader_second),
     "delheader": _mod_case([("delheader", 1, "X-Remove")], _check_delheader),
+    "delheader_received": _mod_case([("delheader", 1, "Received")], _check_delheader_received),
     "chgfrom": _mod_case([("chgfrom", "<bounce@client.test>")], _check_chgfrom),
     "addrcpt": _mod_case([("addrcpt", "<%s>" % CAROL)], _check_addrcpt),
     "addrcpt_par": _mod_case([("addrcpt_par", "<%s>" % CAROL, "NOTIFY=NEVER")],
@@ -516,6 +527,45 @@ def test_modification_not_negotiated_is_refused(gateway_factory, milter_peer):
     assert_reply(o.end, 451, "4.7.1")
     assert_nothing_stored(gw)
     assert "milter m1" in gw.log()
+
+
+def test_bdat_message_goes_through_the_milter(gateway_factory, milter_peer):
+    peer = milter_peer(eom_mods=[("addheader", "X-Bdat", "seen")])
+    gw = start(gateway_factory, ("m1", peer.spec))
+    text = b"chunked body\r\nline two\r\n"
+    body = body_of("bdat", text)
+    with Raw(gw.port) as c:
+        c.ehlo()
+        c.expect("MAIL FROM:<%s>" % SENDER, 250)
+        c.expect("RCPT TO:<%s>" % ALICE, 250)
+        c.send(b"BDAT 10\r\n" + body[:10])
+        assert c.reply().code == 250
+        c.send(b"BDAT %d LAST\r\n" % (len(body) - 10) + body[10:])
+        r = c.reply()
+    assert_reply(r, 250, "2.0.0")
+    qid = r.qid()
+    t = eom_txn(peer)
+    assert t.data and t.eoh and t.body == text, (t.data, t.body)
+    assert ("Subject", "bdat") in t.headers
+    stored = gw.read_message(qid)
+    assert stored.endswith(text) and header_values(stored, "X-Bdat") == [" seen"]
+
+
+def test_message_over_milter_max_size_skips_content_stages(gateway_factory, milter_peer):
+    peer = milter_peer(eom_mods=[("addheader", "X-Big", "seen")])
+    gw = start(gateway_factory, ("m1", peer.spec), gateway={"milter_max_size": "64K"})
+    text = b"".join(b"%06d a line of a message larger than milter_max_size\r\n" % i
+                    for i in range(2000))      # ~110 KB
+    body = body_of("big", text)
+    o = send(gw, body=body)
+    assert_reply(o.end, 250, "2.0.0")
+    settle(peer)
+    t = peer.sessions[-1].txns[-1]
+    assert t.rcpt_addrs() == ["<%s>" % ALICE]
+    assert t.headers == [] and t.body == b"" and not t.eom, "content stages must be skipped"
+    stored = gw.read_message(o.qid)
+    assert stored.endswith(body) and header_values(stored, "X-Big") == []
+    assert "milter_max_size" in gw.log()
 
 
 # ------------------------------------------------------------------ negotiation flags
