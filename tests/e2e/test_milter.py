@@ -283,6 +283,85 @@ def test_replycode_multiline(gateway_factory, milter_peer):
     assert o.mail.code == 550 and o.mail.lines == ["5.7.1 first line", "5.7.1 second line"], o
 
 
+def test_replycode_without_enhanced_code_gets_one(gateway_factory, milter_peer):
+    peer = milter_peer(script={"mail": ("replycode", "550 Go away")})
+    gw = start(gateway_factory, ("m1", peer.spec))
+    o = send(gw)
+    assert o.mail.code == 550 and o.mail.text == "5.7.1 Go away", o
+
+
+@pytest.mark.parametrize("text", ["250 2.0.0 fine", "hello"])
+def test_replycode_not_4xx_5xx_is_a_protocol_error(gateway_factory, milter_peer, text):
+    peer = milter_peer(script={"mail": ("replycode", text)})
+    gw = start(gateway_factory, ("m1", peer.spec, {"default_action": "tempfail"}))
+    o = send(gw)
+    assert_reply(o.mail, 451, "4.7.1")
+    assert_nothing_stored(gw)
+    assert "milter m1" in gw.log()
+
+
+def test_pipelined_commands_wait_for_the_milter_in_order(gateway_factory, milter_peer):
+    def rcpt(sess, stage, argv):
+        return ("delay", 0.3, "reject" if argv[0] == "<%s>" % BOB else "continue")
+    peer = milter_peer(script={"mail": ("delay", 0.5, "continue"), "rcpt": rcpt})
+    gw = start(gateway_factory, ("m1", peer.spec))
+    with Raw(gw.port) as c:
+        c.ehlo()
+        c.send("MAIL FROM:<%s>\r\nRCPT TO:<%s>\r\nRCPT TO:<%s>\r\nRCPT TO:<%s>\r\nDATA\r\n"
+               % (SENDER, ALICE, BOB, CAROL))
+        got = [c.reply(enh=False) for _ in range(5)]
+        assert [r.code for r in got] == [250, 250, 550, 250, 354], got
+        c.send(dot_stuff(body_of()))
+        end = c.reply()
+    assert_reply(end, 250, "2.0.0")
+    assert sorted(r["rcpt"] for r in gw.recipients(end.qid())) == [ALICE, CAROL]
+
+
+def test_client_gone_while_milter_pending(gateway_factory, milter_peer):
+    calls = []
+
+    def mail(sess, stage, argv):
+        calls.append(1)
+        return "hang" if len(calls) == 1 else "continue"
+    peer = milter_peer(script={"mail": mail})
+    gw = start(gateway_factory, ("m1", peer.spec, {"command_timeout": "5s"}))
+    c = Raw(gw.port)
+    c.ehlo()
+    c.send("MAIL FROM:<%s>\r\n" % SENDER)
+    assert peer.wait(lambda p: any(s.hung for s in p.sessions), 5)
+    c.close()                   # the SMTP client leaves while the milter still thinks
+    # the gateway closes that milter session and goes on serving
+    assert peer.wait(lambda p: all(s.ended() for s in p.sessions if s.hung), 10), \
+        "the milter connection of a vanished client must be closed"
+    o = send(gw)
+    assert_reply(o.end, 250, "2.0.0")
+    assert gw.alive()
+
+
+def test_concurrent_sessions_through_one_milter(gateway_factory, milter_peer):
+    import threading
+    peer = milter_peer(script={"eom": ("delay", 0.2, "continue")},
+                       eom_mods=[("addheader", "X-Conc", "yes")])
+    gw = start(gateway_factory, ("m1", peer.spec))
+    results, errors = [], []
+
+    def one(i):
+        try:
+            results.append(send(gw, body=body_of("conc %d" % i)))
+        except Exception as e:      # collected and failed below
+            errors.append(repr(e))
+    ts = [threading.Thread(target=one, args=(i,)) for i in range(12)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(60)
+    assert not errors, errors
+    assert sorted(o.end.code for o in results) == [250] * 12, results
+    for o in results:
+        assert header_values(gw.read_message(o.qid), "X-Conc") == [" yes"]
+    assert len(gw.messages()) == 12
+
+
 def test_rejected_rcpt_only_that_recipient_and_session_goes_on(gateway_factory, milter_peer):
     def rcpt(sess, stage, argv):
         return "reject" if argv[0] == "<%s>" % BOB else "continue"
