@@ -532,6 +532,14 @@ def _check_delheader_received(gw, o, stored):
     assert stored.startswith(b"Received: from client.test")
 
 
+def _check_chgheader_missing(gw, o, stored):
+    # fewer occurrences than the index: the field is appended (libmilter smfi_chgheader,
+    # Postfix cleanup do the same)
+    hs, _ = headers_of(stored)
+    assert hs[-1] == ("X-Multi", " three"), hs
+    assert header_values(stored, "X-Multi") == [" one", " two", " three"]
+
+
 def _check_chgfrom(gw, o, stored):
     assert gw.message(o.qid)["sender"] == "bounce@client.test", gw.message(o.qid)
 
@@ -568,6 +576,8 @@ MODS = {
     "insheader_mid": _mod_case([("insheader", 1, "X-Mid", "mid")], _check_insheader_mid),
     "chgheader": _mod_case([("chgheader", 1, "Subject", "changed subject")], _check_chgheader),
     "chgheader_second": _mod_case([("chgheader", 2, "X-Multi", "TWO")], _check_chgheader_second),
+    "chgheader_missing": _mod_case([("chgheader", 3, "X-Multi", "three")],
+                                   _check_chgheader_missing),
     "delheader": _mod_case([("delheader", 1, "X-Remove")], _check_delheader),
     "delheader_received": _mod_case([("delheader", 1, "Received")], _check_delheader_received),
     "chgfrom": _mod_case([("chgfrom", "<bounce@client.test>")], _check_chgfrom),
@@ -606,6 +616,31 @@ def test_modification_not_negotiated_is_refused(gateway_factory, milter_peer):
     assert_reply(o.end, 451, "4.7.1")
     assert_nothing_stored(gw)
     assert "milter m1" in gw.log()
+
+
+def test_delrcpt_of_every_recipient_leaves_no_orphan(gateway_factory, milter_peer):
+    """A milter that deletes every recipient: the client got 250 from the milter's point of
+    view, and the spool must not keep a message nobody will ever get."""
+    peer = milter_peer(eom_mods=[("delrcpt", "<%s>" % ALICE), ("delrcpt", "<%s>" % BOB)])
+    gw = start(gateway_factory, ("m1", peer.spec))
+    o = send(gw, rcpts=(ALICE, BOB))
+    assert_reply(o.end, 250, "2.0.0")       # as a discard: accepted, nothing stored
+    assert_nothing_stored(gw)
+    # every line about it names the milter that did it
+    lines = [ln for ln in gw.log().splitlines() if o.qid in ln and "milter" in ln]
+    assert lines and all("milter m1" in ln for ln in lines), lines
+    assert send(gw).end.code == 250         # and the gateway is fine
+
+
+def test_old_protocol_version_gets_only_its_events(gateway_factory, milter_peer):
+    """A version 2 milter (before DATA and UNKNOWN existed) must not be sent 'T'."""
+    peer = milter_peer(version=2, eom_mods=[("addheader", "X-V2", "yes")])
+    gw = start(gateway_factory, ("m1", peer.spec))
+    o = send(gw)
+    assert_reply(o.end, 250, "2.0.0")
+    settle(peer)
+    assert "T" not in peer.sessions[-1].commands(), peer.sessions[-1].commands()
+    assert header_values(gw.read_message(o.qid), "X-V2") == [" yes"]
 
 
 def test_bdat_message_goes_through_the_milter(gateway_factory, milter_peer):
