@@ -207,6 +207,45 @@ def test_continue_milter_sees_whole_message_and_it_is_stored_unchanged(gateway_f
     assert [r["rcpt"] for r in gw.recipients(o.qid)] == [ALICE, BOB]
 
 
+def test_esmtp_args_folded_headers_and_dots_reach_the_milter(gateway_factory, milter_peer):
+    peer = milter_peer()
+    gw = start(gateway_factory, ("m1", peer.spec))
+    text = b"first line\r\n.leading dot\r\n..two dots\r\n"
+    body = body_of("args", text, extra=b"X-Fold: part one\r\n\tpart two\r\n")
+    with Raw(gw.port) as c:
+        c.ehlo()
+        c.expect("MAIL FROM:<%s> BODY=8BITMIME SIZE=%d" % (SENDER, len(body)), 250)
+        c.expect("RCPT TO:<%s> NOTIFY=SUCCESS,FAILURE" % ALICE, 250)
+        assert c.cmd("DATA", enh=False).code == 354
+        c.send(dot_stuff(body))
+        end = c.reply()
+    assert_reply(end, 250, "2.0.0")
+    t = eom_txn(peer)
+    assert t.mail[0] == "<%s>" % SENDER and "BODY=8BITMIME" in t.mail[1:], t.mail
+    assert "SIZE=%d" % len(body) in t.mail[1:], t.mail
+    assert t.rcpts[0][0] == "<%s>" % ALICE and "NOTIFY=SUCCESS,FAILURE" in t.rcpts[0][1:], t.rcpts
+    # a folded header goes with a bare LF between its lines (Sendmail, Postfix)
+    assert ("X-Fold", "part one\n\tpart two") in t.headers, t.headers
+    assert t.body == text, t.body        # dot-unstuffed, as stored
+    assert gw.read_message(end.qid()).endswith(body)
+
+
+@pytest.mark.parametrize("how", ["replycode_421", "shutdown"])
+def test_421_from_milter_closes_the_session(gateway_factory, milter_peer, how):
+    reply = ("replycode", "421 4.7.0 milter says go away") if how == "replycode_421" \
+        else ("raw", b"4", b"")
+    peer = milter_peer(script={"mail": reply})
+    gw = start(gateway_factory, ("m1", peer.spec))
+    with Raw(gw.port) as c:
+        c.ehlo()
+        r = c.cmd("MAIL FROM:<%s>" % SENDER)
+        assert r.code == 421, r
+        if how == "replycode_421":
+            assert str(r) == "421 4.7.0 milter says go away", r
+        assert c.closed(5), "after a 421 the gateway must close the connection"
+    assert_nothing_stored(gw)
+
+
 def test_milter_over_unix_socket(gateway_factory, milter_peer):
     peer = milter_peer(unix=True, eom_mods=[("addheader", "X-Via", "unix")])
     gw = start(gateway_factory, ("local", peer.unix_spec))
