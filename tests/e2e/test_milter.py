@@ -932,6 +932,17 @@ def test_two_milters_in_order_both_modifications_applied(gateway_factory, milter
     assert ("X-Second", "2") not in eom_txn(first).headers
 
 
+def test_first_milter_down_with_accept_second_still_works(gateway_factory, milter_peer):
+    second = milter_peer(eom_mods=[("addheader", "X-Second", "2")])
+    gw = start(gateway_factory, ("down", "inet:127.0.0.1:%d" % free_port(),
+                                 {"default_action": "accept"}), ("second", second.spec))
+    o = send(gw)
+    assert_reply(o.end, 250, "2.0.0")
+    assert header_values(gw.read_message(o.qid), "X-Second") == [" 2"]
+    assert all(r["state"] != SPOOL_HELD for r in gw.recipients(o.qid))
+    assert "milter down" in gw.log()
+
+
 def test_first_milter_reject_hides_message_from_second(gateway_factory, milter_peer):
     first = milter_peer(script={"mail": "reject"})
     second = milter_peer()
