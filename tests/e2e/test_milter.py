@@ -363,7 +363,7 @@ def test_client_gone_while_milter_pending(gateway_factory, milter_peer):
         calls.append(1)
         return "hang" if len(calls) == 1 else "continue"
     peer = milter_peer(script={"mail": mail})
-    gw = start(gateway_factory, ("m1", peer.spec, {"command_timeout": "5s"}))
+    gw = start(gateway_factory, ("m1", peer.spec, {"command_timeout": "2s"}))
     c = Raw(gw.port)
     c.ehlo()
     c.send("MAIL FROM:<%s>\r\n" % SENDER)
