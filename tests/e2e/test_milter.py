@@ -989,6 +989,24 @@ def test_rset_aborts_the_milter_transaction(gateway_factory, milter_peer):
     assert [r["rcpt"] for r in gw.recipients(o.qid)] == [ALICE]
 
 
+def test_milters_see_our_spf_header_first_and_never_our_received(gateway_factory,
+                                                                 milter_peer):
+    from dns_server import DNSServer
+    peer = milter_peer()
+    with DNSServer({"pass.test": ["v=spf1 ip4:192.0.2.0/24 -all"]}) as dns:
+        gw = start(gateway_factory, ("m1", peer.spec),
+                   spf={"enabled": "yes", "dns_server": dns.addr,
+                        "client_ip_override": "192.0.2.10", "timeout": "3s"})
+        o = send(gw, sender="user@pass.test")
+    assert_reply(o.end, 250, "2.0.0")
+    t = eom_txn(peer)
+    names = [n for n, _ in t.headers]
+    assert "Received" not in names, names
+    assert names[:2] == ["Authentication-Results", "Received-SPF"], names
+    assert "spf=pass" in t.headers[0][1] and t.headers[1][1].startswith("pass"), t.headers
+    assert names[-5:] == ["From", "To", "Subject", "Date", "Message-ID"], names
+
+
 # ------------------------------------------------------------------ real milters
 
 def test_opendkim_adds_authentication_results(gateway_factory, opendkim, dkim_keys):
