@@ -505,6 +505,14 @@ def test_progress_restarts_the_content_timeout(gateway_factory, milter_peer):
     assert gw.messages()[0]["qid"] == o.qid
 
 
+def test_progress_at_mail_restarts_the_command_timeout(gateway_factory, milter_peer):
+    peer = milter_peer(script={"mail": ("progress", 4, 0.8)})
+    gw = start(gateway_factory, ("m1", peer.spec, {"command_timeout": "2s"}))
+    o = send(gw)
+    assert_reply(o.mail, 250, "2.1.0")
+    assert_reply(o.end, 250, "2.0.0")
+
+
 def test_without_progress_the_same_delay_times_out(gateway_factory, milter_peer):
     """The counterpart of the progress test: the same wait with no 'p' fails."""
     peer = milter_peer(script={"eom": ("delay", 3.2, "continue")})
@@ -614,6 +622,8 @@ MODS = {
     "insheader_top": _mod_case([("insheader", 0, "X-Top", "top")], _check_insheader_top),
     "insheader_mid": _mod_case([("insheader", 1, "X-Mid", "mid")], _check_insheader_mid),
     "chgheader": _mod_case([("chgheader", 1, "Subject", "changed subject")], _check_chgheader),
+    "chgheader_case": _mod_case([("chgheader", 1, "subject", "changed subject")],
+                                _check_chgheader),
     "chgheader_second": _mod_case([("chgheader", 2, "X-Multi", "TWO")], _check_chgheader_second),
     "chgheader_missing": _mod_case([("chgheader", 3, "X-Multi", "three")],
                                    _check_chgheader_missing),
