@@ -951,8 +951,8 @@ static int mc_advance(struct mconn *c)
         return 1;
     stage_cmd(ms->st, &mst, &cmd, &no, &nr);
     c->sent = 1;
-    if (c->proto & no)
-        return 1;
+    if ((c->proto & no) || (ms->st == ST_DATA && c->version < 4))
+        return 1;                 /* opted out, or SMFIC_DATA is newer than its protocol */
     if (mc_send_macros(c, mst, cmd) < 0 || mc_send(c, ms->cmd, ms->cmd_len) < 0) {
         mc_fail(c, "write error");
         return mc_default(c);
@@ -1187,6 +1187,8 @@ static int mc_on_packet(struct mconn *c, const char *pkt, size_t len)
         mc_edits_free(c);
         if (r.type == MILTER_R_REPLYCODE)
             ms_decide(ms, c, r.code >= 500 ? GW_MV_REJECT : GW_MV_TEMPFAIL, r.text);
+        else if (r.type == MILTER_R_SHUTDOWN)     /* Postfix: 421, and the session ends */
+            ms_decide(ms, c, GW_MV_TEMPFAIL, "421 4.7.0 Server closing connection");
         else
             ms_decide(ms, c, r.type == MILTER_R_REJECT ? GW_MV_REJECT : GW_MV_TEMPFAIL, NULL);
         return 2;
@@ -1548,6 +1550,7 @@ static int mc_apply_edits(struct mconn *c)
                 return -1;
             }
             r->add = e->type != MILTER_R_DELRCPT;
+            memcpy(r->milter, c->name, sizeof(r->milter));
             r->args = e->value ? strdup(e->value) : NULL;
             for (t = &m->rcpts; *t; t = &(*t)->next)
                 ;

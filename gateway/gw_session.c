@@ -143,6 +143,7 @@ static void session_alloc_cb(uv_handle_t *h, size_t suggested, uv_buf_t *buf);
 static void session_read_cb(uv_stream_t *st, ssize_t nread, const uv_buf_t *buf);
 static void session_lost(struct gw_session *s, const char *why);
 static void session_milter_close(struct gw_session *s);
+static void session_milter_reply(struct gw_session *s, const char *reply);
 static void session_milter_cb(void *arg, const struct gw_milter_result *res);
 static int session_milter_connect(struct gw_session *s);
 static void session_greet(struct gw_session *s);
@@ -752,9 +753,9 @@ static int cmd_mail(struct gw_session *s, struct smtp_cmd *cmd)
     }
     if (s->milter_reply[0]) {
         /* a milter refused the connection (or HELO): every MAIL gets its answer */
-        session_reply(s, "%s", s->milter_reply);
         log_info("NOQUEUE: milter %s: reject: MAIL from " GW_CLIENT ": %s; from=<%s>",
                  s->milter_by, s->addr, s->milter_reply, m.addr);
+        session_milter_reply(s, s->milter_reply);
         return -1;
     }
     fb = gw_server_free_bytes(s->srv);
@@ -979,8 +980,8 @@ static int cmd_data(struct gw_session *s, struct smtp_cmd *cmd)
 static void session_data_finish(struct gw_session *s, const struct gw_milter_result *res)
 {
     if (res && (res->verdict == GW_MV_REJECT || res->verdict == GW_MV_TEMPFAIL)) {
-        session_reply(s, "%s", res->reply);
         session_milter_log(s, "DATA", res, "");
+        session_milter_reply(s, res->reply);
         return;
     }
     if (res && res->verdict == GW_MV_DISCARD) {
@@ -1446,6 +1447,17 @@ static void session_tx_end(struct gw_session *s)
 
 /* ---------------------------------------------------------------- milters */
 
+/* session_milter_reply - a milter's refusal to the client; a 421 (a milter's replycode, or
+ * SMFIR_SHUTDOWN) also ends the session (RFC 5321 3.8), as Postfix does */
+static void session_milter_reply(struct gw_session *s, const char *reply)
+{
+    session_reply(s, "%s", reply);
+    if (strncmp(reply, "421", 3) == 0) {
+        tx_reset(s);
+        session_close(s);
+    }
+}
+
 /* session_milter_close - QUIT to the milters now that the session ends (unless a stage is
  * outstanding: then they go with the session) */
 static void session_milter_close(struct gw_session *s)
@@ -1551,6 +1563,13 @@ static void session_greet(struct gw_session *s)
 {
     const struct conf_gateway *g = &s->srv->conf->gateway;
 
+    if (strncmp(s->milter_reply, "421", 3) == 0) {
+        /* a milter's 421 (or SMFIR_SHUTDOWN) at CONNECT: instead of the greeting */
+        session_reply(s, "%s", s->milter_reply);
+        session_close(s);
+        return;
+    }
+
     session_reply(s, "220 %s %s", g->hostname, g->banner);
 }
 
@@ -1613,9 +1632,9 @@ static void session_mail_stage(struct gw_session *s)
 static void session_mail_finish(struct gw_session *s, const struct gw_milter_result *res)
 {
     if (res && (res->verdict == GW_MV_REJECT || res->verdict == GW_MV_TEMPFAIL)) {
-        session_reply(s, "%s", res->reply);
         session_milter_log(s, "MAIL", res, "");
         tx_reset(s);
+        session_milter_reply(s, res->reply);
         return;
     }
     if (res && res->verdict == GW_MV_DISCARD) {
@@ -1637,9 +1656,9 @@ static void session_rcpt_finish(struct gw_session *s, const struct gw_milter_res
     if (res && (res->verdict == GW_MV_REJECT || res->verdict == GW_MV_TEMPFAIL)) {
         char extra[SMTP_ADDR_SIZE + 8];
 
-        session_reply(s, "%s", res->reply);
         snprintf(extra, sizeof(extra), " to=<%.*s>", SMTP_ADDR_SIZE - 1, gr->addr);
         session_milter_log(s, "RCPT", res, extra);
+        session_milter_reply(s, res->reply);
         return;
     }
     if (res && res->verdict == GW_MV_DISCARD) {
@@ -1714,10 +1733,10 @@ static void session_eom_verdict(struct gw_session *s, const struct gw_milter_res
     struct gw_tx *tx = &s->tx;
 
     if (res->verdict == GW_MV_REJECT || res->verdict == GW_MV_TEMPFAIL) {
-        session_reply(s, "%s", res->reply);
         session_milter_log(s, "END-OF-MESSAGE", res, "");
         tx_reset(s);
         session_enter(s, GW_S_READY);
+        session_milter_reply(s, res->reply);
         session_tx_end(s);
         return;
     }
@@ -1755,11 +1774,11 @@ static int session_apply_envelope(struct gw_session *s)
     const struct conf *c = s->srv->conf;
     struct gw_tx *tx = &s->tx;
     struct gw_milter_msg *mm = &tx->mmsg;
-    char a[SMTP_ADDR_SIZE];
+    char a[SMTP_ADDR_SIZE], last_del[CONF_NAME_MAX] = "?";
 
     if (mm->sender) {
         if (strip_path(mm->sender, a, sizeof(a)) < 0)
-            log_qid(LOG_WARNING, tx->qid, "milter: bad new sender <%s>: ignored", mm->sender);
+            log_qid(LOG_WARNING, tx->qid, "milter: bad new sender %s: ignored", mm->sender);
         else
             memcpy(tx->sender, a, sizeof(tx->sender));
     }
@@ -1768,7 +1787,8 @@ static int session_apply_envelope(struct gw_session *s)
         int i;
 
         if (strip_path(r->addr, a, sizeof(a)) < 0 || (r->add && !strchr(a, '@'))) {
-            log_qid(LOG_WARNING, tx->qid, "milter: bad recipient %s: ignored", r->addr);
+            log_qid(LOG_WARNING, tx->qid, "milter %s: bad recipient %s: ignored", r->milter,
+                    r->addr);
             continue;
         }
         for (i = 0; i < tx->nrcpt; i++)
@@ -1780,19 +1800,20 @@ static int session_apply_envelope(struct gw_session *s)
             memmove(&tx->rcpts[i], &tx->rcpts[i + 1],
                     (size_t)(tx->nrcpt - i - 1) * sizeof(tx->rcpts[0]));
             tx->nrcpt--;
-            log_qid(LOG_INFO, tx->qid, "milter: delete recipient <%s>", a);
+            log_qid(LOG_INFO, tx->qid, "milter %s: delete recipient <%s>", r->milter, a);
+            snprintf(last_del, sizeof(last_del), "%s", r->milter);
             continue;
         }
         if (i < tx->nrcpt)
             continue;             /* already a recipient */
         if (!(ms = router_route(s->srv->router, a, &why))) {
-            log_qid(LOG_WARNING, tx->qid, "milter: add recipient <%s>: no mailstore routes "
-                    "it: ignored", a);
+            log_qid(LOG_WARNING, tx->qid, "milter %s: add recipient <%s>: no mailstore "
+                    "routes it: ignored", r->milter, a);
             continue;
         }
         if (tx->nrcpt >= c->gateway.max_recipients || tx_rcpt_reserve(s) < 0) {
-            log_qid(LOG_WARNING, tx->qid, "milter: add recipient <%s>: too many recipients: "
-                    "ignored", a);
+            log_qid(LOG_WARNING, tx->qid, "milter %s: add recipient <%s>: too many "
+                    "recipients: ignored", r->milter, a);
             continue;
         }
         {
@@ -1810,12 +1831,14 @@ static int session_apply_envelope(struct gw_session *s)
                     gr->notify[nl] = '\0';
                 }
             }
-            log_qid(LOG_INFO, tx->qid, "milter: add recipient <%s>, mailstore=%s", a, ms);
+            log_qid(LOG_INFO, tx->qid, "milter %s: add recipient <%s>, mailstore=%s",
+                    r->milter, a, ms);
         }
     }
     if (tx->nrcpt == 0 && !tx->discard) {
         tx->discard = 1;
-        snprintf(tx->discard_by, sizeof(tx->discard_by), "%s", "(every recipient deleted)");
+        snprintf(tx->discard_by, sizeof(tx->discard_by), "%s", last_del);
+        log_qid(LOG_INFO, tx->qid, "milter %s: every recipient deleted: discard", last_del);
     }
     return 0;
 }

@@ -59,6 +59,7 @@ struct gw_milter_rcptmod {
     int add;                            /* 1 ADDRCPT(_PAR), 0 DELRCPT */
     char *addr;                         /* as the milter sent it, usually "<a@b>" */
     char *args;                         /* ESMTP args or NULL */
+    char milter[CONF_NAME_MAX];         /* which milter asked */
 };
 
 struct gw_milter_msg {
