@@ -113,6 +113,7 @@ struct mconn {
     char *newbody;                /* REPLBODY collected */
     size_t newbody_len, newbody_cap;
     int newbody_set;
+    size_t edit_bytes;            /* header/envelope edits kept: bounded by max_msg */
 };
 
 struct mmacro {
@@ -1010,6 +1011,13 @@ static int mc_edit(struct mconn *c, const struct milter_reply *r)
         c->newbody_set = 1;
         return 0;
     }
+    c->edit_bytes += sizeof(*e) + strlen(r->name ? r->name : r->addr) +
+                     strlen(r->value ? r->value : r->args ? r->args : "");
+    if (c->edit_bytes > ms->max_msg) {
+        /* a runaway milter cannot make the gateway hold more than a message's worth */
+        mc_fail(c, "changes larger than %llu bytes", (unsigned long long)ms->max_msg);
+        return -1;
+    }
     if (!(e = calloc(1, sizeof(*e)))) {
         mc_fail(c, "out of memory");
         return -1;
@@ -1042,6 +1050,7 @@ static void mc_edits_free(struct mconn *c)
     }
     c->edits = NULL;
     c->edits_tail = &c->edits;
+    c->edit_bytes = 0;
     free(c->newbody);
     c->newbody = NULL;
     c->newbody_len = c->newbody_cap = 0;
