@@ -35,10 +35,12 @@ enum conf_type {
     CT_DOMAINLIST,/* struct conf_list of domain names */
     CT_NETLIST,   /* struct conf_list of networks (CIDR) */
     CT_DELIVER,   /* char[] deliver string, also fills transport and endpoint */
+    CT_MSOCKET,   /* char[] milter socket, also fills the milter's endpoint */
+    CT_MACTION,   /* char[] milter default_action, also fills the enum */
 };
 
 enum conf_sec { SEC_NONE, SEC_SPOOL, SEC_LOG, SEC_GATEWAY, SEC_ROUTING, SEC_CONTROL, SEC_METRICS,
-                SEC_POLICYD, SEC_SPF, SEC_MAILSTORE, SEC_BAD };
+                SEC_POLICYD, SEC_SPF, SEC_MAILSTORE, SEC_MILTER, SEC_BAD };
 
 #define CF_NONEMPTY 1 /* "" is not a valid value */
 #define CF_REQUIRED 2 /* must be set in every section instance (mailstore deliver) */
@@ -59,7 +61,7 @@ static const char *const conf_sec_names[] = {
     [SEC_SPOOL] = "spool", [SEC_LOG] = "log", [SEC_GATEWAY] = "gateway",
     [SEC_ROUTING] = "routing", [SEC_CONTROL] = "control", [SEC_METRICS] = "metrics",
     [SEC_POLICYD] = "policyd", [SEC_SPF] = "spf",
-    [SEC_MAILSTORE] = "mailstore",
+    [SEC_MAILSTORE] = "mailstore", [SEC_MILTER] = "milter",
 };
 
 #define FLD(st, f) offsetof(struct st, f), sizeof(((struct st *)0)->f)
@@ -77,6 +79,8 @@ static const char *const conf_sec_names[] = {
     { SEC_MAILSTORE, name, type, FLD(conf_mailstore, field), def, 0, 0, 0, help }
 #define MI(name, field, def, lo, hi, help) \
     { SEC_MAILSTORE, name, CT_INT, FLD(conf_mailstore, field), def, lo, hi, 0, help }
+#define MLT(name, type, field, def, lo, hi, flags, help) \
+    { SEC_MILTER, name, type, FLD(conf_milter, field), def, lo, hi, flags, help }
 
 /* The whole schema. Order is the dump's order. Defaults are parsed by the same code as the
  * file, so a default that does not parse fails the unit tests, not production. */
@@ -163,6 +167,9 @@ static const struct conf_key conf_keys[] = {
       "on SIGTERM, time sessions get to finish"),
     KF(GATEWAY, "banner", CT_STR, gateway.banner, "ESMTP sluice", CF_NONEMPTY,
        "text after the hostname in the 220 greeting"),
+    KR(GATEWAY, "milter_max_size", CT_SIZE, gateway.milter_max_size, "16M", 64 * 1024,
+       (int64_t)1 << 30,
+       "messages larger than this skip the milters' header and body stages (logged)"),
 
     K(ROUTING, "override_map", CT_STR, routing.override_map, "",
       "file of address -> mailstore overrides (moved mailboxes)"),
@@ -253,6 +260,17 @@ static const struct conf_key conf_keys[] = {
       "queued bytes past which RCPT for this mailstore gets 452 (0: no limit)"),
     MI("max_backlog_messages", max_backlog_messages, "0", 0, 1000000000,
        "queued messages past which RCPT for this mailstore gets 452 (0: no limit)"),
+
+    MLT("socket", CT_MSOCKET, socket, "", 0, 0, CF_REQUIRED | CF_NONEMPTY,
+        "inet:HOST:PORT, inet:PORT@HOST, inet6:[HOST]:PORT or unix:/PATH"),
+    MLT("connect_timeout", CT_DUR, connect_timeout_ms, "5s", 100, 3600000, 0,
+        "time to connect to the milter and negotiate"),
+    MLT("command_timeout", CT_DUR, command_timeout_ms, "10s", 100, 3600000, 0,
+        "time to wait for the reply to CONNECT, HELO, MAIL, RCPT or DATA"),
+    MLT("content_timeout", CT_DUR, content_timeout_ms, "60s", 100, 3600000, 0,
+        "time to wait for the reply to a header, body chunk or end of message"),
+    MLT("default_action", CT_MACTION, default_action, "tempfail", 0, 0, 0,
+        "when the milter fails: accept, tempfail, reject or quarantine"),
 };
 
 #define CONF_NKEYS (sizeof(conf_keys) / sizeof(conf_keys[0]))
@@ -270,10 +288,12 @@ struct conf_ctx {
     char sec_label[CONF_RAW_MAX]; /* "spool", "mailstore ms1": how messages name a section */
     int ms;                       /* current mailstore index when sec == SEC_MAILSTORE */
     int ms_line[CONF_MAILSTORE_MAX];
+    int mi;                       /* current milter index when sec == SEC_MILTER */
+    int mi_line[CONF_MILTER_MAX];
     int last_key;                 /* table index of the previous key line, -1 if none */
     /* Line each key was set on, 0 = not set: row 0 for the single sections, 1 + i for
      * mailstore i. Finds duplicates and points cross-key errors at a line. */
-    int seen[CONF_MAILSTORE_MAX + 1][CONF_NKEYS];
+    int seen[CONF_MAILSTORE_MAX + 1 + CONF_MILTER_MAX][CONF_NKEYS];
     int nerr;
     int gave_up;
     char *err;
@@ -285,6 +305,7 @@ static void conf_error(struct conf_ctx *x, int line, const char *fmt, ...)
 static int conf_set(const struct conf_key *k, void *base, const char *v, int append, char *why,
                     size_t whylen);
 static void conf_ms_defaults(struct conf_mailstore *m);
+static void conf_mi_defaults(struct conf_milter *m);
 
 /* --- Value parsers ------------------------------------------------------------------ */
 
@@ -505,6 +526,52 @@ int conf_parse_net(const char *s, struct conf_net *out)
             return -EINVAL;
     *out = n;
     return 0;
+}
+
+int conf_parse_milter_socket(const char *s, struct conf_endpoint *ep)
+{
+    char buf[CONF_PATH_MAX + 8];
+    const char *at;
+    int v6 = 0;
+
+    if (s == NULL || strlen(s) >= CONF_PATH_MAX)
+        return -EINVAL;
+    if (strncmp(s, "unix:", 5) == 0)
+        return conf_parse_endpoint(s, 0, ep);
+    if (strncmp(s, "local:", 6) == 0) {
+        snprintf(buf, sizeof(buf), "unix:%s", s + 6);
+        return conf_parse_endpoint(buf, 0, ep);
+    }
+    if (strncmp(s, "inet:", 5) == 0)
+        s += 5;
+    else if (strncmp(s, "inet6:", 6) == 0) {
+        s += 6;
+        v6 = 1;
+    } else
+        return -EINVAL;
+    if ((at = strchr(s, '@')) != NULL) {
+        /* libmilter's PORT@HOST */
+        const char *host = at + 1;
+
+        size_t hl = strlen(host), pl = (size_t)(at - s), n = 0;
+        int br = v6 || strchr(host, ':') != NULL;
+
+        if (pl == 0 || hl == 0 || hl + pl + 4 > sizeof(buf))
+            return -EINVAL;
+        if (br)
+            buf[n++] = '[';
+        memcpy(buf + n, host, hl);
+        n += hl;
+        if (br)
+            buf[n++] = ']';
+        buf[n++] = ':';
+        memcpy(buf + n, s, pl);
+        buf[n + pl] = '\0';
+        return conf_parse_endpoint(buf, 1, ep);
+    }
+    if (v6 && *s != '[')
+        return -EINVAL;
+    return conf_parse_endpoint(s, 1, ep);
 }
 
 /* The maildir path template may use %d (domain), %u (local part) and %% only: anything else
@@ -732,6 +799,30 @@ static int conf_set(const struct conf_key *k, void *base, const char *v, int app
         memcpy(field, v, strlen(v) + 1);
         return 0;
     }
+    case CT_MSOCKET: {
+        struct conf_milter *m = base;
+        if (strlen(v) >= k->size || conf_parse_milter_socket(v, &m->endpoint) < 0) {
+            snprintf(why, whylen,
+                     "bad socket \"%s\" (use inet:HOST:PORT, inet:PORT@HOST, "
+                     "inet6:[HOST]:PORT or unix:/PATH)", v);
+            return -EINVAL;
+        }
+        memcpy(field, v, strlen(v) + 1);
+        return 0;
+    }
+    case CT_MACTION: {
+        static const char *const acts[] = { "accept", "tempfail", "reject", "quarantine" };
+        struct conf_milter *m = base;
+        for (int i = 0; i < 4; i++) {
+            if (strcmp(v, acts[i]) == 0) {
+                m->action = (enum conf_milter_action)(CONF_MA_ACCEPT + i);
+                memcpy(field, v, strlen(v) + 1);
+                return 0;
+            }
+        }
+        snprintf(why, whylen, "\"%s\" is not one of accept tempfail reject quarantine", v);
+        return -EINVAL;
+    }
     }
     snprintf(why, whylen, "internal error: unknown type");
     return -EINVAL;
@@ -759,6 +850,12 @@ static void conf_ms_defaults(struct conf_mailstore *m)
 {
     memset(m, 0, sizeof(*m));
     conf_apply_defaults(SEC_MAILSTORE, m);
+}
+
+static void conf_mi_defaults(struct conf_milter *m)
+{
+    memset(m, 0, sizeof(*m));
+    conf_apply_defaults(SEC_MILTER, m);
 }
 
 void conf_defaults(struct conf *c)
@@ -907,6 +1004,38 @@ static int conf_getline(FILE *f, char *buf, size_t len, int *toolong, int *nul)
     return any;
 }
 
+/* conf_open_milter - [milter NAME]: names follow the mailstore rules; order is kept */
+static void conf_open_milter(struct conf_ctx *x, const char *label, const char *rest)
+{
+    if (rest[0] == '\0') {
+        conf_error(x, x->lineno, "[%s]: missing name (use [milter NAME])", label);
+        return;
+    }
+    if (!conf_mailstore_name_ok(rest)) {
+        conf_error(x, x->lineno,
+                   "[%s]: bad milter name \"%s\" (use 1 to 63 of A-Z a-z 0-9 _ . -)", label,
+                   rest);
+        return;
+    }
+    for (int i = 0; i < x->c.n_milters; i++) {
+        if (strcmp(x->c.milters[i].name, rest) == 0) {
+            conf_error(x, x->lineno, "[%s]: duplicate milter (first at line %d)", label,
+                       x->mi_line[i]);
+            return;
+        }
+    }
+    if (x->c.n_milters >= CONF_MILTER_MAX) {
+        conf_error(x, x->lineno, "[%s]: too many milters (max %d)", label, CONF_MILTER_MAX);
+        return;
+    }
+    x->mi = x->c.n_milters++;
+    conf_mi_defaults(&x->c.milters[x->mi]);
+    memcpy(x->c.milters[x->mi].name, rest, strlen(rest) + 1);
+    x->mi_line[x->mi] = x->lineno;
+    snprintf(x->sec_label, sizeof(x->sec_label), "milter %.63s", rest);
+    x->sec = SEC_MILTER;
+}
+
 static void conf_open_section(struct conf_ctx *x, const char *label)
 {
     char word[CONF_RAW_MAX], rest[CONF_RAW_MAX];
@@ -922,9 +1051,13 @@ static void conf_open_section(struct conf_ctx *x, const char *label)
         char *r = conf_trim(rest);
         memmove(rest, r, strlen(r) + 1);
     }
-    for (int s = SEC_SPOOL; s <= SEC_MAILSTORE; s++) {
+    for (int s = SEC_SPOOL; s <= SEC_MILTER; s++) {
         if (strcmp(word, conf_sec_names[s]) != 0)
             continue;
+        if (s == SEC_MILTER) {
+            conf_open_milter(x, label, rest);
+            return;
+        }
         if (s != SEC_MAILSTORE) {
             if (rest[0] != '\0') {
                 conf_error(x, x->lineno, "[%s]: section [%s] takes no name", label, word);
@@ -968,12 +1101,15 @@ static void conf_open_section(struct conf_ctx *x, const char *label)
 
 static void *conf_key_base(struct conf_ctx *x, const struct conf_key *k)
 {
+    if (k->sec == SEC_MILTER)
+        return &x->c.milters[x->mi];
     return k->sec == SEC_MAILSTORE ? (void *)&x->c.mailstores[x->ms] : (void *)&x->c;
 }
 
 static int *conf_seen(struct conf_ctx *x, const struct conf_key *k)
 {
-    int row = k->sec == SEC_MAILSTORE ? 1 + x->ms : 0;
+    int row = k->sec == SEC_MAILSTORE ? 1 + x->ms
+            : k->sec == SEC_MILTER ? 1 + CONF_MAILSTORE_MAX + x->mi : 0;
     return &x->seen[row][k - conf_keys];
 }
 
@@ -1131,7 +1267,7 @@ static void conf_check(struct conf_ctx *x)
 
     for (size_t i = 0; i < CONF_NKEYS; i++) {
         const struct conf_key *k = &conf_keys[i];
-        if ((k->flags & CF_NONEMPTY) && k->sec != SEC_MAILSTORE &&
+        if ((k->flags & CF_NONEMPTY) && k->sec != SEC_MAILSTORE && k->sec != SEC_MILTER &&
             (k->type == CT_ADDRLIST || k->type == CT_DOMAINLIST) &&
             ((const struct conf_list *)((const char *)c + k->off))->n == 0)
             conf_error(x, x->seen[0][i], "[%s] %s: empty list", conf_sec_names[k->sec],
@@ -1215,6 +1351,14 @@ static void conf_check(struct conf_ctx *x)
             line = conf_later(x, 1 + i, SEC_MAILSTORE, "retry_min", "retry_max", &which);
             conf_error(x, line, "[mailstore %s] %s: retry_min is larger than retry_max",
                        m->name, which);
+        }
+    }
+    for (int i = 0; i < c->n_milters; i++) {
+        for (size_t k = 0; k < CONF_NKEYS; k++) {
+            if (conf_keys[k].sec == SEC_MILTER && (conf_keys[k].flags & CF_REQUIRED) &&
+                x->seen[1 + CONF_MAILSTORE_MAX + i][k] == 0)
+                conf_error(x, x->mi_line[i], "[milter %s]: missing required key \"%s\"",
+                           c->milters[i].name, conf_keys[k].name);
         }
     }
 }
@@ -1381,6 +1525,8 @@ static void conf_dump_key(const struct conf_key *k, const void *base, FILE *out)
     switch (k->type) {
     case CT_STR:
     case CT_DELIVER:
+    case CT_MSOCKET:
+    case CT_MACTION:
         if (*(const char *)field != '\0')
             fprintf(out, " %s", (const char *)field);
         break;
@@ -1421,7 +1567,7 @@ void conf_dump(const struct conf *c, FILE *out)
     fprintf(out, "# sluice effective configuration: every key, defaults included\n");
     for (size_t i = 0; i < CONF_NKEYS; i++) {
         const struct conf_key *k = &conf_keys[i];
-        if (k->sec == SEC_MAILSTORE)
+        if (k->sec == SEC_MAILSTORE || k->sec == SEC_MILTER)
             continue;
         if (k->sec != sec) {
             sec = k->sec;
@@ -1434,5 +1580,11 @@ void conf_dump(const struct conf *c, FILE *out)
         for (size_t i = 0; i < CONF_NKEYS; i++)
             if (conf_keys[i].sec == SEC_MAILSTORE)
                 conf_dump_key(&conf_keys[i], &c->mailstores[m], out);
+    }
+    for (int m = 0; m < c->n_milters; m++) {
+        fprintf(out, "\n[milter %s]\n", c->milters[m].name);
+        for (size_t i = 0; i < CONF_NKEYS; i++)
+            if (conf_keys[i].sec == SEC_MILTER)
+                conf_dump_key(&conf_keys[i], &c->milters[m], out);
     }
 }

@@ -41,9 +41,37 @@ struct gw_ctl {
     uint64_t rate_last;
     double rate;
     int64_t free_bytes;
+    /* per milter (names from the config; a reload may add some, up to the table's size) */
+    int nmilters;
+    char milter[GW_CTL_MILTERS_MAX][CONF_NAME_MAX];
+    uint64_t milter_n[GW_CTL_MILTERS_MAX][GW_CTL_MRESULTS];
 };
 
+static const char *const milter_results[GW_CTL_MRESULTS] = { "reject", "tempfail", "discard",
+                                                             "quarantine", "failure" };
+
 static struct gw_ctl g;
+
+void gw_ctl_milter(const char *milter, const char *result)
+{
+    int i, k;
+
+    if (!g.on || !milter || !milter[0])
+        return;
+    for (k = 0; k < GW_CTL_MRESULTS && strcmp(milter_results[k], result) != 0; k++)
+        ;
+    if (k == GW_CTL_MRESULTS)
+        return;
+    for (i = 0; i < g.nmilters && strcmp(g.milter[i], milter) != 0; i++)
+        ;
+    if (i == g.nmilters) {
+        if (g.nmilters == GW_CTL_MILTERS_MAX)
+            return;
+        snprintf(g.milter[i], sizeof(g.milter[i]), "%s", milter);
+        g.nmilters++;
+    }
+    g.milter_n[i][k]++;
+}
 
 /* --- Hooks ----------------------------------------------------------------------------------- */
 
@@ -193,6 +221,15 @@ static void render(void)
         metrics_escape(g.reason[i], esc, sizeof(esc));
         snprintf(lab, sizeof(lab), "reason=\"%s\"", esc);
         metrics_sample(&b, "sluice_gateway_rejected_total", lab, (double)g.reason_n[i]);
+    }
+    metrics_head(&b, "sluice_gateway_milter_total", "counter",
+                 "milter decisions and failures since start, by milter and result");
+    for (int i = 0; i < g.nmilters; i++) {
+        metrics_escape(g.milter[i], esc, sizeof(esc));
+        for (int k = 0; k < GW_CTL_MRESULTS; k++) {
+            snprintf(lab, sizeof(lab), "milter=\"%s\",result=\"%s\"", esc, milter_results[k]);
+            metrics_sample(&b, "sluice_gateway_milter_total", lab, (double)g.milter_n[i][k]);
+        }
     }
     metrics_head(&b, "sluice_gateway_commit_seconds", "histogram",
                  "end of DATA to durable in the spool (fsync and index commit)");

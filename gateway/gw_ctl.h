@@ -28,6 +28,8 @@
 
 #define GW_CTL_REASONS_MAX 32   /* distinct rejection reasons counted; more go to "other" */
 #define GW_CTL_REASON_LEN 32
+#define GW_CTL_MILTERS_MAX 32   /* milters counted (CONF_MILTER_MAX, plus reloads) */
+#define GW_CTL_MRESULTS 5
 
 /* Start counting, listen on the control socket and, when configured, serve /metrics. A
  * negative return means the control socket could not be had (err says why); counting and
@@ -49,5 +51,8 @@ void gw_ctl_rejected(const char *reason);
 void gw_ctl_rejected_reply(const char *reply);
 /* "550 5.1.1 ..." -> "unknown_user", "552 ..." -> "too_big", ...; "other_4xx"/"other_5xx". */
 const char *gw_ctl_reply_reason(const char *reply);
+/* A milter's decision or failure: result "reject", "tempfail", "discard", "quarantine" or
+ * "failure" (sluice_gateway_milter_total{milter,result}). */
+void gw_ctl_milter(const char *milter, const char *result);
 
 #endif

@@ -41,6 +41,7 @@
 #include "log.h"
 #include "rcptmap.h"
 #include "router.h"
+#include "version.h"
 
 /* ---------------------------------------------------------------- declarations and limits */
 
@@ -151,6 +152,26 @@ static void session_proxy_header(struct gw_session *s, const struct gw_proxy_res
                                  size_t used);
 static void session_printable(const char *p, size_t n, char *out, size_t outlen);
 static void session_proxy_drop(struct gw_session *s);
+static void session_milter_close(struct gw_session *s);
+static void session_milter_reply(struct gw_session *s, const char *reply);
+static void session_milter_cb(void *arg, const struct gw_milter_result *res);
+static int session_milter_connect(struct gw_session *s);
+static void session_greet_on(struct gw_session *s);
+static void session_helo_stage(struct gw_session *s, int esmtp);
+static void session_helo_finish(struct gw_session *s, int esmtp,
+                                const struct gw_milter_result *res);
+static void session_mail_stage(struct gw_session *s);
+static void session_mail_finish(struct gw_session *s, const struct gw_milter_result *res);
+static void session_rcpt_finish(struct gw_session *s, const struct gw_milter_result *res);
+static void session_rcpt_rejected(struct gw_session *s, const char *addr, const char *enh);
+static void session_data_finish(struct gw_session *s, const struct gw_milter_result *res);
+static int session_eom_milters(struct gw_session *s);
+static int session_eom_content(struct gw_session *s);
+static void session_eom_verdict(struct gw_session *s, const struct gw_milter_result *res);
+static void session_commit(struct gw_session *s);
+static void session_milter_log(struct gw_session *s, const char *stage,
+                               const struct gw_milter_result *res, const char *extra);
+static int session_apply_envelope(struct gw_session *s);
 
 #define ST(x) (1u << GW_S_##x)
 #define GW_CMD_ANY (ST(GREET) | ST(READY) | ST(MAIL) | ST(RCPT) | ST(CHUNKED))
@@ -394,6 +415,7 @@ static void session_close_now(struct gw_session *s)
         spool_msg_abort(s->tx.msg);
         s->tx.msg = NULL;
     }
+    session_milter_close(s);
     uv_close(&s->h.handle, session_closed_cb);
     uv_close((uv_handle_t *)&s->timer, session_closed_cb);
 }
@@ -423,6 +445,10 @@ static void session_free(struct gw_session *s)
 {
     if (s->tx.msg)
         spool_msg_abort(s->tx.msg);
+    gw_milter_free(s->milter);
+    free(s->tx.mmsg.buf);
+    gw_milter_msg_clear(&s->tx.mmsg);
+    free(s->tx.mprefix);
     gw_tls_conn_free(s->tls);
     free(s->tx.rcpts);
     free(s->tx.rin);
@@ -594,6 +620,20 @@ static void tx_reset(struct gw_session *s)
     tx->data_deadline = 0;
     tx->size = 0;
     tx->spf_done = 0;
+    if (s->milter && s->mpend == GW_MP_NONE)
+        gw_milter_abort(s->milter);
+    free(tx->mmsg.buf);
+    tx->mmsg.buf = NULL;
+    tx->mmsg.len = tx->mmsg.cap = 0;
+    gw_milter_msg_clear(&tx->mmsg);
+    free(tx->mprefix);
+    tx->mprefix = NULL;
+    tx->margs[0] = '\0';
+    tx->milter_buffer = 0;
+    tx->milter_skipped = 0;
+    tx->mdata_done = 0;
+    tx->discard = 0;
+    tx->discard_by[0] = '\0';
 }
 
 /* tx_rcpt_reserve - room for one more recipient (doubling; bounded by max_recipients) */
@@ -689,8 +729,7 @@ static int cmd_helo(struct gw_session *s, struct smtp_cmd *cmd)
     tx_reset(s);
     snprintf(s->helo, sizeof(s->helo), "%.*s", GW_HELO_MAX, cmd->arg);
     s->esmtp = 0;
-    session_reply(s, "250 %s", session_host(s));
-    session_enter(s, GW_S_READY);
+    session_helo_stage(s, 0);
     return 0;
 }
 
@@ -698,11 +737,31 @@ static int cmd_helo(struct gw_session *s, struct smtp_cmd *cmd)
  * enhanced codes, so these lines carry none. */
 static int cmd_ehlo(struct gw_session *s, struct smtp_cmd *cmd)
 {
-    const struct conf_gateway *g = &s->srv->conf->gateway;
-
     tx_reset(s);
     snprintf(s->helo, sizeof(s->helo), "%.*s", GW_HELO_MAX, cmd->arg);
     s->esmtp = 1;
+    session_helo_stage(s, 1);
+    return 0;
+}
+
+/* session_helo_finish - the HELO/EHLO reply. A milter's refusal of HELO is kept like one at
+ * CONNECT: HELO itself gets 250 and every MAIL of the session gets the milter's reply. */
+static void session_helo_finish(struct gw_session *s, int esmtp,
+                                const struct gw_milter_result *res)
+{
+    const struct conf_gateway *g = &s->srv->conf->gateway;
+
+    if (res && (res->verdict == GW_MV_REJECT || res->verdict == GW_MV_TEMPFAIL) &&
+        !s->milter_reply[0]) {
+        snprintf(s->milter_reply, sizeof(s->milter_reply), "%s", res->reply);
+        snprintf(s->milter_by, sizeof(s->milter_by), "%s", res->milter);
+        session_milter_log(s, esmtp ? "EHLO" : "HELO", res, "");
+    }
+    if (!esmtp) {
+        session_reply(s, "250 %s", session_host(s));
+        session_enter(s, GW_S_READY);
+        return;
+    }
     session_reply(s, "250-%s", g->hostname);
     session_reply(s, "250-PIPELINING");
     session_reply(s, "250-SIZE %" PRIu64, g->max_message_size);
@@ -715,7 +774,6 @@ static int cmd_ehlo(struct gw_session *s, struct smtp_cmd *cmd)
     session_reply(s, "250-CHUNKING");
     session_reply(s, "250 DSN");
     session_enter(s, GW_S_READY);
-    return 0;
 }
 
 static int cmd_mail(struct gw_session *s, struct smtp_cmd *cmd)
@@ -740,6 +798,13 @@ static int cmd_mail(struct gw_session *s, struct smtp_cmd *cmd)
         session_count_error(s);
         return -1;
     }
+    if (s->milter_reply[0]) {
+        /* a milter refused the connection (or HELO): every MAIL gets its answer */
+        log_info("NOQUEUE: milter %s: reject: MAIL from " GW_CLIENT ": %s; from=<%s>",
+                 s->milter_by, s->addr, s->milter_reply, m.addr);
+        session_milter_reply(s, s->milter_reply);
+        return -1;
+    }
     fb = gw_server_free_bytes(s->srv);
     if (fb >= 0 && (uint64_t)fb < c->spool.min_free_space + (m.size_given ? m.size : 0)) {
         /* ARCHITECTURE 6: below min_free_space every MAIL gets 452; senders retry. */
@@ -755,6 +820,12 @@ static int cmd_mail(struct gw_session *s, struct smtp_cmd *cmd)
     tx->smtputf8 = m.smtputf8;
     tx->ret = m.ret;
     memcpy(tx->envid, m.envid, sizeof(tx->envid));
+    if (s->milter) {
+        /* the ESMTP parameters after the path, as the client sent them */
+        const char *gt = strchr(cmd->arg, '>');
+
+        snprintf(tx->margs, sizeof(tx->margs), "%s", gt ? gt + 1 + strspn(gt + 1, " ") : "");
+    }
     log_qid(LOG_INFO, tx->qid, "client=" GW_CLIENT, s->addr);
     if (c->spf.enabled && s->srv->spf) {
         /* SPF runs off the loop; input waits (paused) so replies stay in order, and the
@@ -770,8 +841,7 @@ static int cmd_mail(struct gw_session *s, struct smtp_cmd *cmd)
         }
         return 0;
     }
-    session_reply(s, "250 2.1.0 Ok");
-    session_enter(s, GW_S_MAIL);
+    session_mail_stage(s);
     return 0;
 }
 
@@ -813,8 +883,7 @@ static void session_spf_cb(void *arg, const struct gw_spf_result *r)
         tx->spf_done = 1;
         log_qid(LOG_INFO, tx->qid, "spf=%s client-ip=%s from=<%s> (%s)", res, r->ip,
                 tx->sender, r->comment);
-        session_reply(s, "250 2.1.0 Ok");
-        session_enter(s, GW_S_MAIL);
+        session_mail_stage(s);
         break;
     }
     session_unref(s);             /* the check's reference; the connection's remains */
@@ -859,12 +928,14 @@ static int cmd_rcpt(struct gw_session *s, struct smtp_cmd *cmd)
                  tx->sender, r.addr, session_proto(s), s->helo);
         if (rc != RCPTMAP_TEMPFAIL) /* our lookup failing is not the client's error */
             session_count_error(s);
+        session_rcpt_rejected(s, r.addr, er.enh);
         return -1;
     }
     if (!(ms = router_route(s->srv->router, r.addr, &why))) {
         session_reply(s, "451 4.3.0 <%s>: Error: no mailstore configured", r.addr);
         log_warn("%s: reject: RCPT from " GW_CLIENT ": 451 4.3.0 <%s>: no mailstore is "
                  "configured", tx->qid, s->addr, r.addr);
+        session_rcpt_rejected(s, r.addr, "4.3.0");
         return -1;
     }
     if (gw_backlog_over(s->srv->backlog, ms)) {
@@ -875,6 +946,7 @@ static int cmd_rcpt(struct gw_session *s, struct smtp_cmd *cmd)
         log_info("%s: reject: RCPT from " GW_CLIENT ": 452 4.3.1 <%s>: mailstore %s backlog "
                  "over its limit; from=<%s> to=<%s>", tx->qid, s->addr, r.addr, ms,
                  tx->sender, r.addr);
+        session_rcpt_rejected(s, r.addr, "4.3.1");
         return -1;
     }
     for (int i = 0; i < tx->nrcpt; i++) {
@@ -889,14 +961,40 @@ static int cmd_rcpt(struct gw_session *s, struct smtp_cmd *cmd)
         session_reply(s, "451 4.3.0 Error: out of memory");
         return -1;
     }
-    gr = &tx->rcpts[tx->nrcpt++];
+    /* filled in place but counted only once the milters agree (session_rcpt_finish) */
+    gr = &tx->rcpts[tx->nrcpt];
     memcpy(gr->addr, r.addr, sizeof(gr->addr));
     snprintf(gr->mailstore, sizeof(gr->mailstore), "%s", ms);
     memcpy(gr->notify, r.notify_text, sizeof(gr->notify));
     memcpy(gr->orcpt, r.orcpt, sizeof(gr->orcpt));
     log_debug("%s: to=<%s>, mailstore=%s (%s)", tx->qid, r.addr, ms, why);
-    session_reply(s, "250 2.1.5 Ok");
-    session_enter(s, GW_S_RCPT);
+    if (s->milter) {
+        struct gw_milter_result mres;
+        char path[SMTP_ADDR_SIZE + 2], pbuf[GW_MARGS_MAX];
+        const char *argv[16], *gt = strchr(cmd->arg, '>');
+        size_t n = 0;
+        int mr;
+
+        snprintf(path, sizeof(path), "<%s>", r.addr);
+        argv[n++] = path;
+        snprintf(pbuf, sizeof(pbuf), "%s", gt ? gt + 1 : "");
+        for (char *save = NULL, *w = strtok_r(pbuf, " ", &save); w && n < 16;
+             w = strtok_r(NULL, " ", &save))
+            argv[n++] = w;
+        gw_milter_macro(s->milter, "{rcpt_addr}", r.addr);
+        gw_milter_macro(s->milter, "{rcpt_mailer}", ms);
+        gw_milter_macro(s->milter, "{rcpt_host}", NULL);
+        mr = gw_milter_rcpt(s->milter, argv, n, 0, &mres);
+        if (mr == 0) {
+            s->refs++;
+            s->paused = 1;
+            s->mpend = GW_MP_RCPT;
+            return 0;
+        }
+        session_rcpt_finish(s, &mres);
+        return 0;
+    }
+    session_rcpt_finish(s, NULL);
     return 0;
 }
 
@@ -908,12 +1006,41 @@ static int cmd_data(struct gw_session *s, struct smtp_cmd *cmd)
         session_count_error(s);
         return -1;
     }
+    if (s->milter) {
+        struct gw_milter_result mres;
+
+        s->tx.mdata_done = 1;
+        if (gw_milter_data(s->milter, &mres) == 0) {
+            s->refs++;
+            s->paused = 1;
+            s->mpend = GW_MP_DATA;
+            return 0;
+        }
+        session_data_finish(s, &mres);
+        return 0;
+    }
+    session_data_finish(s, NULL);
+    return 0;
+}
+
+/* session_data_finish - 354, or a milter's refusal of DATA (the client may RSET) */
+static void session_data_finish(struct gw_session *s, const struct gw_milter_result *res)
+{
+    if (res && (res->verdict == GW_MV_REJECT || res->verdict == GW_MV_TEMPFAIL)) {
+        session_milter_log(s, "DATA", res, "");
+        session_milter_reply(s, res->reply);
+        return;
+    }
+    if (res && res->verdict == GW_MV_DISCARD) {
+        s->tx.discard = 1;
+        snprintf(s->tx.discard_by, sizeof(s->tx.discard_by), "%s", res->milter);
+        session_milter_log(s, "DATA", res, "");
+    }
     if (session_msg_start(s, GW_DATA_DOT) < 0)
-        return -1;
+        return;
     /* 354 is a positive intermediate reply: RFC 3463 has no class 3, so no enhanced code. */
     session_reply(s, "354 End data with <CR><LF>.<CR><LF>");
     session_enter(s, GW_S_DATA);
-    return 0;
 }
 
 /* cmd_bdat - RFC 3030. The chunk's octets follow the command line whatever we answer, so a
@@ -969,6 +1096,7 @@ static int cmd_noop(struct gw_session *s, struct smtp_cmd *cmd)
 static int cmd_quit(struct gw_session *s, struct smtp_cmd *cmd)
 {
     tx_reset(s);
+    session_milter_close(s);      /* milters get their QUIT before the client its 221 */
     session_reply(s, "221 2.0.0 Bye");
     session_close(s);
     return 0;
@@ -1079,17 +1207,37 @@ static int session_msg_start(struct gw_session *s, enum gw_data_mode mode)
         r = session_bprintf(hdr, sizeof(hdr), &len, "\r\n\tfor <%s>", tx->rcpts[0].addr);
     if (r == 0)
         r = session_bprintf(hdr, sizeof(hdr), &len, "; %s\r\n", date);
-    if (r == 0 && spool_msg_prepend(tx->msg, hdr, len) < 0)
-        r = -1;
-    if (r == 0 && tx->spf_done) {
-        /* prepended after Received:, so they end up above it */
-        r = gw_spf_headers(&tx->spf, g->hostname, tx->sender, s->helo, hdr, sizeof(hdr));
-        if (r == 0 && spool_msg_prepend(tx->msg, hdr, strlen(hdr)) < 0)
+    /* With milters the content is held until end of data (they may change it), our headers
+     * at its top (milters may insert above them, as in Postfix); without, everything streams
+     * to the spool exactly as before: no copy. */
+    tx->milter_buffer = s->milter != NULL && mode != GW_DATA_BINARY;
+    if (tx->milter_buffer) {
+        char spf[2048] = "";
+
+        if (r == 0 && tx->spf_done)
+            r = gw_spf_headers(&tx->spf, g->hostname, tx->sender, s->helo, spf, sizeof(spf));
+        /* SPF lines above Received:, as without milters; milters see the SPF ones
+         * (sluice-policyd counts SPF fails from Received-SPF:) */
+        if (r == 0 && (!(tx->mprefix = malloc(strlen(spf) + len + 1)) ||
+                       (size_t)snprintf(tx->mprefix, strlen(spf) + len + 1, "%s%.*s", spf,
+                                        (int)len, hdr) != strlen(spf) + len))
             r = -1;
+        if (r == 0 && session_data_out(s, tx->mprefix, strlen(tx->mprefix)) < 0)
+            r = -1;
+    } else {
+        if (r == 0 && spool_msg_prepend(tx->msg, hdr, len) < 0)
+            r = -1;
+        if (r == 0 && tx->spf_done) {
+            /* prepended after Received:, so they end up above it */
+            r = gw_spf_headers(&tx->spf, g->hostname, tx->sender, s->helo, hdr, sizeof(hdr));
+            if (r == 0 && spool_msg_prepend(tx->msg, hdr, strlen(hdr)) < 0)
+                r = -1;
+        }
     }
     if (r < 0) {
         spool_msg_abort(tx->msg);
         tx->msg = NULL;
+        tx->milter_buffer = 0;
         session_reply(s, "451 4.3.0 Error: queue file write error");
         return -1;
     }
@@ -1106,8 +1254,42 @@ static int session_msg_start(struct gw_session *s, enum gw_data_mode mode)
 static int session_data_out(void *arg, const char *buf, size_t len)
 {
     struct gw_session *s = arg;
+    struct gw_tx *tx = &s->tx;
+    struct gw_milter_msg *mm = &tx->mmsg;
+    uint64_t max = s->srv->conf->gateway.milter_max_size;
 
-    return spool_msg_write(s->tx.msg, buf, len);
+    if (!tx->milter_buffer)
+        return spool_msg_write(tx->msg, buf, len);
+    if (mm->len + len > max) {
+        /* Too big to hold for the milters: what is held goes to the spool and the rest
+         * streams after it; milters do not see this message's content. */
+        int r = mm->len ? spool_msg_write(tx->msg, mm->buf, mm->len) : 0;
+
+        log_qid(LOG_INFO, tx->qid, "milter: message larger than milter_max_size (%" PRIu64
+                " bytes): content not shown to milters", max);
+        free(mm->buf);
+        mm->buf = NULL;
+        mm->len = mm->cap = 0;
+        tx->milter_buffer = 0;
+        tx->milter_skipped = 1;
+        return r < 0 ? r : spool_msg_write(tx->msg, buf, len);
+    }
+    if (mm->cap - mm->len < len) {
+        size_t cap = mm->cap ? mm->cap : 16384;
+        char *p;
+
+        while (cap - mm->len < len)
+            cap *= 2;
+        if (cap > max)
+            cap = (size_t)max;
+        if (!(p = realloc(mm->buf, cap)))
+            return -ENOMEM;
+        mm->buf = p;
+        mm->cap = cap;
+    }
+    memcpy(mm->buf + mm->len, buf, len);
+    mm->len += len;
+    return 0;
 }
 
 static size_t session_data_input(struct gw_session *s, const char *p, size_t n)
@@ -1165,9 +1347,7 @@ static void session_storage_reply(struct gw_session *s, int status)
 static void session_eom(struct gw_session *s)
 {
     struct gw_tx *tx = &s->tx;
-    struct spool_env env;
-    struct spool_msg *m;
-    int err = tx->data.err, r;
+    int err = tx->data.err;
 
     if (err != GW_DATA_OK) {
         struct smtp_reply rr;
@@ -1187,6 +1367,42 @@ static void session_eom(struct gw_session *s)
         session_enter(s, GW_S_READY);
         if (err != GW_DATA_ESTORE)
             session_count_error(s);
+        session_tx_end(s);
+        return;
+    }
+    if (s->milter && session_eom_milters(s))
+        return;
+    session_commit(s);
+}
+
+/* session_commit - the (possibly milter-changed) message and envelope to the spool */
+static void session_commit(struct gw_session *s)
+{
+    struct gw_tx *tx = &s->tx;
+    struct spool_env env;
+    struct spool_msg *m;
+    const char *hold = s->milter ? gw_milter_quarantine(s->milter) : NULL;
+    int r;
+
+    if (s->milter && session_apply_envelope(s) < 0)
+        return;
+    if (tx->discard || tx->nrcpt == 0) {
+        /* 250 but nothing stored: the client must not retry (Postfix's discard) */
+        log_qid(LOG_INFO, tx->qid, "milter %s: discarded: from=<%s> size=%" PRIu64,
+                tx->discard_by[0] ? tx->discard_by : "?", tx->sender,
+                tx->milter_buffer ? (uint64_t)tx->mmsg.len : tx->data.size);
+        session_reply(s, "250 2.0.0 Ok: queued as %s", tx->qid);
+        tx_reset(s);
+        session_enter(s, GW_S_READY);
+        session_tx_end(s);
+        return;
+    }
+    if (tx->milter_buffer && tx->mmsg.len &&
+        (r = spool_msg_write(tx->msg, tx->mmsg.buf, tx->mmsg.len)) < 0) {
+        session_storage_reply(s, r);
+        log_warn("%s: spool write failed: %s", tx->qid, strerror(-r));
+        tx_reset(s);
+        session_enter(s, GW_S_READY);
         session_tx_end(s);
         return;
     }
@@ -1210,8 +1426,10 @@ static void session_eom(struct gw_session *s)
         tx->rin[i].orcpt = gr->orcpt[0] ? gr->orcpt : NULL;
         tx->rin[i].notify = gr->notify[0] ? gr->notify : NULL;
         tx->rin[i].mailstore = gr->mailstore;
-        tx->rin[i].hold_reason = NULL;
+        tx->rin[i].hold_reason = hold;   /* a milter's QUARANTINE: every recipient held */
     }
+    if (hold)
+        log_qid(LOG_INFO, tx->qid, "hold: %s", hold);
     tx->size = spool_msg_size(tx->msg);
     m = tx->msg;
     tx->msg = NULL;               /* the spool owns it now, whatever happens */
@@ -1274,6 +1492,471 @@ static void session_tx_end(struct gw_session *s)
     session_reply(s, "421 4.3.2 %s Service shutting down, closing transmission channel",
                   session_host(s));
     session_close(s);
+}
+
+/* ---------------------------------------------------------------- milters */
+
+/* session_milter_reply - a milter's refusal to the client; a 421 (a milter's replycode, or
+ * SMFIR_SHUTDOWN) also ends the session (RFC 5321 3.8), as Postfix does */
+static void session_milter_reply(struct gw_session *s, const char *reply)
+{
+    session_reply(s, "%s", reply);
+    if (strncmp(reply, "421", 3) == 0) {
+        tx_reset(s);
+        session_close(s);
+    }
+}
+
+/* session_milter_close - QUIT to the milters now that the session ends (unless a stage is
+ * outstanding: then they go with the session) */
+static void session_milter_close(struct gw_session *s)
+{
+    if (!s->milter || s->mpend != GW_MP_NONE)
+        return;
+    gw_milter_free(s->milter);
+    s->milter = NULL;
+}
+
+/* session_milter_wait - a milter stage is outstanding: input waits (paused) so replies stay
+ * in order, and the stage holds a reference like a commit does */
+static void session_milter_wait(struct gw_session *s, enum gw_mpend what)
+{
+    s->refs++;
+    s->paused = 1;
+    s->mpend = what;
+}
+
+/* session_milter_log - "QID: milter NAME: reject: STAGE from unknown[IP]: REPLY; from=<>" */
+static void session_milter_log(struct gw_session *s, const char *stage,
+                               const struct gw_milter_result *res, const char *extra)
+{
+    const char *what = res->verdict == GW_MV_DISCARD ? "discard"
+                     : res->verdict == GW_MV_TEMPFAIL ? "tempfail" : "reject";
+
+    log_info("%s: milter %s: %s: %s from " GW_CLIENT ": %s; from=<%s>%s proto=%s helo=<%s>",
+             s->tx.qid[0] ? s->tx.qid : "NOQUEUE", res->milter, what, stage, s->addr,
+             res->verdict == GW_MV_DISCARD ? "250 2.0.0 Ok" : res->reply, s->tx.sender, extra,
+             session_proto(s), s->helo);
+}
+
+/* session_milter_connect - open the milters and send them CONNECT before the banner.
+ * 1: pending (the banner goes out from the callback), 0: go on now. */
+static int session_milter_connect(struct gw_session *s)
+{
+    const struct conf *c = s->srv->conf;
+    struct gw_milter_result res;
+    struct sockaddr_storage ss;
+    char host[80], port[8], ip[64];
+    int len = sizeof(ss), r;
+    char fam = 'U';
+    uint16_t pn = 0;
+
+    if (c->n_milters == 0)
+        return 0;
+    s->milter = gw_milter_new(s->srv->loop, c, c->gateway.milter_max_size, session_milter_cb,
+                              s);
+    if (!s->milter) {
+        log_warn(GW_CLIENT ": out of memory for milters: 451 to every MAIL", s->addr);
+        snprintf(s->milter_reply, sizeof(s->milter_reply), "451 4.3.0 Error: out of memory");
+        snprintf(s->milter_by, sizeof(s->milter_by), "-");
+        return 0;
+    }
+    gw_milter_macro(s->milter, "j", c->gateway.hostname);
+    gw_milter_macro(s->milter, "{daemon_name}", "sluice-gateway");
+    gw_milter_macro(s->milter, "v", "sluice " SLUICE_VERSION);
+    snprintf(host, sizeof(host), "unknown [%s]", s->addr);
+    gw_milter_macro(s->milter, "_", host);
+    gw_milter_macro(s->milter, "{client_addr}", s->addr);
+    gw_milter_macro(s->milter, "{client_name}", "unknown");
+    gw_milter_macro(s->milter, "{client_ptr}", "unknown");
+    if (s->h.handle.type == UV_TCP && s->proxy) {
+        /* behind a proxy the client is the header's, not the socket's peer */
+        fam = strchr(s->addr, ':') ? '6' : '4';
+        pn = s->proxy_port;
+        snprintf(port, sizeof(port), "%u", pn);
+        gw_milter_macro(s->milter, "{client_port}", port);
+    } else if (s->h.handle.type == UV_TCP) {
+        if (uv_tcp_getpeername(&s->h.tcp, (struct sockaddr *)&ss, &len) == 0) {
+            pn = ntohs(ss.ss_family == AF_INET6 ? ((struct sockaddr_in6 *)&ss)->sin6_port
+                                                : ((struct sockaddr_in *)&ss)->sin_port);
+            fam = strchr(s->addr, ':') ? '6' : '4';
+            snprintf(port, sizeof(port), "%u", pn);
+            gw_milter_macro(s->milter, "{client_port}", port);
+        }
+        len = sizeof(ss);
+        if (uv_tcp_getsockname(&s->h.tcp, (struct sockaddr *)&ss, &len) == 0) {
+            if (ss.ss_family == AF_INET6) {
+                uv_ip6_name((struct sockaddr_in6 *)&ss, ip, sizeof(ip));
+                snprintf(port, sizeof(port), "%u",
+                         ntohs(((struct sockaddr_in6 *)&ss)->sin6_port));
+            } else {
+                uv_ip4_name((struct sockaddr_in *)&ss, ip, sizeof(ip));
+                snprintf(port, sizeof(port), "%u",
+                         ntohs(((struct sockaddr_in *)&ss)->sin_port));
+            }
+            gw_milter_macro(s->milter, "{daemon_addr}", ip);
+            gw_milter_macro(s->milter, "{daemon_port}", port);
+        }
+    }
+    /* no reverse DNS (see session_msg_start): Postfix sends "[ip]" as the name then */
+    snprintf(host, sizeof(host), "[%s]", s->addr);
+    r = gw_milter_connect(s->milter, fam == 'U' ? "localhost" : host, fam, pn, s->addr, &res);
+    if (r == 0) {
+        session_milter_wait(s, GW_MP_CONNECT);
+        return 1;
+    }
+    if (res.verdict == GW_MV_REJECT || res.verdict == GW_MV_TEMPFAIL) {
+        snprintf(s->milter_reply, sizeof(s->milter_reply), "%s", res.reply);
+        snprintf(s->milter_by, sizeof(s->milter_by), "%s", res.milter);
+        session_milter_log(s, "CONNECT", &res, "");
+    }
+    return 0;
+}
+
+/* session_greet_on - the milters saw CONNECT: a milter's 421 (or SMFIR_SHUTDOWN) goes out
+ * instead of the greeting; otherwise the banner now, or after greet_delay */
+static void session_greet_on(struct gw_session *s)
+{
+    const struct conf_gateway *g = &s->srv->conf->gateway;
+
+    if (strncmp(s->milter_reply, "421", 3) == 0) {
+        session_reply(s, "%s", s->milter_reply);
+        session_close(s);
+        return;
+    }
+    if (g->greet_delay_ms > 0) {
+        session_enter(s, GW_S_WAIT);
+        s->deadline = uv_now(s->srv->loop) + (uint64_t)g->greet_delay_ms;
+        session_read_start(s);
+        if (s->in_len > 0)
+            session_pregreet(s);
+        session_arm(s);
+        return;
+    }
+    session_banner(s);
+}
+
+static void session_helo_stage(struct gw_session *s, int esmtp)
+{
+    struct gw_milter_result res;
+    char bits[16];
+
+    if (!s->milter || s->milter_reply[0]) {   /* a milter refused the session already */
+        session_helo_finish(s, esmtp, NULL);
+        return;
+    }
+    if (s->tls_done) {
+        const char *cipher = gw_tls_conn_cipher(s->tls);
+
+        gw_milter_macro(s->milter, "{tls_version}", gw_tls_conn_version(s->tls));
+        gw_milter_macro(s->milter, "{cipher}", cipher);
+        /* every cipher suite TLS 1.2/1.3 negotiates here is AES-128/256 or ChaCha20 */
+        snprintf(bits, sizeof(bits), "%d", strstr(cipher, "128") ? 128 : 256);
+        gw_milter_macro(s->milter, "{cipher_bits}", bits);
+    }
+    if (gw_milter_helo(s->milter, s->helo, &res) == 0) {
+        session_milter_wait(s, esmtp ? GW_MP_EHLO : GW_MP_HELO);
+        return;
+    }
+    session_helo_finish(s, esmtp, &res);
+}
+
+/* session_mail_stage - MAIL passed our checks (and SPF): the milters' turn */
+static void session_mail_stage(struct gw_session *s)
+{
+    struct gw_tx *tx = &s->tx;
+    struct gw_milter_result res;
+    char path[SMTP_ADDR_SIZE + 2], pbuf[GW_MARGS_MAX];
+    const char *argv[16], *at;
+    size_t n = 0;
+
+    if (!s->milter) {
+        session_mail_finish(s, NULL);
+        return;
+    }
+    gw_milter_qid(s->milter, tx->qid);
+    gw_milter_macro(s->milter, "{mail_addr}", tx->sender);
+    gw_milter_macro(s->milter, "{mail_mailer}", "smtp");
+    at = strrchr(tx->sender, '@');
+    gw_milter_macro(s->milter, "{mail_host}", at ? at + 1 : NULL);
+    snprintf(path, sizeof(path), "<%s>", tx->sender);
+    argv[n++] = path;
+    snprintf(pbuf, sizeof(pbuf), "%s", tx->margs);
+    for (char *save = NULL, *w = strtok_r(pbuf, " ", &save); w && n < 16;
+         w = strtok_r(NULL, " ", &save))
+        argv[n++] = w;
+    if (gw_milter_mail(s->milter, argv, n, &res) == 0) {
+        session_milter_wait(s, GW_MP_MAIL);
+        return;
+    }
+    session_mail_finish(s, &res);
+}
+
+static void session_mail_finish(struct gw_session *s, const struct gw_milter_result *res)
+{
+    if (res && (res->verdict == GW_MV_REJECT || res->verdict == GW_MV_TEMPFAIL)) {
+        session_milter_log(s, "MAIL", res, "");
+        tx_reset(s);
+        session_milter_reply(s, res->reply);
+        return;
+    }
+    if (res && res->verdict == GW_MV_DISCARD) {
+        s->tx.discard = 1;
+        snprintf(s->tx.discard_by, sizeof(s->tx.discard_by), "%s", res->milter);
+        session_milter_log(s, "MAIL", res, "");
+    }
+    session_reply(s, "250 2.1.0 Ok");
+    session_enter(s, GW_S_MAIL);
+}
+
+/* session_rcpt_finish - count the recipient filled at rcpts[nrcpt], or a milter's refusal
+ * of it (only this recipient: the others go on, libmilter semantics) */
+static void session_rcpt_finish(struct gw_session *s, const struct gw_milter_result *res)
+{
+    struct gw_tx *tx = &s->tx;
+    struct gw_rcpt *gr = &tx->rcpts[tx->nrcpt];
+
+    if (res && (res->verdict == GW_MV_REJECT || res->verdict == GW_MV_TEMPFAIL)) {
+        char extra[SMTP_ADDR_SIZE + 8];
+
+        snprintf(extra, sizeof(extra), " to=<%.*s>", SMTP_ADDR_SIZE - 1, gr->addr);
+        session_milter_log(s, "RCPT", res, extra);
+        session_milter_reply(s, res->reply);
+        return;
+    }
+    if (res && res->verdict == GW_MV_DISCARD) {
+        tx->discard = 1;
+        snprintf(tx->discard_by, sizeof(tx->discard_by), "%s", res->milter);
+        session_milter_log(s, "RCPT", res, "");
+    }
+    tx->nrcpt++;
+    session_reply(s, "250 2.1.5 Ok");
+    session_enter(s, GW_S_RCPT);
+}
+
+/* session_rcpt_rejected - SMFIP_RCPT_REJ: milters that asked see the refused recipient with
+ * {rcpt_mailer}=error (sluice-policyd counts unknown recipients this way); the reply to the
+ * client is already written and their verdict does not change it */
+static void session_rcpt_rejected(struct gw_session *s, const char *addr, const char *enh)
+{
+    struct gw_milter_result res;
+    char path[SMTP_ADDR_SIZE + 2];
+    const char *argv[1] = { path };
+
+    if (!s->milter)
+        return;
+    snprintf(path, sizeof(path), "<%s>", addr);
+    gw_milter_macro(s->milter, "{rcpt_addr}", addr);
+    gw_milter_macro(s->milter, "{rcpt_mailer}", "error");
+    gw_milter_macro(s->milter, "{rcpt_host}", enh);
+    if (gw_milter_rcpt(s->milter, argv, 1, 1, &res) == 0)
+        session_milter_wait(s, GW_MP_RCPT_REJ);
+}
+
+/* session_eom_milters - end of data with milters: DATA first for BDAT, then the content.
+ * 1: handled (pending, or answered), 0: commit now. */
+static int session_eom_milters(struct gw_session *s)
+{
+    struct gw_tx *tx = &s->tx;
+    struct gw_milter_result res;
+
+    if (!tx->mdata_done) {
+        tx->mdata_done = 1;
+        if (gw_milter_data(s->milter, &res) == 0) {
+            session_milter_wait(s, GW_MP_EOM_DATA);
+            return 1;
+        }
+        if (res.verdict != GW_MV_CONTINUE) {
+            session_eom_verdict(s, &res);
+            return 1;
+        }
+    }
+    return session_eom_content(s);
+}
+
+static int session_eom_content(struct gw_session *s)
+{
+    struct gw_tx *tx = &s->tx;
+    struct gw_milter_result res;
+
+    if (!tx->milter_buffer || tx->discard)
+        return 0;
+    tx->mmsg.own = tx->mprefix;
+    if (gw_milter_eom(s->milter, &tx->mmsg, &res) == 0) {
+        session_milter_wait(s, GW_MP_EOM);
+        return 1;
+    }
+    session_eom_verdict(s, &res);
+    return 1;
+}
+
+/* session_eom_verdict - the milters' decision on the whole message */
+static void session_eom_verdict(struct gw_session *s, const struct gw_milter_result *res)
+{
+    struct gw_tx *tx = &s->tx;
+
+    if (res->verdict == GW_MV_REJECT || res->verdict == GW_MV_TEMPFAIL) {
+        session_milter_log(s, "END-OF-MESSAGE", res, "");
+        tx_reset(s);
+        session_enter(s, GW_S_READY);
+        session_milter_reply(s, res->reply);
+        session_tx_end(s);
+        return;
+    }
+    if (res->verdict == GW_MV_DISCARD) {
+        tx->discard = 1;
+        snprintf(tx->discard_by, sizeof(tx->discard_by), "%s", res->milter);
+        session_milter_log(s, "END-OF-MESSAGE", res, "");
+    }
+    session_commit(s);
+}
+
+/* strip_path - "<a@b>" -> "a@b" into out; -1 when it does not fit or is not sane */
+static int strip_path(const char *in, char *out, size_t len)
+{
+    size_t n = strlen(in);
+
+    if (n >= 2 && in[0] == '<' && in[n - 1] == '>') {
+        in++;
+        n -= 2;
+    }
+    if (n >= len)
+        return -1;
+    for (size_t i = 0; i < n; i++)
+        if ((unsigned char)in[i] <= 32 || in[i] == '<' || in[i] == '>')
+            return -1;
+    memcpy(out, in, n);
+    out[n] = '\0';
+    return 0;
+}
+
+/* session_apply_envelope - the milters' sender and recipient changes (0, or -1 when the
+ * session already answered) */
+static int session_apply_envelope(struct gw_session *s)
+{
+    const struct conf *c = s->srv->conf;
+    struct gw_tx *tx = &s->tx;
+    struct gw_milter_msg *mm = &tx->mmsg;
+    char a[SMTP_ADDR_SIZE], last_del[CONF_NAME_MAX] = "?";
+
+    if (mm->sender) {
+        if (strip_path(mm->sender, a, sizeof(a)) < 0)
+            log_qid(LOG_WARNING, tx->qid, "milter: bad new sender %s: ignored", mm->sender);
+        else
+            memcpy(tx->sender, a, sizeof(tx->sender));
+    }
+    for (struct gw_milter_rcptmod *r = mm->rcpts; r; r = r->next) {
+        const char *ms, *why = "";
+        int i;
+
+        if (strip_path(r->addr, a, sizeof(a)) < 0 || (r->add && !strchr(a, '@'))) {
+            log_qid(LOG_WARNING, tx->qid, "milter %s: bad recipient %s: ignored", r->milter,
+                    r->addr);
+            continue;
+        }
+        for (i = 0; i < tx->nrcpt; i++)
+            if (strcasecmp(tx->rcpts[i].addr, a) == 0)
+                break;
+        if (!r->add) {
+            if (i == tx->nrcpt)
+                continue;
+            memmove(&tx->rcpts[i], &tx->rcpts[i + 1],
+                    (size_t)(tx->nrcpt - i - 1) * sizeof(tx->rcpts[0]));
+            tx->nrcpt--;
+            log_qid(LOG_INFO, tx->qid, "milter %s: delete recipient <%s>", r->milter, a);
+            snprintf(last_del, sizeof(last_del), "%s", r->milter);
+            continue;
+        }
+        if (i < tx->nrcpt)
+            continue;             /* already a recipient */
+        if (!(ms = router_route(s->srv->router, a, &why))) {
+            log_qid(LOG_WARNING, tx->qid, "milter %s: add recipient <%s>: no mailstore "
+                    "routes it: ignored", r->milter, a);
+            continue;
+        }
+        if (tx->nrcpt >= c->gateway.max_recipients || tx_rcpt_reserve(s) < 0) {
+            log_qid(LOG_WARNING, tx->qid, "milter %s: add recipient <%s>: too many "
+                    "recipients: ignored", r->milter, a);
+            continue;
+        }
+        {
+            struct gw_rcpt *gr = &tx->rcpts[tx->nrcpt++];
+            const char *nt = r->args ? strstr(r->args, "NOTIFY=") : NULL;
+
+            memset(gr, 0, sizeof(*gr));
+            memcpy(gr->addr, a, sizeof(gr->addr));
+            snprintf(gr->mailstore, sizeof(gr->mailstore), "%s", ms);
+            if (nt) {
+                size_t nl = strcspn(nt + 7, " ");
+
+                if (nl < sizeof(gr->notify)) {  /* Postfix keeps NOTIFY from ADDRCPT_PAR */
+                    memcpy(gr->notify, nt + 7, nl);
+                    gr->notify[nl] = '\0';
+                }
+            }
+            log_qid(LOG_INFO, tx->qid, "milter %s: add recipient <%s>, mailstore=%s",
+                    r->milter, a, ms);
+        }
+    }
+    if (tx->nrcpt == 0 && !tx->discard) {
+        tx->discard = 1;
+        snprintf(tx->discard_by, sizeof(tx->discard_by), "%s", last_del);
+        log_qid(LOG_INFO, tx->qid, "milter %s: every recipient deleted: discard", last_del);
+    }
+    return 0;
+}
+
+/* session_milter_cb - an outstanding milter stage finished: finish the command it held */
+static void session_milter_cb(void *arg, const struct gw_milter_result *res)
+{
+    struct gw_session *s = arg;
+    enum gw_mpend what = s->mpend;
+
+    s->mpend = GW_MP_NONE;
+    s->paused = 0;
+    if (s->gone || s->closing) {
+        session_unref(s);
+        return;
+    }
+    switch (what) {
+    case GW_MP_CONNECT:
+        if (res->verdict == GW_MV_REJECT || res->verdict == GW_MV_TEMPFAIL) {
+            snprintf(s->milter_reply, sizeof(s->milter_reply), "%s", res->reply);
+            snprintf(s->milter_by, sizeof(s->milter_by), "%s", res->milter);
+            session_milter_log(s, "CONNECT", res, "");
+        }
+        session_greet_on(s);
+        break;
+    case GW_MP_HELO:
+    case GW_MP_EHLO:
+        session_helo_finish(s, what == GW_MP_EHLO, res);
+        break;
+    case GW_MP_MAIL:
+        session_mail_finish(s, res);
+        break;
+    case GW_MP_RCPT:
+        session_rcpt_finish(s, res);
+        break;
+    case GW_MP_RCPT_REJ:
+        break;
+    case GW_MP_DATA:
+        session_data_finish(s, res);
+        break;
+    case GW_MP_EOM_DATA:
+        if (res->verdict != GW_MV_CONTINUE)
+            session_eom_verdict(s, res);
+        else if (!session_eom_content(s))
+            session_commit(s);
+        break;
+    case GW_MP_EOM:
+        session_eom_verdict(s, res);
+        break;
+    case GW_MP_NONE:
+    default:
+        fatal("session: milter callback without a stage (%d)", (int)what);
+    }
+    session_unref(s);             /* the stage's reference; the connection's remains */
+    session_resume(s);
 }
 
 /* ---------------------------------------------------------------- input */
@@ -1612,8 +2295,9 @@ static void session_reject(struct gw_session *s, const char *why)
     session_close(s);
 }
 
-/* session_greet - the client's address is final here (after the PROXY header, if any): the
- * banner now, or after greet_delay. Octets already in s->in came before any banner. */
+/* session_greet - the client's address is final here (after the PROXY header, if any), so
+ * this is where milters get CONNECT; then session_greet_on. Octets already in s->in came
+ * before any banner. */
 static void session_greet(struct gw_session *s)
 {
     const struct conf_gateway *g = &s->srv->conf->gateway;
@@ -1624,16 +2308,12 @@ static void session_greet(struct gw_session *s)
         session_close(s);
         return;
     }
-    if (g->greet_delay_ms > 0) {
-        session_enter(s, GW_S_WAIT);
-        s->deadline = uv_now(s->srv->loop) + (uint64_t)g->greet_delay_ms;
-        session_read_start(s);
-        if (s->in_len > 0)
-            session_pregreet(s);
-        session_arm(s);
-        return;
-    }
-    session_banner(s);
+    /* nothing is read while the milters look at CONNECT: octets that come meanwhile wait in
+     * the kernel (a proxied session's state would take them for a second header) */
+    session_read_stop(s);
+    if (session_milter_connect(s))
+        return;                   /* session_greet_on runs when the milters answered */
+    session_greet_on(s);
 }
 
 /* session_banner - 220, then whatever the client sent early (behind a proxy, or pregreet
@@ -1753,6 +2433,8 @@ static void session_proxy_header(struct gw_session *s, const struct gw_proxy_res
         session_proxy_drop(s);
         return;
     }
+    if (!pr->local)
+        s->proxy_port = pr->src_port;
     memmove(s->in, s->in + used, s->in_len - used);
     s->in_len -= used;
     s->deadline = 0;

@@ -22,6 +22,7 @@
 
 #include "conf.h"
 #include "gw_data.h"
+#include "gw_milter.h"
 #include "gw_spf.h"
 #include "qid.h"
 #include "smtp_parse.h"
@@ -54,6 +55,14 @@ enum gw_state {
     GW_S_COUNT
 };
 
+/* What the session waits for while a milter stage is outstanding (gw_milter.h). */
+enum gw_mpend {
+    GW_MP_NONE, GW_MP_CONNECT, GW_MP_HELO, GW_MP_EHLO, GW_MP_MAIL, GW_MP_RCPT, GW_MP_RCPT_REJ,
+    GW_MP_DATA, GW_MP_EOM_DATA, GW_MP_EOM
+};
+
+#define GW_MARGS_MAX 512                  /* ESMTP parameters of MAIL/RCPT kept for milters */
+
 /* One accepted recipient, with what the spool stores for it. */
 struct gw_rcpt {
     char addr[SMTP_ADDR_SIZE];
@@ -82,6 +91,17 @@ struct gw_tx {
     uint64_t size;                        /* for the log line after the commit */
     int spf_done;                         /* spf holds this transaction's SPF result */
     struct gw_spf_result spf;
+    /* milters (only with [milter] sections): the content is held in mmsg until end of data,
+     * unless it outgrew milter_max_size (then it streams to the spool and milter_skipped) */
+    char margs[GW_MARGS_MAX];             /* MAIL's ESMTP parameters */
+    int milter_buffer;
+    int milter_skipped;
+    int mdata_done;                       /* milters saw DATA (BDAT: at end of data) */
+    int discard;                          /* a milter said DISCARD: 250, nothing stored */
+    char discard_by[CONF_NAME_MAX];
+    char *mprefix;                        /* our header lines (SPF, Received:) at the top of
+                                           * mmsg: gw_milter_msg.own */
+    struct gw_milter_msg mmsg;
 };
 
 /* Command counters for the "disconnect from" line (Postfix style: ehlo=1 mail=1 ...). */
@@ -119,6 +139,7 @@ struct gw_session {
     unsigned ip_counted : 1;              /* counted in the server's per-IP table */
     unsigned proxy : 1;                   /* PROXY listener: the header comes first */
     unsigned pregreet : 1;                /* talked before the banner (logged once) */
+    uint16_t proxy_port;                  /* the client's port from a PROXY header; 0 = none */
     enum gw_state bdat_back;              /* state after a refused chunk */
     uint64_t bdat_left;                   /* octets of the current chunk still to read */
     uint64_t deadline;                    /* uv_now() ms: end of the PROXY header wait, the
@@ -137,6 +158,10 @@ struct gw_session {
     struct gw_tls_conn *tls;              /* non-NULL from STARTTLS on */
     int tls_done;                         /* handshake finished */
     char tls_info[128];                   /* "TLSv1.3 TLS_AES_256_GCM_SHA384" */
+    struct gw_milter_sess *milter;        /* NULL without [milter] sections */
+    enum gw_mpend mpend;                  /* milter stage outstanding (holds a ref) */
+    char milter_reply[GW_MILTER_REPLY_MAX]; /* a CONNECT/HELO verdict: answers every MAIL */
+    char milter_by[CONF_NAME_MAX];
     struct gw_tx tx;
 };
 

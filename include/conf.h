@@ -18,6 +18,7 @@
 #define CONF_NAME_MAX 64       /* mailstore name, 1-63 of [A-Za-z0-9_.-]; = SPOOL_MSNAME_MAX */
 #define CONF_LIST_MAX 64       /* items in a list value (listen, domains) */
 #define CONF_MAILSTORE_MAX 64  /* [mailstore NAME] sections */
+#define CONF_MILTER_MAX 16     /* [milter NAME] sections (each costs a socket per session) */
 #define CONF_ERR_MAX 20        /* errors collected before conf_load gives up */
 #define CONF_ERR_LEN 4096      /* a buffer that holds CONF_ERR_MAX error lines */
 
@@ -89,6 +90,7 @@ struct conf_gateway {
     char notify_socket[CONF_PATH_MAX]; /* "" = <spool dir>/deliver.sock: conf_notify_socket */
     int64_t shutdown_grace_ms;
     char banner[CONF_PATH_MAX];
+    uint64_t milter_max_size;     /* larger messages pass milters' content stages unexamined */
 };
 
 struct conf_routing {
@@ -162,6 +164,22 @@ struct conf_mailstore {
     int max_backlog_messages;     /* messages; 0 = no limit */
 };
 
+/* [milter NAME]: a milter (protocol v6) the gateway consults, in file order (docs/policy.md). */
+enum conf_milter_action { CONF_MA_ACCEPT = 1, CONF_MA_TEMPFAIL, CONF_MA_REJECT, CONF_MA_QUARANTINE };
+
+struct conf_milter {
+    char name[CONF_NAME_MAX];
+    char socket[CONF_PATH_MAX];   /* as written: inet:HOST:PORT, inet:PORT@HOST,
+                                   * inet6:[HOST]:PORT, unix:/PATH (local:/PATH) */
+    /* read-only: socket, split by conf_load (host is an IP literal or a hostname) */
+    struct conf_endpoint endpoint;
+    int64_t connect_timeout_ms;   /* connect + option negotiation */
+    int64_t command_timeout_ms;   /* CONNECT .. DATA replies */
+    int64_t content_timeout_ms;   /* headers, body chunks, end of message */
+    char default_action[16];      /* accept | tempfail | reject | quarantine */
+    enum conf_milter_action action; /* read-only: default_action parsed */
+};
+
 struct conf {
     char path[CONF_PATH_MAX];     /* the file loaded, "" for defaults only */
     struct conf_spool spool;
@@ -174,6 +192,8 @@ struct conf {
     struct conf_spf spf;
     int n_mailstores;
     struct conf_mailstore mailstores[CONF_MAILSTORE_MAX]; /* in file order */
+    int n_milters;
+    struct conf_milter milters[CONF_MILTER_MAX];  /* in file order = the order applied */
 };
 
 /* Every key at its default; no mailstores. */
@@ -209,5 +229,8 @@ int conf_parse_bool(const char *s, int *out);
 int conf_parse_net(const char *s, struct conf_net *out);
 /* "1.2.3.4:25", "[::1]:25", "unix:/path"; with allow_hostname also "mx.example.net:24". */
 int conf_parse_endpoint(const char *s, int allow_hostname, struct conf_endpoint *ep);
+/* A milter socket: "inet:HOST:PORT", "inet:PORT@HOST" (libmilter), "inet6:[HOST]:PORT",
+ * "inet6:PORT@HOST", "unix:/path" or "local:/path". */
+int conf_parse_milter_socket(const char *s, struct conf_endpoint *ep);
 
 #endif

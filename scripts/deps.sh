@@ -8,9 +8,10 @@ libinih-dev libjansson-dev libmicrohttpd-dev libmilter-dev libspf2-dev openssl s
 libsystemd-dev"
 # swaks (with Net::SSLeay for -tls) and Postfix's smtp-source as clients, Dovecot LMTP as the mailstore
 # haproxy (TCP mode, send-proxy / send-proxy-v2) in front of the gateway for the PROXY protocol tests
+# opendkim (+ opendkim-tools for test keys) and rspamd are real milters for the gateway's milter client
 TEST="libcmocka-dev python3 python3-pytest swaks libnet-ssleay-perl libio-socket-ssl-perl
 postfix dovecot-core
-dovecot-lmtpd iproute2 procps haproxy"
+dovecot-lmtpd iproute2 procps haproxy opendkim opendkim-tools rspamd"
 want=$BUILD
 [ "${1:-build}" = test ] && want="$BUILD $TEST"
 missing=
@@ -25,9 +26,10 @@ if [ "$(id -u)" != 0 ]; then
 fi
 echo "deps.sh: installing$missing" >&2
 export DEBIAN_FRONTEND=noninteractive
-# Postfix is here only for smtp-source/smtp-sink, Dovecot only for its LMTP server and haproxy
-# only as a test proxy, all started by the tests on loopback: never configure or start the
-# system's own instances (policy-rc.d below keeps their services from starting).
+# Postfix is here only for smtp-source/smtp-sink, Dovecot only for its LMTP server, haproxy
+# only as a test proxy, opendkim and rspamd only as milters: all started by the tests on
+# loopback with private configs. Never configure or start the system's own instances
+# (policy-rc.d below keeps their services from starting).
 echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
 made_policy=
 if [ ! -e /usr/sbin/policy-rc.d ]; then

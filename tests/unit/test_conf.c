@@ -861,7 +861,11 @@ static void test_shipped_files_cover_every_key(void **state)
     assert_string_equal(cf.gateway.domains.v[0], "example.test");
     assert_string_equal(cf.gateway.recipient_map, "etc/recipients");
     assert_string_equal(conf_mailstore(&cf, "ms2")->deliver, "maildir:./run/mail/ms2/%d/%u");
+    assert_int_equal(cf.n_milters, 0);    /* the shipped file runs without milters */
     cf.n_mailstores = 1;
+    cf.n_milters = 1;                     /* so that the dump shows the milter keys */
+    assert_int_equal(load_text(&cf2, "[milter m]\nsocket = unix:/m.sock\n"), 0);
+    cf.milters[0] = cf2.milters[0];
     d = dump_str(&cf);
     for (char *save = NULL, *l = strtok_r(d, "\n", &save); l != NULL;
          l = strtok_r(NULL, "\n", &save)) {
@@ -881,6 +885,60 @@ static void test_shipped_files_cover_every_key(void **state)
     free(d);
     free(example);
     free(doc);
+}
+
+/* [milter NAME]: every socket form, defaults, order, and each error */
+static void test_milters(void **state)
+{
+    assert_int_equal(load_text(&cf, "[milter b]\nsocket = inet:8891@127.0.0.1\n"
+                                    "[milter a]\nsocket = inet6:[::1]:11332\n"
+                                    "connect_timeout = 1s\ndefault_action = quarantine\n"
+                                    "[milter c]\nsocket = unix:/run/c.sock\n"
+                                    "[milter d]\nsocket = inet:localhost:99\n"
+                                    "[milter e]\nsocket = local:/e.sock\n"
+                                    "[milter f]\nsocket = inet6:25@::1\n"), 0);
+    assert_int_equal(cf.n_milters, 6);
+    assert_string_equal(cf.milters[0].name, "b");   /* file order */
+    assert_string_equal(cf.milters[0].endpoint.host, "127.0.0.1");
+    assert_int_equal(cf.milters[0].endpoint.port, 8891);
+    assert_int_equal(cf.milters[0].action, CONF_MA_TEMPFAIL);
+    assert_int_equal(cf.milters[0].connect_timeout_ms, 5000);
+    assert_int_equal(cf.milters[0].command_timeout_ms, 10000);
+    assert_int_equal(cf.milters[0].content_timeout_ms, 60000);
+    assert_string_equal(cf.milters[1].endpoint.host, "::1");
+    assert_int_equal(cf.milters[1].endpoint.port, 11332);
+    assert_int_equal(cf.milters[1].connect_timeout_ms, 1000);
+    assert_int_equal(cf.milters[1].action, CONF_MA_QUARANTINE);
+    assert_int_equal(cf.milters[2].endpoint.is_unix, 1);
+    assert_string_equal(cf.milters[2].endpoint.host, "/run/c.sock");
+    assert_string_equal(cf.milters[3].endpoint.host, "localhost");
+    assert_string_equal(cf.milters[4].endpoint.host, "/e.sock");
+    assert_string_equal(cf.milters[5].endpoint.host, "::1");
+    assert_int_equal(cf.milters[5].endpoint.port, 25);
+    assert_int_equal(cf.gateway.milter_max_size, 16u << 20);
+
+    /* ('@' in the expected text would be taken for the file name: compare with strstr) */
+    assert_int_equal(load_text(&cf, "[milter m]\nsocket = tcp:1.2.3.4:5\n"), -EINVAL);
+    assert_non_null(strstr(err, ":2: [milter m] socket: bad socket \"tcp:1.2.3.4:5\" (use "
+                                "inet:HOST:PORT, inet:PORT@HOST, inet6:[HOST]:PORT or "
+                                "unix:/PATH)"));
+    assert_int_equal(load_text(&cf, "[milter m]\nsocket = inet:1.2.3.4\n"), -EINVAL);
+    assert_non_null(strstr(err, ":2: [milter m] socket: bad socket \"inet:1.2.3.4\""));
+    assert_int_equal(load_text(&cf, "[milter m]\nsocket = inet:1:2\ndefault_action = maybe\n"),
+                     -EINVAL);
+    assert_errors("@:3: [milter m] default_action: \"maybe\" is not one of accept tempfail "
+                  "reject quarantine");
+    assert_int_equal(load_text(&cf, "[milter m]\nsocket = inet:1.2.3.4:5\n"
+                                    "command_timeout = 1ms\n"), -EINVAL);
+    assert_errors("@:3: [milter m] command_timeout: 1ms is out of range (100ms to 3600000ms)");
+    assert_int_equal(load_text(&cf, "[milter m]\n"), -EINVAL);
+    assert_errors("@:1: [milter m]: missing required key \"socket\"");
+    assert_int_equal(load_text(&cf, "[milter]\n"), -EINVAL);
+    assert_errors("@:1: [milter]: missing name (use [milter NAME])");
+    assert_int_equal(load_text(&cf, "[milter m]\nsocket = unix:/a\n[milter m]\n"), -EINVAL);
+    assert_errors("@:3: [milter m]: duplicate milter (first at line 1)");
+    assert_int_equal(load_text(&cf, "[milter m]\nsocket = unix:/a\nweight = 1\n"), -EINVAL);
+    assert_errors("@:3: [milter m] weight: unknown key");
 }
 
 int main(void)
@@ -910,6 +968,7 @@ int main(void)
         cmocka_unit_test(test_dump_roundtrip),
         cmocka_unit_test(test_proxy_and_hostile_keys),
         cmocka_unit_test(test_shipped_files_cover_every_key),
+        cmocka_unit_test(test_milters),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -1,0 +1,121 @@
+/*
+ * gw_milter.h - the gateway's milter client (MTA side of the milter protocol, version 6) on
+ * the gateway's libuv loop. One struct gw_milter_sess per SMTP session holds one connection
+ * per configured [milter NAME], opened at CONNECT and closed (QUIT) when the session ends.
+ *
+ * Stages: each call below sends one SMTP stage to every milter in configuration order and
+ * stops at the first one that decides (reject, tempfail, replycode, discard). A call returns
+ *   1  done now: *res is filled (no milter needed a reply, or every reply was already known);
+ *   0  pending: the session's callback runs later, exactly once, with the result. It is never
+ *      called from inside the call that started the stage.
+ * Only one stage is outstanding at a time (the session is paused meanwhile).
+ *
+ * Negotiation is honoured: steps a milter opted out of (SMFIP_NO*) are not sent, steps with
+ * SMFIP_NR_* are sent without waiting, a milter's requested macro lists replace the defaults,
+ * rejected recipients go only to milters that asked (SMFIP_RCPT_REJ), and only the changes a
+ * milter negotiated actions for are applied.
+ *
+ * Failures (connect refused, timeout, dropped connection, malformed or unexpected reply) put
+ * that milter in its default_action for the rest of the session and are logged once:
+ *   "QID: milter NAME: <what>; default_action=tempfail". accept skips the milter; tempfail and
+ * reject answer 451 4.7.1 / 550 5.7.1 at every later stage; quarantine holds every message.
+ *
+ * Message content: at end of message the caller hands the whole message as milters see it
+ * (header section, empty line, body; CRLF line ends) in struct gw_milter_msg. Each milter gets
+ * HEADER.., EOH, BODY chunks (<= 65535), EOM; its header and body changes are applied to the
+ * buffer before the next milter sees it, envelope changes are collected for the caller.
+ *
+ * Threads: loop thread only.
+ */
+#ifndef SLUICE_GW_MILTER_H
+#define SLUICE_GW_MILTER_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <uv.h>
+
+#include "conf.h"
+
+#define GW_MILTER_REPLY_MAX 512         /* an SMTP reply line (RFC 5321 4.5.3.1.5) */
+#define GW_MILTER_REASON_MAX 256        /* hold reason, as the spool keeps it */
+
+enum gw_milter_verdict {
+    GW_MV_CONTINUE = 0,   /* go on (also: every milter accepted) */
+    GW_MV_REJECT,         /* 5xx in reply */
+    GW_MV_TEMPFAIL,       /* 4xx in reply */
+    GW_MV_DISCARD         /* accept the message (250) but do not store it */
+};
+
+struct gw_milter_result {
+    enum gw_milter_verdict verdict;
+    char reply[GW_MILTER_REPLY_MAX];    /* REJECT/TEMPFAIL: the SMTP reply, without CRLF;
+                                         * multi-line replies keep CRLF between lines */
+    char milter[CONF_NAME_MAX];         /* the milter that decided ("" for CONTINUE) */
+};
+
+/* An envelope change from end of message, in the order received. */
+struct gw_milter_rcptmod {
+    struct gw_milter_rcptmod *next;
+    int add;                            /* 1 ADDRCPT(_PAR), 0 DELRCPT */
+    char *addr;                         /* as the milter sent it, usually "<a@b>" */
+    char *args;                         /* ESMTP args or NULL */
+    char milter[CONF_NAME_MAX];         /* which milter asked */
+};
+
+struct gw_milter_msg {
+    /* in/out: the whole message (malloc()ed, owned by the caller; may be reallocated) */
+    char *buf;
+    size_t len, cap;
+    /* in: our own header fields as they stand at the top of buf ("Received-SPF: ...\r\n
+     * Received: ...\r\n"), or NULL. As in Postfix, milters are not shown our Received:,
+     * header change indexes count only the message's own fields (ours cannot be changed or
+     * deleted), and insert indexes count every field, ours included (0 = the very top). */
+    const char *own;
+    /* out, after gw_milter_eom */
+    int changed;                        /* buf was rewritten (headers or body) */
+    char *sender;                       /* CHGFROM: new reverse-path, NULL if unchanged */
+    char *sender_args;
+    struct gw_milter_rcptmod *rcpts;
+};
+
+typedef void (*gw_milter_cb)(void *arg, const struct gw_milter_result *res);
+
+struct gw_milter_sess;
+
+/* NULL when c has no milters (the caller then skips every milter call). max_msg bounds the
+ * message a milter may build with body replacement and added headers. */
+struct gw_milter_sess *gw_milter_new(uv_loop_t *loop, const struct conf *c, uint64_t max_msg,
+                                     gw_milter_cb cb, void *arg);
+/* QUIT and close every connection; the memory goes when the handles are closed. No callback
+ * runs after this. Must not be called while a stage is pending. */
+void gw_milter_free(struct gw_milter_sess *ms);
+
+/* Set (or with value NULL, unset) a macro. name as sent: "j", "{daemon_name}". */
+void gw_milter_macro(struct gw_milter_sess *ms, const char *name, const char *value);
+/* The queue ID for log lines (also sent as macro i). "" = NOQUEUE. */
+void gw_milter_qid(struct gw_milter_sess *ms, const char *qid);
+
+/* family: '4', '6', 'L' (unix) or 'U' (unknown). */
+int gw_milter_connect(struct gw_milter_sess *ms, const char *host, char family, uint16_t port,
+                      const char *addr, struct gw_milter_result *res);
+int gw_milter_helo(struct gw_milter_sess *ms, const char *helo, struct gw_milter_result *res);
+/* argv[0] is "<sender>", then ESMTP args. */
+int gw_milter_mail(struct gw_milter_sess *ms, const char *const *argv, size_t n,
+                   struct gw_milter_result *res);
+/* rejected: the recipient was already refused by us; it goes only to SMFIP_RCPT_REJ milters
+ * and their verdict is ignored (the result is always CONTINUE). */
+int gw_milter_rcpt(struct gw_milter_sess *ms, const char *const *argv, size_t n, int rejected,
+                   struct gw_milter_result *res);
+int gw_milter_data(struct gw_milter_sess *ms, struct gw_milter_result *res);
+/* Headers, body and end of message; msg stays the caller's and must live until the result. */
+int gw_milter_eom(struct gw_milter_sess *ms, struct gw_milter_msg *msg,
+                  struct gw_milter_result *res);
+/* The transaction is over (RSET, new MAIL, HELO, end of message): ABORT to milters inside
+ * one, per-message state (accept, skip, quarantine, transaction macros) forgotten. */
+void gw_milter_abort(struct gw_milter_sess *ms);
+/* The hold reason of this transaction ("milter NAME: reason"), or NULL. */
+const char *gw_milter_quarantine(const struct gw_milter_sess *ms);
+/* Free the envelope changes and reset the out fields of msg (buf is kept). */
+void gw_milter_msg_clear(struct gw_milter_msg *msg);
+
+#endif
