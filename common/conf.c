@@ -1137,12 +1137,15 @@ static void conf_err_nomem(char *err, size_t errlen, const char *path)
     err[n] = '\0';
 }
 
-int conf_load(struct conf *c, const char *path, char *err, size_t errlen)
+/* conf_load_stream - parse f (named path in messages) into *c; closes f in every case */
+static int conf_load_stream(struct conf *c, const char *path, FILE *f, char *err, size_t errlen)
 {
     struct conf_ctx *x;
     int r;
 
     if ((x = calloc(1, sizeof(*x))) == NULL) {
+        if (f != NULL)
+            fclose(f);
         conf_err_nomem(err, errlen, path);
         return -ENOMEM;
     }
@@ -1155,12 +1158,14 @@ int conf_load(struct conf *c, const char *path, char *err, size_t errlen)
     conf_defaults(&x->c);
     if (strlen(path) >= sizeof(x->c.path)) {
         conf_error(x, 0, "path too long");
+        if (f != NULL)
+            fclose(f);
         free(x);
         return -ENAMETOOLONG;
     }
     memcpy(x->c.path, path, strlen(path) + 1);
 
-    if ((x->f = fopen(path, "re")) == NULL) {
+    if ((x->f = f) == NULL) {
         r = -errno;
         conf_error(x, 0, "cannot open: %s", strerror(-r));
         free(x);
@@ -1189,6 +1194,25 @@ int conf_load(struct conf *c, const char *path, char *err, size_t errlen)
         memcpy(c, &x->c, sizeof(*c));
     free(x);
     return r;
+}
+
+int conf_load(struct conf *c, const char *path, char *err, size_t errlen)
+{
+    FILE *f = strlen(path) < CONF_PATH_MAX ? fopen(path, "re") : NULL;
+
+    return conf_load_stream(c, path, f, err, errlen);
+}
+
+int conf_load_mem(struct conf *c, const char *name, const char *buf, size_t len, char *err,
+                  size_t errlen)
+{
+    /* fmemopen does not write to a buffer opened "r"; the cast only drops const. */
+    FILE *f = NULL;
+
+    if (strlen(name) < CONF_PATH_MAX)
+        f = fmemopen((void *)(uintptr_t)(len > 0 ? buf : ""), len, "r");
+
+    return conf_load_stream(c, name, f, err, errlen);
 }
 
 const struct conf_mailstore *conf_mailstore(const struct conf *c, const char *name)
