@@ -6,9 +6,11 @@ set -eu
 BUILD="make gcc libc6-dev pkg-config libuv1-dev libssl-dev libsqlite3-dev
 libinih-dev libjansson-dev libmicrohttpd-dev libmilter-dev libspf2-dev openssl sqlite3"
 # swaks (with Net::SSLeay for -tls) and Postfix's smtp-source as clients, Dovecot LMTP as the mailstore
+# clang-14 + libclang-rt-14-dev: libFuzzer and its sanitizer runtimes for make fuzz / fuzz-smoke
 TEST="libcmocka-dev python3 python3-pytest swaks libnet-ssleay-perl libio-socket-ssl-perl
 postfix dovecot-core
-dovecot-lmtpd iproute2 procps"
+dovecot-lmtpd iproute2 procps
+clang-14 libclang-rt-14-dev"
 want=$BUILD
 [ "${1:-build}" = test ] && want="$BUILD $TEST"
 missing=
