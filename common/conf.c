@@ -516,10 +516,12 @@ static int conf_list_set(struct conf_list *l, enum conf_type type, const char *v
     struct conf_list nl;
     const char *p = v;
 
+    /* zeroed, not just n = 0: *l = nl copies all of it, and stack garbage in a config is
+     * noise in every comparison and dump of the struct */
     if (append)
         nl = *l;
     else
-        nl.n = 0;
+        memset(&nl, 0, sizeof(nl));
     while (*p != '\0') {
         size_t n = strcspn(p, ", \t");
         char item[CONF_PATH_MAX];
