@@ -5,14 +5,14 @@
 set -eu
 BUILD="make gcc libc6-dev pkg-config libuv1-dev libssl-dev libsqlite3-dev
 libinih-dev libjansson-dev libmicrohttpd-dev libmilter-dev libspf2-dev openssl sqlite3"
+# libFuzzer and its sanitizer runtimes, for make fuzz and the fuzz-smoke step of make test
+FUZZ="clang-14 libclang-rt-14-dev"
 # swaks (with Net::SSLeay for -tls) and Postfix's smtp-source as clients, Dovecot LMTP as the mailstore
-# clang-14 + libclang-rt-14-dev: libFuzzer and its sanitizer runtimes for make fuzz / fuzz-smoke
 TEST="libcmocka-dev python3 python3-pytest swaks libnet-ssleay-perl libio-socket-ssl-perl
 postfix dovecot-core
-dovecot-lmtpd iproute2 procps
-clang-14 libclang-rt-14-dev"
+dovecot-lmtpd iproute2 procps"
 want=$BUILD
-[ "${1:-build}" = test ] && want="$BUILD $TEST"
+[ "${1:-build}" = test ] && want="$BUILD $TEST $FUZZ"
 missing=
 for p in $want; do
     s=$(dpkg-query -W -f='${db:Status-Status}' "$p" 2>/dev/null || true)

@@ -893,6 +893,7 @@ int main(void)
         cmocka_unit_test(test_parse_bool),
         cmocka_unit_test(test_parse_endpoint),
         cmocka_unit_test(test_defaults),
+        cmocka_unit_test(test_load_mem),
         cmocka_unit_test(test_full_file),
         cmocka_unit_test(test_syntax_variants),
         cmocka_unit_test(test_errors_all_kinds),
@@ -909,7 +910,6 @@ int main(void)
         cmocka_unit_test(test_failed_load_keeps_config),
         cmocka_unit_test(test_notify_socket),
         cmocka_unit_test(test_dump_roundtrip),
-        cmocka_unit_test(test_load_mem),
         cmocka_unit_test(test_shipped_files_cover_every_key),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
