@@ -83,12 +83,14 @@ run: deps
 	@scripts/run.sh $(CONF)
 
 # Every test: unit tests (cmocka), end-to-end (pytest), then the sanitizer build's unit tests
-# and end-to-end tests.  TORTURE_ROUNDS raises the spool crash torture (default 200).
+# and end-to-end tests, then each fuzz target briefly (fuzz-smoke).  TORTURE_ROUNDS raises the
+# spool crash torture (default 200).
 test: deps-test
 	@$(MAKE) --no-print-directory all tests
 	@$(MAKE) --no-print-directory unit e2e
 	@$(MAKE) --no-print-directory SAN=1 all tests
 	@$(MAKE) --no-print-directory SAN=1 unit e2e
+	@$(MAKE) --no-print-directory fuzz-smoke
 
 tests: $(TESTS) $(TOOLS)
 
@@ -120,7 +122,55 @@ bench-gateway: deps-test
 bench: bench-spool bench-gateway
 
 clean:
-	rm -rf build build-san
+	rm -rf build build-san build-fuzz
+
+# --- Fuzzing (tests/fuzz, docs/security.md "Fuzzing") ------------------------------------
+# libFuzzer targets built by clang-14 into build-fuzz/ with ASan+UBSan; the library is compiled
+# there too, with the fuzzer's coverage instrumentation. A target is built only when the
+# module it fuzzes exists (FUZZ_NEEDS_<name>), so a branch without that module still builds.
+#   make fuzz        every target FUZZ_TIME seconds (default 300); new inputs go to
+#                    build-fuzz/corpus/, or into the committed seeds with FUZZ_MERGE=1
+#   make fuzz-smoke  every target FUZZ_TIME seconds (default 15) from the seeds, then
+#                    tests/fuzz/regress/; part of `make test`
+FUZZ_CC ?= clang-14
+FB := build-fuzz
+FUZZ_SAN := -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer
+FUZZ_CFLAGS = -std=c11 -D_GNU_SOURCE -g -O1 $(FUZZ_SAN) \
+              $(filter-out -Wformat-truncation=%,$(WARN)) -Iinclude -MMD -MP $(PKG_CFLAGS)
+FUZZ_NEEDS_smtp_cmd := gateway/smtp_parse.c
+FUZZ_NEEDS_gw_data := gateway/gw_data.c
+FUZZ_NEEDS_conf := common/conf.c
+FUZZ_NEEDS_spool_rec := queue/spool_rec.c
+FUZZ_NEEDS_milter_reply := gateway/milter_proto.c
+FUZZ_NEEDS_proxy := gateway/gw_proxy.c
+FUZZ_ALL := $(patsubst tests/fuzz/fuzz_%.c,%,$(wildcard tests/fuzz/fuzz_*.c))
+FUZZ_TARGETS := $(foreach t,$(FUZZ_ALL),$(if $(wildcard $(FUZZ_NEEDS_$(t))),$(t)))
+FUZZ_BINS := $(FUZZ_TARGETS:%=$(FB)/fuzz_%)
+FUZZ_LIB_OBJS := $(LIB_SRCS:%.c=$(FB)/obj/%.o)
+
+.PHONY: fuzz-build fuzz fuzz-smoke
+fuzz-build: $(FUZZ_BINS)
+
+# the library with coverage edges but without libFuzzer's main; harnesses link the fuzzer
+$(FB)/obj/%.o: %.c
+	@mkdir -p $(dir $@)
+	$(FUZZ_CC) $(FUZZ_CFLAGS) -fsanitize=fuzzer-no-link -c -o $@ $<
+
+$(FB)/libsluice.a: $(FUZZ_LIB_OBJS)
+	rm -f $@ && ar rcs $@ $^
+
+$(FB)/fuzz_%: $(FB)/obj/tests/fuzz/fuzz_%.o $(FB)/libsluice.a
+	$(FUZZ_CC) $(FUZZ_SAN) -fsanitize=fuzzer -o $@ $^ $(LDLIBS)
+
+fuzz: deps-test
+	@$(MAKE) --no-print-directory fuzz-build
+	@scripts/run-fuzz.sh $(FB) full $(or $(FUZZ_TIME),300) $(FUZZ_TARGETS)
+
+fuzz-smoke: $(FUZZ_BINS)
+	@scripts/run-fuzz.sh $(FB) smoke $(or $(FUZZ_TIME),15) $(FUZZ_TARGETS)
+
+-include $(shell find $(FB)/obj -name '*.d' 2>/dev/null)
+# --- end of fuzzing ----------------------------------------------------------------------
 
 # ---- install / uninstall (docs/operations.md "Installing") ----------------------------------
 # make install [PREFIX=/usr/local] [DESTDIR=] [SYSCONFDIR=/etc]: daemons to sbin, sluicectl to

@@ -648,10 +648,12 @@ static int conf_list_set(struct conf_list *l, enum conf_type type, const char *v
     struct conf_list nl;
     const char *p = v;
 
+    /* zeroed, not just n = 0: *l = nl copies all of it, and stack garbage in a config is
+     * noise in every comparison and dump of the struct */
     if (append)
         nl = *l;
     else
-        nl.n = 0;
+        memset(&nl, 0, sizeof(nl));
     while (*p != '\0') {
         size_t n = strcspn(p, ", \t");
         char item[CONF_PATH_MAX];
@@ -1380,12 +1382,15 @@ static void conf_err_nomem(char *err, size_t errlen, const char *path)
     err[n] = '\0';
 }
 
-int conf_load(struct conf *c, const char *path, char *err, size_t errlen)
+/* conf_load_stream - parse f (named path in messages) into *c; closes f in every case */
+static int conf_load_stream(struct conf *c, const char *path, FILE *f, char *err, size_t errlen)
 {
     struct conf_ctx *x;
     int r;
 
     if ((x = calloc(1, sizeof(*x))) == NULL) {
+        if (f != NULL)
+            fclose(f);
         conf_err_nomem(err, errlen, path);
         return -ENOMEM;
     }
@@ -1398,12 +1403,14 @@ int conf_load(struct conf *c, const char *path, char *err, size_t errlen)
     conf_defaults(&x->c);
     if (strlen(path) >= sizeof(x->c.path)) {
         conf_error(x, 0, "path too long");
+        if (f != NULL)
+            fclose(f);
         free(x);
         return -ENAMETOOLONG;
     }
     memcpy(x->c.path, path, strlen(path) + 1);
 
-    if ((x->f = fopen(path, "re")) == NULL) {
+    if ((x->f = f) == NULL) {
         r = -errno;
         conf_error(x, 0, "cannot open: %s", strerror(-r));
         free(x);
@@ -1432,6 +1439,25 @@ int conf_load(struct conf *c, const char *path, char *err, size_t errlen)
         memcpy(c, &x->c, sizeof(*c));
     free(x);
     return r;
+}
+
+int conf_load(struct conf *c, const char *path, char *err, size_t errlen)
+{
+    FILE *f = strlen(path) < CONF_PATH_MAX ? fopen(path, "re") : NULL;
+
+    return conf_load_stream(c, path, f, err, errlen);
+}
+
+int conf_load_mem(struct conf *c, const char *name, const char *buf, size_t len, char *err,
+                  size_t errlen)
+{
+    /* fmemopen does not write to a buffer opened "r"; the cast only drops const. */
+    FILE *f = NULL;
+
+    if (strlen(name) < CONF_PATH_MAX)
+        f = fmemopen((void *)(uintptr_t)(len > 0 ? buf : ""), len, "r");
+
+    return conf_load_stream(c, name, f, err, errlen);
 }
 
 const struct conf_mailstore *conf_mailstore(const struct conf *c, const char *name)

@@ -36,14 +36,26 @@ static void data_error(struct gw_data *d, int err)
         d->err = err;
 }
 
-/* data_count - n more octets of the current line belong to the message */
+/*
+ * data_count - n more octets of the current line belong to the message
+ *
+ * n octets can cross both the line and the size limit. The error is the limit crossed at the
+ * earlier octet (the line's on a tie), as if they were counted one at a time: otherwise the
+ * reply would depend on how the body run was split across reads (found by fuzz_gw_data).
+ */
 static void data_count(struct gw_data *d, uint64_t n)
 {
+    uint64_t at_line = UINT64_MAX, at_size = UINT64_MAX; /* octets counted before crossing */
+
+    if (d->lim.max_line && d->line_len + n > d->lim.max_line)
+        at_line = d->lim.max_line > d->line_len ? d->lim.max_line - d->line_len : 0;
+    if (d->lim.max_size && d->size + n > d->lim.max_size)
+        at_size = d->lim.max_size > d->size ? d->lim.max_size - d->size : 0;
     d->line_len += n;
     d->size += n;
-    if (d->lim.max_line && d->line_len > d->lim.max_line)
+    if (at_line != UINT64_MAX && at_line <= at_size)
         data_error(d, GW_DATA_ELINE_LONG);
-    if (d->lim.max_size && d->size > d->lim.max_size)
+    else if (at_size != UINT64_MAX)
         data_error(d, GW_DATA_ESIZE);
 }
 

@@ -202,6 +202,10 @@ void conf_defaults(struct conf *c);
  * running config) and err holds one "FILE:LINE: problem" line per problem, '\n'-separated,
  * no trailing newline: -EINVAL for problems in the file, -errno when it cannot be read. */
 int conf_load(struct conf *c, const char *path, char *err, size_t errlen);
+/* The same from len bytes at buf, named name in the error lines (fuzzing, tests): the text is
+ * read as the file would be, so every check and message is conf_load's. */
+int conf_load_mem(struct conf *c, const char *name, const char *buf, size_t len, char *err,
+                  size_t errlen);
 /* The effective configuration as INI that conf_load accepts again, every key. */
 void conf_dump(const struct conf *c, FILE *out);
 /* The mailstore called name, or NULL. */

@@ -6,6 +6,8 @@ set -eu
 BUILD="make gcc libc6-dev pkg-config libuv1-dev libssl-dev libsqlite3-dev
 libinih-dev libjansson-dev libmicrohttpd-dev libmilter-dev libspf2-dev openssl sqlite3
 libsystemd-dev"
+# libFuzzer and its sanitizer runtimes, for make fuzz and the fuzz-smoke step of make test
+FUZZ="clang-14 libclang-rt-14-dev"
 # swaks (with Net::SSLeay for -tls) and Postfix's smtp-source as clients, Dovecot LMTP as the mailstore
 # haproxy (TCP mode, send-proxy / send-proxy-v2) in front of the gateway for the PROXY protocol tests
 # opendkim (+ opendkim-tools for test keys) and rspamd are real milters for the gateway's milter client
@@ -13,7 +15,7 @@ TEST="libcmocka-dev python3 python3-pytest swaks libnet-ssleay-perl libio-socket
 postfix dovecot-core
 dovecot-lmtpd iproute2 procps haproxy opendkim opendkim-tools rspamd"
 want=$BUILD
-[ "${1:-build}" = test ] && want="$BUILD $TEST"
+[ "${1:-build}" = test ] && want="$BUILD $TEST $FUZZ"
 missing=
 for p in $want; do
     s=$(dpkg-query -W -f='${db:Status-Status}' "$p" 2>/dev/null || true)

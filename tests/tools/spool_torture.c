@@ -404,6 +404,9 @@ struct totals {
 };
 
 static void problem(struct totals *t, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3)));
+
+static void problem(struct totals *t, const char *fmt, ...)
 {
     va_list ap;
     t->problems++;

@@ -81,6 +81,43 @@ static void assert_one_error(const char *section, const char *line, const char *
 
 /* --- Unit parsers ------------------------------------------------------------------- */
 
+/* conf_load_mem reads a buffer as conf_load reads a file: same result, same messages under
+ * the name given, and an empty buffer is the defaults. */
+static void test_load_mem(void **state)
+{
+    static const char bad[] = "[gateway]\nmax_connections = many\n[nosuch]\n";
+    static const char good[] = "[gateway]\nmax_connections = 7\n[mailstore a]\n"
+                               "deliver = lmtp:127.0.0.1:24\n";
+    char ferr[CONF_ERR_LEN], want[CONF_ERR_LEN * 2];
+    const char *p;
+    size_t n = 0;
+
+    assert_int_equal(load_text(&cf, bad), -EINVAL);
+    memcpy(ferr, err, sizeof(err));
+    assert_int_equal(conf_load_mem(&cf, "mem.conf", bad, strlen(bad), err, sizeof(err)),
+                     -EINVAL);
+    for (p = ferr; *p != '\0'; p++) {   /* the file's messages, named mem.conf */
+        if (strncmp(p, tmp_path, strlen(tmp_path)) == 0) {
+            n += (size_t)snprintf(want + n, sizeof(want) - n, "mem.conf");
+            p += strlen(tmp_path) - 1;
+        } else {
+            want[n++] = *p;
+        }
+    }
+    want[n] = '\0';
+    assert_string_equal(err, want);
+    assert_int_equal(load_text(&cf, good), 0);
+    assert_int_equal(conf_load_mem(&cf2, "mem.conf", good, strlen(good), err, sizeof(err)), 0);
+    assert_int_equal(cf2.gateway.max_connections, 7);
+    assert_int_equal(cf2.n_mailstores, 1);
+    assert_memory_equal(&cf.gateway, &cf2.gateway, sizeof(cf.gateway));
+    assert_memory_equal(&cf.mailstores[0], &cf2.mailstores[0], sizeof(cf.mailstores[0]));
+    assert_int_equal(conf_load_mem(&cf2, "empty", "", 0, err, sizeof(err)), 0);
+    conf_defaults(&cf);
+    assert_int_equal(cf2.gateway.max_connections, cf.gateway.max_connections);
+    assert_int_equal(cf2.n_mailstores, 0);
+}
+
 static void test_parse_size(void **state)
 {
     static const struct {
@@ -950,6 +987,7 @@ int main(void)
         cmocka_unit_test(test_parse_bool),
         cmocka_unit_test(test_parse_endpoint),
         cmocka_unit_test(test_defaults),
+        cmocka_unit_test(test_load_mem),
         cmocka_unit_test(test_full_file),
         cmocka_unit_test(test_syntax_variants),
         cmocka_unit_test(test_errors_all_kinds),

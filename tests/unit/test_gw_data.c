@@ -294,6 +294,28 @@ static void test_size_limit(void **state)
     assert_int_equal(res.size, 14); /* counting goes on: the log shows the real size */
 }
 
+/* A body line that crosses the size limit before the line limit is a size error however it
+ * is split: the whole-buffer path used to count the run at once and report the line limit
+ * (fuzz_gw_data, tests/fuzz/regress/gw_data/). */
+static void test_size_and_line_limit_same_run(void **state)
+{
+    static const char in[] = "\r\n0123456789abcdefghij\r\n.\r\n"; /* body line of 22 */
+    struct gw_data_limits lim = big_limits;
+
+    lim.max_line = 18;  /* crossed at the line's 19th octet */
+    lim.max_size = 10;  /* crossed at its 9th (the empty line before it counts 2) */
+    same(GW_DATA_DOT, &lim, in, strlen(in), &res);
+    assert_int_equal(res.err, GW_DATA_ESIZE);
+    same(GW_DATA_CHUNK, &lim, in, strlen(in) - 3, &res);
+    assert_int_equal(res.err, GW_DATA_ESIZE);
+    lim.max_size = 21;  /* crossed at the 20th: the line limit comes first */
+    same(GW_DATA_DOT, &lim, in, strlen(in), &res);
+    assert_int_equal(res.err, GW_DATA_ELINE_LONG);
+    lim.max_size = 20;  /* both at the 19th: the line's, as when counted one by one */
+    same(GW_DATA_DOT, &lim, in, strlen(in), &res);
+    assert_int_equal(res.err, GW_DATA_ELINE_LONG);
+}
+
 static void test_chunk_mode(void **state)
 {
     /* No end marker, no unstuffing; a last line without CR LF gets one. */
@@ -398,6 +420,7 @@ int main(void)
         cmocka_unit_test(test_line_limit),
         cmocka_unit_test(test_header_limits),
         cmocka_unit_test(test_size_limit),
+        cmocka_unit_test(test_size_and_line_limit_same_run),
         cmocka_unit_test(test_chunk_mode),
         cmocka_unit_test(test_binary_mode),
         cmocka_unit_test(test_store_error),
