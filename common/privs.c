@@ -86,11 +86,67 @@ int privs_init(struct privs *p, const struct conf *c, char *err, size_t errlen)
 
 /* --- The tree walk ------------------------------------------------------------------------ */
 
+/* privs_own_at - chown and tighten one entry, as root, on the spool user's ground: the
+ * entry can be swapped for a symlink or a hard link to a system file at any moment, so the
+ * work is done on an O_PATH descriptor of the inode that was checked (same device and inode
+ * as st), never again by name. */
+static int privs_own_at(const struct privs *p, int dfd, const char *name, const char *path,
+                        const struct stat *st, char *err, size_t errlen)
+{
+    char proc[64];
+    struct stat now;
+    mode_t mode, want;
+    int fd, r = 0;
+
+    if ((fd = openat(dfd, name, O_PATH | O_NOFOLLOW | O_CLOEXEC)) < 0) {
+        if (errno == ENOENT)
+            return 0;          /* gone meanwhile (a tmp file) */
+        r = -errno;
+        snprintf(err, errlen, "%s: %s", path, strerror(errno));
+        return r;
+    }
+    if (fstat(fd, &now) < 0) {
+        r = -errno;
+        snprintf(err, errlen, "%s: %s", path, strerror(errno));
+    } else if (now.st_dev != st->st_dev || now.st_ino != st->st_ino || S_ISLNK(now.st_mode) ||
+               (!S_ISDIR(now.st_mode) && now.st_nlink > 1) ||
+               (now.st_uid != 0 && now.st_uid != p->uid)) {
+        snprintf(err, errlen, "%s: changed while the spool was handed over (now a link, or "
+                 "someone else's): refusing to use this spool", path);
+        r = -EPERM;
+    }
+    if (r < 0)
+        goto out;
+    if ((now.st_uid != p->uid || now.st_gid != p->gid) &&
+        fchownat(fd, "", p->uid, p->gid, AT_EMPTY_PATH) < 0) {
+        r = -errno;
+        snprintf(err, errlen, "chown %s to %s:%s: %s", path, p->user, p->group,
+                 strerror(errno));
+        goto out;
+    }
+    mode = now.st_mode & 07777;
+    if (S_ISDIR(now.st_mode))
+        want = (mode & 0750) | 0700;
+    else if (S_ISSOCK(now.st_mode))
+        want = 0660;           /* the group's members run sluicectl */
+    else
+        want = (mode & 0640) | 0600;
+    /* an O_PATH descriptor takes no fchmod; its /proc name reaches exactly that inode */
+    snprintf(proc, sizeof(proc), "/proc/self/fd/%d", fd);
+    if (want != mode && chmod(proc, want) < 0) {
+        r = -errno;
+        snprintf(err, errlen, "chmod %s: %s", path, strerror(errno));
+    }
+out:
+    close(fd);
+    return r;
+}
+
 /* privs_entry - check or own one entry; st is its lstat. */
 static int privs_entry(const struct privs *p, enum privs_op op, int dfd, const char *name,
                        const char *path, const struct stat *st, char *err, size_t errlen)
 {
-    mode_t mode = st->st_mode & 07777, want;
+    mode_t mode = st->st_mode & 07777;
 
     if (op == PRIVS_CHECK) {
         if (st->st_uid != 0 && st->st_uid != p->uid) {
@@ -101,8 +157,21 @@ static int privs_entry(const struct privs *p, enum privs_op op, int dfd, const c
                      p->uid == 0 ? "" : p->user[0] ? p->user : "us");
             return -EPERM;
         }
-        if (S_ISLNK(st->st_mode) || S_ISSOCK(st->st_mode))
-            return 0;          /* link modes mean nothing; a socket is guarded by its dir */
+        /* sluice never makes links in its spool: one found there was planted, to send a
+         * root-run chown, chmod or recovery somewhere else */
+        if (S_ISLNK(st->st_mode) && name[0] != '\0') {
+            snprintf(err, errlen, "%s: a symbolic link inside the spool: refusing to use this "
+                     "spool (sluice makes none; remove it)", path);
+            return -ELOOP;
+        }
+        if (!S_ISDIR(st->st_mode) && st->st_nlink > 1) {
+            snprintf(err, errlen, "%s: has %lu hard links: refusing to use this spool "
+                     "(sluice makes none; remove the other names)", path,
+                     (unsigned long)st->st_nlink);
+            return -EMLINK;
+        }
+        if (S_ISSOCK(st->st_mode))
+            return 0;          /* a socket is guarded by its directory */
         if (mode & S_IWOTH) {
             snprintf(err, errlen, "%s: world-writable (mode %04o): refusing to use this "
                      "spool; chmod o-w it", path, (unsigned)mode);
@@ -121,26 +190,7 @@ static int privs_entry(const struct privs *p, enum privs_op op, int dfd, const c
     /* PRIVS_OWN: only what root or the user owns; privs_check_tree refused anything else. */
     if (st->st_uid != 0 && st->st_uid != p->uid)
         return 0;
-    if ((st->st_uid != p->uid || st->st_gid != p->gid) &&
-        fchownat(dfd, name, p->uid, p->gid, AT_SYMLINK_NOFOLLOW) < 0) {
-        int e = errno;
-        snprintf(err, errlen, "chown %s to %s:%s: %s", path, p->user, p->group, strerror(e));
-        return -e;
-    }
-    if (S_ISLNK(st->st_mode))
-        return 0;
-    if (S_ISDIR(st->st_mode))
-        want = (mode & 0750) | 0700;
-    else if (S_ISSOCK(st->st_mode))
-        want = 0660;           /* the group's members run sluicectl */
-    else
-        want = (mode & 0640) | 0600;
-    if (want != mode && fchmodat(dfd, name, want, 0) < 0) {
-        int e = errno;
-        snprintf(err, errlen, "chmod %s: %s", path, strerror(e));
-        return -e;
-    }
-    return 0;
+    return privs_own_at(p, dfd, name, path, st, err, errlen);
 }
 
 /* privs_walk - every entry below the open directory dfd (closed here); path holds its name
@@ -268,6 +318,36 @@ int privs_own_tree(const struct privs *p, const char *dir, char *err, size_t err
 
 /* --- Single paths ------------------------------------------------------------------------- */
 
+/* privs_set_path - privs_own_at for one path, with its own mode */
+static int privs_set_path(const struct privs *p, const char *path, const struct stat *st,
+                          mode_t mode, char *err, size_t errlen)
+{
+    char proc[64];
+    struct stat now;
+    int fd, r = 0;
+
+    if ((fd = open(path, O_PATH | O_NOFOLLOW | O_CLOEXEC)) < 0) {
+        r = -errno;
+        snprintf(err, errlen, "%s: %s", path, strerror(errno));
+        return r;
+    }
+    snprintf(proc, sizeof(proc), "/proc/self/fd/%d", fd);
+    if (fstat(fd, &now) < 0) {
+        r = -errno;
+        snprintf(err, errlen, "%s: %s", path, strerror(errno));
+    } else if (now.st_dev != st->st_dev || now.st_ino != st->st_ino ||
+               (!S_ISDIR(now.st_mode) && now.st_nlink > 1)) {
+        snprintf(err, errlen, "%s: changed under us, or has other names: not changing its "
+                 "owner", path);
+        r = -EPERM;
+    } else if (fchownat(fd, "", p->uid, p->gid, AT_EMPTY_PATH) < 0 || chmod(proc, mode) < 0) {
+        r = -errno;
+        snprintf(err, errlen, "chown/chmod %s: %s", path, strerror(errno));
+    }
+    close(fd);
+    return r;
+}
+
 int privs_own_path(const struct privs *p, const char *path, unsigned mode, char *err,
                    size_t errlen)
 {
@@ -286,15 +366,31 @@ int privs_own_path(const struct privs *p, const char *path, unsigned mode, char 
         snprintf(err, errlen, "%s: a symlink: not changing its owner", path);
         return -ELOOP;
     }
-    if (lchown(path, p->uid, p->gid) < 0 || chmod(path, (mode_t)mode) < 0) {
+    return privs_set_path(p, path, &st, (mode_t)mode, err, errlen);
+}
+
+/* --- The switch --------------------------------------------------------------------------- */
+
+int privs_as_user(const struct privs *p, int on, char *err, size_t errlen)
+{
+    if (!p->switch_ids)
+        return 0;
+    if (on) {
+        /* groups and egid first: once euid is the user, they can no longer change */
+        if (setgroups(1, &p->gid) < 0 || setegid(p->gid) < 0 || seteuid(p->uid) < 0) {
+            int e = errno;
+            snprintf(err, errlen, "acting as %s:%s: %s", p->user, p->group, strerror(e));
+            return -e;
+        }
+        return 0;
+    }
+    if (seteuid(0) < 0 || setegid(0) < 0) {
         int e = errno;
-        snprintf(err, errlen, "chown/chmod %s: %s", path, strerror(e));
+        snprintf(err, errlen, "back to root after acting as %s: %s", p->user, strerror(e));
         return -e;
     }
     return 0;
 }
-
-/* --- The switch --------------------------------------------------------------------------- */
 
 /* privs_caps_clear - a non-root process keeps no capability: systemd's AmbientCapabilities=
  * CAP_NET_BIND_SERVICE was for bind(), which is done. Per thread: threads started before

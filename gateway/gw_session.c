@@ -2416,6 +2416,7 @@ static void session_early_input(struct gw_session *s, const uv_buf_t *buf, size_
  * "connect from" line, so it gets no "disconnect from" either (the caller logged why) */
 static void session_proxy_drop(struct gw_session *s)
 {
+    gw_server_ip_release(s->srv, s);  /* by the address it was counted under, before it goes */
     s->addr[0] = '\0';
     session_close_now(s);
 }
@@ -2445,6 +2446,10 @@ static void session_proxy_header(struct gw_session *s, const struct gw_proxy_res
         session_reject(s, "too many connections from your address");
         return;
     }
+    /* a session now, no longer a header wait: proxy_timeout is over, and milters may take
+     * their own time over CONNECT before the banner (the idle timer starts with it) */
+    session_enter(s, GW_S_GREET);
+    uv_timer_stop(&s->timer);
     session_greet(s);
 }
 

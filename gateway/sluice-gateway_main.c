@@ -152,10 +152,23 @@ int main(int argc, char **argv)
         free(c);
         return 1;
     }
-    if ((r = spool_open(&sp, &so, err, sizeof(err))) < 0) {
+    /* The spool is the user's ground: hand it over and open it (recovery unlinks and
+     * creates files) as the user, so nothing planted there can borrow root. Only the binds
+     * in gw_server_start need root. Failing half-way leaves us root: exit, do not serve. */
+    if (privs_own_tree(&pv, c->spool.dir, err, sizeof(err)) < 0 ||
+        privs_as_user(&pv, 1, err, sizeof(err)) < 0) {
+        log_err("%s", err);
+        exit(1);
+    }
+    r = spool_open(&sp, &so, err, sizeof(err));
+    if (r < 0) {
         log_err("spool %s: %s", c->spool.dir, err);
         free(c);
         return 1;
+    }
+    if (privs_as_user(&pv, 0, err, sizeof(err)) < 0) {
+        log_err("%s", err);
+        exit(1);
     }
     if ((r = gw_server_start(&srv, loop, c, o.conf_path, sp, err, sizeof(err))) < 0) {
         log_err("%s", err);
@@ -165,12 +178,11 @@ int main(int argc, char **argv)
         free(c);
         return 1;
     }
-    /* Nothing has run on the loop yet, so no session can be writing while the tree changes
-     * hands. Failing here leaves the process as root: exit, do not serve. */
+    /* The control socket was made as root by gw_server_start. Failing here leaves the
+     * process as root: exit, do not serve. */
     if (conf_ctl_socket(srv->conf, 1, ctl, sizeof(ctl)) < 0)
         ctl[0] = '\0';        /* too long: gw_ctl_start already said so and made none */
-    if (privs_own_tree(&pv, srv->conf->spool.dir, err, sizeof(err)) < 0 ||
-        privs_own_path(&pv, ctl, 0660, err, sizeof(err)) < 0 ||
+    if (privs_own_path(&pv, ctl, 0660, err, sizeof(err)) < 0 ||
         privs_drop(&pv, "sluice-gateway", err, sizeof(err)) < 0) {
         log_err("%s", err);
         exit(1);

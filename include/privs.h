@@ -3,7 +3,8 @@
  *
  * Every daemon follows the same order (docs/security.md "Privileges and deployment"):
  *   privs_init        resolve the names (conf_load has already checked they exist);
- *   privs_check_tree  refuse a spool an attacker could write to: before anything opens it;
+ *   privs_check_tree  refuse a spool an attacker could write to, or holding a symlink or a
+ *                     hard link (sluice makes neither): before anything opens it;
  *   ... open what needs root: listeners on ports below 1024, root-only key files ...
  *   privs_own_tree    as root, hand the spool tree to the user (entries owned by root or
  *                     the user only; modes tightened: dirs 0750, files 0640, sockets 0660);
@@ -48,6 +49,11 @@ int privs_own_tree(const struct privs *p, const char *dir, char *err, size_t err
  * missing path is not an error). After the switch only the mode can change. Else 0. */
 int privs_own_path(const struct privs *p, const char *path, unsigned mode, char *err,
                    size_t errlen);
+/* As root with a configured user: on = act as the user for now (supplementary groups, egid,
+ * euid; the saved uid stays 0), off = back to root. For work on the user's files that must
+ * happen before the binds: the gateway opens and recovers its spool this way, so a link
+ * planted in the spool cannot turn recovery's unlinks and creates into root's. Else 0. */
+int privs_as_user(const struct privs *p, int on, char *err, size_t errlen);
 /* The switch; who names the program in the log line. */
 int privs_drop(const struct privs *p, const char *who, char *err, size_t errlen);
 

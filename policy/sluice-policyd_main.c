@@ -559,8 +559,18 @@ int main(int argc, char **argv)
         log_err("[policyd] listen %s: cannot listen", P.c.policyd.listen);
         return 1;
     }
+    /* a unix milter socket libmilter made as root: the gateway, running as [spool] user,
+     * must be able to connect to it */
+    const char *msock = P.c.policyd.listen;
+    if (strncmp(msock, "unix:", 5) == 0)
+        msock += 5;
+    else if (strncmp(msock, "local:", 6) == 0)
+        msock += 6;
+    else
+        msock = "";
     if (privs_own_tree(&pv, P.c.spool.dir, err, sizeof(err)) < 0 ||
         privs_own_path(&pv, P.state_path, 0640, err, sizeof(err)) < 0 ||
+        privs_own_path(&pv, msock, 0660, err, sizeof(err)) < 0 ||
         privs_drop(&pv, PD_NAME, err, sizeof(err)) < 0) {
         log_err("%s", err);
         return 1;

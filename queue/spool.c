@@ -1187,7 +1187,9 @@ static int open_subdir(struct spool *sp, const char *name, int create)
 {
     if (create && mkdirat(sp->dirfd, name, 0700) < 0 && errno != EEXIST)
         return -errno;
-    int fd = openat(sp->dirfd, name, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    /* O_NOFOLLOW: recovery empties tmp/ and prunes big/ and seg/; a symlink planted there
+     * must not point it at another directory */
+    int fd = openat(sp->dirfd, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
     return fd < 0 ? -errno : fd;
 }
 
@@ -1269,7 +1271,8 @@ int spool_open(struct spool **out, const struct spool_opts *o, char *err, size_t
         goto fail;
     }
     if (o->loop && !o->readonly) {
-        sp->lockfd = openat(sp->dirfd, "writer.lock", O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+        sp->lockfd = openat(sp->dirfd, "writer.lock",
+                           O_RDWR | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0600);
         if (sp->lockfd < 0 || flock(sp->lockfd, LOCK_EX | LOCK_NB) < 0) {
             r = errno == EWOULDBLOCK ? -EBUSY : -errno;
             snprintf(err, errlen, "%s/writer.lock: %s", o->dir,

@@ -11,6 +11,7 @@ and their hold state) read back with conftest's helpers.
 """
 import re
 import socket
+import time
 
 import pytest
 
@@ -1127,3 +1128,30 @@ def test_milter_sees_the_proxied_client(gateway_factory, milter_peer):
     assert s.macros.get("C", {}).get("{client_port}") == "40123", s.macros
     assert s.connect is not None and s.connect[3] == "192.0.2.77", s.connect
     assert s.connect[2] == 40123, s.connect
+
+
+def test_slow_milter_connect_behind_proxy_keeps_session_and_ip_count(gateway_factory,
+                                                                       milter_peer):
+    """A milter slower over CONNECT than proxy_timeout: the session is a session once the
+    header is in, so it waits for the milter and gets its banner, and its per-IP count is
+    given back at the end (a second session from the same client, with a limit of one, is
+    served, not refused with 421)."""
+    peer = milter_peer(script={"connect": ("delay", 2.0, "continue")})
+    pport = free_port()
+    gw = start(gateway_factory, ("m1", peer.spec, {"command_timeout": "5s"}),
+               gateway={"proxy_protocol_listen": "127.0.0.1:%d" % pport,
+                        "proxy_trusted_networks": "127.0.0.1/32", "proxy_timeout": "1s",
+                        "max_connections_per_ip": "1"})
+    for n in range(2):
+        with Raw(pport, greet=False, timeout=15) as c:
+            c.send(b"PROXY TCP4 192.0.2.78 127.0.0.1 40124 25\r\n")
+            r = c.reply(enh=False)
+            assert r.code == 220, "session %d: %s" % (n, r)
+            c.ehlo()
+            c.expect("QUIT", 221)
+        # the gateway counts the close when it sees it
+        for _ in range(50):
+            if "disconnect from unknown[192.0.2.78]" in gw.log():
+                break
+            time.sleep(0.1)
+    assert "PROXY header timeout" not in gw.log()

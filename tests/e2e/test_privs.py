@@ -339,3 +339,47 @@ def test_policyd_runs_unprivileged(sluice_user, base, tls_files):
     finally:
         assert pd.stop() == 0, pd.log()
     sanitizer_clean(pd)
+
+
+def test_policyd_unix_milter_socket_given_to_the_user(sluice_user, base, tls_files):
+    """listen = unix:PATH started as root: libmilter makes the socket as root, and the
+    gateway (running as the user) must still be able to connect: it is handed over, 0660."""
+    name, uid, gid = sluice_user
+    sockdir = os.path.join(str(base), "milter")
+    os.makedirs(sockdir)
+    os.chown(sockdir, uid, gid)
+    path = os.path.join(sockdir, "policyd.sock")
+    conf, spool = make_config(base, free_port(), tls_files, user=name,
+                              extra={"policyd": {"listen": "unix:" + path}})
+    pd = Proc(os.path.join(BUILD, "sluice-policyd"), conf, base, "policyd")
+    try:
+        wait_for(lambda: pd.p.poll() is not None or "listening on" in pd.log(), 15,
+                 "the end of start-up")
+        assert pd.p.poll() is None, pd.log()
+        st = os.stat(path)
+        assert stat.S_ISSOCK(st.st_mode)
+        assert (st.st_uid, st.st_gid) == (uid, gid), (st.st_uid, st.st_gid)
+        assert stat.S_IMODE(st.st_mode) == 0o660
+    finally:
+        assert pd.stop() == 0, pd.log()
+    sanitizer_clean(pd)
+
+
+def test_symlink_in_spool_refused_before_root_touches_it(sluice_user, base, tls_files):
+    """A link planted in the spool (here tmp/ pointing at a directory of root's files) makes
+    a root start refuse, naming it; nothing behind the link is touched."""
+    name, uid, gid = sluice_user
+    conf, spool = make_config(base, free_port(), tls_files, user=name)
+    victim = os.path.join(str(base), "victim")
+    os.makedirs(victim)
+    with open(os.path.join(victim, "precious"), "w") as f:
+        f.write("keep me\n")
+    os.makedirs(spool, exist_ok=True)
+    os.chmod(spool, 0o750)
+    os.symlink(victim, os.path.join(spool, "tmp"))
+    r = subprocess.run([GATEWAY_BIN, "-c", conf, "-f"], cwd=base, capture_output=True,
+                       text=True, timeout=30)
+    assert r.returncode == 1, r.stderr
+    assert "a symbolic link inside the spool" in r.stderr, r.stderr
+    assert os.path.exists(os.path.join(victim, "precious"))
+    assert os.stat(os.path.join(victim, "precious")).st_uid == 0

@@ -129,16 +129,29 @@ static void test_world_writable_top_refused(void **state)
     assert_non_null(strstr(f->err, want));
 }
 
-static void test_socket_and_symlink_exempt(void **state)
+static void test_socket_exempt_links_refused(void **state)
 {
     struct fix *f = *state;
-    char path[256];
+    char path[256], target[256], want[320];
 
-    /* the 0666 socket from setup, plus a link to a world-writable directory: neither is a
-     * way in (the link is not followed) */
+    /* the 0666 socket from setup is no way in: its directory guards it */
+    assert_int_equal(privs_check_tree(&f->p, f->dir, f->err, sizeof(f->err)), 0);
+    /* a symlink is: root's recovery or hand-over would follow it out of the spool */
     snprintf(path, sizeof(path), "%s/seg/tmp-link", f->dir);
     assert_int_equal(symlink("/tmp", path), 0);
-    assert_int_equal(privs_check_tree(&f->p, f->dir, f->err, sizeof(f->err)), 0);
+    assert_int_equal(privs_check_tree(&f->p, f->dir, f->err, sizeof(f->err)), -ELOOP);
+    snprintf(want, sizeof(want), "%s: a symbolic link inside the spool", path);
+    assert_non_null(strstr(f->err, want));
+    assert_int_equal(unlink(path), 0);
+    /* and so is a second name for a file: a hard link to a system file gets chowned */
+    snprintf(target, sizeof(target), "%s/big/ab/one", f->dir);
+    mk(f->dir, "big/ab/one", 0600, 0);
+    snprintf(path, sizeof(path), "%s/big/ab/two", f->dir);
+    assert_int_equal(link(target, path), 0);
+    assert_int_equal(privs_check_tree(&f->p, f->dir, f->err, sizeof(f->err)), -EMLINK);
+    assert_non_null(strstr(f->err, "hard links"));
+    assert_int_equal(privs_own_tree(&f->p, f->dir, f->err, sizeof(f->err)),
+                     f->p.switch_ids ? -EPERM : 0);
 }
 
 static void test_foreign_group_and_owner_refused(void **state)
@@ -269,7 +282,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_missing_spool_passes, setup, teardown),
         cmocka_unit_test_setup_teardown(test_world_writable_refused, setup, teardown),
         cmocka_unit_test_setup_teardown(test_world_writable_top_refused, setup, teardown),
-        cmocka_unit_test_setup_teardown(test_socket_and_symlink_exempt, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_socket_exempt_links_refused, setup, teardown),
         cmocka_unit_test_setup_teardown(test_foreign_group_and_owner_refused, setup, teardown),
         cmocka_unit_test_setup_teardown(test_too_deep_refused, setup, teardown),
         cmocka_unit_test_setup_teardown(test_unknown_names, setup, teardown),
