@@ -1511,8 +1511,22 @@ static void session_milter_reply(struct gw_session *s, const char *reply)
  * outstanding: then they go with the session) */
 static void session_milter_close(struct gw_session *s)
 {
-    if (!s->milter || s->mpend != GW_MP_NONE)
+    if (!s->milter)
         return;
+    if (s->mpend != GW_MP_NONE) {
+        if (!s->gone)
+            return;
+        /* Closed while a stage waits (shutdown, a write error): nobody needs the verdict,
+         * and a milter that keeps sending "progress" must not keep the session and its
+         * message buffer alive. After gw_milter_free no callback comes, so the stage's
+         * reference goes here; the connection's own lasts until the handles are closed. */
+        s->mpend = GW_MP_NONE;
+        s->paused = 0;
+        gw_milter_free(s->milter);
+        s->milter = NULL;
+        session_unref(s);
+        return;
+    }
     gw_milter_free(s->milter);
     s->milter = NULL;
 }
