@@ -1486,36 +1486,66 @@ struct nhdr {
     int ours;                     /* our own field: never matched by CHGHEADER */
 };
 
-/* field_make - "Name: value\r\n" from a milter's value: LF (or CRLF) line ends become CRLF
- * and a continuation line that does not start with white space gets a TAB (no header
- * injection); a leading space is added unless HDR_LEADSPC was negotiated. */
+/* field_emit - write (f != NULL) or count (f == NULL) "Name: value\r\n": every line end of the
+ * value (LF, CRLF or a bare CR) becomes CRLF, a continuation line that does not start with
+ * white space gets a TAB, trailing line ends and white space are dropped, and an empty or
+ * white-space-only continuation line is left out: nothing a milter sends can end the header
+ * section (an empty line) or start a new field. Returns the length. */
+static size_t field_emit(char *f, const char *name, const char *value, int leadspc)
+{
+    size_t nl = strlen(name), vl = strlen(value), n = 0;
+
+#define FE_PUT(ch) (f ? (void)(f[n++] = (ch)) : (void)n++)
+    while (vl > 0 && (value[vl - 1] == '\r' || value[vl - 1] == '\n' ||
+                      value[vl - 1] == ' ' || value[vl - 1] == '\t'))
+        vl--;
+    if (f)
+        memcpy(f, name, nl);
+    n = nl;
+    FE_PUT(':');
+    if (!leadspc)
+        FE_PUT(' ');
+    for (size_t i = 0; i < vl;) {
+        size_t e = i, ws;
+
+        while (e < vl && value[e] != '\r' && value[e] != '\n')
+            e++;
+        if (i > 0) {
+            /* a continuation line: skip it when it is empty or only white space */
+            for (ws = i; ws < e && (value[ws] == ' ' || value[ws] == '\t'); ws++)
+                ;
+            if (ws < e) {
+                FE_PUT('\r');
+                FE_PUT('\n');
+                if (value[i] != ' ' && value[i] != '\t')
+                    FE_PUT('\t');
+            } else {
+                i = e;
+            }
+        }
+        for (; i < e; i++)
+            FE_PUT(value[i]);
+        if (e < vl && value[e] == '\r' && e + 1 < vl && value[e + 1] == '\n')
+            e++;
+        i = e + 1;
+        if (e >= vl)
+            break;
+    }
+    FE_PUT('\r');
+    FE_PUT('\n');
+#undef FE_PUT
+    return n;
+}
+
+/* field_make - the field of a milter's header change, malloc()ed (see field_emit) */
 static char *field_make(const char *name, const char *value, int leadspc, size_t *len)
 {
-    size_t nl = strlen(name), vl = strlen(value), cap = nl + 2 * vl + 8, n = 0;
-    char *f = malloc(cap);
+    size_t need = field_emit(NULL, name, value, leadspc);
+    char *f = malloc(need);
 
     if (!f)
         return NULL;
-    memcpy(f, name, nl);
-    n = nl;
-    f[n++] = ':';
-    if (!leadspc)
-        f[n++] = ' ';
-    for (size_t i = 0; i < vl; i++) {
-        if (value[i] == '\r')
-            continue;
-        if (value[i] == '\n') {
-            f[n++] = '\r';
-            f[n++] = '\n';
-            if (i + 1 < vl && value[i + 1] != ' ' && value[i + 1] != '\t')
-                f[n++] = '\t';
-            continue;
-        }
-        f[n++] = value[i];
-    }
-    f[n++] = '\r';
-    f[n++] = '\n';
-    *len = n;
+    *len = field_emit(f, name, value, leadspc);
     return f;
 }
 
