@@ -823,6 +823,12 @@ static int mc_put_header(struct mconn *c, const struct mhdr *h)
         v++;
         vl--;
     }
+    if (h->name_len > MILTER_CHUNK_MAX - 16) {
+        /* a name cannot be cut like a value: the milter cannot judge this message */
+        mc_fail(c, "header field name of %zu bytes does not fit a milter packet",
+                h->name_len);
+        return -1;
+    }
     memcpy(d + n, base + h->name, h->name_len);
     n += h->name_len;
     d[n++] = '\0';

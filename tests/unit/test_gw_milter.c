@@ -89,11 +89,127 @@ static void test_field_make_no_injection(void **state)
     check_field("\t\n\r\n\r", "X-Test: \r\n");
 }
 
+#include <sys/socket.h>
+#include <unistd.h>
+
+/* ---- a session with one milter connected to a socketpair (no milter process needed) */
+
+static struct conf h_conf;
+static uv_loop_t h_loop;
+static int h_peer = -1;
+
+static void h_cb(void *arg, const struct gw_milter_result *res)
+{
+    (void)arg;
+    (void)res;
+}
+
+/* h_new - a session whose milter negotiated actions/proto and sits READY at stage st */
+static struct gw_milter_sess *h_new(uint32_t actions, uint32_t proto, enum ms_stage st)
+{
+    struct gw_milter_sess *ms;
+    struct mconn *c;
+    int sv[2];
+
+    memset(&h_conf, 0, sizeof(h_conf));
+    h_conf.n_milters = 1;
+    snprintf(h_conf.milters[0].name, sizeof(h_conf.milters[0].name), "t");
+    h_conf.milters[0].action = CONF_MA_TEMPFAIL;
+    h_conf.gateway.max_header_count = 100;
+    h_conf.gateway.max_recipients = 50;
+    assert_int_equal(uv_loop_init(&h_loop), 0);
+    ms = gw_milter_new(&h_loop, &h_conf, 1 << 20, h_cb, NULL);
+    assert_non_null(ms);
+    c = &ms->mc[0];
+    assert_int_equal(socketpair(AF_UNIX, SOCK_STREAM, 0, sv), 0);
+    assert_int_equal(uv_pipe_init(&h_loop, &c->h.pipe, 0), 0);
+    assert_int_equal(uv_pipe_open(&c->h.pipe, sv[0]), 0);
+    c->h.h.data = c;
+    c->h_open = 1;
+    ms->nhandles++;
+    h_peer = sv[1];
+    c->version = 6;
+    c->actions = actions;
+    c->proto = proto;
+    c->state = MC_READY;
+    ms->st = st;
+    return ms;
+}
+
+static void h_free(struct gw_milter_sess *ms)
+{
+    gw_milter_free(ms);
+    uv_run(&h_loop, UV_RUN_DEFAULT);
+    assert_int_equal(uv_loop_close(&h_loop), 0);
+    close(h_peer);
+    h_peer = -1;
+}
+
+/* h_read - what the milter was sent (waits for at least min bytes) */
+static size_t h_read(char *buf, size_t cap, size_t min)
+{
+    size_t n = 0;
+
+    while (n < min) {
+        ssize_t r = recv(h_peer, buf + n, cap - n, 0);
+
+        if (r <= 0)
+            break;
+        n += (size_t)r;
+    }
+    return n;
+}
+
+/* h_msg - a gw_milter_msg from a C string (buf malloc()ed) */
+static void h_msg(struct gw_milter_msg *m, const char *text, const char *own)
+{
+    memset(m, 0, sizeof(*m));
+    m->len = m->cap = strlen(text);
+    m->buf = malloc(m->len + 1);
+    assert_non_null(m->buf);
+    memcpy(m->buf, text, m->len + 1);
+    m->own = own;
+}
+
+/* item 3: a client field name longer than a milter packet fails the milter, no overflow */
+static void test_put_header_long_name(void **state)
+{
+    struct gw_milter_sess *ms = h_new(0, 0, ST_EOM);
+    struct mconn *c = &ms->mc[0];
+    struct gw_milter_msg m;
+    size_t nl = GW_M_SCRATCH + 10000, n;
+    char *text = malloc(nl + 64), pkt[64];
+
+    (void)state;
+    assert_non_null(text);
+    /* first a normal field: the packet is HEADER name NUL value NUL */
+    h_msg(&m, "Subject: hi\r\n\r\nbody\r\n", NULL);
+    ms->msg = &m;
+    assert_int_equal(ms_index_headers(ms), 0);
+    assert_int_equal(mc_put_header(c, &ms->hdrs[0]), 0);
+    n = h_read(pkt, sizeof(pkt), 16);
+    assert_int_equal(n, 16);
+    assert_memory_equal(pkt, "\0\0\0\x0cLSubject\0hi\0", 16);
+    free(m.buf);
+    memset(text, 'X', nl);
+    memcpy(text + nl, ": v\r\n\r\nbody\r\n", sizeof(": v\r\n\r\nbody\r\n"));
+    h_msg(&m, text, NULL);
+    assert_int_equal(ms_index_headers(ms), 0);
+    assert_int_equal(ms->nhdrs, 1);
+    assert_int_equal(mc_put_header(c, &ms->hdrs[0]), -1);
+    assert_int_equal(c->state, MC_FAILED);
+    free(m.buf);
+    free(text);
+    ms->msg = NULL;
+    h_free(ms);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_field_make_many_lf),
         cmocka_unit_test(test_field_make_no_injection),
+        cmocka_unit_test(test_put_header_long_name),
     };
 
     return cmocka_run_group_tests(tests, NULL, NULL);
