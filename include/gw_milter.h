@@ -67,9 +67,11 @@ struct gw_milter_msg {
     char *buf;
     size_t len, cap;
     /* in: our own header fields as they stand at the top of buf ("Received-SPF: ...\r\n
-     * Received: ...\r\n"), or NULL. As in Postfix, milters are not shown our Received:,
-     * header change indexes count only the message's own fields (ours cannot be changed or
-     * deleted), and insert indexes count every field, ours included (0 = the very top). */
+     * Received: ...\r\n"), or NULL. Only the number of fields counts: the first that many
+     * fields of buf are ours (by position, never by content). As in Postfix, milters are
+     * not shown our Received:; header change indexes count the fields the milter was shown
+     * (ours other than Received: included), but our fields are never changed or deleted;
+     * insert indexes count every field, ours included (0 = the very top). */
     const char *own;
     /* out, after gw_milter_eom */
     int changed;                        /* buf was rewritten (headers or body) */

@@ -204,12 +204,217 @@ static void test_put_header_long_name(void **state)
     h_free(ms);
 }
 
+/* ed - one end-of-message change handed to mc_edit */
+static int ed(struct mconn *c, enum milter_reply_type t, uint32_t index, const char *name,
+              const char *value)
+{
+    struct milter_reply r;
+
+    memset(&r, 0, sizeof(r));
+    r.type = t;
+    r.index = index;
+    if (t == MILTER_R_CHGFROM || t == MILTER_R_ADDRCPT || t == MILTER_R_ADDRCPT_PAR ||
+        t == MILTER_R_DELRCPT) {
+        r.addr = name;
+        r.args = value;
+    } else {
+        r.name = name;
+        r.value = value;
+    }
+    return mc_edit(c, &r);
+}
+
+/* item 4: header changes and recipient changes are capped per milter per message */
+static void test_edit_caps(void **state)
+{
+    struct gw_milter_sess *ms = h_new(MILTER_F_ALL, 0, ST_EOM);
+    struct mconn *c = &ms->mc[0];
+    char a[64];
+
+    (void)state;
+    for (int i = 0; i < 100; i++)
+        assert_int_equal(ed(c, MILTER_R_ADDHEADER, 0, "X-A", "1"), 0);
+    assert_int_equal(ed(c, MILTER_R_CHGHEADER, 1, "X-A", "2"), -1);
+    assert_int_equal(c->state, MC_FAILED);
+    h_free(ms);
+
+    ms = h_new(MILTER_F_ALL, 0, ST_EOM);
+    c = &ms->mc[0];
+    for (int i = 0; i < 50; i++) {
+        snprintf(a, sizeof(a), "<r%d@example.org>", i);
+        assert_int_equal(ed(c, MILTER_R_ADDRCPT, 0, a, NULL), 0);
+        assert_int_equal(ed(c, MILTER_R_DELRCPT, 0, a, NULL), 0);
+    }
+    assert_int_equal(ed(c, MILTER_R_ADDRCPT_PAR, 0, "<x@example.org>", "A=B"), -1);
+    assert_int_equal(c->state, MC_FAILED);
+    h_free(ms);
+}
+
+/* items 4 and 8: too many fields after the changes fails the milter, and then none of its
+ * changes (envelope ones included) are applied */
+static void test_edit_header_count_all_or_nothing(void **state)
+{
+    struct gw_milter_sess *ms = h_new(MILTER_F_ALL, 0, ST_EOM);
+    struct mconn *c = &ms->mc[0];
+    struct gw_milter_msg m;
+    char text[4096];
+    size_t n = 0;
+
+    (void)state;
+    for (int i = 0; i < 10; i++)
+        n += (size_t)snprintf(text + n, sizeof(text) - n, "X-%d: v\r\n", i);
+    snprintf(text + n, sizeof(text) - n, "\r\nbody\r\n");
+    h_msg(&m, text, NULL);
+    ms->msg = &m;
+    assert_int_equal(ed(c, MILTER_R_CHGFROM, 0, "<new@example.org>", NULL), 0);
+    assert_int_equal(ed(c, MILTER_R_ADDRCPT, 0, "<r@example.org>", NULL), 0);
+    for (int i = 0; i < 91; i++)
+        assert_int_equal(ed(c, MILTER_R_ADDHEADER, 0, "X-A", "1"), 0);
+    assert_int_equal(mc_apply_edits(c), -1);
+    assert_int_equal(c->state, MC_FAILED);
+    assert_null(m.sender);
+    assert_null(m.rcpts);
+    assert_int_equal(m.changed, 0);
+    assert_string_equal(m.buf, text);
+    gw_milter_msg_clear(&m);
+    free(m.buf);
+    h_free(ms);
+
+    /* 90 more make 100: allowed, and everything is applied */
+    ms = h_new(MILTER_F_ALL, 0, ST_EOM);
+    c = &ms->mc[0];
+    h_msg(&m, text, NULL);
+    ms->msg = &m;
+    assert_int_equal(ed(c, MILTER_R_CHGFROM, 0, "<new@example.org>", NULL), 0);
+    assert_int_equal(ed(c, MILTER_R_ADDRCPT, 0, "<r@example.org>", NULL), 0);
+    assert_int_equal(ed(c, MILTER_R_DELRCPT, 0, "<s@example.org>", NULL), 0);
+    for (int i = 0; i < 90; i++)
+        assert_int_equal(ed(c, MILTER_R_ADDHEADER, 0, "X-A", "1"), 0);
+    assert_int_equal(mc_apply_edits(c), 0);
+    assert_string_equal(m.sender, "<new@example.org>");
+    assert_non_null(m.rcpts);
+    assert_string_equal(m.rcpts->addr, "<r@example.org>");
+    assert_true(m.rcpts->add);
+    assert_non_null(m.rcpts->next);
+    assert_false(m.rcpts->next->add);
+    assert_null(m.rcpts->next->next);
+    assert_int_equal(m.changed, 1);
+    gw_milter_msg_clear(&m);
+    free(m.buf);
+    h_free(ms);
+}
+
+/* run_eom_edits - apply changes as a milter's end of message would, on text with own */
+static char *run_edits(const char *text, const char *own,
+                       void (*add)(struct mconn *c), struct gw_milter_sess **msp)
+{
+    struct gw_milter_sess *ms = h_new(MILTER_F_ALL, 0, ST_EOM);
+    struct gw_milter_msg m;
+    char *out;
+
+    h_msg(&m, text, own);
+    ms->msg = &m;
+    ms->n_own = own_count(own);
+    for (int i = 0; i < ms->n_own; i++)
+        ms->own_idx[i] = (size_t)i;
+    add(&ms->mc[0]);
+    assert_int_equal(mc_apply_edits(&ms->mc[0]), 0);
+    out = malloc(m.len + 1);
+    assert_non_null(out);
+    memcpy(out, m.buf, m.len);
+    out[m.len] = '\0';
+    free(m.buf);
+    gw_milter_msg_clear(&m);
+    ms->msg = NULL;
+    *msp = ms;
+    return out;
+}
+
+#define OWN "Authentication-Results: gw; spf=pass\r\nReceived: from a by gw\r\n"
+
+static void chg_ar(struct mconn *c)
+{
+    assert_int_equal(ed(c, MILTER_R_CHGHEADER, 2, "Authentication-Results", ""), 0);
+    assert_int_equal(ed(c, MILTER_R_CHGHEADER, 1, "Authentication-Results", ""), 0);
+    assert_int_equal(ed(c, MILTER_R_CHGHEADER, 1, "Received", "changed"), 0);
+}
+
+/* item 5: CHGHEADER counts the fields the milter was shown (our Authentication-Results
+ * is, our Received: is not); ours are never changed; "ours" is by position, so a forged
+ * copy of our Received: is the client's field */
+static void test_chgheader_index(void **state)
+{
+    struct gw_milter_sess *ms;
+    char *out;
+    int shown = 0;
+
+    (void)state;
+    out = run_edits(OWN "Received: from a by gw\r\nAuthentication-Results: gw; dkim=pass\r\n"
+                        "Subject: s\r\n\r\nbody\r\n",
+                    OWN, chg_ar, &ms);
+    assert_string_equal(out, OWN "Received: changed\r\nSubject: s\r\n\r\nbody\r\n");
+    free(out);
+    /* the milter sees every field but our Received: */
+    ms->msg = NULL;
+    {
+        struct gw_milter_msg m;
+
+        h_msg(&m, OWN "Received: from a by gw\r\nSubject: s\r\n\r\nb\r\n", OWN);
+        ms->msg = &m;
+        ms->n_own = 2;
+        ms->own_idx[0] = 0;
+        ms->own_idx[1] = 1;
+        assert_int_equal(ms_index_headers(ms), 0);
+        assert_int_equal(ms->nhdrs, 4);
+        for (size_t i = 0; i < ms->nhdrs; i++)
+            shown += !ms->hdrs[i].hidden;
+        assert_int_equal(shown, 3);
+        assert_true(ms->hdrs[1].hidden);
+        assert_false(ms->hdrs[2].hidden);
+        assert_false(ms->hdrs[2].own);
+        free(m.buf);
+        ms->msg = NULL;
+    }
+    h_free(ms);
+}
+
+static void repl_body(struct mconn *c)
+{
+    struct milter_reply r;
+
+    memset(&r, 0, sizeof(r));
+    r.type = MILTER_R_REPLBODY;
+    r.body = "a\nb\rc\r\nd\n\n";
+    r.body_len = strlen(r.body);
+    assert_int_equal(mc_edit(c, &r), 0);
+    r.body = "\ne\r";
+    r.body_len = strlen(r.body);
+    assert_int_equal(mc_edit(c, &r), 0);
+}
+
+/* item 9: a replaced body gets CRLF line ends whatever the milter sent */
+static void test_replbody_crlf(void **state)
+{
+    struct gw_milter_sess *ms;
+    char *out;
+
+    (void)state;
+    out = run_edits("Subject: s\r\n\r\nold\r\n", NULL, repl_body, &ms);
+    assert_string_equal(out, "Subject: s\r\n\r\na\r\nb\r\nc\r\nd\r\n\r\n\r\ne\r\n");
+    free(out);
+    h_free(ms);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_field_make_many_lf),
         cmocka_unit_test(test_field_make_no_injection),
         cmocka_unit_test(test_put_header_long_name),
+        cmocka_unit_test(test_edit_caps),
+        cmocka_unit_test(test_edit_header_count_all_or_nothing),
+        cmocka_unit_test(test_chgheader_index),
+        cmocka_unit_test(test_replbody_crlf),
     };
 
     return cmocka_run_group_tests(tests, NULL, NULL);
