@@ -196,6 +196,7 @@ static void ms_decide(struct gw_milter_sess *ms, struct mconn *c, enum gw_milter
                       const char *text);
 static int ms_index_headers(struct gw_milter_sess *ms);
 static int own_count(const char *own);
+static int reply_format(char *out, size_t cap, const char *text);
 static void ms_maybe_free(struct gw_milter_sess *ms);
 
 /* ---------------------------------------------------------------- small helpers */
@@ -488,20 +489,23 @@ static void ms_decide(struct gw_milter_sess *ms, struct mconn *c, enum gw_milter
                  ? "550 5.7.1 Command rejected" : "451 4.7.1 Service unavailable - try again later");
         return;
     }
-    /* "ddd x.y.z ..." already? x must be the reply's class digit */
-    {
-        const char *t = text + 3;
-        int has = (*t == ' ' || *t == '-') && t[1] == text[0] && t[2] == '.';
+    reply_format(r->reply, sizeof(r->reply), text);
+}
 
-        if (has || text[3] == '\0')
-            snprintf(r->reply, sizeof(r->reply), "%s%s", text,
-                     text[3] == '\0' ? (text[0] == '5' ? " 5.7.1 Command rejected"
-                                                       : " 4.7.1 Service unavailable")
-                                     : "");
-        else
-            snprintf(r->reply, sizeof(r->reply), "%.3s%c%c.7.1 %s", text, text[3],
-                     text[0], text + 4);
-    }
+/* reply_format - the SMTP reply of a REPLYCODE text (checked by milter_proto_parse) into
+ * out[0..cap); returns the length it needs (>= cap: it did not fit) */
+static int reply_format(char *out, size_t cap, const char *text)
+{
+    /* "ddd x.y.z ..." already? x must be the reply's class digit */
+    const char *t = text + 3;
+    int has = (*t == ' ' || *t == '-') && t[1] == text[0] && t[2] == '.';
+
+    if (has || text[3] == '\0')
+        return snprintf(out, cap, "%s%s", text,
+                        text[3] == '\0' ? (text[0] == '5' ? " 5.7.1 Command rejected"
+                                                          : " 4.7.1 Service unavailable")
+                                        : "");
+    return snprintf(out, cap, "%.3s%c%c.7.1 %s", text, text[3], text[0], text + 4);
 }
 
 /* ---------------------------------------------------------------- I/O */
@@ -1232,6 +1236,12 @@ static int mc_on_packet(struct mconn *c, const char *pkt, size_t len)
         if (ms->st == ST_MAIL)
             c->in_tx = 0;
         mc_edits_free(c);
+        if (r.type == MILTER_R_REPLYCODE &&
+            reply_format(NULL, 0, r.text) >= GW_MILTER_REPLY_MAX) {
+            /* cut, a multi-line reply would end on a continuation line: never send that */
+            mc_fail(c, "REPLYCODE reply longer than %d bytes", GW_MILTER_REPLY_MAX - 1);
+            return -1;
+        }
         if (r.type == MILTER_R_REPLYCODE)
             ms_decide(ms, c, r.code >= 500 ? GW_MV_REJECT : GW_MV_TEMPFAIL, r.text);
         else if (r.type == MILTER_R_SHUTDOWN)     /* Postfix: 421, and the session ends */

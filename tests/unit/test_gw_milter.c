@@ -11,6 +11,8 @@
 
 #include "../../gateway/gw_milter.c"
 
+#define MILTER_R_REPLYCODE_CHAR 'y'
+
 /* field_sane - f[0..n) is one header field: ends with CRLF, no bare CR or LF, every line
  * after the first starts with white space and has something else on it */
 static int field_sane(const char *f, size_t n)
@@ -405,6 +407,36 @@ static void test_replbody_crlf(void **state)
     h_free(ms);
 }
 
+/* item 6: a REPLYCODE text that does not fit our reply is a protocol error, never cut */
+static void test_replycode_too_long(void **state)
+{
+    struct gw_milter_sess *ms = h_new(MILTER_F_ALL, 0, ST_RCPT);
+    struct mconn *c = &ms->mc[0];
+    char pkt[MILTER_REPLY_TEXT_MAX + 8];
+    size_t n = 0;
+
+    (void)state;
+    pkt[n++] = MILTER_R_REPLYCODE_CHAR;
+    while (n < GW_MILTER_REPLY_MAX + 100)
+        n += (size_t)snprintf(pkt + n, sizeof(pkt) - n, "550-5.7.1 line\r\n");
+    n += (size_t)snprintf(pkt + n, sizeof(pkt) - n, "550 5.7.1 last");
+    pkt[n++] = '\0';
+    c->state = MC_WAIT;
+    assert_int_equal(mc_on_packet(c, pkt, n), -1);
+    assert_int_equal(c->state, MC_FAILED);
+    h_free(ms);
+
+    /* one that fits is the verdict as sent, with its last line */
+    ms = h_new(MILTER_F_ALL, 0, ST_RCPT);
+    c = &ms->mc[0];
+    c->state = MC_WAIT;
+    n = (size_t)snprintf(pkt, sizeof(pkt), "%c550-5.7.1 a\r\n550 5.7.1 b", MILTER_R_REPLYCODE_CHAR);
+    assert_int_equal(mc_on_packet(c, pkt, n + 1), 2);
+    assert_int_equal(ms->res.verdict, GW_MV_REJECT);
+    assert_string_equal(ms->res.reply, "550-5.7.1 a\r\n550 5.7.1 b");
+    h_free(ms);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -415,6 +447,7 @@ int main(void)
         cmocka_unit_test(test_edit_header_count_all_or_nothing),
         cmocka_unit_test(test_chgheader_index),
         cmocka_unit_test(test_replbody_crlf),
+        cmocka_unit_test(test_replycode_too_long),
     };
 
     return cmocka_run_group_tests(tests, NULL, NULL);
