@@ -100,7 +100,8 @@ struct mconn {
     uv_getaddrinfo_t gai;
     unsigned h_open : 1;          /* stream handle initialised and not closing */
     unsigned gai_busy : 1;
-    unsigned in_tx : 1;           /* MAIL sent, no end of message yet: ABORT is due */
+    unsigned in_tx : 1;           /* in a transaction (MAIL reached it, even when not sent:
+                                   * NOMAIL), no end of message yet: ABORT is due */
     unsigned msg_accepted : 1;    /* ACCEPT for this message: nothing more for it */
     unsigned skip_body : 1;       /* SKIP: no more body chunks */
     uint32_t version, actions, proto;
@@ -973,14 +974,14 @@ static int mc_advance(struct mconn *c)
         return 1;
     stage_cmd(ms->st, &mst, &cmd, &no, &nr);
     c->sent = 1;
+    if (ms->st == ST_MAIL)
+        c->in_tx = 1;             /* the transaction reached it, MAIL sent or not (NOMAIL) */
     if ((c->proto & no) || (ms->st == ST_DATA && c->version < 4))
         return 1;                 /* opted out, or SMFIC_DATA is newer than its protocol */
     if (mc_send_macros(c, mst, cmd) < 0 || mc_send(c, ms->cmd, ms->cmd_len) < 0) {
         mc_fail(c, "write error");
         return mc_default(c);
     }
-    if (ms->st == ST_MAIL)
-        c->in_tx = 1;
     if (c->proto & nr)
         return 1;
     mc_enter(c, MC_WAIT);

@@ -437,6 +437,26 @@ static void test_replycode_too_long(void **state)
     h_free(ms);
 }
 
+/* item 7: a milter that opted out of MAIL still gets ABORT when the transaction ends */
+static void test_abort_nomail(void **state)
+{
+    struct gw_milter_sess *ms = h_new(0, MILTER_P_NOMAIL | MILTER_P_NORCPT, ST_MAIL);
+    struct mconn *c = &ms->mc[0];
+    char buf[64];
+
+    (void)state;
+    ms->cmd = strdup("x");
+    ms->cmd_len = 1;
+    assert_int_equal(mc_advance(c), 1);
+    assert_int_equal(recv(h_peer, buf, sizeof(buf), MSG_DONTWAIT), -1); /* MAIL not sent */
+    assert_true(c->in_tx);
+    gw_milter_abort(ms);
+    assert_int_equal(recv(h_peer, buf, sizeof(buf), MSG_DONTWAIT), 5);
+    assert_memory_equal(buf, "\0\0\0\1A", 5);
+    assert_false(c->in_tx);
+    h_free(ms);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -448,6 +468,7 @@ int main(void)
         cmocka_unit_test(test_chgheader_index),
         cmocka_unit_test(test_replbody_crlf),
         cmocka_unit_test(test_replycode_too_long),
+        cmocka_unit_test(test_abort_nomail),
     };
 
     return cmocka_run_group_tests(tests, NULL, NULL);
