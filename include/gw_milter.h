@@ -24,6 +24,11 @@
  * (header section, empty line, body; CRLF line ends) in struct gw_milter_msg. Each milter gets
  * HEADER.., EOH, BODY chunks (<= 65535), EOM; its header and body changes are applied to the
  * buffer before the next milter sees it, envelope changes are collected for the caller.
+ * A milter's changes are all or nothing: header changes are capped (max_header_count, at
+ * most 1000), recipient adds and deletes each at max_recipients, and a milter over a cap, or
+ * whose changed message is too large or has too many fields, fails (default_action) with none
+ * of its changes applied. Header values it sends are refolded so that they can never end the
+ * header section; a replaced body gets CRLF line ends.
  *
  * Threads: loop thread only.
  */
