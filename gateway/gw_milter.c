@@ -30,6 +30,9 @@
 #define GW_M_MACROS 48            /* distinct macros a session sets */
 #define GW_M_HDRS_MAX 20000       /* header fields parsed for milters (gateway limit is lower) */
 #define GW_M_READ 8192
+#define GW_M_OWN_MAX 16           /* our own fields at the top of a message */
+#define GW_M_HDR_EDITS 1000       /* header changes per milter per message, at most */
+#define GW_M_RCPT_EDITS 1000      /* recipient adds (and deletes) when max_recipients = 0 */
 
 /* Connection states: XX(NAME, meaning) */
 #define GW_MC_STATE_MAP(XX)                                                                  \
@@ -97,7 +100,8 @@ struct mconn {
     uv_getaddrinfo_t gai;
     unsigned h_open : 1;          /* stream handle initialised and not closing */
     unsigned gai_busy : 1;
-    unsigned in_tx : 1;           /* MAIL sent, no end of message yet: ABORT is due */
+    unsigned in_tx : 1;           /* in a transaction (MAIL reached it, even when not sent:
+                                   * NOMAIL), no end of message yet: ABORT is due */
     unsigned msg_accepted : 1;    /* ACCEPT for this message: nothing more for it */
     unsigned skip_body : 1;       /* SKIP: no more body chunks */
     uint32_t version, actions, proto;
@@ -114,6 +118,7 @@ struct mconn {
     size_t newbody_len, newbody_cap;
     int newbody_set;
     size_t edit_bytes;            /* header/envelope edits kept: bounded by max_msg */
+    int n_hdr_edits, n_rcpt_adds, n_rcpt_dels; /* bounded: see mc_edit */
 };
 
 struct mmacro {
@@ -130,6 +135,10 @@ struct gw_milter_sess {
     int nhandles;                 /* open or closing handles + pending getaddrinfo */
     int freeing;
     uint64_t max_msg;
+    int max_hdrs;                 /* the gateway's max_header_count (0 = no limit) */
+    int max_rcpts;                /* the gateway's max_recipients (0 = no limit) */
+    size_t own_idx[GW_M_OWN_MAX]; /* where our own fields stand in msg->buf (field numbers) */
+    int n_own;
     char qid[QID_SIZE];
     struct mmacro macros[GW_M_MACROS];
     /* the stage in progress */
@@ -187,6 +196,8 @@ static int ms_start(struct gw_milter_sess *ms, enum ms_stage st, struct gw_milte
 static void ms_decide(struct gw_milter_sess *ms, struct mconn *c, enum gw_milter_verdict v,
                       const char *text);
 static int ms_index_headers(struct gw_milter_sess *ms);
+static int own_count(const char *own);
+static int reply_format(char *out, size_t cap, const char *text);
 static void ms_maybe_free(struct gw_milter_sess *ms);
 
 /* ---------------------------------------------------------------- small helpers */
@@ -301,6 +312,8 @@ struct gw_milter_sess *gw_milter_new(uv_loop_t *loop, const struct conf *c, uint
     ms->arg = arg;
     ms->n = c->n_milters;
     ms->max_msg = max_msg;
+    ms->max_hdrs = c->gateway.max_header_count;
+    ms->max_rcpts = c->gateway.max_recipients;
     for (int i = 0; i < ms->n; i++) {
         struct mconn *mc = &ms->mc[i];
         const struct conf_milter *cm = &c->milters[i];
@@ -477,20 +490,23 @@ static void ms_decide(struct gw_milter_sess *ms, struct mconn *c, enum gw_milter
                  ? "550 5.7.1 Command rejected" : "451 4.7.1 Service unavailable - try again later");
         return;
     }
-    /* "ddd x.y.z ..." already? x must be the reply's class digit */
-    {
-        const char *t = text + 3;
-        int has = (*t == ' ' || *t == '-') && t[1] == text[0] && t[2] == '.';
+    reply_format(r->reply, sizeof(r->reply), text);
+}
 
-        if (has || text[3] == '\0')
-            snprintf(r->reply, sizeof(r->reply), "%s%s", text,
-                     text[3] == '\0' ? (text[0] == '5' ? " 5.7.1 Command rejected"
-                                                       : " 4.7.1 Service unavailable")
-                                     : "");
-        else
-            snprintf(r->reply, sizeof(r->reply), "%.3s%c%c.7.1 %s", text, text[3],
-                     text[0], text + 4);
-    }
+/* reply_format - the SMTP reply of a REPLYCODE text (checked by milter_proto_parse) into
+ * out[0..cap); returns the length it needs (>= cap: it did not fit) */
+static int reply_format(char *out, size_t cap, const char *text)
+{
+    /* "ddd x.y.z ..." already? x must be the reply's class digit */
+    const char *t = text + 3;
+    int has = (*t == ' ' || *t == '-') && t[1] == text[0] && t[2] == '.';
+
+    if (has || text[3] == '\0')
+        return snprintf(out, cap, "%s%s", text,
+                        text[3] == '\0' ? (text[0] == '5' ? " 5.7.1 Command rejected"
+                                                          : " 4.7.1 Service unavailable")
+                                        : "");
+    return snprintf(out, cap, "%.3s%c%c.7.1 %s", text, text[3], text[0], text + 4);
 }
 
 /* ---------------------------------------------------------------- I/O */
@@ -823,6 +839,12 @@ static int mc_put_header(struct mconn *c, const struct mhdr *h)
         v++;
         vl--;
     }
+    if (h->name_len > MILTER_CHUNK_MAX - 16) {
+        /* a name cannot be cut like a value: the milter cannot judge this message */
+        mc_fail(c, "header field name of %zu bytes does not fit a milter packet",
+                h->name_len);
+        return -1;
+    }
     memcpy(d + n, base + h->name, h->name_len);
     n += h->name_len;
     d[n++] = '\0';
@@ -952,14 +974,14 @@ static int mc_advance(struct mconn *c)
         return 1;
     stage_cmd(ms->st, &mst, &cmd, &no, &nr);
     c->sent = 1;
+    if (ms->st == ST_MAIL)
+        c->in_tx = 1;             /* the transaction reached it, MAIL sent or not (NOMAIL) */
     if ((c->proto & no) || (ms->st == ST_DATA && c->version < 4))
         return 1;                 /* opted out, or SMFIC_DATA is newer than its protocol */
     if (mc_send_macros(c, mst, cmd) < 0 || mc_send(c, ms->cmd, ms->cmd_len) < 0) {
         mc_fail(c, "write error");
         return mc_default(c);
     }
-    if (ms->st == ST_MAIL)
-        c->in_tx = 1;
     if (c->proto & nr)
         return 1;
     mc_enter(c, MC_WAIT);
@@ -1011,6 +1033,26 @@ static int mc_edit(struct mconn *c, const struct milter_reply *r)
         c->newbody_set = 1;
         return 0;
     }
+    if (r->type == MILTER_R_ADDHEADER || r->type == MILTER_R_INSHEADER ||
+        r->type == MILTER_R_CHGHEADER) {
+        int cap = ms->max_hdrs > 0 && ms->max_hdrs < GW_M_HDR_EDITS ? ms->max_hdrs
+                                                                    : GW_M_HDR_EDITS;
+
+        if (++c->n_hdr_edits > cap) {
+            /* each change costs a walk of the header list: bound the work, not just bytes */
+            mc_fail(c, "more than %d header changes", cap);
+            return -1;
+        }
+    } else if (r->type != MILTER_R_CHGFROM) {
+        int cap = ms->max_rcpts > 0 ? ms->max_rcpts : GW_M_RCPT_EDITS;
+        int *cnt = r->type == MILTER_R_DELRCPT ? &c->n_rcpt_dels : &c->n_rcpt_adds;
+
+        if (++*cnt > cap) {
+            mc_fail(c, "more than %d recipient %s", cap,
+                    r->type == MILTER_R_DELRCPT ? "deletions" : "additions");
+            return -1;
+        }
+    }
     c->edit_bytes += sizeof(*e) + strlen(r->name ? r->name : r->addr) +
                      strlen(r->value ? r->value : r->args ? r->args : "");
     if (c->edit_bytes > ms->max_msg) {
@@ -1051,6 +1093,7 @@ static void mc_edits_free(struct mconn *c)
     c->edits = NULL;
     c->edits_tail = &c->edits;
     c->edit_bytes = 0;
+    c->n_hdr_edits = c->n_rcpt_adds = c->n_rcpt_dels = 0;
     free(c->newbody);
     c->newbody = NULL;
     c->newbody_len = c->newbody_cap = 0;
@@ -1194,6 +1237,12 @@ static int mc_on_packet(struct mconn *c, const char *pkt, size_t len)
         if (ms->st == ST_MAIL)
             c->in_tx = 0;
         mc_edits_free(c);
+        if (r.type == MILTER_R_REPLYCODE &&
+            reply_format(NULL, 0, r.text) >= GW_MILTER_REPLY_MAX) {
+            /* cut, a multi-line reply would end on a continuation line: never send that */
+            mc_fail(c, "REPLYCODE reply longer than %d bytes", GW_MILTER_REPLY_MAX - 1);
+            return -1;
+        }
         if (r.type == MILTER_R_REPLYCODE)
             ms_decide(ms, c, r.code >= 500 ? GW_MV_REJECT : GW_MV_TEMPFAIL, r.text);
         else if (r.type == MILTER_R_SHUTDOWN)     /* Postfix: 421, and the session ends */
@@ -1347,6 +1396,11 @@ int gw_milter_eom(struct gw_milter_sess *ms, struct gw_milter_msg *msg,
                   struct gw_milter_result *res)
 {
     ms->msg = msg;
+    /* our fields are the first ones of the message: by position, never by content (a
+     * client could forge one identical to our Received: to hide it from milters) */
+    ms->n_own = own_count(msg->own);
+    for (int i = 0; i < ms->n_own; i++)
+        ms->own_idx[i] = (size_t)i;
     return ms_start(ms, ST_EOM, res);
 }
 
@@ -1399,21 +1453,15 @@ void gw_milter_msg_clear(struct gw_milter_msg *msg)
 
 /* ---------------------------------------------------------------- the message */
 
-/* field_own - the field f[0..n) is one of our own (a whole field of own) */
-static int field_own(const char *own, const char *f, size_t n)
+/* own_count - how many header fields the text of our own fields holds */
+static int own_count(const char *own)
 {
-    size_t ol = own ? strlen(own) : 0;
+    int n = 0;
 
-    for (size_t off = 0; off + n <= ol;) {
-        const char *hit = memmem(own + off, ol - off, f, n);
-
-        if (!hit)
-            return 0;
-        if (hit == own || (hit[-1] == '\n' && hit[0] != ' ' && hit[0] != '\t'))
-            return 1;
-        off = (size_t)(hit - own) + 1;
-    }
-    return 0;
+    for (const char *p = own; p && *p; p++)
+        if ((p == own || p[-1] == '\n') && *p != ' ' && *p != '\t' && *p != '\r')
+            n++;
+    return n < GW_M_OWN_MAX ? n : GW_M_OWN_MAX;
 }
 
 /* hdr_scan - index the header fields of buf[0..len) into ms->hdrs from position *n on;
@@ -1449,8 +1497,12 @@ static int hdr_scan(struct gw_milter_sess *ms, const char *buf, size_t len, size
             ms->hdrs = nh;
             ms->hdrs_cap = cap;
         }
-        h = &ms->hdrs[ms->nhdrs++];
-        h->own = field_own(ms->msg->own, buf + p, e - p);
+        h = &ms->hdrs[ms->nhdrs];
+        h->own = 0;
+        for (int k = 0; k < ms->n_own; k++)
+            if (ms->own_idx[k] == ms->nhdrs)
+                h->own = 1;
+        ms->nhdrs++;
         h->hidden = h->own && (size_t)(colon - (buf + p)) == 8 &&
                     strncasecmp(buf + p, "Received", 8) == 0;
         h->name = p;
@@ -1483,39 +1535,70 @@ struct nhdr {
     const char *p;
     size_t len;
     char *own;
-    int ours;                     /* our own field: never matched by CHGHEADER */
+    int ours;                     /* our own field: never changed or deleted by a milter */
+    int hidden;                   /* our Received: not shown, so not counted by CHGHEADER */
 };
 
-/* field_make - "Name: value\r\n" from a milter's value: LF (or CRLF) line ends become CRLF
- * and a continuation line that does not start with white space gets a TAB (no header
- * injection); a leading space is added unless HDR_LEADSPC was negotiated. */
+/* field_emit - write (f != NULL) or count (f == NULL) "Name: value\r\n": every line end of the
+ * value (LF, CRLF or a bare CR) becomes CRLF, a continuation line that does not start with
+ * white space gets a TAB, trailing line ends and white space are dropped, and an empty or
+ * white-space-only continuation line is left out: nothing a milter sends can end the header
+ * section (an empty line) or start a new field. Returns the length. */
+static size_t field_emit(char *f, const char *name, const char *value, int leadspc)
+{
+    size_t nl = strlen(name), vl = strlen(value), n = 0;
+
+#define FE_PUT(ch) (f ? (void)(f[n++] = (ch)) : (void)n++)
+    while (vl > 0 && (value[vl - 1] == '\r' || value[vl - 1] == '\n' ||
+                      value[vl - 1] == ' ' || value[vl - 1] == '\t'))
+        vl--;
+    if (f)
+        memcpy(f, name, nl);
+    n = nl;
+    FE_PUT(':');
+    if (!leadspc)
+        FE_PUT(' ');
+    for (size_t i = 0; i < vl;) {
+        size_t e = i, ws;
+
+        while (e < vl && value[e] != '\r' && value[e] != '\n')
+            e++;
+        if (i > 0) {
+            /* a continuation line: skip it when it is empty or only white space */
+            for (ws = i; ws < e && (value[ws] == ' ' || value[ws] == '\t'); ws++)
+                ;
+            if (ws < e) {
+                FE_PUT('\r');
+                FE_PUT('\n');
+                if (value[i] != ' ' && value[i] != '\t')
+                    FE_PUT('\t');
+            } else {
+                i = e;
+            }
+        }
+        for (; i < e; i++)
+            FE_PUT(value[i]);
+        if (e < vl && value[e] == '\r' && e + 1 < vl && value[e + 1] == '\n')
+            e++;
+        i = e + 1;
+        if (e >= vl)
+            break;
+    }
+    FE_PUT('\r');
+    FE_PUT('\n');
+#undef FE_PUT
+    return n;
+}
+
+/* field_make - the field of a milter's header change, malloc()ed (see field_emit) */
 static char *field_make(const char *name, const char *value, int leadspc, size_t *len)
 {
-    size_t nl = strlen(name), vl = strlen(value), cap = nl + 2 * vl + 8, n = 0;
-    char *f = malloc(cap);
+    size_t need = field_emit(NULL, name, value, leadspc);
+    char *f = malloc(need);
 
     if (!f)
         return NULL;
-    memcpy(f, name, nl);
-    n = nl;
-    f[n++] = ':';
-    if (!leadspc)
-        f[n++] = ' ';
-    for (size_t i = 0; i < vl; i++) {
-        if (value[i] == '\r')
-            continue;
-        if (value[i] == '\n') {
-            f[n++] = '\r';
-            f[n++] = '\n';
-            if (i + 1 < vl && value[i + 1] != ' ' && value[i + 1] != '\t')
-                f[n++] = '\t';
-            continue;
-        }
-        f[n++] = value[i];
-    }
-    f[n++] = '\r';
-    f[n++] = '\n';
-    *len = n;
+    *len = field_emit(f, name, value, leadspc);
     return f;
 }
 
@@ -1528,60 +1611,128 @@ static int field_is(const struct nhdr *h, const char *name)
            (h->p[nl] == ':' || h->p[nl] == ' ' || h->p[nl] == '\t');
 }
 
-/* mc_apply_edits - this milter's header and body changes into msg->buf, its envelope
- * changes into msg; 0 or -1 (failed) */
+/* body_crlf - a replacement body with every line end (bare LF, bare CR) as CRLF; NULL and
+ * *len unchanged when out of memory */
+static char *body_crlf(const char *b, size_t *len)
+{
+    size_t l = *len, n = 0;
+    char *o;
+
+    for (size_t i = 0; i < l; i++)
+        n += (b[i] == '\n' && (i == 0 || b[i - 1] != '\r')) ||
+                     (b[i] == '\r' && (i + 1 >= l || b[i + 1] != '\n'))
+                 ? 2
+                 : 1;
+    if (!(o = malloc(n ? n : 1)))
+        return NULL;
+    n = 0;
+    for (size_t i = 0; i < l; i++) {
+        if (b[i] == '\n' && (i == 0 || b[i - 1] != '\r'))
+            o[n++] = '\r', o[n++] = '\n';
+        else if (b[i] == '\r' && (i + 1 >= l || b[i + 1] != '\n'))
+            o[n++] = '\r', o[n++] = '\n';
+        else
+            o[n++] = b[i];
+    }
+    *len = n;
+    return o;
+}
+
+/* mc_envelope - this milter's envelope changes into msg, all or nothing; 0 or -1 */
+static int mc_envelope(struct mconn *c)
+{
+    struct gw_milter_sess *ms = c->ms;
+    struct gw_milter_msg *m = ms->msg;
+    struct gw_milter_rcptmod *head = NULL, **tail = &head, **mt;
+    char *snd = NULL, *snd_args = NULL;
+    int chgfrom = 0;
+
+    for (struct medit *e = c->edits; e; e = e->next) {
+        if (e->type == MILTER_R_CHGFROM) {
+            free(snd);
+            free(snd_args);
+            snd = strdup(e->name);
+            snd_args = e->value ? strdup(e->value) : NULL;
+            chgfrom = 1;
+            if (!snd || (e->value && !snd_args))
+                goto oom;
+        } else if (e->type == MILTER_R_ADDRCPT || e->type == MILTER_R_ADDRCPT_PAR ||
+                   e->type == MILTER_R_DELRCPT) {
+            struct gw_milter_rcptmod *r = calloc(1, sizeof(*r));
+
+            if (!r)
+                goto oom;
+            *tail = r;
+            tail = &r->next;
+            r->add = e->type != MILTER_R_DELRCPT;
+            memcpy(r->milter, c->name, sizeof(r->milter));
+            r->addr = strdup(e->name);
+            r->args = e->value ? strdup(e->value) : NULL;
+            if (!r->addr || (e->value && !r->args))
+                goto oom;
+        }
+    }
+    if (chgfrom) {
+        free(m->sender);
+        free(m->sender_args);
+        m->sender = snd;
+        m->sender_args = snd_args;
+        log_qid(LOG_INFO, ms_qid(ms), "milter %s: change sender: %s%s%s", c->name, snd,
+                snd_args ? " " : "", snd_args ? snd_args : "");
+    }
+    for (mt = &m->rcpts; *mt; mt = &(*mt)->next)
+        ;                         /* once per milter, not once per change */
+    *mt = head;
+    return 0;
+oom:
+    free(snd);
+    free(snd_args);
+    while (head) {
+        struct gw_milter_rcptmod *n = head->next;
+
+        free(head->addr);
+        free(head->args);
+        free(head);
+        head = n;
+    }
+    mc_fail(c, "out of memory");
+    return -1;
+}
+
+/* mc_apply_edits - this milter's header and body changes into msg->buf, then (only when
+ * those worked) its envelope changes into msg; 0 or -1 (failed, nothing applied) */
 static int mc_apply_edits(struct mconn *c)
 {
     struct gw_milter_sess *ms = c->ms;
     struct gw_milter_msg *m = ms->msg;
     struct nhdr *h = NULL;
-    size_t nh = 0, cap = 0, total = 0, body_off;
+    size_t nh = 0, cap = 0, total = 0, body_off, n0;
     const char *body;
     size_t body_len;
-    char *nb;
+    char *nb, *crlf = NULL;
     int leadspc = (c->proto & MILTER_P_HDR_LEADSPC) != 0, hdr_edits = 0, rc = -1;
 
-    for (struct medit *e = c->edits; e; e = e->next) {
-        if (e->type == MILTER_R_CHGFROM) {
-            free(m->sender);
-            free(m->sender_args);
-            m->sender = strdup(e->name);
-            m->sender_args = e->value ? strdup(e->value) : NULL;
-            log_qid(LOG_INFO, ms_qid(ms), "milter %s: change sender: %s%s%s", c->name,
-                    e->name, e->value ? " " : "", e->value ? e->value : "");
-        } else if (e->type == MILTER_R_ADDRCPT || e->type == MILTER_R_ADDRCPT_PAR ||
-                   e->type == MILTER_R_DELRCPT) {
-            struct gw_milter_rcptmod *r = calloc(1, sizeof(*r)), **t;
-
-            if (!r || !(r->addr = strdup(e->name))) {
-                free(r);
-                mc_fail(c, "out of memory");
-                return -1;
-            }
-            r->add = e->type != MILTER_R_DELRCPT;
-            memcpy(r->milter, c->name, sizeof(r->milter));
-            r->args = e->value ? strdup(e->value) : NULL;
-            for (t = &m->rcpts; *t; t = &(*t)->next)
-                ;
-            *t = r;
-        } else {
+    for (struct medit *e = c->edits; e; e = e->next)
+        if (e->type == MILTER_R_ADDHEADER || e->type == MILTER_R_INSHEADER ||
+            e->type == MILTER_R_CHGHEADER)
             hdr_edits = 1;
-        }
-    }
     if (!hdr_edits && !c->newbody_set) {
+        rc = mc_envelope(c);
         mc_edits_free(c);
-        return 0;
+        return rc;
     }
     /* the message's fields, then the edits in order */
     ms->nhdrs = 0;
     if (hdr_scan(ms, m->buf, m->len, &body_off) < 0)
         goto oom;
+    n0 = ms->nhdrs;
     cap = ms->nhdrs + 16;
     if (!(h = calloc(cap, sizeof(*h))))
         goto oom;
     for (size_t i = 0; i < ms->nhdrs; i++) {
         h[nh].p = m->buf + ms->hdrs[i].line;
         h[nh].ours = ms->hdrs[i].own;
+        h[nh].hidden = ms->hdrs[i].hidden;
         h[nh++].len = ms->hdrs[i].line_len;
     }
     for (struct medit *e = c->edits; e; e = e->next) {
@@ -1603,9 +1754,15 @@ static int mc_apply_edits(struct mconn *c)
             uint32_t want = e->index ? e->index : 1, seen = 0;
             size_t i;
 
+            /* Postfix: the n-th occurrence among the fields this milter was shown */
             for (i = 0; i < nh; i++)
-                if (!h[i].ours && field_is(&h[i], e->name) && ++seen == want)
+                if (!h[i].hidden && field_is(&h[i], e->name) && ++seen == want)
                     break;
+            if (i < nh && h[i].ours) {
+                log_qid(LOG_INFO, ms_qid(ms), "milter %s: not changing our own header: %s",
+                        c->name, e->name);
+                continue;
+            }
             if (i == nh && (!e->value || !e->value[0]))
                 continue;                    /* deleting what is not there */
             if (i < nh && (!e->value || !e->value[0])) {
@@ -1622,7 +1779,6 @@ static int mc_apply_edits(struct mconn *c)
                 free(h[i].own);
                 h[i].p = h[i].own = f;
                 h[i].len = fl;
-                h[i].ours = 0;
                 log_qid(LOG_INFO, ms_qid(ms), "milter %s: change header: %s", c->name,
                         e->name);
                 continue;
@@ -1638,12 +1794,18 @@ static int mc_apply_edits(struct mconn *c)
         memmove(&h[at + 1], &h[at], (nh - at) * sizeof(*h));
         h[at].p = h[at].own = f;
         h[at].len = fl;
-        h[at].ours = 0;
+        h[at].ours = h[at].hidden = 0;
         nh++;
     }
+    if (ms->max_hdrs > 0 && nh > n0 && nh > (size_t)ms->max_hdrs + (size_t)ms->n_own) {
+        mc_fail(c, "changes make %zu header fields (max_header_count %d)", nh, ms->max_hdrs);
+        goto out;
+    }
     if (c->newbody_set) {
-        body = c->newbody;
         body_len = c->newbody_len;
+        if (!(crlf = body_crlf(c->newbody, &body_len)))
+            goto oom;
+        body = crlf;
         log_qid(LOG_INFO, ms_qid(ms), "milter %s: replace body (%zu bytes)", c->name,
                 body_len);
     } else {
@@ -1673,10 +1835,19 @@ static int mc_apply_edits(struct mconn *c)
         n += body_len;
         total = n;
     }
+    /* the envelope last: a milter that failed above changes nothing at all */
+    if (mc_envelope(c) < 0) {
+        free(nb);
+        goto out;
+    }
     free(m->buf);
     m->buf = nb;
     m->len = m->cap = total;
     m->changed = 1;
+    ms->n_own = 0;
+    for (size_t i = 0; i < nh && ms->n_own < GW_M_OWN_MAX; i++)
+        if (h[i].ours)
+            ms->own_idx[ms->n_own++] = i; /* where our fields stand for the next milter */
     rc = 0;
     goto out;
 oom:
@@ -1686,6 +1857,7 @@ out:
         for (size_t i = 0; i < nh; i++)
             free(h[i].own);
     free(h);
+    free(crlf);
     mc_edits_free(c);
     return rc;
 }

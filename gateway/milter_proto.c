@@ -93,7 +93,8 @@ static int replycode_ok(const char *s, int *code)
 
         if (n < 3 || memcmp(line, s, 3) != 0)
             return 0;
-        if (n > 3 && line[3] != (eol ? '-' : ' '))
+        /* every line but the last "ddd-", the last "ddd" or "ddd " (RFC 5321 4.2.1) */
+        if (eol ? n < 4 || line[3] != '-' : n > 3 && line[3] != ' ')
             return 0;
         for (size_t i = 3; i < n; i++) {
             unsigned char c = (unsigned char)line[i];

@@ -24,6 +24,11 @@
  * (header section, empty line, body; CRLF line ends) in struct gw_milter_msg. Each milter gets
  * HEADER.., EOH, BODY chunks (<= 65535), EOM; its header and body changes are applied to the
  * buffer before the next milter sees it, envelope changes are collected for the caller.
+ * A milter's changes are all or nothing: header changes are capped (max_header_count, at
+ * most 1000), recipient adds and deletes each at max_recipients, and a milter over a cap, or
+ * whose changed message is too large or has too many fields, fails (default_action) with none
+ * of its changes applied. Header values it sends are refolded so that they can never end the
+ * header section; a replaced body gets CRLF line ends.
  *
  * Threads: loop thread only.
  */
@@ -67,9 +72,11 @@ struct gw_milter_msg {
     char *buf;
     size_t len, cap;
     /* in: our own header fields as they stand at the top of buf ("Received-SPF: ...\r\n
-     * Received: ...\r\n"), or NULL. As in Postfix, milters are not shown our Received:,
-     * header change indexes count only the message's own fields (ours cannot be changed or
-     * deleted), and insert indexes count every field, ours included (0 = the very top). */
+     * Received: ...\r\n"), or NULL. Only the number of fields counts: the first that many
+     * fields of buf are ours (by position, never by content). As in Postfix, milters are
+     * not shown our Received:; header change indexes count the fields the milter was shown
+     * (ours other than Received: included), but our fields are never changed or deleted;
+     * insert indexes count every field, ours included (0 = the very top). */
     const char *own;
     /* out, after gw_milter_eom */
     int changed;                        /* buf was rewritten (headers or body) */

@@ -612,6 +612,21 @@ def _check_replbody(gw, o, stored):
     assert header_values(stored, "Subject") == [" milter test"]
 
 
+def _check_addheader_injection(gw, o, stored):
+    # line ends from the milter never end the header section or start a field
+    hs, body = headers_of(stored)
+    assert b"\r\nX-Inj: a\r\n\tX-Evil: 1\r\n" in stored, stored[:800]
+    assert header_values(stored, "X-Evil") == [], hs
+    assert header_values(stored, "X-Tail") == [" b"], hs
+    assert header_values(stored, "Subject") == [" milter test"], hs
+    assert body.endswith(body_of().split(b"\r\n\r\n", 1)[1]), body[:200]
+
+
+def _check_replbody_bare_lf(gw, o, stored):
+    hs, body = headers_of(stored)
+    assert body == b"one\r\ntwo\r\nthree\r\n", body[:200]
+
+
 def _check_leadspc(gw, o, stored):
     assert header_values(stored, "X-Lead") == [" lead"], headers_of(stored)[0]
 
@@ -637,6 +652,10 @@ MODS = {
     "delrcpt": _mod_case([("delrcpt", "<%s>" % BOB)], _check_delrcpt, rcpts=(ALICE, BOB)),
     "replbody": _mod_case([("replbody", b"a new body\r\nin two lines\r\n"),
                            ("replbody", b"z" * 70000 + b"\r\n")], _check_replbody),
+    "addheader_injection": _mod_case([("addheader", "X-Inj", "a\n\nX-Evil: 1\n"),
+                                      ("addheader", "X-Tail", "b\r\n \n")],
+                                     _check_addheader_injection),
+    "replbody_bare_lf": _mod_case([("replbody", b"one\ntwo\rthree\n")], _check_replbody_bare_lf),
     "hdr_leadspc": _mod_case([("addheader", "X-Lead", " lead")], _check_leadspc,
                              proto=HDR_LEADSPC),
 }
@@ -666,6 +685,18 @@ def test_modification_not_negotiated_is_refused(gateway_factory, milter_peer):
     assert_reply(o.end, 451, "4.7.1")
     assert_nothing_stored(gw)
     assert "milter m1" in gw.log()
+
+
+def test_too_many_header_changes_is_a_protocol_error(gateway_factory, milter_peer):
+    """Header changes per milter per message are capped (max_header_count, at most 1000):
+    one more is a protocol error, default_action (tempfail) applies and nothing changes."""
+    peer = milter_peer(eom_mods=[("addheader", "X-Many", "v")] * 1001 +
+                       [("addrcpt", "<%s>" % CAROL)])
+    gw = start(gateway_factory, ("m1", peer.spec))
+    o = send(gw)
+    assert_reply(o.end, 451, "4.7.1")
+    assert_nothing_stored(gw)
+    assert "more than 1000 header changes" in gw.log(), gw.log()[-2000:]
 
 
 def test_delrcpt_of_every_recipient_leaves_no_orphan(gateway_factory, milter_peer):

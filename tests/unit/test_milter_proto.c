@@ -221,6 +221,13 @@ static void test_replycode(void **state)
     assert_int_equal(parse("y550 a\x01", 8, &r), MILTER_EPROTO);
     assert_int_equal(parse("y550x", 6, &r), MILTER_EPROTO);
     assert_int_equal(parse("y55", 4, &r), MILTER_EPROTO);
+    /* a line that is not the last needs "ddd-": "550" or "550 x" before CRLF is a last
+     * line followed by more */
+    assert_int_equal(parse("y550\r\n550 x", 12, &r), MILTER_EPROTO);
+    assert_int_equal(parse("y550 a\r\n550 x", 14, &r), MILTER_EPROTO);
+    assert_int_equal(parse("y550-a\r\n550-x", 14, &r), MILTER_EPROTO);
+    assert_int_equal(parse("y550-a\r\n550", 12, &r), 0);
+    assert_int_equal(parse("y550-a\r\n550-b\r\n550 c", 21, &r), 0);
 }
 
 static void test_header_replies(void **state)
