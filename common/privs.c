@@ -86,17 +86,60 @@ int privs_init(struct privs *p, const struct conf *c, char *err, size_t errlen)
 
 /* --- The tree walk ------------------------------------------------------------------------ */
 
-/* privs_own_at - chown and tighten one entry, as root, on the spool user's ground: the
- * entry can be swapped for a symlink or a hard link to a system file at any moment, so the
- * work is done on an O_PATH descriptor of the inode that was checked (same device and inode
- * as st), never again by name. */
-static int privs_own_at(const struct privs *p, int dfd, const char *name, const char *path,
-                        const struct stat *st, char *err, size_t errlen)
+/* privs_fix - chown fd (an O_PATH descriptor of path) to the user and set its mode: mode, or
+ * when 0 the tightened mode for its type. Root does this on the spool user's ground, where an
+ * entry can be swapped for a symlink or a hard link to a system file at any moment: so the
+ * work is done on the descriptor, and only when it is still the inode that was checked (st:
+ * same device and inode), not a link, and root's or the user's. */
+static int privs_fix(const struct privs *p, int fd, const char *path, const struct stat *st,
+                     mode_t mode, char *err, size_t errlen)
 {
     char proc[64];
     struct stat now;
-    mode_t mode, want;
-    int fd, r = 0;
+    mode_t cur, want;
+
+    if (fstat(fd, &now) < 0) {
+        int e = errno;
+        snprintf(err, errlen, "%s: %s", path, strerror(e));
+        return -e;
+    }
+    if (now.st_dev != st->st_dev || now.st_ino != st->st_ino || S_ISLNK(now.st_mode) ||
+        (!S_ISDIR(now.st_mode) && now.st_nlink > 1) ||
+        (now.st_uid != 0 && now.st_uid != p->uid)) {
+        snprintf(err, errlen, "%s: changed while being handed over (now a link, or someone "
+                 "else's): refusing to use it", path);
+        return -EPERM;
+    }
+    if ((now.st_uid != p->uid || now.st_gid != p->gid) &&
+        fchownat(fd, "", p->uid, p->gid, AT_EMPTY_PATH) < 0) {
+        int e = errno;
+        snprintf(err, errlen, "chown %s to %s:%s: %s", path, p->user, p->group, strerror(e));
+        return -e;
+    }
+    cur = now.st_mode & 07777;
+    if (mode)
+        want = mode;
+    else if (S_ISDIR(now.st_mode))
+        want = (cur & 0750) | 0700;
+    else if (S_ISSOCK(now.st_mode))
+        want = 0660;           /* the group's members run sluicectl */
+    else
+        want = (cur & 0640) | 0600;
+    /* an O_PATH descriptor takes no fchmod; its /proc name reaches exactly that inode */
+    snprintf(proc, sizeof(proc), "/proc/self/fd/%d", fd);
+    if (want != cur && chmod(proc, want) < 0) {
+        int e = errno;
+        snprintf(err, errlen, "chmod %s: %s", path, strerror(e));
+        return -e;
+    }
+    return 0;
+}
+
+/* privs_own_at - privs_fix for the entry name of directory dfd */
+static int privs_own_at(const struct privs *p, int dfd, const char *name, const char *path,
+                        const struct stat *st, char *err, size_t errlen)
+{
+    int fd, r;
 
     if ((fd = openat(dfd, name, O_PATH | O_NOFOLLOW | O_CLOEXEC)) < 0) {
         if (errno == ENOENT)
@@ -105,39 +148,7 @@ static int privs_own_at(const struct privs *p, int dfd, const char *name, const 
         snprintf(err, errlen, "%s: %s", path, strerror(errno));
         return r;
     }
-    if (fstat(fd, &now) < 0) {
-        r = -errno;
-        snprintf(err, errlen, "%s: %s", path, strerror(errno));
-    } else if (now.st_dev != st->st_dev || now.st_ino != st->st_ino || S_ISLNK(now.st_mode) ||
-               (!S_ISDIR(now.st_mode) && now.st_nlink > 1) ||
-               (now.st_uid != 0 && now.st_uid != p->uid)) {
-        snprintf(err, errlen, "%s: changed while the spool was handed over (now a link, or "
-                 "someone else's): refusing to use this spool", path);
-        r = -EPERM;
-    }
-    if (r < 0)
-        goto out;
-    if ((now.st_uid != p->uid || now.st_gid != p->gid) &&
-        fchownat(fd, "", p->uid, p->gid, AT_EMPTY_PATH) < 0) {
-        r = -errno;
-        snprintf(err, errlen, "chown %s to %s:%s: %s", path, p->user, p->group,
-                 strerror(errno));
-        goto out;
-    }
-    mode = now.st_mode & 07777;
-    if (S_ISDIR(now.st_mode))
-        want = (mode & 0750) | 0700;
-    else if (S_ISSOCK(now.st_mode))
-        want = 0660;           /* the group's members run sluicectl */
-    else
-        want = (mode & 0640) | 0600;
-    /* an O_PATH descriptor takes no fchmod; its /proc name reaches exactly that inode */
-    snprintf(proc, sizeof(proc), "/proc/self/fd/%d", fd);
-    if (want != mode && chmod(proc, want) < 0) {
-        r = -errno;
-        snprintf(err, errlen, "chmod %s: %s", path, strerror(errno));
-    }
-out:
+    r = privs_fix(p, fd, path, st, 0, err, errlen);
     close(fd);
     return r;
 }
@@ -318,40 +329,11 @@ int privs_own_tree(const struct privs *p, const char *dir, char *err, size_t err
 
 /* --- Single paths ------------------------------------------------------------------------- */
 
-/* privs_set_path - privs_own_at for one path, with its own mode */
-static int privs_set_path(const struct privs *p, const char *path, const struct stat *st,
-                          mode_t mode, char *err, size_t errlen)
-{
-    char proc[64];
-    struct stat now;
-    int fd, r = 0;
-
-    if ((fd = open(path, O_PATH | O_NOFOLLOW | O_CLOEXEC)) < 0) {
-        r = -errno;
-        snprintf(err, errlen, "%s: %s", path, strerror(errno));
-        return r;
-    }
-    snprintf(proc, sizeof(proc), "/proc/self/fd/%d", fd);
-    if (fstat(fd, &now) < 0) {
-        r = -errno;
-        snprintf(err, errlen, "%s: %s", path, strerror(errno));
-    } else if (now.st_dev != st->st_dev || now.st_ino != st->st_ino ||
-               (!S_ISDIR(now.st_mode) && now.st_nlink > 1)) {
-        snprintf(err, errlen, "%s: changed under us, or has other names: not changing its "
-                 "owner", path);
-        r = -EPERM;
-    } else if (fchownat(fd, "", p->uid, p->gid, AT_EMPTY_PATH) < 0 || chmod(proc, mode) < 0) {
-        r = -errno;
-        snprintf(err, errlen, "chown/chmod %s: %s", path, strerror(errno));
-    }
-    close(fd);
-    return r;
-}
-
 int privs_own_path(const struct privs *p, const char *path, unsigned mode, char *err,
                    size_t errlen)
 {
     struct stat st;
+    int fd, r;
 
     if (!p->configured || path[0] == '\0')
         return 0;
@@ -366,7 +348,14 @@ int privs_own_path(const struct privs *p, const char *path, unsigned mode, char 
         snprintf(err, errlen, "%s: a symlink: not changing its owner", path);
         return -ELOOP;
     }
-    return privs_set_path(p, path, &st, (mode_t)mode, err, errlen);
+    if ((fd = open(path, O_PATH | O_NOFOLLOW | O_CLOEXEC)) < 0) {
+        int e = errno;
+        snprintf(err, errlen, "%s: %s", path, strerror(e));
+        return -e;
+    }
+    r = privs_fix(p, fd, path, &st, (mode_t)mode, err, errlen);
+    close(fd);
+    return r;
 }
 
 /* --- The switch --------------------------------------------------------------------------- */

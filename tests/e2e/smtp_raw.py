@@ -46,8 +46,14 @@ class Reply:
 
 
 class Raw:
-    def __init__(self, port, timeout=10.0, greet=True, host="127.0.0.1"):
-        self.sock = socket.create_connection((host, port), timeout=timeout)
+    def __init__(self, port, timeout=10.0, greet=True, host="127.0.0.1", src=None):
+        if src is None:
+            self.sock = socket.create_connection((host, port), timeout=timeout)
+        else:                   # a chosen loopback source address (127.0.0.x)
+            self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            self.sock.settimeout(timeout)
+            self.sock.bind((src, 0))
+            self.sock.connect((host, port))
         self.timeout = timeout
         self.buf = b""
         self.tls = False
@@ -183,6 +189,12 @@ class Raw:
     def __exit__(self, *a):
         self.close()
 
+
+class RawFrom(Raw):
+    """Raw on a socket bound to a chosen loopback source address."""
+
+    def __init__(self, port, src="127.0.0.1", timeout=10.0, greet=True):
+        super().__init__(port, timeout=timeout, greet=greet, src=src)
 
 def dot_stuff(body):
     """Body (bytes, CRLF lines) as DATA bytes: dot-stuffed and terminated."""

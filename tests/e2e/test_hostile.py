@@ -14,36 +14,17 @@ and asserts only a generous completion bound.
 import os
 import smtplib
 import socket
-import ssl
 import threading
 import time
 
 import pytest
 
 from conftest import DOMAIN, index_count
-from smtp_raw import Closed, Raw, dot_stuff, transaction
+from smtp_raw import Closed, Raw, RawFrom, dot_stuff, transaction
 
 SENDER = "sender@client.test"
 ALICE = "alice@" + DOMAIN
 GOOD_BOUND = 10.0                 # seconds a well-behaved session may take under attack
-
-
-class RawFrom(Raw):
-    """smtp_raw.Raw on a socket bound to a chosen loopback source address."""
-
-    def __init__(self, port, src="127.0.0.1", timeout=10.0, greet=True):
-        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        s.settimeout(timeout)
-        s.bind((src, 0))
-        s.connect(("127.0.0.1", port))
-        self.sock = s
-        self.timeout = timeout
-        self.buf = b""
-        self.tls = False
-        self.no_enh_next = 0
-        self.banner = None
-        if greet:
-            self.banner = self.reply(enh=False)
 
 
 def log_has(gw, text, timeout=5.0):

@@ -3,18 +3,15 @@ test_policyd.py - sluice-policyd end to end: driven over the milter wire protoco
 side in policyd_fixtures.py (as Postfix would), by sluicectl, and by a private Postfix
 instance (smtpd_milters) in test_postfix_smtpd_gets_451.
 """
-import contextlib
 import json
 import os
-import shutil
 import socket
-import subprocess
-import tempfile
 import time
 
 import pytest
 
-from policyd_fixtures import (QUARANTINE, RCPT_REJ, MilterMTA, free_port, policyd,  # noqa: F401
+from milter_fixtures import needs_postfix, private_postfix
+from policyd_fixtures import (QUARANTINE, RCPT_REJ, MilterMTA, policyd,  # noqa: F401
                               reply_text)
 
 SPAMMER_IP = "192.0.2.10"
@@ -238,7 +235,6 @@ def test_suspensions_survive_restart(policyd):
 
 # --------------------------------------------------------------- a real Postfix smtpd in front
 
-POSTFIX = shutil.which("postfix") or "/usr/sbin/postfix"
 
 
 def smtp(port, lines):
@@ -262,110 +258,10 @@ def smtp(port, lines):
     return out
 
 
-@contextlib.contextmanager
-def private_postfix(milter_port):
-    """A Postfix instance of its own (config, queue and data directories under /var/tmp; the
-    system's instance is never touched): smtpd on 127.0.0.1:PORT with smtpd_milters pointing
-    at milter_port, accepting example.test and delivering nothing. Yields the SMTP port."""
-    base = tempfile.mkdtemp(prefix="sluice-pf-", dir="/var/tmp")
-    os.chmod(base, 0o755)
-    cdir, qdir, ddir = (os.path.join(base, d) for d in ("etc", "spool", "lib"))
-    for d in (cdir, qdir, ddir):
-        os.mkdir(d)
-    shutil.chown(ddir, "postfix", "postfix")
-    port = free_port()
-    # master.cf: smtpd on 127.0.0.1:PORT instead of *:25, no other inet listener, no chroot
-    master = []
-    for ln in open("/etc/postfix/master.cf"):
-        f = ln.split()
-        if ln[:1] not in ("#", " ", "\t", "\n") and len(f) >= 8:
-            if f[1] == "inet":
-                if f[0] != "smtp":
-                    continue
-                f[0] = "127.0.0.1:%d" % port
-            f[4] = "n"
-            ln = " ".join(f) + "\n"
-        master.append(ln)
-    with open(os.path.join(cdir, "master.cf"), "w") as fh:
-        fh.write("".join(master))
-    with open(os.path.join(cdir, "main.cf"), "w") as fh:
-        fh.write("\n".join([
-            "compatibility_level = 3.6",
-            "queue_directory = %s" % qdir,
-            "data_directory = %s" % ddir,
-            "syslog_name = postfix-sluice-test",
-            "maillog_file = %s" % os.path.join(base, "maillog"),
-            "mail_owner = postfix",
-            "setgid_group = postdrop",
-            "myhostname = pf.test",
-            "mydomain = test",
-            "myorigin = $myhostname",
-            "inet_interfaces = 127.0.0.1",
-            "inet_protocols = ipv4",
-            "mynetworks = 127.0.0.0/8",
-            "mydestination =",
-            "local_recipient_maps =",
-            "alias_maps =",
-            "alias_database =",
-            "biff = no",
-            "relay_domains = example.test",
-            "relay_recipient_maps =",
-            "smtpd_relay_restrictions = permit_auth_destination, reject",
-            # nothing is ever delivered anywhere
-            "relay_transport = error:5.3.0 test instance delivers nothing",
-            "default_transport = error:5.3.0 test instance delivers nothing",
-            "local_transport = error:5.3.0 test instance delivers nothing",
-            "smtpd_milters = inet:127.0.0.1:%d" % milter_port,
-            "milter_default_action = accept",
-            "milter_protocol = 6",
-            "",
-        ]))
-    env = dict(os.environ)
-    pf = [POSTFIX, "-c", cdir]
-
-    def maillog():
-        try:
-            with open(os.path.join(base, "maillog"), errors="replace") as fh:
-                return fh.read()
-        except OSError:
-            return ""
-    r = subprocess.run(pf + ["check"], capture_output=True, text=True, env=env)
-    if r.returncode == 0:
-        r = subprocess.run(pf + ["start"], capture_output=True, text=True, env=env)
-    if r.returncode != 0:
-        shutil.rmtree(base, ignore_errors=True)
-        raise AssertionError(r.stderr + r.stdout + maillog())
-    try:
-        deadline = time.time() + 20
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert time.time() < deadline, "postfix smtpd did not listen"
-                time.sleep(0.2)
-        yield port
-    finally:
-        subprocess.run(pf + ["stop"], capture_output=True, text=True, env=env, timeout=60)
-        for _ in range(100):     # postfix stop returns before master has gone
-            pid = os.path.join(qdir, "pid", "master.pid")
-            try:
-                with open(pid) as fh:
-                    os.kill(int(fh.read().strip()), 0)
-            except (OSError, ValueError):
-                break
-            time.sleep(0.1)
-        shutil.rmtree(base, ignore_errors=True)
-
-
-needs_postfix = pytest.mark.skipif(not os.path.exists(POSTFIX) or os.getuid() != 0,
-                                   reason="needs Debian postfix and root for a private instance")
-
-
 @needs_postfix
 def test_postfix_smtpd_gets_451(policyd):
     p = policyd(max_messages=2, window="60s", suspend_base="1h")
-    with private_postfix(p.port) as port:
+    with private_postfix(["inet:127.0.0.1:%d" % p.port]) as (port, _):
         cmds = ["EHLO client.test"]
         for _ in range(3):
             cmds += ["MAIL FROM:<%s>" % SPAMMER, "RSET"]
@@ -386,7 +282,7 @@ def test_postfix_smtpd_gets_451(policyd):
 def test_postfix_rejected_rcpts_reach_policyd(policyd):
     """Postfix sends the recipients it rejects (SMFIP_RCPT_REJ, {rcpt_mailer}=error)."""
     p = policyd(max_unknown_rcpts=2, window="60s", suspend_base="1h")
-    with private_postfix(p.port) as port:
+    with private_postfix(["inet:127.0.0.1:%d" % p.port]) as (port, _):
         cmds = ["EHLO client.test", "MAIL FROM:<%s>" % SPAMMER]
         cmds += ["RCPT TO:<u%d@elsewhere.test>" % i for i in range(3)]
         cmds += ["RSET", "MAIL FROM:<%s>" % SPAMMER, "QUIT"]

@@ -20,30 +20,12 @@ import pytest
 
 from conftest import DOMAIN, free_port, index_count
 from dns_server import DNSServer
-from smtp_raw import Closed, Raw, dot_stuff, transaction
+from smtp_raw import Raw, RawFrom, transaction
 
 SENDER = "sender@client.test"
 ALICE = "alice@" + DOMAIN
 V2SIG = b"\r\n\r\n\x00\r\nQUIT\n"
 HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
-
-
-class RawFrom(Raw):
-    """smtp_raw.Raw on a socket bound to a chosen loopback source address."""
-
-    def __init__(self, port, src, timeout=10.0, greet=True):
-        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        s.settimeout(timeout)
-        s.bind((src, 0))
-        s.connect(("127.0.0.1", port))
-        self.sock = s
-        self.timeout = timeout
-        self.buf = b""
-        self.tls = False
-        self.no_enh_next = 0
-        self.banner = None
-        if greet:
-            self.banner = self.reply(enh=False)
 
 
 def proxy_conf(gw_overrides=None, trusted="127.0.0.1/32"):
