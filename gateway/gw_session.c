@@ -2322,8 +2322,8 @@ static void session_greet(struct gw_session *s)
         session_close(s);
         return;
     }
-    /* nothing is read while the milters look at CONNECT: octets that come meanwhile wait in
-     * the kernel (a proxied session's state would take them for a second header) */
+    /* nothing is read while the milters look at CONNECT: no reply may come before the
+     * banner, so octets sent meanwhile wait in the kernel (or count as a pregreet later) */
     session_read_stop(s);
     if (session_milter_connect(s))
         return;                   /* session_greet_on runs when the milters answered */
