@@ -16,7 +16,7 @@ import tempfile
 import pytest
 
 from deliver_fixtures import (BUILD_DIR, GATEWAY_BIN, MS_DEFAULTS, SANITIZER_MARKS, Deliverer,
-                              free_port, wait_for)
+                              deliverer_factory, free_port, wait_for)
 
 SLUICECTL_BIN = os.path.join(BUILD_DIR, "sluicectl")
 USERS = ["alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi", "ivan", "judy",
@@ -159,20 +159,7 @@ class CtlDeliverer(Deliverer):
 @pytest.fixture
 def ctl_deliverer(tmp_path):
     """Factory: ctl_deliverer(mailstores, start=True) -> CtlDeliverer; stopped at teardown."""
-    made = []
-
-    def make(mailstores, start=True, **kw):
-        d = CtlDeliverer(tmp_path / ("c%d" % len(made)), mailstores, **kw)
-        made.append(d)
-        if start:
-            d.start()
-        return d
-    yield make
-    for d in made:
-        if d.proc:
-            rc = d.stop()
-            assert rc == 0, "sluice-deliver exit status %r\n%s" % (rc, d.log()[-3000:])
-        d.cleanup()
+    yield from deliverer_factory(CtlDeliverer, tmp_path, "c")
 
 
 SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(.*)\})? (\S+)$')

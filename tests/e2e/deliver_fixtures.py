@@ -539,14 +539,13 @@ class Deliverer:
         return None
 
 
-@pytest.fixture
-def deliverer(tmp_path):
-    """Factory: deliverer(mailstores, start=True) -> Deliverer; stopped (SIGTERM, exit 0
-    expected) at teardown."""
+def deliverer_factory(cls, base, prefix):
+    """The body of a deliverer fixture: yields make(mailstores, start=True, **kw) -> cls;
+    every one made is stopped (SIGTERM, exit 0 expected) and cleaned up at teardown."""
     made = []
 
     def make(mailstores, start=True, **kw):
-        d = Deliverer(tmp_path / ("d%d" % len(made)), mailstores, **kw)
+        d = cls(base / ("%s%d" % (prefix, len(made))), mailstores, **kw)
         made.append(d)
         if start:
             d.start()
@@ -556,3 +555,12 @@ def deliverer(tmp_path):
         if d.proc:
             rc = d.stop()
             assert rc == 0, "sluice-deliver exit status %r\n%s" % (rc, d.log()[-3000:])
+        if hasattr(d, "cleanup"):
+            d.cleanup()
+
+
+@pytest.fixture
+def deliverer(tmp_path):
+    """Factory: deliverer(mailstores, start=True) -> Deliverer; stopped (SIGTERM, exit 0
+    expected) at teardown."""
+    yield from deliverer_factory(Deliverer, tmp_path, "d")

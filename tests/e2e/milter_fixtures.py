@@ -154,7 +154,22 @@ def dkim_keys():
 
 # ------------------------------------------------------------------ opendkim
 
-class Opendkim:
+class PrivateMilter:
+    """What the private milter daemons share: an inet socket on self.port, output in
+    self.logpath."""
+
+    @property
+    def spec(self):
+        return "inet:127.0.0.1:%d" % self.port
+
+    def log(self):
+        try:
+            return open(self.logpath, errors="replace").read()
+        except OSError:
+            return ""
+
+
+class Opendkim(PrivateMilter):
     def __init__(self, keys=None):
         self.dir = private_dir("sluice-odk-")
         self.port = free_port()
@@ -170,16 +185,6 @@ class Opendkim:
             f.write("\n".join(lines) + "\n")
         os.chmod(self.conf, 0o644)
         self.proc = None
-
-    @property
-    def spec(self):
-        return "inet:127.0.0.1:%d" % self.port
-
-    def log(self):
-        try:
-            return open(self.logpath, errors="replace").read()
-        except OSError:
-            return ""
 
     def start(self):
         self._out = open(self.logpath, "ab")
@@ -208,7 +213,7 @@ def opendkim(dkim_keys):
 
 # ------------------------------------------------------------------ rspamd
 
-class Rspamd:
+class Rspamd(PrivateMilter):
     def __init__(self):
         self.dir = private_dir("sluice-rsp-", owner="_rspamd")
         self.port = free_port()
@@ -238,16 +243,6 @@ worker "rspamd_proxy" {
         for p in (self.conf, tld):
             os.chmod(p, 0o644)
         self.proc = None
-
-    @property
-    def spec(self):
-        return "inet:127.0.0.1:%d" % self.port
-
-    def log(self):
-        try:
-            return open(self.logpath, errors="replace").read()
-        except OSError:
-            return ""
 
     def start(self, timeout=20.0):
         self.proc = subprocess.Popen([RSPAMD, "-f", "-c", self.conf, "-u", "_rspamd",
