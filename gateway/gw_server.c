@@ -21,6 +21,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <arpa/inet.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -149,10 +150,51 @@ static unsigned server_ip_hash(const char *addr)
     return h % GW_IP_BUCKETS;
 }
 
-int gw_server_ip_add(struct gw_server *srv, const char *addr)
+/* Many IPv6 clients get a whole /64 or more: counted per /128, one of them could open
+ * max_connections_per_ip sessions from each of 2^64 addresses (Postfix 3.8 counts per
+ * smtpd_client_ipv6_prefix_length, default 84, for the same reason). */
+void gw_server_ip_key(const char *addr, int v4len, int v6len, char *key, size_t keylen)
 {
-    unsigned b = server_ip_hash(addr);
+    unsigned char a[16];
+    char text[INET6_ADDRSTRLEN];
+    int af, len, bits, off = 0;
+
+    if (inet_pton(AF_INET, addr, a) == 1) {
+        af = AF_INET, len = v4len, bits = 32;
+    } else if (inet_pton(AF_INET6, addr, a) == 1) {
+        static const unsigned char mapped[12] = { 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff };
+
+        af = AF_INET6, len = v6len, bits = 128;
+        if (memcmp(a, mapped, sizeof(mapped)) == 0)   /* ::ffff:a.b.c.d is an IPv4 client */
+            len = 96 + v4len, off = 12;
+    } else {
+        snprintf(key, keylen, "%s", addr);
+        return;
+    }
+    if (len < 0 || len >= bits) {
+        snprintf(key, keylen, "%s", addr);
+        return;
+    }
+    for (int i = len / 8; i < bits / 8; i++)
+        a[i] &= (unsigned char)(i == len / 8 ? 0xff00u >> (len % 8) : 0);
+    if (!inet_ntop(af, a, text, sizeof(text))) {
+        snprintf(key, keylen, "%s", addr);
+        return;
+    }
+    snprintf(key, keylen, "%s/%d", text, len - off * 8);
+}
+
+int gw_server_ip_add(struct gw_server *srv, struct gw_session *s)
+{
+    const char *addr = s->ip_key;
+    unsigned b;
     struct gw_ipcount *e;
+
+    gw_server_ip_key(s->addr, srv->conf->gateway.client_ipv4_prefix_length,
+                     srv->conf->gateway.client_ipv6_prefix_length, s->ip_key,
+                     sizeof(s->ip_key));
+    s->ip_counted = 1;
+    b = server_ip_hash(addr);
 
     for (e = srv->ip[b]; e; e = e->next)
         if (strcmp(e->addr, addr) == 0)
@@ -299,8 +341,7 @@ static void server_accept(struct gw_listener *l)
     } else if (srv->nsessions > srv->conf->gateway.max_connections) {
         reject = "too many connections";
     } else if (!l->is_unix) {
-        s->ip_counted = 1;
-        if (gw_server_ip_add(srv, addr) > srv->conf->gateway.max_connections_per_ip)
+        if (gw_server_ip_add(srv, s) > srv->conf->gateway.max_connections_per_ip)
             reject = "too many connections from your address";
     }
     gw_session_start(s, reject);
@@ -327,7 +368,7 @@ void gw_server_session_closed(struct gw_server *srv, struct gw_session *s)
 void gw_server_ip_release(struct gw_server *srv, struct gw_session *s)
 {
     if (s->ip_counted) {
-        server_ip_del(srv, s->addr);
+        server_ip_del(srv, s->ip_key);
         s->ip_counted = 0;
     }
 }

@@ -76,7 +76,12 @@ void gw_server_session_closed(struct gw_server *srv, struct gw_session *s);
 /* The session is closing: its client may connect again at once, so it no longer counts
  * against max_connections_per_ip (idempotent). */
 void gw_server_ip_release(struct gw_server *srv, struct gw_session *s);
-/* Count a new session from addr; returns the sessions from that address now open. */
-int gw_server_ip_add(struct gw_server *srv, const char *addr);
+/* Count session s against max_connections_per_ip under its address block (s->addr cut to
+ * client_ipv4_prefix_length / client_ipv6_prefix_length, remembered in s->ip_key so a reload
+ * cannot change what it is released under); returns the sessions from that block now open. */
+int gw_server_ip_add(struct gw_server *srv, struct gw_session *s);
+/* The address block addr counts under: "192.0.2.0/24", "2001:db8::/84", or addr itself at a
+ * full-length prefix (or when it is not an IP address). */
+void gw_server_ip_key(const char *addr, int v4len, int v6len, char *key, size_t keylen);
 
 #endif

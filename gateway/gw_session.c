@@ -597,6 +597,22 @@ static void session_count_error(struct gw_session *s)
     session_close(s);
 }
 
+/* session_junk - NOOP, RSET, VRFY and HELP cost a client nothing; past junk_command_limit
+ * of them each one counts as an error, so a client cannot hold a session open with them
+ * forever (Postfix smtpd_junk_command_limit). A stored message forgives both counts. */
+static void session_junk(struct gw_session *s)
+{
+    if (++s->junk > s->srv->conf->gateway.junk_command_limit)
+        session_count_error(s);
+}
+
+/* session_forgive - a message was accepted: this is a working client (Postfix forgives too) */
+static void session_forgive(struct gw_session *s)
+{
+    s->errors = 0;
+    s->junk = 0;
+}
+
 /* ---------------------------------------------------------------- the transaction */
 
 /* tx_reset - forget the transaction (RSET, HELO, end of message); keep the arrays */
@@ -1084,12 +1100,14 @@ static int cmd_rset(struct gw_session *s, struct smtp_cmd *cmd)
     tx_reset(s);
     session_reply(s, "250 2.0.0 Ok");
     session_enter(s, s->helo[0] ? GW_S_READY : GW_S_GREET);
+    session_junk(s);
     return 0;
 }
 
 static int cmd_noop(struct gw_session *s, struct smtp_cmd *cmd)
 {
     session_reply(s, "250 2.0.0 Ok");
+    session_junk(s);
     return 0;
 }
 
@@ -1107,6 +1125,7 @@ static int cmd_vrfy(struct gw_session *s, struct smtp_cmd *cmd)
 {
     session_reply(s, "252 2.5.0 Cannot VRFY user, but will accept message and attempt "
                      "delivery");
+    session_junk(s);
     return 0;
 }
 
@@ -1114,6 +1133,7 @@ static int cmd_help(struct gw_session *s, struct smtp_cmd *cmd)
 {
     session_reply(s, "214 2.0.0 Commands: HELO EHLO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY "
                      "HELP%s", s->srv->tls ? " STARTTLS" : "");
+    session_junk(s);
     return 0;
 }
 
@@ -1392,6 +1412,7 @@ static void session_commit(struct gw_session *s)
                 tx->discard_by[0] ? tx->discard_by : "?", tx->sender,
                 tx->milter_buffer ? (uint64_t)tx->mmsg.len : tx->data.size);
         session_reply(s, "250 2.0.0 Ok: queued as %s", tx->qid);
+        session_forgive(s);
         tx_reset(s);
         session_enter(s, GW_S_READY);
         session_tx_end(s);
@@ -1469,9 +1490,10 @@ static void session_commit_cb(void *arg, const char *qid, int status)
         session_unref(s);
         return;
     }
-    if (status == 0)
+    if (status == 0) {
         session_reply(s, "250 2.0.0 Ok: queued as %s", qid);
-    else
+        session_forgive(s);
+    } else
         session_storage_reply(s, status);
     tx_reset(s);
     session_enter(s, GW_S_READY);
@@ -2455,8 +2477,7 @@ static void session_proxy_header(struct gw_session *s, const struct gw_proxy_res
     s->deadline = 0;
     log_info("connect from " GW_CLIENT " via PROXY v%d from [%s]%s", s->addr, pr->version, peer,
              pr->local ? " (LOCAL: the proxy's own connection)" : "");
-    s->ip_counted = 1;
-    if (gw_server_ip_add(s->srv, s->addr) > s->srv->conf->gateway.max_connections_per_ip) {
+    if (gw_server_ip_add(s->srv, s) > s->srv->conf->gateway.max_connections_per_ip) {
         session_reject(s, "too many connections from your address");
         return;
     }

@@ -113,6 +113,7 @@ struct gw_session {
     struct gw_server *srv;
     char addr[64];                        /* client IP as text, "unix" for unix sockets;
                                            * behind PROXY the real client's, once known */
+    char ip_key[64];                      /* the block it counts under (ip_counted) */
     /* read-only */
     enum gw_state state;
     /* private */
@@ -148,6 +149,7 @@ struct gw_session {
                                            * must be complete (command_timeout); 0 = none */
     char helo[256];
     int errors;
+    int junk;                             /* NOOP, RSET, VRFY, HELP since the last message */
     unsigned verb_ok[GW_VERB_COUNT], verb_all[GW_VERB_COUNT];
     /* input: unprocessed bytes (a partial line, or what waits during a commit) */
     char *in;

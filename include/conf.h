@@ -84,6 +84,9 @@ struct conf_gateway {
     int max_header_count;
     uint64_t max_header_size;
     int max_errors;
+    int client_ipv4_prefix_length; /* per-IP limit counts per block of this length */
+    int client_ipv6_prefix_length;
+    int junk_command_limit;       /* NOOP/RSET/VRFY/HELP before each counts as an error */
     char tls_cert[CONF_PATH_MAX]; /* optional; with tls_key */
     char tls_key[CONF_PATH_MAX];
     int tls;

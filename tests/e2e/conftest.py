@@ -24,6 +24,7 @@ import subprocess
 import time
 
 import pytest
+from ports import free_port  # noqa: F401 (also imported from here)
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 BUILD = os.environ.get("SLUICE_BUILD", "build")
@@ -43,13 +44,6 @@ def pytest_configure(config):
 
 
 # ------------------------------------------------------------------ ports and certificates
-
-def free_port():
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture
 def port():
@@ -166,9 +160,14 @@ class Gateway:
                             break
                         data += chunk
                     if data.startswith(b"220"):
+                        # read to the gateway's EOF: its shutdown() and the close of the
+                        # probe's session (which frees its max_connections slot) happen in
+                        # the same loop turn, before any later connection is accepted
                         try:
                             s.sendall(b"QUIT\r\n")
-                            s.recv(4096)
+                            s.settimeout(5)
+                            while s.recv(4096):
+                                pass
                         except OSError:
                             pass
                         return self

@@ -28,6 +28,7 @@ import threading
 import time
 
 import pytest
+from ports import free_port  # noqa: F401 (also imported from here)
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 BUILD = os.environ.get("SLUICE_BUILD", "build")
@@ -37,12 +38,6 @@ GATEWAY_BIN = os.path.join(BUILD_DIR, "sluice-gateway")
 INJECT_BIN = os.path.join(BUILD_DIR, "tools", "spool_inject")
 SANITIZER_MARKS = ("ERROR: AddressSanitizer", "runtime error:", "ERROR: LeakSanitizer")
 DOMAIN = "example.test"
-
-
-def free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for(pred, timeout, step=0.05, what="condition"):

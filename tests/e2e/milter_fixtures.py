@@ -27,6 +27,7 @@ import time
 import pytest
 
 from milter_peer import MilterPeer
+from ports import free_port  # noqa: F401 (also imported from here)
 
 OPENDKIM = shutil.which("opendkim") or "/usr/sbin/opendkim"
 OPENDKIM_GENKEY = shutil.which("opendkim-genkey") or "/usr/sbin/opendkim-genkey"
@@ -36,12 +37,6 @@ POSTFIX = shutil.which("postfix") or "/usr/sbin/postfix"
 DKIM_DOMAIN = "signed.test"
 DKIM_SELECTOR = "sel"
 GTUBE = b"XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
-
-
-def free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_listen(port, proc, what, log, timeout=20.0):

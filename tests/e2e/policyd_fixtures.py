@@ -20,6 +20,7 @@ import tempfile
 import time
 
 import pytest
+from ports import free_port  # noqa: F401 (also imported from here)
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 BUILD = os.environ.get("SLUICE_BUILD", "build")
@@ -34,12 +35,6 @@ NR_HDR, NOUNKNOWN, NODATA, RCPT_REJ = 0x80, 0x100, 0x200, 0x800
 NR_CONN, NR_HELO, NR_MAIL, NR_RCPT, NR_DATA, NR_EOH, NR_BODY = (
     0x1000, 0x2000, 0x4000, 0x8000, 0x10000, 0x40000, 0x80000)
 QUARANTINE = 0x20
-
-
-def free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class MilterMTA:

@@ -836,7 +836,7 @@ def test_smuggling_rejected_not_queued(gateway, sep):
         c.expect("RCPT TO:<%s>" % ALICE, 250)
         assert c.cmd("DATA").code == 354
         c.send(head + sep + SMUGGLED + b"\r\n.\r\n")
-        replies = c.replies_until_close(timeout=2.0)
+        replies = [c.reply(timeout=15)] + c.replies_until_close(timeout=2.0)
     assert replies, "no reply at all to the message"
     assert replies[0].code // 100 == 5, "first reply after the data: %s" % replies
     assert not any(r.qid() for r in replies), "a message was queued: %s" % replies
@@ -872,7 +872,7 @@ def test_bdat_bare_cr_lf_rejected(gateway, chunk):
         c.expect("MAIL FROM:<%s>" % SENDER, 250)
         c.expect("RCPT TO:<%s>" % ALICE, 250)
         c.send(b"BDAT %d LAST\r\n" % len(chunk) + chunk)
-        replies = c.replies_until_close(timeout=1.5)
+        replies = [c.reply(timeout=15)] + c.replies_until_close(timeout=1.5)
     assert replies and replies[0].code // 100 == 5, replies
     assert not any(r.qid() for r in replies), replies
     assert index_count(gateway.spool_dir) == 0
@@ -921,7 +921,7 @@ def test_nul_byte_rejected(gateway, how):
             c.send(body + b".\r\n")
         else:
             c.send(b"BDAT %d LAST\r\n" % len(body) + body)
-        replies = c.replies_until_close(timeout=1.5)
+        replies = [c.reply(timeout=15)] + c.replies_until_close(timeout=1.5)
     assert replies and replies[0].code // 100 == 5, replies
     assert not any(r.qid() for r in replies), replies
     assert index_count(gateway.spool_dir) == 0

@@ -243,6 +243,79 @@ def test_flood_from_many_addresses(gateway):
     assert gateway.alive()
 
 
+@pytest.mark.conf(gateway={"max_connections_per_ip": "3", "client_ipv4_prefix_length": "24"})
+def test_flood_from_one_block(gateway):
+    """client_ipv4_prefix_length = 24: every address of 127.0.7.0/24 counts as one client, so
+    spreading a flood over the block gains nothing; the next /24 is another client; a session
+    that ends gives its block the slot back."""
+    conns = []
+    try:
+        for i in range(3):
+            conns.append(RawFrom(gateway.port, "127.0.7.%d" % (i + 1)))
+        c = RawFrom(gateway.port, "127.0.7.200", greet=False)
+        r = c.reply(enh=False)
+        assert r.code == 421 and r.enh == "4.7.0", r
+        assert c.closed(), "421 but the connection stays open"
+        c.close()
+        took, qid = good_session(gateway.port, "from the next block", "127.0.8.1")
+        assert_stored(gateway, qid)
+        conns.pop().expect("QUIT", 221)
+        deadline = time.monotonic() + 10
+        while True:
+            c = RawFrom(gateway.port, "127.0.7.99", greet=False)
+            r = c.reply(enh=False)
+            if r.code == 220:
+                conns.append(c)
+                break
+            c.close()
+            assert time.monotonic() < deadline, "the block never got its slot back: %s" % r
+            time.sleep(0.1)
+        conns[0].expect("NOOP", 250)
+    finally:
+        for c in conns:
+            c.close()
+
+
+# ------------------------------------------------------------------ junk commands
+
+@pytest.mark.conf(gateway={"junk_command_limit": "5", "max_errors": "3"})
+def test_junk_commands_end_the_session(gateway):
+    """NOOP, RSET, VRFY and HELP are free to send: past junk_command_limit each counts as an
+    error, so a client cannot hold a session open with them for ever (max_errors ends it)."""
+    with Raw(gateway.port) as c:
+        c.ehlo()
+        for cmd, code in (("NOOP", 250), ("RSET", 250), ("VRFY alice", 252), ("HELP", 214),
+                          ("NOOP", 250), ("NOOP", 250), ("RSET", 250)):
+            c.expect(cmd, code)
+        r = c.cmd("NOOP")
+        assert r.code == 250, r       # the third error is still answered, then the 421
+        r = c.reply()
+        assert r.code == 421 and r.enh == "4.7.0" and "too many errors" in r.text, r
+        assert c.closed(), "421 but the session stays open"
+    assert log_has(gateway, "too many errors after READY from")
+
+
+@pytest.mark.conf(gateway={"junk_command_limit": "5", "max_errors": "3"})
+def test_accepted_message_forgives_junk_and_errors(gateway):
+    """A client that delivers mail is a working client (Postfix forgives it too): the counts
+    start again after each accepted message, so a long connection-reusing session that sends
+    RSET or NOOP between its messages, or has a refused recipient now and then, is never cut."""
+    with Raw(gateway.port) as c:
+        c.ehlo()
+        for rnd in range(4):
+            for _ in range(6):            # one over the limit: one error
+                c.expect("NOOP", 250)
+            c.expect("MAIL FROM:<%s>" % SENDER, 250, "2.1.0")
+            c.expect("RCPT TO:<nobody-%d@%s>" % (rnd, DOMAIN), 550, "5.1.1")   # another
+            c.expect("RCPT TO:<%s>" % ALICE, 250, "2.1.5")
+            c.expect("DATA", 354)
+            c.send(b"Subject: m%d\r\n\r\nbody\r\n.\r\n" % rnd)
+            r = c.reply()
+            assert r.code == 250, r
+            assert_stored(gateway, r.qid())
+        c.expect("QUIT", 221)
+
+
 # ------------------------------------------------------------------ oversized input
 
 def test_megabyte_command_line(gateway):

@@ -189,6 +189,39 @@ def test_haproxy_per_ip_limit_counts_real_address(gateway_factory, haproxy_facto
             c.close()
 
 
+def test_ipv6_clients_count_per_prefix(gateway_factory):
+    """client_ipv6_prefix_length = 64: the addresses of one /64 are one client for
+    max_connections_per_ip (one customer could otherwise open the limit from each of 2^64
+    addresses); the next /64 is another client. Loopback has no such addresses: the PROXY
+    header names them."""
+    ov, pport = proxy_conf({"max_connections_per_ip": "2", "client_ipv6_prefix_length": "64"})
+    gw = gateway_factory(ov)
+    conns = []
+
+    def proxied(src):
+        c = RawFrom(pport, "127.0.0.1", greet=False)
+        c.send(b"PROXY TCP6 %s 2001:db8::25 40000 25\r\n" % src.encode())
+        return c
+    try:
+        for src in ("2001:db8:1:2::a", "2001:db8:1:2:ffff:ffff:ffff:b"):
+            c = proxied(src)
+            conns.append(c)
+            assert c.reply(enh=False).code == 220
+        c = proxied("2001:db8:1:2::c")
+        r = c.reply()
+        assert r.code == 421 and r.enh == "4.7.0", r
+        assert c.closed(), "421 but the connection stays open"
+        c.close()
+        wait_log(gw, r"reject: CONNECT from unknown\[2001:db8:1:2::c\]: 421 4\.7\.0")
+        c = proxied("2001:db8:1:3::a")
+        conns.append(c)
+        assert c.reply(enh=False).code == 220, "the next /64 was counted with the first"
+        conns[0].expect("NOOP", 250)
+    finally:
+        for c in conns:
+            c.close()
+
+
 def test_haproxy_untrusted_proxy_dropped(gateway_factory, haproxy_factory):
     # HAProxy connects from 127.0.0.1, which is not trusted here: its header must not count
     ov, pport = proxy_conf(trusted="10.0.0.0/8, 2001:db8::/32")

@@ -125,7 +125,8 @@ def test_spf_timeout_is_temperror(gateway_factory, dns):
     r, _ = mail(gw, "user@timeout.test")
     took = time.time() - t0
     assert (r.code, r.enh) == (451, "4.4.3"), r
-    assert took < 2.5, "the per-check timeout did not bound the check: %.1fs" % took
+    # unbounded, the resolver would wait its own 5 s per try: 4.5 s leaves a slow build room
+    assert took < 4.5, "the per-check timeout did not bound the check: %.1fs" % took
     # the loop was never blocked: another session is served while checks hang
     with Raw(gw.port) as c:
         c.ehlo()

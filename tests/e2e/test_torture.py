@@ -320,6 +320,8 @@ def test_crash_torture_end_to_end(tmp_path, dovecot):
     rounds = int(os.environ.get("SLUICE_TORTURE_ROUNDS", "5"))
     seed = int(os.environ.get("SLUICE_TORTURE_SEED", str(int(time.time()))))
     rnd = random.Random(seed)
+    # pytest shows this with any failure: `make torture SEED=N` replays the same kills
+    print("torture: rounds=%d seed=%d" % (rounds, seed), flush=True)
     t0 = time.monotonic()
     dm = Daemons(tmp_path, dovecot)
     dm.start()

@@ -907,7 +907,7 @@ static void test_shipped_files_cover_every_key(void **state)
     for (char *save = NULL, *l = strtok_r(d, "\n", &save); l != NULL;
          l = strtok_r(NULL, "\n", &save)) {
         char key[80], set[96], commented[96], doc_key[96];
-        if (l[0] == '#' || l[0] == '[' || sscanf(l, "%79[a-z_] =", key) != 1)
+        if (l[0] == '#' || l[0] == '[' || sscanf(l, "%79[a-z0-9_] =", key) != 1)
             continue;
         keys++;
         snprintf(set, sizeof(set), "\n%s = ", key);
