@@ -212,6 +212,9 @@ static const struct conf_key conf_keys[] = {
        "rejected (unknown) recipients per window before suspension (0: off)"),
     KI(POLICYD, "max_spf_fails", policyd.max_spf_fails, "10", 0, 100000000,
        "messages with SPF fail per window before suspension (0: off)"),
+    KI(POLICYD, "max_milter_rejects", policyd.max_milter_rejects, "10", 0, 100000000,
+       "rejections by other milters per window before suspension (0: off; needs "
+       "notify_rejections in the gateway's [milter] section for sluice-policyd)"),
     KF(POLICYD, "action", CT_STR, policyd.action, "tempfail", CF_NONEMPTY,
        "what a suspension does: tempfail (451 4.7.1) or hold (accept, quarantine)"),
     KR(POLICYD, "suspend_base", CT_DUR, policyd.suspend_base_ms, "15m", 1000, 365 * 86400000LL,
@@ -277,6 +280,9 @@ static const struct conf_key conf_keys[] = {
         "time to wait for the reply to a header, body chunk or end of message"),
     MLT("default_action", CT_MACTION, default_action, "tempfail", 0, 0, 0,
         "when the milter fails: accept, tempfail, reject or quarantine"),
+    MLT("notify_rejections", CT_BOOL, notify_rejections, "no", 0, 0, 0,
+        "tell this milter when another milter or the SPF check rejects the client "
+        "(for sluice-policyd)"),
 };
 
 #define CONF_NKEYS (sizeof(conf_keys) / sizeof(conf_keys[0]))

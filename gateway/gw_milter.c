@@ -33,6 +33,8 @@
 #define GW_M_OWN_MAX 16           /* our own fields at the top of a message */
 #define GW_M_HDR_EDITS 1000       /* header changes per milter per message, at most */
 #define GW_M_RCPT_EDITS 1000      /* recipient adds (and deletes) when max_recipients = 0 */
+#define GW_M_NOTIFY_MACRO "{sluice_notify}" /* CONNECT macro of notify_rejections milters */
+#define GW_M_NOTIFY_CMD "X-SLUICE-REJECT"    /* the notice, an SMFIC_UNKNOWN */
 
 /* Connection states: XX(NAME, meaning) */
 #define GW_MC_STATE_MAP(XX)                                                                  \
@@ -104,6 +106,7 @@ struct mconn {
                                    * NOMAIL), no end of message yet: ABORT is due */
     unsigned msg_accepted : 1;    /* ACCEPT for this message: nothing more for it */
     unsigned skip_body : 1;       /* SKIP: no more body chunks */
+    unsigned notify : 1;          /* notify_rejections */
     uint32_t version, actions, proto;
     char *macros[MILTER_NSTAGES]; /* requested lists, NULL = our defaults */
     struct milter_reader rd;
@@ -198,6 +201,9 @@ static void ms_decide(struct gw_milter_sess *ms, struct mconn *c, enum gw_milter
 static int ms_index_headers(struct gw_milter_sess *ms);
 static int own_count(const char *own);
 static int reply_format(char *out, size_t cap, const char *text);
+static int mc_notifiable(const struct mconn *c);
+static void ms_notify(struct gw_milter_sess *ms, const struct mconn *by, const char *source,
+                      const char *stage, int code, const char *sender);
 static void ms_maybe_free(struct gw_milter_sess *ms);
 
 /* ---------------------------------------------------------------- small helpers */
@@ -285,6 +291,13 @@ static int mc_send_macros(struct mconn *c, int mstage, char cmd)
         list += l;
         list += strspn(list, " ,");
     }
+    /* how sluice-policyd tells our rejection notices from a client's unknown command that
+     * another MTA passed on: no MTA but ours sends this macro */
+    if (mstage == MILTER_M_CONNECT && c->notify && n < GW_M_MACROS) {
+        names[n] = GW_M_NOTIFY_MACRO;
+        vals[n] = "reject";
+        n++;
+    }
     if (n == 0)
         return 0;
     if (milter_put_macro(&b, cmd, names, vals, n) < 0)
@@ -325,6 +338,7 @@ struct gw_milter_sess *gw_milter_new(uv_loop_t *loop, const struct conf *c, uint
         mc->t_command = cm->command_timeout_ms;
         mc->t_content = cm->content_timeout_ms;
         mc->action = cm->action;
+        mc->notify = cm->notify_rejections != 0;
         mc->state = MC_IDLE;
         uv_timer_init(loop, &mc->timer);
         mc->timer.data = mc;
@@ -485,12 +499,70 @@ static void ms_decide(struct gw_milter_sess *ms, struct mconn *c, enum gw_milter
         r->reply[0] = '\0';
         return;
     }
-    if (!text) {
+    if (!text)
         snprintf(r->reply, sizeof(r->reply), "%s", v == GW_MV_REJECT
                  ? "550 5.7.1 Command rejected" : "451 4.7.1 Service unavailable - try again later");
-        return;
+    else
+        reply_format(r->reply, sizeof(r->reply), text);
+    /* the milter's own verdict on the client, not its failure (default_action) */
+    if (v == GW_MV_REJECT && c->state != MC_FAILED) {
+        char src[CONF_NAME_MAX + 8];
+        const struct mmacro *m = ms->st >= ST_MAIL ? ms_macro_find(ms, "{mail_addr}", 11)
+                                                   : NULL;
+
+        snprintf(src, sizeof(src), "milter:%s", c->name);
+        ms_notify(ms, c, src, ms_stage_names[ms->st], atoi(r->reply),
+                  ms->st >= ST_MAIL ? (m && m->value ? m->value : "") : NULL);
     }
-    reply_format(r->reply, sizeof(r->reply), text);
+}
+
+/* mc_notifiable - the milter reads our notices: it takes unknown commands, unanswered */
+static int mc_notifiable(const struct mconn *c)
+{
+    return (c->proto & MILTER_P_NR_UNKN) && !(c->proto & MILTER_P_NOUNKNOWN);
+}
+
+/* ms_notify - tell the notify_rejections milters other than by (NULL: none) that source
+ * refused the client at stage with code: an SMFIC_UNKNOWN
+ *   "X-SLUICE-REJECT SOURCE STAGE CODE <SENDER>"   (SENDER: "-" before MAIL)
+ * which sluice-policyd counts. Only milters that take unknown commands without a reply get
+ * it, and only between commands, so no reply is ever awaited and no stage is disturbed. A
+ * client's own unknown commands are never passed to milters, so a notice is always ours. */
+static void ms_notify(struct gw_milter_sess *ms, const struct mconn *by, const char *source,
+                      const char *stage, int code, const char *sender)
+{
+    char text[1100];              /* a source, a stage, a code and a 256-octet path, cut */
+    struct milter_buf b = { gw_m_scratch, 0, sizeof(gw_m_scratch) };
+    int before = 1;               /* milters before `by` have seen this stage already */
+
+    if (sender)
+        snprintf(text, sizeof(text), GW_M_NOTIFY_CMD " %s %s %d <%s>", source, stage, code,
+                 sender);
+    else
+        snprintf(text, sizeof(text), GW_M_NOTIFY_CMD " %s %s %d -", source, stage, code);
+    for (int i = 0; i < ms->n; i++) {
+        struct mconn *c = &ms->mc[i];
+
+        if (c == by) {
+            before = 0;
+            continue;
+        }
+        /* at CONNECT, the milters after the one that refused never got their CONNECT */
+        if (!c->notify || c->state != MC_READY || !mc_notifiable(c) ||
+            (ms->st == ST_CONNECT && by && !before))
+            continue;
+        b.len = 0;
+        if (milter_put_str(&b, MILTER_C_UNKNOWN, text) < 0 || mc_send(c, b.p, b.len) < 0)
+            continue;
+        log_debug("%s: milter %s: told: %s", ms_qid(ms), c->name, text);
+    }
+}
+
+void gw_milter_notify_reject(struct gw_milter_sess *ms, const char *source, const char *stage,
+                             int code, const char *sender)
+{
+    if (ms)
+        ms_notify(ms, NULL, source, stage, code, sender);
 }
 
 /* reply_format - the SMTP reply of a REPLYCODE text (checked by milter_proto_parse) into
@@ -1129,6 +1201,10 @@ static int mc_negotiated(struct mconn *c, const struct milter_reply *r)
     }
     log_debug("%s: milter %s: version %u actions 0x%x protocol 0x%x", ms_qid(c->ms), c->name,
               c->version, c->actions, c->proto);
+    if (c->notify && !mc_notifiable(c))
+        log_warn("%s: milter %s: notify_rejections needs a milter that takes unknown "
+                 "commands without a reply (SMFIP_NR_UNKN): no notices for it",
+                 ms_qid(c->ms), c->name);
     mc_enter(c, MC_READY);
     return 0;
 }

@@ -881,6 +881,9 @@ static void session_spf_cb(void *arg, const struct gw_spf_result *r)
                       r->ip);
         log_info("%s: reject: MAIL from " GW_CLIENT ": 550 SPF %s; from=<%s> client-ip=%s "
                  "(%s)", tx->qid, s->addr, res, tx->sender, r->ip, r->comment);
+        /* milters never see this MAIL: sluice-policyd counts SPF fails from the notice */
+        if (r->res == GW_SPF_FAIL)
+            gw_milter_notify_reject(s->milter, "spf", "MAIL", 550, tx->sender);
         tx_reset(s);
         break;
     case GW_SPF_TEMPFAIL:

@@ -124,6 +124,7 @@ struct conf_policyd {
     int max_connections;
     int max_unknown_rcpts;
     int max_spf_fails;
+    int max_milter_rejects;
     char action[CONF_NAME_MAX];         /* tempfail or hold */
     int64_t suspend_base_ms;
     int64_t suspend_max_ms;
@@ -181,6 +182,7 @@ struct conf_milter {
     int64_t content_timeout_ms;   /* headers, body chunks, end of message */
     char default_action[16];      /* accept | tempfail | reject | quarantine */
     enum conf_milter_action action; /* read-only: default_action parsed */
+    int notify_rejections;        /* tell it of other milters' and SPF's rejections */
 };
 
 struct conf {

@@ -120,6 +120,15 @@ int gw_milter_eom(struct gw_milter_sess *ms, struct gw_milter_msg *msg,
 /* The transaction is over (RSET, new MAIL, HELO, end of message): ABORT to milters inside
  * one, per-message state (accept, skip, quarantine, transaction macros) forgotten. */
 void gw_milter_abort(struct gw_milter_sess *ms);
+/* Tell the milters configured with notify_rejections (sluice-policyd) that source ("spf")
+ * refused the client at stage ("MAIL") with code; sender is the envelope sender without
+ * brackets ("" the null sender), NULL before MAIL. Sent as an SMFIC_UNKNOWN command
+ * "X-SLUICE-REJECT SOURCE STAGE CODE <SENDER>" (SENDER "-" before MAIL), only to milters that
+ * negotiated unknown commands without a reply (SMFIP_NR_UNKN), so nothing is awaited; call it
+ * between stages. A milter's own 5xx verdicts are reported the same way (source
+ * "milter:NAME", to every other such milter) without a call. ms may be NULL. */
+void gw_milter_notify_reject(struct gw_milter_sess *ms, const char *source, const char *stage,
+                             int code, const char *sender);
 /* The hold reason of this transaction ("milter NAME: reason"), or NULL. */
 const char *gw_milter_quarantine(const struct gw_milter_sess *ms);
 /* Free the envelope changes and reset the out fields of msg (buf is kept). */

@@ -20,7 +20,9 @@ enum pol_signal {
     POL_SIG_MESSAGE,            /* a MAIL command */
     POL_SIG_CONNECTION,         /* a connection (client IP scope only) */
     POL_SIG_UNKNOWN_RCPT,       /* a RCPT the MTA rejected ({rcpt_mailer} = error) */
-    POL_SIG_SPF_FAIL,           /* a message whose Received-SPF / Authentication-Results says fail */
+    POL_SIG_SPF_FAIL,           /* a message whose Received-SPF / Authentication-Results says fail,
+                                 * or a MAIL the gateway's SPF check rejected (its notice) */
+    POL_SIG_MILTER_REJECT,      /* a 5xx from another milter (sluice-gateway's notice) */
     POL_NSIG
 };
 
@@ -82,6 +84,23 @@ int pol_key_sender(const char *sender, char *addr, size_t alen, char *domain, si
 int pol_key_parse(const char *target, char *buf, size_t len);
 /* Parse "ip domain address" (commas or blanks) into POL_SCOPE_* bits; -EINVAL on a bad word. */
 int pol_scopes_parse(const char *s);
+
+/* A rejection notice from sluice-gateway: an SMFIC_UNKNOWN (a milter's xxfi_unknown) of
+ *   "X-SLUICE-REJECT SOURCE STAGE CODE <SENDER>"   or   "... CODE -" (before MAIL)
+ * SOURCE is "spf" or "milter:NAME", STAGE a protocol stage ("MAIL", "END-OF-MESSAGE"), CODE the
+ * SMTP reply code, SENDER the envelope sender (may hold blanks; "<>" the null sender). */
+struct pol_notice {
+    char source[80];
+    char stage[32];
+    int code;
+    int has_sender;             /* 0: "-", no transaction yet */
+    char sender[POL_KEY_MAX];   /* with its brackets, as pol_key_sender takes it */
+};
+/* 0 and *n, or -EINVAL when line is not a well-formed notice. */
+int pol_notice_parse(const char *line, struct pol_notice *n);
+/* The signal a notice counts as: POL_SIG_SPF_FAIL, POL_SIG_MILTER_REJECT, or POL_NSIG (none:
+ * not a 5xx, or an unknown source). */
+enum pol_signal pol_notice_signal(const struct pol_notice *n);
 
 /* Make text safe inside an SMTP reply and a milter reply: printable ASCII only, '%' (which
  * Postfix treats as a format character) and control characters become '_', cut to len. */

@@ -205,14 +205,15 @@ int64_t pol_duration(const struct pol_limits *l, int offence)
 const char *pol_signal_name(enum pol_signal sig)
 {
     static const char *const n[POL_NSIG] = { "messages", "connections", "unknown recipients",
-                                             "SPF failures" };
+                                             "SPF failures", "milter rejections" };
     return (unsigned)sig < POL_NSIG ? n[sig] : "?";
 }
 
 const char *pol_signal_key(enum pol_signal sig)
 {
     static const char *const n[POL_NSIG] = { "max_messages", "max_connections",
-                                             "max_unknown_rcpts", "max_spf_fails" };
+                                             "max_unknown_rcpts", "max_spf_fails",
+                                             "max_milter_rejects" };
     return (unsigned)sig < POL_NSIG ? n[sig] : "?";
 }
 
@@ -345,4 +346,62 @@ void pol_reply_text(const char *in, char *out, size_t len)
         out[o++] = (c < ' ' || c >= 127 || c == '%') ? '_' : (char)c;
     }
     out[o] = '\0';
+}
+
+/* --- Rejection notices ------------------------------------------------------------------ */
+
+/* notice_word - the next blank-separated word of *p into out (cut never: too long fails) */
+static int notice_word(const char **p, char *out, size_t len)
+{
+    size_t l = strcspn(*p, " ");
+
+    if (l == 0 || l >= len)
+        return -EINVAL;
+    memcpy(out, *p, l);
+    out[l] = '\0';
+    *p += l;
+    if (**p == ' ')
+        (*p)++;
+    return 0;
+}
+
+int pol_notice_parse(const char *line, struct pol_notice *n)
+{
+    static const char tag[] = "X-SLUICE-REJECT ";
+    const char *p = line;
+    char code[8], *end;
+    size_t l;
+    long v;
+
+    memset(n, 0, sizeof(*n));
+    if (!line || strncmp(p, tag, sizeof(tag) - 1) != 0)
+        return -EINVAL;
+    p += sizeof(tag) - 1;
+    if (notice_word(&p, n->source, sizeof(n->source)) < 0 ||
+        notice_word(&p, n->stage, sizeof(n->stage)) < 0 ||
+        notice_word(&p, code, sizeof(code)) < 0)
+        return -EINVAL;
+    v = strtol(code, &end, 10);
+    if (*end != '\0' || v < 200 || v > 599 || strlen(code) != 3)
+        return -EINVAL;
+    n->code = (int)v;
+    if (strcmp(p, "-") == 0)
+        return 0;
+    l = strlen(p);
+    if (l < 2 || p[0] != '<' || p[l - 1] != '>' || l >= sizeof(n->sender))
+        return -EINVAL;
+    memcpy(n->sender, p, l + 1);
+    n->has_sender = 1;
+    return 0;
+}
+
+enum pol_signal pol_notice_signal(const struct pol_notice *n)
+{
+    if (n->code < 500)
+        return POL_NSIG;
+    if (strcmp(n->source, "spf") == 0)
+        return POL_SIG_SPF_FAIL;
+    if (strncmp(n->source, "milter:", 7) == 0 && n->source[7] != '\0')
+        return POL_SIG_MILTER_REJECT;
+    return POL_NSIG;
 }

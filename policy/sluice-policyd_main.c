@@ -179,8 +179,10 @@ static sfsistat pd_negotiate(SMFICTX *ctx, unsigned long f0, unsigned long f1,
                              unsigned long *pf1, unsigned long *pf2, unsigned long *pf3)
 {
     *pf0 = f0 & SMFIF_QUARANTINE;
-    /* rejected recipients too; no body, HELO, DATA or unknown commands */
-    *pf1 = f1 & (SMFIP_RCPT_REJ | SMFIP_NOBODY | SMFIP_NOHELO | SMFIP_NOUNKNOWN | SMFIP_NODATA);
+    /* rejected recipients too; no body, HELO or DATA. Unknown commands only unanswered:
+     * sluice-gateway's rejection notices come that way (pd_unknown) */
+    *pf1 = f1 & (SMFIP_RCPT_REJ | SMFIP_NOBODY | SMFIP_NOHELO | SMFIP_NODATA);
+    *pf1 |= (f1 & SMFIP_NR_UNKN) ? SMFIP_NR_UNKN : (f1 & SMFIP_NOUNKNOWN);
     *pf2 = 0;
     *pf3 = 0;
     if (!(f1 & SMFIP_RCPT_REJ))
@@ -264,6 +266,34 @@ static sfsistat pd_envrcpt(SMFICTX *ctx, char **argv)
     return SMFIS_CONTINUE;
 }
 
+/* pd_unknown - an unknown command: from sluice-gateway with {sluice_notify} = reject, its
+ * notice that the SPF check or another milter refused this client ("X-SLUICE-REJECT ...",
+ * pol_rules.h). Anything else (a client's unknown command passed on by Postfix, or a notice
+ * from an MTA that is not sluice-gateway: a client could forge it there) is ignored. The
+ * notice names the sender, so it counts right even after this milter's end of message. */
+static sfsistat pd_unknown(SMFICTX *ctx, const char *cmd)
+{
+    struct sess *ss = sess_of(ctx), k;
+    const char *tag = smfi_getsymval(ctx, "{sluice_notify}");
+    struct pol_notice n;
+    enum pol_signal sig;
+
+    if (!ss || !tag || strcmp(tag, "reject") != 0 || pol_notice_parse(cmd, &n) < 0 ||
+        (sig = pol_notice_signal(&n)) == POL_NSIG)
+        return SMFIS_NOREPLY;
+    memset(&k, 0, sizeof(k));
+    memcpy(k.ip, ss->ip, sizeof(k.ip));
+    if (n.has_sender &&
+        pol_key_sender(n.sender, k.addr, sizeof(k.addr), k.domain, sizeof(k.domain)) < 0)
+        k.addr[0] = k.domain[0] = '\0';
+    log_info("%s: %s %s %d from %s: counted as %s", ss->ip[0] ? ss->ip : "?", n.source,
+             n.stage, n.code, n.has_sender ? n.sender : "(no MAIL yet)", pol_signal_name(sig));
+    pthread_mutex_lock(&P.mu);
+    count_sess(&k, sig, now_ms());
+    pthread_mutex_unlock(&P.mu);
+    return SMFIS_NOREPLY;
+}
+
 static sfsistat pd_header(SMFICTX *ctx, char *name, char *value)
 {
     struct sess *ss = sess_of(ctx);
@@ -337,6 +367,7 @@ static struct smfiDesc pd_desc = {
     .xxfi_eoh = pd_eoh,
     .xxfi_eom = pd_eom,
     .xxfi_abort = pd_abort,
+    .xxfi_unknown = pd_unknown,
     .xxfi_close = pd_close,
     .xxfi_negotiate = pd_negotiate,
 };
@@ -537,6 +568,7 @@ int main(int argc, char **argv)
     P.lim.max[POL_SIG_CONNECTION] = (uint32_t)P.c.policyd.max_connections;
     P.lim.max[POL_SIG_UNKNOWN_RCPT] = (uint32_t)P.c.policyd.max_unknown_rcpts;
     P.lim.max[POL_SIG_SPF_FAIL] = (uint32_t)P.c.policyd.max_spf_fails;
+    P.lim.max[POL_SIG_MILTER_REJECT] = (uint32_t)P.c.policyd.max_milter_rejects;
     P.lim.base_ms = P.c.policyd.suspend_base_ms;
     P.lim.cap_ms = P.c.policyd.suspend_max_ms;
     P.lim.memory_ms = P.c.policyd.offence_memory_ms;

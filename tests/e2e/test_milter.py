@@ -16,13 +16,14 @@ import time
 import pytest
 
 from conftest import USERS, client_tls_context, free_port  # noqa: F401
+from dns_server import DNSServer
 from milter_fixtures import (GTUBE, dkim_keys, milter_conf, milter_peer, needs_postfix,  # noqa: F401
                              opendkim, private_postfix, rspamd)
 from milter_peer import (ADDHDRS, CHGBODY, CHGFROM, CHGHDRS, DELRCPT, ADDRCPT, HDR_LEADSPC,
                          M_CONNECT, M_EOM, M_MAIL, M_RCPT, NOBODY, NOCONNECT, NODATA, NOEOH,
                          NOHDRS, NOHELO, NOMAIL, NORCPT, NR_BODY, NR_CONN, NR_DATA, NR_EOH,
-                         NR_HDR, NR_HELO, NR_MAIL, NR_RCPT, QUARANTINE, RCPT_REJ, SETSYMLIST,
-                         SKIP)
+                         NR_HDR, NR_HELO, NR_MAIL, NR_RCPT, NR_UNKN, QUARANTINE, RCPT_REJ,
+                         SETSYMLIST, SKIP)
 from policyd_fixtures import policyd  # noqa: F401
 from smtp_raw import Raw, dot_stuff
 
@@ -1126,6 +1127,99 @@ def test_policyd_counts_unknown_recipients_from_gateway(gateway_factory, policyd
         r = c.cmd("MAIL FROM:<%s>" % SENDER)
     assert_reply(r, 451, "4.7.1")
     assert "max_unknown_rcpts" in r.text, r
+
+
+@pytest.mark.parametrize("notify", [True, False], ids=["notified", "not-notified"])
+@pytest.mark.parametrize("order", ["filter-first", "policyd-first"])
+def test_policyd_counts_rejections_by_other_milters(gateway_factory, policyd, milter_peer,
+                                                    notify, order):
+    """A content filter (the scripted milter, as rspamd would) rejects every message at end of
+    message; with notify_rejections the gateway tells sluice-policyd, which suspends the sender
+    past max_milter_rejects, so its next MAIL gets 451 4.7.1 without any content sent. Either
+    order works: the notice names the sender, so policyd counts it right even when its own end
+    of message has passed. Without notify_rejections policyd never learns of them."""
+    p = policyd(max_milter_rejects=2, window="60s", suspend_base="1h")
+    peer = milter_peer(script={"eom": ("replycode", "554 5.7.1 spam detected")})
+    filt = ("spam", peer.spec)
+    pol = ("policyd", "inet:127.0.0.1:%d" % p.port,
+           {"notify_rejections": "yes" if notify else "no"})
+    gw = start(gateway_factory, *((filt, pol) if order == "filter-first" else (pol, filt)))
+    for i in range(3):
+        o = send(gw, body=body_of("spam %d" % i))
+        assert_reply(o.end, 554, "5.7.1", "spam detected")
+    o = send(gw, body=body_of("spam 3"))
+    if not notify:
+        assert_reply(o.end, 554, "5.7.1")
+        assert "counted as milter rejections" not in p.read_log()
+        return
+    assert_reply(o.mail, 451, "4.7.1")
+    assert "max_milter_rejects" in o.mail.text, o.mail
+    log = p.read_log()
+    assert log.count("milter:spam END-OF-MESSAGE 554 from <%s>: counted as milter rejections"
+                     % SENDER) == 3, log
+    assert "suspended address:%s" % SENDER in log or "suspended ip:127.0.0.1" in log, log
+    assert_nothing_stored(gw)
+
+
+def test_rejection_notice_on_the_wire(gateway_factory, milter_peer):
+    """What a notify_rejections milter gets: the {sluice_notify} macro with its CONNECT, then
+    for each 5xx of another milter an SMFIC_UNKNOWN "X-SLUICE-REJECT milter:NAME STAGE CODE
+    <SENDER>", never awaiting a reply (the milter negotiated NR_UNKN). A milter without
+    notify_rejections, or one that wants replies to unknown commands, gets none; nor do
+    tempfails."""
+    def rcpt(sess, stage, argv):
+        return ("replycode", "550 5.7.1 not this one") if "bob" in argv[0] else "continue"
+    filt = milter_peer(script={"rcpt": rcpt, "helo": "continue"})
+    told = milter_peer(proto=NR_UNKN)
+    quiet = milter_peer(proto=NR_UNKN)
+    asks = milter_peer()                 # no NR_UNKN: it would have to answer
+    gw = start(gateway_factory, ("told", told.spec, {"notify_rejections": "yes"}),
+               ("filt", filt.spec), ("quiet", quiet.spec),
+               ("asks", asks.spec, {"notify_rejections": "yes"}))
+    o = send(gw, rcpts=(ALICE, BOB))
+    assert_reply(o.rcpt[0], 250, "2.1.5")
+    assert_reply(o.rcpt[1], 550, "5.7.1", "not this one")
+    assert_reply(o.end, 250, "2.0.0")
+    # (the first session of each milter is the readiness probe's, with no transaction)
+    told.wait(lambda p: [x for x in p.sessions if x.txns and x.quit])
+    s = [x for x in told.sessions if x.txns][0]
+    assert s.macros.get("C", {}).get("{sluice_notify}") == "reject", s.macros
+    notices = [d for c, d in s.events if c == "U"]
+    assert notices == [b"X-SLUICE-REJECT milter:filt RCPT 550 <%s>\0" % SENDER.encode()], \
+        s.events
+    # the notice came between the RCPTs, and the transaction went on as usual
+    cmds = s.commands()
+    assert cmds.index("U") > cmds.index("R") and "E" in cmds[cmds.index("U"):], cmds
+    assert not s.unexpected, s.unexpected
+    for other in (quiet, asks):
+        other.wait(lambda p: [x for x in p.sessions if x.txns and x.quit])
+        for x in other.sessions:
+            assert "U" not in x.commands(), x.events
+    assert all("{sluice_notify}" not in x.macros.get("C", {}) for x in quiet.sessions)
+    assert "notify_rejections needs a milter that takes unknown commands without a reply" \
+        in gw.log()
+
+
+def test_spf_rejection_notice_counts_as_spf_fail(gateway_factory, policyd, milter_peer):
+    """spf_fail = reject refuses MAIL before any milter sees it, so sluice-policyd could never
+    count it from the Received-SPF header: the gateway's notice ("X-SLUICE-REJECT spf MAIL 550
+    <SENDER>") counts instead, and past max_spf_fails the sender is suspended."""
+    p = policyd(max_spf_fails=1, window="60s", suspend_base="1h")
+    with DNSServer({"fail.test": ["v=spf1 ip4:198.51.100.1 -all"],
+                    "pass.test": ["v=spf1 ip4:192.0.2.0/24 -all"]}) as dns:
+        gw = start(gateway_factory,
+                   ("policyd", "inet:127.0.0.1:%d" % p.port, {"notify_rejections": "yes"}),
+                   spf={"enabled": "yes", "dns_server": dns.addr,
+                        "client_ip_override": "192.0.2.10", "timeout": "3s",
+                        "fail": "reject"})
+        for _ in range(2):
+            o = send(gw, sender="user@fail.test")
+            assert_reply(o.mail, 550, "5.7.23")
+        o = send(gw, sender="other@pass.test")
+    assert_reply(o.mail, 451, "4.7.1")
+    assert "max_spf_fails" in o.mail.text, o.mail
+    assert p.read_log().count("spf MAIL 550 from <user@fail.test>: counted as SPF failures") \
+        == 2, p.read_log()
 
 
 # ------------------------------------------------------------------ behind a PROXY listener

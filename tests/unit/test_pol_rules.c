@@ -287,6 +287,63 @@ static void test_conf_policyd(void **state)
     assert_int_equal(load("[policyd]\nmax_messages = -1\n", &c, err, sizeof(err)), -EINVAL);
 }
 
+/* sluice-gateway's rejection notices (an SMFIC_UNKNOWN): what counts, and what is refused */
+static void test_notice(void **state)
+{
+    struct pol_notice n;
+    char big[600];
+
+    (void)state;
+    assert_int_equal(pol_notice_parse("X-SLUICE-REJECT milter:rspamd END-OF-MESSAGE 554 "
+                                      "<a@b.example>", &n), 0);
+    assert_string_equal(n.source, "milter:rspamd");
+    assert_string_equal(n.stage, "END-OF-MESSAGE");
+    assert_int_equal(n.code, 554);
+    assert_int_equal(n.has_sender, 1);
+    assert_string_equal(n.sender, "<a@b.example>");
+    assert_int_equal(pol_notice_signal(&n), POL_SIG_MILTER_REJECT);
+
+    /* a quoted local part may hold blanks: the sender is the rest of the line */
+    assert_int_equal(pol_notice_parse("X-SLUICE-REJECT spf MAIL 550 <\"a b\"@c.example>", &n), 0);
+    assert_string_equal(n.sender, "<\"a b\"@c.example>");
+    assert_int_equal(pol_notice_signal(&n), POL_SIG_SPF_FAIL);
+    assert_int_equal(pol_notice_parse("X-SLUICE-REJECT spf MAIL 550 <>", &n), 0);
+    assert_string_equal(n.sender, "<>");
+
+    /* before MAIL: no sender */
+    assert_int_equal(pol_notice_parse("X-SLUICE-REJECT milter:m HELO 550 -", &n), 0);
+    assert_int_equal(n.has_sender, 0);
+    assert_int_equal(pol_notice_signal(&n), POL_SIG_MILTER_REJECT);
+
+    /* counted only for 5xx and known sources */
+    assert_int_equal(pol_notice_parse("X-SLUICE-REJECT milter:m MAIL 451 <a@b.example>", &n), 0);
+    assert_int_equal(pol_notice_signal(&n), POL_NSIG);
+    assert_int_equal(pol_notice_parse("X-SLUICE-REJECT dnsbl MAIL 554 <a@b.example>", &n), 0);
+    assert_int_equal(pol_notice_signal(&n), POL_NSIG);
+    assert_int_equal(pol_notice_parse("X-SLUICE-REJECT milter: MAIL 554 <a@b.example>", &n), 0);
+    assert_int_equal(pol_notice_signal(&n), POL_NSIG);
+
+    /* not notices */
+    const char *bad[] = {
+        NULL, "", "XSLUICE milter:m MAIL 550 -", "x-sluice-reject milter:m MAIL 550 -",
+        "X-SLUICE-REJECT", "X-SLUICE-REJECT milter:m", "X-SLUICE-REJECT milter:m MAIL",
+        "X-SLUICE-REJECT milter:m MAIL 550", "X-SLUICE-REJECT milter:m MAIL 5500 -",
+        "X-SLUICE-REJECT milter:m MAIL 55x -", "X-SLUICE-REJECT milter:m MAIL 199 -",
+        "X-SLUICE-REJECT milter:m MAIL 550 a@b", "X-SLUICE-REJECT milter:m MAIL 550 <a@b",
+        "X-SLUICE-REJECT milter:m MAIL 550 -x", "X-SLUICE-REJECT  milter:m MAIL 550 -",
+        "X-SLUICE-REJECT milter:m MAIL 550 <",
+    };
+    for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++)
+        assert_int_equal(pol_notice_parse(bad[i], &n), -EINVAL);
+    /* fields longer than their buffers fail, never cut */
+    memset(big, 'x', sizeof(big));
+    memcpy(big, "X-SLUICE-REJECT milter:", 23);
+    big[sizeof(big) - 1] = '\0';
+    assert_int_equal(pol_notice_parse(big, &n), -EINVAL);
+    snprintf(big, sizeof(big), "X-SLUICE-REJECT spf MAIL 550 <%0400d@x>", 1);
+    assert_int_equal(pol_notice_parse(big, &n), -EINVAL);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -297,6 +354,7 @@ int main(void)
         cmocka_unit_test(test_keys),
         cmocka_unit_test(test_store),
         cmocka_unit_test(test_conf_policyd),
+        cmocka_unit_test(test_notice),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
