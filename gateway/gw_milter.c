@@ -35,6 +35,7 @@
 #define GW_M_RCPT_EDITS 1000      /* recipient adds (and deletes) when max_recipients = 0 */
 #define GW_M_NOTIFY_MACRO "{sluice_notify}" /* CONNECT macro of notify_rejections milters */
 #define GW_M_NOTIFY_CMD "X-SLUICE-REJECT"    /* the notice, an SMFIC_UNKNOWN */
+#define GW_M_NOTICE_QUEUE 16384   /* notices held for one milter during a transaction */
 
 /* Connection states: XX(NAME, meaning) */
 #define GW_MC_STATE_MAP(XX)                                                                  \
@@ -107,6 +108,8 @@ struct mconn {
     unsigned msg_accepted : 1;    /* ACCEPT for this message: nothing more for it */
     unsigned skip_body : 1;       /* SKIP: no more body chunks */
     unsigned notify : 1;          /* notify_rejections */
+    char *nq;                     /* notices waiting for the end of its transaction */
+    size_t nq_len;
     uint32_t version, actions, proto;
     char *macros[MILTER_NSTAGES]; /* requested lists, NULL = our defaults */
     struct milter_reader rd;
@@ -202,6 +205,7 @@ static int ms_index_headers(struct gw_milter_sess *ms);
 static int own_count(const char *own);
 static int reply_format(char *out, size_t cap, const char *text);
 static int mc_notifiable(const struct mconn *c);
+static void mc_notices_flush(struct mconn *c);
 static void ms_notify(struct gw_milter_sess *ms, const struct mconn *by, const char *source,
                       const char *stage, int code, const char *sender);
 static void ms_maybe_free(struct gw_milter_sess *ms);
@@ -408,6 +412,7 @@ static void ms_maybe_free(struct gw_milter_sess *ms)
         for (int k = 0; k < MILTER_NSTAGES; k++)
             free(c->macros[k]);
         free(c->rbuf);
+        free(c->nq);
         mc_edits_free(c);
     }
     for (int i = 0; i < GW_M_MACROS; i++)
@@ -454,6 +459,7 @@ static void mc_fail(struct mconn *c, const char *fmt, ...)
     mc_close(c, 0);
     mc_edits_free(c);
     c->in_tx = 0;
+    c->nq_len = 0;
     mc_enter(c, MC_FAILED);
 }
 
@@ -516,10 +522,40 @@ static void ms_decide(struct gw_milter_sess *ms, struct mconn *c, enum gw_milter
     }
 }
 
-/* mc_notifiable - the milter reads our notices: it takes unknown commands, unanswered */
+/* mc_notifiable - the milter reads our notices: it takes unknown commands, unanswered, and
+ * CONNECT, whose {sluice_notify} macro tells it the notices are ours */
 static int mc_notifiable(const struct mconn *c)
 {
-    return (c->proto & MILTER_P_NR_UNKN) && !(c->proto & MILTER_P_NOUNKNOWN);
+    return (c->proto & MILTER_P_NR_UNKN) &&
+           !(c->proto & (MILTER_P_NOUNKNOWN | MILTER_P_NOCONNECT));
+}
+
+/* mc_notices_flush - send the notices held while the milter was in a transaction */
+static void mc_notices_flush(struct mconn *c)
+{
+    if (c->nq_len && c->state == MC_READY && !c->in_tx)
+        mc_send(c, c->nq, c->nq_len);
+    c->nq_len = 0;
+}
+
+/* mc_notice - send one notice packet now, or hold it: inside a transaction libmilter cannot
+ * take an unknown command (its state table allows none between RCPT and end of message and
+ * would drop the next HEADER or EOM unanswered), so it waits for the end of message or the
+ * ABORT. Returns 0 sent or held, -1 dropped. */
+static int mc_notice(struct mconn *c, const char *pkt, size_t len)
+{
+    char *p;
+
+    if (!c->in_tx)
+        return mc_send(c, pkt, len);
+    if (c->nq_len + len > GW_M_NOTICE_QUEUE)
+        return -1;
+    if (!(p = realloc(c->nq, c->nq_len + len)))
+        return -1;
+    memcpy(p + c->nq_len, pkt, len);
+    c->nq = p;
+    c->nq_len += len;
+    return 0;
 }
 
 /* ms_notify - tell the notify_rejections milters other than by (NULL: none) that source
@@ -552,9 +588,12 @@ static void ms_notify(struct gw_milter_sess *ms, const struct mconn *by, const c
             (ms->st == ST_CONNECT && by && !before))
             continue;
         b.len = 0;
-        if (milter_put_str(&b, MILTER_C_UNKNOWN, text) < 0 || mc_send(c, b.p, b.len) < 0)
+        if (milter_put_str(&b, MILTER_C_UNKNOWN, text) < 0 || mc_notice(c, b.p, b.len) < 0) {
+            log_warn("%s: milter %s: rejection notice dropped: %s", ms_qid(ms), c->name, text);
             continue;
-        log_debug("%s: milter %s: told: %s", ms_qid(ms), c->name, text);
+        }
+        log_debug("%s: milter %s: told%s: %s", ms_qid(ms), c->name,
+                  c->in_tx ? " (after this transaction)" : "", text);
     }
 }
 
@@ -1202,8 +1241,8 @@ static int mc_negotiated(struct mconn *c, const struct milter_reply *r)
     log_debug("%s: milter %s: version %u actions 0x%x protocol 0x%x", ms_qid(c->ms), c->name,
               c->version, c->actions, c->proto);
     if (c->notify && !mc_notifiable(c))
-        log_warn("%s: milter %s: notify_rejections needs a milter that takes unknown "
-                 "commands without a reply (SMFIP_NR_UNKN): no notices for it",
+        log_warn("%s: milter %s: notify_rejections needs a milter that takes CONNECT and "
+                 "unknown commands without a reply (SMFIP_NR_UNKN): no notices for it",
                  ms_qid(c->ms), c->name);
     mc_enter(c, MC_READY);
     return 0;
@@ -1277,6 +1316,7 @@ static int mc_on_packet(struct mconn *c, const char *pkt, size_t len)
     if (eom) {
         c->in_tx = 0;
         c->step = CS_WAIT_EOM;
+        mc_notices_flush(c);
     }
     switch (r.type) {
     case MILTER_R_CONTINUE:
@@ -1490,6 +1530,7 @@ void gw_milter_abort(struct gw_milter_sess *ms)
         if (c->in_tx && c->state == MC_READY && mc_send(c, a, sizeof(a)) < 0)
             c->in_tx = 0;
         c->in_tx = 0;
+        mc_notices_flush(c);      /* from ABORT libmilter takes an unknown command */
         c->msg_accepted = 0;
         c->skip_body = 0;
         mc_edits_free(c);

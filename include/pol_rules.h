@@ -19,9 +19,11 @@
 enum pol_signal {
     POL_SIG_MESSAGE,            /* a MAIL command */
     POL_SIG_CONNECTION,         /* a connection (client IP scope only) */
-    POL_SIG_UNKNOWN_RCPT,       /* a RCPT the MTA rejected ({rcpt_mailer} = error) */
+    POL_SIG_UNKNOWN_RCPT,       /* a RCPT the MTA rejected ({rcpt_mailer} = error), or that
+                                 * another milter rejected (sluice-gateway's notice) */
     POL_SIG_SPF_FAIL,           /* a message whose Received-SPF / Authentication-Results says fail,
-                                 * or a MAIL the gateway's SPF check rejected (its notice) */
+                                 * or a MAIL the gateway's SPF check rejected (its notice);
+                                 * counted per client IP only: the sender was forged */
     POL_SIG_MILTER_REJECT,      /* a 5xx from another milter (sluice-gateway's notice) */
     POL_NSIG
 };
@@ -98,7 +100,8 @@ struct pol_notice {
 };
 /* 0 and *n, or -EINVAL when line is not a well-formed notice. */
 int pol_notice_parse(const char *line, struct pol_notice *n);
-/* The signal a notice counts as: POL_SIG_SPF_FAIL, POL_SIG_MILTER_REJECT, or POL_NSIG (none:
+/* The signal a notice counts as: POL_SIG_SPF_FAIL ("spf"), POL_SIG_UNKNOWN_RCPT (a milter's
+ * RCPT rejection), POL_SIG_MILTER_REJECT (a milter's at any other stage), or POL_NSIG (none:
  * not a 5xx, or an unknown source). */
 enum pol_signal pol_notice_signal(const struct pol_notice *n);
 

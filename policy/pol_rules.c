@@ -401,7 +401,8 @@ enum pol_signal pol_notice_signal(const struct pol_notice *n)
         return POL_NSIG;
     if (strcmp(n->source, "spf") == 0)
         return POL_SIG_SPF_FAIL;
+    /* a recipient another milter refused is a refused recipient, like one the MTA refused */
     if (strncmp(n->source, "milter:", 7) == 0 && n->source[7] != '\0')
-        return POL_SIG_MILTER_REJECT;
+        return strcmp(n->stage, "RCPT") == 0 ? POL_SIG_UNKNOWN_RCPT : POL_SIG_MILTER_REJECT;
     return POL_NSIG;
 }

@@ -134,7 +134,9 @@ static void count_sess(const struct sess *ss, enum pol_signal sig, int64_t now)
 {
     if (P.scopes & POL_SCOPE_IP)
         count(ss->ip, sig, now);
-    if (sig == POL_SIG_CONNECTION)
+    /* an SPF fail says the sender was forged: counting it under the sender would let anyone
+     * suspend a victim's address by forging it from outside its SPF */
+    if (sig == POL_SIG_CONNECTION || sig == POL_SIG_SPF_FAIL)
         return;
     if (P.scopes & POL_SCOPE_DOMAIN)
         count(ss->domain, sig, now);
@@ -179,10 +181,13 @@ static sfsistat pd_negotiate(SMFICTX *ctx, unsigned long f0, unsigned long f1,
                              unsigned long *pf1, unsigned long *pf2, unsigned long *pf3)
 {
     *pf0 = f0 & SMFIF_QUARANTINE;
-    /* rejected recipients too; no body, HELO or DATA. Unknown commands only unanswered:
-     * sluice-gateway's rejection notices come that way (pd_unknown) */
-    *pf1 = f1 & (SMFIP_RCPT_REJ | SMFIP_NOBODY | SMFIP_NOHELO | SMFIP_NODATA);
-    *pf1 |= (f1 & SMFIP_NR_UNKN) ? SMFIP_NR_UNKN : (f1 & SMFIP_NOUNKNOWN);
+    /* rejected recipients too; no body or HELO. Unknown commands come unanswered:
+     * sluice-gateway's rejection notices (pd_unknown). DATA comes too, unanswered, only
+     * because libmilter's state table allows no HEADER straight after an unknown command
+     * (Postfix passes clients' unknown commands on): UNKNOWN -> DATA -> HEADER is allowed.
+     * libmilter fakes the NR_* replies for an MTA that lacks them. */
+    *pf1 = f1 & (SMFIP_RCPT_REJ | SMFIP_NOBODY | SMFIP_NOHELO);
+    *pf1 |= SMFIP_NR_UNKN | SMFIP_NR_DATA;
     *pf2 = 0;
     *pf3 = 0;
     if (!(f1 & SMFIP_RCPT_REJ))
@@ -294,6 +299,11 @@ static sfsistat pd_unknown(SMFICTX *ctx, const char *cmd)
     return SMFIS_NOREPLY;
 }
 
+static sfsistat pd_data(SMFICTX *ctx)
+{
+    return SMFIS_NOREPLY;
+}
+
 static sfsistat pd_header(SMFICTX *ctx, char *name, char *value)
 {
     struct sess *ss = sess_of(ctx);
@@ -368,6 +378,7 @@ static struct smfiDesc pd_desc = {
     .xxfi_eom = pd_eom,
     .xxfi_abort = pd_abort,
     .xxfi_unknown = pd_unknown,
+    .xxfi_data = pd_data,
     .xxfi_close = pd_close,
     .xxfi_negotiate = pd_negotiate,
 };

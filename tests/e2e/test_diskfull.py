@@ -8,7 +8,11 @@ it leaves no tmp/ file behind and accepts again by itself once space returns. Th
 defers (never holds, never bounces) while a Maildir target is full and delivers once space
 returns.
 
-Needs root (mount -t tmpfs); skipped with the reason otherwise.
+Device write errors: the spool on ext4 on a loop device whose backing file, on a small tmpfs,
+can no longer grow, so the block device fails writes (a real EIO at fdatasync), then a remount
+reads back what the device kept.
+
+Needs root (mount -t tmpfs, losetup); skipped with the reason otherwise.
 """
 import errno
 import os
@@ -238,6 +242,137 @@ def test_big_message_enospc_mid_stream(small_fs, gateway_factory):
     assert r.code == 250, (stage, r)
     assert read_message(gw.spool_dir, r.qid()).endswith(big)
     assert tmp_files(gw) == []
+
+
+# ---------------------------------------------------------------- device write errors
+
+class FailingDisk:
+    """An ext4 file system on a loop device whose backing file lives, sparse, on a small tmpfs.
+    Filling that tmpfs makes the device fail every write to a block it has not stored yet (the
+    kernel logs "Buffer I/O error on device loopN"): fdatasync and fsync then fail, and the
+    pages they covered are dropped from the cache as clean, which is exactly the failure
+    that makes a retried fsync lie. remount() reads back what the device really holds."""
+
+    def __init__(self, base, back_size="64m", image_size="256M"):
+        self.back = os.path.join(base, "back")
+        self.mnt = os.path.join(base, "mnt")
+        os.makedirs(self.back)
+        os.makedirs(self.mnt)
+        self.dev = None
+        self.mounted = self.back_mounted = False
+        self._run(["mount", "-t", "tmpfs", "-o", "size=%s,mode=0755" % back_size, "tmpfs",
+                   self.back], "mount a tmpfs")
+        self.back_mounted = True
+        self.img = os.path.join(self.back, "disk.img")
+        with open(self.img, "wb") as f:
+            f.truncate(int(image_size[:-1]) << 20)
+        # inode tables and journal written now, so what fails later is data and the blocks
+        # the spool allocates, not metadata ext4 never wrote
+        self._run(["mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0",
+                   self.img], "mkfs.ext4")
+        self.attach()
+
+    @staticmethod
+    def _run(argv, what):
+        try:
+            r = subprocess.run(argv, capture_output=True, text=True)
+        except FileNotFoundError as e:
+            pytest.skip("cannot %s for the device-error test: %s" % (what, e))
+        if r.returncode != 0:
+            pytest.skip("cannot %s for the device-error test (needs root and loop devices): "
+                        "%s" % (what, r.stderr.strip()))
+        return r.stdout.strip()
+
+    def attach(self):
+        self.dev = self._run(["losetup", "-f", "--show", self.img], "attach a loop device")
+        # errors=continue: ext4 goes on after a failed write, as the spool must
+        self._run(["mount", "-o", "errors=continue", self.dev, self.mnt], "mount the loop device")
+        self.mounted = True
+
+    def detach(self):
+        if self.mounted:
+            subprocess.run(["umount", self.mnt], capture_output=True)
+            self.mounted = False
+        if self.dev:
+            subprocess.run(["losetup", "-d", self.dev], capture_output=True)
+            self.dev = None
+
+    def remount(self):
+        """Unmount (the page cache goes, with every page whose write failed) and mount again."""
+        self.detach()
+        self.attach()
+
+    def cleanup(self):
+        if self.mounted:
+            subprocess.run(["umount", "-l", self.mnt], capture_output=True)
+            self.mounted = False
+        if self.dev:
+            subprocess.run(["losetup", "-d", self.dev], capture_output=True)
+        if self.back_mounted:
+            subprocess.run(["umount", "-l", self.back], capture_output=True)
+
+
+@pytest.fixture
+def failing_disk(tmp_path):
+    made = []
+
+    def make(**kw):
+        d = FailingDisk(str(tmp_path / ("disk%d" % len(made))), **kw)
+        made.append(d)
+        return d
+    yield make
+    for d in made:
+        d.cleanup()
+
+
+def test_device_write_errors_never_cost_an_acknowledged_message(failing_disk, gateway_factory):
+    """The spool's device starts failing writes (the block device, not the file system, says
+    no: an I/O error at fdatasync). Every session gets 250 with its message stored, or a
+    storage tempfail. Then the device is unmounted, so the page cache (which still holds pages
+    whose writes failed) is gone, and mounted again: every message that got 250 is still
+    there, CRC-checked and byte-identical, and the gateway starts on it and accepts again.
+    ext4 (with its journal, as mkfs makes it) turns read-only at the first failed write, so
+    the spool sees EIO, then EROFS. (Without a journal, ext4 lost a WAL commit whose fdatasync
+    had succeeded once later writes failed: docs/security.md. The spool needs a file system
+    that keeps what fsync reported durable.)"""
+    d = failing_disk()
+    gw = gateway_factory(spool_conf(d.mnt, segment_size="4M"))
+    rnd = random.Random(11)
+    accepted, refused = {}, 0
+    for i in range(4):
+        body = body_of(rnd.choice((3000, 40_000, 200_000)), "ok%d" % i)
+        stage, r = send(gw.port, body)
+        assert r.code == 250, (stage, r)
+        accepted[r.qid()] = body
+    # the device can still store about 1 MiB it has not stored before; then writes fail
+    filler = fill(d.back, leave=1 << 20)
+    for i in range(300):
+        body = body_of(rnd.choice((2000, 30_000, 60_000, 150_000, 400_000)), "e%d" % i)
+        stage, r = send(gw.port, body)
+        if r.code == 250:
+            accepted[r.qid()] = body
+            refused = 0
+            continue
+        ok, why = storage_reply(stage, r)
+        assert ok, why
+        refused += 1
+        if refused >= 10:
+            break
+    assert refused >= 10, "the device never failed (%d accepted)" % len(accepted)
+    assert "Input/output error" in gw.log() or "No space left on device" in gw.log(), \
+        "no write error reached the spool:\n" + gw.log()[-3000:]
+    assert gw.alive()
+    gw.stop()
+    unfill(filler)
+    d.remount()
+    gw.start()
+    check_stored(gw, accepted)
+    assert sorted(m["qid"] for m in gw.messages()) == sorted(accepted), \
+        "the index holds messages that were never acknowledged, or lost some that were"
+    body = body_of(5000, "after")
+    stage, r = send(gw.port, body)
+    assert r.code == 250, (stage, r)
+    assert read_message(gw.spool_dir, r.qid()).endswith(body)
 
 
 # ---------------------------------------------------------------- the deliverer's Maildir

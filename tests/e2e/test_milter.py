@@ -1161,12 +1161,39 @@ def test_policyd_counts_rejections_by_other_milters(gateway_factory, policyd, mi
     assert_nothing_stored(gw)
 
 
+def test_policyd_after_a_milter_refused_a_recipient(gateway_factory, policyd, milter_peer):
+    """A milter refuses one recipient, the client goes on to DATA with the other: sluice-policyd
+    gets the notice only after its end of message (mid-transaction, libmilter would drop the
+    next HEADER unanswered and the session would wait content_timeout for nothing), answers
+    every stage at once, and counts the refused recipient as an unknown recipient."""
+    def rcpt(sess, stage, argv):
+        return ("replycode", "550 5.1.1 no such user here") if "bob" in argv[0] else "continue"
+    p = policyd(max_unknown_rcpts=1, window="60s", suspend_base="1h")
+    peer = milter_peer(script={"rcpt": rcpt})
+    gw = start(gateway_factory, ("check", peer.spec),
+               ("policyd", "inet:127.0.0.1:%d" % p.port, {"notify_rejections": "yes"}))
+    for i in range(2):
+        t0 = time.monotonic()
+        o = send(gw, rcpts=(ALICE, BOB), body=body_of("two rcpts %d" % i))
+        assert_reply(o.rcpt[1], 550, "5.1.1")
+        assert_reply(o.end, 250, "2.0.0")
+        # content_timeout is 5 s in these tests: a dropped HEADER would cost that much
+        assert time.monotonic() - t0 < 4, "a milter stage waited for its timeout"
+    o = send(gw, rcpts=(ALICE,))
+    assert_reply(o.mail, 451, "4.7.1")
+    assert "max_unknown_rcpts" in o.mail.text, o.mail
+    assert p.read_log().count("milter:check RCPT 550 from <%s>: counted as unknown recipients"
+                              % SENDER) == 2, p.read_log()
+    assert "timeout" not in gw.log(), gw.log()[-2000:]
+
+
 def test_rejection_notice_on_the_wire(gateway_factory, milter_peer):
     """What a notify_rejections milter gets: the {sluice_notify} macro with its CONNECT, then
     for each 5xx of another milter an SMFIC_UNKNOWN "X-SLUICE-REJECT milter:NAME STAGE CODE
-    <SENDER>", never awaiting a reply (the milter negotiated NR_UNKN). A milter without
-    notify_rejections, or one that wants replies to unknown commands, gets none; nor do
-    tempfails."""
+    <SENDER>", never awaiting a reply (the milter negotiated NR_UNKN). Inside a transaction the
+    notice waits for the milter's end of message (libmilter takes no unknown command between
+    RCPT and end of message: it would drop the next HEADER unanswered). A milter without
+    notify_rejections, or one that wants replies to unknown commands, gets none."""
     def rcpt(sess, stage, argv):
         return ("replycode", "550 5.7.1 not this one") if "bob" in argv[0] else "continue"
     filt = milter_peer(script={"rcpt": rcpt, "helo": "continue"})
@@ -1187,16 +1214,17 @@ def test_rejection_notice_on_the_wire(gateway_factory, milter_peer):
     notices = [d for c, d in s.events if c == "U"]
     assert notices == [b"X-SLUICE-REJECT milter:filt RCPT 550 <%s>\0" % SENDER.encode()], \
         s.events
-    # the notice came between the RCPTs, and the transaction went on as usual
+    # the RCPT was refused mid-transaction: the notice came after the end of message, and the
+    # transaction went on as usual (headers, body, end of message all answered)
     cmds = s.commands()
-    assert cmds.index("U") > cmds.index("R") and "E" in cmds[cmds.index("U"):], cmds
+    assert "L" in cmds and cmds.index("U") > cmds.index("E"), cmds
     assert not s.unexpected, s.unexpected
     for other in (quiet, asks):
         other.wait(lambda p: [x for x in p.sessions if x.txns and x.quit])
         for x in other.sessions:
             assert "U" not in x.commands(), x.events
     assert all("{sluice_notify}" not in x.macros.get("C", {}) for x in quiet.sessions)
-    assert "notify_rejections needs a milter that takes unknown commands without a reply" \
+    assert "notify_rejections needs a milter that takes CONNECT and unknown commands" \
         in gw.log()
 
 

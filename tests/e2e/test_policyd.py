@@ -11,8 +11,8 @@ import time
 import pytest
 
 from milter_fixtures import needs_postfix, private_postfix
-from policyd_fixtures import (QUARANTINE, RCPT_REJ, MilterMTA, policyd,  # noqa: F401
-                              reply_text)
+from policyd_fixtures import (NODATA, NOUNKNOWN, NR_DATA, NR_UNKN, QUARANTINE,  # noqa: F401
+                              RCPT_REJ, MilterMTA, policyd, reply_text)
 
 SPAMMER_IP = "192.0.2.10"
 SPAMMER = "spam@bad.test"
@@ -32,6 +32,32 @@ def test_negotiation_asks_for_rejected_rcpts_and_quarantine(policyd):
     assert actions & QUARANTINE
     assert proto & RCPT_REJ
     m.close()
+
+
+def test_unknown_command_mid_transaction_then_message(policyd):
+    """Postfix passes a client's unknown SMTP commands to milters. libmilter allows no HEADER
+    straight after an unknown command (it would drop it unanswered and the MTA would wait for
+    its timeout), so sluice-policyd takes DATA too, unanswered: UNKNOWN -> DATA -> HEADER is a
+    path libmilter allows. Unknown commands and DATA get no reply; the message goes through.
+    A notice-shaped command without sluice-gateway's {sluice_notify} macro counts nothing."""
+    p = policyd(max_milter_rejects=1, max_spf_fails=1, window="60s")
+    m = MilterMTA(p.port)
+    ver, actions, proto = m.negotiate()
+    assert proto & NR_UNKN and proto & NR_DATA, hex(proto)
+    assert not proto & (NOUNKNOWN | NODATA), hex(proto)
+    assert m.connect("198.51.100.7")[0] == "c"
+    for _ in range(3):
+        assert m.mail("a@forged.test")[0] == "c"
+        assert m.rcpt("alice@example.test")[0] == "c"
+        m.send(b"U", b"X-SLUICE-REJECT milter:x END-OF-MESSAGE 554 <a@forged.test>\0")
+        m.send(b"U", b"XYZZY\0")
+        m.data()
+        m.sock.settimeout(5)
+        assert m.header("Subject", "after an unknown command")[0] == "c"
+        assert m.eoh()[0] == "c"
+        assert m.eom()[-1][0] == "c"
+    m.close()
+    assert "counted as" not in p.read_log()
 
 
 def test_threshold_suspends_expires_and_repeat_is_longer(policyd):

@@ -46,7 +46,8 @@ static void test_ipv6(void **state)
     key_is("2001:db8::1", 32, 0, "::/0");
 }
 
-/* a dual-stack listener names IPv4 clients ::ffff:a.b.c.d: they are IPv4 clients */
+/* ::ffff:a.b.c.d is an IPv4 client (the gateway unmaps addresses before they get here; this
+ * is the guard should one ever arrive mapped) */
 static void test_v4_mapped(void **state)
 {
     (void)state;

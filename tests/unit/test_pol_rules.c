@@ -310,6 +310,10 @@ static void test_notice(void **state)
     assert_int_equal(pol_notice_parse("X-SLUICE-REJECT spf MAIL 550 <>", &n), 0);
     assert_string_equal(n.sender, "<>");
 
+    /* a recipient another milter refused counts as a refused recipient */
+    assert_int_equal(pol_notice_parse("X-SLUICE-REJECT milter:m RCPT 550 <a@b.example>", &n), 0);
+    assert_int_equal(pol_notice_signal(&n), POL_SIG_UNKNOWN_RCPT);
+
     /* before MAIL: no sender */
     assert_int_equal(pol_notice_parse("X-SLUICE-REJECT milter:m HELO 550 -", &n), 0);
     assert_int_equal(n.has_sender, 0);
