@@ -175,7 +175,8 @@ static const struct conf_key conf_keys[] = {
        "text after the hostname in the 220 greeting"),
     KR(GATEWAY, "milter_max_size", CT_SIZE, gateway.milter_max_size, "16M", 64 * 1024,
        (int64_t)1 << 30,
-       "messages larger than this skip the milters' header and body stages (logged)"),
+       "messages larger than this are not held for milters: those that want the body skip "
+       "them (logged), those that take no body still get headers and end of message"),
 
     K(ROUTING, "override_map", CT_STR, routing.override_map, "",
       "file of address -> mailstore overrides (moved mailboxes)"),

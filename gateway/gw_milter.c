@@ -903,6 +903,8 @@ static int mc_skips(const struct mconn *c)
         return 1;
     if (ms->st >= ST_RCPT && c->msg_accepted)
         return 1;
+    if (ms->st == ST_EOM && ms->msg && ms->msg->headers_only && !(c->proto & MILTER_P_NOBODY))
+        return 1;                 /* it wants the body, and the body was not kept */
     if (ms->st == ST_RCPT_REJ && !(c->proto & MILTER_P_RCPT_REJ) && c->state != MC_IDLE &&
         c->state != MC_FAILED)
         return 1;
@@ -1833,7 +1835,10 @@ static int mc_apply_edits(struct mconn *c)
         if (e->type == MILTER_R_ADDHEADER || e->type == MILTER_R_INSHEADER ||
             e->type == MILTER_R_CHGHEADER)
             hdr_edits = 1;
-    if (!hdr_edits && !c->newbody_set) {
+    if (m->headers_only && (hdr_edits || c->newbody_set))
+        log_qid(LOG_INFO, ms_qid(ms), "milter %s: header and body changes ignored: the "
+                "message is larger than milter_max_size and already stored", c->name);
+    if (m->headers_only || (!hdr_edits && !c->newbody_set)) {
         rc = mc_envelope(c);
         mc_edits_free(c);
         return rc;

@@ -647,6 +647,7 @@ static void tx_reset(struct gw_session *s)
     tx->margs[0] = '\0';
     tx->milter_buffer = 0;
     tx->milter_skipped = 0;
+    tx->milter_headers = 0;
     tx->mdata_done = 0;
     tx->discard = 0;
     tx->discard_by[0] = '\0';
@@ -1274,6 +1275,37 @@ static int session_msg_start(struct gw_session *s, enum gw_data_mode mode)
     return 0;
 }
 
+/* session_header_end - where the header section of a + b (a held, b arriving) ends, just
+ * after its empty line; 0 when it has not ended in them */
+static size_t session_header_end(const char *a, size_t alen, const char *b, size_t blen)
+{
+    uint32_t w = 0;               /* the last four octets seen */
+
+    for (size_t i = 0; i < alen + blen; i++) {
+        w = (w << 8) | (unsigned char)(i < alen ? a[i] : b[i - alen]);
+        if (w == 0x0d0a0d0au)
+            return i + 1;
+    }
+    return 0;
+}
+
+/* session_keep_headers - shrink mm to the header section ending at end of mm + b */
+static int session_keep_headers(struct gw_milter_msg *mm, const char *b, size_t end)
+{
+    char *p;
+
+    if (end > mm->len) {
+        if (!(p = realloc(mm->buf, end)))
+            return -1;
+        memcpy(p + mm->len, b, end - mm->len);
+    } else if (!(p = realloc(mm->buf, end))) {
+        return -1;
+    }
+    mm->buf = p;
+    mm->len = mm->cap = end;
+    return 0;
+}
+
 static int session_data_out(void *arg, const char *buf, size_t len)
 {
     struct gw_session *s = arg;
@@ -1285,14 +1317,21 @@ static int session_data_out(void *arg, const char *buf, size_t len)
         return spool_msg_write(tx->msg, buf, len);
     if (mm->len + len > max) {
         /* Too big to hold for the milters: what is held goes to the spool and the rest
-         * streams after it; milters do not see this message's content. */
+         * streams after it. The header section is kept, so the milters that take no body
+         * (sluice-policyd's hold, an envelope check) still decide at end of message. */
         int r = mm->len ? spool_msg_write(tx->msg, mm->buf, mm->len) : 0;
+        size_t end = session_header_end(mm->buf, mm->len, buf, len);
 
         log_qid(LOG_INFO, tx->qid, "milter: message larger than milter_max_size (%" PRIu64
-                " bytes): content not shown to milters", max);
-        free(mm->buf);
-        mm->buf = NULL;
-        mm->len = mm->cap = 0;
+                " bytes): its body is not shown to milters%s", max,
+                end ? "; those that take no body get its headers" : "");
+        if (end && session_keep_headers(mm, buf, end) == 0) {
+            tx->milter_headers = 1;
+        } else {
+            free(mm->buf);
+            mm->buf = NULL;
+            mm->len = mm->cap = 0;
+        }
         tx->milter_buffer = 0;
         tx->milter_skipped = 1;
         return r < 0 ? r : spool_msg_write(tx->msg, buf, len);
@@ -1818,9 +1857,10 @@ static int session_eom_content(struct gw_session *s)
     struct gw_tx *tx = &s->tx;
     struct gw_milter_result res;
 
-    if (!tx->milter_buffer || tx->discard)
+    if ((!tx->milter_buffer && !tx->milter_headers) || tx->discard)
         return 0;
     tx->mmsg.own = tx->mprefix;
+    tx->mmsg.headers_only = tx->milter_headers;
     if (gw_milter_eom(s->milter, &tx->mmsg, &res) == 0) {
         session_milter_wait(s, GW_MP_EOM);
         return 1;

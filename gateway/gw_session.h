@@ -96,6 +96,7 @@ struct gw_tx {
     char margs[GW_MARGS_MAX];             /* MAIL's ESMTP parameters */
     int milter_buffer;
     int milter_skipped;
+    int milter_headers;                   /* skipped, but mmsg kept its header section */
     int mdata_done;                       /* milters saw DATA (BDAT: at end of data) */
     int discard;                          /* a milter said DISCARD: 250, nothing stored */
     char discard_by[CONF_NAME_MAX];

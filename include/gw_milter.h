@@ -78,6 +78,12 @@ struct gw_milter_msg {
      * (ours other than Received: included), but our fields are never changed or deleted;
      * insert indexes count every field, ours included (0 = the very top). */
     const char *own;
+    /* in: the message outgrew milter_max_size and went to the spool as it came: buf holds
+     * only its header section (with the empty line). Only milters that take no body
+     * (SMFIP_NOBODY, such as sluice-policyd) get its headers and end of message; the others
+     * are skipped for it. Their verdicts, QUARANTINE and envelope changes apply; header and
+     * body changes cannot (the message is already stored) and are logged and dropped. */
+    int headers_only;
     /* out, after gw_milter_eom */
     int changed;                        /* buf was rewritten (headers or body) */
     char *sender;                       /* CHGFROM: new reverse-path, NULL if unchanged */

@@ -764,6 +764,54 @@ def test_message_over_milter_max_size_skips_content_stages(gateway_factory, milt
     assert "milter_max_size" in gw.log()
 
 
+def test_over_milter_max_size_headers_go_to_milters_without_body(gateway_factory, milter_peer):
+    """Above milter_max_size the body is not kept, but the header section is: a milter that
+    takes no body (SMFIP_NOBODY) still gets the headers and end of message, and its
+    QUARANTINE holds the message; its header change cannot be applied to a message already
+    stored (logged). A milter that wants the body is skipped for this message."""
+    nobody = milter_peer(proto=NOBODY, eom_mods=[("addheader", "X-Late", "no"),
+                                                 ("quarantine", "big and suspicious")])
+    content = milter_peer(eom_mods=[("addheader", "X-Content", "no")])
+    gw = start(gateway_factory, ("env", nobody.spec), ("scan", content.spec),
+               gateway={"milter_max_size": "64K"})
+    text = b"".join(b"%06d a line of a message larger than milter_max_size\r\n" % i
+                    for i in range(2000))      # ~110 KB
+    body = body_of("big held", text)
+    o = send(gw, body=body)
+    assert_reply(o.end, 250, "2.0.0")
+    settle(nobody)
+    settle(content)
+    t = nobody.sessions[-1].txns[-1]
+    assert ("Subject", "big held") in t.headers and t.eom and t.body == b"", t.headers
+    c = content.sessions[-1].txns[-1]
+    assert c.headers == [] and not c.eom, "the body-taking milter must be skipped"
+    stored = gw.read_message(o.qid)
+    assert stored.endswith(body)
+    assert header_values(stored, "X-Late") == [] and header_values(stored, "X-Content") == []
+    rows = gw.recipients(o.qid)
+    assert rows and all(r["state"] == SPOOL_HELD for r in rows), rows
+    assert rows[0]["hold_reason"] == "milter env: big and suspicious", rows
+    assert "header and body changes ignored" in gw.log()
+
+
+def test_policyd_hold_applies_above_milter_max_size(gateway_factory, policyd):
+    """A sender suspended with action hold cannot slip a message past the hold by making it
+    larger than milter_max_size: sluice-policyd takes no body, so it still gets the end of
+    message and quarantines."""
+    p = policyd(max_messages=1, window="60s", action="hold", suspend_base="1h")
+    gw = start(gateway_factory, ("policyd", "inet:127.0.0.1:%d" % p.port),
+               gateway={"milter_max_size": "64K"})
+    o1 = send(gw)
+    assert_reply(o1.end, 250, "2.0.0")
+    text = b"".join(b"%06d a line of a message larger than milter_max_size\r\n" % i
+                    for i in range(2000))
+    o2 = send(gw, body=body_of("big from a suspended sender", text))
+    assert_reply(o2.end, 250, "2.0.0")
+    rows = gw.recipients(o2.qid)
+    assert rows and all(r["state"] == SPOOL_HELD for r in rows), rows
+    assert rows[0]["hold_reason"].startswith("milter policyd"), rows
+
+
 # ------------------------------------------------------------------ negotiation flags
 
 def test_no_flags_skip_those_stages(gateway_factory, milter_peer):
