@@ -432,6 +432,16 @@ void gw_milter_free(struct gw_milter_sess *ms)
     for (int i = 0; i < ms->n; i++) {
         struct mconn *c = &ms->mc[i];
 
+        /* a session that ends mid-transaction (the client left, a timeout) still owes its
+         * held notices: ABORT, then them, then QUIT (best effort, as QUIT always was) */
+        if (c->nq_len && c->state == MC_READY) {
+            char a[5] = { 0, 0, 0, 1, MILTER_C_ABORT };
+
+            if (!c->in_tx || mc_send(c, a, sizeof(a)) == 0) {
+                c->in_tx = 0;
+                mc_notices_flush(c);
+            }
+        }
         mc_close(c, 1);
         if (c->gai_busy)
             uv_cancel((uv_req_t *)&c->gai);
@@ -1316,9 +1326,9 @@ static int mc_on_packet(struct mconn *c, const char *pkt, size_t len)
     uv_timer_stop(&c->timer);
     mc_enter(c, MC_READY);
     if (eom) {
-        c->in_tx = 0;
+        c->in_tx = 0;             /* its held notices go out at gw_milter_abort(), which
+                                   * ends every transaction, once this reply is handled */
         c->step = CS_WAIT_EOM;
-        mc_notices_flush(c);
     }
     switch (r.type) {
     case MILTER_R_CONTINUE:

@@ -1235,6 +1235,16 @@ static int session_msg_start(struct gw_session *s, enum gw_data_mode mode)
      * at its top (milters may insert above them, as in Postfix); without, everything streams
      * to the spool exactly as before: no copy. */
     tx->milter_buffer = s->milter != NULL && mode != GW_DATA_BINARY;
+    if (s->milter && mode == GW_DATA_BINARY) {
+        /* binary content is never shown to milters; those that take no body (policyd's
+         * hold, envelope checks) still get an end of message, with no header fields */
+        if (!(tx->mmsg.buf = strdup("\r\n")))
+            r = -1;
+        tx->mmsg.len = tx->mmsg.cap = 2;
+        tx->milter_skipped = tx->milter_headers = 1;
+        log_qid(LOG_INFO, tx->qid, "milter: BODY=BINARYMIME: milters that take the body skip "
+                "it, the others get its end of message without header fields");
+    }
     if (tx->milter_buffer) {
         char spf[2048] = "";
 
@@ -1275,34 +1285,54 @@ static int session_msg_start(struct gw_session *s, enum gw_data_mode mode)
     return 0;
 }
 
-/* session_header_end - where the header section of a + b (a held, b arriving) ends, just
- * after its empty line; 0 when it has not ended in them */
-static size_t session_header_end(const char *a, size_t alen, const char *b, size_t blen)
+/* session_header_len - the length of the header section at the top of a + b (a held, b
+ * arriving): up to the line that ends it, excluded: the empty line, or the first line that is
+ * neither a field ("name:") nor a continuation, as gw_data and the milter code decide. 0 when
+ * it does not end within a + b. */
+static size_t session_header_len(const char *a, size_t alen, const char *b, size_t blen)
 {
-    uint32_t w = 0;               /* the last four octets seen */
+    size_t n = alen + blen, i = 0;
 
-    for (size_t i = 0; i < alen + blen; i++) {
-        w = (w << 8) | (unsigned char)(i < alen ? a[i] : b[i - alen]);
-        if (w == 0x0d0a0d0au)
-            return i + 1;
+#define AT(k) ((k) < alen ? a[k] : b[(k) - alen])
+    while (i < n) {
+        size_t j = i;
+        char c = AT(i);
+
+        if (c == '\r' || c == '\n')
+            return i;                                   /* the empty line */
+        if (c != ' ' && c != '\t') {
+            while (j < n && AT(j) != ':' && AT(j) > ' ' && AT(j) < 127)
+                j++;
+            if (j == n)
+                return 0;                               /* the line is not all here yet */
+            if (j == i || AT(j) != ':')
+                return i;                               /* not a field: the body starts */
+        }
+        while (j < n && AT(j) != '\n')
+            j++;
+        if (j == n)
+            return 0;
+        i = j + 1;
     }
+#undef AT
     return 0;
 }
 
-/* session_keep_headers - shrink mm to the header section ending at end of mm + b */
-static int session_keep_headers(struct gw_milter_msg *mm, const char *b, size_t end)
+/* session_keep_headers - make mm the first hlen octets of mm + b and an empty line: the
+ * header section milters that take no body are shown */
+static int session_keep_headers(struct gw_milter_msg *mm, const char *b, size_t hlen)
 {
-    char *p;
+    char *p = malloc(hlen + 2);
 
-    if (end > mm->len) {
-        if (!(p = realloc(mm->buf, end)))
-            return -1;
-        memcpy(p + mm->len, b, end - mm->len);
-    } else if (!(p = realloc(mm->buf, end))) {
-        return -1;
-    }
+    if (!p)
+        return -ENOMEM;
+    memcpy(p, mm->buf, hlen < mm->len ? hlen : mm->len);
+    if (hlen > mm->len)
+        memcpy(p + mm->len, b, hlen - mm->len);
+    memcpy(p + hlen, "\r\n", 2);
+    free(mm->buf);
     mm->buf = p;
-    mm->len = mm->cap = end;
+    mm->len = mm->cap = hlen + 2;
     return 0;
 }
 
@@ -1320,20 +1350,18 @@ static int session_data_out(void *arg, const char *buf, size_t len)
          * streams after it. The header section is kept, so the milters that take no body
          * (sluice-policyd's hold, an envelope check) still decide at end of message. */
         int r = mm->len ? spool_msg_write(tx->msg, mm->buf, mm->len) : 0;
-        size_t end = session_header_end(mm->buf, mm->len, buf, len);
+        size_t hlen = session_header_len(mm->buf, mm->len, buf, len);
+        size_t own = tx->mprefix ? strlen(tx->mprefix) : 0;
 
+        /* a header section longer than what is held: our own fields are all milters get */
+        if (r == 0 && (r = session_keep_headers(mm, buf, hlen ? hlen : own)) < 0)
+            log_warn("%s: milter: out of memory for the header section", tx->qid);
         log_qid(LOG_INFO, tx->qid, "milter: message larger than milter_max_size (%" PRIu64
-                " bytes): its body is not shown to milters%s", max,
-                end ? "; those that take no body get its headers" : "");
-        if (end && session_keep_headers(mm, buf, end) == 0) {
-            tx->milter_headers = 1;
-        } else {
-            free(mm->buf);
-            mm->buf = NULL;
-            mm->len = mm->cap = 0;
-        }
+                " bytes): milters that take the body skip it, the others get %s", max,
+                hlen ? "its header section" : "our own header fields only");
         tx->milter_buffer = 0;
         tx->milter_skipped = 1;
+        tx->milter_headers = 1;
         return r < 0 ? r : spool_msg_write(tx->msg, buf, len);
     }
     if (mm->cap - mm->len < len) {

@@ -794,6 +794,59 @@ def test_over_milter_max_size_headers_go_to_milters_without_body(gateway_factory
     assert "header and body changes ignored" in gw.log()
 
 
+@pytest.mark.parametrize("how", ["no-empty-line", "binarymime"])
+def test_end_of_message_without_a_kept_header_section(gateway_factory, milter_peer, how):
+    """Milters that take no body decide at end of message even when no header section could
+    be kept: a big message whose header section ends with a body line rather than an empty
+    one (the milter still gets its fields), and BODY=BINARYMIME content, never shown to
+    milters (they get an end of message with no header fields). Its QUARANTINE holds."""
+    nobody = milter_peer(proto=NOBODY, eom_mods=[("quarantine", "held anyway")])
+    gw = start(gateway_factory, ("env", nobody.spec), gateway={"milter_max_size": "64K"})
+    text = b"".join(b"%06d a line of a message larger than milter_max_size\r\n" % i
+                    for i in range(2000))
+    if how == "no-empty-line":
+        body = b"Subject: no empty line\r\nFrom: <a@client.test>\r\n" + text
+        o = send(gw, body=body)
+        r = o.end
+    else:
+        body = body_of("binary", text)
+        with Raw(gw.port) as c:
+            c.ehlo()
+            c.expect("MAIL FROM:<%s> BODY=BINARYMIME" % SENDER, 250)
+            c.expect("RCPT TO:<%s>" % ALICE, 250)
+            c.send(b"BDAT %d LAST\r\n" % len(body) + body)
+            r = c.reply()
+    assert_reply(r, 250, "2.0.0")
+    settle(nobody)
+    t = nobody.sessions[-1].txns[-1]
+    assert t.eom and t.body == b"", t
+    if how == "no-empty-line":
+        assert ("Subject", "no empty line") in t.headers, t.headers
+        assert not any(n.startswith("000") for n, _ in t.headers), t.headers
+    else:
+        assert t.headers == [], t.headers
+    assert gw.read_message(r.qid()).endswith(body)
+    rows = gw.recipients(r.qid())
+    assert rows and all(x["state"] == SPOOL_HELD for x in rows), rows
+
+
+def test_policyd_counts_a_refusal_when_the_client_leaves(gateway_factory, policyd, milter_peer):
+    """A milter refuses a RCPT and the client drops the connection mid-transaction: the notice
+    held for sluice-policyd (it was inside the transaction) still goes out, after an ABORT."""
+    def rcpt(sess, stage, argv):
+        return ("replycode", "550 5.1.1 no such user") if "bob" in argv[0] else "continue"
+    p = policyd(max_unknown_rcpts=5, window="60s", suspend_base="1h")
+    peer = milter_peer(script={"rcpt": rcpt})
+    gw = start(gateway_factory, ("check", peer.spec),
+               ("policyd", "inet:127.0.0.1:%d" % p.port, {"notify_rejections": "yes"}))
+    c = Raw(gw.port)
+    c.ehlo()
+    c.expect("MAIL FROM:<%s>" % SENDER, 250)
+    c.expect("RCPT TO:<%s>" % BOB, 550, "5.1.1")
+    c.close()                     # no QUIT, no RSET: gone
+    policyd_counted(p, "counted as unknown recipients", 1)
+
+
 def test_policyd_hold_applies_above_milter_max_size(gateway_factory, policyd):
     """A sender suspended with action hold cannot slip a message past the hold by making it
     larger than milter_max_size: sluice-policyd takes no body, so it still gets the end of
@@ -1177,6 +1230,15 @@ def test_policyd_counts_unknown_recipients_from_gateway(gateway_factory, policyd
     assert "max_unknown_rcpts" in r.text, r
 
 
+def policyd_counted(p, text, n, timeout=10):
+    """Wait until sluice-policyd's log shows text n times: a notice gets no reply, so the
+    gateway's next session may reach policyd before the notice is counted."""
+    deadline = time.monotonic() + timeout
+    while p.read_log().count(text) < n:
+        assert time.monotonic() < deadline, "%r x%d\n%s" % (text, n, p.read_log()[-3000:])
+        time.sleep(0.05)
+
+
 @pytest.mark.parametrize("notify", [True, False], ids=["notified", "not-notified"])
 @pytest.mark.parametrize("order", ["filter-first", "policyd-first"])
 def test_policyd_counts_rejections_by_other_milters(gateway_factory, policyd, milter_peer,
@@ -1195,6 +1257,8 @@ def test_policyd_counts_rejections_by_other_milters(gateway_factory, policyd, mi
     for i in range(3):
         o = send(gw, body=body_of("spam %d" % i))
         assert_reply(o.end, 554, "5.7.1", "spam detected")
+    if notify:
+        policyd_counted(p, "counted as milter rejections", 3)
     o = send(gw, body=body_of("spam 3"))
     if not notify:
         assert_reply(o.end, 554, "5.7.1")
@@ -1227,6 +1291,7 @@ def test_policyd_after_a_milter_refused_a_recipient(gateway_factory, policyd, mi
         assert_reply(o.end, 250, "2.0.0")
         # content_timeout is 5 s in these tests: a dropped HEADER would cost that much
         assert time.monotonic() - t0 < 4, "a milter stage waited for its timeout"
+    policyd_counted(p, "counted as unknown recipients", 2)
     o = send(gw, rcpts=(ALICE,))
     assert_reply(o.mail, 451, "4.7.1")
     assert "max_unknown_rcpts" in o.mail.text, o.mail
@@ -1291,6 +1356,7 @@ def test_spf_rejection_notice_counts_as_spf_fail(gateway_factory, policyd, milte
         for _ in range(2):
             o = send(gw, sender="user@fail.test")
             assert_reply(o.mail, 550, "5.7.23")
+        policyd_counted(p, "counted as SPF failures", 2)
         o = send(gw, sender="other@pass.test")
     assert_reply(o.mail, 451, "4.7.1")
     assert "max_spf_fails" in o.mail.text, o.mail
