@@ -205,6 +205,7 @@ static int ms_index_headers(struct gw_milter_sess *ms);
 static int own_count(const char *own);
 static int reply_format(char *out, size_t cap, const char *text);
 static int mc_notifiable(const struct mconn *c);
+static int mc_warn_once(const char *name);
 static void mc_notices_flush(struct mconn *c);
 static void ms_notify(struct gw_milter_sess *ms, const struct mconn *by, const char *source,
                       const char *stage, int code, const char *sender);
@@ -530,6 +531,23 @@ static void ms_decide(struct gw_milter_sess *ms, struct mconn *c, enum gw_milter
         ms_notify(ms, c, src, ms_stage_names[ms->st], atoi(r->reply),
                   ms->st >= ST_MAIL ? (m && m->value ? m->value : "") : NULL);
     }
+}
+
+/* mc_warn_once - 1 the first time for this milter name in this process (a configuration
+ * warning, not one per SMTP session) */
+static int mc_warn_once(const char *name)
+{
+    static char warned[CONF_MILTER_MAX][CONF_NAME_MAX];
+
+    for (int i = 0; i < CONF_MILTER_MAX; i++) {
+        if (strcmp(warned[i], name) == 0)
+            return 0;
+        if (warned[i][0] == '\0') {
+            snprintf(warned[i], sizeof(warned[i]), "%s", name);
+            return 1;
+        }
+    }
+    return 0;
 }
 
 /* mc_notifiable - the milter reads our notices: it takes unknown commands, unanswered, and
@@ -1252,7 +1270,7 @@ static int mc_negotiated(struct mconn *c, const struct milter_reply *r)
     }
     log_debug("%s: milter %s: version %u actions 0x%x protocol 0x%x", ms_qid(c->ms), c->name,
               c->version, c->actions, c->proto);
-    if (c->notify && !mc_notifiable(c))
+    if (c->notify && !mc_notifiable(c) && mc_warn_once(c->name))
         log_warn("%s: milter %s: notify_rejections needs a milter that takes CONNECT and "
                  "unknown commands without a reply (SMFIP_NR_UNKN): no notices for it",
                  ms_qid(c->ms), c->name);

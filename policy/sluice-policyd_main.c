@@ -291,11 +291,12 @@ static sfsistat pd_unknown(SMFICTX *ctx, const char *cmd)
     if (n.has_sender &&
         pol_key_sender(n.sender, k.addr, sizeof(k.addr), k.domain, sizeof(k.domain)) < 0)
         k.addr[0] = k.domain[0] = '\0';
-    log_info("%s: %s %s %d from %s: counted as %s", ss->ip[0] ? ss->ip : "?", n.source,
-             n.stage, n.code, n.has_sender ? n.sender : "(no MAIL yet)", pol_signal_name(sig));
     pthread_mutex_lock(&P.mu);
     count_sess(&k, sig, now_ms());
     pthread_mutex_unlock(&P.mu);
+    /* after the count: the line means it is counted (and a suspension it caused is set) */
+    log_info("%s: %s %s %d from %s: counted as %s", ss->ip[0] ? ss->ip : "?", n.source,
+             n.stage, n.code, n.has_sender ? n.sender : "(no MAIL yet)", pol_signal_name(sig));
     return SMFIS_NOREPLY;
 }
 

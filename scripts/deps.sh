@@ -11,7 +11,7 @@ FUZZ="clang-14 libclang-rt-14-dev"
 # swaks (with Net::SSLeay for -tls) and Postfix's smtp-source as clients, Dovecot LMTP as the mailstore
 # haproxy (TCP mode, send-proxy / send-proxy-v2) in front of the gateway for the PROXY protocol tests
 # opendkim (+ opendkim-tools for test keys) and rspamd are real milters for the gateway's milter client
-TEST="libcmocka-dev python3 python3-pytest swaks libnet-ssleay-perl libio-socket-ssl-perl
+TEST="e2fsprogs mount libcmocka-dev python3 python3-pytest swaks libnet-ssleay-perl libio-socket-ssl-perl
 postfix dovecot-core
 dovecot-lmtpd iproute2 procps haproxy opendkim opendkim-tools rspamd"
 want=$BUILD

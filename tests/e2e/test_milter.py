@@ -1285,12 +1285,10 @@ def test_policyd_after_a_milter_refused_a_recipient(gateway_factory, policyd, mi
     gw = start(gateway_factory, ("check", peer.spec),
                ("policyd", "inet:127.0.0.1:%d" % p.port, {"notify_rejections": "yes"}))
     for i in range(2):
-        t0 = time.monotonic()
         o = send(gw, rcpts=(ALICE, BOB), body=body_of("two rcpts %d" % i))
         assert_reply(o.rcpt[1], 550, "5.1.1")
+        # a dropped HEADER would end in the milter's timeout: 451 (default_action tempfail)
         assert_reply(o.end, 250, "2.0.0")
-        # content_timeout is 5 s in these tests: a dropped HEADER would cost that much
-        assert time.monotonic() - t0 < 4, "a milter stage waited for its timeout"
     policyd_counted(p, "counted as unknown recipients", 2)
     o = send(gw, rcpts=(ALICE,))
     assert_reply(o.mail, 451, "4.7.1")
