@@ -40,6 +40,8 @@ SANITIZER_MARKS = ("ERROR: AddressSanitizer", "runtime error:", "ERROR: LeakSani
 DOMAIN = "example.test"
 
 
+SEGMENT_LINE = "segment_size = 4M\n"   # the spool key every test deliverer writes
+
 def wait_for(pred, timeout, step=0.05, what="condition"):
     """Poll pred() until it returns a true value; return it, or fail the test."""
     end = time.time() + timeout
@@ -416,7 +418,8 @@ class Deliverer:
 
     def write_conf(self):
         with open(self.conf, "w") as f:
-            f.write("[spool]\ndir = %s\nmin_free_space = 1M\n" % self.spool)
+            # 4M: segments are preallocated (64M each at the default)
+            f.write("[spool]\ndir = %s\nmin_free_space = 1M\n%s" % (self.spool, SEGMENT_LINE))
             f.write("[log]\nlevel = %s\n" % self.log_level)
             f.write("[gateway]\nhostname = mx.test\nnotify_socket = %s\n" % self.notify)
             for name, kv in self.mailstores.items():

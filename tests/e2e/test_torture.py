@@ -40,7 +40,8 @@ import time
 import pytest
 
 from conftest import Gateway, free_port
-from deliver_fixtures import BUILD_DIR, DOMAIN, SANITIZER_MARKS, Deliverer, Dovecot, wait_for
+from deliver_fixtures import (BUILD_DIR, DOMAIN, SANITIZER_MARKS, SEGMENT_LINE, Deliverer,
+                              Dovecot, wait_for)
 
 SLUICECTL_BIN = os.path.join(BUILD_DIR, "sluicectl")
 GATEWAY_BIN = os.path.join(BUILD_DIR, "sluice-gateway")
@@ -200,7 +201,7 @@ class Daemons:
         rmap = os.path.join(str(tmp), "recipients")
         with open(rmap, "w") as f:
             f.write("@%s\n" % DOMAIN)
-        text = open(self.dlv.conf).read()
+        text = open(self.dlv.conf).read().replace(SEGMENT_LINE, "")   # ours follows
         text = text.replace("[spool]\n", "[spool]\ninline_max = %d\nsegment_size = 1M\n"
                             "reclaim_interval = 1s\n" % INLINE_MAX, 1)
         text = text.replace("[gateway]\n", "[gateway]\nlisten = 127.0.0.1:%d\ndomains = %s\n"

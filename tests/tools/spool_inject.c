@@ -122,7 +122,9 @@ int main(int argc, char **argv)
         return 1;
     }
     uv_loop_init(&loop);
-    struct spool_opts so = { .dir = argv[optind], .loop = &loop };
+    /* small segments: each is preallocated, and the e2e suite injects into hundreds of
+     * spools (a reader takes any segment size) */
+    struct spool_opts so = { .dir = argv[optind], .loop = &loop, .segment_size = 4u << 20 };
     if (spool_open(&sp, &so, err, sizeof(err)) < 0) {
         fprintf(stderr, "spool_inject: %s\n", err);
         return 1;
