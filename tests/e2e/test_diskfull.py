@@ -102,6 +102,30 @@ def send(port, body, rcpt="alice@" + DOMAIN, size_param=False):
         return "DATA", r
 
 
+def send_until_refused(gw, rnd, sizes, tag, in_a_row, accepted, rcpts=None, tries=400):
+    """Messages of sizes picked by rnd (tagged TAG0, TAG1, ...; to a user picked from rcpts,
+    else alice), each in its own session, until in_a_row sessions in a row get a storage
+    tempfail. Every other reply must be a 250: those go into accepted (qid -> body). Returns
+    (the refusals in a row at the end, [(size, reply code), ...])."""
+    replies, refused = [], 0
+    for i in range(tries):
+        size = rnd.choice(sizes)
+        body = body_of(size, "%s%d" % (tag, i))
+        rcpt = (rnd.choice(rcpts) if rcpts else "alice") + "@" + DOMAIN
+        stage, r = send(gw.port, body, rcpt=rcpt)
+        replies.append((size, r.code))
+        if r.code == 250:
+            accepted[r.qid()] = body
+            refused = 0
+            continue
+        ok, why = storage_reply(stage, r)
+        assert ok, why
+        refused += 1
+        if refused >= in_a_row:
+            break
+    return refused, replies
+
+
 def check_stored(gw, accepted):
     """Every 250'd message is readable from the spool, CRC-checked and byte-identical."""
     for qid, body in accepted.items():
@@ -177,21 +201,9 @@ def test_spool_fills_up_with_mail(small_fs, gateway_factory):
     gw = gateway_factory(spool_conf(fs))
     filler = fill(fs, leave=3 << 20)
     rnd = random.Random(11)
-    accepted, replies, refused_in_a_row = {}, [], 0
-    for i in range(400):
-        size = rnd.choice((400, 2000, 9000, 40_000, 63_000, 120_000, 700_000))
-        body = body_of(size, "m%d" % i)
-        stage, r = send(gw.port, body)
-        replies.append((size, r.code))
-        if r.code == 250:
-            accepted[r.qid()] = body
-            refused_in_a_row = 0
-            continue
-        ok, why = storage_reply(stage, r)
-        assert ok, why
-        refused_in_a_row += 1
-        if refused_in_a_row >= 12:
-            break
+    accepted = {}
+    refused_in_a_row, replies = send_until_refused(
+        gw, rnd, (400, 2000, 9000, 40_000, 63_000, 120_000, 700_000), "m", 12, accepted)
     print("\nfilled by mail: %d accepted, %d replies" % (len(accepted), len(replies)))
     assert refused_in_a_row >= 12, "never full? %s" % replies
     assert len(accepted) >= 5, replies
@@ -359,7 +371,7 @@ def test_device_write_errors_never_cost_an_acknowledged_message(failing_disk, ga
     d = failing_disk()
     gw = gateway_factory(spool_conf(d.mnt, segment_size="4M"))
     rnd = random.Random(11)
-    accepted, refused = {}, 0
+    accepted = {}
     for i in range(4):
         body = body_of(rnd.choice((3000, 40_000, 200_000)), "ok%d" % i)
         stage, r = send(gw.port, body)
@@ -367,18 +379,8 @@ def test_device_write_errors_never_cost_an_acknowledged_message(failing_disk, ga
         accepted[r.qid()] = body
     # the device can still store about 1 MiB it has not stored before; then writes fail
     filler = fill(d.back, leave=1 << 20)
-    for i in range(300):
-        body = body_of(rnd.choice((2000, 30_000, 60_000, 150_000, 400_000)), "e%d" % i)
-        stage, r = send(gw.port, body)
-        if r.code == 250:
-            accepted[r.qid()] = body
-            refused = 0
-            continue
-        ok, why = storage_reply(stage, r)
-        assert ok, why
-        refused += 1
-        if refused >= 10:
-            break
+    refused, _ = send_until_refused(gw, rnd, (2000, 30_000, 60_000, 150_000, 400_000), "e", 10,
+                                    accepted, tries=300)
     assert refused >= 10, "the device never failed (%d accepted)" % len(accepted)
     assert "Input/output error" in gw.log() or "No space left on device" in gw.log(), \
         "no write error reached the spool:\n" + gw.log()[-3000:]
@@ -564,19 +566,9 @@ def test_full_spool_drains_itself(small_fs, gateway_factory, deliver_proc, resta
     first_run(gw)
     filler = fill(fs, leave=3 << 20)
     rnd = random.Random(5)
-    accepted, refused = {}, 0
-    for i in range(400):
-        body = body_of(rnd.choice((2000, 30_000, 60_000, 150_000)), "d%d" % i)
-        stage, r = send(gw.port, body, rcpt=rnd.choice(("alice", "bob", "carol")) + "@" + DOMAIN)
-        if r.code == 250:
-            accepted[r.qid()] = body
-            refused = 0
-            continue
-        ok, why = storage_reply(stage, r)
-        assert ok, why
-        refused += 1
-        if refused >= 8:
-            break
+    accepted = {}
+    refused, _ = send_until_refused(gw, rnd, (2000, 30_000, 60_000, 150_000), "d", 8, accepted,
+                                    rcpts=("alice", "bob", "carol"))
     assert refused >= 8 and len(accepted) >= 5, (len(accepted), refused)
     check_stored(gw, accepted)
     if restart:

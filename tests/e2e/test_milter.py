@@ -108,6 +108,11 @@ def header_values(stored, name):
     return [v for n, v in headers_of(stored)[0] if n.lower() == name.lower()]
 
 
+# a body of ~110 KB: above the 64K milter_max_size the size tests set
+OVER_64K = b"".join(b"%06d a line of a message larger than milter_max_size\r\n" % i
+                    for i in range(2000))
+
+
 def assert_reply(r, code, enh, text=None):
     assert r is not None, "no reply"
     assert (r.code, r.enh) == (code, enh), "got %s, expected %d %s" % (r, code, enh)
@@ -750,8 +755,7 @@ def test_bdat_message_goes_through_the_milter(gateway_factory, milter_peer):
 def test_message_over_milter_max_size_skips_content_stages(gateway_factory, milter_peer):
     peer = milter_peer(eom_mods=[("addheader", "X-Big", "seen")])
     gw = start(gateway_factory, ("m1", peer.spec), gateway={"milter_max_size": "64K"})
-    text = b"".join(b"%06d a line of a message larger than milter_max_size\r\n" % i
-                    for i in range(2000))      # ~110 KB
+    text = OVER_64K
     body = body_of("big", text)
     o = send(gw, body=body)
     assert_reply(o.end, 250, "2.0.0")
@@ -774,8 +778,7 @@ def test_over_milter_max_size_headers_go_to_milters_without_body(gateway_factory
     content = milter_peer(eom_mods=[("addheader", "X-Content", "no")])
     gw = start(gateway_factory, ("env", nobody.spec), ("scan", content.spec),
                gateway={"milter_max_size": "64K"})
-    text = b"".join(b"%06d a line of a message larger than milter_max_size\r\n" % i
-                    for i in range(2000))      # ~110 KB
+    text = OVER_64K
     body = body_of("big held", text)
     o = send(gw, body=body)
     assert_reply(o.end, 250, "2.0.0")
@@ -802,8 +805,7 @@ def test_end_of_message_without_a_kept_header_section(gateway_factory, milter_pe
     milters (they get an end of message with no header fields). Its QUARANTINE holds."""
     nobody = milter_peer(proto=NOBODY, eom_mods=[("quarantine", "held anyway")])
     gw = start(gateway_factory, ("env", nobody.spec), gateway={"milter_max_size": "64K"})
-    text = b"".join(b"%06d a line of a message larger than milter_max_size\r\n" % i
-                    for i in range(2000))
+    text = OVER_64K
     if how == "no-empty-line":
         body = b"Subject: no empty line\r\nFrom: <a@client.test>\r\n" + text
         o = send(gw, body=body)
@@ -856,8 +858,7 @@ def test_policyd_hold_applies_above_milter_max_size(gateway_factory, policyd):
                gateway={"milter_max_size": "64K"})
     o1 = send(gw)
     assert_reply(o1.end, 250, "2.0.0")
-    text = b"".join(b"%06d a line of a message larger than milter_max_size\r\n" % i
-                    for i in range(2000))
+    text = OVER_64K
     o2 = send(gw, body=body_of("big from a suspended sender", text))
     assert_reply(o2.end, 250, "2.0.0")
     rows = gw.recipients(o2.qid)
