@@ -835,12 +835,7 @@ def test_end_of_message_without_a_kept_header_section(gateway_factory, milter_pe
 def test_policyd_counts_a_refusal_when_the_client_leaves(gateway_factory, policyd, milter_peer):
     """A milter refuses a RCPT and the client drops the connection mid-transaction: the notice
     held for sluice-policyd (it was inside the transaction) still goes out, after an ABORT."""
-    def rcpt(sess, stage, argv):
-        return ("replycode", "550 5.1.1 no such user") if "bob" in argv[0] else "continue"
-    p = policyd(max_unknown_rcpts=5, window="60s", suspend_base="1h")
-    peer = milter_peer(script={"rcpt": rcpt})
-    gw = start(gateway_factory, ("check", peer.spec),
-               ("policyd", "inet:127.0.0.1:%d" % p.port, {"notify_rejections": "yes"}))
+    p, gw = bob_refused_then_policyd(gateway_factory, policyd, milter_peer, max_unknown_rcpts=5)
     c = Raw(gw.port)
     c.ehlo()
     c.expect("MAIL FROM:<%s>" % SENDER, 250)
@@ -1231,6 +1226,18 @@ def test_policyd_counts_unknown_recipients_from_gateway(gateway_factory, policyd
     assert "max_unknown_rcpts" in r.text, r
 
 
+def bob_refused_then_policyd(gateway_factory, policyd, milter_peer, **pd):
+    """A gateway with a milter "check" that refuses RCPT bob (550 5.1.1), then sluice-policyd
+    (settings pd) told of rejections: (policyd, gateway)."""
+    def rcpt(sess, stage, argv):
+        return ("replycode", "550 5.1.1 no such user") if "bob" in argv[0] else "continue"
+    p = policyd(window="60s", suspend_base="1h", **pd)
+    peer = milter_peer(script={"rcpt": rcpt})
+    gw = start(gateway_factory, ("check", peer.spec),
+               ("policyd", "inet:127.0.0.1:%d" % p.port, {"notify_rejections": "yes"}))
+    return p, gw
+
+
 def policyd_counted(p, text, n, timeout=10):
     """Wait until sluice-policyd's log shows text n times: a notice gets no reply, so the
     gateway's next session may reach policyd before the notice is counted."""
@@ -1279,12 +1286,7 @@ def test_policyd_after_a_milter_refused_a_recipient(gateway_factory, policyd, mi
     gets the notice only after its end of message (mid-transaction, libmilter would drop the
     next HEADER unanswered and the session would wait content_timeout for nothing), answers
     every stage at once, and counts the refused recipient as an unknown recipient."""
-    def rcpt(sess, stage, argv):
-        return ("replycode", "550 5.1.1 no such user here") if "bob" in argv[0] else "continue"
-    p = policyd(max_unknown_rcpts=1, window="60s", suspend_base="1h")
-    peer = milter_peer(script={"rcpt": rcpt})
-    gw = start(gateway_factory, ("check", peer.spec),
-               ("policyd", "inet:127.0.0.1:%d" % p.port, {"notify_rejections": "yes"}))
+    p, gw = bob_refused_then_policyd(gateway_factory, policyd, milter_peer, max_unknown_rcpts=1)
     for i in range(2):
         o = send(gw, rcpts=(ALICE, BOB), body=body_of("two rcpts %d" % i))
         assert_reply(o.rcpt[1], 550, "5.1.1")
