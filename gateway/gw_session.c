@@ -646,7 +646,6 @@ static void tx_reset(struct gw_session *s)
     tx->mprefix = NULL;
     tx->margs[0] = '\0';
     tx->milter_buffer = 0;
-    tx->milter_skipped = 0;
     tx->milter_headers = 0;
     tx->mdata_done = 0;
     tx->discard = 0;
@@ -1241,7 +1240,7 @@ static int session_msg_start(struct gw_session *s, enum gw_data_mode mode)
         if (!(tx->mmsg.buf = strdup("\r\n")))
             r = -1;
         tx->mmsg.len = tx->mmsg.cap = 2;
-        tx->milter_skipped = tx->milter_headers = 1;
+        tx->milter_headers = 1;
         log_qid(LOG_INFO, tx->qid, "milter: BODY=BINARYMIME: milters that take the body skip "
                 "it, the others get its end of message without header fields");
     }
@@ -1360,7 +1359,6 @@ static int session_data_out(void *arg, const char *buf, size_t len)
                 " bytes): milters that take the body skip it, the others get %s", max,
                 hlen ? "its header section" : "our own header fields only");
         tx->milter_buffer = 0;
-        tx->milter_skipped = 1;
         tx->milter_headers = 1;
         return r < 0 ? r : spool_msg_write(tx->msg, buf, len);
     }

@@ -92,11 +92,12 @@ struct gw_tx {
     int spf_done;                         /* spf holds this transaction's SPF result */
     struct gw_spf_result spf;
     /* milters (only with [milter] sections): the content is held in mmsg until end of data,
-     * unless it outgrew milter_max_size (then it streams to the spool and milter_skipped) */
+     * unless it outgrew milter_max_size or is BINARYMIME (then it streams to the spool and
+     * milter_headers) */
     char margs[GW_MARGS_MAX];             /* MAIL's ESMTP parameters */
     int milter_buffer;
-    int milter_skipped;
-    int milter_headers;                   /* skipped, but mmsg kept its header section */
+    int milter_headers;                   /* content streamed, not held: mmsg keeps only the
+                                           * header section, for milters without body */
     int mdata_done;                       /* milters saw DATA (BDAT: at end of data) */
     int discard;                          /* a milter said DISCARD: 250, nothing stored */
     char discard_by[CONF_NAME_MAX];
