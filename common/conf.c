@@ -95,6 +95,9 @@ static const struct conf_key conf_keys[] = {
       "memory for all messages being received; past it they spill to tmp/"),
     K(SPOOL, "min_free_space", CT_SIZE, spool.min_free_space, "100M",
       "below this much free disk, MAIL is answered 452"),
+    K(SPOOL, "reserve_space", CT_SIZE, spool.reserve_space, "64M",
+      "kept in spool/reserve and given back when the disk is full, so delivered mail can "
+      "still be recorded and removed (0: no reserve)"),
     K(SPOOL, "reclaim_interval", CT_DUR, spool.reclaim_interval_ms, "60s",
       "how often dead and sparse segments are reclaimed"),
     K(SPOOL, "user", CT_STR, spool.user, "",

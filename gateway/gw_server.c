@@ -418,9 +418,17 @@ int64_t gw_server_free_bytes(struct gw_server *srv)
         return -ESHUTDOWN;
     if (srv->free_checked == 0 || now - srv->free_checked >= GW_FREE_CHECK_MS) {
         srv->free_bytes = spool_free_bytes(srv->spool);
+        srv->reserve_ok = spool_reserve_ok(srv->spool);
         srv->free_checked = now ? now : 1;
     }
     return srv->free_bytes;
+}
+
+int gw_server_reserve_ok(struct gw_server *srv)
+{
+    if (gw_server_free_bytes(srv) == -ESHUTDOWN)
+        return 1;
+    return srv->reserve_ok;
 }
 
 /* ---------------------------------------------------------------- signals */

@@ -56,6 +56,7 @@ struct gw_server {
     int notify_fd;
     char notify_path[108];            /* sizeof(sockaddr_un.sun_path) */
     int64_t free_bytes;               /* cached spool_free_bytes() */
+    int reserve_ok;                   /* cached spool_reserve_ok() */
     uint64_t free_checked;            /* uv_now() of the last check */
 };
 
@@ -71,6 +72,8 @@ void gw_server_free(struct gw_server *srv);
 void gw_server_notify(struct gw_server *srv, const char *qid);
 /* Spool free space, cached for GW_FREE_CHECK_MS; -errno when unknown. */
 int64_t gw_server_free_bytes(struct gw_server *srv);
+/* The spool's reserve is in place (spool_reserve_ok), read with the free space. */
+int gw_server_reserve_ok(struct gw_server *srv);
 /* A session's handles are closed: unlink it, release its per-IP count. */
 void gw_server_session_closed(struct gw_server *srv, struct gw_session *s);
 /* The session is closing: its client may connect again at once, so it no longer counts

@@ -829,6 +829,15 @@ static int cmd_mail(struct gw_session *s, struct smtp_cmd *cmd)
                  "storage (%" PRId64 " bytes free); from=<%s>", s->addr, fb, m.addr);
         return -1;
     }
+    if (!gw_server_reserve_ok(s->srv)) {
+        /* the file system filled up and the spool's reserve is out, draining it: what it
+         * gave back is for recording deliveries, not for new mail (spool.h) */
+        session_reply(s, "452 4.3.1 Error: insufficient system storage");
+        log_warn("NOQUEUE: reject: MAIL from " GW_CLIENT ": 452 4.3.1 insufficient system "
+                 "storage (spool reserve not in place: the file system filled up); from=<%s>",
+                 s->addr, m.addr);
+        return -1;
+    }
     tx_reset(s);
     qid_new(tx->qid);
     memcpy(tx->sender, m.addr, sizeof(tx->sender));

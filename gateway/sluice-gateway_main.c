@@ -141,6 +141,7 @@ int main(int argc, char **argv)
     so.segment_size = c->spool.segment_size;
     so.mem_budget = (size_t)c->spool.mem_budget;
     so.reclaim_interval_ms = c->spool.reclaim_interval_ms;
+    so.reserve_space = c->spool.reserve_space;
     if ((r = main_mkdir_parents(c->spool.dir)) < 0) {
         log_err("spool %s: %s", c->spool.dir, strerror(-r));
         free(c);

@@ -49,6 +49,7 @@ struct conf_spool {
     uint64_t segment_size;
     uint64_t mem_budget;
     uint64_t min_free_space;      /* below this, MAIL gets 452 */
+    uint64_t reserve_space;       /* spool/reserve, given back on a full disk (spool.h) */
     int64_t reclaim_interval_ms;
     char user[CONF_NAME_MAX];     /* "" = stay the user we were started as (privs.h) */
     char group[CONF_NAME_MAX];    /* "" = the user's primary group */

@@ -71,6 +71,7 @@ struct spool_opts {
     size_t mem_budget;        /* all messages being received, in memory, at most */
     int64_t reclaim_interval_ms; /* the writer reclaims when idle this long (0: only on request) */
     int readonly;             /* index opened read-only; no recovery, no writes */
+    uint64_t reserve_space;   /* bytes kept in dir/reserve for a full disk (0: none) */
     /* Fault injection for tests: when set, called before each step named by the string
      * ("seg_write", "seg_sync", "big_write", "big_sync", "big_rename", "index_commit");
      * a negative return makes that step fail with that errno. */
@@ -205,6 +206,12 @@ int spool_verify(struct spool *sp, void (*report)(const char *qid, const char *w
                  void *arg);
 /* Bytes free for unprivileged writers on the spool's filesystem, or -errno. */
 int64_t spool_free_bytes(struct spool *sp);
+/* The reserve (reserve_space bytes in dir/reserve) is in place, or none is configured: 1;
+ * else 0. It is released when the file system is full so that delivered mail can still be
+ * recorded and removed (spool_mark, spool_delete); while it is out the spool takes no new
+ * mail (a new segment fails with -ENOSPC and the gateway answers MAIL with 452). Either
+ * daemon puts it back once the file system has room for it and half as much again. */
+int spool_reserve_ok(struct spool *sp);
 const char *spool_dir(const struct spool *sp);
 
 #endif

@@ -110,6 +110,7 @@ struct dlv_ms {
 
 struct dlv_out {
     struct dlv_ms *ms;
+    char qid[QID_SIZE];
     struct spool_outcome o;
     char reply[SPOOL_REPLY_MAX];
 };
@@ -155,6 +156,9 @@ struct dlv {
     size_t nouts, capouts, nflight;
     int flushing;
     int flush_status;
+    int64_t flush_failing_since;    /* wall ms of the first failure in a row, 0 when none */
+    int64_t flush_logged;           /* wall ms of the last "still failing" line */
+    unsigned flush_failures;        /* in a row */
     uv_work_t flush_work;
     uv_timer_t flush_timer;
     /* state ops */
@@ -166,6 +170,7 @@ struct dlv {
     uint64_t last_poll;
     uv_timer_t drain_timer;
     int draining, stopped;
+    int64_t drain_started;          /* wall ms */
     void (*drain_done)(void *);
     void *drain_arg;
 };
@@ -313,8 +318,8 @@ static void params_of(const struct conf_mailstore *cf, struct mstore_params *p)
 
 /* --- Outcomes and their flush ---------------------------------------------------------- */
 
-static void out_add(struct dlv_ms *ms, int64_t id, enum spool_rstate state, int64_t next,
-                    const char *reply)
+static void out_add(struct dlv_ms *ms, const char *qid, int64_t id, enum spool_rstate state,
+                    int64_t next, const char *reply)
 {
     struct dlv *d = ms->d;
 
@@ -328,6 +333,7 @@ static void out_add(struct dlv_ms *ms, int64_t id, enum spool_rstate state, int6
     }
     struct dlv_out *o = &d->outs[d->nouts++];
     o->ms = ms;
+    snprintf(o->qid, sizeof(o->qid), "%s", qid);
     o->o.rcpt_id = id;
     o->o.state = state;
     o->o.next_attempt = next;
@@ -367,6 +373,13 @@ static void flush_after(uv_work_t *w, int status)
 
     d->flushing = 0;
     if (status == 0 && d->flush_status == 0) {
+        int resumed = d->flush_failing_since != 0;
+        if (resumed) {
+            log_notice("deliver: recorded %zu outcomes after %.0f s of failures; deliveries "
+                       "go on", d->nflight, (double)(wall_ms() - d->flush_failing_since) / 1e3);
+            d->flush_failing_since = 0;
+            d->flush_failures = 0;
+        }
         for (size_t i = 0; i < d->nflight; i++) {
             struct dlv_ms *ms = d->flight[i].ms;
             ms_forget(ms, d->flight[i].o.rcpt_id);
@@ -381,11 +394,28 @@ static void flush_after(uv_work_t *w, int status)
         d->nflight = 0;
         for (int k = 0; k < nt; k++)
             ms_kick(touched[k]);
+        if (resumed && !d->stopped)
+            dlv_kick(d);        /* every mailstore waited for this record */
         flush_outs(d);
     } else {
-        /* keep them (and their ids known, so nothing is delivered again) and retry */
-        log_warn("deliver: recording %zu outcomes failed (%s); retrying", d->nflight,
-                 strerror(d->flush_status < 0 ? -d->flush_status : EIO));
+        /* Keep them (and their ids known, so nothing is delivered again) and retry. No new
+         * delivery starts meanwhile (ms_pump): each one would be a duplicate after a
+         * restart. One line at the first failure, then one a minute. */
+        int err = d->flush_status < 0 ? -d->flush_status : EIO;
+        int64_t now = wall_ms();
+        if (!d->flush_failing_since) {
+            d->flush_failing_since = d->flush_logged = now;
+            log_warn("deliver: recording %zu outcomes failed (%s)%s; new deliveries wait and "
+                     "the record is retried every %d ms", d->nflight, strerror(err),
+                     err == ENOSPC ? ": the spool's file system is full, free space on it"
+                                   : "", DLV_RETRY_FLUSH_MS);
+        } else if (now - d->flush_logged >= DLV_FLUSH_LOG_MS) {
+            d->flush_logged = now;
+            log_warn("deliver: still cannot record %zu outcomes after %.0f s (%s); deliveries "
+                     "wait", d->nflight, (double)(now - d->flush_failing_since) / 1e3,
+                     strerror(err));
+        }
+        d->flush_failures++;
         if (!d->stopped)
             uv_timer_start(&d->flush_timer, flush_retry_cb, DLV_RETRY_FLUSH_MS, 0);
     }
@@ -645,13 +675,13 @@ static void job_finish(struct dlv_job *job, int status, const char *why, const c
         if (cls == 2) {
             n2++;
             ms->delivered++;
-            out_add(ms, r->id, SPOOL_DELIVERED, 0, text);
+            out_add(ms, job->qid, r->id, SPOOL_DELIVERED, 0, text);
             log_qid(LOG_INFO, job->qid, "to=<%s>, mailstore=%s, relay=%s, delay=%.1f,"
                     " status=sent (%s)", r->rcpt, ms->cf.name, relay, delay, text);
         } else if (cls == 5) {
             n5++;
             ms->held++;
-            out_add(ms, r->id, SPOOL_HELD, 0, text);
+            out_add(ms, job->qid, r->id, SPOOL_HELD, 0, text);
             log_qid(LOG_NOTICE, job->qid, "to=<%s>, mailstore=%s, relay=%s, delay=%.1f,"
                     " status=held (%s)", r->rcpt, ms->cf.name, relay, delay, text);
         } else {
@@ -660,7 +690,7 @@ static void job_finish(struct dlv_job *job, int status, const char *why, const c
             int64_t next_s = (now + back + 999) / 1000;
             n4++;
             ms->deferred++;
-            out_add(ms, r->id, SPOOL_QUEUED, next_s, text);
+            out_add(ms, job->qid, r->id, SPOOL_QUEUED, next_s, text);
             log_qid(LOG_INFO, job->qid, "to=<%s>, mailstore=%s, relay=%s, delay=%.1f,"
                     " status=deferred (%s)", r->rcpt, ms->cf.name, relay, delay, text);
             if (!soonest || next_s * 1000 - now < soonest)
@@ -944,7 +974,7 @@ static void fetch_after(uv_work_t *w, int status)
                 ids_add(d, row->id);
                 ms->known++;
                 ms->held++;
-                out_add(ms, row->id, SPOOL_HELD, 0, text);
+                out_add(ms, row->qid, row->id, SPOOL_HELD, 0, text);
                 continue;
             }
         }
@@ -1045,6 +1075,8 @@ static void ms_pump(struct dlv_ms *ms)
     struct dlv *d = ms->d;
     int64_t now = wall_ms(), wait;
 
+    if (d->flush_failing_since)
+        return;                 /* outcomes cannot be recorded: flush_after kicks again */
     while (ms->ready_head && !ms->fenced && !d->draining && !d->stopped && !ms->gone) {
         enum mstore_state from = ms->st.state;
         int n = mstore_may_start(&ms->st, ms->inflight, now, &wait);
@@ -1165,8 +1197,22 @@ static void check_drained(struct dlv *d)
         if (ms->inflight || ms->loading || ms->fetching)
             return;
     }
-    if (d->flushing || d->nouts || d->nflight || d->ops_busy || d->ops_head)
+    if (d->ops_busy || d->ops_head)
         return;
+    if (d->flushing || d->nouts)
+        return;
+    if (d->nflight) {
+        /* Deliveries made but not recorded: waiting for space helps only if it comes back
+         * soon. Past DLV_DRAIN_UNRECORDED_MS of a drain with nothing else in flight, stop;
+         * these recipients are delivered again after the restart (duplicates, never
+         * losses), and each is logged so an operator can tell. */
+        if (!d->flush_failing_since || wall_ms() - d->drain_started < DLV_DRAIN_UNRECORDED_MS)
+            return;
+        for (size_t i = 0; i < d->nflight; i++)
+            log_qid(LOG_WARNING, d->flight[i].qid, "mailstore=%s: stopping with this outcome "
+                    "unrecorded (%s): a recipient delivered now is delivered again after the "
+                    "restart", d->flight[i].ms->cf.name, d->flight[i].reply);
+    }
     void (*done)(void *) = d->drain_done;
     d->drain_done = NULL;
     uv_timer_stop(&d->drain_timer);
@@ -1299,6 +1345,7 @@ void dlv_reload(struct dlv *d, const struct conf *c)
 void dlv_drain(struct dlv *d, void (*done)(void *), void *arg)
 {
     d->draining = 1;
+    d->drain_started = wall_ms();
     d->drain_done = done;
     d->drain_arg = arg;
     for (int i = 0; i < d->nms; i++) {

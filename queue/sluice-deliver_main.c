@@ -237,6 +237,7 @@ int main(int argc, char **argv)
     memset(&so, 0, sizeof(so));
     so.dir = dv.c->spool.dir;
     so.loop = NULL;            /* no submissions: the gateway is the spool's writer */
+    so.reserve_space = dv.c->spool.reserve_space;
     if ((r = spool_open(&dv.sp, &so, err, sizeof(err))) < 0) {
         log_err("deliver: cannot open the spool: %s", err);
         return 1;

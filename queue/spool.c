@@ -26,6 +26,7 @@
 #include "log.h"
 #include "spool_idx.h"
 #include "spool_rec.h"
+#include "spool_reserve.h"
 
 #define SPOOL_PREFIX_MAX (64 * 1024)    /* our own headers; a DoS bound, not a mail limit */
 #define SPOOL_RCPT_MAX 100000           /* per message, far above any SMTP limit */
@@ -88,6 +89,10 @@ struct spool {
     /* synchronous API */
     pthread_mutex_t smu;
     struct spool_idx six;
+    /* the reserve (spool_reserve.h); rmu, because the writer restores it while a synchronous
+     * call may be releasing it */
+    pthread_mutex_t rmu;
+    struct spool_reserve rsv;
     /* counters */
     atomic_size_t mem_used;
     atomic_uint_fast64_t commits, batches, fsyncs;
@@ -111,6 +116,27 @@ static int64_t mono_ms(void)
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static int reserve_restore(struct spool *sp, int force)
+{
+    pthread_mutex_lock(&sp->rmu);
+    int r = spool_reserve_restore(&sp->rsv, force);
+    pthread_mutex_unlock(&sp->rmu);
+    return r;
+}
+
+static int reserve_release(struct spool *sp, const char *why)
+{
+    pthread_mutex_lock(&sp->rmu);
+    int r = spool_reserve_release(&sp->rsv, why);
+    pthread_mutex_unlock(&sp->rmu);
+    return r;
+}
+
+int spool_reserve_ok(struct spool *sp)
+{
+    return spool_reserve_in_place(&sp->rsv);
 }
 
 static int write_full(int fd, const void *buf, size_t len)
@@ -528,6 +554,9 @@ static int seg_open_new(struct spool *sp)
     char name[32];
     int fd, r;
 
+    /* the room a released reserve gave back is for draining, not for new mail */
+    if (!spool_reserve_ok(sp))
+        return -ENOSPC;
     uint64_t id = sp->next_seg_id++;
     seg_name(name, sizeof(name), id);
     fd = openat(sp->segfd, name, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
@@ -760,9 +789,10 @@ static void *writer_main(void *arg)
             if (pthread_cond_timedwait(&sp->cv, &sp->mu, &ts) == ETIMEDOUT && !sp->pending &&
                 sp->reclaim_asked == sp->reclaim_served) {
                 pthread_mutex_unlock(&sp->mu);
-                /* idle: fold the WAL back, and reclaim now and then */
+                /* idle: fold the WAL back, put the reserve back, and reclaim now and then */
                 if (sp->batches_since_ckpt)
                     checkpoint(sp, SQLITE_CHECKPOINT_PASSIVE);
+                reserve_restore(sp, 0);
                 if (sp->o.reclaim_interval_ms > 0 &&
                     mono_ms() - sp->last_reclaim >= sp->o.reclaim_interval_ms) {
                     reclaim_pass(sp, 1);
@@ -1210,6 +1240,7 @@ static void spool_free(struct spool *sp)
     close_fds(sp);
     pthread_mutex_destroy(&sp->mu);
     pthread_mutex_destroy(&sp->smu);
+    pthread_mutex_destroy(&sp->rmu);
     pthread_cond_destroy(&sp->cv);
     pthread_cond_destroy(&sp->big_cv);
     pthread_cond_destroy(&sp->reclaim_cv);
@@ -1237,6 +1268,7 @@ int spool_open(struct spool **out, const struct spool_opts *o, char *err, size_t
     sp->dirfd = sp->segfd = sp->bigfd = sp->tmpfd = sp->lockfd = sp->seg_fd = -1;
     pthread_mutex_init(&sp->mu, NULL);
     pthread_mutex_init(&sp->smu, NULL);
+    pthread_mutex_init(&sp->rmu, NULL);
     pthread_cond_init(&sp->cv, NULL);
     pthread_cond_init(&sp->big_cv, NULL);
     pthread_cond_init(&sp->reclaim_cv, NULL);
@@ -1270,6 +1302,8 @@ int spool_open(struct spool **out, const struct spool_opts *o, char *err, size_t
         snprintf(err, errlen, "%s: seg/, big/ or tmp/: %s", o->dir, strerror(-r));
         goto fail;
     }
+    spool_reserve_init(&sp->rsv, sp->dirfd, o->readonly ? 0 : o->reserve_space);
+    reserve_restore(sp, 1);  /* a failure is logged; the gateway refuses mail until it is */
     if (o->loop && !o->readonly) {
         sp->lockfd = openat(sp->dirfd, "writer.lock",
                            O_RDWR | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0600);
@@ -1562,24 +1596,19 @@ static int delete_rows(struct spool_idx *ix, const char *qid, int *big)
     return rc == SQLITE_DONE ? 0 : spool_idx_errno(rc);
 }
 
-int spool_mark(struct spool *sp, const struct spool_outcome *o, size_t n)
+/* One try at spool_mark's transaction, under smu. The big files of deleted messages go to
+ * bigs (*nbig) for the caller to unlink after the commit. */
+static int mark_once(struct spool *sp, const struct spool_outcome *o, size_t n,
+                     char (*done)[QID_SIZE], char (*bigs)[QID_SIZE], size_t *nbig)
 {
     struct spool_idx *ix = &sp->six;
-    char (*done)[QID_SIZE] = NULL;
-    char (*bigs)[QID_SIZE] = NULL;
-    size_t ndone = 0, nbig = 0;
+    size_t ndone = 0;
     int64_t now = now_s();
-    int r = 0;
+    int r;
 
-    if (n == 0)
-        return 0;
-    if (!(done = calloc(n, sizeof(*done))) || !(bigs = calloc(n, sizeof(*bigs)))) {
-        free(done);
-        return -ENOMEM;
-    }
-    pthread_mutex_lock(&sp->smu);
+    *nbig = 0;
     if ((r = spool_idx_begin(ix)) < 0)
-        goto out;
+        return r;
     for (size_t i = 0; i < n && r == 0; i++) {
         sqlite3_stmt *st = spool_idx_stmt(ix, SPOOL_IDX_MARK);
         if (!st) { r = -EIO; break; }
@@ -1613,7 +1642,7 @@ int spool_mark(struct spool *sp, const struct spool_outcome *o, size_t n)
         if (rc == SQLITE_DONE) {
             int big = 0;
             if ((r = delete_rows(ix, done[k], &big)) == 0 && big)
-                memcpy(bigs[nbig++], done[k], QID_SIZE);
+                memcpy(bigs[(*nbig)++], done[k], QID_SIZE);
         } else if (rc != SQLITE_ROW) {
             r = spool_idx_errno(rc);
         }
@@ -1621,20 +1650,58 @@ int spool_mark(struct spool *sp, const struct spool_outcome *o, size_t n)
     if (r == 0)
         r = spool_idx_commit(ix);
     if (r < 0) {
-        log_msg(LOG_ERR, "spool: recording %zu outcomes failed: %s", n, spool_idx_errmsg(ix));
+        if (r != -ENOSPC)
+            log_msg(LOG_ERR, "spool: recording %zu outcomes failed: %s", n,
+                    spool_idx_errmsg(ix));
         spool_idx_rollback(ix);
-        nbig = 0;
-        /* Full disk: the WAL can only restart from its first frame (reusing its space) once
-         * it is checkpointed, and after a restart nobody may have done that: the gateway
-         * checkpoints only after its own commits, which fail too. Without this the deliverer
-         * could never record a delivery, so never free the space. */
-        if (r == -ENOSPC)
-            sqlite3_wal_checkpoint_v2(ix->db, NULL, SQLITE_CHECKPOINT_PASSIVE, NULL, NULL);
+        *nbig = 0;
     }
-out:
+    return r;
+}
+
+/* A write that frees space failed with ENOSPC: the file system is full. The WAL can restart
+ * from its first frame (reusing its space) only once it is checkpointed, and a checkpoint
+ * that must grow index.db needs room too; after a restart nobody may have checkpointed at
+ * all (the gateway does so only after its own commits, which fail too). So: give back the
+ * reserve if it is still there, checkpoint, and say whether a second try can succeed. */
+static int full_disk_retry(struct spool *sp, const char *what)
+{
+    int released = reserve_release(sp, what) == 1;
+    int busy = 0, nlog = -1, nckpt = -1;
+    int rc = sqlite3_wal_checkpoint_v2(sp->six.db, NULL, SQLITE_CHECKPOINT_PASSIVE, &nlog,
+                                       &nckpt);
+
+    if (rc != SQLITE_OK || nckpt < nlog)
+        busy = 1;
+    if (released && busy)
+        log_warn("spool: the WAL checkpoint still fails after the reserve was released (%s): "
+                 "raise [spool] reserve_space, and free space on the spool's file system now",
+                 rc != SQLITE_OK ? sqlite3_errmsg(sp->six.db) : "readers hold old frames");
+    return released;
+}
+
+int spool_mark(struct spool *sp, const struct spool_outcome *o, size_t n)
+{
+    char (*done)[QID_SIZE] = NULL;
+    char (*bigs)[QID_SIZE] = NULL;
+    size_t nbig = 0;
+    int r;
+
+    if (n == 0)
+        return 0;
+    if (!(done = calloc(n, sizeof(*done))) || !(bigs = calloc(n, sizeof(*bigs)))) {
+        free(done);
+        return -ENOMEM;
+    }
+    pthread_mutex_lock(&sp->smu);
+    r = mark_once(sp, o, n, done, bigs, &nbig);
+    if (r == -ENOSPC && full_disk_retry(sp, "delivered mail can be recorded and removed"))
+        r = mark_once(sp, o, n, done, bigs, &nbig);
     pthread_mutex_unlock(&sp->smu);
     for (size_t k = 0; k < nbig; k++)
         unlinkat(sp->bigfd, bigs[k], 0);
+    if (r == 0 && !spool_reserve_ok(sp))
+        reserve_restore(sp, 0);     /* the deliverer may be the only one running */
     free(done);
     free(bigs);
     return r;
@@ -1699,11 +1766,15 @@ int spool_delete(struct spool *sp, const char *qid)
     if ((r = locate(sp, qid, &seg, &off, &reclen)) < 0)
         return r;
     pthread_mutex_lock(&sp->smu);
-    if ((r = spool_idx_begin(ix)) == 0) {
-        if ((r = delete_rows(ix, qid, &big)) == 0)
-            r = spool_idx_commit(ix);
-        if (r < 0)
-            spool_idx_rollback(ix);
+    for (int tries = 0; tries < 2; tries++) {
+        if ((r = spool_idx_begin(ix)) == 0) {
+            if ((r = delete_rows(ix, qid, &big)) == 0)
+                r = spool_idx_commit(ix);
+            if (r < 0)
+                spool_idx_rollback(ix);
+        }
+        if (r != -ENOSPC || tries || !full_disk_retry(sp, "a deleted message can be removed"))
+            break;
     }
     pthread_mutex_unlock(&sp->smu);
     if (r == 0 && big)

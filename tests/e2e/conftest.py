@@ -85,10 +85,10 @@ def write_config(tmp, port, tls_files, overrides=None):
             for a in overrides.get("_recipients", []):
                 f.write(a + "\n")
     sections = {
-        # 4M segments: each is preallocated, and at the 64M default the suite's few hundred
-        # gateways took some 13 GB of disk per pass
+        # 4M segments and a 1M reserve: each is preallocated, and at the 64M defaults the
+        # suite's few hundred gateways took some 13 GB of disk per pass
         "spool": {"dir": spool, "min_free_space": "1M", "reclaim_interval": "60s",
-                  "segment_size": "4M"},
+                  "segment_size": "4M", "reserve_space": "1M"},
         "log": {"level": "info"},
         "gateway": {
             "listen": "127.0.0.1:%d" % port,

@@ -49,7 +49,8 @@ class CtlDeliverer(Deliverer):
             f.write("# test directory\n" + "\n".join(self.users) + "\n@catchall.test\n")
         conf = os.path.join(self.pub, "sluice.conf")
         with open(conf, "w") as f:
-            f.write("[spool]\ndir = %s\nmin_free_space = 1M\nsegment_size = 4M\n" % self.spool)
+            f.write("[spool]\ndir = %s\nmin_free_space = 1M\nsegment_size = 4M\n"
+                    "reserve_space = 1M\n" % self.spool)
             f.write("[log]\nlevel = %s\n" % self.log_level)
             f.write("[gateway]\nhostname = mx.test\nnotify_socket = %s\n" % self.notify)
             f.write("domains = example.test catchall.test\nrecipient_map = %s\n" % rmap)

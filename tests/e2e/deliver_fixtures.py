@@ -40,7 +40,8 @@ SANITIZER_MARKS = ("ERROR: AddressSanitizer", "runtime error:", "ERROR: LeakSani
 DOMAIN = "example.test"
 
 
-SEGMENT_LINE = "segment_size = 4M\n"   # the spool key every test deliverer writes
+# the spool keys every test deliverer writes: both are preallocated (64M each by default)
+SEGMENT_LINE = "segment_size = 4M\nreserve_space = 1M\n"
 
 def wait_for(pred, timeout, step=0.05, what="condition"):
     """Poll pred() until it returns a true value; return it, or fail the test."""

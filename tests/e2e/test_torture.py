@@ -203,7 +203,7 @@ class Daemons:
             f.write("@%s\n" % DOMAIN)
         text = open(self.dlv.conf).read().replace(SEGMENT_LINE, "")   # ours follows
         text = text.replace("[spool]\n", "[spool]\ninline_max = %d\nsegment_size = 1M\n"
-                            "reclaim_interval = 1s\n" % INLINE_MAX, 1)
+                            "reserve_space = 1M\nreclaim_interval = 1s\n" % INLINE_MAX, 1)
         text = text.replace("[gateway]\n", "[gateway]\nlisten = 127.0.0.1:%d\ndomains = %s\n"
                             "recipient_map = %s\ntls = no\nshutdown_grace = 5s\n"
                             "max_message_size = 10M\n" % (self.port, DOMAIN, rmap), 1)

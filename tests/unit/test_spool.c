@@ -759,6 +759,53 @@ static void test_round_trip_small(void **state)
 }
 
 /* Exactly inline_max stays inline; one byte more gets its own file in big/. */
+/* The reserve (spool.h spool_reserve_ok): created preallocated at open; while it is out no
+ * new segment is opened (-ENOSPC at commit); it comes back by itself when there is room, and
+ * a spool without one configured never reports it missing. */
+static void test_reserve(void **state)
+{
+    struct fx *f = *state;
+    struct sub s1, s2, s3;
+    char path[128];
+    struct stat st;
+    int before;
+
+    assert_int_equal(spool_reserve_ok(f->sp), 1);          /* none configured */
+    path_join(path, sizeof(path), f->dir, "reserve");
+    assert_int_equal(stat(path, &st), -1);
+    f->o.reserve_space = 256 * 1024;
+    fx_reopen(f);
+    assert_int_equal(stat(path, &st), 0);
+    assert_true((uint64_t)st.st_size == f->o.reserve_space);
+    assert_true((uint64_t)st.st_blocks * 512 >= f->o.reserve_space);   /* not sparse */
+    assert_int_equal(spool_reserve_ok(f->sp), 1);
+    commit_ok(f, &s1, 1000, 1, 0);
+
+    /* out (as spool_mark gives it back on a full disk): a new segment is refused */
+    assert_int_equal(unlink(path), 0);
+    assert_int_equal(spool_reserve_ok(f->sp), 0);
+    fx_reopen(f);                   /* the current segment is retired; open restores it */
+    assert_int_equal(spool_reserve_ok(f->sp), 1);
+    assert_int_equal(unlink(path), 0);
+    before = f->done;
+    assert_int_equal(submit(f, &s2, 1000, 2, 0), 0);
+    wait_done(f, before + 1);
+    assert_int_equal(s2.status, -ENOSPC);
+    check_gone(f->sp, s2.qid);
+
+    /* the writer puts it back within about a second when idle, and mail is taken again */
+    for (int i = 0; i < 50 && !spool_reserve_ok(f->sp); i++) {
+        uv_sleep(100);
+    }
+    assert_int_equal(spool_reserve_ok(f->sp), 1);
+    commit_ok(f, &s3, 1000, 3, 0);
+    check_read(f, &s1);
+    check_read(f, &s3);
+    sub_free(&s1);
+    sub_free(&s2);
+    sub_free(&s3);
+}
+
 static void test_inline_boundary(void **state)
 {
     struct fx *f = *state;
@@ -2158,6 +2205,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_setup_teardown(test_round_trip_small, setup_open, teardown),
         cmocka_unit_test_setup_teardown(test_inline_boundary, setup_open, teardown),
+        cmocka_unit_test_setup_teardown(test_reserve, setup_open, teardown),
         cmocka_unit_test_setup_teardown(test_round_trip_big, setup_open, teardown),
         cmocka_unit_test_setup_teardown(test_rcpts_and_hold_at_commit, setup_open, teardown),
         cmocka_unit_test_setup_teardown(test_record_format, setup_open, teardown),
