@@ -18,11 +18,16 @@
 #include <string.h>
 #include <time.h>
 
+#include "domain.h"
+
 #define SPOOL_QUERY_BUSY_MS 5000 /* a writer's checkpoint, at worst */
+#define SPOOL_QUERY_ADDR_MAX 1024 /* an address key: SPOOL_ADDR_MAX and more */
 
 struct spool_query {
     sqlite3 *db;
 };
+
+static int register_functions(sqlite3 *db);
 
 /* --- Opening ------------------------------------------------------------------------------ */
 
@@ -44,6 +49,8 @@ int spool_query_open(struct spool_query **out, const char *dir, char *err, size_
     rc = sqlite3_open_v2(path, &q->db, SQLITE_OPEN_READONLY | SQLITE_OPEN_NOMUTEX, NULL);
     if (rc == SQLITE_OK)
         rc = sqlite3_exec(q->db, "SELECT 1 FROM messages LIMIT 0", NULL, NULL, NULL);
+    if (rc == SQLITE_OK)
+        rc = register_functions(q->db);
     if (rc != SQLITE_OK) {
         snprintf(err, errlen, "%s: %s", path, q->db ? sqlite3_errmsg(q->db) : "out of memory");
         int r = (rc & 0xff) == SQLITE_CANTOPEN ? -ENOENT
@@ -213,7 +220,10 @@ json_t *spool_query_states(struct spool_query *q)
 
     if (!has_table(q, "mailstores"))
         return out;
-    if (!(st = prep(q, "SELECT name, state, reason, since, actor FROM mailstores"))) {
+    /* public_reason: a table from before it existed lacks it until the deliverer opens it */
+    if (!(st = prep(q, "SELECT name, state, reason, since, actor, public_reason"
+                       " FROM mailstores")) &&
+        !(st = prep(q, "SELECT name, state, reason, since, actor, '' FROM mailstores"))) {
         json_decref(out);
         return NULL;
     }
@@ -225,6 +235,8 @@ json_t *spool_query_states(struct spool_query *q)
         /* mstore.c stores since in unix ms */
         json_object_set_new(o, "since", json_integer(sqlite3_column_int64(st, 3) / 1000));
         json_object_set_new(o, "actor", col_json(st, 4));
+        json_object_set_new(o, "public_reason", json_string(sqlite3_column_text(st, 5)
+                            ? (const char *)sqlite3_column_text(st, 5) : ""));
         json_object_set_new(out, name ? name : "", o);
     }
     sqlite3_finalize(st);
@@ -380,6 +392,202 @@ json_t *spool_query_affected(struct spool_query *q, const char *ms)
     sqlite3_bind_text(st, 1, ms, -1, SQLITE_TRANSIENT);
     arr = rows_json(st);
     sqlite3_finalize(st);
+    return arr;
+}
+
+/* --- By domain ---------------------------------------------------------------------------- */
+
+/* sluice_addr_domain(rcpt) and sluice_addr(rcpt): domain.h's keys in SQL, so the filter and
+ * the grouping use exactly the spelling the tenants file and the API path are held to.
+ * NULL for an address without a usable domain (it then matches no domain). */
+static void fn_addr_domain(sqlite3_context *cx, int argc, sqlite3_value **argv)
+{
+    const char *a = (const char *)sqlite3_value_text(argv[0]);
+    char key[DOMAIN_MAX];
+
+    if (a && domain_key_of_addr(a, key, sizeof(key)) == 0)
+        sqlite3_result_text(cx, key, -1, SQLITE_TRANSIENT);
+    else
+        sqlite3_result_null(cx);
+}
+
+static void fn_addr(sqlite3_context *cx, int argc, sqlite3_value **argv)
+{
+    const char *a = (const char *)sqlite3_value_text(argv[0]);
+    char key[SPOOL_QUERY_ADDR_MAX];
+
+    if (a && domain_addr_key(a, key, sizeof(key)) == 0)
+        sqlite3_result_text(cx, key, -1, SQLITE_TRANSIENT);
+    else
+        sqlite3_result_null(cx);
+}
+
+static int register_functions(sqlite3 *db)
+{
+    int flags = SQLITE_UTF8 | SQLITE_DETERMINISTIC | SQLITE_INNOCUOUS;
+    int rc = sqlite3_create_function(db, "sluice_addr_domain", 1, flags, NULL, fn_addr_domain,
+                                     NULL, NULL);
+    return rc == SQLITE_OK ? sqlite3_create_function(db, "sluice_addr", 1, flags, NULL, fn_addr,
+                                                     NULL, NULL) : rc;
+}
+
+/* The address being summed up while the rows of spool_query_users stream by. */
+struct user_acc {
+    struct spool_query_user u;
+    char addr[SPOOL_QUERY_ADDR_MAX];
+    char mailstore[64];
+    char last_qid[32];
+    char *reply;
+    int open;
+};
+
+static void acc_start(struct user_acc *a, const char *addr, const char *ms)
+{
+    memset(&a->u, 0, sizeof(a->u));
+    snprintf(a->addr, sizeof(a->addr), "%s", addr);
+    snprintf(a->mailstore, sizeof(a->mailstore), "%s", ms ? ms : "");
+    a->last_qid[0] = '\0';
+    free(a->reply);
+    a->reply = NULL;
+    a->u.addr = a->addr;
+    a->u.mailstore = a->mailstore;
+    const char *at = strrchr(a->addr, '@');
+    a->u.domain = at ? at + 1 : "";
+    a->open = 1;
+}
+
+long spool_query_users(struct spool_query *q, const struct spool_query_users *f,
+                       spool_query_user_fn fn, void *arg, int *more)
+{
+    /* rows come address by address, oldest message first within one: so the first row of
+     * an address names its oldest message and mailstore, and a message's rows sit together */
+    static const char sql_fmt[] =
+        "SELECT sluice_addr(r.rcpt) AS a, r.mailstore, r.state, r.qid, m.received_at,"
+        " r.attempts, r.updated_at, r.last_reply"
+        " FROM recipients r JOIN messages m ON m.qid=r.qid"
+        " WHERE r.state<>1 AND sluice_addr_domain(r.rcpt) IN (SELECT value FROM json_each(?1))"
+        "%s%s ORDER BY a, m.received_at, r.qid";
+    char sql[1024];
+    json_t *list = json_array();
+    char *doms = NULL;
+    sqlite3_stmt *st = NULL;
+    struct user_acc acc = { .open = 0 };
+    long n = 0;
+    int rc, stop = 0;
+
+    *more = 0;
+    if (!f->domains || f->ndomains <= 0 || !list) {
+        json_decref(list);
+        return -EINVAL;
+    }
+    for (int i = 0; i < f->ndomains; i++)
+        json_array_append_new(list, json_string(f->domains[i]));
+    doms = json_dumps(list, JSON_COMPACT);
+    json_decref(list);
+    snprintf(sql, sizeof(sql), sql_fmt, f->mailstore ? " AND r.mailstore=?2" : "",
+             f->after ? " AND sluice_addr(r.rcpt)>?3" : "");
+    if (!doms || !(st = prep(q, sql))) {
+        free(doms);
+        return -EIO;
+    }
+    sqlite3_bind_text(st, 1, doms, -1, SQLITE_TRANSIENT);
+    if (f->mailstore)
+        sqlite3_bind_text(st, 2, f->mailstore, -1, SQLITE_TRANSIENT);
+    if (f->after)
+        sqlite3_bind_text(st, 3, f->after, -1, SQLITE_TRANSIENT);
+    free(doms);
+    while (!stop && (rc = sqlite3_step(st)) == SQLITE_ROW) {
+        const char *a = (const char *)sqlite3_column_text(st, 0);
+        const char *ms = (const char *)sqlite3_column_text(st, 1);
+        const char *qid = (const char *)sqlite3_column_text(st, 3);
+        int state = sqlite3_column_int(st, 2);
+        int64_t upd = sqlite3_column_int64(st, 6);
+
+        if (!a)
+            continue;
+        if (!acc.open || strcmp(a, acc.addr) != 0) {
+            if (acc.open) {
+                if (f->limit > 0 && n == f->limit) {
+                    *more = 1;
+                    acc.open = 0;
+                    break;
+                }
+                n++;
+                stop = fn(&acc.u, arg) != 0;
+                if (stop) {
+                    acc.open = 0;
+                    break;
+                }
+            }
+            acc_start(&acc, a, ms);
+            acc.u.oldest = sqlite3_column_int64(st, 4);
+        }
+        if (state == 2)
+            acc.u.held++;
+        else
+            acc.u.queued++;
+        if (!qid || strcmp(qid, acc.last_qid) != 0) {
+            acc.u.messages++;
+            snprintf(acc.last_qid, sizeof(acc.last_qid), "%s", qid ? qid : "");
+        }
+        /* the newest attempt: a row tried at least once (or held), updated last */
+        if ((sqlite3_column_int(st, 5) > 0 || state == 2) && upd >= acc.u.last_attempt) {
+            const char *rep = (const char *)sqlite3_column_text(st, 7);
+            acc.u.last_attempt = upd;
+            acc.u.last_state = state;
+            free(acc.reply);
+            acc.reply = strdup(rep ? rep : "");
+        }
+        acc.u.last_reply = acc.reply ? acc.reply : "";
+    }
+    if (!stop && rc != SQLITE_ROW && rc != SQLITE_DONE) {
+        sqlite3_finalize(st);
+        free(acc.reply);
+        return -EIO;
+    }
+    if (acc.open) {
+        if (f->limit > 0 && n == f->limit) {
+            *more = 1;
+        } else {
+            n++;
+            fn(&acc.u, arg);
+        }
+    }
+    sqlite3_finalize(st);
+    free(acc.reply);
+    return n;
+}
+
+static int affected_row(const struct spool_query_user *u, void *arg)
+{
+    json_t *o = json_pack("{s:s,s:s,s:I,s:I,s:I,s:I,s:s}", "rcpt", u->addr, "mailstore",
+                          u->mailstore, "queued", (json_int_t)u->queued, "held",
+                          (json_int_t)u->held, "messages", (json_int_t)u->messages, "oldest",
+                          (json_int_t)u->oldest, "last_reply", u->last_reply);
+    if (!o)     /* an address that is not UTF-8: keep it visible rather than drop it */
+        o = json_pack("{s:s,s:I}", "rcpt", "(invalid UTF-8)", "queued", (json_int_t)u->queued);
+    json_object_set_new(o, "last_attempt",
+                        u->last_attempt ? json_integer(u->last_attempt) : json_null());
+    json_array_append_new(arg, o);
+    return 0;
+}
+
+json_t *spool_query_affected_domain(struct spool_query *q, const char *ms, const char *domain,
+                                    const char *after, long limit, int *more)
+{
+    char norm[DOMAIN_MAX];
+    const char *doms[1] = { norm };
+    struct spool_query_users f = { .domains = doms, .ndomains = 1, .mailstore = ms,
+                                   .after = after, .limit = limit };
+    json_t *arr;
+
+    *more = 0;
+    if (domain_norm(domain, norm, sizeof(norm)) < 0 || !(arr = json_array()))
+        return NULL;
+    if (spool_query_users(q, &f, affected_row, arr, more) < 0) {
+        json_decref(arr);
+        return NULL;
+    }
     return arr;
 }
 
