@@ -66,10 +66,19 @@ struct spool_query_users {
     const char *after;           /* an address key: start after it (paging); NULL: first */
     long limit;                  /* addresses; 0: all */
 };
+#define SPOOL_QUERY_USER_MS_MAX 8  /* mailstores one address waits on (more: counted in the
+                                    * last one; an address normally has one) */
+struct spool_query_user_ms {
+    const char *name;
+    long queued, held, messages;
+    int64_t oldest;
+};
 struct spool_query_user {
     const char *addr;            /* domain_addr_key of the recipient */
     const char *domain;          /* its domain key (points into addr) */
     const char *mailstore;       /* where its oldest waiting message waits */
+    int nms;                     /* where it waits, each with its own counts */
+    struct spool_query_user_ms ms[SPOOL_QUERY_USER_MS_MAX];
     long queued, held;           /* recipient rows in each state */
     long messages;               /* distinct messages waiting for it */
     int64_t oldest;              /* unix s: arrival of its oldest waiting message */

@@ -361,7 +361,11 @@ static enum MHD_Result send_reply(struct MHD_Connection *conn, struct reply *rp)
     return r;
 }
 
-/* etag_of - a strong ETag: the first 128 bits of the body's SHA-256, as hex in quotes. */
+/* etag_of - a strong ETag: the first 128 bits of the SHA-256 of what decides the bytes of
+ * the answer, as hex in quotes. For the JSON and CSV answers that is the snapshot's content
+ * digest and the request (not the body: its generated_at changes with every rebuild, and a
+ * poller should get 304 until the data changes); for the page it is the body itself, whose
+ * "Updated" time a browser should see move. */
 static void etag_of(const char *body, size_t len, char *out, size_t outlen)
 {
     unsigned char h[32];
@@ -375,6 +379,12 @@ static void etag_of(const char *body, size_t len, char *out, size_t outlen)
     for (int i = 0; i < 16; i++)
         snprintf(hex + 2 * i, 3, "%02x", h[i]);
     snprintf(out, outlen, "\"%s\"", hex);
+}
+
+static void hexof(const unsigned char *b, size_t n, char *out)
+{
+    for (size_t i = 0; i < n; i++)
+        snprintf(out + 2 * i, 3, "%02x", b[i]);
 }
 
 /* etag_matches - If-None-Match (a list, "*", weak forms compare weakly: RFC 9110 13.1.2). */
@@ -491,6 +501,8 @@ static enum MHD_Result api_answer(void *cls, struct MHD_Connection *conn, const 
     struct snap_ref *sr;
     char token[TENANT_TOKEN_MAX];
     enum MHD_Result res;
+    unsigned char etag_digest[32];
+    char digest_hex[65];
     int wait;
 
     if (*upload_size) {          /* we take no bodies: drop it, answer once it is read */
@@ -595,11 +607,25 @@ static enum MHD_Result api_answer(void *cls, struct MHD_Connection *conn, const 
     default:
         break;
     }
+    memcpy(etag_digest, sr->s->digest, sizeof(etag_digest));
     snap_put(a, sr);
     tset_put(a, ts);
     if (!rp.body)
         return MHD_NO;
-    etag_of(rp.body, rp.len, rp.etag, sizeof(rp.etag));
+    if (rt.kind == API_R_PAGE) {
+        etag_of(rp.body, rp.len, rp.etag, sizeof(rp.etag));
+    } else {
+        char key[2048];
+        int kl = snprintf(key, sizeof(key), "%s\n%s\n%s\n%s\n%ld\n%s\n%s\n",
+                          api_route_name(rt.kind), rt.domain, sel.after ? sel.after : "",
+                          sel.search ? sel.search : "", sel.limit,
+                          sel.mailstore ? sel.mailstore : "", t->name);
+        if (kl > 0 && (size_t)kl < sizeof(key) - sizeof(digest_hex)) {
+            hexof(etag_digest, sizeof(etag_digest), digest_hex);
+            memcpy(key + kl, digest_hex, strlen(digest_hex) + 1);
+            etag_of(key, strlen(key), rp.etag, sizeof(rp.etag));
+        }
+    }
     if (etag_matches(MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "If-None-Match"),
                      rp.etag)) {
         free(rp.body);
@@ -612,6 +638,11 @@ static enum MHD_Result api_answer(void *cls, struct MHD_Connection *conn, const 
 }
 
 /* --- Start and stop ------------------------------------------------------------------------- */
+
+static size_t unescape(void *cls, struct MHD_Connection *conn, char *s)
+{
+    return api_route_unescape(s);
+}
 
 static void mhd_log(void *cls, const char *fmt, va_list ap)
 {
@@ -691,6 +722,7 @@ int api_start(struct api **out, const struct conf *c, char *err, size_t errlen)
                               MHD_OPTION_CONNECTION_LIMIT, (unsigned)API_CONN_MAX,
                               MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)API_CONN_TIMEOUT_S,
                               MHD_OPTION_EXTERNAL_LOGGER, mhd_log, NULL,
+                              MHD_OPTION_UNESCAPE_CALLBACK, unescape, NULL,
                               MHD_OPTION_END);
     if (!a->mhd) {
         snprintf(err, errlen, "[api] cannot listen on %s (in use, or not a local address)",

@@ -96,7 +96,7 @@ static void banner(FILE *f, const struct api_mstore *m)
         esc(f, m->public_reason);
         fputs("</p>", f);
     }
-    fprintf(f, "<p>%ld of your mailbox%s %s %ld message%s waiting here%s. Mail is kept safely "
+    fprintf(f, "<p>%ld mailbox%s of yours %s %ld message%s waiting here%s. Mail is kept safely "
             "and delivered when service resumes; nothing is returned to the senders.</p>"
             "</section>\n", m->users, m->users == 1 ? "" : "es", m->users == 1 ? "has" : "have",
             m->messages, m->messages == 1 ? "" : "s",

@@ -2,8 +2,9 @@
  * api_route.c - path matching for the reseller API (contract: api_route.h). The path is cut
  * into at most API_SEGS_MAX segments first; a segment that is empty (a double slash, a
  * trailing slash), "." or "..", or holds a byte below 0x20, ends the match. Percent-escapes
- * arrive decoded by libmicrohttpd, so "%2e%2e" is "..", "%2f" is a slash (one more segment)
- * and "%00" cuts the string: each of those then fails like any other unknown shape.
+ * are decoded first (api_route_unescape), so "%2e%2e" is "..", "%2f" is a slash (one more
+ * segment), while "%00" stays "%00" (no domain holds a '%'): each of those then fails like
+ * any other unknown shape.
  */
 #include "api_route.h"
 
@@ -20,6 +21,30 @@ static const char *const route_names[] = {
 const char *api_route_name(enum api_route_kind k)
 {
     return (unsigned)k < sizeof(route_names) / sizeof(route_names[0]) ? route_names[k] : "?";
+}
+
+static int hex(char c)
+{
+    return c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10
+         : c >= 'A' && c <= 'F' ? c - 'A' + 10 : -1;
+}
+
+size_t api_route_unescape(char *s)
+{
+    char *w = s;
+
+    for (const char *r = s; *r; r++) {
+        int hi, lo;
+        if (*r == '%' && (hi = hex(r[1])) >= 0 && (lo = hex(r[2])) >= 0 &&
+            hi * 16 + lo >= 0x20 && hi * 16 + lo != 0x7f) {
+            *w++ = (char)(hi * 16 + lo);
+            r += 2;
+        } else {
+            *w++ = *r;
+        }
+    }
+    *w = '\0';
+    return (size_t)(w - s);
 }
 
 static enum api_route_kind none(struct api_route *r)

@@ -17,6 +17,8 @@
 #ifndef SLUICE_API_ROUTE_H
 #define SLUICE_API_ROUTE_H
 
+#include <stddef.h>
+
 #include "domain.h"
 
 #define API_PATH_MAX 2048       /* longer paths are not ours */
@@ -43,6 +45,11 @@ struct api_route {
     char domain[DOMAIN_MAX];    /* the DOMAIN* kinds: the normalised domain */
 };
 
+/* Decode %HH escapes of s in place, except those that would give a control character (a
+ * NUL would cut the path short): they stay as written, so the path no longer matches. Used
+ * for the path and the query arguments (libmicrohttpd's unescape callback). Returns the new
+ * length. */
+size_t api_route_unescape(char *s);
 /* Match path into r; returns r->kind. */
 enum api_route_kind api_route_match(const char *path, struct api_route *r);
 const char *api_route_name(enum api_route_kind k);

@@ -12,6 +12,7 @@
 #include <ctype.h>
 #include <errno.h>
 #include <jansson.h>
+#include <openssl/evp.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -145,6 +146,7 @@ void api_snap_free(struct api_snap *s)
             free(s->users[i].display);
         free(s->users[i].addr);
         free(s->users[i].mailstore);
+        free(s->users[i].ms);
         free(s->users[i].last_reply);
     }
     free(s->users);
@@ -196,13 +198,22 @@ static int add_user(const struct spool_query_user *qu, void *arg)
     u->addr = strdup(qu->addr);
     u->mailstore = strdup(qu->mailstore);
     u->last_reply = strdup(qu->last_reply);
-    if (!u->addr || !u->mailstore || !u->last_reply) {
+    u->ms = calloc((size_t)qu->nms + 1, sizeof(*u->ms));
+    if (!u->addr || !u->mailstore || !u->last_reply || !u->ms) {
         free(u->addr);
         free(u->mailstore);
         free(u->last_reply);
+        free(u->ms);
         b->oom = 1;
         return 1;
     }
+    for (int k = 0; k < qu->nms; k++) {
+        snprintf(u->ms[k].name, sizeof(u->ms[k].name), "%s", qu->ms[k].name);
+        u->ms[k].messages = qu->ms[k].messages;
+        u->ms[k].held = qu->ms[k].held;
+        u->ms[k].oldest = qu->ms[k].oldest;
+    }
+    u->nms = qu->nms;
     u->domain = u->addr + (qu->domain - qu->addr);
     u->display = u->addr;
     if (strstr(u->domain, "xn--")) {
@@ -226,21 +237,65 @@ static int add_user(const struct spool_query_user *qu, void *arg)
     s->held += u->held;
     if (!s->oldest || (u->oldest && u->oldest < s->oldest))
         s->oldest = u->oldest;
-    if (!(m = ms_get(s, u->mailstore))) {
-        b->oom = 1;
-        return 1;
+    for (int k = 0; k < u->nms; k++) {
+        if (!(m = ms_get(s, u->ms[k].name))) {
+            b->oom = 1;
+            return 1;
+        }
+        m->users++;
+        m->messages += u->ms[k].messages;
+        m->held += u->ms[k].held;
+        if (!m->oldest || (u->ms[k].oldest && u->ms[k].oldest < m->oldest))
+            m->oldest = u->ms[k].oldest;
     }
-    m->users++;
-    m->messages += u->messages;
-    m->held += u->held;
-    if (!m->oldest || (u->oldest && u->oldest < m->oldest))
-        m->oldest = u->oldest;
     return 0;
 }
 
 static int cmp_ms(const void *a, const void *b)
 {
     return strcmp(((const struct api_mstore *)a)->name, ((const struct api_mstore *)b)->name);
+}
+
+/* digest - the snapshot's content (not its build time), and the tenant's domain list that
+ * some answers show: equal digests, equal answers. */
+static void digest(struct api_snap *s, const struct tenant *t)
+{
+    EVP_MD_CTX *cx = EVP_MD_CTX_new();
+    char num[160];
+    unsigned int n = sizeof(s->digest);
+
+#define FEED(str) EVP_DigestUpdate(cx, (str), strlen(str) + 1)
+    if (!cx || EVP_DigestInit_ex(cx, EVP_sha256(), NULL) != 1) {
+        memset(s->digest, 0, sizeof(s->digest));
+        EVP_MD_CTX_free(cx);
+        return;
+    }
+    for (int i = 0; i < t->ndomains; i++)
+        FEED(t->domains[i]);
+    for (size_t i = 0; i < s->nusers; i++) {
+        const struct api_user *u = &s->users[i];
+        FEED(u->addr);
+        FEED(u->last_reply);
+        snprintf(num, sizeof(num), "%ld %ld %ld %lld %lld %d", u->queued, u->held, u->messages,
+                 (long long)u->oldest, (long long)u->last_attempt, u->last_state);
+        FEED(num);
+        for (int k = 0; k < u->nms; k++) {
+            snprintf(num, sizeof(num), "%s %ld %ld %lld", u->ms[k].name, u->ms[k].messages,
+                     u->ms[k].held, (long long)u->ms[k].oldest);
+            FEED(num);
+        }
+    }
+    for (size_t i = 0; i < s->nms; i++) {
+        FEED(s->ms[i].name);
+        FEED(s->ms[i].state);
+        FEED(s->ms[i].public_reason);
+        snprintf(num, sizeof(num), "%lld", (long long)s->ms[i].since);
+        FEED(num);
+    }
+#undef FEED
+    if (EVP_DigestFinal_ex(cx, s->digest, &n) != 1)
+        memset(s->digest, 0, sizeof(s->digest));
+    EVP_MD_CTX_free(cx);
 }
 
 int api_view_build(struct api_snap **out, struct spool_query *q, const struct tenant *t,
@@ -286,6 +341,7 @@ int api_view_build(struct api_snap **out, struct spool_query *q, const struct te
     }
     if (b.s->nms > 1)
         qsort(b.s->ms, b.s->nms, sizeof(*b.s->ms), cmp_ms);
+    digest(b.s, t);
     *out = b.s;
     return 0;
 }
@@ -321,8 +377,13 @@ static int picks(const struct api_user *u, const struct api_select *sel, const c
 {
     if (sel->domain && strcmp(u->domain, sel->domain) != 0)
         return 0;
-    if (sel->mailstore && strcmp(u->mailstore, sel->mailstore) != 0)
-        return 0;
+    if (sel->mailstore) {
+        int k;
+        for (k = 0; k < u->nms && strcmp(u->ms[k].name, sel->mailstore) != 0; k++)
+            ;
+        if (k == u->nms)
+            return 0;
+    }
     if (search && !ci_contains(u->addr, search) && !ci_contains(u->display, search))
         return 0;
     return 1;
@@ -460,17 +521,27 @@ char *api_view_status(const struct api_snap *s, const struct tenant *t, const ch
     json_object_set_new(o, "counts", counts_json(&x));
     for (size_t i = 0; i < s->nms; i++) {
         if (domain) {
-            /* only the mailstores where this domain's mail waits */
-            struct api_select d = { .domain = domain, .mailstore = s->ms[i].name };
-            struct sum y = { 0 };
-            api_view_select(s, &d, sum_user, &y, &next);
-            if (y.users == 0)
-                continue;
+            /* only the mailstores where this domain's mail waits, with its counts */
             struct api_mstore m = s->ms[i];
-            m.users = y.users;
-            m.messages = y.messages;
-            m.held = y.held;
-            m.oldest = y.oldest;
+            m.users = m.messages = m.held = 0;
+            m.oldest = 0;
+            for (size_t k = 0; k < s->nusers; k++) {
+                const struct api_user *u = &s->users[k];
+                if (strcmp(u->domain, domain) != 0)
+                    continue;
+                for (int j = 0; j < u->nms; j++) {
+                    const struct api_user_ms *um = &u->ms[j];
+                    if (strcmp(um->name, m.name) != 0)
+                        continue;
+                    m.users++;
+                    m.messages += um->messages;
+                    m.held += um->held;
+                    if (!m.oldest || (um->oldest && um->oldest < m.oldest))
+                        m.oldest = um->oldest;
+                }
+            }
+            if (m.users == 0)
+                continue;
             json_array_append_new(ms, ms_json(&m));
         } else {
             json_array_append_new(ms, ms_json(&s->ms[i]));

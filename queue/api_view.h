@@ -25,11 +25,19 @@
 #define API_SEARCH_MAX 256
 #define API_OUTCOME_MAX 320
 
+struct api_user_ms {            /* one mailstore a user's mail waits on */
+    char name[MSTORE_NAME_MAX];
+    long messages, held;
+    int64_t oldest;
+};
+
 struct api_user {
     char *addr;                 /* address key (domain_addr_key): the sort and paging key */
     char *display;              /* the same with U-labels, for people (= addr if none) */
     const char *domain;         /* points into addr */
-    char *mailstore;
+    char *mailstore;            /* where its oldest waiting message waits */
+    int nms;
+    struct api_user_ms *ms;     /* every mailstore it waits on */
     long queued, held, messages;
     int64_t oldest, last_attempt;
     int last_state;             /* 0 queued, 2 held */
@@ -41,7 +49,7 @@ struct api_mstore {
     char state[16];             /* active paused tripped ramping, or unknown */
     int64_t since;              /* 0: unknown */
     char public_reason[MSTORE_REASON_MAX];
-    long users, messages, held; /* the tenant's own */
+    long users, messages, held; /* the tenant's own mailboxes waiting here and their mail */
     int64_t oldest;
 };
 
@@ -54,12 +62,14 @@ struct api_snap {
     struct api_mstore *ms;      /* by name: mailstores with mail of the tenant waiting */
     long messages, held;
     int64_t oldest;
+    unsigned char digest[32];   /* SHA-256 of everything above but the build time: two
+                                 * snapshots with the same digest answer alike (ETags) */
 };
 
 /* Which users an answer lists. NULL/0 fields do not filter. */
 struct api_select {
     const char *domain;         /* normalised */
-    const char *mailstore;
+    const char *mailstore;      /* mailboxes with mail waiting there */
     const char *search;         /* case-insensitive substring of the address */
     const char *after;          /* paging: addresses after this one */
     long limit;                 /* 0: all */

@@ -435,38 +435,53 @@ static int register_functions(sqlite3 *db)
 struct user_acc {
     struct spool_query_user u;
     char addr[SPOOL_QUERY_ADDR_MAX];
-    char mailstore[64];
+    char ms[SPOOL_QUERY_USER_MS_MAX][64];
     char last_qid[32];
     char *reply;
     int open;
 };
 
-static void acc_start(struct user_acc *a, const char *addr, const char *ms)
+static void acc_start(struct user_acc *a, const char *addr)
 {
     memset(&a->u, 0, sizeof(a->u));
     snprintf(a->addr, sizeof(a->addr), "%s", addr);
-    snprintf(a->mailstore, sizeof(a->mailstore), "%s", ms ? ms : "");
     a->last_qid[0] = '\0';
     free(a->reply);
     a->reply = NULL;
     a->u.addr = a->addr;
-    a->u.mailstore = a->mailstore;
+    a->u.mailstore = "";
     const char *at = strrchr(a->addr, '@');
     a->u.domain = at ? at + 1 : "";
     a->open = 1;
 }
 
+/* acc_ms - the per-mailstore entry of ms (rows come grouped by mailstore). */
+static struct spool_query_user_ms *acc_ms(struct user_acc *a, const char *ms)
+{
+    struct spool_query_user *u = &a->u;
+
+    ms = ms ? ms : "";
+    if (u->nms > 0 && strcmp(u->ms[u->nms - 1].name, ms) == 0)
+        return &u->ms[u->nms - 1];
+    if (u->nms == SPOOL_QUERY_USER_MS_MAX)
+        return &u->ms[u->nms - 1];
+    snprintf(a->ms[u->nms], sizeof(a->ms[u->nms]), "%s", ms);
+    u->ms[u->nms].name = a->ms[u->nms];
+    a->last_qid[0] = '\0';
+    return &u->ms[u->nms++];
+}
+
 long spool_query_users(struct spool_query *q, const struct spool_query_users *f,
                        spool_query_user_fn fn, void *arg, int *more)
 {
-    /* rows come address by address, oldest message first within one: so the first row of
-     * an address names its oldest message and mailstore, and a message's rows sit together */
+    /* rows come address by address, mailstore by mailstore, oldest message first: so the
+     * first row of a group is its oldest message, and a message's rows sit together */
     static const char sql_fmt[] =
         "SELECT sluice_addr(r.rcpt) AS a, r.mailstore, r.state, r.qid, m.received_at,"
         " r.attempts, r.updated_at, r.last_reply"
         " FROM recipients r JOIN messages m ON m.qid=r.qid"
         " WHERE r.state<>1 AND sluice_addr_domain(r.rcpt) IN (SELECT value FROM json_each(?1))"
-        "%s%s ORDER BY a, m.received_at, r.qid";
+        "%s%s ORDER BY a, r.mailstore, m.received_at, r.qid";
     char sql[1024];
     json_t *list = json_array();
     char *doms = NULL;
@@ -519,15 +534,26 @@ long spool_query_users(struct spool_query *q, const struct spool_query_users *f,
                     break;
                 }
             }
-            acc_start(&acc, a, ms);
-            acc.u.oldest = sqlite3_column_int64(st, 4);
+            acc_start(&acc, a);
         }
-        if (state == 2)
+        struct spool_query_user_ms *m = acc_ms(&acc, ms);
+        int64_t recv = sqlite3_column_int64(st, 4);
+        if (!m->oldest || recv < m->oldest)
+            m->oldest = recv;
+        if (!acc.u.oldest || recv < acc.u.oldest) {
+            acc.u.oldest = recv;
+            acc.u.mailstore = m->name;
+        }
+        if (state == 2) {
             acc.u.held++;
-        else
+            m->held++;
+        } else {
             acc.u.queued++;
+            m->queued++;
+        }
         if (!qid || strcmp(qid, acc.last_qid) != 0) {
             acc.u.messages++;
+            m->messages++;
             snprintf(acc.last_qid, sizeof(acc.last_qid), "%s", qid ? qid : "");
         }
         /* the newest attempt: a row tried at least once (or held), updated last */
