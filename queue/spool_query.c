@@ -397,190 +397,240 @@ json_t *spool_query_affected(struct spool_query *q, const char *ms)
 
 /* --- By domain ---------------------------------------------------------------------------- */
 
-/* sluice_addr_domain(rcpt) and sluice_addr(rcpt): domain.h's keys in SQL, so the filter and
- * the grouping use exactly the spelling the tenants file and the API path are held to.
- * NULL for an address without a usable domain (it then matches no domain). */
-static void fn_addr_domain(sqlite3_context *cx, int argc, sqlite3_value **argv)
-{
-    const char *a = (const char *)sqlite3_value_text(argv[0]);
-    char key[DOMAIN_MAX];
+/* The domain list of one spool_query_users call, sorted, handed to SQL as a bound pointer. */
+struct dom_set {
+    const char **d;
+    int n;
+};
 
-    if (a && domain_key_of_addr(a, key, sizeof(key)) == 0)
-        sqlite3_result_text(cx, key, -1, SQLITE_TRANSIENT);
-    else
-        sqlite3_result_null(cx);
+static int cmp_str(const void *a, const void *b)
+{
+    return strcmp(*(const char *const *)a, *(const char *const *)b);
 }
 
-static void fn_addr(sqlite3_context *cx, int argc, sqlite3_value **argv)
+/* sluice_owned(rcpt, domains): 1 when the domain key (domain.h) of rcpt is in the bound
+ * domain set, else 0. The set comes from the caller of spool_query_users alone, so the scan
+ * passes on no row of any other domain. */
+static void fn_owned(sqlite3_context *cx, int argc, sqlite3_value **argv)
 {
     const char *a = (const char *)sqlite3_value_text(argv[0]);
-    char key[SPOOL_QUERY_ADDR_MAX];
+    const struct dom_set *set = sqlite3_value_pointer(argv[1], "sluice_domains");
+    char key[DOMAIN_MAX];
+    const char *k = key;
 
-    if (a && domain_addr_key(a, key, sizeof(key)) == 0)
-        sqlite3_result_text(cx, key, -1, SQLITE_TRANSIENT);
-    else
-        sqlite3_result_null(cx);
+    sqlite3_result_int(cx, a && set && domain_key_of_addr(a, key, sizeof(key)) == 0 &&
+                           bsearch(&k, set->d, (size_t)set->n, sizeof(*set->d), cmp_str));
 }
 
 static int register_functions(sqlite3 *db)
 {
-    int flags = SQLITE_UTF8 | SQLITE_DETERMINISTIC | SQLITE_INNOCUOUS;
-    int rc = sqlite3_create_function(db, "sluice_addr_domain", 1, flags, NULL, fn_addr_domain,
-                                     NULL, NULL);
-    return rc == SQLITE_OK ? sqlite3_create_function(db, "sluice_addr", 1, flags, NULL, fn_addr,
-                                                     NULL, NULL) : rc;
+    return sqlite3_create_function(db, "sluice_owned", 2, SQLITE_UTF8 | SQLITE_INNOCUOUS,
+                                   NULL, fn_owned, NULL, NULL);
 }
 
-/* The address being summed up while the rows of spool_query_users stream by. */
-struct user_acc {
+/* One address being summed up, in a hash table while the rows stream by (in table order:
+ * a message's rows are consecutive, so a repeated qid is always the previous one). */
+struct uacc {
+    char *addr;                 /* domain_addr_key */
     struct spool_query_user u;
-    char addr[SPOOL_QUERY_ADDR_MAX];
     char ms[SPOOL_QUERY_USER_MS_MAX][64];
-    char last_qid[32];
+    char last_qid[SPOOL_QUERY_USER_MS_MAX][32];
     char *reply;
-    int open;
 };
 
-static void acc_start(struct user_acc *a, const char *addr)
+struct utab {
+    struct uacc **slot;
+    size_t cap, n;
+};
+
+static uint64_t fnv1a(const char *s)
 {
-    memset(&a->u, 0, sizeof(a->u));
-    snprintf(a->addr, sizeof(a->addr), "%s", addr);
-    a->last_qid[0] = '\0';
-    free(a->reply);
-    a->reply = NULL;
-    a->u.addr = a->addr;
-    a->u.mailstore = "";
-    const char *at = strrchr(a->addr, '@');
-    a->u.domain = at ? at + 1 : "";
-    a->open = 1;
+    uint64_t h = 1469598103934665603ull;
+    for (; *s; s++)
+        h = (h ^ (unsigned char)*s) * 1099511628211ull;
+    return h;
 }
 
-/* acc_ms - the per-mailstore entry of ms (rows come grouped by mailstore). */
-static struct spool_query_user_ms *acc_ms(struct user_acc *a, const char *ms)
+static struct uacc **utab_find(struct utab *t, const char *addr)
 {
-    struct spool_query_user *u = &a->u;
+    size_t i = (size_t)fnv1a(addr) & (t->cap - 1);
 
+    while (t->slot[i] && strcmp(t->slot[i]->addr, addr) != 0)
+        i = (i + 1) & (t->cap - 1);
+    return &t->slot[i];
+}
+
+static int utab_grow(struct utab *t)
+{
+    struct utab nt = { .cap = t->cap ? t->cap * 2 : 1024 };
+
+    if (!(nt.slot = calloc(nt.cap, sizeof(*nt.slot))))
+        return -ENOMEM;
+    for (size_t i = 0; i < t->cap; i++)
+        if (t->slot[i])
+            *utab_find(&nt, t->slot[i]->addr) = t->slot[i];
+    nt.n = t->n;
+    free(t->slot);
+    *t = nt;
+    return 0;
+}
+
+static void utab_free(struct utab *t)
+{
+    for (size_t i = 0; i < t->cap; i++) {
+        if (t->slot[i]) {
+            free(t->slot[i]->addr);
+            free(t->slot[i]->reply);
+            free(t->slot[i]);
+        }
+    }
+    free(t->slot);
+}
+
+/* uacc_add - one recipient row into its address's sums. */
+static int uacc_add(struct utab *t, const char *rcpt, const char *ms, int state,
+                    const char *qid, int64_t recv, int attempts, int64_t upd, const char *reply)
+{
+    char key[SPOOL_QUERY_ADDR_MAX];
+    struct uacc **sl, *a;
+    struct spool_query_user *u;
+    int k;
+
+    if (domain_addr_key(rcpt, key, sizeof(key)) < 0)
+        return 0;
+    if ((t->n + 1) * 2 > t->cap && utab_grow(t) < 0)
+        return -ENOMEM;
+    sl = utab_find(t, key);
+    if (!(a = *sl)) {
+        if (!(a = calloc(1, sizeof(*a))) || !(a->addr = strdup(key))) {
+            free(a);
+            return -ENOMEM;
+        }
+        *sl = a;
+        t->n++;
+    }
+    u = &a->u;
     ms = ms ? ms : "";
-    if (u->nms > 0 && strcmp(u->ms[u->nms - 1].name, ms) == 0)
-        return &u->ms[u->nms - 1];
-    if (u->nms == SPOOL_QUERY_USER_MS_MAX)
-        return &u->ms[u->nms - 1];
-    snprintf(a->ms[u->nms], sizeof(a->ms[u->nms]), "%s", ms);
-    u->ms[u->nms].name = a->ms[u->nms];
-    a->last_qid[0] = '\0';
-    return &u->ms[u->nms++];
+    for (k = 0; k < u->nms && strcmp(a->ms[k], ms) != 0; k++)
+        ;
+    if (k == u->nms && u->nms < SPOOL_QUERY_USER_MS_MAX)
+        snprintf(a->ms[u->nms++], sizeof(a->ms[0]), "%s", ms);
+    else if (k == u->nms)
+        k = u->nms - 1;      /* more mailstores than we keep: the last one counts them */
+    struct spool_query_user_ms *m = &u->ms[k];
+    if (!m->oldest || recv < m->oldest)
+        m->oldest = recv;
+    if (!u->oldest || recv < u->oldest) {
+        u->oldest = recv;
+        u->mailstore = a->ms[k];      /* fixed up to point into a when reported */
+    }
+    if (state == 2) {
+        u->held++;
+        m->held++;
+    } else {
+        u->queued++;
+        m->queued++;
+    }
+    if (!qid || strcmp(qid, a->last_qid[k]) != 0) {
+        u->messages++;
+        m->messages++;
+        snprintf(a->last_qid[k], sizeof(a->last_qid[k]), "%s", qid ? qid : "");
+    }
+    /* the newest attempt: a row tried at least once (or held), updated last */
+    if ((attempts > 0 || state == 2) && upd >= u->last_attempt) {
+        char *r = strdup(reply ? reply : "");
+        if (!r)
+            return -ENOMEM;
+        free(a->reply);
+        a->reply = r;
+        u->last_attempt = upd;
+        u->last_state = state;
+    }
+    return 0;
+}
+
+static int cmp_uacc(const void *x, const void *y)
+{
+    return strcmp((*(struct uacc *const *)x)->addr, (*(struct uacc *const *)y)->addr);
 }
 
 long spool_query_users(struct spool_query *q, const struct spool_query_users *f,
                        spool_query_user_fn fn, void *arg, int *more)
 {
-    /* rows come address by address, mailstore by mailstore, oldest message first: so the
-     * first row of a group is its oldest message, and a message's rows sit together */
+    /* one pass over the waiting rows (no ORDER BY: sorting a hundred thousand rows costs
+     * more than summing them in a hash table and sorting the addresses) */
     static const char sql_fmt[] =
-        "SELECT sluice_addr(r.rcpt) AS a, r.mailstore, r.state, r.qid, m.received_at,"
-        " r.attempts, r.updated_at, r.last_reply"
-        " FROM recipients r JOIN messages m ON m.qid=r.qid"
-        " WHERE r.state<>1 AND sluice_addr_domain(r.rcpt) IN (SELECT value FROM json_each(?1))"
-        "%s%s ORDER BY a, r.mailstore, m.received_at, r.qid";
-    char sql[1024];
-    json_t *list = json_array();
-    char *doms = NULL;
+        "SELECT r.rcpt, r.mailstore, r.state, r.qid, m.received_at, r.attempts, r.updated_at,"
+        " r.last_reply FROM recipients r JOIN messages m ON m.qid=r.qid"
+        " WHERE r.state<>1 AND sluice_owned(r.rcpt, ?1)%s";
+    char sql[512];
+    struct dom_set set = { 0 };
+    struct utab t = { 0 };
+    struct uacc **list = NULL;
     sqlite3_stmt *st = NULL;
-    struct user_acc acc = { .open = 0 };
     long n = 0;
-    int rc, stop = 0;
+    size_t first = 0, nl = 0;
+    int rc, r = 0;
 
     *more = 0;
-    if (!f->domains || f->ndomains <= 0 || !list) {
-        json_decref(list);
+    if (!f->domains || f->ndomains <= 0)
         return -EINVAL;
-    }
-    for (int i = 0; i < f->ndomains; i++)
-        json_array_append_new(list, json_string(f->domains[i]));
-    doms = json_dumps(list, JSON_COMPACT);
-    json_decref(list);
-    snprintf(sql, sizeof(sql), sql_fmt, f->mailstore ? " AND r.mailstore=?2" : "",
-             f->after ? " AND sluice_addr(r.rcpt)>?3" : "");
-    if (!doms || !(st = prep(q, sql))) {
-        free(doms);
+    if (!(set.d = malloc((size_t)f->ndomains * sizeof(*set.d))))
+        return -ENOMEM;
+    memcpy(set.d, f->domains, (size_t)f->ndomains * sizeof(*set.d));
+    set.n = f->ndomains;
+    qsort(set.d, (size_t)set.n, sizeof(*set.d), cmp_str);
+    snprintf(sql, sizeof(sql), sql_fmt, f->mailstore ? " AND r.mailstore=?2" : "");
+    if (!(st = prep(q, sql))) {
+        free(set.d);
         return -EIO;
     }
-    sqlite3_bind_text(st, 1, doms, -1, SQLITE_TRANSIENT);
+    sqlite3_bind_pointer(st, 1, &set, "sluice_domains", NULL);
     if (f->mailstore)
         sqlite3_bind_text(st, 2, f->mailstore, -1, SQLITE_TRANSIENT);
+    while (r == 0 && (rc = sqlite3_step(st)) == SQLITE_ROW)
+        r = uacc_add(&t, (const char *)sqlite3_column_text(st, 0),
+                     (const char *)sqlite3_column_text(st, 1), sqlite3_column_int(st, 2),
+                     (const char *)sqlite3_column_text(st, 3), sqlite3_column_int64(st, 4),
+                     sqlite3_column_int(st, 5), sqlite3_column_int64(st, 6),
+                     (const char *)sqlite3_column_text(st, 7));
+    sqlite3_finalize(st);
+    free(set.d);
+    if (r == 0 && rc != SQLITE_DONE)
+        r = -EIO;
+    if (r == 0 && t.n && !(list = malloc(t.n * sizeof(*list))))
+        r = -ENOMEM;
+    if (r < 0) {
+        utab_free(&t);
+        return r;
+    }
+    for (size_t i = 0; i < t.cap; i++)
+        if (t.slot[i])
+            list[nl++] = t.slot[i];
+    qsort(list, nl, sizeof(*list), cmp_uacc);
     if (f->after)
-        sqlite3_bind_text(st, 3, f->after, -1, SQLITE_TRANSIENT);
-    free(doms);
-    while (!stop && (rc = sqlite3_step(st)) == SQLITE_ROW) {
-        const char *a = (const char *)sqlite3_column_text(st, 0);
-        const char *ms = (const char *)sqlite3_column_text(st, 1);
-        const char *qid = (const char *)sqlite3_column_text(st, 3);
-        int state = sqlite3_column_int(st, 2);
-        int64_t upd = sqlite3_column_int64(st, 6);
-
-        if (!a)
-            continue;
-        if (!acc.open || strcmp(a, acc.addr) != 0) {
-            if (acc.open) {
-                if (f->limit > 0 && n == f->limit) {
-                    *more = 1;
-                    acc.open = 0;
-                    break;
-                }
-                n++;
-                stop = fn(&acc.u, arg) != 0;
-                if (stop) {
-                    acc.open = 0;
-                    break;
-                }
-            }
-            acc_start(&acc, a);
-        }
-        struct spool_query_user_ms *m = acc_ms(&acc, ms);
-        int64_t recv = sqlite3_column_int64(st, 4);
-        if (!m->oldest || recv < m->oldest)
-            m->oldest = recv;
-        if (!acc.u.oldest || recv < acc.u.oldest) {
-            acc.u.oldest = recv;
-            acc.u.mailstore = m->name;
-        }
-        if (state == 2) {
-            acc.u.held++;
-            m->held++;
-        } else {
-            acc.u.queued++;
-            m->queued++;
-        }
-        if (!qid || strcmp(qid, acc.last_qid) != 0) {
-            acc.u.messages++;
-            m->messages++;
-            snprintf(acc.last_qid, sizeof(acc.last_qid), "%s", qid ? qid : "");
-        }
-        /* the newest attempt: a row tried at least once (or held), updated last */
-        if ((sqlite3_column_int(st, 5) > 0 || state == 2) && upd >= acc.u.last_attempt) {
-            const char *rep = (const char *)sqlite3_column_text(st, 7);
-            acc.u.last_attempt = upd;
-            acc.u.last_state = state;
-            free(acc.reply);
-            acc.reply = strdup(rep ? rep : "");
-        }
-        acc.u.last_reply = acc.reply ? acc.reply : "";
-    }
-    if (!stop && rc != SQLITE_ROW && rc != SQLITE_DONE) {
-        sqlite3_finalize(st);
-        free(acc.reply);
-        return -EIO;
-    }
-    if (acc.open) {
+        while (first < nl && strcmp(list[first]->addr, f->after) <= 0)
+            first++;
+    for (size_t i = first; i < nl; i++) {
+        struct uacc *a = list[i];
         if (f->limit > 0 && n == f->limit) {
             *more = 1;
-        } else {
-            n++;
-            fn(&acc.u, arg);
+            break;
         }
+        a->u.addr = a->addr;
+        const char *at = strrchr(a->addr, '@');
+        a->u.domain = at ? at + 1 : "";
+        for (int k = 0; k < a->u.nms; k++)
+            a->u.ms[k].name = a->ms[k];
+        if (!a->u.mailstore)
+            a->u.mailstore = "";
+        a->u.last_reply = a->reply ? a->reply : "";
+        n++;
+        if (fn(&a->u, arg))
+            break;
     }
-    sqlite3_finalize(st);
-    free(acc.reply);
+    free(list);
+    utab_free(&t);
     return n;
 }
 
