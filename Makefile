@@ -119,6 +119,12 @@ bench-gateway: deps-test
 	@$(MAKE) --no-print-directory all
 	@scripts/bench-gateway.sh $(B)
 
+# the reseller API with 1,000,000 queued recipients (SCALE=N, AFFECTED=N users of one reseller)
+.PHONY: bench-resellers
+bench-resellers: deps-test
+	@$(MAKE) --no-print-directory all
+	@scripts/bench-resellers.sh $(B)
+
 bench: bench-spool bench-gateway
 
 clean:

@@ -32,9 +32,10 @@ fi
 echo "deps.sh: installing$missing" >&2
 export DEBIAN_FRONTEND=noninteractive
 # Postfix is here only for smtp-source/smtp-sink, Dovecot only for its LMTP server, haproxy
-# only as a test proxy, opendkim and rspamd only as milters, nginx only as a test TLS proxy: all started by the tests on
-# loopback with private configs. Never configure or start the system's own instances
-# (policy-rc.d below keeps their services from starting).
+# only as a test proxy, opendkim and rspamd only as milters, nginx only as a test TLS proxy:
+# all started by the tests on loopback with private configs. Never configure or start the
+# system's own instances (policy-rc.d below keeps their services from starting). chromium is
+# driven headless by chromium-driver, with a fresh profile per test.
 echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
 made_policy=
 if [ ! -e /usr/sbin/policy-rc.d ]; then
