@@ -262,8 +262,9 @@ int tenants_parse(struct tenants **out, const char *name, const char *text, size
         pos += n + 1;
         if ((p = strchr(line, '#')))
             *p = '\0';
-        if (n && line[strlen(line) - 1] == '\r')
-            line[strlen(line) - 1] = '\0';
+        size_t ll = strlen(line);
+        if (ll > 0 && line[ll - 1] == '\r')
+            line[ll - 1] = '\0';
         for (p = line; *p == ' ' || *p == '\t'; p++)
             ;
         if (*p == '\0') {

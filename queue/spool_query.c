@@ -607,7 +607,8 @@ long spool_query_users(struct spool_query *q, const struct spool_query_users *f,
     for (size_t i = 0; i < t.cap; i++)
         if (t.slot[i])
             list[nl++] = t.slot[i];
-    qsort(list, nl, sizeof(*list), cmp_uacc);
+    if (nl > 1)
+        qsort(list, nl, sizeof(*list), cmp_uacc);
     if (f->after)
         while (first < nl && strcmp(list[first]->addr, f->after) <= 0)
             first++;

@@ -62,6 +62,13 @@ class ApiDeliverer(CtlDeliverer):
             self.extra = "[api]\n" + "".join("%s = %s\n" % kv for kv in self._api.items())
         super().write_conf()
 
+    def start(self):
+        """As CtlDeliverer.start, and also wait for the start-up line, which comes after the
+        signal handlers (a SIGHUP before them would end the process)."""
+        super().start()
+        self.wait_log(r"deliver: started", count=len(self.logs))
+        return self
+
     def reconfigure_api(self, **kv):
         """Change [api] keys and SIGHUP the deliverer; returns once it re-read them."""
         n = self.log().count("tenant(s) loaded from")
