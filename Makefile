@@ -149,6 +149,7 @@ FUZZ_NEEDS_conf := common/conf.c
 FUZZ_NEEDS_spool_rec := queue/spool_rec.c
 FUZZ_NEEDS_milter_reply := gateway/milter_proto.c
 FUZZ_NEEDS_proxy := gateway/gw_proxy.c
+FUZZ_NEEDS_api := queue/api_route.c
 FUZZ_ALL := $(patsubst tests/fuzz/fuzz_%.c,%,$(wildcard tests/fuzz/fuzz_*.c))
 FUZZ_TARGETS := $(foreach t,$(FUZZ_ALL),$(if $(wildcard $(FUZZ_NEEDS_$(t))),$(t)))
 FUZZ_BINS := $(FUZZ_TARGETS:%=$(FB)/fuzz_%)

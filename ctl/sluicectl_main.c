@@ -319,7 +319,7 @@ static int do_status(struct ctx *x)
     printf("%-12s %-9s %8s %6s %8s %8s %7s  %s\n", "MAILSTORE", "STATE", "QUEUED", "HELD",
            "OLDEST", "RATE/s", "CONNS", "REASON / LAST ERROR");
     json_array_foreach(json_object_get(rep, "mailstores"), i, m) {
-        char age[32], rate[320], conns[64], cb[128], note[600];
+        char age[32], rate[320], conns[64], cb[128], note[1024];
         ctl_fmt_age(age_of(m, "oldest_queued"), age, sizeof(age));
         if (json_object_get(m, "delivery_rate"))
             snprintf(rate, sizeof(rate), "%.1f", json_number_value(json_object_get(m, "delivery_rate")));
@@ -332,8 +332,9 @@ static int do_status(struct ctx *x)
             snprintf(conns, sizeof(conns), "-");
         const char *reason = js(m, "reason"), *last = js(m, "last_error");
         if (*reason && strcmp(js(m, "state"), "active") != 0)
-            snprintf(note, sizeof(note), "%s%s%s", reason, *js(m, "actor") ? " by " : "",
-                     js(m, "actor"));
+            snprintf(note, sizeof(note), "%s%s%s%s%s", reason, *js(m, "actor") ? " by " : "",
+                     js(m, "actor"), *js(m, "public_reason") ? "; public: " : "",
+                     js(m, "public_reason"));
         else
             snprintf(note, sizeof(note), "%s", last);
         printf("%-12s %-9s %8" PRId64 " %6" PRId64 " %8s %8s %7s  %s\n", js(m, "name"),

@@ -644,6 +644,8 @@ static size_t unescape(void *cls, struct MHD_Connection *conn, char *s)
     return api_route_unescape(s);
 }
 
+static void mhd_log(void *cls, const char *fmt, va_list ap) __attribute__((format(printf, 2, 0)));
+
 static void mhd_log(void *cls, const char *fmt, va_list ap)
 {
     char buf[512];
