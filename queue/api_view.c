@@ -511,6 +511,7 @@ char *api_view_status(const struct api_snap *s, const struct tenant *t, const ch
     json_object_set_new(o, "generated_at", json_string(now));
     if (domain) {
         json_object_set_new(o, "domain", domain_json(s, domain));
+        json_array_append_new(doms, json_string(domain));
     } else {
         for (int i = 0; i < t->ndomains; i++)
             json_array_append_new(doms, json_string(t->domains[i]));
