@@ -102,8 +102,8 @@ best() {  # best() LABEL CMD...: 3 runs, print each and the median
     echo "$med" >>"$T/medians"
 }
 curl_t() { curl -s -o "$T/out" -w '%{time_total}' -H "$auth" "$url$1"; }
-# CPU seconds sluice-deliver spent on one request: the figure that does not depend on what
-# else the machine is doing
+# CPU seconds sluice-deliver (all its threads) spent during one request: the figure that does
+# not depend on what else the machine is doing
 cpu_of() { awk '{ print ($14 + $15) / 100 }' "/proc/$pid/stat"; }
 cpu_t() {
     c0=$(cpu_of)
