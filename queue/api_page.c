@@ -33,7 +33,7 @@ static const char page_css[] =
     "table{border-collapse:collapse;width:100%}caption{text-align:left;font-weight:600;"
     "padding:.5rem 0}th,td{text-align:left;padding:.4rem .5rem;border-bottom:1px solid "
     "#767676;vertical-align:top}thead th{background:#f2f2f2}tbody th{font-weight:400;"
-    "word-break:break-all}";
+    "overflow-wrap:anywhere;min-width:12rem}";
 
 void api_page_escape(void *file, const char *s)
 {
