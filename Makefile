@@ -18,7 +18,7 @@ OPT := -O2
 endif
 
 CC ?= cc
-PKGS := libuv openssl sqlite3 inih jansson libmicrohttpd libsystemd
+PKGS := libuv openssl sqlite3 inih jansson libmicrohttpd libsystemd libidn2
 # libspf2 has no .pc file on Debian 12
 PKG_CFLAGS = $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
 PKG_LIBS = $(shell pkg-config --libs $(PKGS) 2>/dev/null)
@@ -119,6 +119,12 @@ bench-gateway: deps-test
 	@$(MAKE) --no-print-directory all
 	@scripts/bench-gateway.sh $(B)
 
+# the reseller API with 1,000,000 queued recipients (SCALE=N, AFFECTED=N users of one reseller)
+.PHONY: bench-resellers
+bench-resellers: deps-test
+	@$(MAKE) --no-print-directory all
+	@scripts/bench-resellers.sh $(B)
+
 bench: bench-spool bench-gateway
 
 clean:
@@ -143,6 +149,7 @@ FUZZ_NEEDS_conf := common/conf.c
 FUZZ_NEEDS_spool_rec := queue/spool_rec.c
 FUZZ_NEEDS_milter_reply := gateway/milter_proto.c
 FUZZ_NEEDS_proxy := gateway/gw_proxy.c
+FUZZ_NEEDS_api := queue/api_route.c
 FUZZ_ALL := $(patsubst tests/fuzz/fuzz_%.c,%,$(wildcard tests/fuzz/fuzz_*.c))
 FUZZ_TARGETS := $(foreach t,$(FUZZ_ALL),$(if $(wildcard $(FUZZ_NEEDS_$(t))),$(t)))
 FUZZ_BINS := $(FUZZ_TARGETS:%=$(FB)/fuzz_%)

@@ -40,7 +40,7 @@ enum conf_type {
 };
 
 enum conf_sec { SEC_NONE, SEC_SPOOL, SEC_LOG, SEC_GATEWAY, SEC_ROUTING, SEC_CONTROL, SEC_METRICS,
-                SEC_POLICYD, SEC_SPF, SEC_MAILSTORE, SEC_MILTER, SEC_BAD };
+                SEC_POLICYD, SEC_SPF, SEC_API, SEC_MAILSTORE, SEC_MILTER, SEC_BAD };
 
 #define CF_NONEMPTY 1 /* "" is not a valid value */
 #define CF_REQUIRED 2 /* must be set in every section instance (mailstore deliver) */
@@ -60,7 +60,7 @@ struct conf_key {
 static const char *const conf_sec_names[] = {
     [SEC_SPOOL] = "spool", [SEC_LOG] = "log", [SEC_GATEWAY] = "gateway",
     [SEC_ROUTING] = "routing", [SEC_CONTROL] = "control", [SEC_METRICS] = "metrics",
-    [SEC_POLICYD] = "policyd", [SEC_SPF] = "spf",
+    [SEC_POLICYD] = "policyd", [SEC_SPF] = "spf", [SEC_API] = "api",
     [SEC_MAILSTORE] = "mailstore", [SEC_MILTER] = "milter",
 };
 
@@ -246,6 +246,21 @@ static const struct conf_key conf_keys[] = {
        "SPF checks running at once on the thread pool (others wait their turn)"),
     K(SPF, "client_ip_override", CT_STR, spf.client_ip_override, "",
       "for tests only: check this IP instead of the client's (libspf2 passes loopback)"),
+
+    K(API, "listen", CT_STR, api.listen, "",
+      "IP:port of the reseller API and status page in sluice-deliver (empty: off)"),
+    K(API, "tenants", CT_STR, api.tenants, "",
+      "file of resellers: name, token hash, domains (sluicectl reseller edits it)"),
+    KI(API, "rate_limit", api.rate_limit, "10", 1, 1000000,
+       "requests per second one reseller's token may make; more get 429"),
+    KI(API, "rate_burst", api.rate_burst, "30", 1, 1000000,
+       "requests a token may make at once before rate_limit applies"),
+    KR(API, "cache", CT_DUR, api.cache_ms, "5s", 0, 600000,
+       "how long one reseller's answer is reused before the index is read again"),
+    KR(API, "page_refresh", CT_DUR, api.page_refresh_ms, "60s", 1000, 3600000,
+       "how often the status page reloads itself"),
+    KI(API, "threads", api.threads, "2", 1, 64,
+       "threads answering API requests (each reads the index on its own connection)"),
 
     { SEC_MAILSTORE, "deliver", CT_DELIVER, FLD(conf_mailstore, deliver), "", 0, 0,
       CF_REQUIRED | CF_NONEMPTY,
@@ -887,6 +902,7 @@ void conf_defaults(struct conf *c)
     conf_apply_defaults(SEC_METRICS, c);
     conf_apply_defaults(SEC_POLICYD, c);
     conf_apply_defaults(SEC_SPF, c);
+    conf_apply_defaults(SEC_API, c);
     if (gethostname(c->gateway.hostname, sizeof(c->gateway.hostname) - 1) < 0 ||
         c->gateway.hostname[0] == '\0')
         snprintf(c->gateway.hostname, sizeof(c->gateway.hostname), "localhost");
@@ -1341,6 +1357,12 @@ static void conf_check(struct conf_ctx *x)
                            "[spf] %s: \"%s\" is not one of%s", spf_enums[i].key, vals[i],
                            spf_enums[i].ok);
         }
+    }
+    if (c->api.listen[0]) {
+        struct conf_endpoint ep;
+        if (conf_parse_endpoint(c->api.listen, 0, &ep) < 0 || ep.is_unix)
+            conf_error(x, x->seen[0][conf_key_index(SEC_API, "listen")],
+                       "[api] listen: \"%s\" is not IP:PORT or [IPv6]:PORT", c->api.listen);
     }
     if (strcmp(c->policyd.action, "tempfail") != 0 && strcmp(c->policyd.action, "hold") != 0)
         conf_error(x, x->seen[0][conf_key_index(SEC_POLICYD, "action")],

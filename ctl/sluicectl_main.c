@@ -28,6 +28,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <sys/socket.h>
+#include <sys/un.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -41,6 +43,7 @@
 #include "router.h"
 #include "spool.h"
 #include "spool_query.h"
+#include "tenants.h"
 
 #define EX_OK 0
 #define EX_FAILED 1
@@ -316,7 +319,7 @@ static int do_status(struct ctx *x)
     printf("%-12s %-9s %8s %6s %8s %8s %7s  %s\n", "MAILSTORE", "STATE", "QUEUED", "HELD",
            "OLDEST", "RATE/s", "CONNS", "REASON / LAST ERROR");
     json_array_foreach(json_object_get(rep, "mailstores"), i, m) {
-        char age[32], rate[320], conns[64], cb[128], note[600];
+        char age[32], rate[320], conns[64], cb[128], note[1024];
         ctl_fmt_age(age_of(m, "oldest_queued"), age, sizeof(age));
         if (json_object_get(m, "delivery_rate"))
             snprintf(rate, sizeof(rate), "%.1f", json_number_value(json_object_get(m, "delivery_rate")));
@@ -329,8 +332,9 @@ static int do_status(struct ctx *x)
             snprintf(conns, sizeof(conns), "-");
         const char *reason = js(m, "reason"), *last = js(m, "last_error");
         if (*reason && strcmp(js(m, "state"), "active") != 0)
-            snprintf(note, sizeof(note), "%s%s%s", reason, *js(m, "actor") ? " by " : "",
-                     js(m, "actor"));
+            snprintf(note, sizeof(note), "%s%s%s%s%s", reason, *js(m, "actor") ? " by " : "",
+                     js(m, "actor"), *js(m, "public_reason") ? "; public: " : "",
+                     js(m, "public_reason"));
         else
             snprintf(note, sizeof(note), "%s", last);
         printf("%-12s %-9s %8" PRId64 " %6" PRId64 " %8s %8s %7s  %s\n", js(m, "name"),
@@ -514,22 +518,40 @@ static int do_show(struct ctx *x)
 static int do_affected(struct ctx *x)
 {
     json_t *req = req_new("affected"), *rep, *m;
-    const char *source = "daemon";
+    const char *source = "daemon", *dom = opt(x, "domain"), *after = opt(x, "after");
+    const char *lim = opt(x, "limit");
+    char norm[DOMAIN_MAX];
     size_t i;
     int r;
 
+    if (dom && domain_norm(dom, norm, sizeof(norm)) < 0)
+        die_usage("affected: \"%s\" is not a domain name", dom);
+    if ((after || lim) && !dom)
+        die_usage("affected: --after and --limit go with --domain");
     req_str(req, "mailstore", x->arg);
+    req_str(req, "domain", dom);
+    req_str(req, "after", after);
+    if (lim)
+        json_object_set_new(req, "limit", json_integer(atol(lim)));
     r = call(x, 0, req, &rep, 1);
     if (r == -ENOENT) {
         struct spool_query *q;
+        int more = 0;
         if ((r = open_index(x, &q)) != 0)
             return r;
-        json_t *arr = spool_query_affected(q, x->arg);
+        /* the same query the daemon and the reseller API run */
+        json_t *arr = dom ? spool_query_affected_domain(q, x->arg, norm, after,
+                                                        lim ? atol(lim) : 0, &more)
+                          : spool_query_affected(q, x->arg);
         spool_query_close(q);
         if (!arr)
             return EX_FAILED;
         rep = ctl_reply_ok();
         json_object_set_new(rep, "mailstore", json_string(x->arg));
+        if (dom) {
+            json_object_set_new(rep, "domain", json_string(norm));
+            json_object_set_new(rep, "more", json_boolean(more));
+        }
         json_object_set_new(rep, "recipients", arr);
         source = "index";
     } else if (r) {
@@ -544,8 +566,11 @@ static int do_affected(struct ctx *x)
         printf("%-40s %6" PRId64 " %5" PRId64 " %8s  %s\n", js(m, "rcpt"), ji(m, "queued"),
                ji(m, "held"), age, clip(js(m, "last_reply"), 70, b, sizeof(b)));
     }
-    printf("%zu recipient(s) with mail waiting for %s\n",
-           json_array_size(json_object_get(rep, "recipients")), x->arg);
+    printf("%zu recipient(s)%s%s with mail waiting for %s%s\n",
+           json_array_size(json_object_get(rep, "recipients")), dom ? " in " : "",
+           dom ? norm : "", x->arg,
+           json_is_true(json_object_get(rep, "more"))
+           ? " (more: --after the last one shown)" : "");
     json_decref(rep);
     return EX_OK;
 }
@@ -633,6 +658,8 @@ static int do_pause(struct ctx *x)
         die_usage("pause: --reason TEXT is required (it shows in status and the audit trail)");
     req_str(req, "mailstore", x->arg);
     req_str(req, "reason", opt(x, "reason"));
+    if (opt(x, "public-reason"))     /* "" too: that clears it */
+        json_object_set_new(req, "public_reason", json_string(opt(x, "public-reason")));
     if ((r = call(x, 0, req, &rep, 0)))
         return r;
     return write_done(x, rep, "paused");
@@ -1058,10 +1085,191 @@ static int do_suspensions(struct ctx *x)
     return EX_OK;
 }
 
+/* --- Commands: resellers (the tenants file of the reseller API) ---------------------------- */
+
+/* tenants_path - [api] tenants, or exit 1 saying it is not set. */
+static const char *tenants_path(struct ctx *x)
+{
+    if (!x->c.api.tenants[0]) {
+        fprintf(stderr, "sluicectl: [api] tenants is not set in %s: set it to the file that "
+                        "holds the resellers (docs/resellers.md)\n",
+                x->c.path[0] ? x->c.path : "the configuration");
+        exit(EX_FAILED);
+    }
+    return x->c.api.tenants;
+}
+
+/* deliver_alive - sluice-deliver answers on its control socket (a change to the tenants
+ * file must be reloaded and audited by it, so nothing is changed while it is down). */
+static int deliver_alive(struct ctx *x)
+{
+    struct sockaddr_un sa = { .sun_family = AF_UNIX };
+    int fd, ok;
+
+    if (strlen(x->deliver_path) >= sizeof(sa.sun_path))
+        return 0;
+    memcpy(sa.sun_path, x->deliver_path, strlen(x->deliver_path) + 1);
+    if ((fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0)) < 0)
+        return 0;
+    ok = connect(fd, (struct sockaddr *)&sa, sizeof(sa)) == 0;
+    close(fd);
+    return ok;
+}
+
+/* reseller_change - edit the file, then have sluice-deliver read it again and audit it. */
+static int reseller_change(struct ctx *x, const char *action, char op, const char *domains,
+                           const char *token)
+{
+    unsigned char h[TENANT_HASH_LEN];
+    char err[ERR_LEN];
+    const char *path = tenants_path(x);
+    json_t *req, *rep;
+    int r;
+
+    if (!tenants_name_ok(x->arg))
+        die_usage("reseller: bad name \"%s\" (1-63 of A-Z a-z 0-9 _ . -)", x->arg);
+    if (!deliver_alive(x)) {
+        fprintf(stderr, "sluicectl: sluice-deliver is not running (%s): it must read the change "
+                        "and record it in the audit trail; nothing was changed\n",
+                x->deliver_path);
+        return EX_NODAEMON;
+    }
+    if (token)
+        tenants_token_hash(token, h);
+    if ((r = tenants_edit(path, op, x->arg, domains, token ? h : NULL, err, sizeof(err))) < 0) {
+        fprintf(stderr, "sluicectl: reseller %s: %s\n", action, err);
+        return r == -ENOENT || r == -EEXIST || r == -EINVAL ? EX_FAILED
+             : r == -EACCES || r == -EPERM ? EX_DENIED : EX_FAILED;
+    }
+    req = req_new("reseller");
+    req_str(req, "action", action);
+    req_str(req, "name", x->arg);
+    req_str(req, "domains", domains);
+    if ((r = call(x, 0, req, &rep, 0))) {
+        fprintf(stderr, "sluicectl: %s was changed, but sluice-deliver did not take the change "
+                        "(above): it is not in the audit trail, and applies at its next "
+                        "SIGHUP or start\n", path);
+        return r;
+    }
+    json_decref(rep);
+    return EX_OK;
+}
+
+static void print_token(struct ctx *x, const char *what, const char *token)
+{
+    if (x->json) {
+        json_t *o = json_pack("{s:i,s:b,s:s,s:s,s:s}", "v", CTL_PROTO_VERSION, "ok", 1, "name",
+                              x->arg, "action", what, "token", token);
+        print_json(o);
+        json_decref(o);
+        return;
+    }
+    printf("reseller %s: %s (recorded in the audit trail)\n"
+           "API token, shown only now (sluice keeps its hash; give it to the reseller over a "
+           "safe channel):\n  %s\n", x->arg, what, token);
+}
+
+static int do_reseller_add(struct ctx *x)
+{
+    char token[TENANT_TOKEN_LEN + 8];
+    const char *doms = opt(x, "domains");
+    int r;
+
+    if (!doms)
+        die_usage("reseller add: --domains D[,D...] is required (the domains it owns)");
+    if (tenants_token_new(token, sizeof(token)) < 0) {
+        fprintf(stderr, "sluicectl: cannot make a random token\n");
+        return EX_FAILED;
+    }
+    if ((r = reseller_change(x, "add", 'a', doms, token)) != EX_OK)
+        return r;
+    print_token(x, "added", token);
+    return EX_OK;
+}
+
+static int do_reseller_rotate(struct ctx *x)
+{
+    char token[TENANT_TOKEN_LEN + 8];
+    int r;
+
+    if (tenants_token_new(token, sizeof(token)) < 0) {
+        fprintf(stderr, "sluicectl: cannot make a random token\n");
+        return EX_FAILED;
+    }
+    if ((r = reseller_change(x, "rotate-token", 'r', NULL, token)) != EX_OK)
+        return r;
+    print_token(x, "new token; the old one no longer works", token);
+    return EX_OK;
+}
+
+static int do_reseller_remove(struct ctx *x)
+{
+    int r = reseller_change(x, "remove", 'd', NULL, NULL);
+
+    if (r == EX_OK) {
+        if (x->json) {
+            json_t *o = json_pack("{s:i,s:b,s:s,s:s}", "v", CTL_PROTO_VERSION, "ok", 1, "name",
+                                  x->arg, "action", "remove");
+            print_json(o);
+            json_decref(o);
+        } else {
+            printf("reseller %s removed: its token no longer works (recorded in the audit "
+                   "trail)\n", x->arg);
+        }
+    }
+    return r;
+}
+
+static int do_reseller_list(struct ctx *x)
+{
+    struct tenants *ts;
+    char err[ERR_LEN * 4], disp[DOMAIN_MAX * 2];
+    const char *path = tenants_path(x);
+    json_t *arr;
+
+    if (tenants_load(&ts, path, err, sizeof(err)) < 0) {
+        fprintf(stderr, "sluicectl: %s\n", err);
+        return EX_FAILED;
+    }
+    arr = json_array();
+    if (!x->json && ts->n)
+        printf("%-24s %7s  %s\n", "RESELLER", "DOMAINS", "DOMAIN LIST");
+    for (int i = 0; i < ts->n; i++) {
+        const struct tenant *t = &ts->t[i];
+        json_t *d = json_array();
+        for (int k = 0; k < t->ndomains; k++)
+            json_array_append_new(d, json_string(t->domains[k]));
+        json_array_append_new(arr, json_pack("{s:s,s:o}", "name", t->name, "domains", d));
+        if (x->json)
+            continue;
+        printf("%-24s %7d  ", t->name, t->ndomains);
+        for (int k = 0; k < t->ndomains && k < 8; k++) {
+            domain_display(t->domains[k], disp, sizeof(disp));
+            printf("%s%s", k ? ", " : "", disp);
+        }
+        printf("%s\n", t->ndomains > 8 ? ", ..." : "");
+    }
+    if (x->json) {
+        json_t *o = json_pack("{s:i,s:b,s:s,s:o}", "v", CTL_PROTO_VERSION, "ok", 1, "file", path,
+                              "resellers", arr);
+        print_json(o);
+        json_decref(o);
+    } else {
+        printf("%d reseller(s) in %s%s\n", ts->n, path, ts->missing ? " (no such file yet)" : "");
+        json_decref(arr);
+    }
+    tenants_free(ts);
+    return EX_OK;
+}
+
 /* --- The grammar table --------------------------------------------------------------------- */
 
 static const struct opt_def o_none[] = { { NULL, OT_FLAG } };
-static const struct opt_def o_pause[] = { { "reason", OT_STR }, { NULL, OT_FLAG } };
+static const struct opt_def o_pause[] = { { "reason", OT_STR }, { "public-reason", OT_STR },
+                                          { NULL, OT_FLAG } };
+static const struct opt_def o_affected[] = { { "domain", OT_STR }, { "after", OT_STR },
+                                             { "limit", OT_INT }, { NULL, OT_FLAG } };
+static const struct opt_def o_reseller[] = { { "domains", OT_STR }, { NULL, OT_FLAG } };
 static const struct opt_def o_release[] = { { "rate", OT_RATE }, { "ramp", OT_DUR },
                                             { NULL, OT_FLAG } };
 static const struct opt_def o_queue[] = { { "mailstore", OT_STR }, { "state", OT_STR },
@@ -1087,7 +1295,7 @@ static const struct opt_def o_unsuspend[] = { { "reason", OT_STR }, { NULL, OT_F
 
 static const struct cmd_def cmds[] = {
     { "status", NULL, o_none, do_status, "status" },
-    { "pause", "MS", o_pause, do_pause, "pause MS --reason TEXT" },
+    { "pause", "MS", o_pause, do_pause, "pause MS --reason TEXT [--public-reason TEXT]" },
     { "release", "MS", o_release, do_release, "release MS [--rate N/s] [--ramp DURATION]" },
     { "queue", NULL, o_queue, do_queue,
       "queue [--mailstore MS] [--state queued|held] [--sender A] [--rcpt A] [--older-than D]"
@@ -1098,7 +1306,8 @@ static const struct cmd_def cmds[] = {
     { "retry", "[QID]", o_scope, do_retry, "retry QID|MS" },
     { "delete", "QID", o_scope, do_delete, "delete QID [--reason TEXT]" },
     { "reroute", "MS", o_reroute, do_reroute, "reroute MS --to MS2 [--rcpt ADDR] [--reason TEXT]" },
-    { "affected", "MS", o_none, do_affected, "affected MS" },
+    { "affected", "MS", o_affected, do_affected,
+      "affected MS [--domain D [--after ADDR] [--limit N]]" },
     { "users", "MS", o_none, do_users, "users MS" },
     { "route", "ADDR", o_none, do_route, "route ADDR" },
     { "check", NULL, o_check, do_check,
@@ -1111,6 +1320,11 @@ static const struct cmd_def cmds[] = {
     { "unsuspend", "TARGET", o_unsuspend, do_unsuspend,
       "unsuspend IP|DOMAIN|ADDRESS [--reason TEXT]" },
     { "suspensions", NULL, o_none, do_suspensions, "suspensions" },
+    { "reseller add", "NAME", o_reseller, do_reseller_add, "reseller add NAME --domains D[,D...]" },
+    { "reseller list", NULL, o_none, do_reseller_list, "reseller list" },
+    { "reseller rotate-token", "NAME", o_none, do_reseller_rotate,
+      "reseller rotate-token NAME" },
+    { "reseller remove", "NAME", o_none, do_reseller_remove, "reseller remove NAME" },
     { NULL, NULL, NULL, NULL, NULL },
 };
 

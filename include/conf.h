@@ -145,6 +145,17 @@ struct conf_spf {
     char client_ip_override[64];  /* tests only: check this IP instead of the client's */
 };
 
+/* [api]: the reseller API and status page in sluice-deliver (docs/resellers.md). */
+struct conf_api {
+    char listen[CONF_PATH_MAX];   /* IP:port, "" = off */
+    char tenants[CONF_PATH_MAX];  /* the tenants file (tenants.h); "" = none */
+    int rate_limit;               /* requests per second per token */
+    int rate_burst;
+    int64_t cache_ms;             /* a tenant's answer is reused this long */
+    int64_t page_refresh_ms;
+    int threads;
+};
+
 struct conf_mailstore {
     char name[CONF_NAME_MAX];
     char deliver[CONF_PATH_MAX];  /* as written: lmtp:HOST:PORT, lmtp:unix:/P, smtp:HOST:PORT,
@@ -196,6 +207,7 @@ struct conf {
     struct conf_metrics metrics;
     struct conf_policyd policyd;
     struct conf_spf spf;
+    struct conf_api api;
     int n_mailstores;
     struct conf_mailstore mailstores[CONF_MAILSTORE_MAX]; /* in file order */
     int n_milters;

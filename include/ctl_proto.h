@@ -48,7 +48,8 @@
     XX(reroute, 1) \
     XX(suspensions, 0) \
     XX(suspend, 1) \
-    XX(unsuspend, 1)
+    XX(unsuspend, 1) \
+    XX(reseller, 1)
 
 enum ctl_cmd {
 #define XX(name, w) CTL_CMD_##name,

@@ -31,7 +31,8 @@ const char *spool_query_error(struct spool_query *q);
  * "bytes":N,"oldest_queued":unix_s|null,"oldest_held":unix_s|null},...}. NULL on error. */
 json_t *spool_query_counts(struct spool_query *q, int64_t now);
 /* Persisted mailstore states (the deliverer's mailstores table): {"ms1":{"state":"paused",
- * "reason":..,"since":unix_s,"actor":..},...}; {} when the table does not exist yet. */
+ * "reason":..,"since":unix_s,"actor":..,"public_reason":..},...}; {} when the table does not
+ * exist yet. */
 json_t *spool_query_states(struct spool_query *q);
 
 struct spool_query_filter {
@@ -53,6 +54,47 @@ json_t *spool_query_show(struct spool_query *q, const char *qid, int *found);
 /* Recipients with mail waiting for ms, one row per address: [{"rcpt","queued","held",
  * "messages","oldest":unix_s,"last_reply"},...], oldest first. */
 json_t *spool_query_affected(struct spool_query *q, const char *ms);
+/* --- By domain: the reseller API's question and sluicectl affected --domain ----------------
+ * Recipients with mail waiting (queued or held) whose address's domain key (domain.h:
+ * lower case, A-labels) is one of f->domains, one report per address (domain_addr_key), in
+ * address order. Only those domains are read: the SQL itself carries the list, so no row of
+ * another domain ever reaches the caller. */
+struct spool_query_users {
+    const char *const *domains;  /* domain_norm results */
+    int ndomains;                /* > 0 */
+    const char *mailstore;       /* NULL: any */
+    const char *after;           /* an address key: start after it (paging); NULL: first */
+    long limit;                  /* addresses; 0: all */
+};
+#define SPOOL_QUERY_USER_MS_MAX 8  /* mailstores one address waits on (more: counted in the
+                                    * last one; an address normally has one) */
+struct spool_query_user_ms {
+    const char *name;
+    long queued, held, messages;
+    int64_t oldest;
+};
+struct spool_query_user {
+    const char *addr;            /* domain_addr_key of the recipient */
+    const char *domain;          /* its domain key (points into addr) */
+    const char *mailstore;       /* where its oldest waiting message waits */
+    int nms;                     /* where it waits, each with its own counts */
+    struct spool_query_user_ms ms[SPOOL_QUERY_USER_MS_MAX];
+    long queued, held;           /* recipient rows in each state */
+    long messages;               /* distinct messages waiting for it */
+    int64_t oldest;              /* unix s: arrival of its oldest waiting message */
+    int64_t last_attempt;        /* unix s of its newest delivery attempt; 0: none yet */
+    int last_state;              /* 0 queued (will be retried), 2 held: that row's state */
+    const char *last_reply;      /* that attempt's reply ("" none) */
+};
+/* fn gets each address (pointers valid during the call); returning non-zero stops. */
+typedef int (*spool_query_user_fn)(const struct spool_query_user *u, void *arg);
+/* Addresses reported, or -errno (-EINVAL: no domains). *more is set when limit cut the list. */
+long spool_query_users(struct spool_query *q, const struct spool_query_users *f,
+                       spool_query_user_fn fn, void *arg, int *more);
+/* spool_query_users as spool_query_affected's rows (plus "last_attempt"), for sluicectl. */
+json_t *spool_query_affected_domain(struct spool_query *q, const char *ms, const char *domain,
+                                    const char *after, long limit, int *more);
+
 /* Audit rows, newest last: at most limit, only those at or after since (unix s, 0: all). */
 json_t *spool_query_audit(struct spool_query *q, int limit, int64_t since);
 

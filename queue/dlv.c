@@ -1400,6 +1400,16 @@ int dlv_pause(struct dlv *d, const char *name, const char *reason, const char *a
     return 0;
 }
 
+int dlv_set_public_reason(struct dlv *d, const char *name, const char *text)
+{
+    struct dlv_ms *ms = find_ms(d, name);
+
+    if (!ms || ms->gone)
+        return -ENOENT;
+    mstore_set_public_reason(&ms->st, text);
+    return 0;
+}
+
 int dlv_release(struct dlv *d, const char *name, double rate, int64_t ramp_ms, const char *actor,
                 dlv_op_cb cb, void *arg)
 {
@@ -1432,6 +1442,7 @@ int dlv_status(struct dlv *d, struct dlv_status *out, int max)
         s->state = ms->st.state;
         snprintf(s->reason, sizeof(s->reason), "%s", ms->st.reason);
         snprintf(s->actor, sizeof(s->actor), "%s", ms->st.actor);
+        snprintf(s->public_reason, sizeof(s->public_reason), "%s", ms->st.public_reason);
         s->since = ms->st.since;
         s->inflight = ms->inflight;
         s->connections = ms->nconns;

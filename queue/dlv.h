@@ -73,6 +73,9 @@ typedef void (*dlv_op_cb)(void *arg, int status, long count);
 /* -ENOENT: no such mailstore. */
 int dlv_pause(struct dlv *d, const char *ms, const char *reason, const char *actor,
               dlv_op_cb cb, void *arg);
+/* The reason resellers are shown (pause --public-reason); saved with the next state change
+ * (call it just before dlv_pause). -ENOENT: no such mailstore. */
+int dlv_set_public_reason(struct dlv *d, const char *ms, const char *text);
 /* rate <= 0: the mailstore's release_start_rate; ramp_ms < 0: its release_ramp; ramp_ms 0:
  * full speed at once. Queued recipients become due now (held ones stay held). */
 int dlv_release(struct dlv *d, const char *ms, double rate, int64_t ramp_ms, const char *actor,
@@ -84,6 +87,7 @@ struct dlv_status {
     enum mstore_state state;
     char reason[MSTORE_REASON_MAX];
     char actor[MSTORE_ACTOR_MAX];
+    char public_reason[MSTORE_REASON_MAX];
     int64_t since;              /* unix ms */
     int inflight, connections, ready, fails;
     double rate, cwnd;          /* rate 0: unlimited */

@@ -25,8 +25,11 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "api.h"
 #include "audit.h"
 #include "ctl_server.h"
+#include "domain.h"
+#include "tenants.h"
 #include "log.h"
 #include "spool_query.h"
 #include "version.h"
@@ -39,6 +42,8 @@ struct dlv_ctl {
     struct dlv *d;
     struct spool *sp;
     struct ctl_server *srv;
+    struct api *api;            /* the reseller API, or NULL: set and read on the loop */
+    char tenants[CONF_PATH_MAX]; /* [api] tenants */
     char dir[CONF_PATH_MAX];
     char index_path[CONF_PATH_MAX + 16];
     char path[CONF_PATH_MAX];
@@ -57,6 +62,9 @@ struct job {
     char qid[QID_SIZE];
     char rcpt[SPOOL_ADDR_MAX];
     char reason[MSTORE_REASON_MAX];
+    char domain[DOMAIN_MAX];    /* affected --domain: normalised */
+    struct api *api;            /* reseller: the API to reload, or NULL */
+    char tenants[CONF_PATH_MAX];
     /* status: the scheduler's snapshot */
     struct dlv_status *st;
     int nst;
@@ -132,6 +140,7 @@ static json_t *ms_json(const struct dlv_status *s, json_t *counts)
         "held_total", (json_int_t)s->held, "trips", (json_int_t)s->trips,
         "max_connections", s->max_connections);
     json_object_set_new(o, "delivery_rate", json_real(s->delivery_rate));
+    json_object_set_new(o, "public_reason", json_string(s->public_reason));
     json_object_set_new(o, "last_error", json_string(s->last_error));
     json_object_set_new(o, "last_error_at", json_integer(s->last_error_at / 1000));
     static const char *const keys[] = { "queued", "held", "due", "messages", "bytes" };
@@ -253,13 +262,59 @@ static json_t *do_show(struct job *j, struct spool_query *q)
 
 static json_t *do_affected(struct job *j, struct spool_query *q)
 {
-    json_t *arr = spool_query_affected(q, j->ms), *rep;
+    json_t *lim = json_object_get(j->req, "limit"), *arr, *rep;
+    int more = 0;
 
+    /* --domain: the reseller API's query (spool_query_users), so both answer alike */
+    if (j->domain[0])
+        arr = spool_query_affected_domain(q, j->ms, j->domain, jstr(j->req, "after"),
+                                          json_is_integer(lim) ? (long)json_integer_value(lim)
+                                                               : 0, &more);
+    else
+        arr = spool_query_affected(q, j->ms);
     if (!arr)
         return fail(CTL_E_FAILED, "index: %s", spool_query_error(q));
     rep = ctl_reply_ok();
     json_object_set_new(rep, "mailstore", json_string(j->ms));
+    if (j->domain[0]) {
+        json_object_set_new(rep, "domain", json_string(j->domain));
+        json_object_set_new(rep, "more", json_boolean(more));
+    }
     json_object_set_new(rep, "recipients", arr);
+    return rep;
+}
+
+/* do_reseller - after sluicectl changed the tenants file: read it again (the API's copy if
+ * the API runs, else just to check it), so the change counts from now; the audit row follows
+ * in job_work. count: the tenant's domains (0 once removed). */
+static json_t *do_reseller(struct job *j)
+{
+    const char *action = jstr(j->req, "action"), *name = jstr(j->req, "name");
+    char err[2048];
+    struct tenants *ts = NULL;
+    const struct tenant *t;
+    int r;
+
+    r = j->tenants[0] ? tenants_load(&ts, j->tenants, err, sizeof(err)) : -ENOENT;
+    if (r == -ENOENT)
+        snprintf(err, sizeof(err), "[api] tenants is not set in the configuration");
+    if (r < 0)
+        return fail(CTL_E_FAILED, "tenants file: %s", err);
+    t = tenants_find(ts, name);
+    if (strcmp(action, "remove") == 0 ? t != NULL : t == NULL) {
+        tenants_free(ts);
+        return fail(CTL_E_FAILED, "the tenants file does not show the change to %s", name);
+    }
+    j->count = t ? t->ndomains : 0;
+    tenants_free(ts);
+    if (j->api && (r = api_reload_tenants(j->api, err, sizeof(err))) < 0)
+        return fail(CTL_E_FAILED, "tenants file: %s", err);
+    j->changed = 0;
+    json_t *rep = ctl_reply_ok();
+    json_object_set_new(rep, "name", json_string(name));
+    json_object_set_new(rep, "action", json_string(action));
+    json_object_set_new(rep, "count", json_integer(j->count));
+    json_object_set_new(rep, "api", json_boolean(j->api != NULL));
     return rep;
 }
 
@@ -394,6 +449,7 @@ static void job_work(uv_work_t *w)
     case CTL_CMD_show: j->rep = do_show(j, q); break;
     case CTL_CMD_affected: j->rep = do_affected(j, q); break;
     case CTL_CMD_audit: j->rep = do_audit(j, q); break;
+    case CTL_CMD_reseller: j->rep = do_reseller(j); break;
     default: j->rep = do_write(j, q); break;
     }
     spool_query_close(q);
@@ -401,7 +457,7 @@ static void job_work(uv_work_t *w)
         struct audit_db *a = NULL;
         json_t *a_req = json_deep_copy(j->req);
         static const char *const drop[] = { "v", "cmd", "_result", "sudo_user", "mailstore",
-                                            "qid", "reason" };
+                                            "qid", "reason", "name" };
         for (size_t k = 0; a_req && k < sizeof(drop) / sizeof(drop[0]); k++)
             json_object_del(a_req, drop[k]);
         char *args = a_req && json_object_size(a_req)
@@ -559,6 +615,22 @@ static int args(struct job *j)
      * mailstore removed from the config), the rest need a live one */
     if (ms && j->cmd != CTL_CMD_affected && dlv_state_of(ctl->d, ms) < 0)
         return reject(j, CTL_E_NOTFOUND, "no such mailstore: %s", ms);
+    if (j->cmd == CTL_CMD_affected && jstr(j->req, "domain") &&
+        domain_norm(jstr(j->req, "domain"), j->domain, sizeof(j->domain)) < 0)
+        return reject(j, CTL_E_BADREQ, "affected: \"%.100s\" is not a domain name",
+                      jstr(j->req, "domain"));
+    if (j->cmd == CTL_CMD_reseller) {
+        const char *action = jstr(j->req, "action"), *tname = jstr(j->req, "name");
+        if (!action || (strcmp(action, "add") != 0 && strcmp(action, "rotate-token") != 0 &&
+                        strcmp(action, "remove") != 0))
+            return reject(j, CTL_E_BADREQ, "%s", "reseller: \"action\" is add, rotate-token "
+                          "or remove");
+        if (!tname || !tenants_name_ok(tname))
+            return reject(j, CTL_E_BADREQ, "%s", "reseller: bad or missing \"name\"");
+        snprintf(j->scope, sizeof(j->scope), "reseller:%s", tname);
+        j->api = ctl->api;
+        snprintf(j->tenants, sizeof(j->tenants), "%s", ctl->tenants);
+    }
     if (j->cmd == CTL_CMD_reroute) {
         if (!to)
             return reject(j, CTL_E_BADREQ, "%s", "reroute: missing \"to\"");
@@ -609,6 +681,15 @@ static void handle(struct ctl_req *rq, const json_t *req, void *arg)
                    "goes into status and the audit trail");
             return;
         }
+        if (json_is_string(json_object_get(j->req, "public_reason"))) {
+            const char *pub = json_string_value(json_object_get(j->req, "public_reason"));
+            if (strlen(pub) >= MSTORE_REASON_MAX) {
+                reject(j, CTL_E_BADREQ, "pause: the public reason is longer than %d bytes",
+                       MSTORE_REASON_MAX - 1);
+                return;
+            }
+            dlv_set_public_reason(ctl->d, j->ms, pub);
+        }
         r = dlv_pause(ctl->d, j->ms, j->reason, j->actor, op_done, j);
         if (r < 0)
             reject(j, CTL_E_NOTFOUND, "no such mailstore: %s", j->ms);
@@ -655,6 +736,7 @@ int dlv_ctl_start(struct dlv_ctl **out, uv_loop_t *loop, struct dlv *d, struct s
     ctl->sp = sp;
     snprintf(ctl->dir, sizeof(ctl->dir), "%s", c->spool.dir);
     snprintf(ctl->index_path, sizeof(ctl->index_path), "%s/index.db", c->spool.dir);
+    snprintf(ctl->tenants, sizeof(ctl->tenants), "%s", c->api.tenants);
     if (conf_ctl_socket(c, 0, ctl->path, sizeof(ctl->path)) < 0) {
         snprintf(err, errlen, "control socket path too long");
         free(ctl);
@@ -678,6 +760,14 @@ void dlv_ctl_reload(struct dlv_ctl *ctl, const struct conf *c)
 {
     if (ctl && ctl->srv)
         ctl_server_set_admin_group(ctl->srv, c->control.admin_group);
+    if (ctl)
+        snprintf(ctl->tenants, sizeof(ctl->tenants), "%s", c->api.tenants);
+}
+
+void dlv_ctl_set_api(struct dlv_ctl *ctl, struct api *api)
+{
+    if (ctl)
+        ctl->api = api;
 }
 
 void dlv_ctl_stop(struct dlv_ctl *ctl)

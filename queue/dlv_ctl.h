@@ -12,10 +12,16 @@
  *                                   oldest_queued,oldest_held},...]
  *   queue {mailstore,state,sender,rcpt,older_than,limit} -> "recipients":[...],"total","more"
  *   show {qid,body}              -> "message":{...,"recipients":[...],"body"?}
- *   affected {mailstore}         -> "recipients":[{rcpt,queued,held,messages,oldest,last_reply}]
+ *   affected {mailstore,domain,after,limit} -> "recipients":[{rcpt,queued,held,messages,oldest,
+ *                                   last_reply}]; with domain (the reseller API's query,
+ *                                   address order, paged by after/limit) also mailstore,
+ *                                   last_attempt, and "more"
  *   audit {limit,since}          -> "audit":[{id,at,uid,user,daemon,cmd,scope,reason,args,
  *                                   count,result},...]
- *   pause {mailstore,reason}     -> "mailstore","state","count" (recipients now waiting)
+ *   pause {mailstore,reason,public_reason} -> "mailstore","state","count" (recipients now
+ *                                   waiting); public_reason is what resellers see
+ *   reseller {action,name,domains} -> "count" (the tenant's domains): sluicectl changed the
+ *                                   tenants file; it is read again and the change audited
  *   release {mailstore,rate,ramp} -> "mailstore","state","due","count"
  *   hold {qid|mailstore,reason}, unhold {qid|mailstore}, retry {qid|mailstore},
  *   delete {qid}, reroute {mailstore,to,rcpt} -> "count" (recipients changed)
@@ -39,6 +45,9 @@ struct dlv_ctl;
 int dlv_ctl_start(struct dlv_ctl **ctl, uv_loop_t *loop, struct dlv *d, struct spool *sp,
                   const struct conf *c, char *err, size_t errlen);
 void dlv_ctl_reload(struct dlv_ctl *ctl, const struct conf *c);
+/* The reseller API that the reseller command reloads (NULL: none). */
+struct api;
+void dlv_ctl_set_api(struct dlv_ctl *ctl, struct api *api);
 /* Close the listener (unlinking the path) and every client; run the loop, then free. */
 void dlv_ctl_stop(struct dlv_ctl *ctl);
 void dlv_ctl_free(struct dlv_ctl *ctl);

@@ -97,6 +97,7 @@ void mstore_enter(struct mstore *m, enum mstore_state to, const char *reason, co
     switch (to) {
     case MSTORE_ACTIVE:
         m->fails = 0;
+        m->public_reason[0] = '\0';   /* the incident is over for resellers too */
         break;
     case MSTORE_PAUSED:
         break;
@@ -125,6 +126,11 @@ void mstore_pause(struct mstore *m, const char *reason, const char *actor, int64
     }
     mstore_enter(m, MSTORE_PAUSED, reason && *reason ? reason : "paused by operator", actor,
                  now);
+}
+
+void mstore_set_public_reason(struct mstore *m, const char *text)
+{
+    copy_str(m->public_reason, sizeof(m->public_reason), text);
 }
 
 void mstore_release(struct mstore *m, double rate, int64_t ramp_ms, const char *actor,
@@ -328,7 +334,7 @@ struct mstore_db {
 
 static const char mstore_schema[] =
     "CREATE TABLE IF NOT EXISTS mailstores(name TEXT PRIMARY KEY, state TEXT, reason TEXT,"
-    " since INTEGER, actor TEXT, release_rate REAL, ramp_ms INTEGER);"
+    " since INTEGER, actor TEXT, release_rate REAL, ramp_ms INTEGER, public_reason TEXT);"
     "CREATE TABLE IF NOT EXISTS mailstore_pauses(name TEXT NOT NULL, start INTEGER NOT NULL,"
     " end INTEGER NOT NULL DEFAULT 0, PRIMARY KEY(name, start));";
 
@@ -348,6 +354,22 @@ static int mstore_db_errno(int rc)
 static int mstore_db_exec(struct mstore_db *d, const char *sql)
 {
     return mstore_db_errno(sqlite3_exec(d->db, sql, NULL, NULL, NULL));
+}
+
+/* mstore_db_upgrade - a table made before public_reason existed gains the column (NULL reads
+ * as ""), so an older spool keeps its states. Inside the open transaction. */
+static int mstore_db_upgrade(struct mstore_db *d)
+{
+    sqlite3_stmt *st = NULL;
+    int rc, has = 0;
+
+    rc = sqlite3_prepare_v2(d->db, "SELECT 1 FROM pragma_table_info('mailstores')"
+                            " WHERE name='public_reason'", -1, &st, NULL);
+    if (rc != SQLITE_OK)
+        return mstore_db_errno(rc);
+    has = sqlite3_step(st) == SQLITE_ROW;
+    sqlite3_finalize(st);
+    return has ? 0 : mstore_db_exec(d, "ALTER TABLE mailstores ADD COLUMN public_reason TEXT");
 }
 
 int mstore_db_open(struct mstore_db **out, const char *path, char *err, size_t errlen)
@@ -377,7 +399,7 @@ int mstore_db_open(struct mstore_db **out, const char *path, char *err, size_t e
         (r = mstore_db_exec(d, "PRAGMA journal_mode=WAL")) < 0 ||
         (r = mstore_db_exec(d, "BEGIN IMMEDIATE")) < 0)
         goto fail_msg;
-    if ((r = mstore_db_exec(d, mstore_schema)) < 0) {
+    if ((r = mstore_db_exec(d, mstore_schema)) < 0 || (r = mstore_db_upgrade(d)) < 0) {
         sqlite3_exec(d->db, "ROLLBACK", NULL, NULL, NULL);
         goto fail_msg;
     }
@@ -425,8 +447,8 @@ int mstore_db_load(struct mstore_db *d, struct mstore *m, int64_t now)
     if (rc != SQLITE_DONE)
         return mstore_db_errno(rc);
 
-    rc = sqlite3_prepare_v2(d->db, "SELECT state, reason, since, actor, release_rate, ramp_ms"
-                            " FROM mailstores WHERE name=?1", -1, &st, NULL);
+    rc = sqlite3_prepare_v2(d->db, "SELECT state, reason, since, actor, release_rate, ramp_ms,"
+                            " public_reason FROM mailstores WHERE name=?1", -1, &st, NULL);
     if (rc != SQLITE_OK)
         return mstore_db_errno(rc);
     sqlite3_bind_text(st, 1, m->name, -1, SQLITE_STATIC);
@@ -439,6 +461,7 @@ int mstore_db_load(struct mstore_db *d, struct mstore *m, int64_t now)
         col_copy(st, 3, m->actor, sizeof(m->actor));
         m->rate_start = sqlite3_column_double(st, 4);
         m->ramp_ms = sqlite3_column_int64(st, 5);
+        col_copy(st, 6, m->public_reason, sizeof(m->public_reason));
         r = 0;
         switch (state) {
         case MSTORE_PAUSED:
@@ -466,6 +489,8 @@ int mstore_db_load(struct mstore_db *d, struct mstore *m, int64_t now)
             m->state = MSTORE_ACTIVE;
             break;
         }
+        if (m->state == MSTORE_ACTIVE)
+            m->public_reason[0] = '\0';
         log_info("mailstore %s: restored state %s (%s) since %lld by %s", m->name,
                  mstore_state_name(m->state), m->reason, (long long)(m->since / 1000), m->actor);
     } else if (rc != SQLITE_DONE) {
@@ -483,7 +508,8 @@ int mstore_db_save(struct mstore_db *d, const struct mstore *const *ms, size_t n
     if ((r = mstore_db_exec(d, "BEGIN IMMEDIATE")) < 0)
         return r;
     if (sqlite3_prepare_v2(d->db, "INSERT OR REPLACE INTO mailstores(name, state, reason, since,"
-                           " actor, release_rate, ramp_ms) VALUES(?1,?2,?3,?4,?5,?6,?7)", -1,
+                           " actor, release_rate, ramp_ms, public_reason)"
+                           " VALUES(?1,?2,?3,?4,?5,?6,?7,?8)", -1,
                            &up, NULL) != SQLITE_OK ||
         sqlite3_prepare_v2(d->db, "DELETE FROM mailstore_pauses WHERE name=?1", -1, &del,
                            NULL) != SQLITE_OK ||
@@ -502,6 +528,7 @@ int mstore_db_save(struct mstore_db *d, const struct mstore *const *ms, size_t n
         sqlite3_bind_text(up, 5, m->actor, -1, SQLITE_STATIC);
         sqlite3_bind_double(up, 6, m->rate_start);
         sqlite3_bind_int64(up, 7, m->ramp_ms);
+        sqlite3_bind_text(up, 8, m->public_reason, -1, SQLITE_STATIC);
         if ((r = mstore_db_errno(sqlite3_step(up))) < 0)
             break;
         sqlite3_reset(del);

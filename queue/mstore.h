@@ -78,6 +78,8 @@ struct mstore {
     enum mstore_state state;
     char reason[MSTORE_REASON_MAX];
     char actor[MSTORE_ACTOR_MAX];
+    char public_reason[MSTORE_REASON_MAX]; /* for resellers (pause --public-reason); kept
+                                            * until the mailstore is active again */
     int64_t since;              /* unix ms of the last transition */
     int fails;                  /* consecutive mailstore-level failures */
     double cwnd;                /* ramping: concurrency window (AIMD) */
@@ -106,6 +108,8 @@ int mstore_state_parse(const char *s);
 /* Operator actions. rate <= 0 or ramp_ms < 0 take the configured values; ramp_ms == 0
  * releases straight to active (no ramp). Release from any state, pause from any state. */
 void mstore_pause(struct mstore *m, const char *reason, const char *actor, int64_t now);
+/* The reason resellers see (docs/resellers.md); "" clears it. Entering active clears it. */
+void mstore_set_public_reason(struct mstore *m, const char *text);
 void mstore_release(struct mstore *m, double rate, int64_t ramp_ms, const char *actor,
                     int64_t now);
 
@@ -126,7 +130,8 @@ double mstore_rate(const struct mstore *m, int64_t now);
 int64_t mstore_paused_ms(const struct mstore *m, int64_t from, int64_t to);
 
 /* --- Persistence (worker thread) ---------------------------------------------------------
- * Table mailstores(name, state, reason, since, actor, release_rate, ramp_ms) and
+ * Table mailstores(name, state, reason, since, actor, release_rate, ramp_ms, public_reason:
+ * added to an older table by ALTER TABLE at open) and
  * mailstore_pauses(name, start, end) in the spool's index.db, through a connection of our own
  * (WAL, synchronous=FULL, busy timeout, BEGIN IMMEDIATE for every write). */
 struct mstore_db;

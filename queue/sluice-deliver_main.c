@@ -26,6 +26,7 @@
 #include <unistd.h>
 #include <uv.h>
 
+#include "api.h"
 #include "cli.h"
 #include "conf.h"
 #include "dlv.h"
@@ -48,6 +49,7 @@ struct deliver {
     struct dlv *d;
     struct dlv_ctl *ctl;
     struct dlv_metrics *metrics;
+    struct api *api;          /* the reseller API, or NULL ([api] listen) */
     int notify_fd;
     int lock_fd;              /* deliver.lock, held for the life of the process */
     char notify_path[CONF_PATH_MAX];
@@ -188,6 +190,13 @@ static void on_hup(uv_signal_t *h, int signum)
     log_set_level(nc->log.level);
     dlv_reload(dv->d, nc);
     dlv_ctl_reload(dv->ctl, nc);
+    if (dv->api && api_reload(dv->api, nc, err, sizeof(err)) < 0) {
+        log_warn("deliver: SIGHUP: reseller tenants unchanged:");
+        for (char *line = strtok(err, "\n"); line; line = strtok(NULL, "\n"))
+            log_warn("  %s", line);
+    }
+    if (strcmp(nc->api.listen, dv->c->api.listen) != 0 || nc->api.threads != dv->c->api.threads)
+        log_warn("deliver: SIGHUP: [api] listen or threads changed; that takes a restart");
     free(dv->c);
     dv->c = nc;
     notify_ready("reloaded; delivering");
@@ -274,6 +283,17 @@ int main(int argc, char **argv)
         dlv_metrics_start(&dv.metrics, dv.loop, dv.d, dv.sp, dv.c->spool.dir,
                           dv.c->metrics.deliver_listen, err, sizeof(err)) < 0)
         log_warn("deliver: %s; no metrics", err);   /* delivery matters more than metrics */
+    /* the reseller API: a bad tenants file or a taken port is logged, and delivery goes on
+     * without the API (sluicectl reseller and SIGHUP fix the file; a restart the port) */
+    if (dv.c->api.listen[0]) {
+        char aerr[CONF_ERR_LEN];
+        if (api_start(&dv.api, dv.c, aerr, sizeof(aerr)) < 0) {
+            log_err("deliver: reseller API not started:");
+            for (char *line = strtok(aerr, "\n"); line; line = strtok(NULL, "\n"))
+                log_err("  %s", line);
+        }
+        dlv_ctl_set_api(dv.ctl, dv.api);
+    }
     uv_signal_init(dv.loop, &dv.sig_term);
     uv_signal_init(dv.loop, &dv.sig_int);
     uv_signal_init(dv.loop, &dv.sig_hup);
@@ -299,6 +319,9 @@ int main(int argc, char **argv)
         uv_run(dv.loop, UV_RUN_DEFAULT);
     }
 
+    /* after the loop: no control job (sluicectl reseller) can still be using it */
+    dlv_ctl_set_api(dv.ctl, NULL);
+    api_stop(dv.api);
     dlv_free(dv.d);
     dlv_ctl_free(dv.ctl);
     dlv_metrics_free(dv.metrics);

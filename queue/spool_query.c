@@ -18,11 +18,16 @@
 #include <string.h>
 #include <time.h>
 
+#include "domain.h"
+
 #define SPOOL_QUERY_BUSY_MS 5000 /* a writer's checkpoint, at worst */
+#define SPOOL_QUERY_ADDR_MAX 1024 /* an address key: SPOOL_ADDR_MAX and more */
 
 struct spool_query {
     sqlite3 *db;
 };
+
+static int register_functions(sqlite3 *db);
 
 /* --- Opening ------------------------------------------------------------------------------ */
 
@@ -44,6 +49,8 @@ int spool_query_open(struct spool_query **out, const char *dir, char *err, size_
     rc = sqlite3_open_v2(path, &q->db, SQLITE_OPEN_READONLY | SQLITE_OPEN_NOMUTEX, NULL);
     if (rc == SQLITE_OK)
         rc = sqlite3_exec(q->db, "SELECT 1 FROM messages LIMIT 0", NULL, NULL, NULL);
+    if (rc == SQLITE_OK)
+        rc = register_functions(q->db);
     if (rc != SQLITE_OK) {
         snprintf(err, errlen, "%s: %s", path, q->db ? sqlite3_errmsg(q->db) : "out of memory");
         int r = (rc & 0xff) == SQLITE_CANTOPEN ? -ENOENT
@@ -213,7 +220,10 @@ json_t *spool_query_states(struct spool_query *q)
 
     if (!has_table(q, "mailstores"))
         return out;
-    if (!(st = prep(q, "SELECT name, state, reason, since, actor FROM mailstores"))) {
+    /* public_reason: a table from before it existed lacks it until the deliverer opens it */
+    if (!(st = prep(q, "SELECT name, state, reason, since, actor, public_reason"
+                       " FROM mailstores")) &&
+        !(st = prep(q, "SELECT name, state, reason, since, actor, '' FROM mailstores"))) {
         json_decref(out);
         return NULL;
     }
@@ -225,6 +235,8 @@ json_t *spool_query_states(struct spool_query *q)
         /* mstore.c stores since in unix ms */
         json_object_set_new(o, "since", json_integer(sqlite3_column_int64(st, 3) / 1000));
         json_object_set_new(o, "actor", col_json(st, 4));
+        json_object_set_new(o, "public_reason", json_string(sqlite3_column_text(st, 5)
+                            ? (const char *)sqlite3_column_text(st, 5) : ""));
         json_object_set_new(out, name ? name : "", o);
     }
     sqlite3_finalize(st);
@@ -380,6 +392,279 @@ json_t *spool_query_affected(struct spool_query *q, const char *ms)
     sqlite3_bind_text(st, 1, ms, -1, SQLITE_TRANSIENT);
     arr = rows_json(st);
     sqlite3_finalize(st);
+    return arr;
+}
+
+/* --- By domain ---------------------------------------------------------------------------- */
+
+/* The domain list of one spool_query_users call, sorted, handed to SQL as a bound pointer. */
+struct dom_set {
+    const char **d;
+    int n;
+};
+
+static int cmp_str(const void *a, const void *b)
+{
+    return strcmp(*(const char *const *)a, *(const char *const *)b);
+}
+
+/* sluice_owned(rcpt, domains): 1 when the domain key (domain.h) of rcpt is in the bound
+ * domain set, else 0. The set comes from the caller of spool_query_users alone, so the scan
+ * passes on no row of any other domain. */
+static void fn_owned(sqlite3_context *cx, int argc, sqlite3_value **argv)
+{
+    const char *a = (const char *)sqlite3_value_text(argv[0]);
+    const struct dom_set *set = sqlite3_value_pointer(argv[1], "sluice_domains");
+    char key[DOMAIN_MAX];
+    const char *k = key;
+
+    sqlite3_result_int(cx, a && set && domain_key_of_addr(a, key, sizeof(key)) == 0 &&
+                           bsearch(&k, set->d, (size_t)set->n, sizeof(*set->d), cmp_str));
+}
+
+static int register_functions(sqlite3 *db)
+{
+    return sqlite3_create_function(db, "sluice_owned", 2, SQLITE_UTF8 | SQLITE_INNOCUOUS,
+                                   NULL, fn_owned, NULL, NULL);
+}
+
+/* One address being summed up, in a hash table while the rows stream by (in table order:
+ * a message's rows are consecutive, so a repeated qid is always the previous one). */
+struct uacc {
+    char *addr;                 /* domain_addr_key */
+    struct spool_query_user u;
+    char ms[SPOOL_QUERY_USER_MS_MAX][64];
+    char last_qid[SPOOL_QUERY_USER_MS_MAX][32];
+    char *reply;
+};
+
+struct utab {
+    struct uacc **slot;
+    size_t cap, n;
+};
+
+static uint64_t fnv1a(const char *s)
+{
+    uint64_t h = 1469598103934665603ull;
+    for (; *s; s++)
+        h = (h ^ (unsigned char)*s) * 1099511628211ull;
+    return h;
+}
+
+static struct uacc **utab_find(struct utab *t, const char *addr)
+{
+    size_t i = (size_t)fnv1a(addr) & (t->cap - 1);
+
+    while (t->slot[i] && strcmp(t->slot[i]->addr, addr) != 0)
+        i = (i + 1) & (t->cap - 1);
+    return &t->slot[i];
+}
+
+static int utab_grow(struct utab *t)
+{
+    struct utab nt = { .cap = t->cap ? t->cap * 2 : 1024 };
+
+    if (!(nt.slot = calloc(nt.cap, sizeof(*nt.slot))))
+        return -ENOMEM;
+    for (size_t i = 0; i < t->cap; i++)
+        if (t->slot[i])
+            *utab_find(&nt, t->slot[i]->addr) = t->slot[i];
+    nt.n = t->n;
+    free(t->slot);
+    *t = nt;
+    return 0;
+}
+
+static void utab_free(struct utab *t)
+{
+    for (size_t i = 0; i < t->cap; i++) {
+        if (t->slot[i]) {
+            free(t->slot[i]->addr);
+            free(t->slot[i]->reply);
+            free(t->slot[i]);
+        }
+    }
+    free(t->slot);
+}
+
+/* uacc_add - one recipient row into its address's sums. */
+static int uacc_add(struct utab *t, const char *rcpt, const char *ms, int state,
+                    const char *qid, int64_t recv, int attempts, int64_t upd, const char *reply)
+{
+    char key[SPOOL_QUERY_ADDR_MAX];
+    struct uacc **sl, *a;
+    struct spool_query_user *u;
+    int k;
+
+    if (domain_addr_key(rcpt, key, sizeof(key)) < 0)
+        return 0;
+    if ((t->n + 1) * 2 > t->cap && utab_grow(t) < 0)
+        return -ENOMEM;
+    sl = utab_find(t, key);
+    if (!(a = *sl)) {
+        if (!(a = calloc(1, sizeof(*a))) || !(a->addr = strdup(key))) {
+            free(a);
+            return -ENOMEM;
+        }
+        *sl = a;
+        t->n++;
+    }
+    u = &a->u;
+    ms = ms ? ms : "";
+    for (k = 0; k < u->nms && strcmp(a->ms[k], ms) != 0; k++)
+        ;
+    if (k == u->nms && u->nms < SPOOL_QUERY_USER_MS_MAX)
+        snprintf(a->ms[u->nms++], sizeof(a->ms[0]), "%s", ms);
+    else if (k == u->nms)
+        k = u->nms - 1;      /* more mailstores than we keep: the last one counts them */
+    struct spool_query_user_ms *m = &u->ms[k];
+    if (!m->oldest || recv < m->oldest)
+        m->oldest = recv;
+    if (!u->oldest || recv < u->oldest) {
+        u->oldest = recv;
+        u->mailstore = a->ms[k];      /* fixed up to point into a when reported */
+    }
+    if (state == 2) {
+        u->held++;
+        m->held++;
+    } else {
+        u->queued++;
+        m->queued++;
+    }
+    if (!qid || strcmp(qid, a->last_qid[k]) != 0) {
+        u->messages++;
+        m->messages++;
+        snprintf(a->last_qid[k], sizeof(a->last_qid[k]), "%s", qid ? qid : "");
+    }
+    /* the newest attempt: a row tried at least once (or held), updated last */
+    if ((attempts > 0 || state == 2) && upd >= u->last_attempt) {
+        char *r = strdup(reply ? reply : "");
+        if (!r)
+            return -ENOMEM;
+        free(a->reply);
+        a->reply = r;
+        u->last_attempt = upd;
+        u->last_state = state;
+    }
+    return 0;
+}
+
+static int cmp_uacc(const void *x, const void *y)
+{
+    return strcmp((*(struct uacc *const *)x)->addr, (*(struct uacc *const *)y)->addr);
+}
+
+long spool_query_users(struct spool_query *q, const struct spool_query_users *f,
+                       spool_query_user_fn fn, void *arg, int *more)
+{
+    /* one pass over the waiting rows (no ORDER BY: sorting a hundred thousand rows costs
+     * more than summing them in a hash table and sorting the addresses) */
+    static const char sql_fmt[] =
+        "SELECT r.rcpt, r.mailstore, r.state, r.qid, m.received_at, r.attempts, r.updated_at,"
+        " r.last_reply FROM recipients r JOIN messages m ON m.qid=r.qid"
+        " WHERE r.state<>1 AND sluice_owned(r.rcpt, ?1)%s";
+    char sql[512];
+    struct dom_set set = { 0 };
+    struct utab t = { 0 };
+    struct uacc **list = NULL;
+    sqlite3_stmt *st = NULL;
+    long n = 0;
+    size_t first = 0, nl = 0;
+    int rc, r = 0;
+
+    *more = 0;
+    if (!f->domains || f->ndomains <= 0)
+        return -EINVAL;
+    if (!(set.d = malloc((size_t)f->ndomains * sizeof(*set.d))))
+        return -ENOMEM;
+    memcpy(set.d, f->domains, (size_t)f->ndomains * sizeof(*set.d));
+    set.n = f->ndomains;
+    qsort(set.d, (size_t)set.n, sizeof(*set.d), cmp_str);
+    snprintf(sql, sizeof(sql), sql_fmt, f->mailstore ? " AND r.mailstore=?2" : "");
+    if (!(st = prep(q, sql))) {
+        free(set.d);
+        return -EIO;
+    }
+    sqlite3_bind_pointer(st, 1, &set, "sluice_domains", NULL);
+    if (f->mailstore)
+        sqlite3_bind_text(st, 2, f->mailstore, -1, SQLITE_TRANSIENT);
+    while (r == 0 && (rc = sqlite3_step(st)) == SQLITE_ROW)
+        r = uacc_add(&t, (const char *)sqlite3_column_text(st, 0),
+                     (const char *)sqlite3_column_text(st, 1), sqlite3_column_int(st, 2),
+                     (const char *)sqlite3_column_text(st, 3), sqlite3_column_int64(st, 4),
+                     sqlite3_column_int(st, 5), sqlite3_column_int64(st, 6),
+                     (const char *)sqlite3_column_text(st, 7));
+    sqlite3_finalize(st);
+    free(set.d);
+    if (r == 0 && rc != SQLITE_DONE)
+        r = -EIO;
+    if (r == 0 && t.n && !(list = malloc(t.n * sizeof(*list))))
+        r = -ENOMEM;
+    if (r < 0) {
+        utab_free(&t);
+        return r;
+    }
+    for (size_t i = 0; i < t.cap; i++)
+        if (t.slot[i])
+            list[nl++] = t.slot[i];
+    if (nl > 1)
+        qsort(list, nl, sizeof(*list), cmp_uacc);
+    if (f->after)
+        while (first < nl && strcmp(list[first]->addr, f->after) <= 0)
+            first++;
+    for (size_t i = first; i < nl; i++) {
+        struct uacc *a = list[i];
+        if (f->limit > 0 && n == f->limit) {
+            *more = 1;
+            break;
+        }
+        a->u.addr = a->addr;
+        const char *at = strrchr(a->addr, '@');
+        a->u.domain = at ? at + 1 : "";
+        for (int k = 0; k < a->u.nms; k++)
+            a->u.ms[k].name = a->ms[k];
+        if (!a->u.mailstore)
+            a->u.mailstore = "";
+        a->u.last_reply = a->reply ? a->reply : "";
+        n++;
+        if (fn(&a->u, arg))
+            break;
+    }
+    free(list);
+    utab_free(&t);
+    return n;
+}
+
+static int affected_row(const struct spool_query_user *u, void *arg)
+{
+    json_t *o = json_pack("{s:s,s:s,s:I,s:I,s:I,s:I,s:s}", "rcpt", u->addr, "mailstore",
+                          u->mailstore, "queued", (json_int_t)u->queued, "held",
+                          (json_int_t)u->held, "messages", (json_int_t)u->messages, "oldest",
+                          (json_int_t)u->oldest, "last_reply", u->last_reply);
+    if (!o)     /* an address that is not UTF-8: keep it visible rather than drop it */
+        o = json_pack("{s:s,s:I}", "rcpt", "(invalid UTF-8)", "queued", (json_int_t)u->queued);
+    json_object_set_new(o, "last_attempt",
+                        u->last_attempt ? json_integer(u->last_attempt) : json_null());
+    json_array_append_new(arg, o);
+    return 0;
+}
+
+json_t *spool_query_affected_domain(struct spool_query *q, const char *ms, const char *domain,
+                                    const char *after, long limit, int *more)
+{
+    char norm[DOMAIN_MAX];
+    const char *doms[1] = { norm };
+    struct spool_query_users f = { .domains = doms, .ndomains = 1, .mailstore = ms,
+                                   .after = after, .limit = limit };
+    json_t *arr;
+
+    *more = 0;
+    if (domain_norm(domain, norm, sizeof(norm)) < 0 || !(arr = json_array()))
+        return NULL;
+    if (spool_query_users(q, &f, affected_row, arr, more) < 0) {
+        json_decref(arr);
+        return NULL;
+    }
     return arr;
 }
 

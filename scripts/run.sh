@@ -25,6 +25,10 @@ if [ -x "$B/sluice-gateway" ]; then
 sluice: starting with $CONF (Ctrl-C stops it). Try, from another terminal:
   swaks --server 127.0.0.1:2525 --from you@example.org --to alice@example.test
   swaks --server 127.0.0.1:2525 --tls --to bob@example.test
+The demo reseller's status page (owner of example.test; docs/resellers.md):
+  http://127.0.0.1:8426/status  (any user name; password: the DEMO token
+  sluice_demo_token_for_make_run_only, published in etc/tenants: never use it elsewhere)
+  curl -H 'Authorization: Bearer sluice_demo_token_for_make_run_only' http://127.0.0.1:8426/v1/users
 MSG
     "$B/sluice-gateway" -c "$CONF" -f &
     gw=$!

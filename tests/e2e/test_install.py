@@ -61,6 +61,10 @@ def test_make_install_destdir(tmp_path):
     assert "dir = /var/spool/sluice\n" in r.stdout
     assert "recipient_map = /etc/sluice/recipients\n" in r.stdout
     assert "./run/" not in r.stdout
+    # the reseller API points at the system's tenants file; make run's demo tenant (a
+    # published token) is never installed
+    assert "tenants = /etc/sluice/tenants\n" in r.stdout
+    assert not os.path.exists(os.path.join(dest, "etc/sluice/tenants"))
 
     # A reinstall keeps the operator's configuration; uninstall removes the rest of ours.
     with open(conf, "a") as f:

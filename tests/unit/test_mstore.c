@@ -222,6 +222,51 @@ static void test_persistence_round_trip(void **state)
     assert_int_equal(system(cmd), 0);
 }
 
+/* pause --public-reason: kept through release and ramp, cleared by active, persisted; an
+ * index made before the column existed gains it and keeps its rows */
+static void test_public_reason(void **state)
+{
+    char dir[] = "/tmp/test_mstore.XXXXXX", path[64], err[256], cmd[512];
+    struct mstore_db *db;
+    struct mstore a, c;
+    const struct mstore *v[1] = { &a };
+
+    mstore_init(&a, "ms1", &P, T0);
+    mstore_set_public_reason(&a, "maintenance until 14:00");
+    mstore_pause(&a, "nfs3 lockup", "uid 0", T0 + 10);
+    mstore_pause(&a, "still nfs3", "uid 0", T0 + 20);       /* a new reason keeps it */
+    assert_string_equal(a.public_reason, "maintenance until 14:00");
+    mstore_release(&a, 5, 60000, "uid 0", T0 + 30);
+    assert_string_equal(a.public_reason, "maintenance until 14:00");
+    assert_int_equal(mstore_tick(&a, T0 + 30 + 60000), 1);   /* ramp over: active */
+    assert_string_equal(a.public_reason, "");
+
+    assert_non_null(mkdtemp(dir));
+    snprintf(path, sizeof(path), "%s/index.db", dir);
+    snprintf(cmd, sizeof(cmd), "sqlite3 %s \"CREATE TABLE mailstores(name TEXT PRIMARY KEY,"
+             " state TEXT, reason TEXT, since INTEGER, actor TEXT, release_rate REAL,"
+             " ramp_ms INTEGER); INSERT INTO mailstores VALUES('ms2','paused','old',1,'x',0,0)\"",
+             path);
+    assert_int_equal(system(cmd), 0);
+    assert_int_equal(mstore_db_open(&db, path, err, sizeof(err)), 0);
+    mstore_init(&c, "ms2", &P, T0);
+    assert_int_equal(mstore_db_load(db, &c, T0), 0);        /* the old row, no public reason */
+    assert_int_equal(c.state, MSTORE_PAUSED);
+    assert_string_equal(c.public_reason, "");
+    mstore_init(&a, "ms1", &P, T0);
+    mstore_set_public_reason(&a, "back soon");
+    mstore_pause(&a, "x", "uid 0", T0 + 1);
+    assert_int_equal(mstore_db_save(db, v, 1), 0);
+    mstore_db_close(db);
+    assert_int_equal(mstore_db_open(&db, path, err, sizeof(err)), 0);
+    mstore_init(&c, "ms1", &P, T0 + 5);
+    assert_int_equal(mstore_db_load(db, &c, T0 + 5), 0);
+    assert_string_equal(c.public_reason, "back soon");
+    mstore_db_close(db);
+    snprintf(cmd, sizeof(cmd), "rm -rf %s", dir);
+    assert_int_equal(system(cmd), 0);
+}
+
 static void test_backoff(void **state)
 {
     const int64_t mn = 60000, mx = 3600000;
@@ -256,6 +301,7 @@ int main(void)
         cmocka_unit_test(test_aimd_window),
         cmocka_unit_test(test_release_without_ramp_and_pause_accounting),
         cmocka_unit_test(test_persistence_round_trip),
+        cmocka_unit_test(test_public_reason),
         cmocka_unit_test(test_backoff),
     };
     log_init("test_mstore", 1, LOG_WARNING);
