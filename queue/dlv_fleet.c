@@ -355,13 +355,14 @@ static int put_node(struct dlv_fleet *f, int64_t lease, int64_t applied_rev, int
 static char *summary(struct dlv_fleet *f, int64_t applied_rev)
 {
     char err[512];
-    json_t *rep = NULL, *m, *arr = json_array(), *out;
+    json_t *req = ctl_request_new("status"), *rep = NULL, *m, *arr = json_array(), *out;
     const char *code;
     size_t i;
     char *text;
+    int r = ctl_call(f->ctl_path, req, &rep, DLV_FLEET_CTL_MS, err, sizeof(err));
 
-    if (ctl_call(f->ctl_path, ctl_request_new("status"), &rep, DLV_FLEET_CTL_MS, err,
-                 sizeof(err)) < 0 || ctl_reply_check(rep, &code, err, sizeof(err)) != 0) {
+    json_decref(req);
+    if (r < 0 || ctl_reply_check(rep, &code, err, sizeof(err)) != 0) {
         json_decref(rep);
         json_decref(arr);
         return NULL;
