@@ -235,6 +235,9 @@ static const struct conf_key conf_keys[] = {
       "longest wait for Redis; past it this host counts locally for a while"),
     KF(POLICYD, "redis_prefix", CT_STR, policyd.redis_prefix, "sluice:", CF_NONEMPTY,
        "prefix of every Redis key sluice-policyd writes"),
+    K(POLICYD, "redis_password_file", CT_STR, policyd.redis_password_file, "",
+      "file whose first line is the Redis password (requirepass), sent with AUTH (empty: "
+      "none)"),
 
     K(SPF, "enabled", CT_BOOL, spf.enabled, "no",
       "check SPF at MAIL (sluice-gateway)"),

@@ -134,6 +134,7 @@ struct conf_policyd {
     char redis[CONF_PATH_MAX];          /* host:port or unix:/path */
     int64_t redis_timeout_ms;           /* connect and each command */
     char redis_prefix[CONF_NAME_MAX];   /* key prefix, so several fleets can share a Redis */
+    char redis_password_file[CONF_PATH_MAX]; /* first line: Redis AUTH password ("" none) */
 };
 
 /* [fleet] (docs/fleet.md): operator intent in etcd, shared by every MX host. etcd "" = no

@@ -33,9 +33,11 @@
 
 struct pol_redis;
 
-/* addr: "host:port" or "unix:/path". Nothing is connected yet. */
-int pol_redis_new(struct pol_redis **r, const char *addr, int64_t timeout_ms, const char *prefix,
-                  int64_t window_ms, char *err, size_t errlen);
+/* addr: "host:port" or "unix:/path"; password NULL or "" for none (else sent with AUTH on
+ * every new connection). Nothing is connected yet. */
+int pol_redis_new(struct pol_redis **r, const char *addr, const char *password,
+                  int64_t timeout_ms, const char *prefix, int64_t window_ms, char *err,
+                  size_t errlen);
 void pol_redis_free(struct pol_redis *r);
 /* Redis is usable now (not inside a down period). */
 int pol_redis_up(struct pol_redis *r, int64_t now);

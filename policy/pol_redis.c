@@ -31,6 +31,7 @@ struct pol_redis {
     int64_t down_until;         /* 0: up */
     int down_logged;
     char addr[CONF_PATH_MAX];
+    char *password;             /* AUTH, or NULL */
 };
 
 int pol_redis_slice_key(char *out, size_t len, const char *prefix, enum pol_signal sig,
@@ -40,8 +41,9 @@ int pol_redis_slice_key(char *out, size_t len, const char *prefix, enum pol_sign
     return n < 0 || (size_t)n >= len ? -ENAMETOOLONG : 0;
 }
 
-int pol_redis_new(struct pol_redis **out, const char *addr, int64_t timeout_ms, const char *prefix,
-                  int64_t window_ms, char *err, size_t errlen)
+int pol_redis_new(struct pol_redis **out, const char *addr, const char *password,
+                  int64_t timeout_ms, const char *prefix, int64_t window_ms, char *err,
+                  size_t errlen)
 {
     struct pol_redis *r = calloc(1, sizeof(*r));
     struct conf_endpoint ep;
@@ -63,6 +65,11 @@ int pol_redis_new(struct pol_redis **out, const char *addr, int64_t timeout_ms, 
     r->tv.tv_usec = (timeout_ms % 1000) * 1000;
     snprintf(r->prefix, sizeof(r->prefix), "%s", prefix);
     snprintf(r->addr, sizeof(r->addr), "%s", addr);
+    if (password && *password && !(r->password = strdup(password))) {
+        snprintf(err, errlen, "out of memory");
+        free(r);
+        return -ENOMEM;
+    }
     r->window_ms = window_ms;
     r->slice_ms = window_ms / POL_BUCKETS > 0 ? window_ms / POL_BUCKETS : 1;
     *out = r;
@@ -75,6 +82,10 @@ void pol_redis_free(struct pol_redis *r)
         return;
     if (r->ctx)
         redisFree(r->ctx);
+    if (r->password) {
+        memset(r->password, 0, strlen(r->password));
+        free(r->password);
+    }
     free(r);
 }
 
@@ -99,6 +110,8 @@ static int failed(struct pol_redis *r, int64_t now, const char *why)
     return -ENOTCONN;
 }
 
+static int reply_failed(struct pol_redis *r, redisReply *rep, int64_t now);
+
 /* conn - a usable context, or -ENOTCONN (down, or it cannot connect now). */
 static int conn(struct pol_redis *r, int64_t now)
 {
@@ -114,6 +127,12 @@ static int conn(struct pol_redis *r, int64_t now)
         snprintf(why, sizeof(why), "cannot connect: %s",
                  r->ctx ? r->ctx->errstr : "out of memory");
         return failed(r, now, why);
+    }
+    if (r->password) {
+        redisReply *rep = redisCommand(r->ctx, "AUTH %s", r->password);
+        if (reply_failed(r, rep, now) < 0)
+            return -ENOTCONN;
+        freeReplyObject(rep);
     }
     if (r->down_logged) {
         log_notice("redis %s: reachable again; counting fleet-wide", r->addr);

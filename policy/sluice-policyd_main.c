@@ -730,11 +730,27 @@ int main(int argc, char **argv)
         return 1;
     }
     pol_store_expire(P.st, now_ms(), P.lim.memory_ms);
-    if (P.c.policyd.redis[0] &&
-        pol_redis_new(&P.redis, P.c.policyd.redis, P.c.policyd.redis_timeout_ms,
-                      P.c.policyd.redis_prefix, P.c.policyd.window_ms, err, sizeof(err)) < 0) {
-        log_err("%s", err);
-        return 1;
+    if (P.c.policyd.redis[0]) {
+        char pw[512] = "";
+        if (P.c.policyd.redis_password_file[0]) {
+            FILE *f = fopen(P.c.policyd.redis_password_file, "re");
+            if (!f) {
+                log_err("[policyd] redis_password_file %s: %s",
+                        P.c.policyd.redis_password_file, strerror(errno));
+                return 1;
+            }
+            if (!fgets(pw, sizeof(pw), f))
+                pw[0] = '\0';
+            fclose(f);
+            pw[strcspn(pw, "\r\n")] = '\0';
+        }
+        r = pol_redis_new(&P.redis, P.c.policyd.redis, pw, P.c.policyd.redis_timeout_ms,
+                          P.c.policyd.redis_prefix, P.c.policyd.window_ms, err, sizeof(err));
+        memset(pw, 0, sizeof(pw));
+        if (r < 0) {
+            log_err("%s", err);
+            return 1;
+        }
     }
 
     /* libmilter's signal thread takes SIGTERM, SIGINT and SIGHUP with sigwait: keep them

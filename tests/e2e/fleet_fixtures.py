@@ -40,7 +40,8 @@ POLICYD_BIN = os.path.join(BUILD_DIR, "sluice-policyd")
 SLUICECTL_BIN = os.path.join(BUILD_DIR, "sluicectl")
 
 PREFIX = "/sluice/"
-MAILSTORES = ["mgen", "mpause", "mramp", "mleader", "mdown", "mkill", "mroute", "mroute2"]
+MAILSTORES = ["mgen", "mpause", "mramp", "mleader", "mdown", "mkill", "mroute", "mroute2",
+              "mhold", "mbench"]
 MS_SETTINGS = {
     "connect_timeout": "2s", "command_timeout": "5s", "data_timeout": "5s",
     "retry_min": "1s", "retry_max": "2s", "trip_after": "3", "probe_interval": "1s",
@@ -179,24 +180,37 @@ class EtcdCluster:
 # ---------------------------------------------------------------- redis
 
 class Redis:
+    """With a password (requirepass), as a production Redis has: policyd must AUTH."""
+
     def __init__(self, base):
         self.dir = os.path.join(base, "redis")
         os.makedirs(self.dir, exist_ok=True)
         self.port = free_port()
+        self.password = "redis-pw-%d" % os.getpid()
+        self.password_file = os.path.join(self.dir, "password")
+        with open(self.password_file, "w") as f:
+            f.write(self.password + "\n")
         self.proc = None
 
     def start(self):
         self.logf = open(os.path.join(self.dir, "redis.log"), "ab")
         self.proc = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind",
                                       "127.0.0.1", "--save", "", "--appendonly", "no",
-                                      "--dir", self.dir], stdout=self.logf,
+                                      "--requirepass", self.password, "--dir", self.dir],
+                                     stdout=self.logf,
                                      stderr=subprocess.STDOUT)
 
         def up():
             try:
                 with socket.create_connection(("127.0.0.1", self.port), 0.5) as s:
-                    s.sendall(b"PING\r\n")
-                    return s.recv(16).startswith(b"+PONG")
+                    s.sendall(b"AUTH %s\r\nPING\r\n" % self.password.encode())
+                    got = b""
+                    while b"PONG" not in got and len(got) < 64:
+                        chunk = s.recv(64)
+                        if not chunk:
+                            break
+                        got += chunk
+                    return b"+PONG" in got
             except OSError:
                 return False
         wait_for(up, 10, 0.05, "redis on port %d" % self.port)
@@ -226,15 +240,17 @@ def make_certs(d):
         "-CAcreateserial", "-out", "node.pem", "-days", "2")
     run("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "stranger.key",
         "-out", "stranger.pem", "-days", "2", "-subj", "/CN=stranger")
+    with open(os.path.join(d, "token"), "w") as f:
+        f.write("fleet-token-%d\n" % os.getpid())
     return {k: os.path.join(d, v) for k, v in {
-        "ca": "ca.pem", "cert": "node.pem", "key": "node.key",
+        "ca": "ca.pem", "cert": "node.pem", "key": "node.key", "token": "token",
         "stranger_cert": "stranger.pem", "stranger_key": "stranger.key"}.items()}
 
 
 # ---------------------------------------------------------------- one node
 
 class FleetNode:
-    def __init__(self, base, name, etcd, lmtp_port, certs, redis_port, fleet=None):
+    def __init__(self, base, name, etcd, lmtp_port, certs, redis, fleet=None):
         self.name = name
         self.dir = os.path.join(base, name)
         self.spool = os.path.join(self.dir, "spool")
@@ -246,7 +262,7 @@ class FleetNode:
         self.etcd = etcd
         self.lmtp_port = lmtp_port
         self.certs = certs
-        self.redis_port = redis_port
+        self.redis = redis
         self.fleet = dict(fleet or {})
         self.procs = {}
         self.seq = 0
@@ -265,7 +281,7 @@ class FleetNode:
             "timeout": "2s", "lease_ttl": "3s", "stale_after": "2s", "summary_interval": "1s",
             "control_listen": "127.0.0.1:%d" % self.control_port,
             "control_tls_cert": self.certs["cert"], "control_tls_key": self.certs["key"],
-            "control_tls_ca": self.certs["ca"],
+            "control_tls_ca": self.certs["ca"], "control_token_file": self.certs["token"],
         }
         fleet.update(self.fleet)
         with open(self.conf, "w") as f:
@@ -279,8 +295,8 @@ class FleetNode:
             f.write("[routing]\ndomain_map = %s\n\n" % dmap)
             f.write("[policyd]\nlisten = inet:%d@127.0.0.1\nscopes = address\n"
                     "max_messages = 5\nwindow = 60s\nsuspend_base = 60s\n"
-                    "redis = 127.0.0.1:%d\nredis_timeout = 200ms\n\n"
-                    % (self.milter_port, self.redis_port))
+                    "redis = 127.0.0.1:%d\nredis_timeout = 200ms\nredis_password_file = %s\n\n"
+                    % (self.milter_port, self.redis.port, self.redis.password_file))
             f.write("[fleet]\n" + "".join("%s = %s\n" % kv for kv in fleet.items()) + "\n")
             f.write("[milter policyd]\nsocket = inet:127.0.0.1:%d\ndefault_action = accept\n\n"
                     % self.milter_port)
@@ -454,7 +470,7 @@ class Fleet:
         self.redis.start()
         self.dovecot = Dovecot()
         self.nodes = [FleetNode(self.base, n, self.etcd, self.dovecot.port, self.certs,
-                                self.redis.port) for n in ("a", "b", "c")]
+                                self.redis) for n in ("a", "b", "c")]
         for n in self.nodes:
             n.start()
         for n in self.nodes:
