@@ -1121,20 +1121,35 @@ static int do_unsuspend(struct ctx *x)
     json_t *req = req_new("unsuspend"), *rep;
     int r, in_fleet = 0;
 
-    if (fleet_write(x) && (r = ctl_fleet_unsuspend(&x->c, x->json, x->arg, opt(x, "reason"),
-                                                   &in_fleet))) {
-        json_decref(req);
-        return r;
+    if (fleet_write(x)) {
+        if ((r = ctl_fleet_unsuspend(&x->c, x->json, x->arg, opt(x, "reason"), &in_fleet))) {
+            json_decref(req);
+            return r;
+        }
+        if (in_fleet) {
+            /* lifted everywhere through etcd; this host's policyd also lifts an automatic
+             * suspension (local or in Redis) of the same key, when it has one */
+            char err[ERR_LEN];
+            req_str(req, "target", x->arg);
+            if (ctl_call(x->policyd_path, req, &rep, CTL_TIMEOUT_MS, err, sizeof(err)) == 0)
+                json_decref(rep);
+            json_decref(req);
+            if (x->json) {
+                rep = json_pack("{s:i,s:b,s:s,s:b}", "v", CTL_PROTO_VERSION, "ok", 1, "key",
+                                x->arg, "fleet", 1);
+                print_json(rep);
+                json_decref(rep);
+            } else {
+                printf("unsuspended fleet-wide: %s (recorded in the fleet's audit trail)\n",
+                       x->arg);
+            }
+            return EX_OK;
+        }
     }
     req_str(req, "target", x->arg);
     req_str(req, "reason", opt(x, "reason"));
-    /* also here: an automatic suspension (local or in Redis) is lifted by this policyd */
-    if ((r = call(x, 2, req, &rep, in_fleet))) {
-        if (!in_fleet)
-            return r;
-        rep = json_pack("{s:i,s:b,s:s,s:b}", "v", CTL_PROTO_VERSION, "ok", 1, "key", x->arg,
-                        "fleet", 1);
-    }
+    if ((r = call(x, 2, req, &rep, 0)))
+        return r;
     if (x->json)
         print_json(rep);
     else
