@@ -701,6 +701,38 @@ int etcd_get(struct etcd *e, const char *key, int prefix, int64_t limit, struct 
     return r;
 }
 
+int etcd_get_range(struct etcd *e, const char *from, const char *prefix, int64_t limit,
+                   int newest_first, struct etcd_kvs *out, char *err, size_t errlen)
+{
+    char end[ETCD_KEY_MAX + 1];
+    json_t *req, *rep;
+    int r;
+
+    memset(out, 0, sizeof(*out));
+    if (!key_ok(from, err, errlen) || !key_ok(prefix, err, errlen) ||
+        strncmp(from, prefix, strlen(prefix)) != 0 ||
+        etcd_prefix_end(prefix, end, sizeof(end)) < 0) {
+        snprintf(err, errlen, "etcd: bad key range");
+        return -EINVAL;
+    }
+    req = json_object();
+    json_object_set_new(req, "key", b64(from));
+    json_object_set_new(req, "range_end", b64(end));
+    if (limit > 0)
+        json_object_set_new(req, "limit", json_integer(limit));
+    if (newest_first) {
+        json_object_set_new(req, "sort_order", json_string("DESCEND"));
+        json_object_set_new(req, "sort_target", json_string("KEY"));
+    }
+    if ((r = call(e, "/v3/kv/range", req, &rep, err, errlen)) < 0)
+        return r;
+    r = etcd_parse_range(rep, out);
+    json_decref(rep);
+    if (r < 0)
+        snprintf(err, errlen, "etcd: cannot read the range answer");
+    return r;
+}
+
 int etcd_put(struct etcd *e, const char *key, const char *value, int64_t lease, int64_t *rev,
              char *err, size_t errlen)
 {

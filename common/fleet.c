@@ -457,33 +457,34 @@ int fleet_wait_applied(struct etcd *e, const struct conf *c, int64_t rev, int64_
 int fleet_audit(struct etcd *e, const struct conf *c, int limit, int64_t since_ms,
                 json_t **out, char *err, size_t errlen)
 {
+    char prefix[FLEET_KEY_MAX], from[FLEET_KEY_MAX + 32];
     struct etcd_kvs kvs;
     json_t *arr = json_array();
-    size_t first = 0;
     int r;
 
     *out = NULL;
-    if ((r = range_dir(e, c, "audit/", &kvs, err, errlen)) < 0) {
+    /* the keys start with the time, zero-padded: since is where the range starts, and the
+     * newest `limit` are the last keys (read backwards, then turned round) */
+    if (fleet_path(prefix, sizeof(prefix), c->fleet.prefix, "audit/") < 0 ||
+        snprintf(from, sizeof(from), "%s%015" PRId64, prefix, since_ms > 0 ? since_ms : 0)
+            >= (int)sizeof(from)) {
         json_decref(arr);
-        return r;
+        snprintf(err, errlen, "fleet: prefix too long");
+        return -ENAMETOOLONG;
     }
     if (limit <= 0 || limit > FLEET_AUDIT_MAX)
         limit = FLEET_AUDIT_MAX;
-    for (size_t i = 0; i < kvs.n; i++) {
+    if ((r = etcd_get_range(e, from, prefix, limit, 1, &kvs, err, errlen)) < 0) {
+        json_decref(arr);
+        return r;
+    }
+    for (size_t i = kvs.n; i-- > 0;) {
         json_t *v = json_loads(kvs.v[i].value, 0, NULL);
-        if (v && etcd_json_int(json_object_get(v, "at")) >= since_ms)
+        if (v)
             json_array_append_new(arr, v);
-        else
-            json_decref(v);
     }
     etcd_kvs_free(&kvs);
-    if (json_array_size(arr) > (size_t)limit)
-        first = json_array_size(arr) - (size_t)limit;
-    json_t *cut = json_array();
-    for (size_t i = first; i < json_array_size(arr); i++)
-        json_array_append(cut, json_array_get(arr, i));
-    json_decref(arr);
-    *out = cut;
+    *out = arr;
     return 0;
 }
 

@@ -27,12 +27,12 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+#include "gw_fleet.h"
 #include "gw_proxy.h"
 #include "gw_session.h"
 #include "gw_tls.h"
 #include "log.h"
 #include "rcptmap.h"
-#include "gw_fleet.h"
 #include "router.h"
 #include "spool.h"
 

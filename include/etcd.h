@@ -81,6 +81,11 @@ const char *etcd_endpoint(const struct etcd *e);
 /* key, or every key under it (prefix), sorted by key; limit 0 = all. */
 int etcd_get(struct etcd *e, const char *key, int prefix, int64_t limit, struct etcd_kvs *out,
              char *err, size_t errlen);
+/* The keys in [from, to) (to NULL: every key starting with prefix, which from must start
+ * with), at most limit (0 all), the last ones first when newest_first: "the newest N" of a
+ * key range whose keys sort by time costs N, not the whole range. */
+int etcd_get_range(struct etcd *e, const char *from, const char *prefix, int64_t limit,
+                   int newest_first, struct etcd_kvs *out, char *err, size_t errlen);
 void etcd_kvs_free(struct etcd_kvs *k);
 int etcd_put(struct etcd *e, const char *key, const char *value, int64_t lease, int64_t *rev,
              char *err, size_t errlen);

@@ -238,12 +238,20 @@ def make_certs(d):
         "node.csr", "-subj", "/CN=sluice-node")
     run("openssl", "x509", "-req", "-in", "node.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
         "-CAcreateserial", "-out", "node.pem", "-days", "2")
+    # etcd's server certificate: curl checks the name, 127.0.0.1
+    with open(os.path.join(d, "san.ext"), "w") as f:
+        f.write("subjectAltName=IP:127.0.0.1\n")
+    run("openssl", "req", "-newkey", "rsa:2048", "-nodes", "-keyout", "etcd.key", "-out",
+        "etcd.csr", "-subj", "/CN=etcd")
+    run("openssl", "x509", "-req", "-in", "etcd.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+        "-CAcreateserial", "-out", "etcd.pem", "-days", "2", "-extfile", "san.ext")
     run("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "stranger.key",
         "-out", "stranger.pem", "-days", "2", "-subj", "/CN=stranger")
     with open(os.path.join(d, "token"), "w") as f:
         f.write("fleet-token-%d\n" % os.getpid())
     return {k: os.path.join(d, v) for k, v in {
         "ca": "ca.pem", "cert": "node.pem", "key": "node.key", "token": "token",
+        "etcd_cert": "etcd.pem", "etcd_key": "etcd.key",
         "stranger_cert": "stranger.pem", "stranger_key": "stranger.key"}.items()}
 
 

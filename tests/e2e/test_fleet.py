@@ -29,12 +29,14 @@ import signal
 import smtplib
 import socket
 import ssl
+import subprocess
 import time
 
 import pytest
 
 from deliver_fixtures import wait_for
-from fleet_fixtures import PREFIX, Fleet, arrivals
+from fleet_fixtures import PREFIX, SLUICECTL_BIN, Fleet, arrivals
+from ports import free_port
 
 REPORT = {}
 
@@ -437,6 +439,63 @@ def test_all_etcd_members_stopped_nodes_keep_intent_and_recover(fleet):
         wait_for(lambda: len(arrivals(fleet.dovecot, u)) == 2, 10, 0.05, "delivered " + u)
         rc, line, _ = n.ctl("check", "--warn-depth", "100000")
         assert "stale" not in line, line
+
+
+def test_etcd_over_tls_with_a_password(fleet, tmp_path):
+    """etcd over https (the fleet's CA verifies it) with etcd's own authentication: a change
+    goes through with the right password and is refused (exit 4) with a wrong one."""
+    certs, d = fleet.certs, str(tmp_path)
+    port, peer = free_port(), free_port()
+    url = "https://127.0.0.1:%d" % port
+    with open(os.path.join(d, "etcd.log"), "wb") as log:
+        p = subprocess.Popen(
+            ["etcd", "--name", "t1", "--data-dir", os.path.join(d, "data"),
+             "--listen-client-urls", url, "--advertise-client-urls", url,
+             "--listen-peer-urls", "http://127.0.0.1:%d" % peer,
+             "--initial-advertise-peer-urls", "http://127.0.0.1:%d" % peer,
+             "--initial-cluster", "t1=http://127.0.0.1:%d" % peer,
+             "--cert-file", certs["etcd_cert"], "--key-file", certs["etcd_key"],
+             "--logger", "zap", "--log-level", "warn"], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        def etcdctl(*args, user=None):
+            cmd = ["etcdctl", "--endpoints", url, "--cacert", certs["ca"]]
+            if user:
+                cmd += ["--user", user]
+            return subprocess.run(cmd + list(args), capture_output=True, text=True, timeout=20)
+        wait_for(lambda: etcdctl("endpoint", "health").returncode == 0, 20, 0.1, "etcd (TLS)")
+        for args in (("user", "add", "root:rootpw"), ("user", "grant-role", "root", "root"),
+                     ("role", "add", "sluice"),
+                     ("role", "grant-permission", "sluice", "readwrite", PREFIX,
+                      "--prefix=true"),
+                     ("user", "add", "sluice:s3cret"), ("user", "grant-role", "sluice", "sluice"),
+                     ("auth", "enable")):
+            r = etcdctl(*args)
+            assert r.returncode == 0, (args, r.stdout, r.stderr)
+        pw = os.path.join(d, "pw")
+        conf = os.path.join(d, "sluice.conf")
+        with open(conf, "w") as f:
+            f.write("[spool]\ndir = %s\n[fleet]\netcd = %s\netcd_ca = %s\n"
+                    "etcd_user = sluice\netcd_password_file = %s\n"
+                    "[mailstore m1]\ndeliver = maildir:%s/mail/%%d/%%u\n"
+                    % (os.path.join(d, "spool"), url, certs["ca"], pw, d))
+
+        def ctl(*args):
+            return subprocess.run([SLUICECTL_BIN, "-c", conf] + list(args), capture_output=True,
+                                  text=True, timeout=60)
+        with open(pw, "w") as f:
+            f.write("s3cret\n")
+        r = ctl("pause", "m1", "--reason", "over TLS")
+        assert r.returncode == 0 and "paused: m1 fleet-wide" in r.stdout, (r.stdout, r.stderr)
+        v = json.loads(etcdctl("get", PREFIX + "live/intent/mailstore/m1", "--print-value-only",
+                               user="sluice:s3cret").stdout)
+        assert v["state"] == "paused" and v["reason"] == "over TLS", v
+        with open(pw, "w") as f:
+            f.write("wrong\n")
+        r = ctl("release", "m1")
+        assert r.returncode == 4 and "authentication failed" in r.stderr, (r.stdout, r.stderr)
+    finally:
+        p.terminate()
+        p.wait(15)
 
 
 def test_local_changes_this_host_only(fleet):
