@@ -36,7 +36,7 @@ struct dlv_remote {
     char listen[CONF_PATH_MAX];
 };
 
-/* reads_only - the commands this endpoint passes on: those that change nothing. */
+/* read_command - the commands this endpoint passes on: those that change nothing. */
 static int read_command(enum ctl_cmd c)
 {
     return c == CTL_CMD_status || c == CTL_CMD_queue || c == CTL_CMD_show ||
