@@ -18,7 +18,7 @@ OPT := -O2
 endif
 
 CC ?= cc
-PKGS := libuv openssl sqlite3 inih jansson libmicrohttpd libsystemd libidn2
+PKGS := libuv openssl sqlite3 inih jansson libmicrohttpd libsystemd libidn2 libcurl hiredis
 # libspf2 has no .pc file on Debian 12
 PKG_CFLAGS = $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
 PKG_LIBS = $(shell pkg-config --libs $(PKGS) 2>/dev/null)
@@ -126,6 +126,18 @@ bench-resellers: deps-test
 	@scripts/bench-resellers.sh $(B)
 
 bench: bench-spool bench-gateway
+
+# --- the fleet's figures (tests/e2e/test_fleet.py, docs/fleet.md "Measured") ---
+# BENCH_ROUNDS changes of intent on a loopback fleet (3 etcd members, 3 hosts, Dovecot): the
+# time from the write in etcd to each host applying it (p50/p99), and the fleet ramp's
+# accuracy at Dovecot; the figures go to $(B)/fleet-bench.json.
+BENCH_ROUNDS ?= 50
+.PHONY: bench-fleet
+bench-fleet: deps-test
+	@$(MAKE) --no-print-directory all
+	@SLUICE_BUILD=$(B) SLUICE_FLEET_ROUNDS=$(BENCH_ROUNDS) SLUICE_FLEET_REPORT=$(B)/fleet-bench.json \
+	    scripts/run-e2e.sh tests/e2e/test_fleet.py -s -k "bench or ramp"
+	@cat $(B)/fleet-bench.json
 
 clean:
 	rm -rf build build-san build-fuzz

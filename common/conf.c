@@ -40,7 +40,7 @@ enum conf_type {
 };
 
 enum conf_sec { SEC_NONE, SEC_SPOOL, SEC_LOG, SEC_GATEWAY, SEC_ROUTING, SEC_CONTROL, SEC_METRICS,
-                SEC_POLICYD, SEC_SPF, SEC_API, SEC_MAILSTORE, SEC_MILTER, SEC_BAD };
+                SEC_POLICYD, SEC_SPF, SEC_API, SEC_FLEET, SEC_MAILSTORE, SEC_MILTER, SEC_BAD };
 
 #define CF_NONEMPTY 1 /* "" is not a valid value */
 #define CF_REQUIRED 2 /* must be set in every section instance (mailstore deliver) */
@@ -61,6 +61,7 @@ static const char *const conf_sec_names[] = {
     [SEC_SPOOL] = "spool", [SEC_LOG] = "log", [SEC_GATEWAY] = "gateway",
     [SEC_ROUTING] = "routing", [SEC_CONTROL] = "control", [SEC_METRICS] = "metrics",
     [SEC_POLICYD] = "policyd", [SEC_SPF] = "spf", [SEC_API] = "api",
+    [SEC_FLEET] = "fleet",
     [SEC_MAILSTORE] = "mailstore", [SEC_MILTER] = "milter",
 };
 
@@ -227,6 +228,16 @@ static const struct conf_key conf_keys[] = {
       "longest automatic suspension"),
     KR(POLICYD, "offence_memory", CT_DUR, policyd.offence_memory_ms, "7d", 1000,
       3650 * 86400000LL, "a sender with no offence for this long starts again at suspend_base"),
+    K(POLICYD, "redis", CT_STR, policyd.redis, "",
+      "Redis shared by every node's sluice-policyd, host:port or unix:/path: counts and "
+      "automatic suspensions become fleet-wide (empty: count on this host only)"),
+    KR(POLICYD, "redis_timeout", CT_DUR, policyd.redis_timeout_ms, "200ms", 10, 10000,
+      "longest wait for Redis; past it this host counts locally for a while"),
+    KF(POLICYD, "redis_prefix", CT_STR, policyd.redis_prefix, "sluice:", CF_NONEMPTY,
+       "prefix of every Redis key sluice-policyd writes"),
+    K(POLICYD, "redis_password_file", CT_STR, policyd.redis_password_file, "",
+      "file whose first line is the Redis password (requirepass), sent with AUTH (empty: "
+      "none)"),
 
     K(SPF, "enabled", CT_BOOL, spf.enabled, "no",
       "check SPF at MAIL (sluice-gateway)"),
@@ -261,6 +272,49 @@ static const struct conf_key conf_keys[] = {
        "how often the status page reloads itself"),
     KI(API, "threads", api.threads, "2", 1, 64,
        "threads answering API requests (each reads the index on its own connection)"),
+
+    K(FLEET, "etcd", CT_STR, fleet.etcd, "",
+      "etcd v3 endpoints holding the fleet's operator intent, e.g. http://10.0.0.1:2379, "
+      "https://10.0.0.2:2379 (empty: no fleet, this host alone)"),
+    K(FLEET, "node", CT_STR, fleet.node, "",
+      "this host's name in the fleet, unique (empty: [gateway] hostname)"),
+    KF(FLEET, "prefix", CT_STR, fleet.prefix, "/sluice/", CF_NONEMPTY,
+       "etcd key prefix of this fleet, starting and ending with /"),
+    K(FLEET, "etcd_ca", CT_STR, fleet.etcd_ca, "",
+      "PEM CA file that signed the etcd servers' certificates (https endpoints)"),
+    K(FLEET, "etcd_cert", CT_STR, fleet.etcd_cert, "",
+      "PEM client certificate for etcd (with etcd_key)"),
+    K(FLEET, "etcd_key", CT_STR, fleet.etcd_key, "",
+      "PEM private key of etcd_cert"),
+    K(FLEET, "etcd_user", CT_STR, fleet.etcd_user, "",
+      "etcd user name, when etcd authentication is on (with etcd_password_file)"),
+    K(FLEET, "etcd_password_file", CT_STR, fleet.etcd_password_file, "",
+      "file whose first line is etcd_user's password"),
+    KR(FLEET, "timeout", CT_DUR, fleet.timeout_ms, "2s", 100, 60000,
+      "longest wait for one etcd request; a starting deliverer waits this long for the "
+      "fleet's intent before it delivers under its last known one"),
+    KR(FLEET, "lease_ttl", CT_DUR, fleet.lease_ttl_ms, "10s", 2000, 300000,
+      "a node that stops renewing its registration leaves the fleet after this"),
+    KR(FLEET, "stale_after", CT_DUR, fleet.stale_after_ms, "10s", 1000, 86400000,
+      "sluicectl check warns when this host has been cut off from etcd this long"),
+    KR(FLEET, "summary_interval", CT_DUR, fleet.summary_interval_ms, "5s", 500, 3600000,
+      "how often the deliverer publishes its per-mailstore summary for --fleet status"),
+    K(FLEET, "control_listen", CT_STR, fleet.control_listen, "",
+      "host:port of the authenticated TCP endpoint other hosts' sluicectl --fleet reads "
+      "from (empty: none; --fleet affected then lists this host as missing)"),
+    K(FLEET, "control_advertise", CT_STR, fleet.control_advertise, "",
+      "host:port other hosts use to reach control_listen (empty: control_listen)"),
+    K(FLEET, "control_tls_cert", CT_STR, fleet.control_tls_cert, "",
+      "PEM certificate of the endpoint; sluicectl also presents it as its client "
+      "certificate (empty: plain TCP)"),
+    K(FLEET, "control_tls_key", CT_STR, fleet.control_tls_key, "",
+      "PEM private key of control_tls_cert"),
+    K(FLEET, "control_tls_ca", CT_STR, fleet.control_tls_ca, "",
+      "PEM CA of the nodes' certificates: clients must present one it signed, and sluicectl "
+      "verifies the nodes with it"),
+    K(FLEET, "control_token_file", CT_STR, fleet.control_token_file, "",
+      "file whose first line is a shared token every request must carry (with or instead "
+      "of client certificates)"),
 
     { SEC_MAILSTORE, "deliver", CT_DELIVER, FLD(conf_mailstore, deliver), "", 0, 0,
       CF_REQUIRED | CF_NONEMPTY,
@@ -903,6 +957,7 @@ void conf_defaults(struct conf *c)
     conf_apply_defaults(SEC_POLICYD, c);
     conf_apply_defaults(SEC_SPF, c);
     conf_apply_defaults(SEC_API, c);
+    conf_apply_defaults(SEC_FLEET, c);
     if (gethostname(c->gateway.hostname, sizeof(c->gateway.hostname) - 1) < 0 ||
         c->gateway.hostname[0] == '\0')
         snprintf(c->gateway.hostname, sizeof(c->gateway.hostname), "localhost");
@@ -1293,6 +1348,83 @@ static int conf_later(struct conf_ctx *x, int row, enum conf_sec sec, const char
     return la > lb ? la : lb;
 }
 
+/* conf_fleet_url_ok - "http://HOST:PORT" or "https://HOST:PORT", nothing after the port: the
+ * client adds the API paths itself. */
+static int conf_fleet_url_ok(const char *u)
+{
+    struct conf_endpoint ep;
+
+    if (strncmp(u, "http://", 7) == 0)
+        u += 7;
+    else if (strncmp(u, "https://", 8) == 0)
+        u += 8;
+    else
+        return 0;
+    return conf_parse_endpoint(u, 1, &ep) == 0;
+}
+
+/* conf_check_fleet - [fleet]: the endpoints, names and the pairs of keys that go together.
+ * The control endpoint must authenticate (a CA for client certificates or a token): it
+ * answers questions about other people's mail. */
+static void conf_check_fleet(struct conf_ctx *x)
+{
+    const struct conf_fleet *f = &x->c.fleet;
+    const char *which;
+    char list[CONF_PATH_MAX], *save = NULL;
+    size_t pl = strlen(f->prefix);
+    int line, n = 0;
+#define FLEET_LINE(key) x->seen[0][conf_key_index(SEC_FLEET, key)]
+
+    snprintf(list, sizeof(list), "%s", f->etcd);
+    for (char *u = strtok_r(list, ", \t", &save); u; u = strtok_r(NULL, ", \t", &save)) {
+        n++;
+        if (!conf_fleet_url_ok(u))
+            conf_error(x, FLEET_LINE("etcd"), "[fleet] etcd: bad endpoint \"%s\" (use "
+                       "http://HOST:PORT or https://HOST:PORT)", u);
+    }
+    if (n > CONF_LIST_MAX)
+        conf_error(x, FLEET_LINE("etcd"), "[fleet] etcd: too many endpoints (max %d)",
+                   CONF_LIST_MAX);
+    if (pl < 2 || f->prefix[0] != '/' || f->prefix[pl - 1] != '/')
+        conf_error(x, FLEET_LINE("prefix"), "[fleet] prefix: \"%s\" must start and end "
+                   "with / (e.g. /sluice/)", f->prefix);
+    if (f->node[0] && !conf_mailstore_name_ok(f->node))
+        conf_error(x, FLEET_LINE("node"), "[fleet] node: bad name \"%s\" (use 1 to 63 of "
+                   "A-Z a-z 0-9 _ . -)", f->node);
+    if ((f->etcd_cert[0] == '\0') != (f->etcd_key[0] == '\0')) {
+        line = conf_later(x, 0, SEC_FLEET, "etcd_cert", "etcd_key", &which);
+        conf_error(x, line, "[fleet] %s: etcd_cert and etcd_key go together", which);
+    }
+    if ((f->etcd_user[0] == '\0') != (f->etcd_password_file[0] == '\0')) {
+        line = conf_later(x, 0, SEC_FLEET, "etcd_user", "etcd_password_file", &which);
+        conf_error(x, line, "[fleet] %s: etcd_user and etcd_password_file go together", which);
+    }
+    if ((f->control_tls_cert[0] == '\0') != (f->control_tls_key[0] == '\0')) {
+        line = conf_later(x, 0, SEC_FLEET, "control_tls_cert", "control_tls_key", &which);
+        conf_error(x, line, "[fleet] %s: control_tls_cert and control_tls_key go together",
+                   which);
+    }
+    if (f->control_tls_ca[0] && !f->control_tls_cert[0])
+        conf_error(x, FLEET_LINE("control_tls_ca"), "[fleet] control_tls_ca: client "
+                   "certificates need TLS: set control_tls_cert and control_tls_key too");
+    static const char *const eps[] = { "control_listen", "control_advertise" };
+    const char *vals[] = { f->control_listen, f->control_advertise };
+    for (int i = 0; i < 2; i++) {
+        struct conf_endpoint ep;
+        if (vals[i][0] && (conf_parse_endpoint(vals[i], 1, &ep) < 0 || ep.is_unix))
+            conf_error(x, FLEET_LINE(eps[i]), "[fleet] %s: bad address \"%s\" (use "
+                       "HOST:PORT)", eps[i], vals[i]);
+    }
+    if (f->control_listen[0] && !f->control_tls_ca[0] && !f->control_token_file[0])
+        conf_error(x, FLEET_LINE("control_listen"), "[fleet] control_listen: the endpoint "
+                   "must authenticate its clients: set control_tls_ca (client certificates) "
+                   "or control_token_file");
+    if (!f->etcd[0] && f->control_listen[0])
+        conf_error(x, FLEET_LINE("control_listen"), "[fleet] control_listen: needs etcd (the "
+                   "fleet's members are found there)");
+#undef FLEET_LINE
+}
+
 static void conf_check(struct conf_ctx *x)
 {
     const struct conf *c = &x->c;
@@ -1379,6 +1511,14 @@ static void conf_check(struct conf_ctx *x)
         line = conf_later(x, 0, SEC_POLICYD, "suspend_base", "suspend_max", &which);
         conf_error(x, line, "[policyd] %s: suspend_base is longer than suspend_max", which);
     }
+    if (c->policyd.redis[0]) {
+        struct conf_endpoint ep;
+        if (conf_parse_endpoint(c->policyd.redis, 1, &ep) < 0)
+            conf_error(x, x->seen[0][conf_key_index(SEC_POLICYD, "redis")],
+                       "[policyd] redis: bad address \"%s\" (use host:port or unix:/path)",
+                       c->policyd.redis);
+    }
+    conf_check_fleet(x);
     for (int i = 0; i < c->n_mailstores; i++) {
         const struct conf_mailstore *m = &c->mailstores[i];
         for (size_t k = 0; k < CONF_NKEYS; k++) {
@@ -1517,6 +1657,16 @@ static int conf_spool_file(const struct conf *c, const char *value, const char *
     else
         n = snprintf(buf, len, "%s/%s", c->spool.dir, name);
     return n < 0 || (size_t)n >= len ? -ENAMETOOLONG : 0;
+}
+
+int conf_fleet_on(const struct conf *c)
+{
+    return c->fleet.etcd[0] != '\0';
+}
+
+const char *conf_fleet_node(const struct conf *c)
+{
+    return c->fleet.node[0] ? c->fleet.node : c->gateway.hostname;
 }
 
 int conf_ctl_socket(const struct conf *c, int gateway, char *buf, size_t len)

@@ -7,6 +7,7 @@
 #include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
+#include <time.h>
 
 #define CHECK_WHY_MAX 1024
 
@@ -142,6 +143,16 @@ enum ctl_check_status ctl_check_eval(const struct ctl_check_limits *l,
             raise_to(&st, CTL_CHECK_WARNING);
             why_add(&warn, "%s %ld held", m->name, m->held);
         }
+    }
+    if (in->fleet_stale_since > 0 && in->now - in->fleet_stale_since >= l->fleet_stale_after_s) {
+        time_t t = (time_t)in->fleet_stale_since;
+        struct tm tm;
+        char when[40];
+        if (!gmtime_r(&t, &tm) || strftime(when, sizeof(when), "%Y-%m-%dT%H:%M:%SZ", &tm) == 0)
+            snprintf(when, sizeof(when), "%" PRId64, in->fleet_stale_since);
+        raise_to(&st, CTL_CHECK_WARNING);
+        why_add(&warn, "fleet intent stale since %s (etcd unreachable; delivering under the "
+                "last known intent)", when);
     }
     if (in->free_bytes >= 0) {
         if (l->crit_free > 0 && in->free_bytes < l->crit_free) {

@@ -144,6 +144,17 @@ static int safe_name(const char *s)
     return 1;
 }
 
+/* safe_actor - a fleet actor ("alice@mx1", "root (sudo alice)@mx1"): printable, no quotes. */
+static int safe_actor(const char *s)
+{
+    if (!s || !*s || strlen(s) > 90)
+        return 0;
+    for (; *s; s++)
+        if (*s < 0x20 || *s > 0x7e || *s == '"' || *s == '\\')
+            return 0;
+    return 1;
+}
+
 /* handle_line - 1 when a request was dispatched (reading stops until its reply). */
 static int handle_line(struct ctl_client *cl, const char *line)
 {
@@ -151,7 +162,7 @@ static int handle_line(struct ctl_client *cl, const char *line)
     json_error_t jerr;
     json_t *req = json_loads(line, 0, &jerr);
     enum ctl_cmd cmd;
-    const char *code, *sudo;
+    const char *code, *sudo, *fleet;
     char err[CTL_ERR_MAX];
     struct ctl_req *rq;
 
@@ -190,8 +201,12 @@ static int handle_line(struct ctl_client *cl, const char *line)
     rq->cmd = cmd;
     rq->legacy = json_object_get(req, "v") == NULL;
     sudo = json_string_value(json_object_get(req, "sudo_user"));
+    fleet = json_string_value(json_object_get(req, "fleet_actor"));
     if (rq->legacy)             /* what the first protocol recorded */
         snprintf(rq->actor, sizeof(rq->actor), "uid %u", (unsigned)cl->peer.uid);
+    else if (fleet && (cl->peer.uid == 0 || cl->peer.uid == geteuid()) && safe_actor(fleet))
+        /* the daemon's own fleet thread, carrying out a change made on another host */
+        snprintf(rq->actor, sizeof(rq->actor), "fleet: %s", fleet);
     else if (cl->peer.uid == 0 && safe_name(sudo) && strcmp(sudo, "root") != 0)
         snprintf(rq->actor, sizeof(rq->actor), "%s (sudo %s)", cl->peer.user, sudo);
     else

@@ -12,11 +12,14 @@
  *   - status, queue, show, affected and audit ask the daemon, and when it is not running
  *     read the index read-only instead (saying so on stderr, "source":"index" in JSON);
  *   - route and users are computed here from the configuration (router.h, rcptmap_list.h);
- *   - spool verify opens the spool read-only here and checks every record's CRC.
+ *   - spool verify opens the spool read-only here and checks every record's CRC;
+ *   - with [fleet] configured, changes of operator intent go to etcd instead (ctl_fleet.h),
+ *     unless --local; --fleet status, affected and audit answer for every node.
  *
  * Exit status: 0 done; 1 the command failed (the daemon said no, no such message, bad records
  * found); 2 usage; 3 the daemon needed is not running; 4 permission denied; 5 sluicectl and
  * the daemon speak different protocol versions. check exits 0/1/2/3 as a Nagios plugin.
+ * (ctl_fleet.c uses the same numbers; 3 there means etcd could not be reached.)
  *
  * Sections: output helpers, talking to the daemons, commands, the grammar table, main.
  */
@@ -36,6 +39,7 @@
 #include "cli.h"
 #include "conf.h"
 #include "ctl_check.h"
+#include "ctl_fleet.h"
 #include "ctl_proto.h"
 #include "log.h"
 #include "qid.h"
@@ -76,6 +80,7 @@ struct ctx {
     struct conf c;
     const char *prog;
     int json;
+    int fleet, local;           /* --fleet, --local */
     const struct cmd_def *cmd;
     const char *arg;            /* positional value or NULL */
     int nopt;
@@ -247,6 +252,12 @@ static void req_str(json_t *req, const char *key, const char *v)
         json_object_set_new(req, key, json_string(v));
 }
 
+/* fleet_write - a change goes to the fleet (etcd): [fleet] is configured and no --local. */
+static int fleet_write(const struct ctx *x)
+{
+    return conf_fleet_on(&x->c) && !x->local;
+}
+
 /* --- Commands: reading ---------------------------------------------------------------------- */
 
 /* status_fallback - the status reply built from the index alone. */
@@ -302,9 +313,11 @@ static int do_status(struct ctx *x)
     json_t *rep, *gw = NULL, *m;
     const char *source;
     size_t i;
-    int r = get_status(x, &rep, &source);
+    int r;
 
-    if (r)
+    if (x->fleet)
+        return ctl_fleet_status(&x->c, x->json);
+    if ((r = get_status(x, &rep, &source)))
         return r;
     if (call(x, 1, req_new("status"), &gw, 1) != 0)
         gw = NULL;
@@ -346,6 +359,16 @@ static int do_status(struct ctx *x)
         printf("spool: %s, %" PRId64 " MB free\n", js(sp, "dir"), ji(sp, "free_bytes") >> 20);
     if (strcmp(source, "index") == 0)
         printf("sluice-deliver: NOT RUNNING (states and counts read from the index)\n");
+    json_t *fl = json_object_get(rep, "fleet");
+    if (json_is_object(fl))
+        printf("fleet: node %s, %s, intent revision %" PRId64 ", %" PRId64 " live node(s), "
+               "ramp share %.3g%s%s\n", json_string_value(json_object_get(fl, "node")),
+               json_is_true(json_object_get(fl, "connected")) ? "in touch with etcd"
+               : "CUT OFF from etcd (keeping the last known intent)",
+               ji(fl, "applied"), ji(fl, "nodes"),
+               json_number_value(json_object_get(fl, "share")),
+               *js(fl, "error") && !json_is_true(json_object_get(fl, "connected")) ? ": " : "",
+               json_is_true(json_object_get(fl, "connected")) ? "" : js(fl, "error"));
     if (gw) {
         printf("gateway: %" PRId64 " sessions, %.1f messages/s accepted, %" PRId64
                " accepted and %" PRId64 " rejected since start, spool %" PRId64 " MB free\n",
@@ -528,6 +551,13 @@ static int do_affected(struct ctx *x)
         die_usage("affected: \"%s\" is not a domain name", dom);
     if ((after || lim) && !dom)
         die_usage("affected: --after and --limit go with --domain");
+    if (x->fleet) {
+        if (dom || after || lim)
+            die_usage("affected: --fleet takes no --domain, --after or --limit (each host's "
+                      "pages would not merge)");
+        json_decref(req);
+        return ctl_fleet_affected(&x->c, x->json, x->arg);
+    }
     req_str(req, "mailstore", x->arg);
     req_str(req, "domain", dom);
     req_str(req, "after", after);
@@ -586,6 +616,10 @@ static int do_audit(struct ctx *x)
 
     if ((s = opt(x, "since")) && conf_parse_duration(s, &ms) == 0)
         since = now_s() - ms / 1000;
+    if (x->fleet) {
+        json_decref(req);
+        return ctl_fleet_audit(&x->c, x->json, limit, since);
+    }
     json_object_set_new(req, "limit", json_integer(limit));
     json_object_set_new(req, "since", json_integer(since));
     r = call(x, 0, req, &rep, 1);
@@ -656,6 +690,10 @@ static int do_pause(struct ctx *x)
 
     if (!opt(x, "reason"))
         die_usage("pause: --reason TEXT is required (it shows in status and the audit trail)");
+    if (fleet_write(x)) {
+        json_decref(req);
+        return ctl_fleet_pause(&x->c, x->json, x->arg, opt(x, "reason"));
+    }
     req_str(req, "mailstore", x->arg);
     req_str(req, "reason", opt(x, "reason"));
     if (opt(x, "public-reason"))     /* "" too: that clears it */
@@ -667,10 +705,13 @@ static int do_pause(struct ctx *x)
 
 static int do_release(struct ctx *x)
 {
-    json_t *req = req_new("release"), *rep;
+    json_t *req, *rep;
     const char *s;
     int r;
 
+    if (fleet_write(x))
+        return ctl_fleet_release(&x->c, x->json, x->arg, opt(x, "rate"), opt(x, "ramp"));
+    req = req_new("release");
     req_str(req, "mailstore", x->arg);
     if ((s = opt(x, "rate")))
         json_object_set_new(req, "rate", json_real(strtod(s, NULL)));
@@ -694,6 +735,10 @@ static int scoped(struct ctx *x, const char *cmd, const char *what)
         req_str(req, "qid", x->arg);
     if (!x->arg == !ms && !(x->arg && ms == x->arg))
         die_usage("%s: give a queue ID or --mailstore MS (one of them)", cmd);
+    if (ms && fleet_write(x) && strcmp(cmd, "retry") != 0) {
+        json_decref(req);
+        return ctl_fleet_hold(&x->c, x->json, cmd, ms, opt(x, "reason"));
+    }
     req_str(req, "mailstore", ms);
     req_str(req, "reason", opt(x, "reason"));
     if ((r = call(x, 0, req, &rep, 0)))
@@ -726,6 +771,11 @@ static int do_reroute(struct ctx *x)
 
     if (!opt(x, "to"))
         die_usage("reroute: --to MAILSTORE is required");
+    if (fleet_write(x)) {
+        json_decref(req);
+        return ctl_fleet_reroute(&x->c, x->json, x->arg, opt(x, "to"), opt(x, "rcpt"),
+                                 opt(x, "reason"));
+    }
     req_str(req, "mailstore", x->arg);
     req_str(req, "to", opt(x, "to"));
     req_str(req, "rcpt", opt(x, "rcpt"));
@@ -733,8 +783,9 @@ static int do_reroute(struct ctx *x)
     if ((r = call(x, 0, req, &rep, 0)))
         return r;
     if (!x->json)
-        fprintf(stderr, "sluicectl: queued mail moved; for new mail, add the address to "
-                        "[routing] override_map and reload the gateway (kill -HUP)\n");
+        fprintf(stderr, "sluicectl: queued mail moved on this host; for new mail, add the "
+                        "address to [routing] override_map and reload the gateway (kill -HUP)%s\n",
+                conf_fleet_on(&x->c) ? ", or reroute without --local to do both fleet-wide" : "");
     return write_done(x, rep, "rerouted");
 }
 
@@ -763,11 +814,29 @@ static struct router *build_router(struct ctx *x)
     return rt;
 }
 
+/* fleet_route_of - the one address route asks about has the fleet's answer in arg */
+static const char *fleet_route_of(void *arg, const char *addr)
+{
+    return arg;
+}
+
 static int do_route(struct ctx *x)
 {
     struct router *rt = build_router(x);
-    const char *why, *ms = router_route(rt, x->arg, &why);
+    const char *why, *ms;
+    char fleet_ms[CONF_NAME_MAX], err[ERR_LEN];
+
+    if (fleet_write(x)) {
+        int r = ctl_fleet_route(&x->c, x->arg, fleet_ms, sizeof(fleet_ms), err, sizeof(err));
+        if (r < 0)
+            fprintf(stderr, "sluicectl: the fleet's routes are unknown (%s); this answer "
+                            "leaves them out\n", err);
+        else if (r == 1 && conf_mailstore(&x->c, fleet_ms))
+            router_set_lookup(rt, fleet_route_of, fleet_ms);
+    }
+    ms = router_route(rt, x->arg, &why);
     static const char *const explain[][2] = {
+        { "fleet", "the fleet routes it there (sluicectl reroute --rcpt; every gateway)" },
         { "override", "listed in [routing] override_map (a moved mailbox)" },
         { "domain", "its domain is listed in [routing] domain_map" },
         { "hash", "rendezvous hash of the address over the mailstores' weights" },
@@ -944,6 +1013,12 @@ static int do_check(struct ctx *x)
         c->oldest_age_s = age_of(m, "oldest_queued");
     }
     in.ms = ms;
+    json_t *fl = json_object_get(rep, "fleet");
+    if (json_is_object(fl) && json_is_integer(json_object_get(fl, "stale_since"))) {
+        in.fleet_stale_since = ji(fl, "stale_since");
+        l.fleet_stale_after_s = x->c.fleet.stale_after_ms / 1000;
+    }
+    in.now = now_s();
     enum ctl_check_status st = ctl_check_eval(&l, &in, line, sizeof(line));
     if (x->json) {
         json_t *o = json_pack("{s:s,s:i,s:s}", "status", ctl_check_name(st), "exit", (int)st,
@@ -1020,6 +1095,10 @@ static int do_suspend(struct ctx *x)
                   "audit trail)");
     if (a && strcmp(a, "tempfail") != 0 && strcmp(a, "hold") != 0)
         die_usage("suspend: --action is tempfail or hold, not \"%s\"", a);
+    if (fleet_write(x)) {
+        json_decref(req);
+        return ctl_fleet_suspend(&x->c, x->json, x->arg, opt(x, "for"), a, opt(x, "reason"));
+    }
     req_str(req, "target", x->arg);
     req_str(req, "for", opt(x, "for"));
     req_str(req, "action", a);
@@ -1040,8 +1119,33 @@ static int do_suspend(struct ctx *x)
 static int do_unsuspend(struct ctx *x)
 {
     json_t *req = req_new("unsuspend"), *rep;
-    int r;
+    int r, in_fleet = 0;
 
+    if (fleet_write(x)) {
+        if ((r = ctl_fleet_unsuspend(&x->c, x->json, x->arg, opt(x, "reason"), &in_fleet))) {
+            json_decref(req);
+            return r;
+        }
+        if (in_fleet) {
+            /* lifted everywhere through etcd; this host's policyd also lifts an automatic
+             * suspension (local or in Redis) of the same key, when it has one */
+            char err[ERR_LEN];
+            req_str(req, "target", x->arg);
+            if (ctl_call(x->policyd_path, req, &rep, CTL_TIMEOUT_MS, err, sizeof(err)) == 0)
+                json_decref(rep);
+            json_decref(req);
+            if (x->json) {
+                rep = json_pack("{s:i,s:b,s:s,s:b}", "v", CTL_PROTO_VERSION, "ok", 1, "key",
+                                x->arg, "fleet", 1);
+                print_json(rep);
+                json_decref(rep);
+            } else {
+                printf("unsuspended fleet-wide: %s (recorded in the fleet's audit trail)\n",
+                       x->arg);
+            }
+            return EX_OK;
+        }
+    }
     req_str(req, "target", x->arg);
     req_str(req, "reason", opt(x, "reason"));
     if ((r = call(x, 2, req, &rep, 0)))
@@ -1262,6 +1366,25 @@ static int do_reseller_list(struct ctx *x)
     return EX_OK;
 }
 
+/* --- Commands: the fleet's own -------------------------------------------------------------- */
+
+static int do_unroute(struct ctx *x)
+{
+    if (!conf_fleet_on(&x->c) || x->local) {
+        fprintf(stderr, "sluicectl: unroute removes a fleet-wide route; on a single host, "
+                        "edit [routing] override_map and reload the gateway\n");
+        return EX_FAILED;
+    }
+    return ctl_fleet_unroute(&x->c, x->json, x->arg, opt(x, "reason"));
+}
+
+static int do_fleet_forget(struct ctx *x)
+{
+    if (!conf_fleet_on(&x->c))
+        die_usage("fleet forget: no fleet is configured ([fleet] etcd)");
+    return ctl_fleet_forget(&x->c, x->json, x->arg);
+}
+
 /* --- The grammar table --------------------------------------------------------------------- */
 
 static const struct opt_def o_none[] = { { NULL, OT_FLAG } };
@@ -1310,6 +1433,8 @@ static const struct cmd_def cmds[] = {
       "affected MS [--domain D [--after ADDR] [--limit N]]" },
     { "users", "MS", o_none, do_users, "users MS" },
     { "route", "ADDR", o_none, do_route, "route ADDR" },
+    { "unroute", "ADDR", o_unsuspend, do_unroute, "unroute ADDR [--reason TEXT]" },
+    { "fleet forget", "NODE", o_none, do_fleet_forget, "fleet forget NODE" },
     { "check", NULL, o_check, do_check,
       "check [--warn-age D] [--crit-age D] [--warn-depth N] [--crit-depth N] [--warn-held N]"
       " [--crit-held N] [--warn-free SIZE] [--crit-free SIZE]" },
@@ -1426,7 +1551,9 @@ static void build_usage(void)
 
     if (!f)
         return;
-    fprintf(f, "Commands (add --json to any for machine-readable output):\n");
+    fprintf(f, "Commands (add --json to any for machine-readable output; with [fleet], changes "
+               "go to every host unless --local, and\n--fleet status, --fleet affected MS and "
+               "--fleet audit answer for every host):\n");
     for (const struct cmd_def *c = cmds; c->words; c++)
         fprintf(f, "  %s\n", c->synopsis);
     fprintf(f, "Exit status: 0 ok, 1 failed, 2 usage, 3 daemon not running, 4 permission "
@@ -1440,18 +1567,22 @@ int main(int argc, char **argv)
 {
     static struct ctx ctx;      /* static: exit() from anywhere leaks nothing */
     struct ctx *x = &ctx;
-    struct cli_opts o = { .usage_args = "[--json] COMMAND [ARG] [OPTIONS]" };
+    struct cli_opts o = { .usage_args = "[--json] [--fleet|--local] COMMAND [ARG] [OPTIONS]" };
     char err[CONF_ERR_LEN];
     int i, r;
 
-    /* --json may also come before the command */
-    for (i = 1; i < argc; i++) {
-        if (strcmp(argv[i], "--json") == 0) {
-            x->json = 1;
-            memmove(&argv[i], &argv[i + 1], (size_t)(argc - i) * sizeof(argv[0]));
-            argc--;
-            break;
+    /* --json, --fleet and --local may come anywhere, before the command too */
+    for (i = 1; i < argc;) {
+        int *flag = strcmp(argv[i], "--json") == 0 ? &x->json
+                  : strcmp(argv[i], "--fleet") == 0 ? &x->fleet
+                  : strcmp(argv[i], "--local") == 0 ? &x->local : NULL;
+        if (!flag) {
+            i++;
+            continue;
         }
+        *flag = 1;
+        memmove(&argv[i], &argv[i + 1], (size_t)(argc - i) * sizeof(argv[0]));
+        argc--;
     }
     build_usage();
     o.usage_extra = usage_text;
@@ -1472,6 +1603,15 @@ int main(int argc, char **argv)
         fprintf(stderr, "sluicectl: %s\n", err);
         return EX_FAILED;
     }
+    if (x->fleet && x->local)
+        die_usage("--fleet and --local do not go together");
+    if (x->fleet && !conf_fleet_on(&x->c))
+        die_usage("--fleet: no fleet is configured in %s ([fleet] etcd)", o.conf_path);
+    char word[80];
+    snprintf(word, sizeof(word), " %s ", x->cmd->words);
+    if (x->fleet && !strstr(" status affected audit pause release hold unhold reroute unroute "
+                            "suspend unsuspend ", word))
+        die_usage("--fleet goes with status, affected, audit and the changes of intent");
     if (conf_ctl_socket(&x->c, 0, x->deliver_path, sizeof(x->deliver_path)) < 0 ||
         conf_ctl_socket(&x->c, 1, x->gateway_path, sizeof(x->gateway_path)) < 0 ||
         conf_policyd_file(&x->c, 1, x->policyd_path, sizeof(x->policyd_path)) < 0) {

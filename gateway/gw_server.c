@@ -27,6 +27,7 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+#include "gw_fleet.h"
 #include "gw_proxy.h"
 #include "gw_session.h"
 #include "gw_tls.h"
@@ -483,6 +484,7 @@ static void server_finish(struct gw_server *srv)
     if (srv->finished)
         return;
     srv->finished = 1;
+    gw_fleet_stop(srv->fleet);
     gw_ctl_stop();
     gw_backlog_stop(srv->backlog);
     spool_close(srv->spool);      /* runs every outstanding commit callback */
@@ -562,6 +564,8 @@ static void server_reload(struct gw_server *srv)
     router_free(srv->router);
     rcptmap_free(srv->rcptmap);
     free(srv->conf);
+    if (srv->fleet)
+        router_set_lookup(r, gw_fleet_lookup, srv->fleet);
     srv->router = r;
     srv->rcptmap = m;
     srv->conf = nc;
@@ -607,6 +611,11 @@ int gw_server_start(struct gw_server **out, uv_loop_t *loop, struct conf *c,
     srv->notify_fd = -1;
     if ((r = server_build_maps(c, &srv->router, &srv->rcptmap, err, errlen)) < 0)
         goto fail;
+    /* the fleet's routes: without etcd the gateway still routes by its last known ones */
+    if (conf_fleet_on(c) && gw_fleet_start(&srv->fleet, loop, c, err, errlen) < 0)
+        log_warn("fleet: %s; the fleet's routes are not used", err);
+    if (srv->fleet)
+        router_set_lookup(srv->router, gw_fleet_lookup, srv->fleet);
     if ((r = gw_tls_new(&srv->tls, c, err, errlen)) < 0) {
         if (c->gateway.tls_cert[0] != '\0')
             goto fail;            /* a configured certificate that does not load is an error */
@@ -669,6 +678,7 @@ int gw_server_start(struct gw_server **out, uv_loop_t *loop, struct conf *c,
     return 0;
 fail:
     server_listeners_close(srv);
+    gw_fleet_stop(srv->fleet);
     uv_run(loop, UV_RUN_NOWAIT);  /* their close callbacks, before the memory goes */
     srv->conf = NULL;             /* the caller still owns c on failure */
     gw_server_free(srv);
@@ -691,6 +701,7 @@ void gw_server_free(struct gw_server *srv)
         close(srv->notify_fd);
     gw_backlog_free(srv->backlog);
     gw_spf_free(srv->spf);
+    gw_fleet_free(srv->fleet);
     router_free(srv->router);
     rcptmap_free(srv->rcptmap);
     gw_tls_free(srv->tls);

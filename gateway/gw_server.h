@@ -25,6 +25,7 @@ struct gw_listener;
 struct gw_backlog;
 struct gw_spf;
 struct gw_ipcount;
+struct gw_fleet;
 
 #define GW_IP_BUCKETS 4096            /* per-IP connection table; chains stay short */
 #define GW_FREE_CHECK_MS 1000         /* spool free space is re-read at most this often */
@@ -39,6 +40,7 @@ struct gw_server {
     struct spool *spool;
     struct gw_backlog *backlog;       /* per-mailstore admission (gw_backlog.h) */
     struct gw_spf *spf;               /* SPF checks (gw_spf.h), used when [spf] enabled */
+    struct gw_fleet *fleet;           /* the fleet's routes (gw_fleet.h), with [fleet] */
     int stopping;                     /* SIGTERM seen */
     /* private */
     const char *conf_path;

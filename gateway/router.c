@@ -41,6 +41,8 @@ struct router {
     size_t n;
     struct addrmap *overrides;     /* address -> index into ms, or NULL */
     struct addrmap *domains;       /* domain -> index into ms, or NULL */
+    router_lookup_fn lookup;       /* the fleet's routes, or NULL */
+    void *lookup_arg;
 };
 
 /* What a map file's lines are, for the line callback. */
@@ -218,6 +220,12 @@ int router_load_domains(struct router *r, const char *path, char *err, size_t er
 
 /* --- Routing ------------------------------------------------------------------------ */
 
+void router_set_lookup(struct router *r, router_lookup_fn fn, void *arg)
+{
+    r->lookup = fn;
+    r->lookup_arg = arg;
+}
+
 const char *router_route(const struct router *r, const char *addr, const char **why)
 {
     const char *at, *dummy;
@@ -232,6 +240,13 @@ const char *router_route(const struct router *r, const char *addr, const char **
     *why = "none";
     if (r->n == 0)
         return NULL;
+    if (r->lookup != NULL) {
+        const char *name = r->lookup(r->lookup_arg, addr);
+        if (name != NULL && (ms = find_mailstore(r, name)) >= 0) {
+            *why = "fleet";
+            return r->ms[ms].name;
+        }
+    }
     if (r->overrides != NULL && addrmap_get(r->overrides, addr, &ms) == 0) {
         *why = "override";
         return r->ms[ms].name;

@@ -130,6 +130,36 @@ struct conf_policyd {
     int64_t suspend_base_ms;
     int64_t suspend_max_ms;
     int64_t offence_memory_ms;
+    /* Redis shared by every node's sluice-policyd (docs/fleet.md): "" = count locally only */
+    char redis[CONF_PATH_MAX];          /* host:port or unix:/path */
+    int64_t redis_timeout_ms;           /* connect and each command */
+    char redis_prefix[CONF_NAME_MAX];   /* key prefix, so several fleets can share a Redis */
+    char redis_password_file[CONF_PATH_MAX]; /* first line: Redis AUTH password ("" none) */
+};
+
+/* [fleet] (docs/fleet.md): operator intent in etcd, shared by every MX host. etcd "" = no
+ * fleet: every program behaves as a single host with local state only. */
+struct conf_fleet {
+    char etcd[CONF_PATH_MAX];           /* etcd v3 endpoints: "http://H:P, https://H:P" */
+    char node[CONF_NAME_MAX];           /* this host's name in the fleet ("" = hostname) */
+    char prefix[CONF_NAME_MAX];         /* key prefix, starts and ends with '/' */
+    char etcd_ca[CONF_PATH_MAX];        /* TLS to etcd: CA file, client certificate and key */
+    char etcd_cert[CONF_PATH_MAX];
+    char etcd_key[CONF_PATH_MAX];
+    char etcd_user[CONF_NAME_MAX];      /* etcd authentication (with etcd_password_file) */
+    char etcd_password_file[CONF_PATH_MAX];
+    int64_t timeout_ms;                 /* one etcd request; the start-up sync waits this */
+    int64_t lease_ttl_ms;               /* a node that stops answering leaves after this */
+    int64_t stale_after_ms;             /* sluicectl check warns after this long cut off */
+    int64_t summary_interval_ms;        /* how often a node publishes its summary */
+    char control_listen[CONF_PATH_MAX]; /* fleet-wide reads: host:port, "" = none */
+    char control_advertise[CONF_PATH_MAX]; /* how others reach it ("" = control_listen) */
+    char control_tls_cert[CONF_PATH_MAX]; /* TLS: this node's certificate (also its client
+                                           * certificate when sluicectl asks other nodes) */
+    char control_tls_key[CONF_PATH_MAX];
+    char control_tls_ca[CONF_PATH_MAX]; /* CA of the nodes' certificates: set = client
+                                         * certificates required and servers verified */
+    char control_token_file[CONF_PATH_MAX]; /* a shared secret, first line of this file */
 };
 
 /* [spf]: SPF (RFC 7208) at MAIL in sluice-gateway, with libspf2 (docs/policy.md). */
@@ -208,6 +238,7 @@ struct conf {
     struct conf_policyd policyd;
     struct conf_spf spf;
     struct conf_api api;
+    struct conf_fleet fleet;
     int n_mailstores;
     struct conf_mailstore mailstores[CONF_MAILSTORE_MAX]; /* in file order */
     int n_milters;
@@ -233,6 +264,11 @@ int conf_notify_socket(const struct conf *c, char *buf, size_t len);
 /* [policyd] state_db (which 0) or control_socket (which 1), or <spool dir>/policyd.db /
  * policyd.ctl when it is "". 0 or -ENAMETOOLONG. */
 int conf_policyd_file(const struct conf *c, int which, char *buf, size_t len);
+
+/* [fleet] etcd is set: this host is part of a fleet. */
+int conf_fleet_on(const struct conf *c);
+/* [fleet] node, or the gateway hostname when it is "". */
+const char *conf_fleet_node(const struct conf *c);
 
 /* The control socket of sluice-deliver (gateway 0) or sluice-gateway (gateway 1): the
  * [control] key, or <spool dir>/deliver.ctl / gateway.ctl when it is "". 0 or -ENAMETOOLONG. */

@@ -7,7 +7,9 @@
  *   CRITICAL  sluice-deliver not running; a mailstore tripped; a mailstore's queue depth or
  *             oldest queued age at or past crit; spool free space below crit_free.
  *   WARNING   a mailstore paused (someone is on it, but mail is waiting); depth, age or free
- *             space past warn; held recipients at or past warn_held (when set).
+ *             space past warn; held recipients at or past warn_held (when set); in a fleet,
+ *             the deliverer cut off from etcd for fleet_stale_after_s or longer ("fleet
+ *             intent stale since T": it keeps delivering under its last known intent).
  *   UNKNOWN   the facts could not be gathered (the caller passes that).
  */
 #ifndef SLUICE_CTL_CHECK_H
@@ -24,6 +26,7 @@ struct ctl_check_limits {
     long warn_depth, crit_depth;        /* queued recipients, per mailstore */
     long warn_held, crit_held;          /* held recipients, per mailstore; 0 = off */
     int64_t warn_free, crit_free;       /* spool bytes free; 0 = off */
+    int64_t fleet_stale_after_s;        /* [fleet] stale_after */
 };
 
 struct ctl_check_ms {
@@ -39,6 +42,9 @@ struct ctl_check_input {
     int64_t free_bytes;                 /* -1 unknown */
     int nms;
     const struct ctl_check_ms *ms;
+    int64_t fleet_stale_since;          /* unix s since the deliverer lost etcd; 0 = in touch
+                                         * or no fleet */
+    int64_t now;                        /* unix s (for the fleet's staleness) */
 };
 
 void ctl_check_defaults(struct ctl_check_limits *l);

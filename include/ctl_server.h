@@ -52,8 +52,9 @@ void ctl_server_free(struct ctl_server *s);
 void ctl_req_reply(struct ctl_req *rq, json_t *rep);
 enum ctl_cmd ctl_req_cmd(const struct ctl_req *rq);
 const struct ctl_peer *ctl_req_peer(const struct ctl_req *rq);
-/* Who to record in the audit trail: "alice", or "root (sudo alice)" when root passed
- * "sudo_user" (only root may speak for someone else). */
+/* Who to record in the audit trail: "alice", "root (sudo alice)" when root passed
+ * "sudo_user" (only root may speak for someone else), or "fleet: alice@mx1" when root or the
+ * daemon's own uid passed "fleet_actor" (the daemon applying a change made on another host). */
 const char *ctl_req_actor(const struct ctl_req *rq);
 /* The request had no "v" (the deliverer's first protocol, still spoken by old scripts): the
  * reply goes out without "v", and handlers keep that protocol's reply shapes and its

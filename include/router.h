@@ -35,8 +35,14 @@ int router_add_mailstore(struct router *r, const char *name, int weight);
 int router_load_overrides(struct router *r, const char *path, char *err, size_t errlen);
 int router_load_domains(struct router *r, const char *path, char *err, size_t errlen);
 
+/* Fleet-wide routes (docs/fleet.md) come before everything else: fn(arg, addr) names the
+ * mailstore the fleet routes addr to, or NULL. A name the router does not know is ignored
+ * (this host lacks that mailstore: the next rule decides). fn NULL: none. */
+typedef const char *(*router_lookup_fn)(void *arg, const char *addr);
+void router_set_lookup(struct router *r, router_lookup_fn fn, void *arg);
+
 /* The mailstore for addr (a mailbox as from smtp_parse_rcpt), and in *why (if not NULL)
- * "override", "domain" or "hash". NULL, with why "none", only when no mailstore is configured.
+ * "fleet", "override", "domain" or "hash". NULL, with why "none", only when no mailstore is configured.
  * The name stays valid until router_free. */
 const char *router_route(const struct router *r, const char *addr, const char **why);
 

@@ -15,6 +15,12 @@
  * in memory. Operators use sluicectl suspend/unsuspend/suspensions through the control socket
  * (ctl_server.h on a libuv loop in its own thread); every change is audited (audit.h).
  *
+ * In a fleet (docs/fleet.md): with [policyd] redis, counters and automatic suspensions live in
+ * that Redis, shared by every host's policyd (pol_redis.h); when it does not answer, this
+ * host counts and suspends locally as above until it does. With [fleet], operators'
+ * suspensions come from etcd (fleet_watch.h, applied into the local store on the watcher's
+ * thread), so one `sluicectl suspend` holds on every host and expires with its lease.
+ *
  * Threads: libmilter runs one thread per MTA connection; the control loop has its own. One
  * mutex guards the counters and the database connection.
  */
@@ -41,9 +47,11 @@
 #include "conf.h"
 #include "ctl_proto.h"
 #include "ctl_server.h"
+#include "fleet_watch.h"
 #include "log.h"
 #include "notify.h"
 #include "privs.h"
+#include "pol_redis.h"
 #include "pol_rules.h"
 #include "pol_store.h"
 
@@ -63,6 +71,8 @@ static struct {
     uv_async_t stop;
     uv_timer_t expire;
     struct ctl_server *srv;
+    struct pol_redis *redis;    /* [policyd] redis, or NULL */
+    struct fleet_watch *fleet;  /* [fleet]: operators' suspensions, or NULL */
 } P;
 
 struct sess {
@@ -115,6 +125,23 @@ static void count(const char *key, enum pol_signal sig, int64_t now)
 
     if (!key[0])
         return;
+    if (P.redis && pol_redis_count(P.redis, key, sig, now, &n) == 0) {
+        /* the fleet's count: a sender spread over the MX hosts adds up here */
+        if (!pol_crossed(&P.lim, sig, n))
+            return;
+        fmt_dur(P.c.policyd.window_ms, win, sizeof(win));
+        snprintf(reason, sizeof(reason), "%s: %" PRIu32 " %s in %s fleet-wide, limit %" PRIu32,
+                 pol_signal_key(sig), n, pol_signal_name(sig), win, P.lim.max[sig]);
+        if (pol_redis_offend(P.redis, &P.lim, key, now, P.action, reason, &s) == 1) {
+            fmt_dur(s.until_ms - s.since_ms, dur, sizeof(dur));
+            log_notice("suspended %s fleet-wide for %s (offence %d, action %s): %s", key, dur,
+                       s.offence, s.action, reason);
+            return;
+        }
+        if (pol_redis_up(P.redis, now))
+            return;             /* already suspended, by this host or another */
+        /* Redis went away just now: suspend here, from this host's own count */
+    }
     n = pol_counters_add(P.ctr, key, sig, now);
     if (!pol_crossed(&P.lim, sig, n))
         return;
@@ -148,7 +175,9 @@ static void count_sess(const struct sess *ss, enum pol_signal sig, int64_t now)
 static int find(const struct sess *ss, int64_t now, struct pol_susp *s)
 {
     const char *keys[3] = { ss->ip, ss->domain, ss->addr };
-    return pol_store_find(P.st, keys, 3, now, s) == 1;
+    if (pol_store_find(P.st, keys, 3, now, s) == 1)
+        return 1;
+    return P.redis && pol_redis_find(P.redis, keys, 3, now, s) == 1;
 }
 
 static void susp_text(const struct pol_susp *s, char *out, size_t len)
@@ -416,6 +445,20 @@ static void h_list(struct ctl_req *rq, const json_t *req, void *arg)
 
     pthread_mutex_lock(&P.mu);
     arr = pol_store_list(P.st, now);
+    if (arr && P.redis) {
+        /* the fleet's automatic suspensions too, once each (a local copy wins) */
+        json_t *shared = pol_redis_list(P.redis, now), *e;
+        size_t i, k;
+        json_array_foreach(shared, i, e) {
+            int dup = 0;
+            json_t *l;
+            json_array_foreach(arr, k, l)
+                dup |= json_equal(json_object_get(l, "key"), json_object_get(e, "key"));
+            if (!dup)
+                json_array_append(arr, e);
+        }
+        json_decref(shared);
+    }
     pthread_mutex_unlock(&P.mu);
     if (!arr) {
         ctl_req_reply(rq, ctl_reply_error(CTL_E_FAILED, "cannot read the state database"));
@@ -498,6 +541,8 @@ static void h_unsuspend(struct ctl_req *rq, const json_t *req, void *arg)
     pthread_mutex_lock(&P.mu);
     r = pol_store_delete(P.st, key, now_ms());
     pol_counters_reset(P.ctr, key);
+    if (r >= 0 && P.redis && pol_redis_delete(P.redis, key) == 1)
+        r = 1;
     pthread_mutex_unlock(&P.mu);
     audit(rq, "unsuspend", key, reason, "", r < 0 ? 0 : r,
           r < 0 ? "failed" : r == 0 ? "not suspended" : "ok");
@@ -523,7 +568,64 @@ static void h_status(struct ctl_req *rq, const json_t *req, void *arg)
     pthread_mutex_unlock(&P.mu);
     json_object_set_new(rep, "daemon", json_string(PD_NAME));
     json_object_set_new(rep, "listen", json_string(P.c.policyd.listen));
+    if (P.redis) {
+        pthread_mutex_lock(&P.mu);
+        int up = pol_redis_up(P.redis, now_ms());
+        pthread_mutex_unlock(&P.mu);
+        json_object_set_new(rep, "redis", json_pack("{s:s,s:b}", "address", P.c.policyd.redis,
+                                                     "up", up));
+    }
+    if (P.fleet) {
+        struct fleet_watch_state st;
+        fleet_watch_state(P.fleet, &st);
+        json_object_set_new(rep, "fleet", json_pack("{s:b,s:I}", "connected", st.connected,
+                                                     "applied", (json_int_t)st.applied));
+    }
     ctl_req_reply(rq, rep);
+}
+
+/* fleet_apply - an operator's suspension from etcd (watcher thread): into the local store,
+ * where MAIL finds it; a deleted key (lifted, or its lease ran out) lifts it. */
+static int fleet_apply(void *arg, enum fleet_kind kind, const char *name, const char *sub,
+                       const char *value, int64_t rev)
+{
+    struct pol_susp s;
+    json_t *v;
+    int r;
+
+    if (kind != FLEET_K_SUSPEND)
+        return 0;
+    if (!value) {
+        pthread_mutex_lock(&P.mu);
+        r = pol_store_delete(P.st, name, now_ms());
+        pol_counters_reset(P.ctr, name);
+        pthread_mutex_unlock(&P.mu);
+        return r < 0 ? -EIO : 0;
+    }
+    if (!(v = json_loads(value, 0, NULL)))
+        return 0;
+    memset(&s, 0, sizeof(s));
+    snprintf(s.key, sizeof(s.key), "%s", name);
+    s.since_ms = json_integer_value(json_object_get(v, "at"));
+    s.until_ms = json_integer_value(json_object_get(v, "until"));
+    snprintf(s.action, sizeof(s.action), "%s",
+             json_string_value(json_object_get(v, "action")) &&
+             strcmp(json_string_value(json_object_get(v, "action")), "hold") == 0
+             ? "hold" : "tempfail");
+    pol_reply_text(json_string_value(json_object_get(v, "reason")) ?
+                   json_string_value(json_object_get(v, "reason")) : "", s.reason,
+                   sizeof(s.reason));
+    snprintf(s.source, sizeof(s.source), "operator fleet: %.100s",
+             json_string_value(json_object_get(v, "actor")) ?
+             json_string_value(json_object_get(v, "actor")) : "?");
+    json_decref(v);
+    pthread_mutex_lock(&P.mu);
+    r = pol_store_put(P.st, &s);
+    pthread_mutex_unlock(&P.mu);
+    if (r == 0)
+        log_notice("suspended %s until %lld by the fleet (%s): %s", s.key,
+                   (long long)(s.until_ms / 1000), s.source, s.reason);
+    return r < 0 ? -EIO : 0;
 }
 
 static void on_expire(uv_timer_t *t)
@@ -628,6 +730,28 @@ int main(int argc, char **argv)
         return 1;
     }
     pol_store_expire(P.st, now_ms(), P.lim.memory_ms);
+    if (P.c.policyd.redis[0]) {
+        char pw[512] = "";
+        if (P.c.policyd.redis_password_file[0]) {
+            FILE *f = fopen(P.c.policyd.redis_password_file, "re");
+            if (!f) {
+                log_err("[policyd] redis_password_file %s: %s",
+                        P.c.policyd.redis_password_file, strerror(errno));
+                return 1;
+            }
+            if (!fgets(pw, sizeof(pw), f))
+                pw[0] = '\0';
+            fclose(f);
+            pw[strcspn(pw, "\r\n")] = '\0';
+        }
+        r = pol_redis_new(&P.redis, P.c.policyd.redis, pw, P.c.policyd.redis_timeout_ms,
+                          P.c.policyd.redis_prefix, P.c.policyd.window_ms, err, sizeof(err));
+        memset(pw, 0, sizeof(pw));
+        if (r < 0) {
+            log_err("%s", err);
+            return 1;
+        }
+    }
 
     /* libmilter's signal thread takes SIGTERM, SIGINT and SIGHUP with sigwait: keep them
      * blocked in every thread, the control thread included */
@@ -658,6 +782,15 @@ int main(int argc, char **argv)
     uv_timer_init(&P.loop, &P.expire);
     uv_timer_start(&P.expire, on_expire, PD_EXPIRE_MS, PD_EXPIRE_MS);
 
+    if (conf_fleet_on(&P.c)) {
+        struct fleet_watch_opts fo = {
+            .c = &P.c, .scope = PD_NAME, .cache_db = P.state_path,
+            .kinds = FLEET_BIT(FLEET_K_SUSPEND), .apply = fleet_apply,
+        };
+        if (fleet_watch_start(&P.fleet, &fo, err, sizeof(err)) < 0)
+            log_warn("fleet: %s; operators' fleet-wide suspensions do not reach this host",
+                     err);
+    }
     if (pthread_create(&th, NULL, ctl_thread, NULL) != 0) {
         log_err("cannot start the control thread");
         return 1;
@@ -672,8 +805,10 @@ int main(int argc, char **argv)
     log_notice("stopping");
     uv_async_send(&P.stop);
     pthread_join(th, NULL);
+    fleet_watch_free(P.fleet);
     uv_loop_close(&P.loop);
     pol_store_close(P.st);
     pol_counters_free(P.ctr);
+    pol_redis_free(P.redis);
     return r == MI_SUCCESS ? 0 : 1;
 }

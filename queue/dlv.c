@@ -169,6 +169,7 @@ struct dlv {
     uv_timer_t tick;
     uint64_t last_poll;
     uv_timer_t drain_timer;
+    double share;                   /* of a fleet's ramps: dlv_set_share */
     int draining, stopped;
     int64_t drain_started;          /* wall ms */
     void (*drain_done)(void *);
@@ -1251,6 +1252,7 @@ static struct dlv_ms *ms_new(struct dlv *d, const struct conf_mailstore *cf)
     metrics_hist_init(&ms->lat, metrics_latency_bounds, metrics_latency_nbounds);
     params_of(cf, &p);
     mstore_init(&ms->st, cf->name, &p, wall_ms());
+    mstore_set_share(&ms->st, d->share);
     uv_timer_init(d->loop, &ms->timer);
     ms->timer.data = ms;
     d->ms[d->nms++] = ms;
@@ -1281,6 +1283,7 @@ int dlv_start(struct dlv **out, uv_loop_t *loop, struct spool *sp, const struct 
     }
     d->loop = loop;
     d->sp = sp;
+    d->share = 1;
     snprintf(d->helo, sizeof(d->helo), "%s", c->gateway.hostname);
     d->ids_cap = 1024;
     if (!(d->ids = calloc(d->ids_cap, sizeof(*d->ids))))
@@ -1507,4 +1510,11 @@ int dlv_state_of(struct dlv *d, const char *name)
 {
     struct dlv_ms *ms = find_ms(d, name);
     return ms && !ms->gone ? (int)ms->st.state : -ENOENT;
+}
+
+void dlv_set_share(struct dlv *d, double share)
+{
+    d->share = share > 0 && share <= 1 ? share : 1;
+    for (int i = 0; i < d->nms; i++)
+        mstore_set_share(&d->ms[i]->st, d->share);
 }

@@ -115,6 +115,8 @@ int dlv_fence(struct dlv *d, const char *name);
 int dlv_unfence(struct dlv *d, const char *name);
 /* The state of mailstore name, or -ENOENT. */
 int dlv_state_of(struct dlv *d, const char *name);
+/* This node's share of every ramp (mstore_set_share), for mailstores now and later. */
+void dlv_set_share(struct dlv *d, double share);
 
 /* Retry delay after `attempts` failed attempts (1 = the first failure): retry_min doubled per
  * further attempt, capped at retry_max, times a jitter factor 0.75..1.25 from r in [0,1),

@@ -47,6 +47,9 @@ struct dlv_ctl {
     char dir[CONF_PATH_MAX];
     char index_path[CONF_PATH_MAX + 16];
     char path[CONF_PATH_MAX];
+    char hook_key[32];          /* dlv_ctl_status_hook */
+    json_t *(*hook)(void *arg);
+    void *hook_arg;
 };
 
 struct job {
@@ -65,9 +68,10 @@ struct job {
     char domain[DOMAIN_MAX];    /* affected --domain: normalised */
     struct api *api;            /* reseller: the API to reload, or NULL */
     char tenants[CONF_PATH_MAX];
-    /* status: the scheduler's snapshot */
+    /* status: the scheduler's snapshot, and the hook's part */
     struct dlv_status *st;
     int nst;
+    json_t *extra;
     /* pause/release: the scheduler's result */
     int op_status;
     long op_due;
@@ -85,6 +89,7 @@ static void job_free(struct job *j)
 {
     json_decref(j->req);
     json_decref(j->rep);
+    json_decref(j->extra);
     free(j->st);
     free(j);
 }
@@ -186,6 +191,8 @@ static json_t *do_status(struct job *j, struct spool_query *q)
     json_object_set_new(rep, "spool", json_pack("{s:s,s:I}", "dir", j->ctl->dir, "free_bytes",
                                                 (json_int_t)spool_free_bytes(j->ctl->sp)));
     json_object_set_new(rep, "mailstores", arr);
+    if (j->extra)
+        json_object_set(rep, j->ctl->hook_key, j->extra);
     return rep;
 }
 
@@ -674,6 +681,8 @@ static void handle(struct ctl_req *rq, const json_t *req, void *arg)
             return;
         }
         j->nst = dlv_status(ctl->d, j->st, DLV_MS_STATUS_MAX);
+        if (ctl->hook)
+            j->extra = ctl->hook(ctl->hook_arg);
         break;
     case CTL_CMD_pause:
         if (!j->reason[0] && !j->legacy) {
@@ -768,6 +777,16 @@ void dlv_ctl_set_api(struct dlv_ctl *ctl, struct api *api)
 {
     if (ctl)
         ctl->api = api;
+}
+
+void dlv_ctl_status_hook(struct dlv_ctl *ctl, const char *key, json_t *(*fn)(void *arg),
+                         void *arg)
+{
+    if (!ctl)
+        return;
+    snprintf(ctl->hook_key, sizeof(ctl->hook_key), "%s", key);
+    ctl->hook = fn;
+    ctl->hook_arg = arg;
 }
 
 void dlv_ctl_stop(struct dlv_ctl *ctl)

@@ -32,6 +32,7 @@
 #ifndef SLUICE_DLV_CTL_H
 #define SLUICE_DLV_CTL_H
 
+#include <jansson.h>
 #include <stddef.h>
 #include <uv.h>
 
@@ -48,6 +49,10 @@ void dlv_ctl_reload(struct dlv_ctl *ctl, const struct conf *c);
 /* The reseller API that the reseller command reloads (NULL: none). */
 struct api;
 void dlv_ctl_set_api(struct dlv_ctl *ctl, struct api *api);
+/* fn(arg), on the loop thread, gives what the status reply carries under key (a new
+ * reference, or NULL): how another module (the fleet) adds its part. */
+void dlv_ctl_status_hook(struct dlv_ctl *ctl, const char *key, json_t *(*fn)(void *arg),
+                         void *arg);
 /* Close the listener (unlinking the path) and every client; run the loop, then free. */
 void dlv_ctl_stop(struct dlv_ctl *ctl);
 void dlv_ctl_free(struct dlv_ctl *ctl);

@@ -60,7 +60,13 @@ void mstore_init(struct mstore *m, const char *name, const struct mstore_params 
     m->state = MSTORE_ACTIVE;
     m->since = now;
     m->cwnd = 1;
+    m->share = 1;
     copy_str(m->actor, sizeof(m->actor), "auto");
+}
+
+void mstore_set_share(struct mstore *m, double share)
+{
+    m->share = share > 0 && share <= 1 ? share : 1;
 }
 
 void mstore_set_params(struct mstore *m, const struct mstore_params *p)
@@ -162,7 +168,7 @@ double mstore_rate(const struct mstore *m, int64_t now)
         x = 0;
     if (x >= 1)
         return 0;
-    return m->rate_start * pow(MSTORE_RAMP_FACTOR, x);
+    return m->rate_start * pow(MSTORE_RAMP_FACTOR, x) * (m->share > 0 ? m->share : 1);
 }
 
 /* mstore_refill - add the tokens earned since tokens_at at the current rate, up to the bucket

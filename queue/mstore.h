@@ -91,12 +91,16 @@ struct mstore {
     int probing;                /* tripped: a probe is in flight */
     int npauses;                /* oldest first */
     struct mstore_pause pauses[MSTORE_PAUSES_MAX];
+    double share;               /* this node's part of a fleet's ramp (1: alone) */
 };
 
 /* Start active, with p. */
 void mstore_init(struct mstore *m, const char *name, const struct mstore_params *p, int64_t now);
 /* New settings (SIGHUP); the state is kept. */
 void mstore_set_params(struct mstore *m, const struct mstore_params *p);
+/* In a fleet every node ramps at its share of the ramp's rate (1 / live nodes), so the
+ * mailstore sees the fleet's combined rate follow the ramp. 0 < share <= 1. */
+void mstore_set_share(struct mstore *m, double share);
 /* The one transition function: logs "mailstore NAME: OLD -> NEW (reason)" at notice level
  * and resets what the new state starts from (window, tokens, probe time). */
 void mstore_enter(struct mstore *m, enum mstore_state to, const char *reason, const char *actor,
@@ -124,7 +128,7 @@ void mstore_started(struct mstore *m, int64_t now);
 int mstore_result(struct mstore *m, enum mstore_result r, const char *reason, int64_t now);
 /* Time passes: ends a ramp that is over. Returns 1 when the state changed. */
 int mstore_tick(struct mstore *m, int64_t now);
-/* The current rate limit in transactions per second; 0 = none. */
+/* The current rate limit in transactions per second (this node's share of it); 0 = none. */
 double mstore_rate(const struct mstore *m, int64_t now);
 /* Milliseconds of [from, to] during which the mailstore was paused (queue age excludes them). */
 int64_t mstore_paused_ms(const struct mstore *m, int64_t from, int64_t to);

@@ -7,7 +7,8 @@
  * as that user) -> spool opened without a loop (the gateway is the spool's writer;
  * we only read, mark and release) -> the scheduler (dlv.h) restores mailstore states and
  * starts fetching -> the notify socket (the gateway's "new mail" datagrams) and the control
- * socket (dlv_ctl.h) -> signals -> READY=1 (notify.h) -> the loop.
+ * socket (dlv_ctl.h) -> with [fleet], the fleet's part (dlv_fleet.h: mailstores fenced until
+ * the fleet's intent is applied) -> signals -> READY=1 (notify.h) -> the loop.
  *
  * Signals: SIGTERM/SIGINT drain (no new deliveries; in-flight ones finish within
  * DLV_DRAIN_MS and their outcomes are recorded) and exit 0. SIGHUP reloads the config: the
@@ -31,6 +32,7 @@
 #include "conf.h"
 #include "dlv.h"
 #include "dlv_ctl.h"
+#include "dlv_fleet.h"
 #include "dlv_metrics.h"
 #include "log.h"
 #include "notify.h"
@@ -50,6 +52,7 @@ struct deliver {
     struct dlv_ctl *ctl;
     struct dlv_metrics *metrics;
     struct api *api;          /* the reseller API, or NULL ([api] listen) */
+    struct dlv_fleet *fleet;
     int notify_fd;
     int lock_fd;              /* deliver.lock, held for the life of the process */
     char notify_path[CONF_PATH_MAX];
@@ -143,6 +146,7 @@ static void drained(void *arg)
     struct deliver *dv = arg;
 
     dlv_stop(dv->d);
+    dlv_fleet_stop(dv->fleet);
     dlv_ctl_stop(dv->ctl);
     dlv_metrics_stop(dv->metrics);
     if (dv->notify_init)
@@ -186,6 +190,8 @@ static void on_hup(uv_signal_t *h, int signum)
     }
     if (strcmp(nc->spool.dir, dv->c->spool.dir) != 0)
         log_warn("deliver: SIGHUP: [spool] dir changed; that takes a restart");
+    if (memcmp(&nc->fleet, &dv->c->fleet, sizeof(nc->fleet)) != 0)
+        log_warn("deliver: SIGHUP: [fleet] changed; that takes a restart");
     nc->spool = dv->c->spool;
     log_set_level(nc->log.level);
     dlv_reload(dv->d, nc);
@@ -275,6 +281,15 @@ int main(int argc, char **argv)
         log_err("deliver: control socket: %s", err);
         return 1;
     }
+    if (conf_fleet_on(dv.c)) {
+        char ipath[CONF_PATH_MAX + 32];
+        snprintf(ipath, sizeof(ipath), "%s/index.db", dv.c->spool.dir);
+        if ((r = dlv_fleet_start(&dv.fleet, dv.loop, dv.d, dv.c, path, ipath, err,
+                                 sizeof(err))) < 0)
+            log_warn("deliver: fleet: %s; this host runs on its local state alone", err);
+        else
+            dlv_ctl_status_hook(dv.ctl, "fleet", dlv_fleet_status, dv.fleet);
+    }
     /* sockets we created: the group's members may run sluicectl, the gateway may notify */
     if (privs_own_path(&pv, path, 0660, err, sizeof(err)) < 0 ||
         (dv.notify_fd >= 0 && privs_own_path(&pv, dv.notify_path, 0660, err, sizeof(err)) < 0))
@@ -322,6 +337,7 @@ int main(int argc, char **argv)
     /* after the loop: no control job (sluicectl reseller) can still be using it */
     dlv_ctl_set_api(dv.ctl, NULL);
     api_stop(dv.api);
+    dlv_fleet_free(dv.fleet);
     dlv_free(dv.d);
     dlv_ctl_free(dv.ctl);
     dlv_metrics_free(dv.metrics);

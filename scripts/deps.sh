@@ -5,18 +5,19 @@
 set -eu
 BUILD="make gcc libc6-dev pkg-config libuv1-dev libssl-dev libsqlite3-dev
 libinih-dev libjansson-dev libmicrohttpd-dev libmilter-dev libspf2-dev openssl sqlite3
-libsystemd-dev libidn2-dev"
+libsystemd-dev libidn2-dev libcurl4-openssl-dev libhiredis-dev"
 # libFuzzer and its sanitizer runtimes, for make fuzz and the fuzz-smoke step of make test
 FUZZ="clang-14 libclang-rt-14-dev"
 # swaks (with Net::SSLeay for -tls) and Postfix's smtp-source as clients, Dovecot LMTP as the mailstore
 # haproxy (TCP mode, send-proxy / send-proxy-v2) in front of the gateway for the PROXY protocol tests
 # opendkim (+ opendkim-tools for test keys) and rspamd are real milters for the gateway's milter client
+# etcd (a 3-member cluster) and Redis are the fleet's shared state (tests/e2e/test_fleet.py)
 # nginx is the TLS reverse proxy in front of the reseller API; chromium (+ chromium-driver, driven
 # over WebDriver) loads the reseller status page
 TEST="e2fsprogs mount libcmocka-dev python3 python3-pytest swaks libnet-ssleay-perl libio-socket-ssl-perl
 postfix dovecot-core
 dovecot-lmtpd iproute2 procps haproxy opendkim opendkim-tools rspamd nginx chromium
-chromium-driver"
+chromium-driver etcd-server etcd-client redis-server"
 want=$BUILD
 [ "${1:-build}" = test ] && want="$BUILD $TEST $FUZZ"
 missing=
@@ -32,10 +33,11 @@ fi
 echo "deps.sh: installing$missing" >&2
 export DEBIAN_FRONTEND=noninteractive
 # Postfix is here only for smtp-source/smtp-sink, Dovecot only for its LMTP server, haproxy
-# only as a test proxy, opendkim and rspamd only as milters, nginx only as a test TLS proxy:
-# all started by the tests on loopback with private configs. Never configure or start the
-# system's own instances (policy-rc.d below keeps their services from starting). chromium is
-# driven headless by chromium-driver, with a fresh profile per test.
+# only as a test proxy, opendkim and rspamd only as milters, nginx only as a test TLS proxy,
+# etcd and Redis only as the fleet's stores: all started by the tests on loopback with private
+# configs. Never configure or start the system's own instances (policy-rc.d below keeps their
+# services from starting). chromium is driven headless by chromium-driver, with a fresh profile
+# per test.
 echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
 made_policy=
 if [ ! -e /usr/sbin/policy-rc.d ]; then

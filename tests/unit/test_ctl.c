@@ -166,7 +166,7 @@ static enum ctl_check_status eval1(const struct ctl_check_limits *l, int up, con
                                    char *line, size_t len)
 {
     struct ctl_check_ms ms = { "ms1", state, "why", queued, held, age };
-    struct ctl_check_input in = { up, free_b, 1, &ms };
+    struct ctl_check_input in = { .deliver_up = up, .free_bytes = free_b, .nms = 1, .ms = &ms };
     return ctl_check_eval(l, &in, line, len);
 }
 
@@ -235,7 +235,7 @@ static void test_check_thresholds(void **state)
     /* worst wins, and both kinds of reason are listed, critical first */
     struct ctl_check_ms two[2] = { { "a", "paused", "", 0, 0, -1 },
                                    { "b", "tripped", "", 0, 0, -1 } };
-    struct ctl_check_input in = { 1, -1, 2, two };
+    struct ctl_check_input in = { .deliver_up = 1, .free_bytes = -1, .nms = 2, .ms = two };
     ctl_check_defaults(&l);
     assert_int_equal(ctl_check_eval(&l, &in, line, sizeof(line)), CTL_CHECK_CRITICAL);
     assert_non_null(strstr(line, "SLUICE CRITICAL - b tripped; a paused |"));
