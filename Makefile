@@ -18,7 +18,8 @@ OPT := -O2
 endif
 
 CC ?= cc
-PKGS := libuv openssl sqlite3 inih jansson libmicrohttpd libsystemd libidn2 libcurl hiredis
+PKGS := libuv openssl sqlite3 inih jansson libmicrohttpd libsystemd libidn2 libcurl hiredis \
+        libcares
 # libspf2 has no .pc file on Debian 12
 PKG_CFLAGS = $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
 PKG_LIBS = $(shell pkg-config --libs $(PKGS) 2>/dev/null)

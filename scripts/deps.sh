@@ -5,7 +5,7 @@
 set -eu
 BUILD="make gcc libc6-dev pkg-config libuv1-dev libssl-dev libsqlite3-dev
 libinih-dev libjansson-dev libmicrohttpd-dev libmilter-dev libspf2-dev openssl sqlite3
-libsystemd-dev libidn2-dev libcurl4-openssl-dev libhiredis-dev"
+libsystemd-dev libidn2-dev libcurl4-openssl-dev libhiredis-dev libc-ares-dev"
 # libFuzzer and its sanitizer runtimes, for make fuzz and the fuzz-smoke step of make test
 FUZZ="clang-14 libclang-rt-14-dev"
 # swaks (with Net::SSLeay for -tls) and Postfix's smtp-source as clients, Dovecot LMTP as the mailstore
