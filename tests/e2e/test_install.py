@@ -1,11 +1,15 @@
 """
 test_install.py - deployment: `make install` / `make uninstall` (PREFIX, DESTDIR, SYSCONFDIR),
-the systemd units (systemd-analyze verify on the installed, path-substituted files), and the
+the systemd units (systemd-analyze verify on the installed, path-substituted files), the
 sd_notify protocol of each daemon against a NOTIFY_SOCKET this test owns: READY=1 only once
 the daemon serves, RELOADING=1/READY=1 around SIGHUP, STOPPING=1 on SIGTERM, WATCHDOG=1
-pings when the service manager asks for them (and none when it does not).
+pings when the service manager asks for them (and none when it does not); and the Debian
+package: `make deb` (lintian without errors), installed with dpkg, the installed gateway
+checking the installed configuration, then purged.
 """
+import glob
 import os
+import re
 import shutil
 import signal
 import socket
@@ -95,8 +99,10 @@ def test_systemd_units_verify(tmp_path):
     prefix = str(tmp_path / "usr")
     make("install", "PREFIX=" + prefix, "SYSCONFDIR=" + str(tmp_path / "etc"))
     units = [os.path.join(prefix, "lib/systemd/system", u) for u in UNITS]
+    # verify runs man for the units' Documentation=man:... lines: our pages are there
     r = subprocess.run(["systemd-analyze", "verify"] + units, capture_output=True, text=True,
-                       timeout=120)
+                       timeout=120, env=dict(os.environ, MANPATH=os.path.join(prefix,
+                                                                              "share/man")))
     assert r.returncode == 0, r.stdout + r.stderr
     assert "sluice" not in r.stderr, r.stderr
     for u in units:
@@ -107,6 +113,76 @@ def test_systemd_units_verify(tmp_path):
             assert "Overall exposure level" in r.stdout, r.stdout + r.stderr
             band = r.stdout.strip().splitlines()[-1]
             assert " OK " in band or " SAFE " in band, band
+
+
+# ------------------------------------------------------------------ the Debian package
+
+def _dpkg(*args):
+    """dpkg, waiting out another apt/dpkg run's lock (a shared machine) for up to 2 minutes."""
+    end = time.time() + 120
+    while True:
+        r = subprocess.run(["dpkg"] + list(args), capture_output=True, text=True, timeout=300,
+                           env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"))
+        if r.returncode == 0 or "lock" not in r.stderr or time.time() > end:
+            return r
+        time.sleep(2)
+
+
+def _installed(pkg):
+    r = subprocess.run(["dpkg-query", "-W", "-f=${db:Status-Status}", pkg],
+                       capture_output=True, text=True)
+    return r.returncode == 0 and r.stdout not in ("", "not-installed", "config-files")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="installing a package needs root")
+@pytest.mark.skipif(bool(SAN), reason="the package builds from the sources with Debian's "
+                    "flags, not from this build: once, under build/, is enough")
+def test_deb_builds_installs_checks_and_purges():
+    if _installed("sluice"):
+        pytest.fail("a sluice package is installed on this machine already: this test would "
+                    "replace and purge it")
+    r = subprocess.run(["make", "--no-print-directory", "-C", REPO, "deb"], capture_output=True,
+                       text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    assert "E: " not in r.stdout + r.stderr, "lintian reported errors:\n" + r.stdout[-4000:]
+    debs = [d for d in glob.glob(os.path.join(REPO, "build-deb", "sluice_*.deb"))]
+    assert len(debs) == 1, debs
+    try:
+        r = _dpkg("-i", debs[0])
+        assert r.returncode == 0, r.stdout + r.stderr
+        # the installed gateway accepts the installed configuration, with system paths
+        r = subprocess.run(["/usr/sbin/sluice-gateway", "--check-config", "-c",
+                            "/etc/sluice/sluice.conf"], capture_output=True, text=True,
+                           timeout=60)
+        assert r.returncode == 0, r.stderr
+        assert "dir = /var/spool/sluice\n" in r.stdout
+        assert "recipient_map = /etc/sluice/recipients\n" in r.stdout
+        conffiles = subprocess.run(["dpkg-query", "-W", "-f=${Conffiles}", "sluice"],
+                                   capture_output=True, text=True).stdout
+        assert "/etc/sluice/sluice.conf " in conffiles, conffiles
+        for f in ("/usr/sbin/sluice-deliver", "/usr/sbin/sluice-policyd", "/usr/bin/sluicectl",
+                  "/lib/systemd/system/sluice-gateway.service",
+                  "/usr/lib/sysusers.d/sluice.conf", "/usr/lib/tmpfiles.d/sluice.conf"):
+            assert os.path.exists(f), f
+        for m in ("sluicectl", "sluice-gateway", "sluice-deliver", "sluice-policyd"):
+            page = "/usr/share/man/man8/%s.8.gz" % m
+            assert os.path.exists(page), page
+            out = subprocess.run(["man", "-l", page], capture_output=True, text=True,
+                                 env=dict(os.environ, MANWIDTH="80"), timeout=60).stdout
+            out = re.sub(".\x08", "", out)     # the pager's overstrike bold
+            assert "%s(8)" % m.upper() in out and "NAME" in out, out[:500]
+        # postinst made the user (sysusers.d) and the spool it owns (tmpfiles.d)
+        import pwd
+        st = os.stat("/var/spool/sluice")
+        assert st.st_uid == pwd.getpwnam("sluice").pw_uid
+        r = subprocess.run(["/usr/bin/sluicectl", "-h"], capture_output=True, text=True)
+        assert r.returncode == 0 and "status" in r.stdout + r.stderr
+    finally:
+        r = _dpkg("--purge", "sluice")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert not _installed("sluice")
+    assert not os.path.exists("/etc/sluice/sluice.conf"), "purge left the conffile"
+    assert not os.path.exists("/usr/sbin/sluice-gateway")
 
 
 # ------------------------------------------------------------------ sd_notify
