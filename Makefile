@@ -113,6 +113,13 @@ torture: $(PROGS) $(TOOLS)
 	    SLUICE_TORTURE_REPORT=$(B)/torture.json scripts/run-e2e.sh tests/e2e/test_torture.py -s
 # --- end crash torture ---
 
+# Prometheus alert rules (docs/operations.md "Alerts"): syntax and unit tests with promtool
+# (Debian prometheus); part of `make test`
+.PHONY: alerts
+alerts:
+	promtool check rules etc/prometheus/sluice-alerts.yml
+	promtool test rules tests/prometheus/sluice-alerts.test.yml
+
 bench-spool: deps-test
 	@$(MAKE) --no-print-directory all
 	@scripts/bench/bench-spool.sh $(B)
