@@ -115,6 +115,58 @@ def test_systemd_units_verify(tmp_path):
             assert " OK " in band or " SAFE " in band, band
 
 
+# ------------------------------------------------------------------ the README's first example
+
+def test_readme_first_example_works_as_written(tmp_path):
+    """`make run` (scripts/run.sh with etc/sluice.conf), then the swaks command the README
+    suggests, word for word but for the port and the run/ directory (so a developer's own
+    `make run` on 2525 is left alone): the message is accepted and lands in alice's Maildir."""
+    with open(os.path.join(REPO, "README.md")) as f:
+        m = re.search(r"try `(swaks [^`]*)`", f.read())
+    assert m, "the README no longer suggests a swaks command"
+    swaks = shutil.which("swaks")
+    assert swaks, "swaks missing: `make run` installs it (scripts/deps.sh run)"
+    port, run = free_port(), str(tmp_path / "run")
+    with open(os.path.join(REPO, "etc", "sluice.conf")) as f:
+        conf = f.read()
+    assert "127.0.0.1:2525" in m.group(1) and "listen = 127.0.0.1:2525" in conf
+    conf = conf.replace("127.0.0.1:2525", "127.0.0.1:%d" % port).replace("./run/", run + "/")
+    conf = conf.replace("127.0.0.1:9425", "127.0.0.1:%d" % free_port())
+    conf = conf.replace("127.0.0.1:9426", "127.0.0.1:%d" % free_port())
+    path = str(tmp_path / "sluice.conf")
+    with open(path, "w") as f:
+        f.write(conf)
+    log = open(str(tmp_path / "run.log"), "wb")
+    p = subprocess.Popen([os.path.join(REPO, "scripts", "run.sh"), path], cwd=REPO,
+                         stdout=log, stderr=log, env=dict(os.environ, SLUICE_BUILD=BUILD))
+    try:
+        end = time.time() + 20
+        while not smtp_banner(port):
+            assert p.poll() is None and time.time() < end, open(log.name).read()
+            time.sleep(0.1)
+        argv = m.group(1).replace("127.0.0.1:2525", "127.0.0.1:%d" % port).split()
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert re.search(r"<- +250 2\.0\.0 Ok: queued as", r.stdout), r.stdout
+        new = glob.glob(os.path.join(run, "mail", "*", "example.test", "alice", "new", "*"))
+        end = time.time() + 20
+        while not new and time.time() < end:
+            time.sleep(0.2)
+            new = glob.glob(os.path.join(run, "mail", "*", "example.test", "alice", "new",
+                                         "*"))
+        assert new, "not delivered to alice's Maildir:\n" + open(log.name).read()[-3000:]
+    finally:
+        p.send_signal(signal.SIGTERM)
+        try:
+            p.wait(timeout=40)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+        log.close()
+    text = open(log.name).read()
+    assert "ERROR: AddressSanitizer" not in text and "runtime error:" not in text, text
+
+
 # ------------------------------------------------------------------ the Debian package
 
 def _dpkg(*args):
