@@ -214,7 +214,9 @@ def test_deb_builds_installs_checks_and_purges():
         assert "/etc/sluice/sluice.conf " in conffiles, conffiles
         for f in ("/usr/sbin/sluice-deliver", "/usr/sbin/sluice-policyd", "/usr/bin/sluicectl",
                   "/lib/systemd/system/sluice-gateway.service",
-                  "/usr/lib/sysusers.d/sluice.conf", "/usr/lib/tmpfiles.d/sluice.conf"):
+                  "/usr/lib/sysusers.d/sluice.conf", "/usr/lib/tmpfiles.d/sluice.conf",
+                  "/usr/share/doc/sluice/examples/sluice-alerts.yml",
+                  "/usr/share/doc/sluice/examples/sluice-dashboard.json"):
             assert os.path.exists(f), f
         for m in ("sluicectl", "sluice-gateway", "sluice-deliver", "sluice-policyd"):
             page = "/usr/share/man/man8/%s.8.gz" % m
