@@ -125,7 +125,7 @@ bench-spool: deps-test
 	@scripts/bench/bench-spool.sh $(B)
 
 # sluice against Postfix and smtp-sink in the same run (scripts/bench/); QUICK=1 for a smoke
-# test. The whole of `make bench` takes about 25 minutes on 2 cores.
+# test. The whole of `make bench` takes about half an hour on 2 cores.
 bench-gateway: deps-test
 	@$(MAKE) --no-print-directory all
 	@scripts/bench/bench-gateway.sh $(B)
