@@ -133,6 +133,7 @@ def test_readme_first_example_works_as_written(tmp_path):
     conf = conf.replace("127.0.0.1:2525", "127.0.0.1:%d" % port).replace("./run/", run + "/")
     conf = conf.replace("127.0.0.1:9425", "127.0.0.1:%d" % free_port())
     conf = conf.replace("127.0.0.1:9426", "127.0.0.1:%d" % free_port())
+    conf = conf.replace("127.0.0.1:8426", "127.0.0.1:%d" % free_port())   # the reseller page
     path = str(tmp_path / "sluice.conf")
     with open(path, "w") as f:
         f.write(conf)
