@@ -22,7 +22,6 @@ import statistics
 import subprocess
 import time
 
-
 from api_fixtures import ACME, BETA, api_deliverer, token_hash  # noqa: F401
 from deliver_fixtures import fake_lmtp, free_port, wait_for  # noqa: F401
 from peers import peer_missing
