@@ -30,7 +30,6 @@ import time
 import urllib.error
 import urllib.request
 
-import pytest
 from peers import peer_missing
 from ports import free_port
 from deliver_fixtures import Dovecot, wait_for, SANITIZER_MARKS, BUILD_DIR
