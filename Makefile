@@ -18,7 +18,8 @@ OPT := -O2
 endif
 
 CC ?= cc
-PKGS := libuv openssl sqlite3 inih jansson libmicrohttpd libsystemd libidn2 libcurl hiredis
+PKGS := libuv openssl sqlite3 inih jansson libmicrohttpd libsystemd libidn2 libcurl hiredis \
+        libcares
 # libspf2 has no .pc file on Debian 12
 PKG_CFLAGS = $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
 PKG_LIBS = $(shell pkg-config --libs $(PKGS) 2>/dev/null)
@@ -43,7 +44,7 @@ PYTEST := /usr/bin/python3 -m pytest
 CONF ?= etc/sluice.conf
 
 .PHONY: all deps deps-test run test tests unit e2e bench bench-spool bench-gateway clean \
-        install uninstall
+        install uninstall man deb
 # keep test and tool objects: make would otherwise delete them as intermediates and rebuild
 .SECONDARY:
 all: $(B)/libsluice.a $(PROGS) $(TOOLS)
@@ -55,7 +56,7 @@ deps-test:
 
 $(B)/obj/%.o: %.c
 	@mkdir -p $(dir $@)
-	$(CC) $(CFLAGS) -c -o $@ $<
+	$(CC) $(CPPFLAGS) $(CFLAGS) -c -o $@ $<
 
 $(B)/libsluice.a: $(LIB_OBJS)
 	@mkdir -p $(dir $@)
@@ -78,7 +79,9 @@ $(B)/tools/%: $(B)/obj/tests/tools/%.o $(B)/libsluice.a
 	@mkdir -p $(dir $@)
 	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS)
 
+# run also installs swaks, the client of the README's first example
 run: deps
+	@scripts/deps.sh run
 	@$(MAKE) --no-print-directory all
 	@scripts/run.sh $(CONF)
 
@@ -87,7 +90,7 @@ run: deps
 # spool crash torture (default 200).
 test: deps-test
 	@$(MAKE) --no-print-directory all tests
-	@$(MAKE) --no-print-directory unit e2e
+	@$(MAKE) --no-print-directory unit e2e alerts
 	@$(MAKE) --no-print-directory SAN=1 all tests
 	@$(MAKE) --no-print-directory SAN=1 unit e2e
 	@$(MAKE) --no-print-directory fuzz-smoke
@@ -110,14 +113,22 @@ torture: $(PROGS) $(TOOLS)
 	    SLUICE_TORTURE_REPORT=$(B)/torture.json scripts/run-e2e.sh tests/e2e/test_torture.py -s
 # --- end crash torture ---
 
+# Prometheus alert rules (docs/operations.md "Alerts"): syntax and unit tests with promtool
+# (Debian prometheus); part of `make test`
+.PHONY: alerts
+alerts:
+	promtool check rules etc/prometheus/sluice-alerts.yml
+	promtool test rules tests/prometheus/sluice-alerts.test.yml
+
 bench-spool: deps-test
 	@$(MAKE) --no-print-directory all
-	@scripts/bench-spool.sh $(B)
+	@scripts/bench/bench-spool.sh $(B)
 
-# the gateway against Postfix in the same run (../shared/bench); QUICK=1 for a smoke test
+# sluice against Postfix and smtp-sink in the same run (scripts/bench/); QUICK=1 for a smoke
+# test. The whole of `make bench` takes about half an hour on 2 cores.
 bench-gateway: deps-test
 	@$(MAKE) --no-print-directory all
-	@scripts/bench-gateway.sh $(B)
+	@scripts/bench/bench-gateway.sh $(B)
 
 # the reseller API with 1,000,000 queued recipients (SCALE=N, AFFECTED=N users of one reseller)
 .PHONY: bench-resellers
@@ -140,7 +151,7 @@ bench-fleet: deps-test
 	@cat $(B)/fleet-bench.json
 
 clean:
-	rm -rf build build-san build-fuzz
+	rm -rf build build-san build-fuzz build-deb
 
 # --- Fuzzing (tests/fuzz, docs/security.md "Fuzzing") ------------------------------------
 # libFuzzer targets built by clang-14 into build-fuzz/ with ASan+UBSan; the library is compiled
@@ -202,6 +213,7 @@ SYSCONFDIR ?= /etc
 SBINDIR = $(PREFIX)/sbin
 BINDIR = $(PREFIX)/bin
 DOCDIR = $(PREFIX)/share/doc/sluice
+MANDIR = $(PREFIX)/share/man
 # systemd reads /usr/local/lib/systemd but the distribution's own units live in /lib (usrmerge)
 SYSTEMD_LIB = $(if $(filter /usr,$(PREFIX)),/lib,$(PREFIX)/lib)
 UNITDIR = $(SYSTEMD_LIB)/systemd/system
@@ -210,8 +222,9 @@ UNITS := $(DAEMONS:%=%.service)
 INSTALL_SUBST = sed -e 's|@SBINDIR@|$(SBINDIR)|g' -e 's|@SYSCONFDIR@|$(SYSCONFDIR)|g' \
                     -e 's|@DOCDIR@|$(DOCDIR)|g'
 
-install: all
+install: all man
 	install -d $(DESTDIR)$(SBINDIR) $(DESTDIR)$(BINDIR) $(DESTDIR)$(DOCDIR) \
+	    $(DESTDIR)$(MANDIR)/man8 \
 	    $(DESTDIR)$(UNITDIR) $(DESTDIR)$(SYSTEMD_LIB)/sysusers.d \
 	    $(DESTDIR)$(SYSTEMD_LIB)/tmpfiles.d $(DESTDIR)$(SYSCONFDIR)/sluice
 	install -m 0755 $(DAEMONS:%=$(B)/%) $(DESTDIR)$(SBINDIR)/
@@ -222,6 +235,7 @@ install: all
 	install -m 0644 etc/systemd/sluice.sysusers $(DESTDIR)$(SYSTEMD_LIB)/sysusers.d/sluice.conf
 	install -m 0644 etc/systemd/sluice.tmpfiles $(DESTDIR)$(SYSTEMD_LIB)/tmpfiles.d/sluice.conf
 	install -m 0644 README.md docs/*.md $(DESTDIR)$(DOCDIR)/
+	install -m 0644 $(MANS) $(DESTDIR)$(MANDIR)/man8/
 	@if [ -e $(DESTDIR)$(SYSCONFDIR)/sluice/sluice.conf ]; then \
 	    echo "keeping $(DESTDIR)$(SYSCONFDIR)/sluice/sluice.conf"; \
 	else \
@@ -243,6 +257,39 @@ uninstall:
 	rm -f $(DESTDIR)$(SYSTEMD_LIB)/sysusers.d/sluice.conf \
 	    $(DESTDIR)$(SYSTEMD_LIB)/tmpfiles.d/sluice.conf
 	rm -rf $(DESTDIR)$(DOCDIR)
+	rm -f $(MANS:$(B)/man/%=$(DESTDIR)$(MANDIR)/man8/%)
 # ---- end install / uninstall -----------------------------------------------------------------
+
+
+# ---- man pages and the Debian package (docs/operations.md "Installing") ----------------------
+# The man pages are written in Markdown (docs/NAME.8.md); go-md2man (Debian go-md2man) makes
+# the roff pages build/man/NAME.8 from them, their first line becoming the title block.
+VERSION := $(shell sed -n 's/^\#define SLUICE_VERSION "\(.*\)"/\1/p' include/version.h)
+MAN_SRCS := $(wildcard docs/*.8.md)
+MANS := $(MAN_SRCS:docs/%.8.md=$(B)/man/%.8)
+man: $(MANS)
+
+$(B)/man/%.8: docs/%.8.md include/version.h
+	@mkdir -p $(dir $@)
+	sed -e '1s/^\([A-Z0-9-]*\)(\([0-9]\)) - \(.*\)$$/% \1 \2 "" "sluice $(VERSION)" "\3"/' $< | \
+	    go-md2man -out $@
+
+# make deb: the package from a copy of the tree in build-deb/ (dpkg-buildpackage writes beside
+# the source, so the copy keeps it out of the repository's parent), then lintian, which must
+# report no error. The .deb is build-deb/sluice_VERSION-1_ARCH.deb.
+DEB_DIR := build-deb
+deb:
+	@scripts/deps.sh deb
+	rm -rf $(DEB_DIR)
+	mkdir -p $(DEB_DIR)/sluice-$(VERSION)
+	{ git ls-files -co --exclude-standard 2>/dev/null || \
+	  find . -path ./build -prune -o -path ./build-san -prune -o -path ./build-fuzz -prune \
+	       -o -path ./$(DEB_DIR) -prune -o -path ./.git -prune -o -type f -print; } | \
+	    grep -v '^$(DEB_DIR)/' | tar -cf - -T - | tar -xf - -C $(DEB_DIR)/sluice-$(VERSION)
+	cd $(DEB_DIR)/sluice-$(VERSION) && dpkg-buildpackage -b -us -uc -j2 >../build.log 2>&1 || \
+	    { tail -n 40 ../build.log; exit 1; }
+	lintian --fail-on error --suppress-tags-from-file debian/lintian-ignore $(DEB_DIR)/*.changes
+	@ls $(DEB_DIR)/*.deb
+# ---- end man pages and the Debian package ---------------------------------------------------
 
 -include $(shell find $(B)/obj -name '*.d' 2>/dev/null)

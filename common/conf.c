@@ -37,10 +37,12 @@ enum conf_type {
     CT_DELIVER,   /* char[] deliver string, also fills transport and endpoint */
     CT_MSOCKET,   /* char[] milter socket, also fills the milter's endpoint */
     CT_MACTION,   /* char[] milter default_action, also fills the enum */
+    CT_DNSBLLIST, /* struct conf_list of DNSBL sites (DOMAIN[=FILTER]*WEIGHT) */
 };
 
 enum conf_sec { SEC_NONE, SEC_SPOOL, SEC_LOG, SEC_GATEWAY, SEC_ROUTING, SEC_CONTROL, SEC_METRICS,
-                SEC_POLICYD, SEC_SPF, SEC_API, SEC_FLEET, SEC_MAILSTORE, SEC_MILTER, SEC_BAD };
+                SEC_POLICYD, SEC_SPF, SEC_API, SEC_FLEET, SEC_RDNS, SEC_DNSBL, SEC_MAILSTORE,
+                SEC_MILTER, SEC_BAD };
 
 #define CF_NONEMPTY 1 /* "" is not a valid value */
 #define CF_REQUIRED 2 /* must be set in every section instance (mailstore deliver) */
@@ -61,7 +63,7 @@ static const char *const conf_sec_names[] = {
     [SEC_SPOOL] = "spool", [SEC_LOG] = "log", [SEC_GATEWAY] = "gateway",
     [SEC_ROUTING] = "routing", [SEC_CONTROL] = "control", [SEC_METRICS] = "metrics",
     [SEC_POLICYD] = "policyd", [SEC_SPF] = "spf", [SEC_API] = "api",
-    [SEC_FLEET] = "fleet",
+    [SEC_FLEET] = "fleet", [SEC_RDNS] = "rdns", [SEC_DNSBL] = "dnsbl",
     [SEC_MAILSTORE] = "mailstore", [SEC_MILTER] = "milter",
 };
 
@@ -181,6 +183,9 @@ static const struct conf_key conf_keys[] = {
        (int64_t)1 << 30,
        "messages larger than this are not held for milters: those that want the body skip "
        "them (logged), those that take no body still get headers and end of message"),
+    K(GATEWAY, "dns_server", CT_STR, gateway.dns_server, "",
+      "DNS server for reverse DNS and DNSBL lookups: IPv4[:PORT] or [IPv6]:PORT (empty: "
+      "/etc/resolv.conf; /etc/hosts is read first either way)"),
 
     K(ROUTING, "override_map", CT_STR, routing.override_map, "",
       "file of address -> mailstore overrides (moved mailboxes)"),
@@ -315,6 +320,32 @@ static const struct conf_key conf_keys[] = {
     K(FLEET, "control_token_file", CT_STR, fleet.control_token_file, "",
       "file whose first line is a shared token every request must carry (with or instead "
       "of client certificates)"),
+
+    K(RDNS, "enabled", CT_BOOL, rdns.enabled, "yes",
+      "look up each client's name at connect (PTR, then forward confirmation)"),
+    KR(RDNS, "timeout", CT_DUR, rdns.timeout_ms, "5s", 100, 60000,
+       "time the PTR and forward lookups may take together; past it the name is unknown"),
+    KF(RDNS, "action", CT_STR, rdns.action, "accept", CF_NONEMPTY,
+       "for clients without a forward-confirmed name: accept, tempfail (421 4.7.25) or "
+       "reject (554 5.7.25; a DNS failure still gets 421)"),
+    K(RDNS, "allowlist", CT_NETLIST, rdns.allowlist, "",
+      "networks (CIDR) never refused for their reverse DNS"),
+
+    K(DNSBL, "sites", CT_DNSBLLIST, dnsbl.sites, "",
+      "DNS lists asked at connect, DOMAIN[=FILTER]*WEIGHT each (negative weight: an "
+      "allowlist such as a DNSWL); empty: no screening"),
+    KI(DNSBL, "threshold", dnsbl.threshold, "1", 1, 100000,
+       "a client whose weights add up to this or more is refused"),
+    KF(DNSBL, "action", CT_STR, dnsbl.action, "reject", CF_NONEMPTY,
+       "for a client at the threshold: reject (554 5.7.1 and close) or log (count only)"),
+    K(DNSBL, "allowlist", CT_NETLIST, dnsbl.allowlist, "",
+      "networks (CIDR) never looked up"),
+    KR(DNSBL, "timeout", CT_DUR, dnsbl.timeout_ms, "5s", 100, 60000,
+       "time for all lists to answer; a list that has not answered by then counts 0"),
+    KR(DNSBL, "min_ttl", CT_DUR, dnsbl.min_ttl_ms, "60s", 1000, 86400000,
+       "a client's result is cached at least this long (and this long when not listed)"),
+    KR(DNSBL, "max_ttl", CT_DUR, dnsbl.max_ttl_ms, "1h", 1000, 7 * 86400000LL,
+       "and at most this long, whatever TTL the lists give"),
 
     { SEC_MAILSTORE, "deliver", CT_DELIVER, FLD(conf_mailstore, deliver), "", 0, 0,
       CF_REQUIRED | CF_NONEMPTY,
@@ -723,6 +754,127 @@ static int conf_mailstore_name_ok(const char *n)
     return 1;
 }
 
+/* conf_dnsbl_octet - one octet of a DNSBL filter: "N" or "[N;M..K;...]" into mask. */
+static int conf_dnsbl_octet(const char *s, size_t n, uint8_t mask[32])
+{
+    char buf[128], *save = NULL;
+
+    memset(mask, 0, 32);
+    if (n == 0 || n >= sizeof(buf))
+        return -EINVAL;
+    memcpy(buf, s, n);
+    buf[n] = '\0';
+    if (buf[0] == '[') {
+        if (buf[n - 1] != ']' || n < 3)
+            return -EINVAL;
+        buf[n - 1] = '\0';
+        memmove(buf, buf + 1, n - 1);
+    }
+    for (char *w = strtok_r(buf, ";", &save); w; w = strtok_r(NULL, ";", &save)) {
+        const char *p = w;
+        uint64_t lo, hi;
+
+        if (conf_parse_digits(&p, &lo) < 0 || lo > 255)
+            return -EINVAL;
+        hi = lo;
+        if (p[0] == '.' && p[1] == '.') {
+            p += 2;
+            if (conf_parse_digits(&p, &hi) < 0 || hi > 255 || hi < lo)
+                return -EINVAL;
+        }
+        if (*p != '\0')
+            return -EINVAL;
+        for (uint64_t v = lo; v <= hi; v++)
+            mask[v / 8] |= (uint8_t)(1u << (v % 8));
+    }
+    for (int i = 0; i < 32; i++)
+        if (mask[i])
+            return 0;
+    return -EINVAL;
+}
+
+int conf_parse_dnsbl_site(const char *s, struct conf_dnsbl_site *out)
+{
+    struct conf_dnsbl_site site;
+    const char *star, *eq, *end;
+    size_t dl;
+
+    memset(&site, 0, sizeof(site));
+    site.weight = 1;
+    if (s == NULL || *s == '\0')
+        return -EINVAL;
+    star = strrchr(s, '*');
+    end = star ? star : s + strlen(s);
+    if (star) {
+        const char *p = star + 1;
+        int neg = *p == '-';
+        uint64_t w;
+
+        if (neg)
+            p++;
+        if (conf_parse_digits(&p, &w) < 0 || *p != '\0' || w > 1000)
+            return -EINVAL;
+        site.weight = neg ? -(int)w : (int)w;
+    }
+    eq = memchr(s, '=', (size_t)(end - s));
+    dl = (size_t)((eq ? eq : end) - s);
+    if (dl == 0 || dl >= sizeof(site.domain))
+        return -EINVAL;
+    memcpy(site.domain, s, dl);
+    site.domain[dl] = '\0';
+    if (site.domain[dl - 1] == '.')
+        site.domain[dl - 1] = '\0';      /* "zen.example.org." is the same list */
+    if (!conf_domain_ok(site.domain))
+        return -EINVAL;
+    if (eq) {
+        const char *p = eq + 1;
+
+        for (int i = 0; i < 4; i++) {
+            /* an octet ends at the '.' after it, but ".." inside brackets is a range */
+            const char *q = p;
+            int br = 0;
+
+            while (q < end && (br || *q != '.')) {
+                if (*q == '[')
+                    br = 1;
+                else if (*q == ']')
+                    br = 0;
+                q++;
+            }
+            if ((i < 3) != (q < end) || conf_dnsbl_octet(p, (size_t)(q - p), site.filter[i]) < 0)
+                return -EINVAL;
+            p = q + 1;
+        }
+        site.has_filter = 1;
+    }
+    *out = site;
+    return 0;
+}
+
+int conf_dnsbl_filter_match(const struct conf_dnsbl_site *site, const uint8_t a[4])
+{
+    if (!site->has_filter)
+        return a[0] == 127;        /* DNSBL answers are 127.0.0.0/8 by convention */
+    for (int i = 0; i < 4; i++)
+        if (!(site->filter[i][a[i] / 8] & (1u << (a[i] % 8))))
+            return 0;
+    return 1;
+}
+
+/* conf_dns_server_ok - "" or an address with an optional port: "1.2.3.4", "1.2.3.4:53",
+ * "[::1]:53" (c-ares' server syntax) */
+static int conf_dns_server_ok(const char *v)
+{
+    struct conf_endpoint ep;
+    char buf[CONF_PATH_MAX + 8];
+    struct in_addr a4;
+
+    if (*v == '\0' || inet_pton(AF_INET, v, &a4) == 1)
+        return 1;
+    snprintf(buf, sizeof(buf), "%s", v);
+    return conf_parse_endpoint(buf, 0, &ep) == 0 && !ep.is_unix;
+}
+
 /* --- Setting one key ---------------------------------------------------------------- */
 
 /* conf_list_set - split v on commas and blanks into l. append is set for continuation lines,
@@ -767,6 +919,13 @@ static int conf_list_set(struct conf_list *l, enum conf_type type, const char *v
                          "address; no host bits under the prefix)", item);
                 return -EINVAL;
             }
+        } else if (type == CT_DNSBLLIST) {
+            struct conf_dnsbl_site site;
+            if (conf_parse_dnsbl_site(item, &site) < 0) {
+                snprintf(why, whylen, "bad DNS list \"%s\" (use DOMAIN*WEIGHT or "
+                         "DOMAIN=127.0.0.[2..11]*WEIGHT)", item);
+                return -EINVAL;
+            }
         } else if (!conf_domain_ok(item)) {
             snprintf(why, whylen, "bad domain \"%s\"", item);
             return -EINVAL;
@@ -791,7 +950,7 @@ static int conf_set(const struct conf_key *k, void *base, const char *v, int app
 
     /* A list may start empty and go on in continuation lines: conf_check sees it whole. */
     if ((k->flags & CF_NONEMPTY) && *v == '\0' && k->type != CT_ADDRLIST &&
-        k->type != CT_DOMAINLIST && k->type != CT_NETLIST) {
+        k->type != CT_DOMAINLIST && k->type != CT_NETLIST && k->type != CT_DNSBLLIST) {
         snprintf(why, whylen, "empty value");
         return -EINVAL;
     }
@@ -874,6 +1033,7 @@ static int conf_set(const struct conf_key *k, void *base, const char *v, int app
     case CT_ADDRLIST:
     case CT_DOMAINLIST:
     case CT_NETLIST:
+    case CT_DNSBLLIST:
         return conf_list_set(field, k->type, v, append, why, whylen);
     case CT_DELIVER: {
         struct conf_mailstore *m = base;
@@ -958,6 +1118,8 @@ void conf_defaults(struct conf *c)
     conf_apply_defaults(SEC_SPF, c);
     conf_apply_defaults(SEC_API, c);
     conf_apply_defaults(SEC_FLEET, c);
+    conf_apply_defaults(SEC_RDNS, c);
+    conf_apply_defaults(SEC_DNSBL, c);
     if (gethostname(c->gateway.hostname, sizeof(c->gateway.hostname) - 1) < 0 ||
         c->gateway.hostname[0] == '\0')
         snprintf(c->gateway.hostname, sizeof(c->gateway.hostname), "localhost");
@@ -1217,7 +1379,8 @@ static void conf_continue(struct conf_ctx *x, char *s)
         return;
     }
     k = &conf_keys[x->last_key];
-    if (k->type != CT_ADDRLIST && k->type != CT_DOMAINLIST && k->type != CT_NETLIST) {
+    if (k->type != CT_ADDRLIST && k->type != CT_DOMAINLIST && k->type != CT_NETLIST &&
+        k->type != CT_DNSBLLIST) {
         conf_error(x, x->lineno,
                    "[%s] %s: unexpected indented line (only lists continue on indented lines)",
                    x->sec_label, k->name);
@@ -1496,6 +1659,40 @@ static void conf_check(struct conf_ctx *x)
             conf_error(x, x->seen[0][conf_key_index(SEC_API, "listen")],
                        "[api] listen: \"%s\" is not IP:PORT or [IPv6]:PORT", c->api.listen);
     }
+    if (!conf_dns_server_ok(c->gateway.dns_server))
+        conf_error(x, x->seen[0][conf_key_index(SEC_GATEWAY, "dns_server")],
+                   "[gateway] dns_server: \"%s\" is not IPv4[:PORT] or [IPv6]:PORT",
+                   c->gateway.dns_server);
+    {
+        static const char *const acts[] = { "accept", "tempfail", "reject" };
+        int i;
+
+        for (i = 0; i < 3 && strcmp(c->rdns.action, acts[i]) != 0; i++)
+            ;
+        if (i == 3)
+            conf_error(x, x->seen[0][conf_key_index(SEC_RDNS, "action")],
+                       "[rdns] action: \"%s\" is not accept, tempfail or reject",
+                       c->rdns.action);
+        else
+            x->c.rdns.act = (enum conf_rdns_action)i;
+        if (i > 0 && i < 3 && !c->rdns.enabled) {
+            line = conf_later(x, 0, SEC_RDNS, "action", "enabled", &which);
+            conf_error(x, line, "[rdns] %s: action = %s needs enabled = yes (without lookups "
+                       "no client has a name)", which, c->rdns.action);
+        }
+    }
+    if (strcmp(c->dnsbl.action, "reject") != 0 && strcmp(c->dnsbl.action, "log") != 0)
+        conf_error(x, x->seen[0][conf_key_index(SEC_DNSBL, "action")],
+                   "[dnsbl] action: \"%s\" is not reject or log", c->dnsbl.action);
+    if (c->dnsbl.min_ttl_ms > c->dnsbl.max_ttl_ms) {
+        line = conf_later(x, 0, SEC_DNSBL, "min_ttl", "max_ttl", &which);
+        conf_error(x, line, "[dnsbl] %s: min_ttl is longer than max_ttl", which);
+    }
+    /* the list was checked item by item as it was read: parse it once for the gateway */
+    x->c.dnsbl.nsites = 0;
+    for (int i = 0; i < c->dnsbl.sites.n; i++)
+        if (conf_parse_dnsbl_site(c->dnsbl.sites.v[i], &x->c.dnsbl.site[x->c.dnsbl.nsites]) == 0)
+            x->c.dnsbl.nsites++;
     if (strcmp(c->policyd.action, "tempfail") != 0 && strcmp(c->policyd.action, "hold") != 0)
         conf_error(x, x->seen[0][conf_key_index(SEC_POLICYD, "action")],
                    "[policyd] action: \"%s\" is not tempfail or hold", c->policyd.action);
@@ -1763,7 +1960,8 @@ static void conf_dump_key(const struct conf_key *k, const void *base, FILE *out)
         break;
     case CT_ADDRLIST:
     case CT_DOMAINLIST:
-    case CT_NETLIST: {
+    case CT_NETLIST:
+    case CT_DNSBLLIST: {
         const struct conf_list *l = field;
         for (int i = 0; i < l->n; i++)
             fprintf(out, "%s%s", i ? ", " : " ", l->v[i]);

@@ -989,8 +989,10 @@ static int do_check(struct ctx *x)
     l.crit_held = (long)opt_num(x, "crit-held", l.crit_held, OT_INT);
     l.warn_free = opt_num(x, "warn-free", l.warn_free, OT_SIZE);
     l.crit_free = opt_num(x, "crit-free", l.crit_free, OT_SIZE);
-    /* a plugin prints one line on stdout, whatever happens */
-    freopen("/dev/null", "w", stderr);
+    /* a plugin prints one line on stdout, whatever happens (should /dev/null be missing,
+     * stderr stays: a stray line on stderr is still better than no verdict) */
+    if (!freopen("/dev/null", "w", stderr))
+        clearerr(stderr);
     r = get_status(x, &rep, &source);
     if (r) {
         printf("SLUICE UNKNOWN - cannot read sluice's state (sluicectl exit %d: daemon down and "

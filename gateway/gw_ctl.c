@@ -8,6 +8,8 @@
  */
 #include "gw_ctl.h"
 #include "gw_backlog.h"
+#include "gw_dnsbl.h"
+#include "gw_rdns.h"
 
 #include <errno.h>
 #include <jansson.h>
@@ -126,6 +128,9 @@ void gw_ctl_rejected(const char *reason)
 /* Reason words for replies, first match wins: "CODE ENH" prefix or "ENH" alone. */
 static const char *const reply_reasons[][2] = {
     { "5.1.1", "unknown_user" },
+    { "554 5.7.1 Service unavailable; client [", "dnsbl" },
+    { "4.7.25", "rdns" },
+    { "5.7.25", "rdns" },
     { "5.7.1", "relay_denied" },
     { "5.3.4", "too_big" },
     { "552 ", "too_big" },
@@ -237,6 +242,8 @@ static void render(void)
     metrics_head(&b, "sluice_spool_free_bytes", "gauge", "bytes free on the spool's file system");
     metrics_sample(&b, "sluice_spool_free_bytes", "", (double)g.free_bytes);
     gw_backlog_metrics(&b);
+    gw_rdns_metrics(&b);
+    gw_dnsbl_metrics(&b);
     if (!b.oom)
         metrics_http_publish(g.http, b.p, b.len);
     metrics_buf_free(&b);

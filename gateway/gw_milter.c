@@ -170,7 +170,7 @@ static char gw_m_readbuf[GW_M_READ];
 /* Our default macro lists per stage (Postfix's, plus the client ones Postfix documents). */
 static const char *const ms_default_macros[MILTER_NSTAGES] = {
     [MILTER_M_CONNECT] = "j {daemon_name} v _ {client_addr} {client_port} {client_name} "
-                         "{client_ptr} {daemon_addr} {daemon_port}",
+                         "{client_ptr} {client_resolve} {daemon_addr} {daemon_port}",
     [MILTER_M_HELO] = "{tls_version} {cipher} {cipher_bits} {cert_subject} {cert_issuer}",
     [MILTER_M_MAIL] = "i {auth_type} {auth_authen} {auth_author} {mail_addr} {mail_host} "
                       "{mail_mailer}",

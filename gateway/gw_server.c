@@ -15,6 +15,8 @@
 #include "gw_ctl.h"
 #include "gw_backlog.h"
 #include "gw_spf.h"
+#include "gw_dns.h"
+#include "gw_dnsbl.h"
 
 #include <errno.h>
 #include <signal.h>
@@ -487,6 +489,7 @@ static void server_finish(struct gw_server *srv)
     gw_fleet_stop(srv->fleet);
     gw_ctl_stop();
     gw_backlog_stop(srv->backlog);
+    gw_dns_stop(srv->dns);        /* lookups still out (sessions gone) call back now */
     spool_close(srv->spool);      /* runs every outstanding commit callback */
     srv->spool = NULL;
     uv_close((uv_handle_t *)&srv->sig_term, server_noop_close_cb);
@@ -561,6 +564,9 @@ static void server_reload(struct gw_server *srv)
     } else if (gw_tls_new(&srv->tls, nc, err, sizeof(err)) < 0) {
         log_warn("reload: TLS: %s; STARTTLS stays off", err);
     }
+    if (strcmp(nc->gateway.dns_server, srv->conf->gateway.dns_server) != 0)
+        log_warn("reload: [gateway] dns_server changed: it takes effect after a restart");
+    gw_dnsbl_reload(srv->dnsbl, nc);  /* compares with the old lists: before they go */
     router_free(srv->router);
     rcptmap_free(srv->rcptmap);
     free(srv->conf);
@@ -661,6 +667,12 @@ int gw_server_start(struct gw_server **out, uv_loop_t *loop, struct conf *c,
     srv->stop_timer.data = srv;
     if ((r = gw_spf_new(&srv->spf, loop, c, err, errlen)) < 0)
         goto fail;
+    if ((r = gw_dns_new(&srv->dns, loop, c->gateway.dns_server, err, errlen)) < 0)
+        goto fail;
+    if ((r = gw_dnsbl_new(&srv->dnsbl, srv->dns, c)) < 0) {
+        snprintf(err, errlen, "out of memory");
+        goto fail;
+    }
     if ((r = gw_backlog_start(&srv->backlog, loop, c)) < 0) {
         snprintf(err, errlen, "out of memory");
         goto fail;
@@ -679,6 +691,7 @@ int gw_server_start(struct gw_server **out, uv_loop_t *loop, struct conf *c,
 fail:
     server_listeners_close(srv);
     gw_fleet_stop(srv->fleet);
+    gw_dns_stop(srv->dns);
     uv_run(loop, UV_RUN_NOWAIT);  /* their close callbacks, before the memory goes */
     srv->conf = NULL;             /* the caller still owns c on failure */
     gw_server_free(srv);
@@ -702,6 +715,8 @@ void gw_server_free(struct gw_server *srv)
     gw_backlog_free(srv->backlog);
     gw_spf_free(srv->spf);
     gw_fleet_free(srv->fleet);
+    gw_dnsbl_free(srv->dnsbl);
+    gw_dns_free(srv->dns);
     router_free(srv->router);
     rcptmap_free(srv->rcptmap);
     gw_tls_free(srv->tls);

@@ -24,6 +24,8 @@ struct gw_session;
 struct gw_listener;
 struct gw_backlog;
 struct gw_spf;
+struct gw_dns;
+struct gw_dnsbl;
 struct gw_ipcount;
 struct gw_fleet;
 
@@ -41,6 +43,8 @@ struct gw_server {
     struct gw_backlog *backlog;       /* per-mailstore admission (gw_backlog.h) */
     struct gw_spf *spf;               /* SPF checks (gw_spf.h), used when [spf] enabled */
     struct gw_fleet *fleet;           /* the fleet's routes (gw_fleet.h), with [fleet] */
+    struct gw_dns *dns;               /* c-ares on the loop (gw_dns.h): rDNS and DNSBL */
+    struct gw_dnsbl *dnsbl;           /* DNS list screening (gw_dnsbl.h) */
     int stopping;                     /* SIGTERM seen */
     /* private */
     const char *conf_path;

@@ -35,6 +35,7 @@
 #include <strings.h>
 #include <time.h>
 
+#include "gw_dnsbl.h"
 #include "gw_proxy.h"
 #include "gw_server.h"
 #include "gw_tls.h"
@@ -59,7 +60,8 @@
 #define GW_RCPT_FIRST 4           /* first recipient array; doubles up to max_recipients */
 #define GW_HELO_MAX 255           /* kept HELO argument (a domain: RFC 5321 4.5.3.1.2) */
 
-#define GW_CLIENT "unknown[%s]"   /* no reverse DNS: see session_start */
+#define GW_CLIENT "%s[%s]"        /* name[IP], Postfix style: with GW_WHO(s) */
+#define GW_WHO(s) session_name(s), (s)->addr
 
 enum { GW_CMD_FLUSH = 1 };        /* send the batched replies after this command */
 
@@ -89,6 +91,8 @@ static int session_bprintf(char *buf, size_t size, size_t *len, const char *fmt,
     LOG_FMT(4, 5);
 static void session_enter(struct gw_session *s, enum gw_state st);
 static const char *session_host(const struct gw_session *s);
+static const char *session_name(const struct gw_session *s);
+static void session_connect(struct gw_session *s, const char *via);
 static void session_reply(struct gw_session *s, const char *fmt, ...) LOG_FMT(2, 3);
 static void session_reply_r(struct gw_session *s, const struct smtp_reply *r);
 static void session_send(struct gw_session *s, const char *p, size_t n);
@@ -221,7 +225,7 @@ static void session_enter(struct gw_session *s, enum gw_state st)
 {
     if (s->state == st)
         return;
-    log_debug(GW_CLIENT ": state %s -> %s", s->addr, gw_session_state_name(s->state),
+    log_debug(GW_CLIENT ": state %s -> %s", GW_WHO(s), gw_session_state_name(s->state),
               gw_session_state_name(st));
     s->state = st;
 }
@@ -229,6 +233,12 @@ static void session_enter(struct gw_session *s, enum gw_state st)
 static const char *session_host(const struct gw_session *s)
 {
     return s->srv->conf->gateway.hostname;
+}
+
+/* session_name - the client's forward-confirmed name, or "unknown" (Postfix's rule) */
+static const char *session_name(const struct gw_session *s)
+{
+    return s->rdns == GW_RDNS_OK && s->ptr ? s->ptr : "unknown";
 }
 
 /* ---------------------------------------------------------------- output */
@@ -249,7 +259,7 @@ static void session_reply(struct gw_session *s, const char *fmt, ...)
         while (cap - s->out_len < GW_REPLY_MAX + 1)
             cap *= 2;
         if (!(p = realloc(s->out, cap))) {
-            log_warn(GW_CLIENT ": out of memory for replies", s->addr);
+            log_warn(GW_CLIENT ": out of memory for replies", GW_WHO(s));
             session_close_now(s);
             return;
         }
@@ -296,7 +306,7 @@ static void session_send(struct gw_session *s, const char *p, size_t n)
         }
     }
     if (!(w = malloc(sizeof(*w) + n))) {
-        log_warn(GW_CLIENT ": out of memory for a write", s->addr);
+        log_warn(GW_CLIENT ": out of memory for a write", GW_WHO(s));
         session_close_now(s);
         return;
     }
@@ -450,6 +460,9 @@ static void session_free(struct gw_session *s)
     gw_milter_msg_clear(&s->tx.mmsg);
     free(s->tx.mprefix);
     gw_tls_conn_free(s->tls);
+    free(s->ptr);
+    free(s->refusal);
+    free(s->via);
     free(s->tx.rcpts);
     free(s->tx.rin);
     free(s->in);
@@ -487,9 +500,9 @@ static void session_log_disconnect(struct gw_session *s)
     }
     buf[len] = '\0';
     if (ok == all)
-        log_info("disconnect from " GW_CLIENT "%s commands=%u", s->addr, buf, all);
+        log_info("disconnect from " GW_CLIENT "%s commands=%u", GW_WHO(s), buf, all);
     else
-        log_info("disconnect from " GW_CLIENT "%s commands=%u/%u", s->addr, buf, ok, all);
+        log_info("disconnect from " GW_CLIENT "%s commands=%u/%u", GW_WHO(s), buf, ok, all);
 }
 
 /* session_lost - the peer went away or the socket broke */
@@ -508,7 +521,7 @@ static void session_lost(struct gw_session *s, const char *why)
         log_info("lost connection after %s from " GW_CLIENT ": %s",
                  s->state == GW_S_DATA || s->state == GW_S_BDAT ? "DATA"
                                                                   : gw_session_state_name(s->state),
-                 s->addr, why);
+                 GW_WHO(s), why);
     session_close_now(s);
 }
 
@@ -562,7 +575,7 @@ static void session_timer_cb(uv_timer_t *t)
         return;
     case GW_S_TLS:
         /* no reply: the client expects a handshake, not plaintext */
-        log_info("TLS handshake timeout from " GW_CLIENT, s->addr);
+        log_info("TLS handshake timeout from " GW_CLIENT, GW_WHO(s));
         session_close_now(s);
         return;
     default:
@@ -570,11 +583,11 @@ static void session_timer_cb(uv_timer_t *t)
     }
     if (s->cmd_deadline && uv_now(s->srv->loop) >= s->cmd_deadline)
         log_info("command timeout after %s from " GW_CLIENT ": no complete command line "
-                 "within %lld ms (%zu octets)", gw_session_state_name(s->state), s->addr,
+                 "within %lld ms (%zu octets)", gw_session_state_name(s->state), GW_WHO(s),
                  (long long)s->srv->conf->gateway.command_line_timeout_ms, s->in_len);
     else
         log_info("timeout after %s from " GW_CLIENT, gw_session_state_name(s->state),
-                 s->addr);
+                 GW_WHO(s));
     s->out_len = 0;               /* nothing else is owed: the client went silent */
     session_reply(s, "421 4.4.2 %s Error: timeout exceeded", session_host(s));
     if (s->tx.msg) {
@@ -591,7 +604,7 @@ static void session_count_error(struct gw_session *s)
     if (++s->errors < s->srv->conf->gateway.max_errors || s->closing)
         return;
     log_info("too many errors after %s from " GW_CLIENT, gw_session_state_name(s->state),
-             s->addr);
+             GW_WHO(s));
     session_reply(s, "421 4.7.0 %s Error: too many errors", session_host(s));
     tx_reset(s);
     session_close(s);
@@ -721,7 +734,7 @@ static void session_command(struct gw_session *s, const char *line, size_t len)
         session_reply_r(s, &er);
         if (cmd.verb == SMTP_BDAT) {
             /* The chunk size is unknown, so its octets cannot be told from commands. */
-            log_info("bad BDAT syntax from " GW_CLIENT ": closing", s->addr);
+            log_info("bad BDAT syntax from " GW_CLIENT ": closing", GW_WHO(s));
             session_close(s);
             return;
         }
@@ -810,14 +823,14 @@ static int cmd_mail(struct gw_session *s, struct smtp_cmd *cmd)
         smtp_reply_of(SMTP_ESIZE_EXCEEDED, &er);
         session_reply_r(s, &er);
         log_info("NOQUEUE: reject: MAIL from " GW_CLIENT ": %d %s %s; from=<%s> size=%" PRIu64,
-                 s->addr, er.code, er.enh, er.text, m.addr, m.size);
+                 GW_WHO(s), er.code, er.enh, er.text, m.addr, m.size);
         session_count_error(s);
         return -1;
     }
     if (s->milter_reply[0]) {
         /* a milter refused the connection (or HELO): every MAIL gets its answer */
         log_info("NOQUEUE: milter %s: reject: MAIL from " GW_CLIENT ": %s; from=<%s>",
-                 s->milter_by, s->addr, s->milter_reply, m.addr);
+                 s->milter_by, GW_WHO(s), s->milter_reply, m.addr);
         session_milter_reply(s, s->milter_reply);
         return -1;
     }
@@ -826,7 +839,7 @@ static int cmd_mail(struct gw_session *s, struct smtp_cmd *cmd)
         /* ARCHITECTURE 6: below min_free_space every MAIL gets 452; senders retry. */
         session_reply(s, "452 4.3.1 Error: insufficient system storage");
         log_warn("NOQUEUE: reject: MAIL from " GW_CLIENT ": 452 4.3.1 insufficient system "
-                 "storage (%" PRId64 " bytes free); from=<%s>", s->addr, fb, m.addr);
+                 "storage (%" PRId64 " bytes free); from=<%s>", GW_WHO(s), fb, m.addr);
         return -1;
     }
     if (!gw_server_reserve_ok(s->srv)) {
@@ -835,7 +848,7 @@ static int cmd_mail(struct gw_session *s, struct smtp_cmd *cmd)
         session_reply(s, "452 4.3.1 Error: insufficient system storage");
         log_warn("NOQUEUE: reject: MAIL from " GW_CLIENT ": 452 4.3.1 insufficient system "
                  "storage (spool reserve not in place: the file system filled up); from=<%s>",
-                 s->addr, m.addr);
+                 GW_WHO(s), m.addr);
         return -1;
     }
     tx_reset(s);
@@ -851,7 +864,7 @@ static int cmd_mail(struct gw_session *s, struct smtp_cmd *cmd)
 
         snprintf(tx->margs, sizeof(tx->margs), "%s", gt ? gt + 1 + strspn(gt + 1, " ") : "");
     }
-    log_qid(LOG_INFO, tx->qid, "client=" GW_CLIENT, s->addr);
+    log_qid(LOG_INFO, tx->qid, "client=" GW_CLIENT, GW_WHO(s));
     if (c->spf.enabled && s->srv->spf) {
         /* SPF runs off the loop; input waits (paused) so replies stay in order, and the
          * check holds a reference like a commit does. */
@@ -889,7 +902,7 @@ static void session_spf_cb(void *arg, const struct gw_spf_result *r)
                       r->res == GW_SPF_PERMERROR ? "5.7.24" : "5.7.23", res, tx->sender,
                       r->ip);
         log_info("%s: reject: MAIL from " GW_CLIENT ": 550 SPF %s; from=<%s> client-ip=%s "
-                 "(%s)", tx->qid, s->addr, res, tx->sender, r->ip, r->comment);
+                 "(%s)", tx->qid, GW_WHO(s), res, tx->sender, r->ip, r->comment);
         /* milters never see this MAIL: sluice-policyd counts SPF fails from the notice */
         if (r->res == GW_SPF_FAIL)
             gw_milter_notify_reject(s->milter, "spf", "MAIL", 550, tx->sender);
@@ -903,7 +916,7 @@ static void session_spf_cb(void *arg, const struct gw_spf_result *r)
             session_reply(s, "451 4.7.23 SPF %s: <%s> is not confirmed for [%s], try again "
                           "later", res, tx->sender, r->ip);
         log_info("%s: reject: MAIL from " GW_CLIENT ": 451 SPF %s; from=<%s> client-ip=%s "
-                 "(%s)", tx->qid, s->addr, res, tx->sender, r->ip, r->comment);
+                 "(%s)", tx->qid, GW_WHO(s), res, tx->sender, r->ip, r->comment);
         tx_reset(s);
         break;
     default:
@@ -952,7 +965,7 @@ static int cmd_rcpt(struct gw_session *s, struct smtp_cmd *cmd)
         session_reply(s, "%d %s <%s>: %s", er.code, er.enh, r.addr, er.text);
         /* the queue ID exists from MAIL on: grepping it shows the whole transaction */
         log_info("%s: reject: RCPT from " GW_CLIENT ": %d %s <%s>: %s; from=<%s> to=<%s> "
-                 "proto=%s helo=<%s>", tx->qid, s->addr, er.code, er.enh, r.addr, er.text,
+                 "proto=%s helo=<%s>", tx->qid, GW_WHO(s), er.code, er.enh, r.addr, er.text,
                  tx->sender, r.addr, session_proto(s), s->helo);
         if (rc != RCPTMAP_TEMPFAIL) /* our lookup failing is not the client's error */
             session_count_error(s);
@@ -962,7 +975,7 @@ static int cmd_rcpt(struct gw_session *s, struct smtp_cmd *cmd)
     if (!(ms = router_route(s->srv->router, r.addr, &why))) {
         session_reply(s, "451 4.3.0 <%s>: Error: no mailstore configured", r.addr);
         log_warn("%s: reject: RCPT from " GW_CLIENT ": 451 4.3.0 <%s>: no mailstore is "
-                 "configured", tx->qid, s->addr, r.addr);
+                 "configured", tx->qid, GW_WHO(s), r.addr);
         session_rcpt_rejected(s, r.addr, "4.3.0");
         return -1;
     }
@@ -972,7 +985,7 @@ static int cmd_rcpt(struct gw_session *s, struct smtp_cmd *cmd)
         session_reply(s, "452 4.3.1 <%s>: Mailbox store temporarily overloaded, try again "
                       "later", r.addr);
         log_info("%s: reject: RCPT from " GW_CLIENT ": 452 4.3.1 <%s>: mailstore %s backlog "
-                 "over its limit; from=<%s> to=<%s>", tx->qid, s->addr, r.addr, ms,
+                 "over its limit; from=<%s> to=<%s>", tx->qid, GW_WHO(s), r.addr, ms,
                  tx->sender, r.addr);
         session_rcpt_rejected(s, r.addr, "4.3.1");
         return -1;
@@ -1081,7 +1094,7 @@ static int cmd_bdat(struct gw_session *s, struct smtp_cmd *cmd)
 
     if (smtp_parse_bdat(cmd->arg, &size, &last, &er) < 0) {
         session_reply_r(s, &er);
-        log_info("bad BDAT size from " GW_CLIENT ": closing", s->addr);
+        log_info("bad BDAT size from " GW_CLIENT ": closing", GW_WHO(s));
         session_close(s);
         return -1;
     }
@@ -1168,7 +1181,7 @@ static int cmd_starttls(struct gw_session *s, struct smtp_cmd *cmd)
     }
     if (!(t = gw_tls_conn_new(s->srv->tls))) {
         session_reply(s, "454 4.7.0 TLS not available due to local problem");
-        log_warn(GW_CLIENT ": cannot start TLS: out of memory", s->addr);
+        log_warn(GW_CLIENT ": cannot start TLS: out of memory", GW_WHO(s));
         return -1;
     }
     session_reply(s, "220 2.0.0 Ready to start TLS");
@@ -1201,9 +1214,9 @@ static const char *session_proto(const struct gw_session *s)
 /*
  * session_msg_start - at DATA or the first BDAT: open the spool message and prepend our
  * Received: header (RFC 5321 4.4, RFC 5322 3.6.7). The HELO argument is client text and goes
- * into a header, so anything but printable ASCII outside comment syntax becomes '?'. No
- * reverse DNS: a lookup per connection would put DNS latency in front of every session and a
- * resolver on the hot path; "unknown" plus the IP is what Postfix writes when it has no name.
+ * into a header, so anything but printable ASCII outside comment syntax becomes '?'. The
+ * client's name is its forward-confirmed reverse DNS ([rdns], checked by gw_rdns to be a
+ * plain host name), or "unknown" as Postfix writes.
  */
 static int session_msg_start(struct gw_session *s, enum gw_data_mode mode)
 {
@@ -1229,9 +1242,9 @@ static int session_msg_start(struct gw_session *s, enum gw_data_mode mode)
     helo[n] = '\0';
     gmtime_r(&now, &tm);
     strftime(date, sizeof(date), "%a, %d %b %Y %H:%M:%S +0000", &tm);
-    r = session_bprintf(hdr, sizeof(hdr), &len, "Received: from %s (unknown [%s])\r\n\tby %s "
-                        "(sluice) with %s id %s", helo[0] ? helo : "unknown", s->addr,
-                        g->hostname, session_proto(s), tx->qid);
+    r = session_bprintf(hdr, sizeof(hdr), &len, "Received: from %s (%s [%s])\r\n\tby %s "
+                        "(sluice) with %s id %s", helo[0] ? helo : "unknown", session_name(s),
+                        s->addr, g->hostname, session_proto(s), tx->qid);
     if (r == 0 && s->tls_done)
         r = session_bprintf(hdr, sizeof(hdr), &len, "\r\n\t(using %s with cipher %s)",
                             gw_tls_conn_version(s->tls), gw_tls_conn_cipher(s->tls));
@@ -1457,7 +1470,7 @@ static void session_eom(struct gw_session *s)
         } else {
             session_reply_r(s, &rr);
             log_info("%s: reject: END-OF-MESSAGE from " GW_CLIENT ": %d %s %s; from=<%s> "
-                     "proto=%s helo=<%s>", tx->qid, s->addr, rr.code, rr.enh, rr.text,
+                     "proto=%s helo=<%s>", tx->qid, GW_WHO(s), rr.code, rr.enh, rr.text,
                      tx->sender, session_proto(s), s->helo);
         }
         tx_reset(s);
@@ -1563,7 +1576,7 @@ static void session_commit_cb(void *arg, const char *qid, int status)
     if (s->gone || s->closing) {
         if (status == 0)
             log_qid(LOG_WARNING, qid, "client " GW_CLIENT " left before the reply: it may send "
-                    "the message again", s->addr);
+                    "the message again", GW_WHO(s));
         session_unref(s);
         return;
     }
@@ -1647,7 +1660,7 @@ static void session_milter_log(struct gw_session *s, const char *stage,
                      : res->verdict == GW_MV_TEMPFAIL ? "tempfail" : "reject";
 
     log_info("%s: milter %s: %s: %s from " GW_CLIENT ": %s; from=<%s>%s proto=%s helo=<%s>",
-             s->tx.qid[0] ? s->tx.qid : "NOQUEUE", res->milter, what, stage, s->addr,
+             s->tx.qid[0] ? s->tx.qid : "NOQUEUE", res->milter, what, stage, GW_WHO(s),
              res->verdict == GW_MV_DISCARD ? "250 2.0.0 Ok" : res->reply, s->tx.sender, extra,
              session_proto(s), s->helo);
 }
@@ -1659,7 +1672,7 @@ static int session_milter_connect(struct gw_session *s)
     const struct conf *c = s->srv->conf;
     struct gw_milter_result res;
     struct sockaddr_storage ss;
-    char host[80], port[8], ip[64];
+    char host[GW_RDNS_NAME_MAX + 80], port[8], ip[64];
     int len = sizeof(ss), r;
     char fam = 'U';
     uint16_t pn = 0;
@@ -1669,7 +1682,7 @@ static int session_milter_connect(struct gw_session *s)
     s->milter = gw_milter_new(s->srv->loop, c, c->gateway.milter_max_size, session_milter_cb,
                               s);
     if (!s->milter) {
-        log_warn(GW_CLIENT ": out of memory for milters: 451 to every MAIL", s->addr);
+        log_warn(GW_CLIENT ": out of memory for milters: 451 to every MAIL", GW_WHO(s));
         snprintf(s->milter_reply, sizeof(s->milter_reply), "451 4.3.0 Error: out of memory");
         snprintf(s->milter_by, sizeof(s->milter_by), "-");
         return 0;
@@ -1677,11 +1690,13 @@ static int session_milter_connect(struct gw_session *s)
     gw_milter_macro(s->milter, "j", c->gateway.hostname);
     gw_milter_macro(s->milter, "{daemon_name}", "sluice-gateway");
     gw_milter_macro(s->milter, "v", "sluice " SLUICE_VERSION);
-    snprintf(host, sizeof(host), "unknown [%s]", s->addr);
+    snprintf(host, sizeof(host), "%s [%s]", session_name(s), s->addr);
     gw_milter_macro(s->milter, "_", host);
     gw_milter_macro(s->milter, "{client_addr}", s->addr);
-    gw_milter_macro(s->milter, "{client_name}", "unknown");
-    gw_milter_macro(s->milter, "{client_ptr}", "unknown");
+    gw_milter_macro(s->milter, "{client_name}", session_name(s));
+    gw_milter_macro(s->milter, "{client_ptr}", s->ptr ? s->ptr : "unknown");
+    if (c->rdns.enabled && s->h.handle.type == UV_TCP)
+        gw_milter_macro(s->milter, "{client_resolve}", gw_rdns_status_name(s->rdns));
     if (s->h.handle.type == UV_TCP && s->proxy) {
         /* behind a proxy the client is the header's, not the socket's peer */
         fam = strchr(s->addr, ':') ? '6' : '4';
@@ -1711,8 +1726,11 @@ static int session_milter_connect(struct gw_session *s)
             gw_milter_macro(s->milter, "{daemon_port}", port);
         }
     }
-    /* no reverse DNS (see session_msg_start): Postfix sends "[ip]" as the name then */
-    snprintf(host, sizeof(host), "[%s]", s->addr);
+    /* the confirmed name, or "[ip]" as Postfix sends when it has none */
+    if (s->rdns == GW_RDNS_OK && s->ptr)
+        snprintf(host, sizeof(host), "%s", s->ptr);
+    else
+        snprintf(host, sizeof(host), "[%s]", s->addr);
     r = gw_milter_connect(s->milter, fam == 'U' ? "localhost" : host, fam, pn, s->addr, &res);
     if (r == 0) {
         session_milter_wait(s, GW_MP_CONNECT);
@@ -2150,7 +2168,7 @@ static size_t session_process(struct gw_session *s, const char *p, size_t n)
             s->discard_rest = 0;
             if (n > off)
                 log_info("discarding %zu octets of plaintext pipelined after STARTTLS from "
-                         GW_CLIENT, n - off, s->addr);
+                         GW_CLIENT, n - off, GW_WHO(s));
             return n;
         }
     }
@@ -2206,7 +2224,7 @@ static void session_tls_pump(struct gw_session *s)
         if (r == -EAGAIN || s->gone)
             return;
         if (r < 0) {
-            log_info("SSL_accept error from " GW_CLIENT ": %s", s->addr, err);
+            log_info("SSL_accept error from " GW_CLIENT ": %s", GW_WHO(s), err);
             session_close_now(s);
             return;
         }
@@ -2214,7 +2232,8 @@ static void session_tls_pump(struct gw_session *s)
         s->deadline = 0;
         snprintf(s->tls_info, sizeof(s->tls_info), "%s %s", gw_tls_conn_version(s->tls),
                  gw_tls_conn_cipher(s->tls));
-        log_info("TLS connection established from " GW_CLIENT ": %s with cipher %s", s->addr,
+        log_info("TLS connection established from " GW_CLIENT ": %s with cipher %s",
+                 GW_WHO(s),
                  gw_tls_conn_version(s->tls), gw_tls_conn_cipher(s->tls));
         session_enter(s, GW_S_GREET); /* RFC 3207 4.2: a new EHLO is due */
     }
@@ -2397,16 +2416,122 @@ void gw_session_start(struct gw_session *s, const char *reject)
         session_arm(s);
         return;
     }
-    log_info("connect from " GW_CLIENT, s->addr);
-    session_greet(s);
+    session_connect(s, "");
 }
 
 /* session_reject - over a connection limit: 421 4.7.0 instead of the banner, and close */
 static void session_reject(struct gw_session *s, const char *why)
 {
-    log_info("NOQUEUE: reject: CONNECT from " GW_CLIENT ": 421 4.7.0 Error: %s", s->addr, why);
+    log_info("NOQUEUE: reject: CONNECT from " GW_CLIENT ": 421 4.7.0 Error: %s", GW_WHO(s),
+             why);
     session_reply(s, "421 4.7.0 %s Error: %s", session_host(s), why);
     session_close(s);
+}
+
+/* ---------------------------------------------------------------- reverse DNS and DNS lists */
+
+/* session_refuse - a verdict at connect (DNS lists, reverse DNS): reply instead of the
+ * banner, and close */
+static void session_refuse(struct gw_session *s, const char *reply)
+{
+    log_info("NOQUEUE: reject: CONNECT from " GW_CLIENT ": %s", GW_WHO(s), reply);
+    session_reply(s, "%s", reply);
+    session_close(s);
+}
+
+/* session_connected - the lookups are in (or none was asked): the "connect from" line, then
+ * their verdicts or the greeting */
+static void session_connected(struct gw_session *s, const char *via)
+{
+    const struct conf *c = s->srv->conf;
+    char reply[GW_REPLY_MAX];
+
+    log_info("connect from " GW_CLIENT "%s", GW_WHO(s), via);
+    if (s->refusal) {
+        session_refuse(s, s->refusal);
+        return;
+    }
+    if (c->rdns.act != CONF_RDNS_ACCEPT && s->h.handle.type == UV_TCP &&
+        s->rdns != GW_RDNS_OK && !gw_rdns_allowlisted(c, s->addr)) {
+        /* a DNS failure is never a permanent refusal: the name may be fine tomorrow */
+        int temp = c->rdns.act == CONF_RDNS_TEMPFAIL || s->rdns == GW_RDNS_TEMP;
+
+        snprintf(reply, sizeof(reply), "%s Client host rejected: cannot find your hostname, "
+                 "[%s]", temp ? "421 4.7.25" : "554 5.7.25", s->addr);
+        session_refuse(s, reply);
+        return;
+    }
+    session_greet(s);
+}
+
+/* session_looked_up - one lookup is in; the last one lets the session go on */
+static void session_looked_up(struct gw_session *s)
+{
+    s->lookups--;
+    if (s->lookups == 0 && !s->gone && !s->closing) {
+        session_connected(s, s->via ? s->via : "");
+        free(s->via);
+        s->via = NULL;
+    }
+    session_unref(s);             /* the lookup's reference */
+}
+
+static void session_rdns_cb(void *arg, const struct gw_rdns_result *r)
+{
+    struct gw_session *s = arg;
+
+    s->rdns = r->status;
+    if (r->ptr[0] && !s->ptr)
+        s->ptr = strdup(r->ptr);  /* without it the client is "unknown": no harm */
+    session_looked_up(s);
+}
+
+static void session_dnsbl_cb(void *arg, const struct gw_dnsbl_result *r)
+{
+    struct gw_session *s = arg;
+    const struct conf_dnsbl *cd = &s->srv->conf->dnsbl;
+    char reply[GW_REPLY_MAX + GW_DNSBL_BY_MAX];   /* session_reply cuts it to a reply line */
+    int reject = strcmp(cd->action, "reject") == 0;
+
+    if (r->refuse) {
+        log_info("dnsbl: client [%s] listed by %s: score %d, threshold %d%s: %s", s->addr,
+                 r->by, r->score, cd->threshold, r->cached ? " (cached)" : "",
+                 reject ? "refused" : "logged only (action = log)");
+        snprintf(reply, sizeof(reply),
+                 "554 5.7.1 Service unavailable; client [%s] listed by %s",
+                 s->addr, r->by);
+        if (reject && !s->refusal)
+            s->refusal = strdup(reply);
+    }
+    session_looked_up(s);
+}
+
+/* session_connect - the client's address is final (after the PROXY header, if any): its
+ * reverse DNS and the DNS lists, both at once and bounded, before anything else
+ * (docs/policy.md); nothing is read meanwhile. via: the PROXY part of the connect line. */
+static void session_connect(struct gw_session *s, const char *via)
+{
+    const struct conf *c = s->srv->conf;
+    int tcp = s->h.handle.type == UV_TCP;
+
+    s->rdns = GW_RDNS_TEMP;
+    session_read_stop(s);
+    s->refs++;                    /* a callback must not free s while we are still here */
+    if (tcp && c->rdns.enabled &&
+        gw_rdns_lookup(s->srv->dns, s->addr, c->rdns.timeout_ms, session_rdns_cb, s) == 0) {
+        s->lookups++;
+        s->refs++;
+    }
+    if (tcp && gw_dnsbl_wanted(s->srv->dnsbl, s->addr) &&
+        gw_dnsbl_check(s->srv->dnsbl, s->addr, session_dnsbl_cb, s) == 0) {
+        s->lookups++;
+        s->refs++;
+    }
+    if (s->lookups == 0)
+        session_connected(s, via);
+    else if (via[0])
+        s->via = strdup(via);     /* without it the connect line lacks the PROXY part */
+    session_unref(s);
 }
 
 /* session_greet - the client's address is final here (after the PROXY header, if any), so
@@ -2468,7 +2593,7 @@ static void session_pregreet(struct gw_session *s)
         s->pregreet = 1;
         session_printable(s->in, s->in_len, first, sizeof(first));
         log_info("PREGREET %zu after %.3f s from " GW_CLIENT ": %s (%s)", s->in_len,
-                 (double)(uv_now(s->srv->loop) - start) / 1000.0, s->addr, first,
+                 (double)(uv_now(s->srv->loop) - start) / 1000.0, GW_WHO(s), first,
                  g->pregreet_action);
     }
     if (strcmp(g->pregreet_action, "ignore") != 0) {
@@ -2476,7 +2601,7 @@ static void session_pregreet(struct gw_session *s)
         /* as the first reply, 554 stands for the greeting (RFC 5321 3.1) */
         session_reply(s, "554 5.7.1 %s Error: SMTP protocol violation: client spoke before "
                       "the greeting", g->hostname);
-        log_info("NOQUEUE: reject: CONNECT from " GW_CLIENT ": 554 5.7.1 pregreet", s->addr);
+        log_info("NOQUEUE: reject: CONNECT from " GW_CLIENT ": 554 5.7.1 pregreet", GW_WHO(s));
         session_close(s);
         return;
     }
@@ -2540,7 +2665,7 @@ static void session_proxy_drop(struct gw_session *s)
 static void session_proxy_header(struct gw_session *s, const struct gw_proxy_result *pr,
                                  size_t used)
 {
-    char peer[sizeof(s->addr)];
+    char peer[sizeof(s->addr)], via[sizeof(s->addr) + 80];
 
     memcpy(peer, s->addr, sizeof(peer));
     if (!pr->local && gw_proxy_src_text(pr, s->addr, sizeof(s->addr)) < 0) {
@@ -2553,17 +2678,17 @@ static void session_proxy_header(struct gw_session *s, const struct gw_proxy_res
     memmove(s->in, s->in + used, s->in_len - used);
     s->in_len -= used;
     s->deadline = 0;
-    log_info("connect from " GW_CLIENT " via PROXY v%d from [%s]%s", s->addr, pr->version, peer,
+    snprintf(via, sizeof(via), " via PROXY v%d from [%s]%s", pr->version, peer,
              pr->local ? " (LOCAL: the proxy's own connection)" : "");
     if (gw_server_ip_add(s->srv, s) > s->srv->conf->gateway.max_connections_per_ip) {
         session_reject(s, "too many connections from your address");
         return;
     }
-    /* a session now, no longer a header wait: proxy_timeout is over, and milters may take
-     * their own time over CONNECT before the banner (the idle timer starts with it) */
+    /* a session now, no longer a header wait: proxy_timeout is over, and lookups and milters
+     * may take their own time before the banner (the idle timer starts with it) */
     session_enter(s, GW_S_GREET);
     uv_timer_stop(&s->timer);
-    session_greet(s);
+    session_connect(s, via);
 }
 
 void gw_session_abort(struct gw_session *s)

@@ -23,6 +23,7 @@
 #include "conf.h"
 #include "gw_data.h"
 #include "gw_milter.h"
+#include "gw_rdns.h"
 #include "gw_spf.h"
 #include "qid.h"
 #include "smtp_parse.h"
@@ -142,6 +143,13 @@ struct gw_session {
     unsigned ip_counted : 1;              /* counted in the server's per-IP table */
     unsigned proxy : 1;                   /* PROXY listener: the header comes first */
     unsigned pregreet : 1;                /* talked before the banner (logged once) */
+    unsigned lookups : 2;                 /* rDNS and DNSBL at connect outstanding (each
+                                           * holds a ref); the banner waits for them */
+    enum gw_rdns_status rdns;             /* the client's reverse DNS (TEMP when not asked) */
+    char *ptr;                            /* its PTR name (malloc), NULL = none */
+    char *refusal;                        /* a DNSBL verdict: the reply instead of the banner */
+    char *via;                            /* " via PROXY ..." for the connect line, while the
+                                           * lookups run */
     uint16_t proxy_port;                  /* the client's port from a PROXY header; 0 = none */
     enum gw_state bdat_back;              /* state after a refused chunk */
     uint64_t bdat_left;                   /* octets of the current chunk still to read */

@@ -95,6 +95,8 @@ struct conf_gateway {
     int64_t shutdown_grace_ms;
     char banner[CONF_PATH_MAX];
     uint64_t milter_max_size;     /* larger messages pass milters' content stages unexamined */
+    char dns_server[CONF_PATH_MAX]; /* rDNS and DNSBL lookups: "" = /etc/resolv.conf, or
+                                     * IPv4[:PORT] / [IPv6]:PORT */
 };
 
 struct conf_routing {
@@ -186,6 +188,47 @@ struct conf_api {
     int threads;
 };
 
+/* [rdns]: reverse DNS of every client at connect (gateway/gw_rdns.h, docs/policy.md). */
+enum conf_rdns_action { CONF_RDNS_ACCEPT, CONF_RDNS_TEMPFAIL, CONF_RDNS_REJECT };
+
+struct conf_rdns {
+    int enabled;
+    int64_t timeout_ms;           /* PTR and forward lookups together */
+    char action[16];              /* accept | tempfail | reject: clients without a
+                                   * forward-confirmed name */
+    enum conf_rdns_action act;    /* read-only: action parsed */
+    struct conf_list allowlist;   /* CIDR each: never refused for their rDNS */
+};
+
+/* One [dnsbl] sites item, postscreen's syntax: DOMAIN[=FILTER]*WEIGHT. The filter matches the
+ * A record the list answers with, per octet: N, or [N;M..K;...]; no filter = any 127.x. */
+#define CONF_DNSBL_DOMAIN_MAX 254
+struct conf_dnsbl_site {
+    char domain[CONF_DNSBL_DOMAIN_MAX];
+    int weight;                   /* negative: an allowlist (DNSWL) */
+    int has_filter;
+    uint8_t filter[4][32];        /* octet i may be v when bit v of filter[i] is set */
+};
+
+/* [dnsbl]: postscreen-style DNS list screening at connect (gateway/gw_dnsbl.h). */
+struct conf_dnsbl {
+    struct conf_list sites;       /* as written */
+    int threshold;                /* score at or above which the client is refused */
+    char action[16];              /* reject | log */
+    struct conf_list allowlist;   /* CIDR each: never looked up */
+    int64_t timeout_ms;
+    int64_t min_ttl_ms, max_ttl_ms; /* cache lifetime bounds around the answers' TTL */
+    /* read-only: sites parsed by conf_load, in order */
+    int nsites;
+    struct conf_dnsbl_site site[CONF_LIST_MAX];
+};
+
+/* "zen.example.org=127.0.0.[2..11]*3" into *out (weight 1 when "*W" is absent). 0 or
+ * -EINVAL. */
+int conf_parse_dnsbl_site(const char *s, struct conf_dnsbl_site *out);
+/* Does the answer a (4 octets, network order) pass site's filter? */
+int conf_dnsbl_filter_match(const struct conf_dnsbl_site *site, const uint8_t a[4]);
+
 struct conf_mailstore {
     char name[CONF_NAME_MAX];
     char deliver[CONF_PATH_MAX];  /* as written: lmtp:HOST:PORT, lmtp:unix:/P, smtp:HOST:PORT,
@@ -239,6 +282,8 @@ struct conf {
     struct conf_spf spf;
     struct conf_api api;
     struct conf_fleet fleet;
+    struct conf_rdns rdns;
+    struct conf_dnsbl dnsbl;
     int n_mailstores;
     struct conf_mailstore mailstores[CONF_MAILSTORE_MAX]; /* in file order */
     int n_milters;

@@ -1,11 +1,17 @@
 #!/bin/sh
 # deps.sh - install the Debian 12 packages sluice needs to build, run and test.
 # Idempotent: when every package is present this is one dpkg-query and exits.
-# usage: scripts/deps.sh [build|test]   (test adds the real peers the tests talk to)
+# usage: scripts/deps.sh [build|run|deb|test]
+#   build: compile (make); run: and swaks, the README's first client (make run);
+#   deb: and what make deb needs; test: all of these and the real peers the tests talk to
 set -eu
 BUILD="make gcc libc6-dev pkg-config libuv1-dev libssl-dev libsqlite3-dev
 libinih-dev libjansson-dev libmicrohttpd-dev libmilter-dev libspf2-dev openssl sqlite3
-libsystemd-dev libidn2-dev libcurl4-openssl-dev libhiredis-dev"
+libsystemd-dev libidn2-dev libcurl4-openssl-dev libhiredis-dev libc-ares-dev go-md2man"
+# swaks (with Net::SSLeay and IO::Socket::SSL for --tls): the README's example after make run
+RUN="swaks libnet-ssleay-perl libio-socket-ssl-perl"
+# make deb: debhelper builds the package, lintian judges it
+DEB="debhelper dpkg-dev lintian"
 # libFuzzer and its sanitizer runtimes, for make fuzz and the fuzz-smoke step of make test
 FUZZ="clang-14 libclang-rt-14-dev"
 # swaks (with Net::SSLeay for -tls) and Postfix's smtp-source as clients, Dovecot LMTP as the mailstore
@@ -17,9 +23,16 @@ FUZZ="clang-14 libclang-rt-14-dev"
 TEST="e2fsprogs mount libcmocka-dev python3 python3-pytest swaks libnet-ssleay-perl libio-socket-ssl-perl
 postfix dovecot-core
 dovecot-lmtpd iproute2 procps haproxy opendkim opendkim-tools rspamd nginx chromium
-chromium-driver etcd-server etcd-client redis-server"
-want=$BUILD
-[ "${1:-build}" = test ] && want="$BUILD $TEST $FUZZ"
+chromium-driver etcd-server etcd-client redis-server prometheus"
+# prometheus: its promtool checks and unit-tests etc/prometheus/sluice-alerts.yml (make alerts);
+# the package's own service is never started (policy-rc.d below)
+case ${1:-build} in
+build) want=$BUILD ;;
+run) want="$BUILD $RUN" ;;
+deb) want="$BUILD $DEB" ;;
+test) want="$BUILD $RUN $DEB $TEST $FUZZ" ;;
+*) echo "usage: scripts/deps.sh [build|run|deb|test]" >&2; exit 2 ;;
+esac
 missing=
 for p in $want; do
     s=$(dpkg-query -W -f='${db:Status-Status}' "$p" 2>/dev/null || true)

@@ -101,6 +101,10 @@ def write_config(tmp, port, tls_files, overrides=None):
             "shutdown_grace": "5s",
             "notify_socket": os.path.join(tmp, "deliver.sock"),
         },
+        # No reverse DNS by default: the machine's resolver is not part of the test, and a
+        # PROXY test's TEST-NET address would wait on it. test_edge_dns.py turns it on
+        # against the loopback DNS server.
+        "rdns": {"enabled": "no"},
     }
     for sec, kv in overrides.items():
         if sec.startswith("mailstore ") or sec.startswith("_"):

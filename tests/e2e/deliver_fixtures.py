@@ -28,6 +28,7 @@ import threading
 import time
 
 import pytest
+from peers import peer_missing
 from ports import free_port  # noqa: F401 (also imported from here)
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
@@ -380,7 +381,7 @@ class Dovecot:
 def dovecots():
     """Two private Dovecot LMTP servers (two mailstores), for the whole session."""
     if not shutil.which("dovecot"):
-        pytest.skip("dovecot not installed (scripts/deps.sh test)")
+        peer_missing("dovecot not installed (scripts/deps.sh test)")
     a = Dovecot()
     try:
         b = Dovecot()

@@ -1,19 +1,47 @@
 """
-dns_server.py - a small stdlib DNS server for the SPF tests (UDP on 127.0.0.1, any port).
+dns_server.py - a small stdlib DNS server for the SPF, reverse DNS and DNS list tests (UDP on
+127.0.0.1, any port).
 
 zones: {name: spec}, name lower-case without the trailing dot; spec is one of
   ["txt", ...]   TXT records (each string split into 255-octet character-strings)
+  {"A": [...], "AAAA": [...], "PTR": [...], "TXT": [...], "ttl": N}
+                 records by type (ttl: of every record, default 60)
   "nxdomain"     NXDOMAIN
   "servfail"     SERVFAIL (libspf2 1.2.10 turns it into INVALID: the gateway's temperror)
   "timeout"      never answered
 Any other name gets NXDOMAIN; a known name asked for another type gets NOERROR/NODATA.
-`queries` records (name, qtype) in order.
+`queries` records (name, qtype) in order. ptr_name(ip) gives the reverse name of an address.
 """
+import ipaddress
 import socket
 import struct
 import threading
 
 T_TXT = 16
+T_A = 1
+T_PTR = 12
+T_AAAA = 28
+TYPES = {"A": T_A, "PTR": T_PTR, "TXT": T_TXT, "AAAA": T_AAAA}
+
+
+def ptr_name(ip):
+    """"10.2.0.192.in-addr.arpa" for 192.0.2.10 (ip6.arpa nibbles for IPv6)."""
+    return ipaddress.ip_address(ip).reverse_pointer
+
+
+def _name(n):
+    return b"".join(bytes([len(l)]) + l.encode() for l in n.rstrip(".").split(".")) + b"\0"
+
+
+def _rdata(qtype, value):
+    if qtype == T_A:
+        return socket.inet_pton(socket.AF_INET, value)
+    if qtype == T_AAAA:
+        return socket.inet_pton(socket.AF_INET6, value)
+    if qtype == T_PTR:
+        return _name(value)
+    b = value.encode()
+    return b"".join(bytes([len(b[i:i + 255])]) + b[i:i + 255] for i in range(0, max(len(b), 1), 255))
 
 
 class DNSServer:
@@ -76,13 +104,17 @@ class DNSServer:
             rcode = 3
         elif spec == "servfail":
             rcode = 2
-        elif qtype == T_TXT:
-            for txt in spec:
-                b = txt.encode()
-                rdata = b"".join(bytes([len(b[i:i + 255])]) + b[i:i + 255]
-                                 for i in range(0, max(len(b), 1), 255))
-                answers.append(b"\xc0\x0c" + struct.pack("!HHIH", T_TXT, 1, 60, len(rdata))
-                               + rdata)
+        else:
+            if isinstance(spec, list):
+                spec = {"TXT": spec}
+            ttl = spec.get("ttl", 60)
+            for t, values in spec.items():
+                if TYPES.get(t) != qtype:
+                    continue
+                for v in values:
+                    rdata = _rdata(qtype, v)
+                    answers.append(b"\xc0\x0c" + struct.pack("!HHIH", qtype, 1, ttl,
+                                                             len(rdata)) + rdata)
         hdr = struct.pack("!HHHHHH", qid, 0x8000 | 0x0400 | rd | 0x0080 | rcode, 1,
                           len(answers), 0, 0)
         return hdr + question + b"".join(answers)

@@ -30,7 +30,7 @@ import time
 import urllib.error
 import urllib.request
 
-import pytest
+from peers import peer_missing
 from ports import free_port
 from deliver_fixtures import Dovecot, wait_for, SANITIZER_MARKS, BUILD_DIR
 
@@ -53,10 +53,7 @@ def need(binary, package):
     """Skip (fail under CI=true) when a real peer is not installed."""
     if shutil.which(binary):
         return
-    msg = "%s not installed (scripts/deps.sh test installs %s)" % (binary, package)
-    if os.environ.get("CI") == "true":
-        pytest.fail(msg)
-    pytest.skip(msg)
+    peer_missing("%s not installed (scripts/deps.sh test installs %s)" % (binary, package))
 
 
 def _b64(s):

@@ -27,6 +27,7 @@ import time
 import pytest
 
 from milter_peer import MilterPeer
+from peers import needs_peer, peer_missing
 from ports import free_port  # noqa: F401 (also imported from here)
 
 OPENDKIM = shutil.which("opendkim") or "/usr/sbin/opendkim"
@@ -139,7 +140,7 @@ class DkimKeys:
 @pytest.fixture(scope="session")
 def dkim_keys():
     if not os.path.exists(OPENDKIM_GENKEY):
-        pytest.skip("opendkim-tools not installed (scripts/deps.sh test)")
+        peer_missing("opendkim-tools not installed (scripts/deps.sh test)")
     d = private_dir("sluice-dkim-")
     try:
         yield DkimKeys(d)
@@ -200,7 +201,7 @@ class Opendkim(PrivateMilter):
 @pytest.fixture
 def opendkim(dkim_keys):
     if not os.path.exists(OPENDKIM):
-        pytest.skip("opendkim not installed (scripts/deps.sh test)")
+        peer_missing("opendkim not installed (scripts/deps.sh test)")
     o = Opendkim(dkim_keys).start()
     yield o
     o.stop()
@@ -256,7 +257,7 @@ worker "rspamd_proxy" {
 @pytest.fixture
 def rspamd():
     if not os.path.exists(RSPAMD):
-        pytest.skip("rspamd not installed (scripts/deps.sh test)")
+        peer_missing("rspamd not installed (scripts/deps.sh test)")
     r = Rspamd()
     try:
         r.start()
@@ -362,8 +363,12 @@ def private_postfix(milter_specs, extra=()):
         shutil.rmtree(base, ignore_errors=True)
 
 
-needs_postfix = pytest.mark.skipif(not os.path.exists(POSTFIX) or os.getuid() != 0,
-                                   reason="needs Debian postfix and root for a private instance")
+def needs_postfix(fn):
+    """A private Postfix instance: root (else skipped) and Debian's postfix (peers.py)."""
+    fn = needs_peer(lambda: os.path.exists(POSTFIX),
+                    "postfix not installed (scripts/deps.sh test)")(fn)
+    return pytest.mark.skipif(os.getuid() != 0, reason="a private Postfix instance needs "
+                              "root")(fn)
 
 
 # ------------------------------------------------------------------ gateway config

@@ -42,6 +42,7 @@ import pytest
 
 from conftest import (DOMAIN, HOSTNAME, MAILSTORES, client_tls_context, index_count,
                       read_message)
+from peers import peer_missing
 from smtp_raw import Closed, Raw, dot_stuff, transaction
 
 SENDER = "sender@client.test"
@@ -1430,7 +1431,7 @@ def test_sigterm_stuck_data_session_cut_after_grace(gateway_factory):
 
 def test_smtp_source_concurrency(gateway):
     if not shutil.which("smtp-source"):
-        pytest.skip("smtp-source (postfix) not installed")
+        peer_missing("smtp-source not installed (Debian postfix: scripts/deps.sh test)")
     p = subprocess.run(["smtp-source", "-s", "20", "-m", "500", "-l", "4096",
                         "-f", "a@client.test", "-t", ALICE, "-M", "client.test",
                         "127.0.0.1:%d" % gateway.port],

@@ -1,11 +1,15 @@
 """
 test_install.py - deployment: `make install` / `make uninstall` (PREFIX, DESTDIR, SYSCONFDIR),
-the systemd units (systemd-analyze verify on the installed, path-substituted files), and the
+the systemd units (systemd-analyze verify on the installed, path-substituted files), the
 sd_notify protocol of each daemon against a NOTIFY_SOCKET this test owns: READY=1 only once
 the daemon serves, RELOADING=1/READY=1 around SIGHUP, STOPPING=1 on SIGTERM, WATCHDOG=1
-pings when the service manager asks for them (and none when it does not).
+pings when the service manager asks for them (and none when it does not); and the Debian
+package: `make deb` (lintian without errors), installed with dpkg, the installed gateway
+checking the installed configuration, then purged.
 """
+import glob
 import os
+import re
 import shutil
 import signal
 import socket
@@ -95,8 +99,10 @@ def test_systemd_units_verify(tmp_path):
     prefix = str(tmp_path / "usr")
     make("install", "PREFIX=" + prefix, "SYSCONFDIR=" + str(tmp_path / "etc"))
     units = [os.path.join(prefix, "lib/systemd/system", u) for u in UNITS]
+    # verify runs man for the units' Documentation=man:... lines: our pages are there
     r = subprocess.run(["systemd-analyze", "verify"] + units, capture_output=True, text=True,
-                       timeout=120)
+                       timeout=120, env=dict(os.environ, MANPATH=os.path.join(prefix,
+                                                                              "share/man")))
     assert r.returncode == 0, r.stdout + r.stderr
     assert "sluice" not in r.stderr, r.stderr
     for u in units:
@@ -107,6 +113,131 @@ def test_systemd_units_verify(tmp_path):
             assert "Overall exposure level" in r.stdout, r.stdout + r.stderr
             band = r.stdout.strip().splitlines()[-1]
             assert " OK " in band or " SAFE " in band, band
+
+
+# ------------------------------------------------------------------ the README's first example
+
+def test_readme_first_example_works_as_written(tmp_path):
+    """`make run` (scripts/run.sh with etc/sluice.conf), then the swaks command the README
+    suggests, word for word but for the port and the run/ directory (so a developer's own
+    `make run` on 2525 is left alone): the message is accepted and lands in alice's Maildir."""
+    with open(os.path.join(REPO, "README.md")) as f:
+        m = re.search(r"try `(swaks [^`]*)`", f.read())
+    assert m, "the README no longer suggests a swaks command"
+    swaks = shutil.which("swaks")
+    assert swaks, "swaks missing: `make run` installs it (scripts/deps.sh run)"
+    port, run = free_port(), str(tmp_path / "run")
+    with open(os.path.join(REPO, "etc", "sluice.conf")) as f:
+        conf = f.read()
+    assert "127.0.0.1:2525" in m.group(1) and "listen = 127.0.0.1:2525" in conf
+    conf = conf.replace("127.0.0.1:2525", "127.0.0.1:%d" % port).replace("./run/", run + "/")
+    conf = conf.replace("127.0.0.1:9425", "127.0.0.1:%d" % free_port())
+    conf = conf.replace("127.0.0.1:9426", "127.0.0.1:%d" % free_port())
+    conf = conf.replace("127.0.0.1:8426", "127.0.0.1:%d" % free_port())   # the reseller page
+    path = str(tmp_path / "sluice.conf")
+    with open(path, "w") as f:
+        f.write(conf)
+    log = open(str(tmp_path / "run.log"), "wb")
+    p = subprocess.Popen([os.path.join(REPO, "scripts", "run.sh"), path], cwd=REPO,
+                         stdout=log, stderr=log, env=dict(os.environ, SLUICE_BUILD=BUILD))
+    try:
+        end = time.time() + 20
+        while not smtp_banner(port):
+            assert p.poll() is None and time.time() < end, open(log.name).read()
+            time.sleep(0.1)
+        argv = m.group(1).replace("127.0.0.1:2525", "127.0.0.1:%d" % port).split()
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert re.search(r"<- +250 2\.0\.0 Ok: queued as", r.stdout), r.stdout
+        new = glob.glob(os.path.join(run, "mail", "*", "example.test", "alice", "new", "*"))
+        end = time.time() + 20
+        while not new and time.time() < end:
+            time.sleep(0.2)
+            new = glob.glob(os.path.join(run, "mail", "*", "example.test", "alice", "new",
+                                         "*"))
+        assert new, "not delivered to alice's Maildir:\n" + open(log.name).read()[-3000:]
+    finally:
+        p.send_signal(signal.SIGTERM)
+        try:
+            p.wait(timeout=40)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+        log.close()
+    text = open(log.name).read()
+    assert "ERROR: AddressSanitizer" not in text and "runtime error:" not in text, text
+
+
+# ------------------------------------------------------------------ the Debian package
+
+def _dpkg(*args):
+    """dpkg, waiting out another apt/dpkg run's lock (a shared machine) for up to 2 minutes."""
+    end = time.time() + 120
+    while True:
+        r = subprocess.run(["dpkg"] + list(args), capture_output=True, text=True, timeout=300,
+                           env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"))
+        if r.returncode == 0 or "lock" not in r.stderr or time.time() > end:
+            return r
+        time.sleep(2)
+
+
+def _installed(pkg):
+    r = subprocess.run(["dpkg-query", "-W", "-f=${db:Status-Status}", pkg],
+                       capture_output=True, text=True)
+    return r.returncode == 0 and r.stdout not in ("", "not-installed", "config-files")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="installing a package needs root")
+@pytest.mark.skipif(bool(SAN), reason="the package builds from the sources with Debian's "
+                    "flags, not from this build: once, under build/, is enough")
+def test_deb_builds_installs_checks_and_purges():
+    if _installed("sluice"):
+        pytest.fail("a sluice package is installed on this machine already: this test would "
+                    "replace and purge it")
+    r = subprocess.run(["make", "--no-print-directory", "-C", REPO, "deb"], capture_output=True,
+                       text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    assert "E: " not in r.stdout + r.stderr, "lintian reported errors:\n" + r.stdout[-4000:]
+    debs = [d for d in glob.glob(os.path.join(REPO, "build-deb", "sluice_*.deb"))]
+    assert len(debs) == 1, debs
+    try:
+        r = _dpkg("-i", debs[0])
+        assert r.returncode == 0, r.stdout + r.stderr
+        # the installed gateway accepts the installed configuration, with system paths
+        r = subprocess.run(["/usr/sbin/sluice-gateway", "--check-config", "-c",
+                            "/etc/sluice/sluice.conf"], capture_output=True, text=True,
+                           timeout=60)
+        assert r.returncode == 0, r.stderr
+        assert "dir = /var/spool/sluice\n" in r.stdout
+        assert "recipient_map = /etc/sluice/recipients\n" in r.stdout
+        conffiles = subprocess.run(["dpkg-query", "-W", "-f=${Conffiles}", "sluice"],
+                                   capture_output=True, text=True).stdout
+        assert "/etc/sluice/sluice.conf " in conffiles, conffiles
+        for f in ("/usr/sbin/sluice-deliver", "/usr/sbin/sluice-policyd", "/usr/bin/sluicectl",
+                  "/lib/systemd/system/sluice-gateway.service",
+                  "/usr/lib/sysusers.d/sluice.conf", "/usr/lib/tmpfiles.d/sluice.conf",
+                  "/usr/share/doc/sluice/examples/sluice-alerts.yml",
+                  "/usr/share/doc/sluice/examples/sluice-dashboard.json"):
+            assert os.path.exists(f), f
+        for m in ("sluicectl", "sluice-gateway", "sluice-deliver", "sluice-policyd"):
+            page = "/usr/share/man/man8/%s.8.gz" % m
+            assert os.path.exists(page), page
+            out = subprocess.run(["man", "-l", page], capture_output=True, text=True,
+                                 env=dict(os.environ, MANWIDTH="80"), timeout=60).stdout
+            out = re.sub(".\x08", "", out)     # the pager's overstrike bold
+            assert "%s(8)" % m.upper() in out and "NAME" in out, out[:500]
+        # postinst made the user (sysusers.d) and the spool it owns (tmpfiles.d)
+        import pwd
+        st = os.stat("/var/spool/sluice")
+        assert st.st_uid == pwd.getpwnam("sluice").pw_uid
+        r = subprocess.run(["/usr/bin/sluicectl", "-h"], capture_output=True, text=True)
+        assert r.returncode == 0 and "status" in r.stdout + r.stderr
+    finally:
+        r = _dpkg("--purge", "sluice")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert not _installed("sluice")
+    assert not os.path.exists("/etc/sluice/sluice.conf"), "purge left the conffile"
+    assert not os.path.exists("/usr/sbin/sluice-gateway")
 
 
 # ------------------------------------------------------------------ sd_notify

@@ -20,6 +20,7 @@ import pytest
 
 from conftest import DOMAIN, free_port, index_count
 from dns_server import DNSServer
+from peers import peer_missing
 from smtp_raw import Raw, RawFrom, transaction
 
 SENDER = "sender@client.test"
@@ -96,7 +97,7 @@ backend bv2
 @pytest.fixture
 def haproxy_factory(tmp_path):
     if not os.path.exists(HAPROXY):
-        pytest.fail("haproxy missing: run scripts/deps.sh test")
+        peer_missing("haproxy not installed (scripts/deps.sh test)")
     started = []
 
     def start(backend_port):

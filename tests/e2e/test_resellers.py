@@ -22,10 +22,9 @@ import statistics
 import subprocess
 import time
 
-import pytest
-
 from api_fixtures import ACME, BETA, api_deliverer, token_hash  # noqa: F401
 from deliver_fixtures import fake_lmtp, free_port, wait_for  # noqa: F401
+from peers import peer_missing
 from webdriver import Chrome, WebDriverError
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
@@ -413,7 +412,7 @@ def nginx_conf(tmp, api_port, https_port, http_port, cert, key):
 
 def test_tls_through_the_shipped_nginx_config(api_deliverer, fake_lmtp, tmp_path):
     if not shutil.which("nginx", path="/usr/sbin:/usr/bin"):
-        pytest.skip("nginx not installed (scripts/deps.sh test)")
+        peer_missing("nginx not installed (scripts/deps.sh test)")
     d, p1, p2 = setup_incident(api_deliverer, fake_lmtp)
     tmp = str(tmp_path / "nginx")
     os.makedirs(tmp)

@@ -42,6 +42,7 @@ import pytest
 from conftest import Gateway, free_port
 from deliver_fixtures import (BUILD_DIR, DOMAIN, SANITIZER_MARKS, SEGMENT_LINE, Deliverer,
                               Dovecot, wait_for)
+from peers import peer_missing
 
 SLUICECTL_BIN = os.path.join(BUILD_DIR, "sluicectl")
 GATEWAY_BIN = os.path.join(BUILD_DIR, "sluice-gateway")
@@ -308,7 +309,7 @@ def deliverer_of_transactions(logs):
 @pytest.fixture
 def dovecot():
     if not shutil.which("dovecot"):
-        pytest.skip("dovecot not installed (scripts/deps.sh test)")
+        peer_missing("dovecot not installed (scripts/deps.sh test)")
     d = Dovecot()
     yield d
     d.stop()

@@ -16,7 +16,7 @@ import time
 import urllib.error
 import urllib.request
 
-import pytest
+from peers import peer_missing
 from ports import free_port
 
 CHROMIUM = "/usr/bin/chromium"
@@ -33,7 +33,7 @@ class WebDriverError(AssertionError):
 class Chrome:
     def __init__(self, tmp, javascript=True):
         if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
-            pytest.skip("chromium and chromium-driver not installed (scripts/deps.sh test)")
+            peer_missing("chromium and chromium-driver not installed (scripts/deps.sh test)")
         self.port = free_port()
         self.profile = os.path.join(str(tmp), "chromium-profile")
         os.makedirs(self.profile, exist_ok=True)

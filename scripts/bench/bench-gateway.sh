@@ -1,10 +1,10 @@
 #!/bin/bash
-# bench-gateway.sh - sluice-gateway against Postfix, measured the same way in the same run
-# (issue 3's benchmark). Uses the shared harness ../shared/bench (lib.sh, smtp-load.sh,
-# peer-postfix.sh); without it, prints a note and exits 0.
+# bench-gateway.sh - sluice against Postfix and against smtp-sink (the protocol limit),
+# measured the same way in the same run. The harness is beside this script (lib.sh,
+# smtp-load.sh, peer-postfix.sh), so a plain clone reruns it: `make bench`.
 #
-# usage: scripts/bench-gateway.sh BUILD_DIR          (make bench runs it with build/)
-#        QUICK=1 scripts/bench-gateway.sh build      smoke test: small counts, 1 run
+# usage: scripts/bench/bench-gateway.sh BUILD_DIR        (make bench runs it with build/)
+#        QUICK=1 scripts/bench/bench-gateway.sh build    smoke test: small counts, 1 run
 # Environment as for peer-postfix.sh: RUNS (3), SESSIONS ("1 20 100"), SIZES ("4096 65536"),
 #   MSGS_4096, MSGS_65536, LOAD_PROCS; and IDLE_CONNS (10000; QUICK 1000), LAT_MSGS (2000;
 #   QUICK 300), LAT_THREADS (20), SKIP_POSTFIX=1 (gateway only), BENCH_DELIVER=0 (leave
@@ -21,28 +21,27 @@
 #   2. p50/p99 latency from the end of data to the 250 reply (LAT_MSGS messages over
 #      LAT_THREADS sessions, 4 KiB), and the RSS of the gateway holding IDLE_CONNS idle
 #      plaintext connections (target: 10,000 in at most 200 MiB).
-#   3. ../shared/bench/peer-postfix.sh with the same RUNS, SESSIONS, SIZES and counts (it
+#   3. peer-postfix.sh (beside this script) with the same RUNS, SESSIONS, SIZES and counts (it
 #      uses :2525 too, so after the gateway is stopped), then the same latency client
 #      against that Postfix instance.
-#   4. Both tables side by side with the ratio sluice/Postfix per row, and the targets.
+#   4. smtp-sink alone on :2680 as the server (it answers 250 and stores nothing: the most
+#      this client and machine allow), the same sizes, sessions and runs, and its latency.
+#   5. The three side by side: rate and CPU time per message of each, the ratios
+#      sluice/Postfix and sluice/sink, Postfix's CPU per message over sluice's, and the targets;
+#      the outage/drain, latency and idle memory figures below it.
 # Output: tables on stdout and in $BENCH_BASE/summary.txt; per-run lines on stderr.
 set -euo pipefail
 umask 022
 export LC_ALL=C
 
-REPO=$(cd "$(dirname "$0")/.." && pwd)
+REPO=$(cd "$(dirname "$0")/../.." && pwd)
 BUILD_ARG=${1:-build}
 case $BUILD_ARG in /*) BDIR=$BUILD_ARG ;; *) BDIR=$REPO/$BUILD_ARG ;; esac
 GATEWAY=$BDIR/sluice-gateway
 DELIVER=$BDIR/sluice-deliver
-CLIENT=$REPO/scripts/bench-gateway-client.py
-
-TOP=$(git -C "$REPO" rev-parse --show-toplevel 2>/dev/null || echo "$REPO")
-SHARED=$(cd "$TOP/../shared/bench" 2>/dev/null && pwd) || SHARED=
-if [ -z "$SHARED" ] || [ ! -f "$SHARED/lib.sh" ]; then
-    echo "bench-gateway.sh: $TOP/../shared/bench (the shared harness) not found; skipping the gateway benchmark"
-    exit 0
-fi
+HERE=$(cd "$(dirname "$0")" && pwd)
+CLIENT=$HERE/bench-gateway-client.py
+SHARED=$HERE
 [ -x "$GATEWAY" ] || { echo "bench-gateway.sh: $GATEWAY not built (run make)" >&2; exit 1; }
 
 NAME=bench-gateway.sh
@@ -207,7 +206,8 @@ EOF
         die "config rejected: see above"
 }
 
-trap stop_all EXIT
+LIMIT_PID=
+trap 'stop_all; [ -z "$LIMIT_PID" ] || kill "$LIMIT_PID" 2>/dev/null || true' EXIT
 trap 'exit 130' INT TERM
 
 install_common
@@ -273,19 +273,71 @@ if [ -z "${SKIP_POSTFIX:-}" ]; then
     fi
 fi
 
+# ---------------------------------------------------------------- the protocol limit
+# smtp-sink as the server: it answers 250 to everything and stores nothing, so its rate is
+# what this client, this kernel and these cores allow at all. Same sizes, sessions and runs;
+# its own CPU time per message beside it.
+SINK_LIMIT_PORT=2680
+SINK_RES=$BASE/sink-limit.txt
+SINK_LAT=
+if [ -z "${SKIP_SINK:-}" ]; then
+    listening "$SINK_LIMIT_PORT" && die "something else listens on port $SINK_LIMIT_PORT"
+    smtp-sink -4 -u postfix -c "127.0.0.1:$SINK_LIMIT_PORT" 1024 >"$BASE/sink-limit.out" 2>&1 &
+    LIMIT_PID=$!
+    for _ in $(seq 50); do listening "$SINK_LIMIT_PORT" && break; sleep 0.1; done
+    listening "$SINK_LIMIT_PORT" || die "smtp-sink did not listen on $SINK_LIMIT_PORT"
+    check_loopback_only "$LIMIT_PID"
+    printf '%-9s %-6s %6s %10s %10s\n' sessions size msgs accept/s cpu_us/msg >"$SINK_RES"
+    for size in $SIZES; do
+        msgs_var=MSGS_$size
+        msgs=${!msgs_var:-$MSGS_4096}
+        for s in $SESSIONS; do
+            acc=() cpu=()
+            for ((run = 1; run <= RUNS; run++)); do
+                c0t=$(tree_cpu_ticks "$LIMIT_PID")
+                a=$("$SHARED/smtp-load.sh" -q -r 1 -p "$(procs_for "$s")" -m "$msgs" -s "$s" -l "$size" 127.0.0.1 "$SINK_LIMIT_PORT")
+                c1t=$(tree_cpu_ticks "$LIMIT_PID")
+                u=$(cpu_per_msg "$c0t" "$c1t" "$msgs")
+                log "smtp-sink size=$size sessions=$s run=$run: accept $a/s, CPU $u us/msg"
+                acc+=("$a") cpu+=("$u")
+            done
+            printf '%-9s %-6s %6s %10s %10s\n' "$s" "$size" "$msgs" \
+                "$(printf '%s\n' "${acc[@]}" | median)" "$(printf '%s\n' "${cpu[@]}" | median)" >>"$SINK_RES"
+        done
+    done
+    SINK_LAT=$(/usr/bin/python3 "$CLIENT" latency "$SINK_LIMIT_PORT" "$LAT_MSGS" "$LAT_THREADS" 4096) || true
+    log "smtp-sink $SINK_LAT"
+    kill "$LIMIT_PID" 2>/dev/null || true
+    wait "$LIMIT_PID" 2>/dev/null || true
+fi
+
 # ---------------------------------------------------------------- side by side
 kv() { echo "$1" | tr ' ' '\n' | awk -F= -v k="$2" '$1 == k { print $2 }'; }
+col() { # file sessions size column -> value or -
+    local v=
+    [ -n "$1" ] && [ -f "$1" ] && v=$(awk -v a="$2" -v b="$3" -v c="$4" '$1 == a && $2 == b { print $c }' "$1" | tail -n 1)
+    echo "${v:--}"
+}
+ratio() { awk -v x="$1" -v y="$2" 'BEGIN { if (x + 0 > 0 && y + 0 > 0) printf "%.2fx", x / y; else print "-" }'; }
+outage_row() { # results file -> "accept/s deferred_s drain_s drain_msgs/s" or dashes
+    local r=
+    [ -n "$1" ] && [ -f "$1" ] && r=$(awk '/^median of/ { print $(NF-3), $(NF-2), $(NF-1), $NF }' "$1" | tail -n 1)
+    echo "${r:-- - - -}"
+}
 SUM=$BASE/summary.txt
 {
     echo
-    echo "# sluice-gateway ($BUILD_ARG) vs Postfix, same run: accepted msgs/s (median of $RUNS)"
-    printf '%-9s %-6s %12s %12s %8s  %s\n' sessions size sluice/s postfix/s ratio target
-    while read -r ses size _ acc _; do
+    echo "# $(date -u '+%Y-%m-%d %H:%M UTC') $(hostname): nproc=$(nproc), sluice-gateway ($BUILD_ARG)," \
+        "Postfix $(postconf -d -h mail_version 2>/dev/null) and smtp-sink in the same run;" \
+        "medians of $RUNS runs"
+    echo "# rate: accepted msgs/s (smtp-source); cpu: the server's CPU us per message (accept and" \
+        "delivery to the sink mailstore; smtp-sink: accept only, it stores nothing)"
+    printf '%-8s %-6s %9s %7s %9s %7s %9s %7s  %8s %8s %8s  %s\n' sessions size \
+        sluice/s cpu pfix/s cpu sink/s cpu s/pfix s/sink pcpu/scpu target
+    while read -r ses size _ acc _ scpu _; do
         [[ $ses =~ ^[0-9]+$ ]] || continue
-        pfacc=-
-        [ -n "$PF_RES" ] && pfacc=$(awk -v a="$ses" -v b="$size" '$1 == a && $2 == b { print $4 }' "$PF_RES" | tail -n 1)
-        pfacc=${pfacc:--}
-        ratio=$(awk -v x="$acc" -v y="$pfacc" 'BEGIN { if (y + 0 > 0) printf "%.1fx", x / y; else print "-" }')
+        pfacc=$(col "$PF_RES" "$ses" "$size" 4) pfcpu=$(col "$PF_RES" "$ses" "$size" 6)
+        skacc=$(col "$SINK_RES" "$ses" "$size" 4) skcpu=$(col "$SINK_RES" "$ses" "$size" 5)
         target=
         if [ "$size" = 4096 ] && [ "$ses" = 20 ]; then
             target=">= 5000/s and >= 8x: $(awk -v x="$acc" -v y="$pfacc" 'BEGIN { ok = (x >= 5000) && (y + 0 == 0 || x / y >= 8); print ok ? "met" : "SHORT" }')"
@@ -294,27 +346,38 @@ SUM=$BASE/summary.txt
         elif [ "$size" = 4096 ]; then
             target=">= 8x: $(awk -v x="$acc" -v y="$pfacc" 'BEGIN { if (y + 0 == 0) print "-"; else print (x / y >= 8) ? "met" : "SHORT" }')"
         fi
-        printf '%-9s %-6s %12s %12s %8s  %s\n' "$ses" "$size" "$acc" "$pfacc" "$ratio" "$target"
+        printf '%-8s %-6s %9s %7s %9s %7s %9s %7s  %8s %8s %8s  %s\n' "$ses" "$size" "$acc" "$scpu" \
+            "$pfacc" "$pfcpu" "$skacc" "$skcpu" "$(ratio "$acc" "$pfacc")" "$(ratio "$acc" "$skacc")" \
+            "$(ratio "$pfcpu" "$scpu")" "$target"
     done <"$SLUICE_RES"
+    echo
+    echo "# release after outage: $OUTAGE_MSGS msgs x 4 KiB, $OUTAGE_SESSIONS sessions, mailstore (sink) down; then up and flushed"
+    printf '%-10s %10s %11s %9s %13s\n' server accept/s deferred_s drain_s drain_msgs/s
+    printf '%-10s %10s %11s %9s %13s\n' sluice $(outage_row "$SLUICE_RES")
+    printf '%-10s %10s %11s %9s %13s\n' postfix $(outage_row "$PF_RES")
     echo
     echo "# end of data -> 250 latency, $LAT_MSGS msgs x 4 KiB over $LAT_THREADS sessions (ms)"
     printf '%-10s %8s %8s %8s %8s\n' server p50 p90 p99 max
-    for who in sluice postfix; do
+    for who in sluice postfix smtp-sink; do
         l=$SLUICE_LAT
         [ "$who" = postfix ] && l=$PF_LAT
+        [ "$who" = smtp-sink ] && l=$SINK_LAT
         [ -n "$l" ] || { printf '%-10s %8s %8s %8s %8s\n' "$who" - - - -; continue; }
         printf '%-10s %8s %8s %8s %8s\n' "$who" "$(kv "$l" p50_ms)" "$(kv "$l" p90_ms)" \
             "$(kv "$l" p99_ms)" "$(kv "$l" max_ms)"
     done
     echo
-    echo "# RSS of sluice-gateway with idle plaintext connections (target: 10,000 in <= 200 MiB)"
+    echo "# memory: RSS of sluice-gateway with idle plaintext connections (target: 10,000 in <= 200 MiB)"
     rss=$(kv "$SLUICE_IDLE" rss_kB) base=$(kv "$SLUICE_IDLE" base_kB)
     awk -v n="$(kv "$SLUICE_IDLE" conns)" -v g="$(kv "$SLUICE_IDLE" greeted)" -v r="$rss" -v b="$base" \
         -v pc="$(kv "$SLUICE_IDLE" per_conn_B)" 'BEGIN {
             printf "conns %d (greeted %d): RSS %.1f MiB (idle server %.1f MiB, %.1f KiB per connection)", n, g, r / 1024, b / 1024, pc / 1024
             if (n >= 10000) printf "  target %s", (r / 1024 <= 200 && g == n) ? "met" : "SHORT"
             printf "\n" }'
-    echo "# tables: sluice $SLUICE_RES${PF_RES:+, postfix $PF_RES}"
+    idle_s=$(awk '$1 ~ /^[0-9]+$/ { print $10; exit }' "$SLUICE_RES")
+    idle_p=$(col "$PF_RES" 1 4096 10)
+    echo "idle fresh server, PSS of its process tree: sluice ${idle_s:--} MB, postfix ${idle_p:--} MB"
+    echo "# tables: sluice $SLUICE_RES${PF_RES:+, postfix $PF_RES}, smtp-sink $SINK_RES"
 } | tee "$SUM"
 echo
 echo "sluice-gateway:"
@@ -323,4 +386,9 @@ if [ -n "$PF_RES" ] && [ -f "$PF_RES" ]; then
     echo
     echo "postfix:"
     cat "$PF_RES"
+fi
+if [ -f "$SINK_RES" ]; then
+    echo
+    echo "smtp-sink (protocol limit):"
+    cat "$SINK_RES"
 fi
