@@ -205,7 +205,7 @@ fuzz-smoke: $(FUZZ_BINS)
 # ---- install / uninstall (docs/operations.md "Installing") ----------------------------------
 # make install [PREFIX=/usr/local] [DESTDIR=] [SYSCONFDIR=/etc]: daemons to sbin, sluicectl to
 # bin, the systemd units (paths filled in) with sysusers.d/tmpfiles.d files for the sluice user
-# and spool, the docs and man pages (Markdown, as written) to share/doc/sluice, and
+# and spool, the docs (Markdown) to share/doc/sluice, the roff man pages to share/man, and
 # SYSCONFDIR/sluice/sluice.conf from etc/sluice.conf with system paths -- only if absent, so
 # a reinstall never overwrites an operator's configuration. Nothing is chowned or started.
 PREFIX ?= /usr/local
@@ -224,7 +224,7 @@ INSTALL_SUBST = sed -e 's|@SBINDIR@|$(SBINDIR)|g' -e 's|@SYSCONFDIR@|$(SYSCONFDI
 
 install: all man
 	install -d $(DESTDIR)$(SBINDIR) $(DESTDIR)$(BINDIR) $(DESTDIR)$(DOCDIR) \
-	    $(DESTDIR)$(MANDIR)/man8 \
+	    $(DESTDIR)$(MANDIR)/man8 $(DESTDIR)$(MANDIR)/man5 \
 	    $(DESTDIR)$(UNITDIR) $(DESTDIR)$(SYSTEMD_LIB)/sysusers.d \
 	    $(DESTDIR)$(SYSTEMD_LIB)/tmpfiles.d $(DESTDIR)$(SYSCONFDIR)/sluice
 	install -m 0755 $(DAEMONS:%=$(B)/%) $(DESTDIR)$(SBINDIR)/
@@ -236,6 +236,7 @@ install: all man
 	install -m 0644 etc/systemd/sluice.tmpfiles $(DESTDIR)$(SYSTEMD_LIB)/tmpfiles.d/sluice.conf
 	install -m 0644 README.md docs/*.md $(DESTDIR)$(DOCDIR)/
 	install -m 0644 $(MANS) $(DESTDIR)$(MANDIR)/man8/
+	install -m 0644 $(MAN5) $(DESTDIR)$(MANDIR)/man5/
 	@if [ -e $(DESTDIR)$(SYSCONFDIR)/sluice/sluice.conf ]; then \
 	    echo "keeping $(DESTDIR)$(SYSCONFDIR)/sluice/sluice.conf"; \
 	else \
@@ -258,21 +259,30 @@ uninstall:
 	    $(DESTDIR)$(SYSTEMD_LIB)/tmpfiles.d/sluice.conf
 	rm -rf $(DESTDIR)$(DOCDIR)
 	rm -f $(MANS:$(B)/man/%=$(DESTDIR)$(MANDIR)/man8/%)
+	rm -f $(MAN5:$(B)/man/%=$(DESTDIR)$(MANDIR)/man5/%)
 # ---- end install / uninstall -----------------------------------------------------------------
 
 
 # ---- man pages and the Debian package (docs/operations.md "Installing") ----------------------
 # The man pages are written in Markdown (docs/NAME.8.md); go-md2man (Debian go-md2man) makes
 # the roff pages build/man/NAME.8 from them, their first line becoming the title block.
+# sluice.conf(5) is docs/config.md itself (one text for the web and for man), given a title
+# block and a NAME section in place of its first heading.
 VERSION := $(shell sed -n 's/^\#define SLUICE_VERSION "\(.*\)"/\1/p' include/version.h)
 MAN_SRCS := $(wildcard docs/*.8.md)
 MANS := $(MAN_SRCS:docs/%.8.md=$(B)/man/%.8)
-man: $(MANS)
+MAN5 := $(B)/man/sluice.conf.5
+man: $(MANS) $(MAN5)
 
 $(B)/man/%.8: docs/%.8.md include/version.h
 	@mkdir -p $(dir $@)
 	sed -e '1s/^\([A-Z0-9-]*\)(\([0-9]\)) - \(.*\)$$/% \1 \2 "" "sluice $(VERSION)" "\3"/' $< | \
 	    go-md2man -out $@
+
+$(MAN5): docs/config.md include/version.h
+	@mkdir -p $(dir $@)
+	sed -e '1s/^.*$$/% SLUICE.CONF 5 "" "sluice $(VERSION)" "File Formats Manual"\n\n# NAME\n\nsluice.conf - configuration file of the sluice mail gateway\n\n# DESCRIPTION/' \
+	    $< | go-md2man -out $@
 
 # make deb: the package from a copy of the tree in build-deb/ (dpkg-buildpackage writes beside
 # the source, so the copy keeps it out of the repository's parent), then lintian, which must

@@ -55,6 +55,14 @@ def test_make_install_destdir(tmp_path):
     assert os.path.exists(os.path.join(dest, "usr/local/lib/tmpfiles.d/sluice.conf"))
     for doc in ("operations.md", "sluice-gateway.8.md", "sluicectl.8.md", "config.md"):
         assert os.path.exists(os.path.join(dest, "usr/local/share/doc/sluice", doc)), doc
+    # roff man pages, sluice.conf(5) among them, so `man sluicectl` and `man 5 sluice.conf` work
+    mandir = os.path.join(dest, "usr/local/share/man")
+    for page, title in (("man8/sluicectl.8", "SLUICECTL(8)"),
+                        ("man5/sluice.conf.5", "SLUICE.CONF(5)")):
+        out = subprocess.run(["man", "-l", os.path.join(mandir, page)], capture_output=True,
+                             text=True, env=dict(os.environ, MANWIDTH="80"), timeout=60).stdout
+        out = re.sub(".\x08", "", out)
+        assert title in out and "NAME" in out, out[:500]
     conf = os.path.join(dest, "etc/sluice/sluice.conf")
     assert os.path.exists(os.path.join(dest, "etc/sluice/recipients"))
 
@@ -226,6 +234,7 @@ def test_deb_builds_installs_checks_and_purges():
                                  env=dict(os.environ, MANWIDTH="80"), timeout=60).stdout
             out = re.sub(".\x08", "", out)     # the pager's overstrike bold
             assert "%s(8)" % m.upper() in out and "NAME" in out, out[:500]
+        assert os.path.exists("/usr/share/man/man5/sluice.conf.5.gz")
         # postinst made the user (sysusers.d) and the spool it owns (tmpfiles.d)
         import pwd
         st = os.stat("/var/spool/sluice")
