@@ -19,6 +19,7 @@
 
 #include <errno.h>
 #include <jansson.h>
+#include <math.h>
 #include <sqlite3.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -154,6 +155,25 @@ static json_t *ms_json(const struct dlv_status *s, json_t *counts)
         "max_connections", s->max_connections);
     json_object_set_new(o, "delivery_rate", json_real(s->delivery_rate));
     json_object_set_new(o, "public_reason", json_string(s->public_reason));
+    /* health: why it is tripped or degraded, its reply times, what a bounce policy must
+     * respect (mstore_trouble) */
+    json_object_set_new(o, "cause", json_string(mstore_cause_name(s->cause)));
+    json_t *tr = json_array();
+    static const struct { unsigned bit; const char *name; } tbits[] = {
+        { MSTORE_T_PAUSED, "paused" }, { MSTORE_T_TRIPPED, "tripped" },
+        { MSTORE_T_DEGRADED, "degraded" }, { MSTORE_T_MASS_5XX, "mass-5xx" },
+        { MSTORE_T_MASS_4XX, "mass-4xx" },
+    };
+    for (size_t k = 0; k < sizeof(tbits) / sizeof(tbits[0]); k++)
+        if (s->trouble & tbits[k].bit)
+            json_array_append_new(tr, json_string(tbits[k].name));
+    json_object_set_new(o, "trouble", tr);
+    json_object_set_new(o, "reply_ms", s->recent_ms >= 0 ? json_real(s->recent_ms) : json_null());
+    json_object_set_new(o, "normal_reply_ms", s->normal_ms > 0 ? json_real(s->normal_ms)
+                                                               : json_null());
+    json_object_set_new(o, "slow_bound_ms", isinf(s->slow_bound_ms) ? json_null()
+                                                                    : json_real(s->slow_bound_ms));
+    json_object_set_new(o, "closing", json_integer(s->closing));
     json_object_set_new(o, "last_error", json_string(s->last_error));
     json_object_set_new(o, "last_error_at", json_integer(s->last_error_at / 1000));
     static const char *const keys[] = { "queued", "held", "due", "messages", "bytes" };
@@ -539,7 +559,7 @@ static void wait_done(void *arg, int finishing)
     json_t *rep = j->waiting;
 
     j->waiting = NULL;
-    json_object_set_new(rep, "finishing", json_integer(finishing));
+    json_object_set_new(rep, "still_finishing", json_integer(finishing));
     json_object_set_new(rep, "waited", json_true());
     ctl_req_reply(j->rq, rep);
     job_free(j);
