@@ -123,14 +123,14 @@ enum ctl_check_status ctl_check_eval(const struct ctl_check_limits *l,
             why_add(&warn, "%s degraded%s%.120s%s", m->name, m->reason && *m->reason ? " (" : "",
                     m->reason ? m->reason : "", m->reason && *m->reason ? ")" : "");
         }
-        /* A mailstore someone paused on purpose grows its queue and its age by design: that
-         * stays a WARNING (the pause itself says someone is on it), never a page. */
+        /* A mailstore someone paused on purpose ages its queue by design: its age stays a
+         * WARNING (the pause itself says someone is on it), never a page. Its depth still
+         * pages: that is the spool filling up, whoever paused what. */
         int held_back = m->state && strcmp(m->state, "paused") == 0;
-        if (l->crit_depth > 0 && m->queued >= l->crit_depth && !held_back) {
+        if (l->crit_depth > 0 && m->queued >= l->crit_depth) {
             raise_to(&st, CTL_CHECK_CRITICAL);
             why_add(&crit, "%s %ld queued", m->name, m->queued);
-        } else if ((l->warn_depth > 0 && m->queued >= l->warn_depth) ||
-                   (held_back && l->crit_depth > 0 && m->queued >= l->crit_depth)) {
+        } else if (l->warn_depth > 0 && m->queued >= l->warn_depth) {
             raise_to(&st, CTL_CHECK_WARNING);
             why_add(&warn, "%s %ld queued", m->name, m->queued);
         }

@@ -10,8 +10,8 @@
  *             depth, age or free space past warn; held recipients at or past warn_held (when
  *             set); in a fleet, the deliverer cut off from etcd for fleet_stale_after_s or
  *             longer ("fleet intent stale since T": it keeps delivering under its last known
- *             intent). A paused mailstore's depth and age never go past WARNING: they grow by
- *             the operator's decision.
+ *             intent). A paused mailstore's queue age never goes past WARNING: it grows by
+ *             the operator's decision (its depth still can: the spool is filling).
  *   UNKNOWN   the facts could not be gathered (the caller passes that).
  */
 #ifndef SLUICE_CTL_CHECK_H

@@ -2014,6 +2014,8 @@ int dlv_wait(struct dlv *d, const char *name, const char *qid, int64_t timeout_m
 {
     struct dlv_waiter *w;
 
+    if (d->stopped || d->draining)
+        return -ECANCELED;      /* dlv_stop answers every waiter; none may come after */
     if (name && (!find_ms(d, name)))
         return -ENOENT;
     if (!name && !qid)

@@ -149,7 +149,8 @@ int dlv_fence(struct dlv *d, const char *name, const char *qid, int deleted, con
 int dlv_unfence(struct dlv *d, const char *name, const char *qid);
 /* cb(arg, finishing): the scope (mailstore name, or qid when name is NULL) has nothing in
  * flight and every outcome recorded (finishing 0), or timeout_ms passed first (finishing =
- * transactions still running). Runs on the loop thread, never from inside this call. */
+ * transactions still running). Runs on the loop thread, never from inside this call.
+ * -ECANCELED while stopping (SIGTERM): nothing to wait for then. */
 typedef void (*dlv_wait_cb)(void *arg, int finishing);
 int dlv_wait(struct dlv *d, const char *name, const char *qid, int64_t timeout_ms,
              dlv_wait_cb cb, void *arg);

@@ -62,11 +62,11 @@ def test_slow_mailstore_degraded_tripped_and_probe_waits_for_normal(ctl_delivere
                                "release_ramp": "2s"}})
     first = d.inject(["slow@example.test:ms1"], n=12, size=500)
     wait_for(lambda: len(p.received()) == 12, 20, what="12 deliveries at the normal speed")
-    st = wait_for(lambda: d.status("ms1")["normal_reply_ms"] and d.status("ms1"), 10,
-                  what="a normal reply time learned")
-    assert 15 <= st["normal_reply_ms"] < 200, st
-    # the mailstore now answers 25 times slower (a filer gone slow, not gone)
-    p.delay = 0.5
+    normal = wait_for(lambda: d.status("ms1")["normal_reply_ms"], 10,
+                      what="a normal reply time learned")
+    assert normal >= 15, normal         # at least the peer's 20 ms (more on a loaded machine)
+    # the mailstore now answers at least ten times slower (a filer gone slow, not gone)
+    p.delay = max(0.5, 10 * normal / 1000.0)
     rest = d.inject(["slow@example.test:ms1"], n=20, size=500)
     d.wait_log(r"mailstore ms1: active -> degraded \(slow: replies take [\d.]+ ms", timeout=20)
     d.wait_log(r"mailstore ms1: degraded -> tripped \(slow: ", timeout=20)
