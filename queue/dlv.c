@@ -117,6 +117,9 @@ struct dlv_ms {
     int64_t last_error_at;      /* unix ms */
     struct metrics_hist lat;    /* transaction latency, seconds (start to outcome) */
     uint64_t cause_trips[MSTORE_NCAUSES]; /* trips since start, by cause */
+    int64_t health_saved;       /* wall ms of the last periodic save of the learned normal */
+    double saved_normal;
+    int saved_n;
     /* recipients held for a 5xx lately: kept queued instead if the 5xx turns out to be a
      * mass refusal (a ring; mass_failure_users is at most MSTORE_MASS_USERS_MAX) */
     struct { int64_t id, at; } held5[DLV_HELD5_MAX];
@@ -1534,6 +1537,16 @@ static void tick_cb(uv_timer_t *t)
         ms->rate_last = ms->delivered;
         if (poll)
             ms->drained = 0;
+        /* the learned normal survives a kill -9: saved once a minute when it moved (state
+         * transitions save it too, a trip above all) */
+        if (now - ms->health_saved >= DLV_HEALTH_SAVE_MS &&
+            (ms->st.normal_n != ms->saved_n ||
+             fabs(ms->st.normal_ms - ms->saved_normal) > 0.02 * ms->saved_normal)) {
+            ms->health_saved = now;
+            ms->saved_n = ms->st.normal_n;
+            ms->saved_normal = ms->st.normal_ms;
+            op_add(ms, OP_SAVE, NULL, NULL);
+        }
         ms_kick(ms);
     }
 }
@@ -1704,6 +1717,7 @@ void dlv_drain(struct dlv *d, void (*done)(void *), void *arg)
     for (int i = 0; i < d->nms; i++) {
         ms_drop_ready(d->ms[i]);
         conn_close_idle(d->ms[i], 1);
+        op_add(d->ms[i], OP_SAVE, NULL, NULL);  /* the learned normal, among others */
     }
     uv_timer_start(&d->drain_timer, drain_timeout_cb, DLV_DRAIN_MS, 0);
     check_drained(d);

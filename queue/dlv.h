@@ -58,6 +58,7 @@
 #define DLV_FLUSH_LOG_MS 60000  /* "still cannot record" is logged this often */
 #define DLV_DRAIN_UNRECORDED_MS 3000 /* SIGTERM: longest wait for outcomes that fail to record */
 #define DLV_HELD5_MAX 512       /* 5xx holds remembered per mailstore for a mass refusal */
+#define DLV_HEALTH_SAVE_MS 60000 /* the learned normal reply time is saved this often */
 #define DLV_QFENCE_MAX 64       /* messages being changed by operator commands at once */
 #define DLV_AGE_PREFIX "queue age " /* last_reply of a recipient held for its age */
 
