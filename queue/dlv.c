@@ -23,6 +23,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -158,7 +159,6 @@ struct dlv_waiter {
     char ms[MSTORE_NAME_MAX];   /* "" with qid */
     char qid[QID_SIZE];
     uv_timer_t timer;
-    int done;
     dlv_wait_cb cb;
     void *arg;
 };
@@ -1126,12 +1126,22 @@ static void conn_open(struct dlv_ms *ms, struct dlv_job *job)
     ms->nconns++;
 }
 
-/* ms_stop - an operator took the scope's mail away (pause: qid NULL; hold, delete: one
- * message; reroute): end its transactions that have not sent their final dot (job_abandon
- * runs from the connection's callback: recipients stay queued) and count the ones past it,
- * which finish. change (1 hold, 2 delete) marks those so that a delivery is audited. */
-static void ms_stop(struct dlv_ms *ms, const char *qid, int change, const char *why,
-                    struct dlv_stopped *st)
+/* job_has_rcpt - one of the job's recipients is rcpt (any case) */
+static int job_has_rcpt(const struct dlv_job *job, const char *rcpt)
+{
+    for (int i = 0; i < job->nr; i++)
+        if (strcasecmp(job->r[i].rcpt, rcpt) == 0)
+            return 1;
+    return 0;
+}
+
+/* ms_stop - an operator took the scope's mail away (pause: everything; hold, delete: one
+ * message, qid; reroute: everything, or one address, rcpt): end its transactions that have
+ * not sent their final dot (job_abandon runs from the connection's callback: recipients stay
+ * queued) and count the ones past it, which finish. change (1 hold, 2 delete) marks those so
+ * that a delivery is audited. */
+static void ms_stop(struct dlv_ms *ms, const char *qid, const char *rcpt, int change,
+                    const char *why, struct dlv_stopped *st)
 {
     struct dlv_job **jobs;
     int n = 0;
@@ -1141,7 +1151,7 @@ static void ms_stop(struct dlv_ms *ms, const char *qid, int change, const char *
     if (!(jobs = calloc((size_t)ms->inflight, sizeof(*jobs))))
         fatal("out of memory (stop)");
     for (struct dlv_job *j = ms->running; j && n < ms->inflight; j = j->rnext)
-        if (!qid || strcmp(j->qid, qid) == 0)
+        if ((!qid || strcmp(j->qid, qid) == 0) && (!rcpt || job_has_rcpt(j, rcpt)))
             jobs[n++] = j;
     for (int i = 0; i < n; i++) {
         struct dlv_job *j = jobs[i];
@@ -1771,7 +1781,7 @@ int dlv_pause(struct dlv *d, const char *name, const char *reason, const char *a
     if (!st)
         st = &dummy;
     memset(st, 0, sizeof(*st));
-    ms_stop(ms, NULL, 0, NULL, st);
+    ms_stop(ms, NULL, NULL, 0, NULL, st);
     op_add(ms, OP_SAVE, cb, arg);
     return 0;
 }
@@ -1859,6 +1869,36 @@ int dlv_drop_ready(struct dlv *d, const char *name)
     return 0;
 }
 
+/* late_deliveries - deliveries of qid that are done but not yet recorded when an operator
+ * holds or deletes it: the record will say delivered, so they count as finishing and are
+ * audited like a delivery past the dot. */
+static void late_deliveries(struct dlv *d, const char *qid, int change, const char *why,
+                            struct dlv_stopped *st)
+{
+    struct dlv_ms *ms = NULL;
+    long n = 0;
+
+    for (size_t i = 0; i < d->nouts + d->nflight; i++) {
+        const struct dlv_out *o = i < d->nouts ? &d->outs[i] : &d->flight[i - d->nouts];
+        if (o->o.state == SPOOL_DELIVERED && strcmp(o->qid, qid) == 0) {
+            ms = o->ms;
+            n++;
+        }
+    }
+    if (!n)
+        return;
+    st->finishing++;
+    log_qid(LOG_WARNING, qid, "mailstore=%s: delivered just before an operator %s it (%s): %ld "
+            "recipient(s), recorded after", ms->cf.name, change == 2 ? "deleted" : "held",
+            why && *why ? why : "no reason given", n);
+    struct dlv_op *op = op_new(ms, OP_AUDIT, NULL, NULL);
+    snprintf(op->qid, sizeof(op->qid), "%s", qid);
+    snprintf(op->what, sizeof(op->what), "delivered-after-%s", change == 2 ? "delete" : "hold");
+    snprintf(op->text, sizeof(op->text), "%s", why && *why ? why : "");
+    op->count = n;
+    ops_run(d);
+}
+
 static int qfence_find(const struct dlv *d, const char *qid)
 {
     for (int i = 0; i < d->nqfence; i++)
@@ -1872,8 +1912,8 @@ static int qid_fenced(const struct dlv *d, const char *qid)
     return d->nqfence > 0 && qfence_find(d, qid) >= 0;
 }
 
-int dlv_fence(struct dlv *d, const char *name, const char *qid, int change, const char *why,
-              struct dlv_stopped *st)
+int dlv_fence(struct dlv *d, const char *name, const char *qid, const char *rcpt, int change,
+              const char *why, struct dlv_stopped *st)
 {
     struct dlv_stopped dummy;
 
@@ -1895,8 +1935,10 @@ int dlv_fence(struct dlv *d, const char *name, const char *qid, int change, cons
         for (int k = 0; k < d->nms; k++) {
             d->ms[k]->rows_gen++;
             ms_drop_ready_qid(d->ms[k], qid);
-            ms_stop(d->ms[k], qid, change, why, st);
+            ms_stop(d->ms[k], qid, NULL, change, why, st);
         }
+        if (change)
+            late_deliveries(d, qid, change, why, st);
         return 0;
     }
     struct dlv_ms *ms = find_ms(d, name);
@@ -1905,7 +1947,7 @@ int dlv_fence(struct dlv *d, const char *name, const char *qid, int change, cons
     ms->fenced++;
     ms->rows_gen++;
     ms_drop_ready(ms);
-    ms_stop(ms, NULL, change, why, st);
+    ms_stop(ms, NULL, rcpt && *rcpt ? rcpt : NULL, change, why, st);
     return 0;
 }
 
@@ -1989,7 +2031,6 @@ static void waiter_finish(struct dlv_waiter *w, int finishing)
             break;
         }
     }
-    w->done = 1;
     uv_timer_stop(&w->timer);
     w->cb(w->arg, finishing);
     uv_close((uv_handle_t *)&w->timer, waiter_closed);

@@ -140,13 +140,14 @@ int dlv_drop_ready(struct dlv *d, const char *name);
  * its rows outside the scheduler (reroute, hold, delete): nothing of it starts, no fetch runs
  * (for a message: no fetch of any mailstore), jobs loaded or loading are dropped, a fetch that
  * read the rows before the rewrite is thrown away when it returns, and its transactions in
- * flight are stopped (st, may be NULL: see struct dlv_stopped). why (may be NULL) is the
- * operator's reason: a transaction of a fenced message past its dot that then delivers is
- * logged and audited as delivered after hold (deleted: 1) or delete (2). dlv_unfence lifts it
- * and looks again. Fences nest. -ENOENT: no such mailstore; -EBUSY: too many messages fenced
- * at once (DLV_QFENCE_MAX). */
-int dlv_fence(struct dlv *d, const char *name, const char *qid, int deleted, const char *why,
-              struct dlv_stopped *st);
+ * flight are stopped (st, may be NULL: see struct dlv_stopped; for a mailstore with rcpt,
+ * only those carrying that address). change: 1 hold, 2 delete, 0 anything else (reroute);
+ * why (may be NULL) is the operator's reason: a transaction past its dot when its message
+ * was held or deleted, and that then delivers, is logged and audited as delivered after
+ * hold or delete. dlv_unfence lifts it and looks again. Fences nest. -ENOENT: no such
+ * mailstore; -EBUSY: too many messages fenced at once (DLV_QFENCE_MAX). */
+int dlv_fence(struct dlv *d, const char *name, const char *qid, const char *rcpt, int change,
+              const char *why, struct dlv_stopped *st);
 int dlv_unfence(struct dlv *d, const char *name, const char *qid);
 /* cb(arg, finishing): the scope (mailstore name, or qid when name is NULL) has nothing in
  * flight and every outcome recorded (finishing 0), or timeout_ms passed first (finishing =

@@ -531,8 +531,8 @@ static int job_fence(struct job *j)
     case CTL_CMD_hold:
     case CTL_CMD_delete:
     case CTL_CMD_reroute:
-        r = dlv_fence(d, qid ? NULL : j->ms, qid, change,
-                      j->reason[0] ? j->reason : NULL, &j->stopped);
+        r = dlv_fence(d, qid ? NULL : j->ms, qid, j->cmd == CTL_CMD_reroute ? j->rcpt : NULL,
+                      change, j->reason[0] ? j->reason : NULL, &j->stopped);
         j->fenced = r == 0;
         return r;
     default:

@@ -532,7 +532,7 @@ int dlv_fleet_start(struct dlv_fleet **out, uv_loop_t *loop, struct dlv *d, cons
         fatal("out of memory");
     n = dlv_status(d, st, DLV_MS_STATUS_MAX);
     for (int i = 0; i < n; i++)
-        dlv_fence(d, st[i].name, NULL, 0, NULL, NULL);
+        dlv_fence(d, st[i].name, NULL, NULL, 0, NULL, NULL);
     free(st);
     f->gated = 1;
     memset(&wo, 0, sizeof(wo));
