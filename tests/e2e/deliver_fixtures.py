@@ -438,10 +438,14 @@ def dovecots():
 
 # ---------------------------------------------------------------- sluice-deliver
 
+# slow_floor: replies under half a second are never "slow" in the tests, whatever the normal
+# they learned: a test machine shared with other loads answers late now and then, and only
+# the tests of slowness (test_incident.py) should see a mailstore degrade; they set their own.
 MS_DEFAULTS = {
     "connect_timeout": "2s", "command_timeout": "5s", "data_timeout": "5s",
     "retry_min": "1s", "retry_max": "2s", "trip_after": "3", "probe_interval": "1s",
     "release_start_rate": "10", "release_ramp": "10s", "max_connections": "4",
+    "slow_floor": "500ms",
 }
 
 

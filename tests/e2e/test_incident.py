@@ -59,7 +59,7 @@ def test_slow_mailstore_degraded_tripped_and_probe_waits_for_normal(ctl_delivere
     p = fake_lmtp()
     p.delay = 0.02              # the normal: 20 ms after the final dot
     d = ctl_deliverer({"ms1": {"deliver": lmtp(p), "trip_after": "3", "probe_interval": "1s",
-                               "release_ramp": "2s"}})
+                               "release_ramp": "2s", "slow_floor": "50ms"}})
     first = d.inject(["slow@example.test:ms1"], n=12, size=500)
     wait_for(lambda: len(p.received()) == 12, 20, what="12 deliveries at the normal speed")
     normal = wait_for(lambda: d.status("ms1")["normal_reply_ms"], 10,
@@ -100,7 +100,7 @@ def test_slow_mailstore_degraded_tripped_and_probe_waits_for_normal(ctl_delivere
 def test_slow_dovecot_user_database(deliverer, userdb_dovecot):
     dv = userdb_dovecot
     d = deliverer({"ms1": {"deliver": "lmtp:127.0.0.1:%d" % dv.port, "trip_after": "3",
-                           "probe_interval": "1s", "release_ramp": "2s",
+                           "probe_interval": "1s", "release_ramp": "2s", "slow_floor": "50ms",
                            "command_timeout": "60s", "data_timeout": "60s"}})
     d.inject(["dvslow@example.test:ms1"], n=12, size=800)
     wait_for(lambda: len(dv.mailbox("dvslow")) == 12, 30, what="12 in Dovecot")
@@ -384,7 +384,8 @@ def test_rate_drops_to_zero_at_a_trip(deliverer, fake_lmtp):
     d = deliverer({"ms1": {"deliver": lmtp(p), "trip_after": "2", "probe_interval": "30s"}})
     p.delay = 0.01
     d.inject(["r@example.test:ms1"], n=400, size=300)
-    wait_for(lambda: d.status("ms1")["delivery_rate"] > 5, 20, what="a delivery rate")
+    wait_for(lambda: len(p.received()) >= 100, 30, what="100 delivered")
+    wait_for(lambda: d.status("ms1")["delivery_rate"] > 5, 10, what="a delivery rate")
     p.mode = "greet421"
     for c in list(p.conns):
         try:
