@@ -82,6 +82,8 @@ static const char *const conf_sec_names[] = {
     { SEC_MAILSTORE, name, type, FLD(conf_mailstore, field), def, 0, 0, 0, help }
 #define MI(name, field, def, lo, hi, help) \
     { SEC_MAILSTORE, name, CT_INT, FLD(conf_mailstore, field), def, lo, hi, 0, help }
+#define MR(name, type, field, def, lo, hi, help) \
+    { SEC_MAILSTORE, name, type, FLD(conf_mailstore, field), def, lo, hi, 0, help }
 #define MLT(name, type, field, def, lo, hi, flags, help) \
     { SEC_MILTER, name, type, FLD(conf_milter, field), def, lo, hi, flags, help }
 
@@ -368,7 +370,22 @@ static const struct conf_key conf_keys[] = {
        "messages per second when a ramp starts (after release or recovery)"),
     M("release_ramp", CT_DUR, release_ramp_ms, "10m", "time to ramp up to full rate"),
     M("max_queue_age", CT_DUR, max_queue_age_ms, "0",
-      "hold and alert on recipients queued longer (0: no limit)"),
+      "hold and alert on recipients queued longer, paused and tripped time not counted "
+      "(0: no limit)"),
+    MI("slow_factor", slow_factor, "5", 0, 1000,
+       "replies this many times slower than the mailstore's normal make it degraded, and "
+       "tripped after trip_after such transactions (0: no relative bound)"),
+    M("slow_reply", CT_DUR, slow_reply_ms, "10s",
+      "replies slower than this are slow whatever the normal (0: no absolute bound)"),
+    M("slow_floor", CT_DUR, slow_floor_ms, "50ms",
+      "the relative bound (slow_factor times the normal) is never below this"),
+    MI("mass_failure_users", mass_failure_users, "10", 0, 256,
+       "this many distinct recipients refused with 5xx (or 4xx) within mass_failure_window is "
+       "a failure of the whole mailstore: it trips and they stay queued (0: off)"),
+    MI("mass_failure_ratio", mass_failure_ratio, "50", 1, 100,
+       "percent of the replies within mass_failure_window such refusals must also be"),
+    MR("mass_failure_window", CT_DUR, mass_failure_window_ms, "60s", 1000, 86400000,
+       "the time over which mass refusals are counted"),
     M("max_backlog", CT_SIZE, max_backlog, "0",
       "queued bytes past which RCPT for this mailstore gets 452 (0: no limit)"),
     MI("max_backlog_messages", max_backlog_messages, "0", 0, 1000000000,

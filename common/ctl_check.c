@@ -118,7 +118,15 @@ enum ctl_check_status ctl_check_eval(const struct ctl_check_limits *l,
             raise_to(&st, CTL_CHECK_WARNING);
             why_add(&warn, "%s paused%s%.80s%s", m->name, m->reason && *m->reason ? " (" : "",
                     m->reason ? m->reason : "", m->reason && *m->reason ? ")" : "");
+        } else if (m->state && strcmp(m->state, "degraded") == 0) {
+            raise_to(&st, CTL_CHECK_WARNING);
+            why_add(&warn, "%s degraded%s%.120s%s", m->name, m->reason && *m->reason ? " (" : "",
+                    m->reason ? m->reason : "", m->reason && *m->reason ? ")" : "");
         }
+        /* A mailstore someone paused on purpose ages its queue by design: its age stays a
+         * WARNING (the pause itself says someone is on it), never a page. Its depth still
+         * pages: that is the spool filling up, whoever paused what. */
+        int held_back = m->state && strcmp(m->state, "paused") == 0;
         if (l->crit_depth > 0 && m->queued >= l->crit_depth) {
             raise_to(&st, CTL_CHECK_CRITICAL);
             why_add(&crit, "%s %ld queued", m->name, m->queued);
@@ -128,10 +136,11 @@ enum ctl_check_status ctl_check_eval(const struct ctl_check_limits *l,
         }
         if (m->oldest_age_s >= 0) {
             ctl_fmt_age(m->oldest_age_s, age, sizeof(age));
-            if (l->crit_age_s > 0 && m->oldest_age_s >= l->crit_age_s) {
+            if (l->crit_age_s > 0 && m->oldest_age_s >= l->crit_age_s && !held_back) {
                 raise_to(&st, CTL_CHECK_CRITICAL);
                 why_add(&crit, "%s oldest queued %s", m->name, age);
-            } else if (l->warn_age_s > 0 && m->oldest_age_s >= l->warn_age_s) {
+            } else if ((l->warn_age_s > 0 && m->oldest_age_s >= l->warn_age_s) ||
+                       (held_back && l->crit_age_s > 0 && m->oldest_age_s >= l->crit_age_s)) {
                 raise_to(&st, CTL_CHECK_WARNING);
                 why_add(&warn, "%s oldest queued %s", m->name, age);
             }

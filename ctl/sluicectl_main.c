@@ -12,7 +12,9 @@
  *   - status, queue, show, affected and audit ask the daemon, and when it is not running
  *     read the index read-only instead (saying so on stderr, "source":"index" in JSON);
  *   - route and users are computed here from the configuration (router.h, rcptmap_list.h);
- *   - spool verify opens the spool read-only here and checks every record's CRC;
+ *   - spool verify opens the spool read-only here and checks every record's CRC, then asks
+ *     this node's sluice-deliver to hold the recipients of each bad one (the spool is this
+ *     node's: never through the fleet);
  *   - with [fleet] configured, changes of operator intent go to etcd instead (ctl_fleet.h),
  *     unless --local; --fleet status, affected and audit answer for every node.
  *
@@ -57,6 +59,7 @@
 #define EX_VERSION 5
 
 #define CTL_TIMEOUT_MS 30000    /* a write waits for durability; a listing may be long */
+#define CTL_WAIT_TIMEOUT_MS (16 * 60000) /* --wait: the daemon waits up to 15 min */
 #define OPT_MAX 12
 #define ERR_LEN 1024
 
@@ -86,6 +89,7 @@ struct ctx {
     int nopt;
     const char *optname[OPT_MAX];
     const char *optval[OPT_MAX];
+    int timeout_ms;             /* the daemon's answer, at most (--wait makes it long) */
     char deliver_path[CONF_PATH_MAX];
     char gateway_path[CONF_PATH_MAX];
     char policyd_path[CONF_PATH_MAX];
@@ -193,7 +197,8 @@ static int call(struct ctx *x, int gateway, json_t *req, json_t **rep, int fallb
     *rep = NULL;
     if (sudo && *sudo)
         json_object_set_new(req, "sudo_user", json_string(sudo));
-    r = ctl_call(path, req, rep, CTL_TIMEOUT_MS, err, sizeof(err));
+    r = ctl_call(path, req, rep, x->timeout_ms > 0 ? x->timeout_ms : CTL_TIMEOUT_MS, err,
+                 sizeof(err));
     json_decref(req);
     if (r == -ENOENT || r == -ECONNREFUSED) {
         if (fallback_ok)
@@ -332,7 +337,7 @@ static int do_status(struct ctx *x)
     printf("%-12s %-9s %8s %6s %8s %8s %7s  %s\n", "MAILSTORE", "STATE", "QUEUED", "HELD",
            "OLDEST", "RATE/s", "CONNS", "REASON / LAST ERROR");
     json_array_foreach(json_object_get(rep, "mailstores"), i, m) {
-        char age[32], rate[320], conns[64], cb[128], note[1024];
+        char age[32], rate[320], conns[64], note[1024];
         ctl_fmt_age(age_of(m, "oldest_queued"), age, sizeof(age));
         if (json_object_get(m, "delivery_rate"))
             snprintf(rate, sizeof(rate), "%.1f", json_number_value(json_object_get(m, "delivery_rate")));
@@ -350,9 +355,9 @@ static int do_status(struct ctx *x)
                      js(m, "public_reason"));
         else
             snprintf(note, sizeof(note), "%s", last);
+        /* the last column, in full: the actual error is what the operator needs */
         printf("%-12s %-9s %8" PRId64 " %6" PRId64 " %8s %8s %7s  %s\n", js(m, "name"),
-               js(m, "state"), ji(m, "queued"), ji(m, "held"), age, rate, conns,
-               clip(note, 60, cb, sizeof(cb)));
+               js(m, "state"), ji(m, "queued"), ji(m, "held"), age, rate, conns, note);
     }
     json_t *sp = json_object_get(rep, "spool");
     if (sp)
@@ -678,9 +683,39 @@ static int write_done(struct ctx *x, json_t *rep, const char *what)
             printf(": %" PRId64 " recipient(s)", (int64_t)json_integer_value(c));
         }
         printf(" (recorded in the audit trail)\n");
+        if (json_is_integer(json_object_get(rep, "stopped"))) {
+            int64_t fin = ji(rep, "finishing"), still = ji(rep, "still_finishing");
+            printf("in flight: %" PRId64 " delivery(ies) stopped before the final dot (their "
+                   "recipients stay queued), %" PRId64 " past it", ji(rep, "stopped"), fin);
+            if (!json_is_true(json_object_get(rep, "waited")))
+                printf("%s\n", fin ? " still finishing (--wait waits for them)" : "");
+            else if (still)
+                printf(", of which %" PRId64 " still finishing after the wait\n", still);
+            else
+                printf(" and finished, their outcomes recorded\n");
+        }
     }
+    int late = json_is_true(json_object_get(rep, "waited")) && ji(rep, "still_finishing") > 0;
     json_decref(rep);
-    return EX_OK;
+    return late ? EX_FAILED : EX_OK;
+}
+
+/* fleet_no_wait - a fleet-wide change is applied by each node on its own time: --wait can
+ * only wait for this node's deliverer, so it takes --local. */
+static void fleet_no_wait(const struct ctx *x, const char *cmd)
+{
+    if (opt(x, "wait"))
+        die_usage("%s: --wait waits for this node's deliveries: use it with --local (the "
+                  "fleet-wide change goes to etcd and each node applies it)", cmd);
+}
+
+/* req_wait - --wait: the daemon answers once nothing of the scope is in flight */
+static void req_wait(struct ctx *x, json_t *req)
+{
+    if (!opt(x, "wait"))
+        return;
+    json_object_set_new(req, "wait", json_true());
+    x->timeout_ms = CTL_WAIT_TIMEOUT_MS;
 }
 
 static int do_pause(struct ctx *x)
@@ -692,12 +727,14 @@ static int do_pause(struct ctx *x)
         die_usage("pause: --reason TEXT is required (it shows in status and the audit trail)");
     if (fleet_write(x)) {
         json_decref(req);
+        fleet_no_wait(x, "pause");
         return ctl_fleet_pause(&x->c, x->json, x->arg, opt(x, "reason"));
     }
     req_str(req, "mailstore", x->arg);
     req_str(req, "reason", opt(x, "reason"));
     if (opt(x, "public-reason"))     /* "" too: that clears it */
         json_object_set_new(req, "public_reason", json_string(opt(x, "public-reason")));
+    req_wait(x, req);
     if ((r = call(x, 0, req, &rep, 0)))
         return r;
     return write_done(x, rep, "paused");
@@ -737,10 +774,12 @@ static int scoped(struct ctx *x, const char *cmd, const char *what)
         die_usage("%s: give a queue ID or --mailstore MS (one of them)", cmd);
     if (ms && fleet_write(x) && strcmp(cmd, "retry") != 0) {
         json_decref(req);
+        fleet_no_wait(x, cmd);
         return ctl_fleet_hold(&x->c, x->json, cmd, ms, opt(x, "reason"));
     }
     req_str(req, "mailstore", ms);
     req_str(req, "reason", opt(x, "reason"));
+    req_wait(x, req);
     if ((r = call(x, 0, req, &rep, 0)))
         return r;
     return write_done(x, rep, what);
@@ -759,6 +798,7 @@ static int do_delete(struct ctx *x)
         die_usage("delete: \"%s\" is not a queue ID (delete takes one message at a time)", x->arg);
     req_str(req, "qid", x->arg);
     req_str(req, "reason", opt(x, "reason"));
+    req_wait(x, req);
     if ((r = call(x, 0, req, &rep, 0)))
         return r;
     return write_done(x, rep, "deleted");
@@ -773,6 +813,7 @@ static int do_reroute(struct ctx *x)
         die_usage("reroute: --to MAILSTORE is required");
     if (fleet_write(x)) {
         json_decref(req);
+        fleet_no_wait(x, "reroute");
         return ctl_fleet_reroute(&x->c, x->json, x->arg, opt(x, "to"), opt(x, "rcpt"),
                                  opt(x, "reason"));
     }
@@ -780,6 +821,7 @@ static int do_reroute(struct ctx *x)
     req_str(req, "to", opt(x, "to"));
     req_str(req, "rcpt", opt(x, "rcpt"));
     req_str(req, "reason", opt(x, "reason"));
+    req_wait(x, req);
     if ((r = call(x, 0, req, &rep, 0)))
         return r;
     if (!x->json)
@@ -921,7 +963,18 @@ static int do_users(struct ctx *x)
     /* which of them have mail waiting: best effort (the daemon, else the index) */
     json_t *areq = req_new("affected");
     req_str(areq, "mailstore", x->arg);
-    if (call(x, 0, areq, &rep, 1) == 0 && rep) {
+    if ((r = call(x, 0, areq, &rep, 1)) == -ENOENT) {
+        struct spool_query *q;   /* the deliverer is down: the index still knows */
+        if (open_index(x, &q) == 0) {
+            json_t *arr = spool_query_affected(q, x->arg);
+            spool_query_close(q);
+            if (arr) {
+                rep = ctl_reply_ok();
+                json_object_set_new(rep, "recipients", arr);
+            }
+        }
+    }
+    if (rep) {
         u.waiting = json_object();
         json_array_foreach(json_object_get(rep, "recipients"), i, m)
             json_object_set(u.waiting, js(m, "rcpt"), m);
@@ -1047,13 +1100,40 @@ static void verify_report(const char *qid, const char *why, void *arg)
         printf("BAD %s: %s\n", qid, why);
 }
 
+/* verify_hold - ask sluice-deliver to hold the recipients of a damaged record (we never change
+ * the spool ourselves). 0 held (or nothing left to hold), else why not into err. */
+static int verify_hold(struct ctx *x, const char *qid, const char *why, char *err, size_t len)
+{
+    json_t *req = req_new("hold"), *rep = NULL;
+    char reason[sizeof(((struct spool_rcpt *)0)->hold_reason)];
+    const char *code;
+    int r;
+
+    snprintf(reason, sizeof(reason), "spool: record damaged: %.180s (found by spool verify)",
+             why);
+    req_str(req, "qid", qid);
+    req_str(req, "reason", reason);
+    r = ctl_call(x->deliver_path, req, &rep, CTL_TIMEOUT_MS, err, len);
+    json_decref(req);
+    if (r == -ENOENT || r == -ECONNREFUSED) {
+        snprintf(err, len, "sluice-deliver is not running");
+        return -ENOENT;
+    }
+    if (r == 0)
+        r = ctl_reply_check(rep, &code, err, len);
+    json_decref(rep);
+    return r;
+}
+
 static int do_spool_verify(struct ctx *x)
 {
     struct spool *sp;
     struct spool_opts so = { .dir = x->c.spool.dir, .readonly = 1 };
     struct verify_ctx v = { .bad = json_array(), .json = x->json };
-    char err[ERR_LEN];
-    int n;
+    char err[ERR_LEN], why_not[ERR_LEN] = "";
+    json_t *rec;
+    size_t i;
+    int n, held = 0;
 
     if (spool_open(&sp, &so, err, sizeof(err)) < 0) {
         fprintf(stderr, "sluicectl: cannot open the spool: %s\n", err);
@@ -1062,16 +1142,31 @@ static int do_spool_verify(struct ctx *x)
     }
     n = spool_verify(sp, verify_report, &v);
     spool_close(sp);
+    /* the spool is read-only here: the deliverer holds them (and audits it) */
+    json_array_foreach(v.bad, i, rec) {
+        int ok = verify_hold(x, js(rec, "qid"), js(rec, "why"), err, sizeof(err)) == 0;
+        json_object_set_new(rec, "held", json_boolean(ok));
+        held += ok;
+        if (!ok && !why_not[0])
+            snprintf(why_not, sizeof(why_not), "%s", err);
+    }
     if (x->json) {
-        json_t *o = json_pack("{s:i,s:b,s:i,s:O}", "v", CTL_PROTO_VERSION, "ok", n == 0, "bad",
-                              n < 0 ? 0 : n, "records", v.bad);
+        json_t *o = json_pack("{s:i,s:b,s:i,s:i,s:O}", "v", CTL_PROTO_VERSION, "ok", n == 0, "bad",
+                              n < 0 ? 0 : n, "held", held, "records", v.bad);
+        if (why_not[0])
+            json_object_set_new(o, "not_held_because", json_string(why_not));
         print_json(o);
         json_decref(o);
     } else if (n == 0) {
         printf("spool %s: every record's CRC is good\n", x->c.spool.dir);
-    } else if (n > 0) {
+    } else if (n > 0 && held == n) {
         printf("spool %s: %d bad record(s); their recipients are held (sluicectl queue --state "
                "held)\n", x->c.spool.dir, n);
+    } else if (n > 0) {
+        printf("spool %s: %d bad record(s); %d held, %d NOT held (%s)%s\n", x->c.spool.dir, n,
+               held, n - held, why_not,
+               strstr(why_not, "not running") ? ": sluice-deliver holds each one when it next "
+               "reads it, or run spool verify again once it runs" : "");
     }
     json_decref(v.bad);
     if (n < 0) {
@@ -1391,7 +1486,7 @@ static int do_fleet_forget(struct ctx *x)
 
 static const struct opt_def o_none[] = { { NULL, OT_FLAG } };
 static const struct opt_def o_pause[] = { { "reason", OT_STR }, { "public-reason", OT_STR },
-                                          { NULL, OT_FLAG } };
+                                          { "wait", OT_FLAG }, { NULL, OT_FLAG } };
 static const struct opt_def o_affected[] = { { "domain", OT_STR }, { "after", OT_STR },
                                              { "limit", OT_INT }, { NULL, OT_FLAG } };
 static const struct opt_def o_reseller[] = { { "domains", OT_STR }, { NULL, OT_FLAG } };
@@ -1404,8 +1499,12 @@ static const struct opt_def o_queue[] = { { "mailstore", OT_STR }, { "state", OT
 static const struct opt_def o_show[] = { { "body", OT_FLAG }, { NULL, OT_FLAG } };
 static const struct opt_def o_scope[] = { { "mailstore", OT_STR }, { "reason", OT_STR },
                                           { NULL, OT_FLAG } };
+/* hold and delete take mail away from delivery: --wait for what is past its final dot */
+static const struct opt_def o_stop[] = { { "mailstore", OT_STR }, { "reason", OT_STR },
+                                         { "wait", OT_FLAG }, { NULL, OT_FLAG } };
 static const struct opt_def o_reroute[] = { { "to", OT_STR }, { "rcpt", OT_STR },
-                                            { "reason", OT_STR }, { NULL, OT_FLAG } };
+                                            { "reason", OT_STR }, { "wait", OT_FLAG },
+                                            { NULL, OT_FLAG } };
 static const struct opt_def o_check[] = { { "warn-age", OT_DUR }, { "crit-age", OT_DUR },
                                           { "warn-depth", OT_INT }, { "crit-depth", OT_INT },
                                           { "warn-held", OT_INT }, { "crit-held", OT_INT },
@@ -1420,17 +1519,19 @@ static const struct opt_def o_unsuspend[] = { { "reason", OT_STR }, { NULL, OT_F
 
 static const struct cmd_def cmds[] = {
     { "status", NULL, o_none, do_status, "status" },
-    { "pause", "MS", o_pause, do_pause, "pause MS --reason TEXT [--public-reason TEXT]" },
+    { "pause", "MS", o_pause, do_pause,
+      "pause MS --reason TEXT [--public-reason TEXT] [--wait]" },
     { "release", "MS", o_release, do_release, "release MS [--rate N/s] [--ramp DURATION]" },
     { "queue", NULL, o_queue, do_queue,
       "queue [--mailstore MS] [--state queued|held] [--sender A] [--rcpt A] [--older-than D]"
       " [--limit N]" },
     { "show", "QID", o_show, do_show, "show QID [--body]" },
-    { "hold", "[QID]", o_scope, do_hold, "hold QID|--mailstore MS [--reason TEXT]" },
+    { "hold", "[QID]", o_stop, do_hold, "hold QID|--mailstore MS [--reason TEXT] [--wait]" },
     { "unhold", "[QID]", o_scope, do_unhold, "unhold QID|--mailstore MS" },
     { "retry", "[QID]", o_scope, do_retry, "retry QID|MS" },
-    { "delete", "QID", o_scope, do_delete, "delete QID [--reason TEXT]" },
-    { "reroute", "MS", o_reroute, do_reroute, "reroute MS --to MS2 [--rcpt ADDR] [--reason TEXT]" },
+    { "delete", "QID", o_stop, do_delete, "delete QID [--reason TEXT] [--wait]" },
+    { "reroute", "MS", o_reroute, do_reroute,
+      "reroute MS --to MS2 [--rcpt ADDR] [--reason TEXT] [--wait]" },
     { "affected", "MS", o_affected, do_affected,
       "affected MS [--domain D [--after ADDR] [--limit N]]" },
     { "users", "MS", o_none, do_users, "users MS" },

@@ -249,6 +249,12 @@ struct conf_mailstore {
     int release_start_rate;       /* messages per second when a ramp starts */
     int64_t release_ramp_ms;
     int64_t max_queue_age_ms;     /* 0 = no limit */
+    int slow_factor;              /* slow: replies over this many times the normal (0: off) */
+    int64_t slow_reply_ms;        /* slow: replies over this, whatever the normal (0: off) */
+    int64_t slow_floor_ms;        /* the relative bound is never below this */
+    int mass_failure_users;       /* distinct refused recipients that make a mass refusal */
+    int mass_failure_ratio;       /* percent of the replies they must also be */
+    int64_t mass_failure_window_ms;
     uint64_t max_backlog;         /* bytes; 0 = no limit */
     int max_backlog_messages;     /* messages; 0 = no limit */
 };

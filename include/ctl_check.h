@@ -6,10 +6,12 @@
  * Rules, worst wins:
  *   CRITICAL  sluice-deliver not running; a mailstore tripped; a mailstore's queue depth or
  *             oldest queued age at or past crit; spool free space below crit_free.
- *   WARNING   a mailstore paused (someone is on it, but mail is waiting); depth, age or free
- *             space past warn; held recipients at or past warn_held (when set); in a fleet,
- *             the deliverer cut off from etcd for fleet_stale_after_s or longer ("fleet
- *             intent stale since T": it keeps delivering under its last known intent).
+ *   WARNING   a mailstore paused (someone is on it, but mail is waiting), or degraded (slow);
+ *             depth, age or free space past warn; held recipients at or past warn_held (when
+ *             set); in a fleet, the deliverer cut off from etcd for fleet_stale_after_s or
+ *             longer ("fleet intent stale since T": it keeps delivering under its last known
+ *             intent). A paused mailstore's queue age never goes past WARNING: it grows by
+ *             the operator's decision (its depth still can: the spool is filling).
  *   UNKNOWN   the facts could not be gathered (the caller passes that).
  */
 #ifndef SLUICE_CTL_CHECK_H
@@ -31,7 +33,7 @@ struct ctl_check_limits {
 
 struct ctl_check_ms {
     const char *name;
-    const char *state;                  /* "active", "paused", "tripped", "ramping", ... */
+    const char *state;                  /* "active", "paused", "tripped", "ramping", "degraded" */
     const char *reason;                 /* may be NULL */
     long queued, held;
     int64_t oldest_age_s;               /* oldest queued; -1 when nothing is queued */

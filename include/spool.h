@@ -183,6 +183,11 @@ int spool_mark(struct spool *sp, const struct spool_outcome *o, size_t n);
 int spool_hold(struct spool *sp, const char *qid, const char *mailstore, const char *reason);
 int spool_release(struct spool *sp, const char *qid, const char *mailstore, int64_t now);
 int spool_unhold(struct spool *sp, const char *qid, const char *mailstore, int64_t now);
+/* Held -> queued and due at now, for the recipients with these row ids that a reply held
+ * (an operator's hold or a damaged record's, which carry a hold reason, stay held): the
+ * 5xx turned out to be a whole mailstore refusing everyone. One transaction; returns the
+ * number changed, or -errno. */
+int spool_requeue(struct spool *sp, const int64_t *ids, size_t n, int64_t now);
 /* Delete a message whatever its recipients' state (explicit operator action). */
 int spool_delete(struct spool *sp, const char *qid);
 

@@ -48,6 +48,8 @@ const char *api_state_words(const char *state)
         return "Mailbox server not responding";
     if (strcmp(state, "ramping") == 0)
         return "Delivery resuming gradually";
+    if (strcmp(state, "degraded") == 0)
+        return "Mailbox server slow; delivering at a reduced pace";
     if (strcmp(state, "active") == 0)
         return "Delivering";
     return "Mailbox server out of service";
@@ -93,6 +95,9 @@ void api_outcome(const struct api_user *u, const char *ms_state, char *out, size
         else if (strcmp(ms_state, "ramping") == 0)
             snprintf(out, len, "Waiting its turn: delivery to this mailbox's server is resuming "
                      "gradually.");
+        else if (strcmp(ms_state, "degraded") == 0)
+            snprintf(out, len, "Waiting its turn: the mailbox server is answering slowly, so "
+                     "mail goes to it at a reduced pace.");
         else
             snprintf(out, len, "Waiting for delivery.");
         return;

@@ -23,9 +23,11 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <time.h>
 #include <unistd.h>
 
+#include "audit.h"
 #include "lmtp.h"
 #include "log.h"
 #include "maildir.h"
@@ -46,7 +48,9 @@ struct dlv_rcpt {
 
 struct dlv_job {
     struct dlv_job *next;
+    struct dlv_job *rnext;      /* started: ms->running */
     struct dlv_ms *ms;
+    struct dlv_conn *cn;        /* started on this connection (NULL: Maildir, or gone) */
     char qid[QID_SIZE];
     int nr;
     struct dlv_rcpt *r;
@@ -64,6 +68,11 @@ struct dlv_job {
     char tmpl[CONF_PATH_MAX];   /* maildir template, copied: a reload may change cf */
     int64_t started;
     int probe;                  /* started as the probe of a tripped mailstore */
+    int stopping;               /* an operator stopped it before its final dot: no outcome */
+    double greet_ms;            /* its connection was opened for it: greeting and LHLO time */
+    int changed_under;          /* an operator held (1) or deleted (2) its message while it
+                                 * was past the final dot: a delivery is audited */
+    char changed_why[128];      /* the operator's reason, for that audit row */
     unsigned rows_gen;          /* ms->rows_gen when its rows were fetched */
     struct lmtp_msg msg;
     uv_work_t work;
@@ -96,6 +105,8 @@ struct dlv_ms {
     struct dlv_job *ready_head, *ready_tail;
     int nready;
     int inflight;
+    struct dlv_job *running;    /* started jobs (inflight of them) */
+    long unrecorded;            /* outcomes of this mailstore not yet committed */
     int known;
     struct dlv_conn *conns;
     int nconns;
@@ -106,6 +117,14 @@ struct dlv_ms {
     char last_error[SPOOL_REPLY_MAX]; /* the newest temporary failure, "" when none yet */
     int64_t last_error_at;      /* unix ms */
     struct metrics_hist lat;    /* transaction latency, seconds (start to outcome) */
+    uint64_t cause_trips[MSTORE_NCAUSES]; /* trips since start, by cause */
+    int64_t health_saved;       /* wall ms of the last periodic save of the learned normal */
+    double saved_normal;
+    int saved_n;
+    /* recipients held for a 5xx lately: kept queued instead if the 5xx turns out to be a
+     * mass refusal (a ring; mass_failure_users is at most MSTORE_MASS_USERS_MAX) */
+    struct { int64_t id, at; } held5[DLV_HELD5_MAX];
+    int nheld5, held5_head;
 };
 
 struct dlv_out {
@@ -115,7 +134,7 @@ struct dlv_out {
     char reply[SPOOL_REPLY_MAX];
 };
 
-enum dlv_op_kind { OP_SAVE, OP_DUE };
+enum dlv_op_kind { OP_SAVE, OP_DUE, OP_AUDIT };
 
 struct dlv_op {
     struct dlv_op *next;
@@ -126,6 +145,21 @@ struct dlv_op {
     int status;
     long count;
     dlv_op_cb cb;
+    void *arg;
+    char qid[QID_SIZE];         /* OP_AUDIT: the message */
+    char what[48];              /* OP_AUDIT: "delivered-after-hold" ... */
+    char text[SPOOL_REPLY_MAX]; /* OP_AUDIT: the reason */
+};
+
+/* A wait for a scope (a mailstore, or a message) to have nothing in flight and every outcome
+ * recorded: pause --wait and friends. */
+struct dlv_waiter {
+    struct dlv_waiter *next;
+    struct dlv *d;
+    char ms[MSTORE_NAME_MAX];   /* "" with qid */
+    char qid[QID_SIZE];
+    uv_timer_t timer;
+    dlv_wait_cb cb;
     void *arg;
 };
 
@@ -143,6 +177,7 @@ struct dlv {
     uv_loop_t *loop;
     struct spool *sp;
     struct mstore_db *db;
+    char index_path[CONF_PATH_MAX + 16];
     char helo[256];
     int nms;
     struct dlv_ms *ms[DLV_MS_MAX];
@@ -156,6 +191,11 @@ struct dlv {
     size_t nouts, capouts, nflight;
     int flushing;
     int flush_status;
+    /* held recipients to put back in the queue (a mass refusal), after the outcomes that
+     * held them: they ride in the flush after the current one */
+    int64_t *requeue, *requeue_flight;
+    size_t nrequeue, caprequeue, nrequeue_flight;
+    int requeue_status;
     int64_t flush_failing_since;    /* wall ms of the first failure in a row, 0 when none */
     int64_t flush_logged;           /* wall ms of the last "still failing" line */
     unsigned flush_failures;        /* in a row */
@@ -165,6 +205,12 @@ struct dlv {
     struct dlv_op *ops_head, *ops_tail, *ops_run;
     int ops_busy;
     uv_work_t ops_work;
+    /* messages an operator command is changing: nothing of theirs starts, and no fetch runs
+     * (rows read before the change would be stale) */
+    char qfence[DLV_QFENCE_MAX][QID_SIZE];
+    int qfence_n[DLV_QFENCE_MAX];
+    int nqfence;
+    struct dlv_waiter *waiters;
     /* timers */
     uv_timer_t tick;
     uint64_t last_poll;
@@ -186,6 +232,11 @@ static void ops_run(struct dlv *d);
 static void check_drained(struct dlv *d);
 static void job_free(struct dlv_job *job);
 static void conn_send(struct dlv_conn *cn, struct dlv_job *job);
+static void check_waiters(struct dlv *d);
+static int qid_fenced(const struct dlv *d, const char *qid);
+static void waiter_finish(struct dlv_waiter *w, int finishing);
+static int scope_running(const struct dlv *d, const char *name, const char *qid);
+static void ms_requeue_mass(struct dlv_ms *ms, int64_t now);
 
 /* --- Small helpers ----------------------------------------------------------------------- */
 
@@ -315,12 +366,18 @@ static void params_of(const struct conf_mailstore *cf, struct mstore_params *p)
     p->probe_interval_ms = cf->probe_interval_ms;
     p->release_start_rate = cf->release_start_rate;
     p->release_ramp_ms = cf->release_ramp_ms;
+    p->slow_factor = cf->slow_factor;
+    p->slow_reply_ms = cf->slow_reply_ms;
+    p->slow_floor_ms = cf->slow_floor_ms;
+    p->mass_users = cf->mass_failure_users;
+    p->mass_ratio = cf->mass_failure_ratio;
+    p->mass_window_ms = cf->mass_failure_window_ms;
 }
 
 /* --- Outcomes and their flush ---------------------------------------------------------- */
 
 static void out_add(struct dlv_ms *ms, const char *qid, int64_t id, enum spool_rstate state,
-                    int64_t next, const char *reply)
+                    int64_t next, const char *reply, int attempt)
 {
     struct dlv *d = ms->d;
 
@@ -338,16 +395,17 @@ static void out_add(struct dlv_ms *ms, const char *qid, int64_t id, enum spool_r
     o->o.rcpt_id = id;
     o->o.state = state;
     o->o.next_attempt = next;
-    o->o.count_attempt = 1;
+    o->o.count_attempt = attempt;
     snprintf(o->reply, sizeof(o->reply), "%s", reply ? reply : "");
     o->o.reply = NULL;
+    ms->unrecorded++;
     flush_outs(d);
 }
 
 static void flush_work(uv_work_t *w)
 {
     struct dlv *d = w->data;
-    struct spool_outcome *o = malloc(d->nflight * sizeof(*o));
+    struct spool_outcome *o = malloc((d->nflight ? d->nflight : 1) * sizeof(*o));
 
     if (!o) {
         d->flush_status = -ENOMEM;
@@ -357,8 +415,16 @@ static void flush_work(uv_work_t *w)
         o[i] = d->flight[i].o;
         o[i].reply = d->flight[i].reply;
     }
-    d->flush_status = spool_mark(d->sp, o, d->nflight);
+    d->flush_status = d->nflight ? spool_mark(d->sp, o, d->nflight) : 0;
     free(o);
+    /* after the marks that held them, in the same pass: never before */
+    d->requeue_status = 0;
+    if (d->flush_status == 0 && d->nrequeue_flight) {
+        int r = spool_requeue(d->sp, d->requeue_flight, d->nrequeue_flight, wall_ms() / 1000);
+        d->requeue_status = r < 0 ? r : 0;
+        if (r >= 0)
+            log_info("deliver: %d recipients held by a mass refusal are queued again", r);
+    }
 }
 
 static void flush_retry_cb(uv_timer_t *t)
@@ -373,7 +439,15 @@ static void flush_after(uv_work_t *w, int status)
     int nt = 0;
 
     d->flushing = 0;
+    if (status == 0 && d->flush_status == 0 && d->requeue_status < 0) {
+        log_warn("deliver: putting %zu recipients held by a mass refusal back in the queue "
+                 "failed (%s); they stay held: sluicectl unhold", d->nrequeue_flight,
+                 strerror(-d->requeue_status));
+    }
     if (status == 0 && d->flush_status == 0) {
+        free(d->requeue_flight);
+        d->requeue_flight = NULL;
+        d->nrequeue_flight = 0;
         int resumed = d->flush_failing_since != 0;
         if (resumed) {
             log_notice("deliver: recorded %zu outcomes after %.0f s of failures; deliveries "
@@ -384,6 +458,7 @@ static void flush_after(uv_work_t *w, int status)
         for (size_t i = 0; i < d->nflight; i++) {
             struct dlv_ms *ms = d->flight[i].ms;
             ms_forget(ms, d->flight[i].o.rcpt_id);
+            ms->unrecorded--;
             int k;
             for (k = 0; k < nt && touched[k] != ms; k++)
                 ;
@@ -397,6 +472,7 @@ static void flush_after(uv_work_t *w, int status)
             ms_kick(touched[k]);
         if (resumed && !d->stopped)
             dlv_kick(d);        /* every mailstore waited for this record */
+        check_waiters(d);
         flush_outs(d);
     } else {
         /* Keep them (and their ids known, so nothing is delivered again) and retry. No new
@@ -427,8 +503,19 @@ static void flush_after(uv_work_t *w, int status)
  * was on disk goes in the next (group commit, as the gateway's writer). */
 static void flush_outs(struct dlv *d)
 {
-    if (d->flushing || d->stopped || (d->nouts == 0 && d->nflight == 0))
+    if (d->flushing || d->stopped ||
+        (d->nouts == 0 && d->nflight == 0 && d->nrequeue == 0 && d->nrequeue_flight == 0))
         return;
+    if (d->nrequeue) {
+        int64_t *f = realloc(d->requeue_flight,
+                             (d->nrequeue_flight + d->nrequeue) * sizeof(*f));
+        if (!f)
+            fatal("out of memory (requeue)");
+        memcpy(f + d->nrequeue_flight, d->requeue, d->nrequeue * sizeof(*f));
+        d->requeue_flight = f;
+        d->nrequeue_flight += d->nrequeue;
+        d->nrequeue = 0;
+    }
     if (d->nflight == 0) {
         d->flight = d->outs;
         d->nflight = d->nouts;
@@ -459,6 +546,23 @@ static void ops_work(uv_work_t *w)
     size_t ns = 0;
 
     for (struct dlv_op *op = d->ops_run; op; op = op->next) {
+        if (op->kind == OP_AUDIT) {
+            /* the deliverer's own entries in the operators' trail: what happened to mail
+             * an operator had already taken away */
+            struct audit_db *a = NULL;
+            char err[256], scope[QID_SIZE + 8];
+            snprintf(scope, sizeof(scope), "qid:%s", op->qid);
+            struct audit_rec rec = {
+                .uid = getuid(), .user = "sluice-deliver", .daemon = "sluice-deliver",
+                .cmd = op->what, .scope = scope, .reason = op->text, .args = "",
+                .count = op->count, .result = "ok",
+            };
+            if (audit_db_open(&a, d->index_path, err, sizeof(err)) < 0)
+                log_warn("audit: %s", err);
+            op->status = audit_db_add(a, &rec);
+            audit_db_close(a);
+            continue;
+        }
         if (op->kind == OP_DUE) {
             /* queued (not held) recipients become due now: the ramp paces them */
             int r = spool_release(d->sp, NULL, op->snap.name, op->now_s);
@@ -517,7 +621,8 @@ static void ops_run(struct dlv *d)
         fatal("uv_queue_work failed");
 }
 
-static void op_add(struct dlv_ms *ms, enum dlv_op_kind kind, dlv_op_cb cb, void *arg)
+/* op_new - queue an op without starting the queue (fill it in, then ops_run). */
+static struct dlv_op *op_new(struct dlv_ms *ms, enum dlv_op_kind kind, dlv_op_cb cb, void *arg)
 {
     struct dlv *d = ms->d;
     struct dlv_op *op = calloc(1, sizeof(*op));
@@ -535,7 +640,13 @@ static void op_add(struct dlv_ms *ms, enum dlv_op_kind kind, dlv_op_cb cb, void 
     else
         d->ops_head = op;
     d->ops_tail = op;
-    ops_run(d);
+    return op;
+}
+
+static void op_add(struct dlv_ms *ms, enum dlv_op_kind kind, dlv_op_cb cb, void *arg)
+{
+    op_new(ms, kind, cb, arg);
+    ops_run(ms->d);
 }
 
 /* --- Jobs ---------------------------------------------------------------------------------- */
@@ -572,6 +683,24 @@ static void ms_drop_ready(struct dlv_ms *ms)
     }
     ms->ready_head = ms->ready_tail = NULL;
     ms->nready = 0;
+}
+
+/* ms_drop_ready_qid - ms_drop_ready for one message only. */
+static void ms_drop_ready_qid(struct dlv_ms *ms, const char *qid)
+{
+    struct dlv_job **pp = &ms->ready_head, *j;
+
+    ms->ready_tail = NULL;
+    while ((j = *pp)) {
+        if (strcmp(j->qid, qid) == 0) {
+            *pp = j->next;
+            ms->nready--;
+            job_drop(j);
+            continue;
+        }
+        ms->ready_tail = j;
+        pp = &j->next;
+    }
 }
 
 static void load_work(uv_work_t *w)
@@ -618,7 +747,7 @@ static void load_after(uv_work_t *w, int status)
         ms->drained = 1;        /* wait for the poll rather than spin on a sick index */
         job_drop(job);
     } else if (d->draining || ms->gone || ms->st.state == MSTORE_PAUSED ||
-               d->stopped || job->rows_gen != ms->rows_gen) {
+               d->stopped || job->rows_gen != ms->rows_gen || qid_fenced(d, job->qid)) {
         job_drop(job);
     } else {
         job->next = NULL;
@@ -642,9 +771,82 @@ static void job_load(struct dlv_job *job)
         fatal("uv_queue_work failed");
 }
 
+/* job_unlink - a started job is over: off the running list, its slot free. */
+static void job_unlink(struct dlv_job *job)
+{
+    struct dlv_ms *ms = job->ms;
+
+    for (struct dlv_job **pp = &ms->running; *pp; pp = &(*pp)->rnext) {
+        if (*pp == job) {
+            *pp = job->rnext;
+            break;
+        }
+    }
+    job->rnext = NULL;
+    ms->inflight--;
+}
+
+/* job_abandon - a started job an operator stopped before its final dot: no outcome (its
+ * recipients stay queued as they are, no attempt counted), nothing learned about the
+ * mailstore's health. */
+static void job_abandon(struct dlv_job *job)
+{
+    struct dlv_ms *ms = job->ms;
+
+    job_unlink(job);
+    log_qid(LOG_INFO, job->qid, "mailstore=%s: delivery stopped before the final dot by an "
+            "operator command; %d recipient(s) stay queued", ms->cf.name, job->nr);
+    mstore_cancelled(&ms->st, wall_ms());
+    job_drop(job);
+    check_waiters(ms->d);
+    check_drained(ms->d);
+}
+
+/* held5_add - remember a 5xx hold for a while: if it turns out to be part of a mass refusal
+ * the recipient goes back in the queue. */
+static void held5_add(struct dlv_ms *ms, int64_t id, int64_t now)
+{
+    ms->held5[ms->held5_head].id = id;
+    ms->held5[ms->held5_head].at = now;
+    ms->held5_head = (ms->held5_head + 1) % DLV_HELD5_MAX;
+    if (ms->nheld5 < DLV_HELD5_MAX)
+        ms->nheld5++;
+}
+
+/* ms_requeue_mass - the mailstore tripped for a mass 5xx: the recipients it refused within
+ * the window, held meanwhile, go back in the queue (after their holds are recorded). */
+static void ms_requeue_mass(struct dlv_ms *ms, int64_t now)
+{
+    struct dlv *d = ms->d;
+    size_t n = 0;
+
+    for (int k = 0; k < ms->nheld5; k++) {
+        int i = (ms->held5_head - 1 - k + DLV_HELD5_MAX) % DLV_HELD5_MAX;
+        if (ms->held5[i].at < now - ms->cf.mass_failure_window_ms)
+            break;
+        if (d->nrequeue == d->caprequeue) {
+            size_t cap = d->caprequeue ? d->caprequeue * 2 : 64;
+            int64_t *q = realloc(d->requeue, cap * sizeof(*q));
+            if (!q)
+                fatal("out of memory (requeue)");
+            d->requeue = q;
+            d->caprequeue = cap;
+        }
+        d->requeue[d->nrequeue++] = ms->held5[i].id;
+        n++;
+    }
+    ms->nheld5 = ms->held5_head = 0;
+    if (n)
+        log_notice("mailstore %s: %zu recipient(s) held for a 5xx since the refusals began go "
+                   "back in the queue", ms->cf.name, n);
+    flush_outs(d);
+}
+
 /* job_finish - the transaction is over (or failed): record and log every recipient's
  * outcome, tell the state machine, free the job. status < 0 is a connection-level failure;
- * recipients without a reply are then deferred with why. */
+ * recipients without a reply are then deferred with why.
+ * Every reply goes to the mailstore's mass-refusal count before any outcome is decided, so
+ * the 5xx that completes a mass refusal is already a deferral, not a hold. */
 static void job_finish(struct dlv_job *job, int status, const char *why, const char *relay)
 {
     struct dlv_ms *ms = job->ms;
@@ -654,9 +856,10 @@ static void job_finish(struct dlv_job *job, int status, const char *why, const c
     int n2 = 0, n4 = 0, n5 = 0;
     int64_t soonest = 0;
     const char *reason = why;
-    enum mstore_result res;
+    enum mstore_result res, mass = MSTORE_R_OK;
+    double lat = -1;
 
-    ms->inflight--;
+    job_unlink(job);
     if (job->started > 0 && now >= job->started)
         metrics_hist_observe(&ms->lat, (double)(now - job->started) / 1000.0);
     if (d->stopped) {
@@ -665,6 +868,18 @@ static void job_finish(struct dlv_job *job, int status, const char *why, const c
     }
     if (delay < 0)
         delay = 0;
+    /* while tripped only the probe speaks for the mailstore's health: transactions that
+     * were already running when it tripped finish without effect on the state */
+    int counts = ms->st.state != MSTORE_TRIPPED || job->probe;
+    for (int i = 0; i < job->nr && counts; i++) {
+        enum mstore_result r = job->lr[i].code
+            ? mstore_reply(&ms->st, job->lr[i].code / 100, job->r[i].rcpt, now) : MSTORE_R_OK;
+        if (r != MSTORE_R_OK)
+            mass = r;
+    }
+    int refusing = mass == MSTORE_R_MASS_5XX ||
+                   (ms->st.state == MSTORE_TRIPPED && ms->st.cause == MSTORE_C_MASS_5XX);
+    int after_change = 0;
     for (int i = 0; i < job->nr; i++) {
         struct lmtp_rcpt *lr = &job->lr[i];
         struct dlv_rcpt *r = &job->r[i];
@@ -676,24 +891,30 @@ static void job_finish(struct dlv_job *job, int status, const char *why, const c
         if (cls == 2) {
             n2++;
             ms->delivered++;
-            out_add(ms, job->qid, r->id, SPOOL_DELIVERED, 0, text);
+            after_change += job->changed_under != 0;
+            out_add(ms, job->qid, r->id, SPOOL_DELIVERED, 0, text, 1);
             log_qid(LOG_INFO, job->qid, "to=<%s>, mailstore=%s, relay=%s, delay=%.1f,"
                     " status=sent (%s)", r->rcpt, ms->cf.name, relay, delay, text);
-        } else if (cls == 5) {
+        } else if (cls == 5 && !refusing) {
             n5++;
             ms->held++;
-            out_add(ms, job->qid, r->id, SPOOL_HELD, 0, text);
+            out_add(ms, job->qid, r->id, SPOOL_HELD, 0, text, 1);
+            held5_add(ms, r->id, now);
             log_qid(LOG_NOTICE, job->qid, "to=<%s>, mailstore=%s, relay=%s, delay=%.1f,"
                     " status=held (%s)", r->rcpt, ms->cf.name, relay, delay, text);
         } else {
             int64_t back = dlv_backoff_ms(ms->cf.retry_min_ms, ms->cf.retry_max_ms,
                                           r->attempts + 1, dlv_rand(d));
             int64_t next_s = (now + back + 999) / 1000;
-            n4++;
+            if (cls == 5)
+                n5++;
+            else
+                n4++;
             ms->deferred++;
-            out_add(ms, job->qid, r->id, SPOOL_QUEUED, next_s, text);
+            out_add(ms, job->qid, r->id, SPOOL_QUEUED, next_s, text, 1);
             log_qid(LOG_INFO, job->qid, "to=<%s>, mailstore=%s, relay=%s, delay=%.1f,"
-                    " status=deferred (%s)", r->rcpt, ms->cf.name, relay, delay, text);
+                    " status=deferred (%s%s)", r->rcpt, ms->cf.name, relay, delay, text,
+                    cls == 5 ? "; the mailstore is refusing everyone: not held" : "");
             if (!soonest || next_s * 1000 - now < soonest)
                 soonest = next_s * 1000 - now;
             if (lr->code)
@@ -702,25 +923,46 @@ static void job_finish(struct dlv_job *job, int status, const char *why, const c
     }
     if (status == -ETIMEDOUT)
         res = MSTORE_R_TIMEOUT;
-    else if (status < 0 || (n2 + n5 == 0 && n4 > 0))
-        res = MSTORE_R_FAIL;
+    else if (status < 0 || job->msg.env_code / 100 == 4)
+        res = MSTORE_R_FAIL;    /* the connection, or MAIL/DATA: the mailstore, not a user */
+    else if (mass != MSTORE_R_OK)
+        res = mass;
+    else if (job->probe && n2 == 0 && n4 + n5 > 0 &&
+             (ms->st.cause == MSTORE_C_MASS_5XX || ms->st.cause == MSTORE_C_MASS_4XX))
+        res = MSTORE_R_FAIL;    /* a probe of a mass refusal that is still refused */
     else if (n4 > 0)
         res = MSTORE_R_PARTIAL;
     else
         res = MSTORE_R_OK;
-    /* while tripped only the probe speaks for the mailstore's health: transactions that
-     * were already running when it tripped finish without effect on the state */
-    if (n4 > 0 && reason && *reason) {
+    if (status == 0 && res != MSTORE_R_FAIL) {
+        if (ms->cf.transport == CONF_MAILDIR)
+            lat = (double)(now - job->started);
+        else
+            lat = job->greet_ms > job->msg.slowest_ms ? job->greet_ms : job->msg.slowest_ms;
+    }
+    if (n4 + n5 > 0 && reason && *reason && (n4 > 0 || refusing)) {
         snprintf(ms->last_error, sizeof(ms->last_error), "%s", reason);
         ms->last_error_at = now;
     }
-    int counts = ms->st.state != MSTORE_TRIPPED || job->probe;
+    if (after_change) {
+        log_qid(LOG_WARNING, job->qid, "mailstore=%s: delivered after an operator %s it "
+                "(%s): %d recipient(s); the transaction was past its final dot", ms->cf.name,
+                job->changed_under == 2 ? "deleted" : "held", job->changed_why, after_change);
+        struct dlv_op *op = op_new(ms, OP_AUDIT, NULL, NULL);
+        snprintf(op->qid, sizeof(op->qid), "%s", job->qid);
+        snprintf(op->what, sizeof(op->what), "delivered-after-%s",
+                 job->changed_under == 2 ? "delete" : "hold");
+        snprintf(op->text, sizeof(op->text), "%s", job->changed_why);
+        op->count = after_change;
+        ops_run(d);
+    }
     job_free(job);
     enum mstore_state from = ms->st.state;
-    if (counts && mstore_result(&ms->st, res, reason, now))
+    if (counts && mstore_result(&ms->st, res, lat, reason, now))
         on_transition(ms, from);
     if (soonest > 0)
         ms_arm(ms, soonest + 10);
+    check_waiters(d);
     check_drained(d);
 }
 
@@ -756,14 +998,20 @@ static void conn_ready_cb(struct lmtp_conn *lc, int status, const char *why)
 
     if (status < 0) {
         cn->job = NULL;
-        if (job)
-            job_fail_all(job, 0, why, status, lmtp_relay(lc));
+        if (job) {
+            job->cn = NULL;
+            if (job->stopping)
+                job_abandon(job);
+            else
+                job_fail_all(job, 0, why, status, lmtp_relay(lc));
+        }
         return;
     }
     cn->ready = 1;
     cn->idle_since = wall_ms();
     if (job) {
         cn->job = NULL;
+        job->greet_ms = lmtp_greet_ms(lc);
         conn_send(cn, job);
     } else {
         ms_pump(cn->ms);
@@ -778,8 +1026,14 @@ static void conn_done_cb(struct lmtp_conn *lc, struct lmtp_msg *m, int status, c
 
     cn->job = NULL;
     cn->idle_since = wall_ms();
-    if (job)
+    if (job) {
+        job->cn = NULL;
+        if (job->stopping) {
+            job_abandon(job);   /* lmtp_abort: the connection is closing */
+            return;
+        }
         job_finish(job, status, why, lmtp_relay(lc));
+    }
     if (status == 0 && lmtp_state(lc) == LMTP_S_READY &&
         (lmtp_count(lc) >= ms->cf.max_messages_per_connection || cn->gen != ms->gen ||
          ms->gone || ms->d->draining || ms->d->stopped || ms->st.state == MSTORE_PAUSED ||
@@ -799,8 +1053,10 @@ static void conn_closed_cb(struct lmtp_conn *lc)
     if (*pp)
         *pp = cn->next;
     ms->nconns--;
-    if (cn->job)                /* not reachable: failures report through ready/done */
+    if (cn->job) {              /* not reachable: failures report through ready/done */
+        cn->job->cn = NULL;
         job_fail_all(cn->job, 0, "connection closed", -ECONNRESET, lmtp_relay(lc));
+    }
     free(cn);
     if (!ms->d->stopped)
         ms_pump(ms);
@@ -823,9 +1079,11 @@ static void conn_send(struct dlv_conn *cn, struct dlv_job *job)
     m->rcpts = job->lr;
     m->nrcpt = job->nr;
     cn->job = job;
+    job->cn = cn;
     if ((r = lmtp_send(cn->lc, m)) == 0)
         return;
     cn->job = NULL;
+    job->cn = NULL;
     if (r == -EINVAL) {
         job_fail_all(job, 550, "550 5.1.3 envelope cannot be sent (bad characters or too"
                      " many recipients)", 0, lmtp_relay(cn->lc));
@@ -854,9 +1112,11 @@ static void conn_open(struct dlv_ms *ms, struct dlv_job *job)
     cn->ms = ms;
     cn->gen = ms->gen;
     cn->job = job;
+    job->cn = cn;
     if ((r = lmtp_connect(&cn->lc, ms->d->loop, &cfg, conn_ready_cb, conn_done_cb,
                           conn_closed_cb, cn)) < 0) {
         free(cn);
+        job->cn = NULL;
         snprintf(why, sizeof(why), "cannot connect to %.200s: %s", ms->cf.deliver, strerror(-r));
         job_fail_all(job, 0, why, -ECONNREFUSED, ms->cf.deliver);
         return;
@@ -864,6 +1124,64 @@ static void conn_open(struct dlv_ms *ms, struct dlv_job *job)
     cn->next = ms->conns;
     ms->conns = cn;
     ms->nconns++;
+}
+
+/* job_has_rcpt - one of the job's recipients is rcpt (any case) */
+static int job_has_rcpt(const struct dlv_job *job, const char *rcpt)
+{
+    for (int i = 0; i < job->nr; i++)
+        if (strcasecmp(job->r[i].rcpt, rcpt) == 0)
+            return 1;
+    return 0;
+}
+
+/* ms_stop - an operator took the scope's mail away (pause: everything; hold, delete: one
+ * message, qid; reroute: everything, or one address, rcpt): end its transactions that have
+ * not sent their final dot (job_abandon runs from the connection's callback: recipients stay
+ * queued) and count the ones past it, which finish. change (1 hold, 2 delete) marks those so
+ * that a delivery is audited. */
+static void ms_stop(struct dlv_ms *ms, const char *qid, const char *rcpt, int change,
+                    const char *why, struct dlv_stopped *st)
+{
+    struct dlv_job **jobs;
+    int n = 0;
+
+    if (ms->inflight <= 0)
+        return;
+    if (!(jobs = calloc((size_t)ms->inflight, sizeof(*jobs))))
+        fatal("out of memory (stop)");
+    for (struct dlv_job *j = ms->running; j && n < ms->inflight; j = j->rnext)
+        if ((!qid || strcmp(j->qid, qid) == 0) && (!rcpt || job_has_rcpt(j, rcpt)))
+            jobs[n++] = j;
+    for (int i = 0; i < n; i++) {
+        struct dlv_job *j = jobs[i];
+        struct dlv_conn *cn = j->cn;
+        int r = -EINVAL;
+        if (cn) {
+            j->stopping = 1;
+            if (!cn->ready) {
+                lmtp_close(cn->lc);     /* still connecting: ready_cb abandons it */
+                r = 1;
+            } else if ((r = lmtp_abort(cn->lc)) != 1) {
+                j->stopping = 0;
+            }
+        }
+        if (r == 1) {
+            st->stopped++;
+            continue;
+        }
+        st->finishing++;        /* past the dot, or a Maildir write under way */
+        if (change) {
+            j->changed_under = change;
+            snprintf(j->changed_why, sizeof(j->changed_why), "%s",
+                     why && *why ? why : change == 2 ? "deleted by operator" : "held by operator");
+        }
+    }
+    free(jobs);
+    if (st->stopped || st->finishing)
+        log_info("mailstore %s: %s%s: %d transaction(s) stopped before the final dot, %d past "
+                 "it finishing", ms->cf.name, qid ? "message " : "stop", qid ? qid : "",
+                 st->stopped, st->finishing);
 }
 
 /* --- Maildir --------------------------------------------------------------------------------- */
@@ -960,13 +1278,17 @@ static void fetch_after(uv_work_t *w, int status)
         struct dlv_job *job = NULL;
         if (ids_has(d, row->id))
             continue;
-        if (ms->cf.max_queue_age_ms > 0) {
+        /* A recipient last held for its age and since unheld by an operator gets its next
+         * attempt before its age is judged again (its last reply is still the age hold's). */
+        if (ms->cf.max_queue_age_ms > 0 &&
+            strncmp(row->last_reply, DLV_AGE_PREFIX, strlen(DLV_AGE_PREFIX)) != 0) {
             int64_t recv = (int64_t)(qid_time_us(row->qid) / 1000);
-            int64_t age = now - recv - mstore_paused_ms(&ms->st, recv, now);
+            int64_t age = now - recv - mstore_outage_ms(&ms->st, recv, now);
             if (age > ms->cf.max_queue_age_ms) {
                 char text[SPOOL_REPLY_MAX];
-                snprintf(text, sizeof(text), "queue age %llds over max_queue_age %llds: held,"
-                         " not bounced (last: %.300s)", (long long)(age / 1000),
+                snprintf(text, sizeof(text), DLV_AGE_PREFIX "%llds over max_queue_age %llds "
+                         "(paused and tripped time not counted): held, not bounced "
+                         "(last: %.300s)", (long long)(age / 1000),
                          (long long)(ms->cf.max_queue_age_ms / 1000),
                          row->last_reply[0] ? row->last_reply : "none");
                 log_qid(LOG_WARNING, row->qid, "alert: to=<%s>, mailstore=%s, relay=none,"
@@ -975,7 +1297,7 @@ static void fetch_after(uv_work_t *w, int status)
                 ids_add(d, row->id);
                 ms->known++;
                 ms->held++;
-                out_add(ms, row->qid, row->id, SPOOL_HELD, 0, text);
+                out_add(ms, row->qid, row->id, SPOOL_HELD, 0, text, 0);
                 continue;
             }
         }
@@ -1031,7 +1353,8 @@ static void ms_fetch(struct dlv_ms *ms)
     int64_t now = wall_ms(), wait;
     struct dlv_fetch *f;
 
-    if (d->draining || d->stopped || ms->gone || ms->st.state == MSTORE_PAUSED || ms->fenced)
+    if (d->draining || d->stopped || ms->gone || ms->st.state == MSTORE_PAUSED || ms->fenced ||
+        d->nqfence)
         return;
     if (ms->fetching) {
         ms->refetch = 1;
@@ -1070,6 +1393,19 @@ static void ms_fetch(struct dlv_ms *ms)
 
 /* --- Pump and timers -------------------------------------------------------------------------- */
 
+/* ms_busy - slots in use: transactions running, and connections still closing (a QUIT
+ * waiting for its 221, a connection being torn down): the mailstore still counts them
+ * against its own limit, so must we. */
+static int ms_busy(const struct dlv_ms *ms)
+{
+    int closing = 0;
+
+    for (const struct dlv_conn *cn = ms->conns; cn; cn = cn->next)
+        if (!cn->job && !(cn->ready && lmtp_state(cn->lc) == LMTP_S_READY))
+            closing++;
+    return ms->inflight + closing;
+}
+
 /* ms_pump - start as many ready jobs as the mailstore's state admits. */
 static void ms_pump(struct dlv_ms *ms)
 {
@@ -1080,7 +1416,16 @@ static void ms_pump(struct dlv_ms *ms)
         return;                 /* outcomes cannot be recorded: flush_after kicks again */
     while (ms->ready_head && !ms->fenced && !d->draining && !d->stopped && !ms->gone) {
         enum mstore_state from = ms->st.state;
-        int n = mstore_may_start(&ms->st, ms->inflight, now, &wait);
+        if (d->nqfence && qid_fenced(d, ms->ready_head->qid)) {
+            struct dlv_job *job = ms->ready_head;     /* an operator is changing it */
+            ms->ready_head = job->next;
+            if (!ms->ready_head)
+                ms->ready_tail = NULL;
+            ms->nready--;
+            job_drop(job);
+            continue;
+        }
+        int n = mstore_may_start(&ms->st, ms_busy(ms), now, &wait);
         if (ms->st.state != from)
             on_transition(ms, from);      /* a ramp ended inside may_start */
         if (n <= 0) {
@@ -1098,6 +1443,8 @@ static void ms_pump(struct dlv_ms *ms)
         int probe = job->probe = ms->st.state == MSTORE_TRIPPED;
         mstore_started(&ms->st, now);
         ms->inflight++;
+        job->rnext = ms->running;
+        ms->running = job;
         if (probe)
             log_info("mailstore %s: probe with %s", ms->cf.name, job->qid);
         if (ms->cf.transport == CONF_MAILDIR) {
@@ -1153,12 +1500,27 @@ static void ms_kick(struct dlv_ms *ms)
 static void on_transition(struct dlv_ms *ms, enum mstore_state from)
 {
     enum mstore_state to = ms->st.state;
+    int64_t now = wall_ms();
 
-    if (to == MSTORE_TRIPPED && from != MSTORE_TRIPPED)
+    if (to == MSTORE_TRIPPED && from != MSTORE_TRIPPED) {
         ms->trips++;
+        ms->cause_trips[ms->st.cause]++;
+        if (ms->st.cause != MSTORE_C_FAILURES)
+            log_warn("alert: mailstore %s tripped (%s): %s; its recipients stay queued, a "
+                     "probe every %.0fs", ms->cf.name, mstore_cause_name(ms->st.cause),
+                     ms->st.reason, (double)ms->cf.probe_interval_ms / 1000.0);
+        if (ms->st.cause == MSTORE_C_MASS_5XX)
+            ms_requeue_mass(ms, now);
+    }
+    if (to == MSTORE_DEGRADED && from != MSTORE_DEGRADED)
+        log_warn("alert: mailstore %s degraded: %s; at most %.0f connections", ms->cf.name,
+                 ms->st.reason, ms->st.cwnd);
     if (to == MSTORE_PAUSED || to == MSTORE_TRIPPED) {
         ms_drop_ready(ms);
         conn_close_idle(ms, 1);
+        /* nothing is delivered any more: say so now, not as the average decays */
+        ms->rate_ewma = 0;
+        ms->rate_last = ms->delivered;
     }
     if (from == MSTORE_TRIPPED && (to == MSTORE_RAMPING || to == MSTORE_ACTIVE))
         op_add(ms, OP_DUE, NULL, NULL);   /* recovered: the ramp paces the backlog */
@@ -1185,6 +1547,16 @@ static void tick_cb(uv_timer_t *t)
         ms->rate_last = ms->delivered;
         if (poll)
             ms->drained = 0;
+        /* the learned normal survives a kill -9: saved once a minute when it moved (state
+         * transitions save it too, a trip above all) */
+        if (now - ms->health_saved >= DLV_HEALTH_SAVE_MS &&
+            (ms->st.normal_n != ms->saved_n ||
+             fabs(ms->st.normal_ms - ms->saved_normal) > 0.02 * ms->saved_normal)) {
+            ms->health_saved = now;
+            ms->saved_n = ms->st.normal_n;
+            ms->saved_normal = ms->st.normal_ms;
+            op_add(ms, OP_SAVE, NULL, NULL);
+        }
         ms_kick(ms);
     }
 }
@@ -1200,7 +1572,7 @@ static void check_drained(struct dlv *d)
     }
     if (d->ops_busy || d->ops_head)
         return;
-    if (d->flushing || d->nouts)
+    if (d->flushing || d->nouts || d->nrequeue)
         return;
     if (d->nflight) {
         /* Deliveries made but not recorded: waiting for space helps only if it comes back
@@ -1284,6 +1656,7 @@ int dlv_start(struct dlv **out, uv_loop_t *loop, struct spool *sp, const struct 
     d->loop = loop;
     d->sp = sp;
     d->share = 1;
+    snprintf(d->index_path, sizeof(d->index_path), "%s", index_path);
     snprintf(d->helo, sizeof(d->helo), "%s", c->gateway.hostname);
     d->ids_cap = 1024;
     if (!(d->ids = calloc(d->ids_cap, sizeof(*d->ids))))
@@ -1354,6 +1727,7 @@ void dlv_drain(struct dlv *d, void (*done)(void *), void *arg)
     for (int i = 0; i < d->nms; i++) {
         ms_drop_ready(d->ms[i]);
         conn_close_idle(d->ms[i], 1);
+        op_add(d->ms[i], OP_SAVE, NULL, NULL);  /* the learned normal, among others */
     }
     uv_timer_start(&d->drain_timer, drain_timeout_cb, DLV_DRAIN_MS, 0);
     check_drained(d);
@@ -1363,6 +1737,8 @@ void dlv_stop(struct dlv *d)
 {
     d->stopped = 1;
     d->draining = 1;
+    while (d->waiters)
+        waiter_finish(d->waiters, scope_running(d, d->waiters->ms, d->waiters->qid));
     uv_close((uv_handle_t *)&d->tick, NULL);
     uv_close((uv_handle_t *)&d->flush_timer, NULL);
     uv_close((uv_handle_t *)&d->drain_timer, NULL);
@@ -1385,13 +1761,16 @@ void dlv_free(struct dlv *d)
     free(d->ids);
     free(d->outs);
     free(d->flight);
+    free(d->requeue);
+    free(d->requeue_flight);
     free(d);
 }
 
 int dlv_pause(struct dlv *d, const char *name, const char *reason, const char *actor,
-              dlv_op_cb cb, void *arg)
+              struct dlv_stopped *st, dlv_op_cb cb, void *arg)
 {
     struct dlv_ms *ms = find_ms(d, name);
+    struct dlv_stopped dummy;
 
     if (!ms || ms->gone)
         return -ENOENT;
@@ -1399,6 +1778,10 @@ int dlv_pause(struct dlv *d, const char *name, const char *reason, const char *a
     mstore_pause(&ms->st, reason, actor, wall_ms());
     if (ms->st.state != from)
         on_transition(ms, from);
+    if (!st)
+        st = &dummy;
+    memset(st, 0, sizeof(*st));
+    ms_stop(ms, NULL, NULL, 0, NULL, st);
     op_add(ms, OP_SAVE, cb, arg);
     return 0;
 }
@@ -1452,7 +1835,8 @@ int dlv_status(struct dlv *d, struct dlv_status *out, int max)
         s->ready = ms->nready;
         s->fails = ms->st.fails;
         s->rate = mstore_rate(&ms->st, now);
-        s->cwnd = ms->st.state == MSTORE_RAMPING ? ms->st.cwnd : ms->cf.max_connections;
+        s->cwnd = ms->st.state == MSTORE_RAMPING || ms->st.state == MSTORE_DEGRADED
+                  ? ms->st.cwnd : ms->cf.max_connections;
         s->delivered = ms->delivered;
         s->deferred = ms->deferred;
         s->held = ms->held;
@@ -1462,6 +1846,13 @@ int dlv_status(struct dlv *d, struct dlv_status *out, int max)
         s->last_error_at = ms->last_error_at;
         s->max_connections = ms->cf.max_connections;
         s->lat = ms->lat;
+        s->closing = ms_busy(ms) - ms->inflight;
+        s->trouble = mstore_trouble(&ms->st, now);
+        s->cause = ms->st.cause;
+        s->recent_ms = mstore_recent_ms(&ms->st);
+        s->normal_ms = ms->st.normal_n >= MSTORE_LAT_LEARN ? ms->st.normal_ms : 0;
+        s->slow_bound_ms = mstore_slow_bound(&ms->st);
+        memcpy(s->cause_trips, ms->cause_trips, sizeof(s->cause_trips));
     }
     return n;
 }
@@ -1478,20 +1869,102 @@ int dlv_drop_ready(struct dlv *d, const char *name)
     return 0;
 }
 
-int dlv_fence(struct dlv *d, const char *name)
+/* late_deliveries - deliveries of qid that are done but not yet recorded when an operator
+ * holds or deletes it: the record will say delivered, so they count as finishing and are
+ * audited like a delivery past the dot. */
+static void late_deliveries(struct dlv *d, const char *qid, int change, const char *why,
+                            struct dlv_stopped *st)
 {
-    struct dlv_ms *ms = find_ms(d, name);
+    struct dlv_ms *ms = NULL;
+    long n = 0;
 
+    for (size_t i = 0; i < d->nouts + d->nflight; i++) {
+        const struct dlv_out *o = i < d->nouts ? &d->outs[i] : &d->flight[i - d->nouts];
+        if (o->o.state == SPOOL_DELIVERED && strcmp(o->qid, qid) == 0) {
+            ms = o->ms;
+            n++;
+        }
+    }
+    if (!n)
+        return;
+    st->finishing++;
+    log_qid(LOG_WARNING, qid, "mailstore=%s: delivered just before an operator %s it (%s): %ld "
+            "recipient(s), recorded after", ms->cf.name, change == 2 ? "deleted" : "held",
+            why && *why ? why : "no reason given", n);
+    struct dlv_op *op = op_new(ms, OP_AUDIT, NULL, NULL);
+    snprintf(op->qid, sizeof(op->qid), "%s", qid);
+    snprintf(op->what, sizeof(op->what), "delivered-after-%s", change == 2 ? "delete" : "hold");
+    snprintf(op->text, sizeof(op->text), "%s", why && *why ? why : "");
+    op->count = n;
+    ops_run(d);
+}
+
+static int qfence_find(const struct dlv *d, const char *qid)
+{
+    for (int i = 0; i < d->nqfence; i++)
+        if (strcmp(d->qfence[i], qid) == 0)
+            return i;
+    return -1;
+}
+
+static int qid_fenced(const struct dlv *d, const char *qid)
+{
+    return d->nqfence > 0 && qfence_find(d, qid) >= 0;
+}
+
+int dlv_fence(struct dlv *d, const char *name, const char *qid, const char *rcpt, int change,
+              const char *why, struct dlv_stopped *st)
+{
+    struct dlv_stopped dummy;
+
+    if (!st)
+        st = &dummy;
+    memset(st, 0, sizeof(*st));
+    if (qid) {
+        int i = qfence_find(d, qid);
+        if (i < 0) {
+            if (d->nqfence == DLV_QFENCE_MAX)
+                return -EBUSY;
+            i = d->nqfence++;
+            snprintf(d->qfence[i], sizeof(d->qfence[i]), "%s", qid);
+            d->qfence_n[i] = 0;
+        }
+        d->qfence_n[i]++;
+        /* rows read before the change are stale: fetches and loads in flight are thrown
+         * away when they return (any mailstore: a message may have recipients in several) */
+        for (int k = 0; k < d->nms; k++) {
+            d->ms[k]->rows_gen++;
+            ms_drop_ready_qid(d->ms[k], qid);
+            ms_stop(d->ms[k], qid, NULL, change, why, st);
+        }
+        if (change)
+            late_deliveries(d, qid, change, why, st);
+        return 0;
+    }
+    struct dlv_ms *ms = find_ms(d, name);
     if (!ms)
         return -ENOENT;
     ms->fenced++;
     ms->rows_gen++;
     ms_drop_ready(ms);
+    ms_stop(ms, NULL, rcpt && *rcpt ? rcpt : NULL, change, why, st);
     return 0;
 }
 
-int dlv_unfence(struct dlv *d, const char *name)
+int dlv_unfence(struct dlv *d, const char *name, const char *qid)
 {
+    if (qid) {
+        int i = qfence_find(d, qid);
+        if (i < 0)
+            return -ENOENT;
+        if (--d->qfence_n[i] == 0) {
+            d->nqfence--;
+            memmove(d->qfence[i], d->qfence[d->nqfence], sizeof(d->qfence[i]));
+            d->qfence_n[i] = d->qfence_n[d->nqfence];
+        }
+        dlv_kick(d);            /* every mailstore's fetches waited */
+        return 0;
+    }
     struct dlv_ms *ms = find_ms(d, name);
 
     if (!ms)
@@ -1503,6 +1976,121 @@ int dlv_unfence(struct dlv *d, const char *name)
     ms->refetch = 0;
     if (!ms->fenced && !ms->gone)
         ms_kick(ms);
+    return 0;
+}
+
+/* --- Waiting for what is in flight ----------------------------------------------------------- */
+
+/* scope_running - transactions of the scope still running; *pending (may be NULL) is set
+ * when outcomes of the scope are not recorded yet. */
+static int scope_pending(const struct dlv *d, const char *name, const char *qid, int *pending)
+{
+    int n = 0, unrec = 0;
+
+    for (int i = 0; i < d->nms; i++) {
+        const struct dlv_ms *ms = d->ms[i];
+        if (name && *name) {
+            if (strcmp(ms->cf.name, name) != 0)
+                continue;
+            n += ms->inflight;
+            unrec |= ms->unrecorded > 0;
+            continue;
+        }
+        for (const struct dlv_job *j = ms->running; j; j = j->rnext)
+            n += strcmp(j->qid, qid) == 0;
+    }
+    if (!(name && *name)) {
+        for (size_t i = 0; i < d->nouts && !unrec; i++)
+            unrec = strcmp(d->outs[i].qid, qid) == 0;
+        for (size_t i = 0; i < d->nflight && !unrec; i++)
+            unrec = strcmp(d->flight[i].qid, qid) == 0;
+    }
+    if (pending)
+        *pending = unrec;
+    return n;
+}
+
+static int scope_running(const struct dlv *d, const char *name, const char *qid)
+{
+    return scope_pending(d, name, qid, NULL);
+}
+
+static void waiter_closed(uv_handle_t *h)
+{
+    free(h->data);
+}
+
+/* waiter_finish - unlink, answer, close (the struct goes in the close callback). */
+static void waiter_finish(struct dlv_waiter *w, int finishing)
+{
+    struct dlv *d = w->d;
+
+    for (struct dlv_waiter **pp = &d->waiters; *pp; pp = &(*pp)->next) {
+        if (*pp == w) {
+            *pp = w->next;
+            break;
+        }
+    }
+    uv_timer_stop(&w->timer);
+    w->cb(w->arg, finishing);
+    uv_close((uv_handle_t *)&w->timer, waiter_closed);
+}
+
+static int waiter_idle(struct dlv_waiter *w)
+{
+    int pending;
+    int n = scope_pending(w->d, w->ms, w->qid, &pending);
+    return n == 0 && !pending;
+}
+
+static void check_waiters(struct dlv *d)
+{
+    struct dlv_waiter *w = d->waiters, *next;
+
+    for (; w; w = next) {
+        next = w->next;
+        if (waiter_idle(w))
+            waiter_finish(w, 0);
+    }
+}
+
+static void waiter_timer_cb(uv_timer_t *t)
+{
+    struct dlv_waiter *w = t->data;
+
+    if (waiter_idle(w))
+        waiter_finish(w, 0);
+    else
+        waiter_finish(w, scope_running(w->d, w->ms, w->qid));
+}
+
+int dlv_wait(struct dlv *d, const char *name, const char *qid, int64_t timeout_ms,
+             dlv_wait_cb cb, void *arg)
+{
+    struct dlv_waiter *w;
+
+    if (d->stopped || d->draining)
+        return -ECANCELED;      /* dlv_stop answers every waiter; none may come after */
+    if (name && (!find_ms(d, name)))
+        return -ENOENT;
+    if (!name && !qid)
+        return -EINVAL;
+    if (!(w = calloc(1, sizeof(*w))))
+        return -ENOMEM;
+    w->d = d;
+    snprintf(w->ms, sizeof(w->ms), "%s", name ? name : "");
+    snprintf(w->qid, sizeof(w->qid), "%s", qid && !name ? qid : "");
+    w->cb = cb;
+    w->arg = arg;
+    uv_timer_init(d->loop, &w->timer);
+    w->timer.data = w;
+    w->next = d->waiters;
+    d->waiters = w;
+    if (waiter_idle(w))
+        uv_timer_start(&w->timer, waiter_timer_cb, 0, 0);   /* answer from the loop */
+    else
+        uv_timer_start(&w->timer, waiter_timer_cb, timeout_ms > 0 ? (uint64_t)timeout_ms : 0,
+                       0);
     return 0;
 }
 

@@ -18,8 +18,21 @@
  * Recipients are kept in memory (so not fetched twice) from fetch until their outcome is
  * committed.
  *
- * Recipients queued longer than max_queue_age (minus the time their mailstore was paused)
- * are held with an alert when fetched; never bounced.
+ * Health (mstore.h): every recipient's reply feeds the mailstore's mass-refusal count, and
+ * every transaction its slowest reply time. A 5xx that turns out to be part of a mass
+ * refusal is not a hold: those recipients are put back in the queue (spool_requeue) and the
+ * mailstore trips; while it is tripped for it, a 5xx is a deferral.
+ *
+ * Operator commands that take mail away from a mailstore (pause, hold, delete, reroute) stop
+ * what is in flight for it: a transaction that has not sent its final dot is ended at once
+ * (lmtp_abort; its recipients stay queued, no attempt counted), one past the dot finishes.
+ * dlv_stop/dlv_fence report how many of each, and dlv_wait waits for the finishing ones. A
+ * delivery that finishes after an operator held or deleted its message is logged and audited
+ * as such (cmd "delivered-after-hold" / "delivered-after-delete").
+ *
+ * Recipients queued longer than max_queue_age (minus the time their mailstore was paused or
+ * tripped) are held with an alert when fetched; never bounced. One that an operator unheld
+ * after such a hold gets an attempt before its age is judged again.
  *
  * Every function runs on the loop thread. Return convention: 0 or -errno.
  */
@@ -44,6 +57,10 @@
 #define DLV_RETRY_FLUSH_MS 1000 /* a failed spool_mark is retried after this */
 #define DLV_FLUSH_LOG_MS 60000  /* "still cannot record" is logged this often */
 #define DLV_DRAIN_UNRECORDED_MS 3000 /* SIGTERM: longest wait for outcomes that fail to record */
+#define DLV_HELD5_MAX 512       /* 5xx holds remembered per mailstore for a mass refusal */
+#define DLV_HEALTH_SAVE_MS 60000 /* the learned normal reply time is saved this often */
+#define DLV_QFENCE_MAX 64       /* messages being changed by operator commands at once */
+#define DLV_AGE_PREFIX "queue age " /* last_reply of a recipient held for its age */
 
 struct dlv;
 
@@ -70,9 +87,17 @@ void dlv_free(struct dlv *d);
 /* cb runs on the loop thread once the change is durable: status 0 or -errno, count = the
  * recipients made due (release) or 0. If the call returns non-zero cb never runs. */
 typedef void (*dlv_op_cb)(void *arg, int status, long count);
-/* -ENOENT: no such mailstore. */
+
+/* What an operator command found in flight: transactions ended before their final dot
+ * (their recipients stay queued) and transactions past it, which finish. */
+struct dlv_stopped {
+    int stopped;
+    int finishing;
+};
+/* -ENOENT: no such mailstore. Nothing new starts, and what is in flight is stopped as
+ * described above (*st, may be NULL). */
 int dlv_pause(struct dlv *d, const char *ms, const char *reason, const char *actor,
-              dlv_op_cb cb, void *arg);
+              struct dlv_stopped *st, dlv_op_cb cb, void *arg);
 /* The reason resellers are shown (pause --public-reason); saved with the next state change
  * (call it just before dlv_pause). -ENOENT: no such mailstore. */
 int dlv_set_public_reason(struct dlv *d, const char *ms, const char *text);
@@ -98,6 +123,11 @@ struct dlv_status {
     int64_t last_error_at;      /* unix ms */
     int max_connections;
     struct metrics_hist lat;    /* transaction latency in seconds, since start */
+    int closing;                /* connections still closing (they count as busy) */
+    unsigned trouble;           /* MSTORE_T_* */
+    enum mstore_cause cause;
+    double recent_ms, normal_ms, slow_bound_ms; /* mstore.h; -1 / 0 / INFINITY: unknown */
+    uint64_t cause_trips[MSTORE_NCAUSES];
 };
 #define DLV_MS_STATUS_MAX (2 * CONF_MAILSTORE_MAX) /* mailstores ever seen, reloads included */
 /* Snapshot of up to max mailstores; returns how many. */
@@ -106,13 +136,26 @@ int dlv_status(struct dlv *d, struct dlv_status *out, int max);
  * fetched again) and look again: after an operator rewrote its rows (reroute, hold, delete).
  * -ENOENT: no such mailstore. */
 int dlv_drop_ready(struct dlv *d, const char *name);
-/* Fence a mailstore while an operator command rewrites its rows outside the scheduler
- * (reroute): no job of it starts and no fetch runs, jobs loaded or loading are dropped, and a
- * fetch that read the rows before the rewrite is thrown away when it returns. Deliveries
- * already in flight finish (their outcome is marked by row id as usual). dlv_unfence lifts
- * it and looks again. Fences nest. -ENOENT: no such mailstore. */
-int dlv_fence(struct dlv *d, const char *name);
-int dlv_unfence(struct dlv *d, const char *name);
+/* Fence a mailstore (qid NULL) or one message (name NULL) while an operator command rewrites
+ * its rows outside the scheduler (reroute, hold, delete): nothing of it starts, no fetch runs
+ * (for a message: no fetch of any mailstore), jobs loaded or loading are dropped, a fetch that
+ * read the rows before the rewrite is thrown away when it returns, and its transactions in
+ * flight are stopped (st, may be NULL: see struct dlv_stopped; for a mailstore with rcpt,
+ * only those carrying that address). change: 1 hold, 2 delete, 0 anything else (reroute);
+ * why (may be NULL) is the operator's reason: a transaction past its dot when its message
+ * was held or deleted, and that then delivers, is logged and audited as delivered after
+ * hold or delete. dlv_unfence lifts it and looks again. Fences nest. -ENOENT: no such
+ * mailstore; -EBUSY: too many messages fenced at once (DLV_QFENCE_MAX). */
+int dlv_fence(struct dlv *d, const char *name, const char *qid, const char *rcpt, int change,
+              const char *why, struct dlv_stopped *st);
+int dlv_unfence(struct dlv *d, const char *name, const char *qid);
+/* cb(arg, finishing): the scope (mailstore name, or qid when name is NULL) has nothing in
+ * flight and every outcome recorded (finishing 0), or timeout_ms passed first (finishing =
+ * transactions still running). Runs on the loop thread, never from inside this call.
+ * -ECANCELED while stopping (SIGTERM): nothing to wait for then. */
+typedef void (*dlv_wait_cb)(void *arg, int finishing);
+int dlv_wait(struct dlv *d, const char *name, const char *qid, int64_t timeout_ms,
+             dlv_wait_cb cb, void *arg);
 /* The state of mailstore name, or -ENOENT. */
 int dlv_state_of(struct dlv *d, const char *name);
 /* This node's share of every ramp (mstore_set_share), for mailstores now and later. */

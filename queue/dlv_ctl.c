@@ -9,8 +9,9 @@
  * The reply goes out from job_after, on the loop thread.
  *
  * Order for a write command: (loop) validate -> [pause/release: the scheduler's durable
- * change] -> (pool) the spool change, count, audit row -> (loop) drop loaded jobs that the
- * change made stale, kick, reply.
+ * change; pause, hold, delete, reroute: stop what is in flight for the scope and fence it]
+ * -> (pool) the spool change, count, audit row -> (loop) lift the fence, kick, [--wait: wait
+ * until nothing of the scope is in flight], reply with the counts stopped and finishing.
  *
  * Sections: jobs, commands (pool side), loop side, handlers, start and stop.
  */
@@ -18,6 +19,7 @@
 
 #include <errno.h>
 #include <jansson.h>
+#include <math.h>
 #include <sqlite3.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -36,6 +38,7 @@
 
 #define DLV_CTL_BODY_MAX (1u << 20)  /* show --body: bytes of the message returned */
 #define DLV_CTL_BUSY_MS 10000
+#define DLV_CTL_WAIT_MAX_MS (15 * 60000) /* --wait: longest wait (a data_timeout of 10m, plus) */
 
 struct dlv_ctl {
     uv_loop_t *loop;
@@ -81,6 +84,11 @@ struct job {
     char scope[SPOOL_ADDR_MAX + 160];
     long count;
     int changed;                /* rows changed: loaded jobs are stale */
+    /* in flight when the command came: stopped before the final dot, or finishing */
+    struct dlv_stopped stopped;
+    int fenced;                 /* dlv_fence'd: lift it in job_after */
+    int64_t wait_ms;            /* --wait: how long at most; 0 no wait */
+    json_t *waiting;            /* the reply, held while waiting */
 };
 
 /* --- Jobs ------------------------------------------------------------------------------------ */
@@ -90,6 +98,7 @@ static void job_free(struct job *j)
     json_decref(j->req);
     json_decref(j->rep);
     json_decref(j->extra);
+    json_decref(j->waiting);
     free(j->st);
     free(j);
 }
@@ -146,6 +155,25 @@ static json_t *ms_json(const struct dlv_status *s, json_t *counts)
         "max_connections", s->max_connections);
     json_object_set_new(o, "delivery_rate", json_real(s->delivery_rate));
     json_object_set_new(o, "public_reason", json_string(s->public_reason));
+    /* health: why it is tripped or degraded, its reply times, what a bounce policy must
+     * respect (mstore_trouble) */
+    json_object_set_new(o, "cause", json_string(mstore_cause_name(s->cause)));
+    json_t *tr = json_array();
+    static const struct { unsigned bit; const char *name; } tbits[] = {
+        { MSTORE_T_PAUSED, "paused" }, { MSTORE_T_TRIPPED, "tripped" },
+        { MSTORE_T_DEGRADED, "degraded" }, { MSTORE_T_MASS_5XX, "mass-5xx" },
+        { MSTORE_T_MASS_4XX, "mass-4xx" },
+    };
+    for (size_t k = 0; k < sizeof(tbits) / sizeof(tbits[0]); k++)
+        if (s->trouble & tbits[k].bit)
+            json_array_append_new(tr, json_string(tbits[k].name));
+    json_object_set_new(o, "trouble", tr);
+    json_object_set_new(o, "reply_ms", s->recent_ms >= 0 ? json_real(s->recent_ms) : json_null());
+    json_object_set_new(o, "normal_reply_ms", s->normal_ms > 0 ? json_real(s->normal_ms)
+                                                               : json_null());
+    json_object_set_new(o, "slow_bound_ms", isinf(s->slow_bound_ms) ? json_null()
+                                                                    : json_real(s->slow_bound_ms));
+    json_object_set_new(o, "closing", json_integer(s->closing));
     json_object_set_new(o, "last_error", json_string(s->last_error));
     json_object_set_new(o, "last_error_at", json_integer(s->last_error_at / 1000));
     static const char *const keys[] = { "queued", "held", "due", "messages", "bytes" };
@@ -490,37 +518,80 @@ static void job_work(uv_work_t *w)
 
 /* --- Loop side ----------------------------------------------------------------------------- */
 
-static void drop_all_ready(struct dlv_ctl *ctl)
+/* job_fence - stop what is in flight for the command's scope and fence it while the pool
+ * rewrites its rows: hold and delete of a message, hold of a mailstore, reroute. */
+static int job_fence(struct job *j)
 {
-    struct dlv_status *st = calloc(DLV_MS_STATUS_MAX, sizeof(*st));
-    int n = st ? dlv_status(ctl->d, st, DLV_MS_STATUS_MAX) : 0;
+    struct dlv *d = j->ctl->d;
+    const char *qid = j->qid[0] ? j->qid : NULL;
+    int change = j->cmd == CTL_CMD_hold ? 1 : j->cmd == CTL_CMD_delete ? 2 : 0;
+    int r;
 
-    for (int i = 0; i < n; i++)
-        dlv_drop_ready(ctl->d, st[i].name);
-    free(st);
+    switch (j->cmd) {
+    case CTL_CMD_hold:
+    case CTL_CMD_delete:
+    case CTL_CMD_reroute:
+        r = dlv_fence(d, qid ? NULL : j->ms, qid, j->cmd == CTL_CMD_reroute ? j->rcpt : NULL,
+                      change, j->reason[0] ? j->reason : NULL, &j->stopped);
+        j->fenced = r == 0;
+        return r;
+    default:
+        return 0;
+    }
+}
+
+static void job_unfence(struct job *j)
+{
+    if (j->fenced)
+        dlv_unfence(j->ctl->d, j->qid[0] ? NULL : j->ms, j->qid[0] ? j->qid : NULL);
+    j->fenced = 0;
+}
+
+static int stops_flight(enum ctl_cmd c)
+{
+    return c == CTL_CMD_pause || c == CTL_CMD_hold || c == CTL_CMD_delete ||
+           c == CTL_CMD_reroute;
+}
+
+static void wait_done(void *arg, int finishing)
+{
+    struct job *j = arg;
+    json_t *rep = j->waiting;
+
+    j->waiting = NULL;
+    json_object_set_new(rep, "still_finishing", json_integer(finishing));
+    json_object_set_new(rep, "waited", json_true());
+    ctl_req_reply(j->rq, rep);
+    job_free(j);
 }
 
 static void job_after(uv_work_t *w, int status)
 {
     struct job *j = w->data;
     json_t *rep = j->rep;
+    int ok = rep && json_is_true(json_object_get(rep, "ok"));
 
     j->rep = NULL;
-    if (j->cmd == CTL_CMD_reroute)
-        dlv_unfence(j->ctl->d, j->ms);
+    job_unfence(j);
     if (j->changed) {
-        /* loaded jobs may carry recipients the command just held, deleted or moved */
-        if (j->cmd == CTL_CMD_reroute) {
+        /* loaded jobs may carry recipients the command just moved, or made due */
+        if (j->cmd == CTL_CMD_reroute)
             dlv_drop_ready(j->ctl->d, j->to);
-        } else if (j->cmd == CTL_CMD_hold || j->cmd == CTL_CMD_delete) {
-            drop_all_ready(j->ctl);
-        } else {
+        else if (j->cmd != CTL_CMD_hold && j->cmd != CTL_CMD_delete)
             dlv_kick(j->ctl->d);
-        }
     }
-    if (j->legacy && rep && json_is_true(json_object_get(rep, "ok")) &&
-        (j->cmd == CTL_CMD_pause || j->cmd == CTL_CMD_release)) {
+    if (j->legacy && ok && (j->cmd == CTL_CMD_pause || j->cmd == CTL_CMD_release)) {
         json_object_del(rep, "count");   /* the first protocol's exact shape */
+    } else if (ok && stops_flight(j->cmd)) {
+        json_object_set_new(rep, "stopped", json_integer(j->stopped.stopped));
+        json_object_set_new(rep, "finishing", json_integer(j->stopped.finishing));
+        if (j->wait_ms > 0) {
+            const char *qid = j->qid[0] ? j->qid : NULL;
+            j->waiting = rep;
+            if (dlv_wait(j->ctl->d, qid ? NULL : j->ms, qid, j->wait_ms, wait_done, j) == 0)
+                return;
+            j->waiting = NULL;
+        }
     }
     ctl_req_reply(j->rq, rep);
     job_free(j);
@@ -528,12 +599,17 @@ static void job_after(uv_work_t *w, int status)
 
 static void job_queue(struct job *j)
 {
+    int r;
+
     j->w.data = j;
-    if (j->cmd == CTL_CMD_reroute)
-        dlv_fence(j->ctl->d, j->ms);
+    if ((r = job_fence(j)) < 0) {
+        ctl_req_reply(j->rq, ctl_reply_error(CTL_E_FAILED, "%s: too many operator commands "
+                                             "at once; try again", ctl_cmd_name(j->cmd)));
+        job_free(j);
+        return;
+    }
     if (uv_queue_work(j->ctl->loop, &j->w, job_work, job_after) < 0) {
-        if (j->cmd == CTL_CMD_reroute)
-            dlv_unfence(j->ctl->d, j->ms);
+        job_unfence(j);
         ctl_req_reply(j->rq, ctl_reply_error(CTL_E_FAILED, "cannot queue work"));
         job_free(j);
     }
@@ -658,6 +734,21 @@ static int args(struct job *j)
         snprintf(j->qid, sizeof(j->qid), "%s", qid);
     if (reason)
         snprintf(j->reason, sizeof(j->reason), "%s", reason);
+    /* wait: true (up to DLV_CTL_WAIT_MAX_MS) or seconds: answer once nothing of the scope is
+     * in flight any more */
+    const json_t *wv = json_object_get(j->req, "wait");
+    if (wv && !json_is_null(wv) && !json_is_false(wv)) {
+        if (!stops_flight(j->cmd))
+            return reject(j, CTL_E_BADREQ, "%s: \"wait\" is for pause, hold, delete and reroute",
+                          name);
+        if (json_is_true(wv))
+            j->wait_ms = DLV_CTL_WAIT_MAX_MS;
+        else if (json_is_number(wv) && json_number_value(wv) >= 0)
+            j->wait_ms = json_number_value(wv) * 1000 > DLV_CTL_WAIT_MAX_MS
+                       ? DLV_CTL_WAIT_MAX_MS : (int64_t)(json_number_value(wv) * 1000) + 1;
+        else
+            return reject(j, CTL_E_BADREQ, "%s: \"wait\" is true or a number of seconds", name);
+    }
     if (qid)
         snprintf(j->scope, sizeof(j->scope), "qid:%s", qid);
     else if (ms)
@@ -699,7 +790,7 @@ static void handle(struct ctl_req *rq, const json_t *req, void *arg)
             }
             dlv_set_public_reason(ctl->d, j->ms, pub);
         }
-        r = dlv_pause(ctl->d, j->ms, j->reason, j->actor, op_done, j);
+        r = dlv_pause(ctl->d, j->ms, j->reason, j->actor, &j->stopped, op_done, j);
         if (r < 0)
             reject(j, CTL_E_NOTFOUND, "no such mailstore: %s", j->ms);
         return;

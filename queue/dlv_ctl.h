@@ -9,7 +9,8 @@
  *                                   "mailstores":[{name,state,reason,since,actor,transport,
  *                                   inflight,connections,ready,fails,rate,cwnd,delivered,
  *                                   deferred,held_total,trips,queued,held,due,messages,bytes,
- *                                   oldest_queued,oldest_held},...]
+ *                                   oldest_queued,oldest_held,cause,trouble,reply_ms,
+ *                                   normal_reply_ms,slow_bound_ms,closing},...]
  *   queue {mailstore,state,sender,rcpt,older_than,limit} -> "recipients":[...],"total","more"
  *   show {qid,body}              -> "message":{...,"recipients":[...],"body"?}
  *   affected {mailstore,domain,after,limit} -> "recipients":[{rcpt,queued,held,messages,oldest,
@@ -18,13 +19,20 @@
  *                                   last_attempt, and "more"
  *   audit {limit,since}          -> "audit":[{id,at,uid,user,daemon,cmd,scope,reason,args,
  *                                   count,result},...]
- *   pause {mailstore,reason,public_reason} -> "mailstore","state","count" (recipients now
- *                                   waiting); public_reason is what resellers see
+ *   pause {mailstore,reason,public_reason,wait} -> "mailstore","state","count" (recipients
+ *                                   now waiting), "stopped","finishing"; public_reason is
+ *                                   what resellers see
  *   reseller {action,name,domains} -> "count" (the tenant's domains): sluicectl changed the
  *                                   tenants file; it is read again and the change audited
  *   release {mailstore,rate,ramp} -> "mailstore","state","due","count"
- *   hold {qid|mailstore,reason}, unhold {qid|mailstore}, retry {qid|mailstore},
- *   delete {qid}, reroute {mailstore,to,rcpt} -> "count" (recipients changed)
+ *   hold {qid|mailstore,reason,wait}, unhold {qid|mailstore}, retry {qid|mailstore},
+ *   delete {qid,wait}, reroute {mailstore,to,rcpt,wait} -> "count" (recipients changed);
+ *                                   hold, delete and reroute also "stopped","finishing"
+ * pause, hold, delete and reroute stop what is in flight for their scope (dlv.h): "stopped"
+ * transactions were ended before their final dot, "finishing" ones were past it. With
+ * "wait": true (or seconds) the reply comes once none is in flight any more and every
+ * outcome is recorded, with "waited": true and "still_finishing" (0 unless the wait, at most
+ * 15 minutes, ran out).
  * Every write command leaves an audit row (audit.h) with the caller's user name, the scope,
  * the reason and the count, whether it succeeded or not. The first protocol (no "v":
  * status, pause, release) is still answered in its own reply shape.

@@ -231,7 +231,7 @@ static void ungate(struct dlv_fleet *f, const char *why)
         fatal("out of memory");
     n = dlv_status(f->d, st, DLV_MS_STATUS_MAX);
     for (int i = 0; i < n; i++)
-        dlv_unfence(f->d, st[i].name);
+        dlv_unfence(f->d, st[i].name, NULL);
     free(st);
     log_info("fleet: %s; delivering", why);
 }
@@ -532,7 +532,7 @@ int dlv_fleet_start(struct dlv_fleet **out, uv_loop_t *loop, struct dlv *d, cons
         fatal("out of memory");
     n = dlv_status(d, st, DLV_MS_STATUS_MAX);
     for (int i = 0; i < n; i++)
-        dlv_fence(d, st[i].name);
+        dlv_fence(d, st[i].name, NULL, NULL, 0, NULL, NULL);
     free(st);
     f->gated = 1;
     memset(&wo, 0, sizeof(wo));

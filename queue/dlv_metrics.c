@@ -8,6 +8,7 @@
 
 #include <errno.h>
 #include <jansson.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -69,7 +70,7 @@ static void render(struct dlv_metrics *m)
                  "bytes free on the spool's file system");
     metrics_sample(&b, "sluice_spool_free_bytes", "", (double)m->free_bytes);
     metrics_head(&b, "sluice_mailstore_state", "gauge",
-                 "1 for the state the mailstore is in (active, paused, tripped, ramping)");
+                 "1 for the state the mailstore is in (active, paused, tripped, ramping, degraded)");
     for (int i = 0; i < n; i++) {
         metrics_escape(st[i].name, name, sizeof(name));
         for (int s = 0; s < MSTORE_NSTATES; s++) {
@@ -129,6 +130,48 @@ static void render(struct dlv_metrics *m)
         metrics_escape(st[i].name, name, sizeof(name));
         snprintf(lab, sizeof(lab), "mailstore=\"%s\"", name);
         metrics_sample(&b, "sluice_mailstore_trips_total", lab, (double)st[i].trips);
+    }
+    metrics_head(&b, "sluice_mailstore_trips_by_cause_total", "counter",
+                 "times the mailstore tripped since start, by cause (failures, slow, mass-5xx, "
+                 "mass-4xx)");
+    for (int i = 0; i < n; i++) {
+        metrics_escape(st[i].name, name, sizeof(name));
+        for (int c = MSTORE_C_FAILURES; c < MSTORE_NCAUSES; c++) {
+            snprintf(lab, sizeof(lab), "mailstore=\"%s\",cause=\"%s\"", name,
+                     mstore_cause_name((enum mstore_cause)c));
+            metrics_sample(&b, "sluice_mailstore_trips_by_cause_total", lab,
+                           (double)st[i].cause_trips[c]);
+        }
+    }
+    /* the trouble a bounce policy and the alerts look at (mstore.h, docs/operations.md) */
+    static const struct { const char *metric, *help; unsigned bit; } tm[] = {
+        { "sluice_mailstore_degraded", "1 while the mailstore is slow: degraded, or tripped "
+          "because its replies are over the slow bound", MSTORE_T_DEGRADED },
+        { "sluice_mailstore_mass_5xx", "1 while the mailstore refuses many distinct users with "
+          "5xx (its user database is down): tripped for it, or showing it", MSTORE_T_MASS_5XX },
+        { "sluice_mailstore_mass_4xx", "1 while the mailstore refuses many distinct users with "
+          "4xx", MSTORE_T_MASS_4XX },
+    };
+    for (size_t k = 0; k < sizeof(tm) / sizeof(tm[0]); k++) {
+        metrics_head(&b, tm[k].metric, "gauge", tm[k].help);
+        for (int i = 0; i < n; i++) {
+            metrics_escape(st[i].name, name, sizeof(name));
+            snprintf(lab, sizeof(lab), "mailstore=\"%s\"", name);
+            metrics_sample(&b, tm[k].metric, lab, (st[i].trouble & tm[k].bit) != 0);
+        }
+    }
+    metrics_head(&b, "sluice_mailstore_reply_seconds", "gauge",
+                 "reply times: recent (median of the last transactions' slowest reply), "
+                 "normal (learned), bound (over it a transaction is slow); NaN when unknown");
+    for (int i = 0; i < n; i++) {
+        double v[3] = { st[i].recent_ms, st[i].normal_ms, st[i].slow_bound_ms };
+        static const char *const stat[3] = { "recent", "normal", "bound" };
+        metrics_escape(st[i].name, name, sizeof(name));
+        for (int k = 0; k < 3; k++) {
+            snprintf(lab, sizeof(lab), "mailstore=\"%s\",stat=\"%s\"", name, stat[k]);
+            metrics_sample(&b, "sluice_mailstore_reply_seconds", lab,
+                           v[k] > 0 && !isinf(v[k]) ? v[k] / 1000.0 : NAN);
+        }
     }
     metrics_head(&b, "sluice_mailstore_inflight", "gauge", "transactions in progress");
     for (int i = 0; i < n; i++) {

@@ -65,8 +65,13 @@ struct lmtp_conn {
     int line_overflow;
     struct lmtp_reply reply;
     /* expected replies, a ring */
-    struct { uint8_t kind; int idx; } exp[LMTP_EXP_MAX];
+    struct { uint8_t kind; int idx; uint64_t at_us; } exp[LMTP_EXP_MAX];
     int exp_head, exp_n;
+    /* reply times: a reply's wait runs from the later of its command's write and the
+     * previous reply (pipelined commands are answered one after the other) */
+    uint64_t last_reply_us;
+    uint64_t body_queued_us, body_done_us; /* the dot's replies wait from the body's write */
+    double greet_ms;           /* slowest of greeting and LHLO */
     /* the transaction */
     struct lmtp_msg *msg;
     int step;                  /* next envelope command to write (non-pipelined) */
@@ -76,16 +81,19 @@ struct lmtp_conn {
     struct lmtp_reply mail_reply;
     int naccepted;
     int body_sent;
+    int dot_sent;              /* the final dot is written: the transaction cannot be called off */
     int dot_idx;               /* LMTP: next accepted recipient a post-dot reply belongs to */
 };
 
 struct lmtp_wreq {
     uv_write_t req;
     struct lmtp_conn *c;
+    int body;                  /* the message body and its dot */
     char buf[];                /* owned copy of a command, or empty for the body */
 };
 
 static void lmtp_fail(struct lmtp_conn *c, int status, const char *why);
+static uint64_t now_us(void);
 static void lmtp_shut(struct lmtp_conn *c);
 static void lmtp_release(struct lmtp_conn *c);
 static int lmtp_write_env_step(struct lmtp_conn *c);
@@ -192,6 +200,11 @@ int lmtp_dot_stuff(const char *in, size_t len, char **out, size_t *outlen)
 
 /* --- State and failure -------------------------------------------------------------------- */
 
+static uint64_t now_us(void)
+{
+    return uv_hrtime() / 1000;
+}
+
 static const char *const lmtp_state_names[LMTP_NSTATES] = {
 #define XX(n, s) s,
     LMTP_STATE_MAP(XX)
@@ -284,6 +297,8 @@ static void lmtp_write_cb(uv_write_t *req, int status)
     struct lmtp_wreq *w = (struct lmtp_wreq *)req;
     struct lmtp_conn *c = w->c;
 
+    if (w->body && status == 0)
+        c->body_done_us = now_us();
     free(w);
     if (status < 0 && status != UV_ECANCELED) {
         char why[LMTP_WHY_MAX];
@@ -304,6 +319,7 @@ static int lmtp_write(struct lmtp_conn *c, const char *buf, size_t len, int copy
     if (!w)
         return -ENOMEM;
     w->c = c;
+    w->body = !copy;
     if (copy) {
         memcpy(w->buf, buf, len);
         b[n++] = uv_buf_init(w->buf, (unsigned)len);
@@ -327,6 +343,7 @@ static int lmtp_expect(struct lmtp_conn *c, enum lmtp_exp kind, int idx)
     int at = (c->exp_head + c->exp_n) % LMTP_EXP_MAX;
     c->exp[at].kind = (uint8_t)kind;
     c->exp[at].idx = idx;
+    c->exp[at].at_us = now_us();
     c->exp_n++;
     return 0;
 }
@@ -437,6 +454,8 @@ static void lmtp_finish(struct lmtp_conn *c, const char *why)
             snprintf(m->rcpts[i].reply, sizeof(m->rcpts[i].reply), "%s", c->mail_reply.text);
         }
     }
+    if (c->mail_failed)
+        m->env_code = c->mail_reply.code;
     c->msg = NULL;
     lmtp_enter(c, LMTP_S_READY, why);
     if (c->done_cb)
@@ -488,10 +507,13 @@ static void lmtp_on_env_reply(struct lmtp_conn *c, enum lmtp_exp kind, int idx)
             } else {
                 lmtp_expect(c, EX_DOT, -1);
             }
+            c->body_queued_us = now_us();
+            c->body_done_us = 0;
             if (empty)
                 r = lmtp_write(c, ".\r\n", 3, 1, NULL, 0);
             else
                 r = lmtp_write(c, m->body, m->body_len, 0, ".\r\n", 3);
+            c->dot_sent = 1;
             if (r < 0) {
                 lmtp_fail(c, r, "cannot write the message body");
                 return;
@@ -506,6 +528,8 @@ static void lmtp_on_env_reply(struct lmtp_conn *c, enum lmtp_exp kind, int idx)
         for (int i = 0; i < m->nrcpt; i++)
             if (m->rcpts[i].accepted && !c->mail_failed)
                 lmtp_set(&m->rcpts[i], rep);
+        if (!c->mail_failed)
+            m->env_code = rep->code;
         lmtp_finish(c, "DATA refused");
         return;
     default:
@@ -549,6 +573,28 @@ static void lmtp_on_dot_reply(struct lmtp_conn *c, int idx)
 
 /* --- Reading ----------------------------------------------------------------------------------- */
 
+/* lmtp_timed - how long the server took over this reply: from the later of the command's
+ * write (for the dot: the body's) and the previous reply. Kept as the slowest of the
+ * transaction, or of the greeting and LHLO. */
+static void lmtp_timed(struct lmtp_conn *c, enum lmtp_exp kind, uint64_t at_us)
+{
+    uint64_t now = now_us(), from = at_us;
+    double ms;
+
+    if (kind == EX_DOT)
+        from = c->body_done_us ? c->body_done_us : c->body_queued_us;
+    if (c->last_reply_us > from)
+        from = c->last_reply_us;
+    c->last_reply_us = now;
+    ms = now > from ? (double)(now - from) / 1000.0 : 0;
+    if (kind == EX_GREETING || kind == EX_HELLO) {
+        if (ms > c->greet_ms)
+            c->greet_ms = ms;
+    } else if (kind != EX_QUIT && c->msg && ms > c->msg->slowest_ms) {
+        c->msg->slowest_ms = ms;
+    }
+}
+
 /* lmtp_on_reply - a complete reply: pop what it answers and act on it. */
 static void lmtp_on_reply(struct lmtp_conn *c)
 {
@@ -563,6 +609,7 @@ static void lmtp_on_reply(struct lmtp_conn *c)
     }
     kind = (enum lmtp_exp)c->exp[c->exp_head].kind;
     idx = c->exp[c->exp_head].idx;
+    lmtp_timed(c, kind, c->exp[c->exp_head].at_us);
     c->exp_head = (c->exp_head + 1) % LMTP_EXP_MAX;
     c->exp_n--;
     if (c->reply.code == 421 && kind != EX_QUIT) {
@@ -822,6 +869,9 @@ int lmtp_send(struct lmtp_conn *c, struct lmtp_msg *m)
         m->rcpts[i].reply[0] = '\0';
         m->rcpts[i].accepted = 0;
     }
+    m->slowest_ms = 0;
+    m->env_code = 0;
+    c->dot_sent = 0;
     c->msg = m;
     c->with_rset = c->ntx > 0;
     c->ntx++;
@@ -883,6 +933,24 @@ void lmtp_close(struct lmtp_conn *c)
         return;
     }
     lmtp_fail(c, -ECANCELED, "closed by the deliverer");
+}
+
+int lmtp_abort(struct lmtp_conn *c)
+{
+    if (!c || !c->msg || c->state == LMTP_S_CLOSED)
+        return -EINVAL;
+    if (c->dot_sent)
+        return 0;
+    /* DATA went out with the envelope (pipelined), so whatever we wrote now the server would
+     * take as message text: closing is the only way to end the transaction, and without the
+     * final dot the server discards it (RFC 5321 4.1.1.4, 3.8; RFC 2033 4.2). */
+    lmtp_fail(c, -ECANCELED, "transaction stopped before its final dot");
+    return 1;
+}
+
+double lmtp_greet_ms(const struct lmtp_conn *c)
+{
+    return c->greet_ms;
 }
 
 void *lmtp_data(const struct lmtp_conn *c)

@@ -12,7 +12,8 @@
  *
  * Callbacks (all on the loop thread, never from inside the call that started the work):
  *   ready_cb   once per connection: status 0 when greeted and ready, or < 0 with why.
- *   done_cb    once per lmtp_send that returned 0. status 0: the transaction ran; every
+ *   done_cb    once per lmtp_send that returned 0 (lmtp_close and lmtp_abort run it from
+ *              inside the call). status 0: the transaction ran; every
  *              recipient has code/reply (code 0 never happens then). status < 0: the
  *              connection failed mid-way (timeout, drop, protocol error); recipients with
  *              code != 0 have a definitive reply (e.g. LMTP replies that arrived after the dot,
@@ -119,6 +120,11 @@ struct lmtp_msg {
     size_t body_len;
     struct lmtp_rcpt *rcpts;
     int nrcpt;
+    /* read-only: set by the transaction */
+    double slowest_ms;          /* the longest the server took over one reply (RSET, MAIL,
+                                 * each RCPT, DATA, each reply after the dot), in ms */
+    int env_code;               /* a MAIL or DATA refusal that decided every recipient's fate
+                                 * (a mailstore-level answer), or 0 */
 };
 
 struct lmtp_conn;
@@ -136,6 +142,15 @@ int lmtp_send(struct lmtp_conn *c, struct lmtp_msg *m);
 /* QUIT (when idle) and close; an unfinished transaction fails with -ECANCELED. closed_cb
  * follows. Safe to call more than once. */
 void lmtp_close(struct lmtp_conn *c);
+/* Call off the transaction in progress if its final dot has not been written: the
+ * connection is closed (DATA is pipelined with the envelope, so nothing else could end it)
+ * and the server, which never saw the dot, discards the message. done_cb runs from inside
+ * this call with -ECANCELED. Returns 1 when called off, 0 when the dot is already written
+ * (the transaction finishes and done_cb reports its replies as usual), -EINVAL when no
+ * transaction is running. */
+int lmtp_abort(struct lmtp_conn *c);
+/* The longer of the server's greeting and its LHLO/EHLO reply, in ms (0 before them). */
+double lmtp_greet_ms(const struct lmtp_conn *c);
 void *lmtp_data(const struct lmtp_conn *c);
 enum lmtp_state lmtp_state(const struct lmtp_conn *c);
 const char *lmtp_state_name(enum lmtp_state s);

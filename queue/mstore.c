@@ -1,36 +1,49 @@
 /*
- * mstore.c - per-mailstore state machine, pacing and persisted state (contract: mstore.h).
+ * mstore.c - per-mailstore state machine, pacing, health and persisted state (contract:
+ * mstore.h).
  *
  * Invariants:
  *   - m->state changes only in mstore_enter(), which logs the transition and its reason.
- *   - paused is left only by an operator release; tripped only by a successful probe (or a
- *     release); ramping ends in active when the ramp is over, or earlier by a trip or pause.
- *   - The window (cwnd) and the token bucket matter only while ramping; tripped allows one
- *     transaction at a time, and only once next_probe has passed.
+ *   - paused is left only by an operator release; tripped only by a successful probe with a
+ *     normal reply time (or a release); ramping ends in active when the ramp is over, or
+ *     earlier by a trip or pause; degraded ends in active once its window is full again.
+ *   - The window (cwnd) matters only while ramping or degraded, the token bucket only while
+ *     ramping; tripped allows one transaction at a time, and only once next_probe has passed.
+ *   - An outage interval is open exactly while the state is paused or tripped.
+ *   - normal_ms learns only from transactions under the slow bound.
  *
- * Sections: names, transitions, operator actions, admission (may_start/started), results,
- * pause accounting, persistence.
+ * Sections: names, transitions, operator actions, admission (may_start/started), latency,
+ * mass refusals, results, outage accounting, persistence.
  */
 #include "mstore.h"
 
+#include <ctype.h>
 #include <errno.h>
 #include <math.h>
 #include <sqlite3.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "log.h"
 
 #define MSTORE_DB_BUSY_MS 10000 /* as the spool's own connections: the other daemon's
                                  * transactions are short, 10 s means an outage */
 
-static void mstore_add_pause(struct mstore *m, int64_t start, int64_t end);
+static void mstore_add_outage(struct mstore *m, int64_t start, int64_t end);
 static void mstore_refill(struct mstore *m, int64_t now);
+static void mstore_mass_reset(struct mstore *m);
 
 static const char *const mstore_names[MSTORE_NSTATES] = {
 #define XX(n, s) s,
     MSTORE_STATE_MAP(XX)
+#undef XX
+};
+
+static const char *const mstore_cause_names[MSTORE_NCAUSES] = {
+#define XX(n, s) s,
+    MSTORE_CAUSE_MAP(XX)
 #undef XX
 };
 
@@ -47,9 +60,27 @@ int mstore_state_parse(const char *s)
     return -EINVAL;
 }
 
+const char *mstore_cause_name(enum mstore_cause c)
+{
+    return (unsigned)c < MSTORE_NCAUSES ? mstore_cause_names[c] : "unknown";
+}
+
+static enum mstore_cause mstore_cause_parse(const char *s)
+{
+    for (int i = 0; i < MSTORE_NCAUSES; i++)
+        if (strcmp(s, mstore_cause_names[i]) == 0)
+            return (enum mstore_cause)i;
+    return MSTORE_C_NONE;
+}
+
 static void copy_str(char *dst, size_t len, const char *src)
 {
     snprintf(dst, len, "%s", src ? src : "");
+}
+
+static int is_outage(enum mstore_state s)
+{
+    return s == MSTORE_PAUSED || s == MSTORE_TRIPPED;
 }
 
 void mstore_init(struct mstore *m, const char *name, const struct mstore_params *p, int64_t now)
@@ -61,6 +92,7 @@ void mstore_init(struct mstore *m, const char *name, const struct mstore_params 
     m->since = now;
     m->cwnd = 1;
     m->share = 1;
+    m->last_lat_ms = -1;
     copy_str(m->actor, sizeof(m->actor), "auto");
 }
 
@@ -71,6 +103,8 @@ void mstore_set_share(struct mstore *m, double share)
 
 void mstore_set_params(struct mstore *m, const struct mstore_params *p)
 {
+    if (p->mass_window_ms != m->p.mass_window_ms)
+        mstore_mass_reset(m);       /* the slices' width changed */
     m->p = *p;
     if (m->cwnd > p->max_connections)
         m->cwnd = p->max_connections;
@@ -78,10 +112,12 @@ void mstore_set_params(struct mstore *m, const struct mstore_params *p)
 
 /* --- Transitions ------------------------------------------------------------------------ */
 
-/* mstore_enter - the one place the state changes. Leaving paused closes the open pause
- * interval; entering paused opens one. Entering ramping restarts the window at 1 and the
- * bucket with one token (the first message may go at once); entering tripped schedules the
- * first probe one probe_interval from now. */
+/* mstore_enter - the one place the state changes. Entering paused or tripped opens an outage
+ * interval (queue age stops), leaving both closes it. Entering ramping restarts the window
+ * at 1 and the bucket with one token (the first message may go at once); entering tripped
+ * schedules the first probe one probe_interval from now; entering degraded halves the
+ * concurrency. Entering ramping, active or paused forgets the recent reply times and
+ * refusals: what follows is judged afresh. */
 void mstore_enter(struct mstore *m, enum mstore_state to, const char *reason, const char *actor,
                   int64_t now)
 {
@@ -90,11 +126,12 @@ void mstore_enter(struct mstore *m, enum mstore_state to, const char *reason, co
     log_notice("mailstore %s: %s -> %s (%s)%s%s", m->name, mstore_state_name(from),
                mstore_state_name(to), reason && *reason ? reason : "no reason given",
                actor && *actor ? " by " : "", actor && *actor ? actor : "");
-    if (from == MSTORE_PAUSED && to != MSTORE_PAUSED && m->npauses > 0 &&
-        m->pauses[m->npauses - 1].end == 0)
-        m->pauses[m->npauses - 1].end = now;
-    if (to == MSTORE_PAUSED && from != MSTORE_PAUSED)
-        mstore_add_pause(m, now, 0);
+    if (is_outage(from) && !is_outage(to) && m->noutages > 0 &&
+        m->outages[m->noutages - 1].end == 0)
+        m->outages[m->noutages - 1].end = now;
+    if (is_outage(to) && (!is_outage(from) || m->noutages == 0 ||
+                          m->outages[m->noutages - 1].end != 0))
+        mstore_add_outage(m, now, 0);
     m->state = to;
     m->since = now;
     copy_str(m->reason, sizeof(m->reason), reason);
@@ -104,17 +141,31 @@ void mstore_enter(struct mstore *m, enum mstore_state to, const char *reason, co
     case MSTORE_ACTIVE:
         m->fails = 0;
         m->public_reason[0] = '\0';   /* the incident is over for resellers too */
+        m->cause = MSTORE_C_NONE;
+        m->nlat = m->lat_head = 0;
         break;
     case MSTORE_PAUSED:
+        m->cause = MSTORE_C_NONE;
+        m->nlat = m->lat_head = 0;
+        mstore_mass_reset(m);
         break;
     case MSTORE_TRIPPED:
         m->next_probe = now + m->p.probe_interval_ms;
         break;
     case MSTORE_RAMPING:
         m->fails = 0;
+        m->cause = MSTORE_C_NONE;
         m->cwnd = 1;
         m->tokens = 1;
         m->tokens_at = now;
+        m->nlat = m->lat_head = 0;
+        mstore_mass_reset(m);
+        break;
+    case MSTORE_DEGRADED:
+        m->cause = MSTORE_C_SLOW;
+        m->cwnd = floor(m->p.max_connections / 2.0);
+        if (m->cwnd < 1)
+            m->cwnd = 1;
         break;
     default:
         fatal("mstore_enter: bad state %d", (int)to);
@@ -188,7 +239,7 @@ static void mstore_refill(struct mstore *m, int64_t now)
         m->tokens = depth;
 }
 
-int mstore_may_start(struct mstore *m, int inflight, int64_t now, int64_t *wait_ms)
+int mstore_may_start(struct mstore *m, int busy, int64_t now, int64_t *wait_ms)
 {
     int n;
 
@@ -197,7 +248,7 @@ int mstore_may_start(struct mstore *m, int inflight, int64_t now, int64_t *wait_
     case MSTORE_PAUSED:
         return 0;
     case MSTORE_TRIPPED:
-        if (m->probing || inflight > 0)
+        if (m->probing || busy > 0)
             return 0;
         if (now < m->next_probe) {
             *wait_ms = m->next_probe - now;
@@ -205,13 +256,16 @@ int mstore_may_start(struct mstore *m, int inflight, int64_t now, int64_t *wait_
         }
         return 1;
     case MSTORE_ACTIVE:
-        n = m->p.max_connections - inflight;
+        n = m->p.max_connections - busy;
+        return n > 0 ? n : 0;
+    case MSTORE_DEGRADED:
+        n = (int)m->cwnd - busy;
         return n > 0 ? n : 0;
     case MSTORE_RAMPING:
         mstore_tick(m, now);
         if (m->state != MSTORE_RAMPING)
-            return mstore_may_start(m, inflight, now, wait_ms);
-        n = (int)m->cwnd - inflight;
+            return mstore_may_start(m, busy, now, wait_ms);
+        n = (int)m->cwnd - busy;
         if (n <= 0)
             return 0;
         mstore_refill(m, now);
@@ -238,20 +292,224 @@ void mstore_started(struct mstore *m, int64_t now)
     }
 }
 
+void mstore_cancelled(struct mstore *m, int64_t now)
+{
+    if (m->state == MSTORE_TRIPPED)
+        m->probing = 0;
+}
+
+/* --- Latency ------------------------------------------------------------------------------ */
+
+double mstore_slow_bound(const struct mstore *m)
+{
+    double bound = m->p.slow_reply_ms > 0 ? (double)m->p.slow_reply_ms : INFINITY;
+
+    if (m->p.slow_factor > 0 && m->normal_n >= MSTORE_LAT_LEARN) {
+        double rel = m->p.slow_factor * m->normal_ms;
+        if (rel < (double)m->p.slow_floor_ms)
+            rel = (double)m->p.slow_floor_ms;
+        if (rel < bound)
+            bound = rel;
+    }
+    return bound;
+}
+
+static int cmp_double(const void *a, const void *b)
+{
+    double x = *(const double *)a, y = *(const double *)b;
+    return x < y ? -1 : x > y;
+}
+
+double mstore_recent_ms(const struct mstore *m)
+{
+    double v[MSTORE_LAT_WIN];
+
+    if (m->nlat == 0)
+        return -1;
+    memcpy(v, m->lat, sizeof(v));
+    qsort(v, (size_t)m->nlat, sizeof(v[0]), cmp_double);
+    return v[m->nlat / 2];
+}
+
+/* lat_learn - a transaction under the bound: the normal follows it. The first
+ * MSTORE_LAT_LEARN are averaged; after that each weighs MSTORE_LAT_ALPHA, so the normal
+ * moves over ~20 transactions, never in one. */
+static void lat_learn(struct mstore *m, double ms)
+{
+    if (m->normal_n < MSTORE_LAT_LEARN) {
+        m->normal_n++;
+        m->normal_ms += (ms - m->normal_ms) / m->normal_n;
+    } else {
+        m->normal_ms += MSTORE_LAT_ALPHA * (ms - m->normal_ms);
+    }
+}
+
+/* lat_why - "replies take 812 ms (median of the last 5 transactions), over 60 ms (5x the
+ * normal 12 ms)" */
+static void lat_why(const struct mstore *m, double ms, int median, char *buf, size_t len)
+{
+    double bound = mstore_slow_bound(m);
+    char over[128];
+
+    if (m->p.slow_reply_ms > 0 && bound >= (double)m->p.slow_reply_ms)
+        snprintf(over, sizeof(over), "slow_reply %.4g ms", bound);
+    else if (bound <= (double)m->p.slow_floor_ms)
+        snprintf(over, sizeof(over), "%.4g ms (slow_floor; the normal is %.3g ms)", bound,
+                 m->normal_ms);
+    else
+        snprintf(over, sizeof(over), "%.4g ms (%dx the normal %.3g ms)", bound,
+                 m->p.slow_factor, m->normal_ms);
+    if (median)
+        snprintf(buf, len, "replies take %.4g ms (median of the last %d transactions), over %s",
+                 ms, m->nlat, over);
+    else
+        snprintf(buf, len, "its reply took %.4g ms, over %s", ms, over);
+}
+
+/* --- Mass refusals ------------------------------------------------------------------------- */
+
+static void mstore_mass_reset(struct mstore *m)
+{
+    m->nref = m->ref_head = 0;
+    memset(m->buckets, 0, sizeof(m->buckets));
+    m->mass_why[0] = '\0';
+}
+
+static uint32_t user_hash(const char *s)
+{
+    uint32_t h = 2166136261u;          /* FNV-1a over the lowercased address */
+
+    for (; s && *s; s++) {
+        h ^= (uint32_t)tolower((unsigned char)*s);
+        h *= 16777619u;
+    }
+    return h;
+}
+
+static int64_t slice_ms(const struct mstore *m)
+{
+    int64_t w = m->p.mass_window_ms / MSTORE_MASS_BUCKETS;
+    return w > 0 ? w : 1;
+}
+
+/* mass_count - replies and refusals of class cls within the window, and distinct refused
+ * users (counted up to mass_users: enough to decide). */
+static void mass_count(const struct mstore *m, int cls, int64_t now, uint32_t *total,
+                       uint32_t *refused, int *users)
+{
+    int64_t cur = now / slice_ms(m);
+    uint32_t seen[MSTORE_MASS_USERS_MAX];
+    int want = m->p.mass_users < MSTORE_MASS_USERS_MAX ? m->p.mass_users : MSTORE_MASS_USERS_MAX;
+
+    *total = *refused = 0;
+    *users = 0;
+    for (int i = 0; i < MSTORE_MASS_BUCKETS; i++) {
+        const struct mstore_bucket *b = &m->buckets[i];
+        if (b->total == 0 || b->slice <= cur - MSTORE_MASS_BUCKETS || b->slice > cur)
+            continue;
+        *total += b->total;
+        *refused += cls == 5 ? b->r5 : b->r4;
+    }
+    for (int k = 0; k < m->nref && *users < want; k++) {
+        int i = (m->ref_head - 1 - k + MSTORE_REFUSALS_MAX) % MSTORE_REFUSALS_MAX;
+        const struct mstore_refusal *r = &m->refusals[i];
+        if (r->at < now - m->p.mass_window_ms)
+            break;              /* newest first: the rest are older */
+        if (r->cls != cls)
+            continue;
+        int dup = 0;
+        for (int j = 0; j < *users && !dup; j++)
+            dup = seen[j] == r->user;
+        if (!dup)
+            seen[(*users)++] = r->user;
+    }
+}
+
+static int mass_now(const struct mstore *m, int cls, int64_t now, uint32_t *total,
+                    uint32_t *refused, int *users)
+{
+    mass_count(m, cls, now, total, refused, users);
+    return m->p.mass_users > 0 && *users >= m->p.mass_users && *total > 0 &&
+           (uint64_t)*refused * 100 >= (uint64_t)m->p.mass_ratio * *total;
+}
+
+enum mstore_result mstore_reply(struct mstore *m, int cls, const char *rcpt, int64_t now)
+{
+    int64_t slice = now / slice_ms(m);
+    struct mstore_bucket *b = &m->buckets[(uint64_t)slice % MSTORE_MASS_BUCKETS];
+    uint32_t total, refused;
+    int users;
+
+    if (m->p.mass_users <= 0 || (cls != 2 && cls != 4 && cls != 5))
+        return MSTORE_R_OK;
+    if (b->slice != slice) {
+        memset(b, 0, sizeof(*b));
+        b->slice = slice;
+    }
+    b->total++;
+    if (cls == 2)
+        return MSTORE_R_OK;
+    if (cls == 5)
+        b->r5++;
+    else
+        b->r4++;
+    struct mstore_refusal *r = &m->refusals[m->ref_head];
+    r->at = now;
+    r->user = user_hash(rcpt);
+    r->cls = cls;
+    m->ref_head = (m->ref_head + 1) % MSTORE_REFUSALS_MAX;
+    if (m->nref < MSTORE_REFUSALS_MAX)
+        m->nref++;
+    if (!mass_now(m, cls, now, &total, &refused, &users))
+        return MSTORE_R_OK;
+    snprintf(m->mass_why, sizeof(m->mass_why), "mass %dxx: %d distinct recipients refused "
+             "with %dxx within %.4gs (%u of %u replies)", cls, users, cls,
+             (double)m->p.mass_window_ms / 1000.0, refused, total);
+    return cls == 5 ? MSTORE_R_MASS_5XX : MSTORE_R_MASS_4XX;
+}
+
 /* --- Results ------------------------------------------------------------------------------ */
 
-int mstore_result(struct mstore *m, enum mstore_result r, const char *reason, int64_t now)
+static void trip(struct mstore *m, enum mstore_cause cause, const char *why, int64_t now)
+{
+    mstore_enter(m, MSTORE_TRIPPED, why, "auto", now);
+    m->cause = cause;
+}
+
+int mstore_result(struct mstore *m, enum mstore_result r, double lat_ms, const char *reason,
+                  int64_t now)
 {
     enum mstore_state before = m->state;
-    char why[MSTORE_REASON_MAX];
+    char why[MSTORE_REASON_MAX], lwhy[240];
     int failed = r == MSTORE_R_FAIL || r == MSTORE_R_TIMEOUT;
+    int mass = r == MSTORE_R_MASS_5XX || r == MSTORE_R_MASS_4XX;
+    int slow = 0;
+    double bound = mstore_slow_bound(m), judged = lat_ms;
 
-    if (failed)
+    if (lat_ms >= 0 && !failed && !mass && m->state != MSTORE_PAUSED) {
+        m->last_lat_ms = lat_ms;
+        if (m->state == MSTORE_TRIPPED) {
+            slow = lat_ms > bound;      /* a probe speaks for itself */
+        } else {
+            m->lat[m->lat_head] = lat_ms;
+            m->lat_head = (m->lat_head + 1) % MSTORE_LAT_WIN;
+            if (m->nlat < MSTORE_LAT_WIN)
+                m->nlat++;
+            /* sustained (the median) and still (this one): a recovery counts at once */
+            judged = mstore_recent_ms(m);
+            slow = judged > bound && lat_ms > bound;
+        }
+        if (lat_ms <= bound)
+            lat_learn(m, lat_ms);
+    }
+    if (slow)
+        lat_why(m, judged, m->state != MSTORE_TRIPPED, lwhy, sizeof(lwhy));
+    if (failed || slow)
         m->fails++;
-    else
+    else if (!mass)
         m->fails = 0;
-    if (m->state == MSTORE_RAMPING) {
-        if (r == MSTORE_R_OK) {
+    if (m->state == MSTORE_RAMPING || m->state == MSTORE_DEGRADED) {
+        if (r == MSTORE_R_OK && !slow) {
             m->cwnd += 1;
             if (m->cwnd > m->p.max_connections)
                 m->cwnd = m->p.max_connections;
@@ -264,25 +522,44 @@ int mstore_result(struct mstore *m, enum mstore_result r, const char *reason, in
     switch (m->state) {
     case MSTORE_ACTIVE:
     case MSTORE_RAMPING:
-        if (failed && m->fails >= m->p.trip_after) {
-            snprintf(why, sizeof(why), "%d consecutive failures, last: %.200s", m->fails,
-                     reason && *reason ? reason : "?");
-            mstore_enter(m, MSTORE_TRIPPED, why, "auto", now);
+    case MSTORE_DEGRADED:
+        if (mass) {
+            trip(m, r == MSTORE_R_MASS_5XX ? MSTORE_C_MASS_5XX : MSTORE_C_MASS_4XX,
+                 m->mass_why, now);
+        } else if ((failed || slow) && m->fails >= m->p.trip_after) {
+            if (slow)
+                snprintf(why, sizeof(why), "slow: %.240s", lwhy);
+            else
+                snprintf(why, sizeof(why), "%d consecutive failures, last: %.200s", m->fails,
+                         reason && *reason ? reason : "?");
+            trip(m, slow ? MSTORE_C_SLOW : MSTORE_C_FAILURES, why, now);
+        } else if (slow && m->state == MSTORE_ACTIVE) {
+            snprintf(why, sizeof(why), "slow: %.240s", lwhy);
+            mstore_enter(m, MSTORE_DEGRADED, why, "auto", now);
+        } else if (m->state == MSTORE_DEGRADED && !failed && !slow &&
+                   m->cwnd >= m->p.max_connections) {
+            mstore_enter(m, MSTORE_ACTIVE, "replies back to normal", "auto", now);
         }
         break;
     case MSTORE_TRIPPED:
         m->probing = 0;
-        if (!failed) {
+        if (!failed && !slow && !mass) {
+            if (lat_ms >= 0)
+                log_info("mailstore %s: probe answered in %.4g ms (bound %.4g ms)", m->name,
+                         lat_ms, bound);
             m->rate_start = m->p.release_start_rate > 0 ? m->p.release_start_rate : 1;
             m->ramp_ms = m->p.release_ramp_ms;
-            if (m->ramp_ms > 0)
-                mstore_enter(m, MSTORE_RAMPING, "probe succeeded", "auto", now);
-            else
-                mstore_enter(m, MSTORE_ACTIVE, "probe succeeded", "auto", now);
+            mstore_enter(m, m->ramp_ms > 0 ? MSTORE_RAMPING : MSTORE_ACTIVE, "probe succeeded",
+                         "auto", now);
         } else {
             m->next_probe = now + m->p.probe_interval_ms;
-            log_info("mailstore %s: probe failed (%s); next probe in %.1fs", m->name,
-                     reason && *reason ? reason : "?", (double)m->p.probe_interval_ms / 1000.0);
+            if (slow)
+                log_info("mailstore %s: probe was slow (%s); next probe in %.1fs", m->name,
+                         lwhy, (double)m->p.probe_interval_ms / 1000.0);
+            else
+                log_info("mailstore %s: probe failed (%s); next probe in %.1fs", m->name,
+                         mass ? m->mass_why : reason && *reason ? reason : "?",
+                         (double)m->p.probe_interval_ms / 1000.0);
         }
         break;
     case MSTORE_PAUSED:
@@ -302,26 +579,55 @@ int mstore_tick(struct mstore *m, int64_t now)
     return 0;
 }
 
-/* --- Pause accounting --------------------------------------------------------------------- */
-
-static void mstore_add_pause(struct mstore *m, int64_t start, int64_t end)
+unsigned mstore_trouble(const struct mstore *m, int64_t now)
 {
-    if (m->npauses == MSTORE_PAUSES_MAX) {     /* forget the oldest: queue age only ever
-                                                * looks back max_queue_age */
-        memmove(&m->pauses[0], &m->pauses[1], sizeof(m->pauses[0]) * (MSTORE_PAUSES_MAX - 1));
-        m->npauses--;
-    }
-    m->pauses[m->npauses].start = start;
-    m->pauses[m->npauses].end = end;
-    m->npauses++;
+    unsigned t = 0;
+    uint32_t total, refused;
+    int users;
+
+    if (m->state == MSTORE_PAUSED)
+        t |= MSTORE_T_PAUSED;
+    if (m->state == MSTORE_TRIPPED)
+        t |= MSTORE_T_TRIPPED;
+    if (m->state == MSTORE_DEGRADED || (m->state == MSTORE_TRIPPED && m->cause == MSTORE_C_SLOW))
+        t |= MSTORE_T_DEGRADED;
+    if ((m->state == MSTORE_TRIPPED && m->cause == MSTORE_C_MASS_5XX) ||
+        mass_now(m, 5, now, &total, &refused, &users))
+        t |= MSTORE_T_MASS_5XX;
+    if ((m->state == MSTORE_TRIPPED && m->cause == MSTORE_C_MASS_4XX) ||
+        mass_now(m, 4, now, &total, &refused, &users))
+        t |= MSTORE_T_MASS_4XX;
+    return t;
 }
 
-int64_t mstore_paused_ms(const struct mstore *m, int64_t from, int64_t to)
+/* --- Outage accounting --------------------------------------------------------------------- */
+
+static void mstore_add_outage(struct mstore *m, int64_t start, int64_t end)
+{
+    if (m->noutages == MSTORE_OUTAGES_MAX) {
+        /* merge the two closed neighbours with the smallest gap: the gap then counts as
+         * outage, so mail is held later rather than sooner */
+        int best = 0;
+        for (int i = 1; i < MSTORE_OUTAGES_MAX - 1; i++)
+            if (m->outages[i + 1].start - m->outages[i].end <
+                m->outages[best + 1].start - m->outages[best].end)
+                best = i;
+        m->outages[best].end = m->outages[best + 1].end;
+        memmove(&m->outages[best + 1], &m->outages[best + 2],
+                sizeof(m->outages[0]) * (size_t)(MSTORE_OUTAGES_MAX - best - 2));
+        m->noutages--;
+    }
+    m->outages[m->noutages].start = start;
+    m->outages[m->noutages].end = end;
+    m->noutages++;
+}
+
+int64_t mstore_outage_ms(const struct mstore *m, int64_t from, int64_t to)
 {
     int64_t sum = 0;
 
-    for (int i = 0; i < m->npauses; i++) {
-        int64_t s = m->pauses[i].start, e = m->pauses[i].end ? m->pauses[i].end : to;
+    for (int i = 0; i < m->noutages; i++) {
+        int64_t s = m->outages[i].start, e = m->outages[i].end ? m->outages[i].end : to;
         if (s < from)
             s = from;
         if (e > to)
@@ -342,7 +648,9 @@ static const char mstore_schema[] =
     "CREATE TABLE IF NOT EXISTS mailstores(name TEXT PRIMARY KEY, state TEXT, reason TEXT,"
     " since INTEGER, actor TEXT, release_rate REAL, ramp_ms INTEGER, public_reason TEXT);"
     "CREATE TABLE IF NOT EXISTS mailstore_pauses(name TEXT NOT NULL, start INTEGER NOT NULL,"
-    " end INTEGER NOT NULL DEFAULT 0, PRIMARY KEY(name, start));";
+    " end INTEGER NOT NULL DEFAULT 0, PRIMARY KEY(name, start));"
+    "CREATE TABLE IF NOT EXISTS mailstore_health(name TEXT PRIMARY KEY, normal_ms REAL,"
+    " normal_n INTEGER, cause TEXT);";
 
 static int mstore_db_errno(int rc)
 {
@@ -435,23 +743,63 @@ static void col_copy(sqlite3_stmt *st, int col, char *dst, size_t len)
     copy_str(dst, len, s ? (const char *)s : "");
 }
 
+/* fmt_since - "2026-08-01T03:12:44Z (7512 s ago)" for the restore line */
+static void fmt_since(int64_t ms, int64_t now, char *buf, size_t len)
+{
+    time_t t = (time_t)(ms / 1000);
+    struct tm tm;
+    char iso[32];
+
+    if (ms <= 0 || !gmtime_r(&t, &tm) || strftime(iso, sizeof(iso), "%Y-%m-%dT%H:%M:%SZ", &tm) == 0)
+        snprintf(iso, sizeof(iso), "unknown time");
+    snprintf(buf, len, "%s (%lld s ago)", iso, (long long)((now - ms) / 1000));
+}
+
+/* load_health - the learned normal and the trip cause; absent rows leave m as it is. */
+static int load_health(struct mstore_db *d, struct mstore *m)
+{
+    sqlite3_stmt *st = NULL;
+    char buf[32];
+    int rc = sqlite3_prepare_v2(d->db, "SELECT normal_ms, normal_n, cause FROM mailstore_health"
+                                " WHERE name=?1", -1, &st, NULL);
+
+    if (rc != SQLITE_OK)
+        return mstore_db_errno(rc);
+    sqlite3_bind_text(st, 1, m->name, -1, SQLITE_STATIC);
+    rc = sqlite3_step(st);
+    if (rc == SQLITE_ROW) {
+        m->normal_ms = sqlite3_column_double(st, 0);
+        m->normal_n = sqlite3_column_int(st, 1);
+        if (m->normal_n > MSTORE_LAT_LEARN)
+            m->normal_n = MSTORE_LAT_LEARN;
+        if (m->normal_ms < 0 || m->normal_n < 0)
+            m->normal_ms = m->normal_n = 0;
+        col_copy(st, 2, buf, sizeof(buf));
+        m->cause = mstore_cause_parse(buf);
+    }
+    sqlite3_finalize(st);
+    return rc == SQLITE_ROW || rc == SQLITE_DONE ? 0 : mstore_db_errno(rc);
+}
+
 int mstore_db_load(struct mstore_db *d, struct mstore *m, int64_t now)
 {
     sqlite3_stmt *st = NULL;
     int r = -ENOENT, rc, state;
-    char buf[32];
+    char buf[32], since[64];
 
     rc = sqlite3_prepare_v2(d->db, "SELECT start, end FROM mailstore_pauses WHERE name=?1"
                             " ORDER BY start", -1, &st, NULL);
     if (rc != SQLITE_OK)
         return mstore_db_errno(rc);
     sqlite3_bind_text(st, 1, m->name, -1, SQLITE_STATIC);
-    m->npauses = 0;
+    m->noutages = 0;
     while ((rc = sqlite3_step(st)) == SQLITE_ROW)
-        mstore_add_pause(m, sqlite3_column_int64(st, 0), sqlite3_column_int64(st, 1));
+        mstore_add_outage(m, sqlite3_column_int64(st, 0), sqlite3_column_int64(st, 1));
     sqlite3_finalize(st);
     if (rc != SQLITE_DONE)
         return mstore_db_errno(rc);
+    if ((rc = load_health(d, m)) < 0)
+        return rc;
 
     rc = sqlite3_prepare_v2(d->db, "SELECT state, reason, since, actor, release_rate, ramp_ms,"
                             " public_reason FROM mailstores WHERE name=?1", -1, &st, NULL);
@@ -471,13 +819,15 @@ int mstore_db_load(struct mstore_db *d, struct mstore *m, int64_t now)
         r = 0;
         switch (state) {
         case MSTORE_PAUSED:
-            m->state = MSTORE_PAUSED;
-            if (m->npauses == 0 || m->pauses[m->npauses - 1].end != 0)
-                mstore_add_pause(m, m->since, 0);
-            break;
-        case MSTORE_TRIPPED:   /* probe soon: the outage may have ended while we were down */
-            m->state = MSTORE_TRIPPED;
-            m->next_probe = now;
+        case MSTORE_TRIPPED:
+            m->state = (enum mstore_state)state;
+            if (m->noutages == 0 || m->outages[m->noutages - 1].end != 0)
+                mstore_add_outage(m, m->since, 0);
+            if (state == MSTORE_TRIPPED)
+                m->next_probe = now;    /* probe soon: the outage may have ended while we
+                                         * were down */
+            else
+                m->cause = MSTORE_C_NONE;
             break;
         case MSTORE_RAMPING:   /* continue the ramp where it would be by now */
             if (m->rate_start <= 0)
@@ -490,17 +840,26 @@ int mstore_db_load(struct mstore_db *d, struct mstore *m, int64_t now)
             } else {
                 m->state = MSTORE_ACTIVE;
             }
+            m->cause = MSTORE_C_NONE;
             break;
-        default:
+        default:               /* active, and degraded: its replies are measured afresh */
             m->state = MSTORE_ACTIVE;
+            m->cause = MSTORE_C_NONE;
             break;
         }
         if (m->state == MSTORE_ACTIVE)
             m->public_reason[0] = '\0';
-        log_info("mailstore %s: restored state %s (%s) since %lld by %s", m->name,
-                 mstore_state_name(m->state), m->reason, (long long)(m->since / 1000), m->actor);
+        /* an outage left open by a state that is not one any more ends now */
+        if (m->state != MSTORE_PAUSED && m->state != MSTORE_TRIPPED && m->noutages > 0 &&
+            m->outages[m->noutages - 1].end == 0)
+            m->outages[m->noutages - 1].end = now;
+        fmt_since(m->since, now, since, sizeof(since));
+        log_info("mailstore %s: restored state %s (%s) since %s by %s", m->name,
+                 mstore_state_name(m->state), m->reason, since, m->actor);
     } else if (rc != SQLITE_DONE) {
         r = mstore_db_errno(rc);
+    } else {
+        m->cause = MSTORE_C_NONE;
     }
     sqlite3_finalize(st);
     return r;
@@ -508,7 +867,7 @@ int mstore_db_load(struct mstore_db *d, struct mstore *m, int64_t now)
 
 int mstore_db_save(struct mstore_db *d, const struct mstore *const *ms, size_t n)
 {
-    sqlite3_stmt *up = NULL, *del = NULL, *ins = NULL;
+    sqlite3_stmt *up = NULL, *del = NULL, *ins = NULL, *hl = NULL;
     int r;
 
     if ((r = mstore_db_exec(d, "BEGIN IMMEDIATE")) < 0)
@@ -520,7 +879,9 @@ int mstore_db_save(struct mstore_db *d, const struct mstore *const *ms, size_t n
         sqlite3_prepare_v2(d->db, "DELETE FROM mailstore_pauses WHERE name=?1", -1, &del,
                            NULL) != SQLITE_OK ||
         sqlite3_prepare_v2(d->db, "INSERT OR REPLACE INTO mailstore_pauses(name, start, end)"
-                           " VALUES(?1,?2,?3)", -1, &ins, NULL) != SQLITE_OK) {
+                           " VALUES(?1,?2,?3)", -1, &ins, NULL) != SQLITE_OK ||
+        sqlite3_prepare_v2(d->db, "INSERT OR REPLACE INTO mailstore_health(name, normal_ms,"
+                           " normal_n, cause) VALUES(?1,?2,?3,?4)", -1, &hl, NULL) != SQLITE_OK) {
         r = -EIO;
         goto out;
     }
@@ -541,18 +902,27 @@ int mstore_db_save(struct mstore_db *d, const struct mstore *const *ms, size_t n
         sqlite3_bind_text(del, 1, m->name, -1, SQLITE_STATIC);
         if ((r = mstore_db_errno(sqlite3_step(del))) < 0)
             break;
-        for (int k = 0; k < m->npauses && r == 0; k++) {
+        for (int k = 0; k < m->noutages && r == 0; k++) {
             sqlite3_reset(ins);
             sqlite3_bind_text(ins, 1, m->name, -1, SQLITE_STATIC);
-            sqlite3_bind_int64(ins, 2, m->pauses[k].start);
-            sqlite3_bind_int64(ins, 3, m->pauses[k].end);
+            sqlite3_bind_int64(ins, 2, m->outages[k].start);
+            sqlite3_bind_int64(ins, 3, m->outages[k].end);
             r = mstore_db_errno(sqlite3_step(ins));
         }
+        if (r < 0)
+            break;
+        sqlite3_reset(hl);
+        sqlite3_bind_text(hl, 1, m->name, -1, SQLITE_STATIC);
+        sqlite3_bind_double(hl, 2, m->normal_ms);
+        sqlite3_bind_int(hl, 3, m->normal_n);
+        sqlite3_bind_text(hl, 4, mstore_cause_name(m->cause), -1, SQLITE_STATIC);
+        r = mstore_db_errno(sqlite3_step(hl));
     }
 out:
     sqlite3_finalize(up);
     sqlite3_finalize(del);
     sqlite3_finalize(ins);
+    sqlite3_finalize(hl);
     if (r == 0)
         r = mstore_db_exec(d, "COMMIT");
     if (r < 0) {

@@ -1756,6 +1756,33 @@ int spool_unhold(struct spool *sp, const char *qid, const char *mailstore, int64
     return update_scope(sp, SPOOL_IDX_UNHOLD_QID, SPOOL_IDX_UNHOLD_MS, qid, mailstore, NULL, now);
 }
 
+int spool_requeue(struct spool *sp, const int64_t *ids, size_t n, int64_t now)
+{
+    struct spool_idx *ix = &sp->six;
+    int r, changed = 0;
+
+    pthread_mutex_lock(&sp->smu);
+    if ((r = spool_idx_begin(ix)) == 0) {
+        for (size_t i = 0; i < n && r == 0; i++) {
+            sqlite3_stmt *st = spool_idx_stmt(ix, SPOOL_IDX_REQUEUE);
+            if (!st) {
+                r = -EIO;
+                break;
+            }
+            sqlite3_bind_int64(st, 1, ids[i]);
+            sqlite3_bind_int64(st, 2, now);
+            if ((r = spool_idx_step_done(ix, st)) == 0)
+                changed += sqlite3_changes(ix->db);
+        }
+        if (r == 0)
+            r = spool_idx_commit(ix);
+        if (r < 0)
+            spool_idx_rollback(ix);
+    }
+    pthread_mutex_unlock(&sp->smu);
+    return r < 0 ? r : changed;
+}
+
 int spool_delete(struct spool *sp, const char *qid)
 {
     struct spool_idx *ix = &sp->six;

@@ -56,6 +56,8 @@
        " updated_at=?2 WHERE qid=?1 AND state=2") \
     XX(UNHOLD_MS, "UPDATE recipients SET state=0, next_attempt=?2, hold_reason=NULL," \
        " updated_at=?2 WHERE mailstore=?1 AND state=2") \
+    XX(REQUEUE, "UPDATE recipients SET state=0, next_attempt=?2, updated_at=?2" \
+       " WHERE id=?1 AND state=2 AND hold_reason IS NULL") \
     XX(COUNTS, "SELECT (SELECT count(*) FROM messages)," \
        " (SELECT count(*) FROM recipients WHERE state=0)," \
        " (SELECT count(*) FROM recipients WHERE state=2)," \

@@ -66,7 +66,14 @@ class FakeLMTP:
     rcpt_codes: {address: "451 4.2.0 busy"} replies to RCPT; fail_times: {address: n} makes
           that reply apply only to the first n attempts (then 250)
     data_codes: {address: "552 5.2.2 over quota"} LMTP per-recipient replies after the dot
+    rcpt_all: the reply to every RCPT not in rcpt_codes (None: 250), e.g. a user database
+          that lost everyone: "550 5.1.1 User doesn't exist"
+    rcpt_delay: seconds to sleep before each RCPT reply (a slow user lookup); quit_delay: before
+          the 221 to QUIT (a connection that takes its time to close)
     dsn: advertise DSN
+    Records: messages, connections, open_conns and its peak max_open, commands (and cmd_log
+    with their arrival times), dots (final dots received), cut_in_data (connections closed in
+    DATA before the final dot), per_conn (MAIL commands of each closed connection).
     """
 
     def __init__(self, port=None, proto="lmtp", dsn=False):
@@ -78,11 +85,19 @@ class FakeLMTP:
         self.rcpt_codes = {}
         self.fail_times = {}
         self.data_codes = {}
+        self.rcpt_all = None
+        self.rcpt_delay = 0.0
+        self.quit_delay = 0.0
         self.lock = threading.Lock()
         self.messages = []      # dicts: t, sender, rcpts, data, mail_line, rcpt_lines
         self.connections = 0
         self.open_conns = 0
+        self.max_open = 0
+        self.cut_in_data = 0
+        self.dots = 0
+        self.per_conn = []
         self.commands = []
+        self.cmd_log = []       # (time, command)
         self.sock = None
         self.thread = None
         self.stopping = False
@@ -122,6 +137,11 @@ class FakeLMTP:
         with self.lock:
             return list(self.messages)
 
+    def mails_after(self, t):
+        """MAIL commands that arrived after time t (transactions started then)."""
+        with self.lock:
+            return [c for (at, c) in self.cmd_log if at > t and c.upper().startswith("MAIL")]
+
     def qids(self):
         """Queue IDs seen in our Received: header of each delivered message."""
         out = []
@@ -142,16 +162,19 @@ class FakeLMTP:
             with self.lock:
                 self.connections += 1
                 self.open_conns += 1
+                self.max_open = max(self.max_open, self.open_conns)
                 self.conns.append(c)
             threading.Thread(target=self._serve_safe, args=(c,), daemon=True).start()
 
     def _serve_safe(self, c):
+        mails = [0]
         try:
-            self._serve(c)
+            self._serve(c, mails)
         except OSError:
             pass
         finally:
             with self.lock:
+                self.per_conn.append(mails[0])
                 self.open_conns -= 1
                 if c in self.conns:
                     self.conns.remove(c)
@@ -164,14 +187,14 @@ class FakeLMTP:
         with self.lock:
             code = self.rcpt_codes.get(addr)
             if code is None:
-                return "250 2.1.5 OK"
+                return self.rcpt_all or "250 2.1.5 OK"
             if addr in self.fail_times:
                 if self.fail_times[addr] <= 0:
                     return "250 2.1.5 OK"
                 self.fail_times[addr] -= 1
             return code
 
-    def _serve(self, c):
+    def _serve(self, c, mails):
         f = c.makefile("rb")
         mode = self.mode
         if mode == "hang":
@@ -191,6 +214,7 @@ class FakeLMTP:
             cmd = line.decode("utf-8", "replace").rstrip("\r\n")
             with self.lock:
                 self.commands.append(cmd)
+                self.cmd_log.append((time.time(), cmd))
             up = cmd.upper()
             if up.startswith("LHLO") or up.startswith("EHLO"):
                 exts = ["PIPELINING", "8BITMIME", "ENHANCEDSTATUSCODES"]
@@ -201,6 +225,7 @@ class FakeLMTP:
                     for i, e in enumerate(exts))
                 c.sendall(out.encode())
             elif up.startswith("MAIL FROM:"):
+                mails[0] += 1
                 sender = cmd[10:].split(" ")[0].strip("<>")
                 mail_line = cmd
                 rcpts, accepted, rcpt_lines = [], [], []
@@ -208,6 +233,8 @@ class FakeLMTP:
             elif up.startswith("RCPT TO:"):
                 addr = cmd[8:].split(" ")[0].strip("<>")
                 rcpt_lines.append(cmd)
+                if self.rcpt_delay:
+                    time.sleep(self.rcpt_delay)
                 rep = self._rcpt_reply(addr)
                 rcpts.append(addr)
                 if rep.startswith("2"):
@@ -223,12 +250,16 @@ class FakeLMTP:
                 while True:
                     l = f.readline()
                     if not l:
+                        with self.lock:
+                            self.cut_in_data += 1
                         return
                     got += len(l)
                     if self.mode == "drop_data" and got > 10:
                         c.shutdown(socket.SHUT_RDWR)
                         return
                     if l == b".\r\n":
+                        with self.lock:
+                            self.dots += 1
                         break
                     if l.startswith(b".."):
                         l = l[1:]
@@ -257,6 +288,8 @@ class FakeLMTP:
                 sender, rcpts, accepted = None, [], []
                 c.sendall(b"250 2.0.0 OK\r\n")
             elif up == "QUIT":
+                if self.quit_delay:
+                    time.sleep(self.quit_delay)
                 c.sendall(b"221 2.0.0 bye\r\n")
                 return
             elif up == "NOOP":
@@ -303,10 +336,7 @@ passdb {{
   driver = static
   args = nopassword=y
 }}
-userdb {{
-  driver = static
-  args = uid=nobody gid=nogroup home={d}/home/%d/%n
-}}
+{userdb}
 service lmtp {{
   inet_listener lmtp {{
     address = 127.0.0.1
@@ -325,8 +355,18 @@ service stats {{
 """
 
 
+USERDB_STATIC = """\
+userdb {{
+  driver = static
+  args = uid=nobody gid=nogroup home={d}/home/%d/%n
+}}"""
+
+
 class Dovecot:
-    def __init__(self):
+    """userdb: the userdb block ({d} is the directory); before_start(dir): write what it needs
+    (incident_fixtures.py gives it a user database that can be made slow or lose its users)."""
+
+    def __init__(self, userdb=USERDB_STATIC, before_start=None):
         # /tmp, not pytest's 0700 tmp_path: the mail is written as nobody
         self.dir = tempfile.mkdtemp(prefix="sluice-dovecot-")
         os.chmod(self.dir, 0o755)
@@ -338,7 +378,10 @@ class Dovecot:
             os.chmod(os.path.join(self.dir, sub), 0o777)
         self.conf = os.path.join(self.dir, "dovecot.conf")
         with open(self.conf, "w") as f:
-            f.write(DOVECOT_CONF.format(d=self.dir, port=self.port))
+            f.write(DOVECOT_CONF.format(d=self.dir, port=self.port,
+                                        userdb=userdb.format(d=self.dir)))
+        if before_start:
+            before_start(self.dir)
         self.proc = subprocess.Popen(["dovecot", "-F", "-c", self.conf],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
@@ -395,10 +438,14 @@ def dovecots():
 
 # ---------------------------------------------------------------- sluice-deliver
 
+# slow_floor: replies under half a second are never "slow" in the tests, whatever the normal
+# they learned: a test machine shared with other loads answers late now and then, and only
+# the tests of slowness (test_incident.py) should see a mailstore degrade; they set their own.
 MS_DEFAULTS = {
     "connect_timeout": "2s", "command_timeout": "5s", "data_timeout": "5s",
     "retry_min": "1s", "retry_max": "2s", "trip_after": "3", "probe_interval": "1s",
     "release_start_rate": "10", "release_ramp": "10s", "max_connections": "4",
+    "slow_floor": "500ms",
 }
 
 

@@ -173,12 +173,14 @@ def test_etcd_leader_killed_changes_nothing(fleet):
     try:
         for n in fleet.nodes:
             n.send("%s@%s.test" % (n.name, ms), 3)
+        # delivered before the pause: a pause stops transactions that have not sent the dot
+        for n in fleet.nodes:
+            u = "%s@%s.test" % (n.name, ms)
+            wait_for(lambda: len(arrivals(fleet.dovecot, u)) == 3, 10, 0.05, "delivered " + u)
         out = fleet_change(fleet.nodes[1], "pause", ms, "--reason", "after the leader died")
         assert sorted(out["applied"]) == ["a", "b", "c"], out
         all_in_state(fleet, ms, "paused")
         for n in fleet.nodes:
-            u = "%s@%s.test" % (n.name, ms)
-            wait_for(lambda: len(arrivals(fleet.dovecot, u)) == 3, 10, 0.05, "delivered " + u)
             rc, line, _ = n.ctl("check", "--warn-depth", "100000")
             assert "stale" not in line, line
             assert n.status()["fleet"]["connected"] is True

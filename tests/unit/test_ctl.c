@@ -210,6 +210,19 @@ static void test_check_thresholds(void **state)
     assert_int_equal(eval1(&l, 1, "paused", 0, 0, -1, -1, line, sizeof(line)),
                      CTL_CHECK_WARNING);
     assert_int_equal(eval1(&l, 1, "ramping", 0, 0, -1, -1, line, sizeof(line)), CTL_CHECK_OK);
+    /* a deliberate pause stays a WARNING however old its queue grows; its depth still
+     * pages (the spool fills up whatever the reason) */
+    assert_int_equal(eval1(&l, 1, "paused", 10, 0, 86400, -1, line, sizeof(line)),
+                     CTL_CHECK_WARNING);
+    assert_non_null(strstr(line, "ms1 oldest queued 1d00h"));
+    assert_non_null(strstr(line, "SLUICE WARNING - ms1 paused (why)"));
+    assert_int_equal(eval1(&l, 1, "paused", 60000, 0, 86400, -1, line, sizeof(line)),
+                     CTL_CHECK_CRITICAL);
+    assert_non_null(strstr(line, "SLUICE CRITICAL - ms1 60000 queued"));
+    /* slow: degraded is a WARNING, with its reason */
+    assert_int_equal(eval1(&l, 1, "degraded", 0, 0, -1, -1, line, sizeof(line)),
+                     CTL_CHECK_WARNING);
+    assert_non_null(strstr(line, "SLUICE WARNING - ms1 degraded (why)"));
 
     /* the deliverer down is critical whatever else */
     assert_int_equal(eval1(&l, 0, "active", 0, 0, -1, -1, line, sizeof(line)),

@@ -758,6 +758,34 @@ static void test_round_trip_small(void **state)
     }
 }
 
+/* Durability without root: a segment that took records is fdatasync()ed once per batch,
+ * before the batch is acknowledged. Each message here is its own batch (committed and waited
+ * for before the next), so the sync count grows by exactly one per commit: a writer that
+ * skipped the segment's fdatasync (or did two) fails here, not only under power loss. */
+static void test_one_sync_per_batch(void **state)
+{
+    struct fx *f = *state;
+    struct spool_stats a, b;
+    struct sub s[21];
+
+    commit_ok(f, &s[0], 100, 900, 0);          /* opens the segment (its own syncs) */
+    get_stats(f->sp, &a);
+    for (int i = 1; i < 21; i++) {
+        struct spool_stats before, after;
+        get_stats(f->sp, &before);
+        commit_ok(f, &s[i], 200 + (size_t)i, 900u + (unsigned)i, 1);
+        get_stats(f->sp, &after);
+        assert_int_equal(after.batches - before.batches, 1);
+        assert_int_equal(after.fsyncs - before.fsyncs, 1);
+        assert_int_equal(after.segments, before.segments);   /* no rotation in between */
+    }
+    get_stats(f->sp, &b);
+    assert_int_equal(b.fsyncs - a.fsyncs, 20);
+    assert_int_equal(b.commits - a.commits, 20);
+    for (int i = 0; i < 21; i++)
+        sub_free(&s[i]);
+}
+
 /* Exactly inline_max stays inline; one byte more gets its own file in big/. */
 /* The reserve (spool.h spool_reserve_ok): created preallocated at open; while it is out no
  * new segment is opened (-ENOSPC at commit); it comes back by itself when there is room, and
@@ -2217,6 +2245,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_duplicate_qid, setup_open, teardown),
         cmocka_unit_test_setup_teardown(test_concurrent_delivery, setup_open, teardown),
         cmocka_unit_test_setup_teardown(test_fault_steps_announced, setup_open, teardown),
+        cmocka_unit_test_setup_teardown(test_one_sync_per_batch, setup_open, teardown),
         FAULT_TEST(0, "seg_write", "ENOSPC"),
         FAULT_TEST(1, "seg_write", "EIO"),
         FAULT_TEST(2, "seg_sync", "ENOSPC"),
