@@ -71,6 +71,9 @@ $(foreach m,$(MAIN_SRCS),$(eval $(call prog_rule,$(m))))
 # libmilter only for the policy milter (Debian libmilter-dev)
 $(B)/sluice-policyd: LDLIBS += -lmilter
 
+# unit tests reach a folder's private headers by name: -I per folder, never ../../
+$(B)/obj/tests/unit/%.o: CFLAGS += $(LIB_DIRS:%=-I%)
+
 $(B)/tests/%: $(B)/obj/tests/unit/%.o $(B)/libsluice.a
 	@mkdir -p $(dir $@)
 	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS) -lcmocka
