@@ -137,6 +137,26 @@ const char *session_name(const struct gw_session *s)
 
 /* ---------------------------------------------------------------- closing */
 
+int gw_session_ip_add(struct gw_session *s)
+{
+    const struct conf *c = s->srv->conf;
+
+    gw_server_ip_key(s->addr, c->gateway.client_ipv4_prefix_length,
+                     c->gateway.client_ipv6_prefix_length, s->ip_key, sizeof(s->ip_key));
+    s->ip_counted = 1;
+    return gw_server_ip_count(s->srv, s->ip_key);
+}
+
+/* session_ip_release - the session is closing: its client may connect again at once, so it
+ * no longer counts against max_connections_per_ip (idempotent) */
+void session_ip_release(struct gw_session *s)
+{
+    if (s->ip_counted) {
+        gw_server_ip_uncount(s->srv, s->ip_key);
+        s->ip_counted = 0;
+    }
+}
+
 /* session_close - after QUIT or a 421: send what is batched, close_notify under TLS, then
  * shut the write side down once the queue is written (uv_shutdown waits for it) and close.
  * The linger timer bounds the wait for a peer that does not read. */
@@ -148,7 +168,7 @@ void session_close(struct gw_session *s)
     if (s->gone)
         return;
     s->closing = 1;
-    gw_server_ip_release(s->srv, s);
+    session_ip_release(s);
     if (s->tls && s->tls_done) {
         gw_tls_conn_shutdown(s->tls);
         session_tls_drain(s);
@@ -171,7 +191,7 @@ void session_close_now(struct gw_session *s)
     s->gone = 1;
     s->closing = 1;
     s->reading = 0;
-    gw_server_ip_release(s->srv, s);
+    session_ip_release(s);
     if (s->addr[0] != '\0')
         session_log_disconnect(s);
     if (s->tx.msg) {
@@ -194,7 +214,16 @@ static void session_closed_cb(uv_handle_t *h)
 
     if (--s->handles_open > 0)
         return;
-    gw_server_session_closed(s->srv, s);
+    /* off the server's list and its per-IP table, then counted out */
+    if (s->prev)
+        s->prev->next = s->next;
+    else
+        s->srv->sessions = s->next;
+    if (s->next)
+        s->next->prev = s->prev;
+    s->prev = s->next = NULL;
+    session_ip_release(s);
+    gw_server_session_gone(s->srv);
     session_unref(s);
 }
 

@@ -249,7 +249,7 @@ void session_early_input(struct gw_session *s, const uv_buf_t *buf, size_t n)
  * "connect from" line, so it gets no "disconnect from" either (the caller logged why) */
 void session_proxy_drop(struct gw_session *s)
 {
-    gw_server_ip_release(s->srv, s);  /* by the address it was counted under, before it goes */
+    session_ip_release(s);  /* by the address it was counted under, before it goes */
     s->addr[0] = '\0';
     session_close_now(s);
 }
@@ -274,7 +274,7 @@ static void session_proxy_header(struct gw_session *s, const struct gw_proxy_res
     s->deadline = 0;
     snprintf(via, sizeof(via), " via PROXY v%d from [%s]%s", pr->version, peer,
              pr->local ? " (LOCAL: the proxy's own connection)" : "");
-    if (gw_server_ip_add(s->srv, s) > s->srv->conf->gateway.max_connections_per_ip) {
+    if (gw_session_ip_add(s) > s->srv->conf->gateway.max_connections_per_ip) {
         session_reject(s, "too many connections from your address");
         return;
     }

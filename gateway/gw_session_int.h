@@ -42,6 +42,7 @@ int session_bprintf(char *buf, size_t size, size_t *len, const char *fmt, ...) L
 void session_enter(struct gw_session *s, enum gw_state st);
 const char *session_host(const struct gw_session *s);
 const char *session_name(const struct gw_session *s);
+void session_ip_release(struct gw_session *s);
 void session_close(struct gw_session *s);
 void session_close_now(struct gw_session *s);
 void session_unref(struct gw_session *s);
