@@ -107,11 +107,6 @@ void addrmap_free(struct addrmap *m)
     free(m);
 }
 
-size_t addrmap_count(const struct addrmap *m)
-{
-    return m->count;
-}
-
 /* find - the slot holding key, or the empty slot where it would go */
 static size_t find(const struct addrmap *m, const char *key, uint64_t h)
 {
