@@ -47,12 +47,7 @@
 #define GW_ERR_LEN 1024
 
 struct gw_listener {
-    union {
-        uv_handle_t handle;
-        uv_stream_t stream;
-        uv_tcp_t tcp;
-        uv_pipe_t pipe;
-    } h;
+    union gw_uvstream h;
     struct gw_server *srv;
     int is_unix;
     int proxy;                     /* proxy_protocol_listen: a PROXY header comes first */
