@@ -348,7 +348,7 @@ int mc_default(struct mconn *c)
 /* ms_decide - the stage's verdict. text: a REPLYCODE reply ("550 5.7.1 go away"), which gets
  * an enhanced status code when it has none (RFC 3463; Postfix does the same). */
 void ms_decide(struct gw_milter_sess *ms, struct mconn *c, enum gw_milter_verdict v,
-                      const char *text)
+               const char *text)
 {
     struct gw_milter_result *r = &ms->res;
 

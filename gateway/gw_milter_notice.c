@@ -73,7 +73,7 @@ static int mc_notice(struct mconn *c, const char *pkt, size_t len)
  * it, and only between commands, so no reply is ever awaited and no stage is disturbed. A
  * client's own unknown commands are never passed to milters, so a notice is always ours. */
 void ms_notify(struct gw_milter_sess *ms, const struct mconn *by, const char *source,
-                      const char *stage, int code, const char *sender)
+               const char *stage, int code, const char *sender)
 {
     char text[1100];              /* a source, a stage, a code and a 256-octet path, cut */
     struct milter_buf b = { gw_m_scratch, 0, sizeof(gw_m_scratch) };

@@ -558,7 +558,7 @@ static int cmd_ehlo(struct gw_session *s, struct smtp_cmd *cmd)
 /* session_helo_finish - the HELO/EHLO reply. A milter's refusal of HELO is kept like one at
  * CONNECT: HELO itself gets 250 and every MAIL of the session gets the milter's reply. */
 void session_helo_finish(struct gw_session *s, int esmtp,
-                                const struct gw_milter_result *res)
+                         const struct gw_milter_result *res)
 {
     const struct conf_gateway *g = &s->srv->conf->gateway;
 

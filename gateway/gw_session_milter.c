@@ -71,7 +71,7 @@ void session_milter_wait(struct gw_session *s, enum gw_mpend what)
 
 /* session_milter_log - "QID: milter NAME: reject: STAGE from unknown[IP]: REPLY; from=<>" */
 void session_milter_log(struct gw_session *s, const char *stage,
-                               const struct gw_milter_result *res, const char *extra)
+                        const struct gw_milter_result *res, const char *extra)
 {
     const char *what = res->verdict == GW_MV_DISCARD ? "discard"
                      : res->verdict == GW_MV_TEMPFAIL ? "tempfail" : "reject";

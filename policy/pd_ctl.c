@@ -192,7 +192,7 @@ void pd_ctl_status(struct ctl_req *rq, const json_t *req, void *arg)
 /* pd_fleet_apply - an operator's suspension from etcd (watcher thread): into the local store,
  * where MAIL finds it; a deleted key (lifted, or its lease ran out) lifts it. */
 int pd_fleet_apply(void *arg, enum fleet_kind kind, const char *name, const char *sub,
-                       const char *value, int64_t rev)
+                   const char *value, int64_t rev)
 {
     struct pol_susp s;
     json_t *v;
