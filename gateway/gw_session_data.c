@@ -37,9 +37,7 @@ int cmd_data(struct gw_session *s, struct smtp_cmd *cmd)
 
         s->tx.mdata_done = 1;
         if (gw_milter_data(s->milter, &mres) == 0) {
-            s->refs++;
-            s->paused = 1;
-            s->mpend = GW_MP_DATA;
+            session_milter_wait(s, GW_MP_DATA);
             return 0;
         }
         session_data_finish(s, &mres);

@@ -244,9 +244,7 @@ int cmd_rcpt(struct gw_session *s, struct smtp_cmd *cmd)
         gw_milter_macro(s->milter, "{rcpt_host}", NULL);
         mr = gw_milter_rcpt(s->milter, argv, n, 0, &mres);
         if (mr == 0) {
-            s->refs++;
-            s->paused = 1;
-            s->mpend = GW_MP_RCPT;
+            session_milter_wait(s, GW_MP_RCPT);
             return 0;
         }
         session_rcpt_finish(s, &mres);
