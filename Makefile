@@ -5,7 +5,8 @@
 # Sources are found by directory so that a new module needs no Makefile edit:
 #   common/*.c queue/*.c gateway/*.c policy/*.c  -> libsluice.a, except *_main.c
 #   <dir>/NAME_main.c                            -> build/NAME (program; see PROGS)
-#   tests/unit/test_*.c                          -> build/tests/test_* (cmocka)
+#   tests/unit/test_*.c                          -> build/tests/test_* (cmocka; -I per source
+#                                                   folder for private headers)
 #   tests/tools/*.c                              -> build/tools/*     (test and bench helpers)
 
 SAN ?=
@@ -70,6 +71,9 @@ endef
 $(foreach m,$(MAIN_SRCS),$(eval $(call prog_rule,$(m))))
 # libmilter only for the policy milter (Debian libmilter-dev)
 $(B)/sluice-policyd: LDLIBS += -lmilter
+
+# unit tests reach a folder's private headers by name: -I per folder, never ../../
+$(B)/obj/tests/unit/%.o: CFLAGS += $(LIB_DIRS:%=-I%)
 
 $(B)/tests/%: $(B)/obj/tests/unit/%.o $(B)/libsluice.a
 	@mkdir -p $(dir $@)
@@ -166,6 +170,7 @@ FB := build-fuzz
 FUZZ_SAN := -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer
 FUZZ_CFLAGS = -std=c11 -D_GNU_SOURCE -g -O1 $(FUZZ_SAN) \
               $(filter-out -Wformat-truncation=%,$(WARN)) -Iinclude -MMD -MP $(PKG_CFLAGS)
+$(FB)/obj/tests/fuzz/%.o: FUZZ_CFLAGS += $(LIB_DIRS:%=-I%)
 FUZZ_NEEDS_smtp_cmd := gateway/smtp_parse.c
 FUZZ_NEEDS_gw_data := gateway/gw_data.c
 FUZZ_NEEDS_conf := common/conf.c

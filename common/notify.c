@@ -4,10 +4,11 @@
  */
 #include "notify.h"
 
-#include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
 #include <systemd/sd-daemon.h>
+
+#include "log.h"
 
 #define NOTIFY_STATUS_MAX 256   /* one line in `systemctl status` */
 
@@ -40,20 +41,6 @@ void notify_stopping(const char *status)
 
     snprintf(buf, sizeof(buf), "STOPPING=1\nSTATUS=%.*s", NOTIFY_STATUS_MAX, status);
     notify_send(buf);
-}
-
-void notify_status(const char *fmt, ...)
-{
-    char buf[NOTIFY_STATUS_MAX + 8];
-    va_list ap;
-    int n;
-
-    memcpy(buf, "STATUS=", 7);
-    va_start(ap, fmt);
-    n = vsnprintf(buf + 7, sizeof(buf) - 7, fmt, ap);
-    va_end(ap);
-    if (n >= 0)
-        notify_send(buf);      /* a long status is cut, which is fine for a status line */
 }
 
 uint64_t notify_watchdog_ms(void)

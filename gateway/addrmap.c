@@ -16,6 +16,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "hash64.h"
+
 #define ADDRMAP_MIN_CAP 64
 /* Grow past this load, in tenths: linear probing's probe counts climb steeply beyond it. */
 #define ADDRMAP_LOAD_TENTHS 7
@@ -51,20 +53,7 @@ static unsigned char fold(unsigned char c)
  * bits (the ones that pick a slot) poorly mixed for keys that differ only at the end. */
 static uint64_t key_hash(const char *key, size_t *len)
 {
-    uint64_t h = 0xcbf29ce484222325ull;
-    size_t i;
-
-    for (i = 0; key[i] != '\0'; i++) {
-        h ^= fold((unsigned char)key[i]);
-        h *= 0x100000001b3ull;
-    }
-    *len = i;
-    h ^= h >> 30;
-    h *= 0xbf58476d1ce4e5b9ull;
-    h ^= h >> 27;
-    h *= 0x94d049bb133111ebull;
-    h ^= h >> 31;
-    return h;
+    return hash64_mix(hash64_fnv1a(key, 1, len));
 }
 
 static int key_eq(const char *stored, const char *key)
@@ -105,11 +94,6 @@ void addrmap_free(struct addrmap *m)
         free(m->slots[i].key);
     free(m->slots);
     free(m);
-}
-
-size_t addrmap_count(const struct addrmap *m)
-{
-    return m->count;
 }
 
 /* find - the slot holding key, or the empty slot where it would go */

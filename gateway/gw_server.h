@@ -1,8 +1,9 @@
 /*
- * gw_server.h - the gateway process around the sessions (private to sluice-gateway): the
- * listeners, connection limits (total and per client IP), the current configuration with its
- * router and recipient map, STARTTLS context, the notification to sluice-deliver, and the
- * signals (SIGTERM/SIGINT: drain and stop; SIGHUP: reload).
+ * gw_server.h - the gateway process as its sessions see it (private to sluice-gateway): the
+ * current configuration with its router and recipient map, STARTTLS context and the loop's
+ * services (read-only for sessions), the open sessions, the per-IP connection table, the
+ * spool free-space cache and the notification to sluice-deliver. gw_daemon.c fills it and
+ * runs the listeners, signals and reload; this module knows nothing of a session's insides.
  *
  * Sessions read srv->conf, srv->router, srv->rcptmap and srv->tls each time they need them
  * and keep no pointer into them across callbacks, so a reload can free the old ones at once.
@@ -46,12 +47,15 @@ struct gw_server {
     struct gw_dns *dns;               /* c-ares on the loop (gw_dns.h): rDNS and DNSBL */
     struct gw_dnsbl *dnsbl;           /* DNS list screening (gw_dnsbl.h) */
     int stopping;                     /* SIGTERM seen */
-    /* private */
+    /* private to gw_daemon.c and gw_server.c */
     const char *conf_path;
     struct gw_listener *listeners;
     int nlisteners;
-    struct gw_session *sessions;      /* list of open sessions */
+    struct gw_session *sessions;      /* list of open sessions: the daemon links a new one,
+                                       * a closed one unlinks itself */
     int nsessions;
+    void (*on_idle)(struct gw_server *srv); /* the daemon's: stopping, and the last session
+                                             * is gone */
     struct gw_ipcount *ip[GW_IP_BUCKETS];
     struct conf_net proxy_nets[CONF_LIST_MAX]; /* proxy_trusted_networks, parsed */
     int nproxy_nets;
@@ -66,29 +70,22 @@ struct gw_server {
     uint64_t free_checked;            /* uv_now() of the last check */
 };
 
-/* Build maps and TLS from c (the server keeps c and frees it), open every listener and the
- * notify socket, install the signal handlers. On failure err says why. */
-int gw_server_start(struct gw_server **out, uv_loop_t *loop, struct conf *c,
-                    const char *conf_path, struct spool *sp, char *err, size_t errlen);
-/* Free what is left after uv_run returned. */
-void gw_server_free(struct gw_server *srv);
-
-/* For sessions. */
 /* Tell sluice-deliver about a committed message; never fails (it polls anyway). */
 void gw_server_notify(struct gw_server *srv, const char *qid);
 /* Spool free space, cached for GW_FREE_CHECK_MS; -errno when unknown. */
 int64_t gw_server_free_bytes(struct gw_server *srv);
 /* The spool's reserve is in place (spool_reserve_ok), read with the free space. */
 int gw_server_reserve_ok(struct gw_server *srv);
-/* A session's handles are closed: unlink it, release its per-IP count. */
-void gw_server_session_closed(struct gw_server *srv, struct gw_session *s);
-/* The session is closing: its client may connect again at once, so it no longer counts
- * against max_connections_per_ip (idempotent). */
-void gw_server_ip_release(struct gw_server *srv, struct gw_session *s);
-/* Count session s against max_connections_per_ip under its address block (s->addr cut to
- * client_ipv4_prefix_length / client_ipv6_prefix_length, remembered in s->ip_key so a reload
- * cannot change what it is released under); returns the sessions from that block now open. */
-int gw_server_ip_add(struct gw_server *srv, struct gw_session *s);
+/* A session's handles are closed and it is off the list: count it out; when stopping and it
+ * was the last, the daemon finishes. */
+void gw_server_session_gone(struct gw_server *srv);
+/* Count one more session from address block addr (a gw_server_ip_key() key); returns the
+ * sessions from that block now open. */
+int gw_server_ip_count(struct gw_server *srv, const char *addr);
+/* One session from address block addr is gone. */
+void gw_server_ip_uncount(struct gw_server *srv, const char *addr);
+/* Empty the per-IP table (at free). */
+void gw_server_ip_clear(struct gw_server *srv);
 /* The address block addr counts under: "192.0.2.0/24", "2001:db8::/84", or addr itself at a
  * full-length prefix (or when it is not an IP address). */
 void gw_server_ip_key(const char *addr, int v4len, int v6len, char *key, size_t keylen);

@@ -1,6 +1,7 @@
 /*
- * gw_session.h - one inbound SMTP session (private to sluice-gateway; gw_server.c creates,
- * lists and stops sessions, gw_session.c does everything else).
+ * gw_session.h - one inbound SMTP session (private to sluice-gateway; gw_daemon.c creates,
+ * lists and stops sessions, the gw_session*.c files do everything else and reach the
+ * process only through gw_server.h).
  *
  * Life cycle: gw_session_new() (handle initialised) -> the server's uv_accept() ->
  * gw_session_start() (banner, or a 421 when over a connection limit) -> commands and data ->
@@ -9,7 +10,8 @@
  * greet_delay the banner waits (state WAIT) and input before it is a pregreet.
  * The session is freed only when its handles are closed AND no spool commit is outstanding
  * (refs): a commit callback may arrive after the client is gone, and then only logs.
- * gw_server_session_closed() is called once the handles are closed.
+ * Once the handles are closed the session takes itself off srv->sessions and the per-IP
+ * table and tells gw_server_session_gone().
  *
  * Session and transaction are separate structs: RSET, HELO and a finished message reset only
  * struct gw_tx.
@@ -107,6 +109,14 @@ struct gw_tx {
     struct gw_milter_msg mmsg;
 };
 
+/* A libuv stream of either kind, TCP or unix socket: a session's connection, a listener. */
+union gw_uvstream {
+    uv_handle_t handle;
+    uv_stream_t stream;
+    uv_tcp_t tcp;
+    uv_pipe_t pipe;
+};
+
 /* Command counters for the "disconnect from" line (Postfix style: ehlo=1 mail=1 ...). */
 #define GW_VERB_COUNT (SMTP_UNKNOWN + 1)
 
@@ -120,12 +130,7 @@ struct gw_session {
     /* read-only */
     enum gw_state state;
     /* private */
-    union {
-        uv_handle_t handle;
-        uv_stream_t stream;
-        uv_tcp_t tcp;
-        uv_pipe_t pipe;
-    } h;
+    union gw_uvstream h;
     uv_timer_t timer;
     uv_shutdown_t shutdown_req;
     int handles_open;                     /* 2 until both close callbacks ran */
@@ -184,6 +189,11 @@ const char *gw_session_peer(struct gw_session *s);
 /* Then: send the banner (or "421 4.7.0 reject" and close when
  * reject is not NULL) and start reading. With s->proxy set, read the PROXY header first. */
 void gw_session_start(struct gw_session *s, const char *reject);
+/* Count s against max_connections_per_ip under its address block (s->addr cut to
+ * client_ipv4_prefix_length / client_ipv6_prefix_length, remembered in s->ip_key so a reload
+ * cannot change what it is released under); returns the sessions from that block now open.
+ * The count goes with the session (or earlier, once it is closing). */
+int gw_session_ip_add(struct gw_session *s);
 /* uv_accept failed: close the handle (the session goes like any other). */
 void gw_session_abort(struct gw_session *s);
 /* SIGTERM: an idle session gets 421 4.3.2 and closes; a busy one (DATA, BDAT, commit) does

@@ -372,11 +372,6 @@ void gw_tls_conn_shutdown(struct gw_tls_conn *c)
     ERR_clear_error();
 }
 
-size_t gw_tls_conn_pending(const struct gw_tls_conn *c)
-{
-    return BIO_ctrl_pending(c->wbio);
-}
-
 size_t gw_tls_conn_take(struct gw_tls_conn *c, void *buf, size_t len)
 {
     int n;

@@ -1,8 +1,9 @@
 /*
  * rcptmap_list.c - walk the recipient map file and database (contract: rcptmap_list.h).
- * Line syntax as rcptmap.c reads it: '#' starts a comment, blank lines are skipped, one entry
- * per line; a line that is not one field is skipped here (the gateway refuses such a file at
- * load, so it cannot be in service).
+ * The file is read by addrmap_read_file(), the reader rcptmap.c loads it with, so a line the
+ * gateway refuses (too long, a NUL) is an error here too, and '#' starts a comment only at a
+ * field's start. A line that is not one field is skipped here (the gateway refuses such a
+ * file at load, so it cannot be in service).
  */
 #include "rcptmap_list.h"
 
@@ -12,41 +13,34 @@
 #include <stdio.h>
 #include <string.h>
 
-#define RCPTMAP_LIST_LINE 1024
+#include "addrmap.h"
+
+struct walk {
+    rcptmap_list_cb cb;
+    void *arg;
+    int stopped;                  /* the callback's non-zero value */
+};
+
+static int walk_line(void *arg, char **fields, int nfields, char *problem, size_t problemlen)
+{
+    struct walk *w = arg;
+
+    if (nfields != 1)
+        return 0;
+    for (char *p = fields[0]; *p; p++)
+        *p = (char)tolower((unsigned char)*p);
+    w->stopped = w->cb(fields[0], "map", w->arg);
+    return w->stopped;
+}
 
 static int walk_file(const char *path, rcptmap_list_cb cb, void *arg, char *err, size_t errlen)
 {
-    FILE *f = fopen(path, "r");
-    char line[RCPTMAP_LIST_LINE];
-    int r = 0;
+    struct walk w = { cb, arg, 0 };
+    char why[512];
+    int r = addrmap_read_file(path, walk_line, &w, why, sizeof(why));
 
-    if (!f) {
-        r = -errno;
-        snprintf(err, errlen, "%s: %s", path, strerror(errno));
-        return r;
-    }
-    while (r == 0 && fgets(line, sizeof(line), f)) {
-        char *s = line, *e, *hash = strchr(line, '#');
-        if (hash)
-            *hash = '\0';
-        while (isspace((unsigned char)*s))
-            s++;
-        for (e = s + strlen(s); e > s && isspace((unsigned char)e[-1]); e--)
-            ;
-        *e = '\0';
-        if (!*s)
-            continue;
-        int fields = 1;
-        for (char *p = s; *p; p++)
-            if (isspace((unsigned char)*p))
-                fields = 2;
-        if (fields != 1)
-            continue;
-        for (char *p = s; *p; p++)
-            *p = (char)tolower((unsigned char)*p);
-        r = cb(s, "map", arg);
-    }
-    fclose(f);
+    if (r != 0 && !w.stopped)
+        snprintf(err, errlen, "%s", why);
     return r;
 }
 

@@ -13,7 +13,7 @@
  * case-sensitive, but Dovecot looks users up case-insensitively in practice, so Foo@x and foo@x
  * are the same mailbox and must land on the same mailstore.
  *
- * Sections: hashing; mailstores; maps; routing.
+ * Sections: mailstores; maps; routing. The hashes are hash64.c's.
  */
 #include "router.h"
 
@@ -25,6 +25,7 @@
 #include <string.h>
 
 #include "addrmap.h"
+#include "hash64.h"
 #include "smtp_parse.h"
 #include "spool.h"
 
@@ -53,42 +54,11 @@ struct load_ctx {
     size_t max;                    /* entries the map may hold */
 };
 
-static uint64_t mix64(uint64_t x);
-static uint64_t fnv1a(const char *s, int lower);
 static int valid_name(const char *name);
 static int find_mailstore(const struct router *r, const char *name);
 static int load_line(void *arg, char **fields, int nfields, char *problem, size_t problemlen);
 static int load_map(struct router *r, struct addrmap **slot, int domains, size_t max,
                     const char *path, char *err, size_t errlen);
-
-/* --- Hashing (frozen: see the top of the file) -------------------------------------- */
-
-/* splitmix64's finalizer: a bijection in which every input bit flips about half the output. */
-static uint64_t mix64(uint64_t x)
-{
-    x ^= x >> 30;
-    x *= 0xbf58476d1ce4e5b9ull;
-    x ^= x >> 27;
-    x *= 0x94d049bb133111ebull;
-    x ^= x >> 31;
-    return x;
-}
-
-/* 64-bit FNV-1a, with ASCII folded to lower case when lower is set. */
-static uint64_t fnv1a(const char *s, int lower)
-{
-    uint64_t h = 0xcbf29ce484222325ull;
-
-    for (; *s != '\0'; s++) {
-        unsigned char c = (unsigned char)*s;
-
-        if (lower && c >= 'A' && c <= 'Z')
-            c = (unsigned char)(c - 'A' + 'a');
-        h ^= c;
-        h *= 0x100000001b3ull;
-    }
-    return h;
-}
 
 /* --- Mailstores --------------------------------------------------------------------- */
 
@@ -144,7 +114,7 @@ int router_add_mailstore(struct router *r, const char *name, int weight)
         return -ENOSPC;
     m = &r->ms[r->n++];
     memcpy(m->name, name, strlen(name) + 1);
-    m->seed = mix64(fnv1a(name, 0));
+    m->seed = hash64_mix(hash64_fnv1a(name, 0, NULL));
     m->weight = weight;
     return 0;
 }
@@ -257,11 +227,11 @@ const char *router_route(const struct router *r, const char *addr, const char **
         return r->ms[ms].name;
     }
 
-    h = mix64(fnv1a(addr, 1));
+    h = hash64_mix(hash64_fnv1a(addr, 1, NULL));
     for (i = 0; i < r->n; i++) {
         const struct mailstore *m = &r->ms[i];
         /* u in (0,1), never 0 or 1, from the top 53 bits: exactly what a double holds. */
-        double u = ((double)(mix64(h ^ m->seed) >> 11) + 0.5) * 0x1p-53;
+        double u = ((double)(hash64_mix(h ^ m->seed) >> 11) + 0.5) * 0x1p-53;
         double score = -m->weight / log(u);
 
         /* A tie (practically never) goes to the smaller name, so the answer does not depend

@@ -19,6 +19,7 @@
 
 #include "cli.h"
 #include "conf.h"
+#include "gw_daemon.h"
 #include "gw_server.h"
 #include "log.h"
 #include "notify.h"
@@ -155,7 +156,7 @@ int main(int argc, char **argv)
     }
     /* The spool is the user's ground: hand it over and open it (recovery unlinks and
      * creates files) as the user, so nothing planted there can borrow root. Only the binds
-     * in gw_server_start need root. Failing half-way leaves us root: exit, do not serve. */
+     * in gw_daemon_start need root. Failing half-way leaves us root: exit, do not serve. */
     if (privs_own_tree(&pv, c->spool.dir, err, sizeof(err)) < 0 ||
         privs_as_user(&pv, 1, err, sizeof(err)) < 0) {
         log_err("%s", err);
@@ -171,7 +172,7 @@ int main(int argc, char **argv)
         log_err("%s", err);
         exit(1);
     }
-    if ((r = gw_server_start(&srv, loop, c, o.conf_path, sp, err, sizeof(err))) < 0) {
+    if ((r = gw_daemon_start(&srv, loop, c, o.conf_path, sp, err, sizeof(err))) < 0) {
         log_err("%s", err);
         spool_close(sp);
         uv_run(loop, UV_RUN_DEFAULT);
@@ -179,7 +180,7 @@ int main(int argc, char **argv)
         free(c);
         return 1;
     }
-    /* The control socket was made as root by gw_server_start. Failing here leaves the
+    /* The control socket was made as root by gw_daemon_start. Failing here leaves the
      * process as root: exit, do not serve. */
     if (conf_ctl_socket(srv->conf, 1, ctl, sizeof(ctl)) < 0)
         ctl[0] = '\0';        /* too long: gw_ctl_start already said so and made none */
@@ -197,7 +198,7 @@ int main(int argc, char **argv)
         uv_close((uv_handle_t *)&mn.watchdog, NULL);
         uv_run(loop, UV_RUN_DEFAULT);
     }
-    gw_server_free(srv);
+    gw_daemon_free(srv);
     if ((r = uv_loop_close(loop)) < 0)
         log_warn("loop close: %s", uv_strerror(r));
     log_info("exiting");

@@ -26,7 +26,6 @@ void addrmap_free(struct addrmap *m);
 int addrmap_put(struct addrmap *m, const char *key, int value);
 /* Look key up without regard to ASCII case. 0 and *value (if value is not NULL), or -ENOENT. */
 int addrmap_get(const struct addrmap *m, const char *key, int *value);
-size_t addrmap_count(const struct addrmap *m);
 
 /* Called for each line that has fields. fields[] are NUL-terminated and writable. Return 0, or
  * a negative errno with a short description (no file or line) written into problem. */

@@ -8,7 +8,7 @@
  */
 #include <string.h>
 
-#include "../../queue/api_route.h"
+#include "api_route.h"
 #include "domain.h"
 #include "fuzz.h"
 #include "tenants.h"

@@ -15,7 +15,7 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
-#include "../../queue/spool_rec.h"
+#include "spool_rec.h"
 #include "crc32c.h"
 #include "fuzz.h"
 

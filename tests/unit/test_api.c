@@ -15,10 +15,10 @@
 
 #include <cmocka.h>
 
-#include "../../queue/api_page.h"
-#include "../../queue/api_rate.h"
-#include "../../queue/api_route.h"
-#include "../../queue/api_view.h"
+#include "api_page.h"
+#include "api_rate.h"
+#include "api_route.h"
+#include "api_view.h"
 
 static void route_is(const char *path, enum api_route_kind want, const char *domain)
 {

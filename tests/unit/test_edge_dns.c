@@ -14,8 +14,8 @@
 #include <string.h>
 
 #include "conf.h"
-#include "../../gateway/gw_dnsbl.h"
-#include "../../gateway/gw_rdns.h"
+#include "gw_dnsbl.h"
+#include "gw_rdns.h"
 
 static struct conf cf;
 static char err[CONF_ERR_LEN];

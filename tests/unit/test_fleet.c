@@ -16,7 +16,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "../../queue/mstore.h"
+#include "mstore.h"
 #include "conf.h"
 #include "ctl_check.h"
 #include "etcd.h"

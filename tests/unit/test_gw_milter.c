@@ -1,15 +1,17 @@
 /*
- * test_gw_milter.c - the milter client's message surgery, tested on its internals (the file
- * is included): header fields built from milter values, HEADER packets for long client
+ * test_gw_milter.c - the milter client's message surgery, tested on its internals (through
+ * gw_milter_int.h): header fields built from milter values, HEADER packets for long client
  * fields, edit caps, CHGHEADER indexes and our own fields, envelope edits and REPLBODY.
  */
 #include <stdarg.h>
 #include <stddef.h>
 #include <setjmp.h>
 #include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
 #include <cmocka.h>
 
-#include "../../gateway/gw_milter.c"
+#include "gw_milter_int.h"
 
 #define MILTER_R_REPLYCODE_CHAR 'y'
 

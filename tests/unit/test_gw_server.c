@@ -11,7 +11,7 @@
 
 #include <cmocka.h>
 
-#include "../../gateway/gw_server.h"   /* the gateway's own header, not a public one */
+#include "gw_server.h"   /* the gateway's own header, not a public one */
 
 static void key_is(const char *addr, int v4, int v6, const char *want)
 {

@@ -16,7 +16,7 @@
 #include <cmocka.h>
 
 #include "conf.h"
-#include "../../gateway/gw_spf.h"
+#include "gw_spf.h"
 
 static struct conf cf;
 static char err[CONF_ERR_LEN];

@@ -17,8 +17,8 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include "../../queue/lmtp.h"
-#include "../../queue/maildir.h"
+#include "lmtp.h"
+#include "maildir.h"
 
 static int feed(struct lmtp_reply *r, const char *line)
 {

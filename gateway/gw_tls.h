@@ -53,8 +53,7 @@ ssize_t gw_tls_conn_read(struct gw_tls_conn *c, void *buf, size_t len);
 int gw_tls_conn_write(struct gw_tls_conn *c, const void *buf, size_t len);
 /* Send close_notify (then drain with gw_tls_conn_take). */
 void gw_tls_conn_shutdown(struct gw_tls_conn *c);
-/* Ciphertext octets waiting to be written, and taking up to len of them. */
-size_t gw_tls_conn_pending(const struct gw_tls_conn *c);
+/* Take up to len octets of the ciphertext waiting to be written. */
 size_t gw_tls_conn_take(struct gw_tls_conn *c, void *buf, size_t len);
 /* After the handshake: protocol ("TLSv1.3") and cipher ("TLS_AES_256_GCM_SHA384"). */
 const char *gw_tls_conn_version(const struct gw_tls_conn *c);
