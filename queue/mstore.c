@@ -600,6 +600,11 @@ unsigned mstore_trouble(const struct mstore *m, int64_t now)
     return t;
 }
 
+int mstore_trusts_failures(const struct mstore *m, int64_t now)
+{
+    return m->state == MSTORE_ACTIVE && mstore_trouble(m, now) == 0;
+}
+
 /* --- Outage accounting --------------------------------------------------------------------- */
 
 static void mstore_add_outage(struct mstore *m, int64_t start, int64_t end)

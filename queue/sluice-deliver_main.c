@@ -76,6 +76,22 @@ static int pool_size(const struct conf *c)
     return n > DELIVER_POOL_MAX ? DELIVER_POOL_MAX : n;
 }
 
+/* --- A crash point for tests ------------------------------------------------------------------
+ * SLUICE_TEST_CRASH_AT=STEP (one of spool_generate's fault steps, e.g. gen_commit: the DSN is
+ * durable in big/ but its transaction not committed) makes the deliverer SIGKILL itself when
+ * its spool reaches that step: the exactly-once tests need a kill at an exact point, which no
+ * timing can give. Nothing else reads it; unset, the hook is not installed. */
+static const char *crash_at;
+
+static int crash_fault(const char *step, void *arg)
+{
+    if (crash_at && strcmp(step, crash_at) == 0) {
+        log_warn("deliver: SLUICE_TEST_CRASH_AT=%s reached: SIGKILL", step);
+        raise(SIGKILL);
+    }
+    return 0;
+}
+
 /* --- Notify socket ------------------------------------------------------------------------ */
 
 static void notify_cb(uv_poll_t *h, int status, int events)
@@ -253,6 +269,10 @@ int main(int argc, char **argv)
     so.dir = dv.c->spool.dir;
     so.loop = NULL;            /* no submissions: the gateway is the spool's writer */
     so.reserve_space = dv.c->spool.reserve_space;
+    if ((crash_at = getenv("SLUICE_TEST_CRASH_AT")) && *crash_at) {
+        so.fault = crash_fault;
+        log_warn("deliver: test crash point armed at spool step %s", crash_at);
+    }
     if ((r = spool_open(&dv.sp, &so, err, sizeof(err))) < 0) {
         log_err("deliver: cannot open the spool: %s", err);
         return 1;

@@ -186,6 +186,36 @@ static void test_release_without_ramp_and_pause_accounting(void **state)
     assert_int_equal(m.state, MSTORE_PAUSED);
 }
 
+/* Tripped time is outage too: it leaves a recipient's age, and failures are not trusted as
+ * news about users until the mailstore is active again. */
+static void test_trip_is_outage_and_trust(void **state)
+{
+    struct mstore m;
+
+    mstore_init(&m, "ms1", &P, T0);
+    assert_true(mstore_trusts_failures(&m, T0));
+    for (int i = 0; i < 3; i++)
+        mstore_result(&m, MSTORE_R_FAIL, -1, "refused", T0 + 1000);
+    assert_int_equal(m.state, MSTORE_TRIPPED);
+    assert_false(mstore_trusts_failures(&m, T0 + 1000));
+    mstore_pause(&m, "while tripped", "op", T0 + 3000);     /* still the same outage */
+    assert_int_equal(m.noutages, 1);
+    assert_false(mstore_trusts_failures(&m, T0 + 3000));
+    mstore_release(&m, 10, 5000, "op", T0 + 6000);
+    assert_int_equal(m.state, MSTORE_RAMPING);
+    assert_false(mstore_trusts_failures(&m, T0 + 6000));   /* ramping: not yet */
+    assert_int_equal(mstore_outage_ms(&m, T0, T0 + 20000), 5000);
+    mstore_tick(&m, T0 + 11000);
+    assert_int_equal(m.state, MSTORE_ACTIVE);
+    assert_true(mstore_trusts_failures(&m, T0 + 11000));
+    /* a probe that succeeds ends the outage too */
+    for (int i = 0; i < 3; i++)
+        mstore_result(&m, MSTORE_R_TIMEOUT, -1, "timeout", T0 + 20000);
+    mstore_result(&m, MSTORE_R_OK, 20, "250", T0 + 24000);
+    assert_int_equal(m.noutages, 2);
+    assert_int_equal(mstore_outage_ms(&m, T0, T0 + 30000), 5000 + 4000);
+}
+
 static void test_persistence_round_trip(void **state)
 {
     char dir[] = "/tmp/test_mstore.XXXXXX", path[64], err[256];
@@ -589,6 +619,7 @@ int main(void)
         cmocka_unit_test(test_ramp_token_bucket_and_end),
         cmocka_unit_test(test_aimd_window),
         cmocka_unit_test(test_release_without_ramp_and_pause_accounting),
+        cmocka_unit_test(test_trip_is_outage_and_trust),
         cmocka_unit_test(test_persistence_round_trip),
         cmocka_unit_test(test_public_reason),
         cmocka_unit_test(test_slow_degrades_then_trips),
