@@ -2200,6 +2200,11 @@ int dlv_policy_reload(struct dlv *d, char *err, size_t errlen)
     return policy_load(d, 0, err, errlen);
 }
 
+int dlv_policy_entry(struct dlv *d, const char *domain, struct bpolicy_entry *e)
+{
+    return bpolicy_get(d->policy, domain, e);
+}
+
 int dlv_policy(struct dlv *d, const char *name, const char *rcpt, struct bpolicy *out)
 {
     struct dlv_ms *ms = find_ms(d, name);

@@ -174,6 +174,8 @@ void dlv_set_share(struct dlv *d, double share);
  * everything when no DSN can be sent (no [dsn] relay, the DSN queue, a broken map).
  * 0, or -ENOENT for no such mailstore. */
 int dlv_policy(struct dlv *d, const char *name, const char *rcpt, struct bpolicy *out);
+/* The policy map's own line for domain: 0 and *e, or -ENOENT. */
+int dlv_policy_entry(struct dlv *d, const char *domain, struct bpolicy_entry *e);
 /* Read [dsn] policy_map again (after bpolicy_set changed it). 0, or -errno with err set (the
  * map loaded before stays). */
 int dlv_policy_reload(struct dlv *d, char *err, size_t errlen);

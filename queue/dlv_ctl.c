@@ -496,6 +496,7 @@ static long do_bounce(struct job *j)
         return -ENOMEM;
     for (;;) {
         int nq, nu = 0, progress = 0, stale = 0;
+        long picked = 0;
         if (j->qid[0]) {
             if (total || r)
                 break;
@@ -511,11 +512,12 @@ static long do_bounce(struct job *j)
         }
         for (int i = 0; i < nq && r == 0; i++) {
             long n;
-            if (j->limit > 0 && total >= j->limit) {
+            if (j->limit > 0 && total + picked >= j->limit) {
                 j->more = 1;
                 break;
             }
             r = bounce_select(j, qids[i], units, &nu, &n);
+            picked += n;
         }
         if (r == 0 && nu > 0)
             dlv_dsn_run(&j->cx, units, (size_t)nu);
@@ -1060,6 +1062,7 @@ static void handle(struct ctl_req *rq, const json_t *req, void *arg)
         break;
     case CTL_CMD_policy: {
         struct dlv_status *st = calloc(DLV_MS_STATUS_MAX, sizeof(*st));
+        j->has_entry = dlv_policy_entry(ctl->d, j->domain, &j->entry) == 0;
         int n = st ? dlv_status(ctl->d, st, DLV_MS_STATUS_MAX) : 0;
         const char *only = j->ms[0] ? j->ms : NULL;
         for (int i = 0; i < n; i++) {

@@ -602,7 +602,9 @@ unsigned mstore_trouble(const struct mstore *m, int64_t now)
 
 int mstore_trusts_failures(const struct mstore *m, int64_t now)
 {
-    return m->state == MSTORE_ACTIVE && mstore_trouble(m, now) == 0;
+    /* fails: its last transaction failed at the mailstore level (refused, timed out, 4xx at
+     * greeting/MAIL/DATA) or was slow: it may be on its way to tripped, so not yet */
+    return m->state == MSTORE_ACTIVE && m->fails == 0 && mstore_trouble(m, now) == 0;
 }
 
 /* --- Outage accounting --------------------------------------------------------------------- */

@@ -242,9 +242,10 @@ double mstore_recent_ms(const struct mstore *m);
 unsigned mstore_trouble(const struct mstore *m, int64_t now);
 /* May this mailstore's failures be taken as news about single recipients now, so that the
  * bounce policy may return mail (or warn of delay) on them? 1 only while it is active and
- * in no trouble (mstore_trouble): not paused, tripped, ramping or degraded, no mass refusal
- * showing (an outage or its aftermath, when a 5xx or a delay is the mailstore's, not the
- * user's). The one place every such decision asks. */
+ * its last transaction did not fail at the mailstore level, and in no trouble
+ * (mstore_trouble): not paused, tripped, ramping or degraded, no mass refusal showing, nor
+ * on its way to tripped (an outage or its aftermath, when a 5xx or a delay is the
+ * mailstore's, not the user's). The one place every such decision asks. */
 int mstore_trusts_failures(const struct mstore *m, int64_t now);
 
 /* --- Persistence (worker thread) ---------------------------------------------------------

@@ -194,6 +194,11 @@ static void test_trip_is_outage_and_trust(void **state)
 
     mstore_init(&m, "ms1", &P, T0);
     assert_true(mstore_trusts_failures(&m, T0));
+    mstore_result(&m, MSTORE_R_TIMEOUT, -1, "timeout", T0 + 10);   /* failing, not tripped yet */
+    assert_int_equal(m.state, MSTORE_ACTIVE);
+    assert_false(mstore_trusts_failures(&m, T0 + 10));
+    mstore_result(&m, MSTORE_R_PARTIAL, 20, "one user's 451", T0 + 20);
+    assert_true(mstore_trusts_failures(&m, T0 + 20));
     for (int i = 0; i < 3; i++)
         mstore_result(&m, MSTORE_R_FAIL, -1, "refused", T0 + 1000);
     assert_int_equal(m.state, MSTORE_TRIPPED);
