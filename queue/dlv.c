@@ -1457,7 +1457,7 @@ static void fetch_after(uv_work_t *w, int status)
             }
             /* bounce, but not now (untried, or an outage): deliver it as usual */
         }
-        if (d->dsncf.delay_warning_ms > 0 && may_act && !row->delay_dsn &&
+        if (d->dsncf.delay_warning_ms > 0 && may_act && !row->delay_dsn && !ms->is_dsn &&
             age >= d->dsncf.delay_warning_ms &&
             dsn_wanted(dsn_notify_parse(row->notify), DSN_DELAYED, 1)) {
             struct dlv_ret *rt = ret_unit(d, &rets, ms, row->qid, DSN_DELAYED, RET_FETCH, 0);

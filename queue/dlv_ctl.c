@@ -194,6 +194,7 @@ static json_t *ms_json(const struct dlv_status *s, json_t *counts)
     json_object_set_new(o, "slow_bound_ms", isinf(s->slow_bound_ms) ? json_null()
                                                                     : json_real(s->slow_bound_ms));
     json_object_set_new(o, "closing", json_integer(s->closing));
+    json_object_set_new(o, "bounced_total", json_integer((json_int_t)s->bounced));
     json_object_set_new(o, "last_error", json_string(s->last_error));
     json_object_set_new(o, "last_error_at", json_integer(s->last_error_at / 1000));
     static const char *const keys[] = { "queued", "held", "due", "messages", "bytes" };

@@ -83,6 +83,8 @@ static int prepare(const struct dlv_dsn_ctx *cx, struct dlv_dsn_unit *u, struct 
         struct dlv_dsn_rcpt *rc = &u->r[i];
         p->chg[i] = rc->chg;
         p->chg[i].rcpt_id = rc->id;
+        if (rc->chg.kind == SPOOL_CHG_UNSCHEDULE)
+            continue;           /* it stays held: nothing to report */
         if (u->null_sender || !cx->queue ||
             !dsn_wanted(dsn_notify_parse(rc->notify), u->action, cx->delay_default))
             continue;
