@@ -1087,9 +1087,12 @@ static void job_finish(struct dlv_job *job, int status, const char *why, const c
         op->count = after_change;
         ops_run(d);
     }
+    /* reason may point into the job's replies: keep a copy past job_free */
+    char why_copy[SPOOL_REPLY_MAX];
+    snprintf(why_copy, sizeof(why_copy), "%s", reason ? reason : "");
     job_free(job);
     enum mstore_state from = ms->st.state;
-    if (counts && mstore_result(&ms->st, res, lat, reason, now))
+    if (counts && mstore_result(&ms->st, res, lat, why_copy, now))
         on_transition(ms, from);
     if (soonest > 0)
         ms_arm(ms, soonest + 10);
