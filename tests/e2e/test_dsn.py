@@ -490,7 +490,7 @@ def test_outage_replay_under_load_no_dsn(ddeliverer, fake_lmtp, relay):
                                    max_queue_age="20s", max_queue_age_action="bounce",
                                    connect_timeout="1s", command_timeout="2s",
                                    data_timeout="4s", retry_min="1s", retry_max="2s",
-                                   release_ramp="2s")},
+                                   release_ramp="10s")},
                    extra=dsn_conf(relay))
     stop = threading.Event()
     qids = []
@@ -506,19 +506,23 @@ def test_outage_replay_under_load_no_dsn(ddeliverer, fake_lmtp, relay):
     try:
         time.sleep(1)
         peer.stop()                                   # refusing
+        # an unknown user's mail, tried during the outage: its 5xx must not be taken as
+        # the user's news (while tripped or ramping it is retried), so no DSN until after
+        peer.rcpt_codes["gone@%s" % DOMAIN] = "550 5.1.1 no such user"
+        [gone] = d.inject(["gone@%s:ms1" % DOMAIN], sender=SENDER)
+        qids.append(gone)
         d.wait_log(r"ms1: active -> tripped")
         time.sleep(3)
         peer.mode = "hang"                            # hanging after connect
         peer.start()
         time.sleep(4)
-        peer.mode = "ok"                              # slow, but answering
-        peer.delay = 1.5
-        time.sleep(4)
+        peer.mode = "ok"                              # slow, but answering: the probe
+        peer.delay = 1.5                              # succeeds, a 10 s ramp begins
+        d.wait_log(r"ms1: tripped -> ramping", timeout=20)
+        d.wait_log(r"to=<gone@%s>.*status=deferred \(550 5\.1\.1.*not taken as the user's"
+                   % DOMAIN, timeout=20)
         assert d.sluicectl("pause", "ms1", "--reason", "reindexing")[0] == 0
-        peer.rcpt_codes["gone@%s" % DOMAIN] = "550 5.1.1 no such user"
-        [gone] = d.inject(["gone@%s:ms1" % DOMAIN], sender=SENDER)
-        qids.append(gone)
-        time.sleep(4)
+        time.sleep(6)                                 # a scan or two while paused
         assert "notification" not in d.log() and "status=bounced" not in d.log()
         assert [m for m in relay.held() if any(q.encode() in m["raw"] for q in qids)] == []
     finally:
