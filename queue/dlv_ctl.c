@@ -39,7 +39,7 @@
 #include "version.h"
 
 #define DLV_CTL_BODY_MAX (1u << 20)  /* show --body: bytes of the message returned */
-#define DLV_CTL_BOUNCE_MSGS 32       /* bounce: messages (DSNs) per transaction */
+#define DLV_CTL_BOUNCE_MSGS 64       /* bounce: messages (DSNs) per transaction */
 #define DLV_CTL_BOUNCE_RCPTS 1000    /* bounce: recipients of one message read at once */
 #define DLV_CTL_BUSY_MS 10000
 #define DLV_CTL_WAIT_MAX_MS (15 * 60000) /* --wait: longest wait (a data_timeout of 10m, plus) */

@@ -153,28 +153,24 @@ static int prepare(const struct dlv_dsn_ctx *cx, struct dlv_dsn_unit *u, struct 
     return 0;
 }
 
-int dlv_dsn_run(const struct dlv_dsn_ctx *cx, struct dlv_dsn_unit **u, size_t n)
+/* run_some - prepare units from *next on until DLV_DSN_BATCH_BYTES of DSNs are built (at
+ * least one unit), commit them in one spool_generate, free the DSNs. */
+static int run_some(const struct dlv_dsn_ctx *cx, struct dlv_dsn_unit **u, size_t n,
+                    size_t *next, struct prep *p, struct spool_gen *g, size_t *map)
 {
-    struct prep *p = calloc(n ? n : 1, sizeof(*p));
-    struct spool_gen *g = calloc(n ? n : 1, sizeof(*g));
-    size_t *map = calloc(n ? n : 1, sizeof(*map)), ng = 0;
+    size_t ng = 0, bytes = 0, first = *next, i;
     int r = 0;
 
-    if (!p || !g || !map) {
-        free(p);
-        free(g);
-        free(map);
-        for (size_t i = 0; i < n; i++)
-            u[i]->status = -ENOMEM;
-        return -ENOMEM;
-    }
-    for (size_t i = 0; i < n; i++) {
+    for (i = first; i < n && (i == first || bytes < DLV_DSN_BATCH_BYTES); i++) {
+        memset(&p[i], 0, sizeof(p[i]));
         if ((u[i]->status = prepare(cx, u[i], &p[i], &g[ng])) < 0) {
             u[i]->dsn_qid[0] = '\0';
             continue;
         }
+        bytes += p[i].dsn_len;
         map[ng++] = i;
     }
+    *next = i;
     if (ng > 0) {
         r = spool_generate(cx->sp, g, ng);
         for (size_t k = 0; k < ng; k++) {
@@ -184,12 +180,39 @@ int dlv_dsn_run(const struct dlv_dsn_ctx *cx, struct dlv_dsn_unit **u, size_t n)
                 x->dsn_qid[0] = '\0';
         }
     }
-    for (size_t i = 0; i < n; i++) {
-        free(p[i].chg);
-        free(p[i].dsn);
+    for (size_t k = first; k < i; k++) {
+        free(p[k].chg);
+        free(p[k].dsn);
+        p[k].chg = NULL;
+        p[k].dsn = NULL;
+    }
+    return r;
+}
+
+int dlv_dsn_run(const struct dlv_dsn_ctx *cx, struct dlv_dsn_unit **u, size_t n)
+{
+    struct prep *p = calloc(n ? n : 1, sizeof(*p));
+    struct spool_gen *g = calloc(n ? n : 1, sizeof(*g));
+    size_t *map = calloc(n ? n : 1, sizeof(*map)), next = 0;
+    int r = 0, applied = 0;
+
+    if (!p || !g || !map) {
+        free(p);
+        free(g);
+        free(map);
+        for (size_t i = 0; i < n; i++)
+            u[i]->status = -ENOMEM;
+        return -ENOMEM;
+    }
+    while (next < n) {
+        int k = run_some(cx, u, n, &next, p, g, map);
+        if (k < 0)
+            r = k;
+        else
+            applied += k;
     }
     free(p);
     free(g);
     free(map);
-    return r;
+    return applied ? applied : r;
 }

@@ -28,6 +28,10 @@
 #include "mstore.h"
 #include "spool.h"
 
+/* DSNs built and held in memory at once: a batch commits when its DSNs reach this, so a run
+ * of large RET=FULL returns never holds more than about this plus one return_max. */
+#define DLV_DSN_BATCH_BYTES (32u << 20)
+
 struct dlv_dsn_rcpt {
     int64_t id;                     /* the recipient's row */
     char rcpt[SPOOL_ADDR_MAX];
@@ -69,8 +73,8 @@ struct dlv_dsn_unit *dlv_dsn_unit_new(void);
 /* Room for one more recipient (zeroed), or NULL when out of memory. */
 struct dlv_dsn_rcpt *dlv_dsn_unit_add(struct dlv_dsn_unit *u);
 void dlv_dsn_unit_free(struct dlv_dsn_unit *u);
-/* Build and commit units (one transaction for all, each unit all or nothing). Returns how
- * many applied, or -errno when none could be recorded. */
+/* Build and commit units, each all or nothing, in as few transactions as DLV_DSN_BATCH_BYTES
+ * allows (usually one). Returns how many applied, or -errno when none could be. */
 int dlv_dsn_run(const struct dlv_dsn_ctx *cx, struct dlv_dsn_unit **u, size_t n);
 
 #endif
