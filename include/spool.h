@@ -17,6 +17,7 @@
  *   big/QID           one record each, for messages larger than inline_max
  *   tmp/QID           big messages being received; emptied at open
  *   writer.lock       flock()ed by the one process that appends (the gateway)
+ *   gen.lock          flock()ed by spool_generate and by the orphan sweeps
  *
  * Record = struct spool_rec_hdr (56 bytes, little-endian) + payload in a segment; a big file
  * holds body || prefix || header (a trailer, so a big message streams to disk once and our

@@ -13,8 +13,14 @@
  *     here (drop the ready list, close idle connections, save, make recipients due).
  *   - Persisted writes (state rows, make-due) go through one serial queue of ops (d->ops).
  *
+ *   - A unit of the return path (struct dlv_ret: one message's recipients to return or
+ *     report on) is queued in d->ret_head, or running (d->ret_run, one batch at a time). Rows
+ *     a fetch took for a return stay in d->known until their unit is done; a scan starts only
+ *     when none of the previous scan's units is left, so a row is never in two units.
+ *
  * Sections: small helpers (clock, id set, backoff), outcomes and their flush, state ops,
- * jobs (load, finish), connections, Maildir, fetch, pump and timers, public calls.
+ * jobs (load, finish), connections, Maildir, fetch, returning mail, the scan, pump and
+ * timers, public calls.
  */
 #include "dlv.h"
 

@@ -11,7 +11,8 @@
  * the mailstore's state admits it (mstore_may_start: slots, tokens, probe time) -> deliver on
  * a reused or new connection (or a Maildir write) -> per-recipient outcome:
  *   2xx -> delivered; 4xx, connection failure or timeout -> queued again with exponential
- *   backoff and jitter (dlv_backoff_ms); 5xx -> held with the reply. Never a bounce or DSN.
+ *   backoff and jitter (dlv_backoff_ms); 5xx -> held with the reply (under the bounce policy
+ *   "bounce": held with a return time, then returned to its sender with a DSN).
  * Outcomes are recorded in batches (spool_mark, one transaction per batch, at most one batch
  * in flight), always after the server's reply: a crash loses at most the in-flight
  * deliveries' outcomes, which are then delivered again (duplicates only for those).
@@ -31,8 +32,13 @@
  * as such (cmd "delivered-after-hold" / "delivered-after-delete").
  *
  * Recipients queued longer than max_queue_age (minus the time their mailstore was paused or
- * tripped) are held with an alert when fetched; never bounced. One that an operator unheld
- * after such a hold gets an attempt before its age is judged again.
+ * tripped) are held with an alert when fetched, or returned under max_queue_age_action =
+ * bounce. One that an operator unheld after an age hold gets an attempt before its age is
+ * judged again. Returning mail (dlv_dsn.h) is decided here, on the loop, only while the
+ * mailstore is trusted (mstore_trusts_failures: in no trouble at all), and committed by one
+ * worker batch at a time; a 5xx hold under the bounce policy waits at least the mass-refusal
+ * window, so a mass refusal that shows later puts it back in the queue first. The DSN queue
+ * ([dsn] relay) is a mailstore of its own, called CONF_DSN_QUEUE.
  *
  * Every function runs on the loop thread. Return convention: 0 or -errno.
  */
