@@ -78,9 +78,16 @@ static void test_load_and_lookup(void **state)
         "Shop.Example.TEST  permanent_failure_action=bounce bounce_grace=5d\n"
         "lists.test max_queue_age=7d max_queue_age_action=hold   # never bounce\n"
         "\n"
-        "aged.test max_queue_age=2h max_queue_age_action=bounce\n");
+        "aged.test max_queue_age=2h max_queue_age_action=bounce\n"
+        "b\xc3\xbc" "cher.example permanent_failure_action=bounce\n");
     assert_int_equal(bpolicy_load(&m, path, err, sizeof(err)), 0);
-    assert_int_equal(bpolicy_count(m), 3);
+    assert_int_equal(bpolicy_count(m), 4);
+    /* one spelling per domain (domain.h), as for the reseller API: U-label and A-label meet */
+    bpolicy_lookup(m, &BASE, "x@XN--BCHER-KVA.example", &p);
+    assert_int_equal(p.permanent, BPOLICY_BOUNCE);
+    bpolicy_lookup(m, &BASE, "x@B\xc3\x9c" "CHER.example", &p);
+    assert_int_equal(p.permanent, BPOLICY_BOUNCE);
+    assert_int_equal(bpolicy_get(m, "xn--bcher-kva.example.", &e), 0);
     /* a domain's line overrides only the fields it sets; ASCII case is ignored */
     bpolicy_lookup(m, &BASE, "bob@shop.example.test", &p);
     assert_int_equal(p.permanent, BPOLICY_BOUNCE);
