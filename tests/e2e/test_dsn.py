@@ -490,7 +490,7 @@ def test_outage_replay_under_load_no_dsn(ddeliverer, fake_lmtp, relay):
                                    max_queue_age="20s", max_queue_age_action="bounce",
                                    connect_timeout="1s", command_timeout="2s",
                                    data_timeout="4s", retry_min="1s", retry_max="2s",
-                                   release_ramp="10s")},
+                                   release_ramp="60s")},
                    extra=dsn_conf(relay))
     stop = threading.Event()
     qids = []
@@ -500,7 +500,7 @@ def test_outage_replay_under_load_no_dsn(ddeliverer, fake_lmtp, relay):
         while not stop.is_set():
             qids.extend(d.inject(["u%d@%s:ms1" % (i % 20, DOMAIN)], sender=SENDER))
             i += 1
-            time.sleep(0.15)
+            time.sleep(0.4)
     th = threading.Thread(target=load, daemon=True)
     th.start()
     try:
@@ -517,10 +517,11 @@ def test_outage_replay_under_load_no_dsn(ddeliverer, fake_lmtp, relay):
         peer.start()
         time.sleep(4)
         peer.mode = "ok"                              # slow, but answering: the probe
-        peer.delay = 1.5                              # succeeds, a 10 s ramp begins
+        peer.delay = 1.0                              # succeeds, a 60 s ramp begins
         d.wait_log(r"ms1: tripped -> ramping", timeout=20)
+        # the backlog drains slowly, oldest first: the unknown user's turn comes in the ramp
         d.wait_log(r"to=<gone@%s>.*status=deferred \(550 5\.1\.1.*not taken as the user's"
-                   % DOMAIN, timeout=20)
+                   % DOMAIN, timeout=45)
         assert d.sluicectl("pause", "ms1", "--reason", "reindexing")[0] == 0
         time.sleep(6)                                 # a scan or two while paused
         assert "notification" not in d.log() and "status=bounced" not in d.log()
