@@ -199,8 +199,9 @@ int spool_hold(struct spool *sp, const char *qid, const char *mailstore, const c
 int spool_release(struct spool *sp, const char *qid, const char *mailstore, int64_t now);
 int spool_unhold(struct spool *sp, const char *qid, const char *mailstore, int64_t now);
 /* Held -> queued and due at now, for the recipients with these row ids that a reply held
- * (an operator's hold or a damaged record's, which carry a hold reason, stay held): the
- * 5xx turned out to be a whole mailstore refusing everyone. One transaction; returns the
+ * (an operator's hold or a damaged record's, which carry a hold reason and no bounce time,
+ * stay held; a 5xx hold under the bounce policy loses its bounce time and reason): the 5xx
+ * turned out to be a whole mailstore refusing everyone. One transaction; returns the
  * number changed, or -errno. */
 int spool_requeue(struct spool *sp, const int64_t *ids, size_t n, int64_t now);
 /* Delete a message whatever its recipients' state (explicit operator action). */

@@ -59,8 +59,9 @@
        " bounce_at=NULL, updated_at=?2 WHERE qid=?1 AND state=2") \
     XX(UNHOLD_MS, "UPDATE recipients SET state=0, next_attempt=?2, hold_reason=NULL," \
        " bounce_at=NULL, updated_at=?2 WHERE mailstore=?1 AND state=2") \
-    XX(REQUEUE, "UPDATE recipients SET state=0, next_attempt=?2, bounce_at=NULL," \
-       " updated_at=?2 WHERE id=?1 AND state=2 AND hold_reason IS NULL") \
+    XX(REQUEUE, "UPDATE recipients SET state=0, next_attempt=?2, hold_reason=NULL," \
+       " bounce_at=NULL, updated_at=?2 WHERE id=?1 AND state=2" \
+       " AND (hold_reason IS NULL OR bounce_at IS NOT NULL)") \
     XX(BOUNCE_DUE, SPOOL_IDX_RCPT_COLS " WHERE mailstore=?1 AND bounce_at IS NOT NULL" \
        " AND bounce_at<=?2 AND state=2 ORDER BY bounce_at, id LIMIT ?3") \
     XX(DSN_OWED, SPOOL_IDX_RCPT_COLS " WHERE dsn_owed<>0 ORDER BY qid, id LIMIT ?1") \

@@ -8,7 +8,8 @@ Postfix, which holds what it receives: every DSN is read back from Postfix's que
 with Python's email package, field by field (RFC 3464 section 2; the fields and where each is
 checked are listed in docs/delivery.md).
 
-The never-during-an-outage rules each have a test: paused, tripped, 4xx, timeout and age;
+The never-during-an-outage rules each have a test: paused, tripped, degraded (slow), a mass
+5xx refusal (a user database that lost everyone), 4xx, timeout and age;
 the replay test runs an outage under load (refusing, hanging, slow, paused, released) with
 the most eager policy and finds no DSN until the mailstore is back. kill -9 between the
 bounce decision and the DSN's commit uses SLUICE_TEST_CRASH_AT (a crash point in the
@@ -98,7 +99,9 @@ def dsn_conf(relay, **kw):
 
 
 def ms_conf(peer, **kw):
-    d = {"deliver": "lmtp:127.0.0.1:%d" % peer.port}
+    # mass_failure_window: a 5xx hold under the bounce policy waits at least that long (a mass
+    # refusal showing later puts it back in the queue); 1 s keeps grace 0 prompt in the tests
+    d = {"deliver": "lmtp:127.0.0.1:%d" % peer.port, "mass_failure_window": "1s"}
     d.update(kw)
     return d
 
@@ -392,6 +395,69 @@ def test_never_while_tripped_or_ramping(ddeliverer, fake_lmtp, relay):
     wait_dsns(relay, 1, q, timeout=30)
     log = d.log()
     assert log.index("ms1: ramping -> active") < log.index("status=bounced")
+
+
+@needs_postfix
+def test_never_while_degraded(ddeliverer, fake_lmtp, relay):
+    """Slow replies make the mailstore degraded: a user's 5xx then is retried, not returned;
+    it is returned once the mailstore is active again."""
+    peer = fake_lmtp()
+    # slow: RCPT replies over 1 s (slow_reply), whatever the normal; trip_after high so it
+    # stays degraded instead of tripping
+    d = bounced_now(peer, ddeliverer, relay, slow_reply="1s", slow_factor="0",
+                    trip_after="1000", command_timeout="5s")
+    del peer.rcpt_codes["bob@%s" % DOMAIN]
+    peer.rcpt_delay = 1.5
+    d.inject(["carol@%s:ms1" % DOMAIN], n=6, sender=SENDER)
+    d.wait_log(r"mailstore ms1: active -> degraded", timeout=40)
+    peer.rcpt_codes["bob@%s" % DOMAIN] = "550 5.1.1 <bob@%s> User unknown" % DOMAIN
+    [q] = d.inject(["bob@%s:ms1" % DOMAIN], sender=SENDER)
+    d.wait_log(r"%s: to=<bob@%s>.*status=deferred \(550 5\.1\.1.*while the mailstore is "
+               r"degraded is not taken as the user's" % (q, DOMAIN), timeout=30)
+    time.sleep(3)
+    assert "ms1: degraded -> active" not in d.log()
+    assert dsns(relay, q) == [] and "status=bounced" not in d.log()
+    assert d.rows("SELECT state FROM recipients WHERE qid=?", (q,)) == [(0,)]
+    peer.rcpt_delay = 0                 # fast again: back to active, then bob is news
+    d.inject(["carol@%s:ms1" % DOMAIN], n=6, sender=SENDER)
+    d.wait_log(r"mailstore ms1: degraded -> active", timeout=40)
+    wait_dsns(relay, 1, q, timeout=40)
+    log = d.log()
+    assert log.index("ms1: degraded -> active") < log.index("status=bounced")
+
+
+@needs_postfix
+def test_never_in_a_mass_5xx_refusal(ddeliverer, fake_lmtp, relay):
+    """The user database loses everyone: every RCPT gets 550. A user refused just before the
+    refusal showed as a mass one is not returned (its hold waits out the mass window, and the
+    mass refusal puts it back in the queue); nobody is told while the mailstore is tripped for
+    it, and after the recovery the mail is delivered."""
+    peer = fake_lmtp()
+    d = ddeliverer({"ms1": ms_conf(peer, permanent_failure_action="bounce", bounce_grace="0",
+                                   mass_failure_users="3", mass_failure_ratio="50",
+                                   mass_failure_window="30s", release_ramp="2s")},
+                   extra=dsn_conf(relay))
+    peer.rcpt_all = "550 5.1.1 User doesn't exist"
+    [qb] = d.inject(["bob@%s:ms1" % DOMAIN], sender=SENDER)
+    d.wait_log(r"%s: to=<bob@%s>.*status=held \(550 5\.1\.1.*returned to the sender after"
+               % (qb, DOMAIN))
+    time.sleep(6)                       # a scan: grace 0, but the hold waits the mass window
+    assert dsns(relay, qb) == [] and "status=bounced" not in d.log()
+    qs = d.inject(["u%d@%s:ms1" % (i, DOMAIN) for i in range(3)], sender=SENDER)
+    d.wait_log(r"mailstore ms1: active -> tripped \(mass 5xx")
+    d.wait_log(r"mailstore ms1: 1 recipient\(s\) held for a 5xx since the refusals began go "
+               r"back in the queue")
+    wait_for(lambda: d.rows("SELECT state, bounce_at FROM recipients WHERE qid=?", (qb,)) ==
+             [(0, None)], 10, what="bob queued again, no bounce time")
+    time.sleep(6)                       # tripped for the mass refusal: a scan or two
+    assert "status=bounced" not in d.log()
+    peer.rcpt_all = None                # the user database is back
+    d.wait_log(r"mailstore ms1: tripped -> ramping", timeout=30)
+    for q in [qb] + qs:
+        wait_for(lambda: d.rows("SELECT count(*) FROM messages WHERE qid=?", (q,))[0][0] == 0,
+                 30, what="%s delivered" % q)
+    assert "status=bounced" not in d.log()
+    assert [m for m in relay.held() if any(q.encode() in m["raw"] for q in [qb] + qs)] == []
 
 
 @needs_postfix

@@ -337,6 +337,7 @@ static void test_slow_degrades_then_trips(void **state)
     assert_int_equal(may(&m, 0, t, NULL), 4);
     assert_int_equal(may(&m, 3, t, NULL), 1);
     assert_true(mstore_trouble(&m, t) == MSTORE_T_DEGRADED);
+    assert_false(mstore_trusts_failures(&m, t));            /* no bounce while degraded */
     /* AIMD on latency, and trip_after slow transactions in a row trip it */
     assert_false(mstore_result(&m, MSTORE_R_OK, 200, "250", t + 2));
     assert_true(m.cwnd == 2);
@@ -444,7 +445,11 @@ static void test_mass_5xx_trips(void **state)
     assert_int_equal(mstore_reply(&m, 5, "U1@X", t + 1), MSTORE_R_OK);
     assert_int_equal(mstore_reply(&m, 5, "u2@x", t + 2), MSTORE_R_OK);
     assert_int_equal(mstore_trouble(&m, t + 2), 0u);
+    assert_true(mstore_trusts_failures(&m, t + 2));         /* two users: their own news */
     assert_int_equal(mstore_reply(&m, 5, "u3@x", t + 3), MSTORE_R_MASS_5XX);
+    /* still active, but the refusal shows: no bounce for this transaction's 5xx */
+    assert_int_equal(m.state, MSTORE_ACTIVE);
+    assert_false(mstore_trusts_failures(&m, t + 3));
     assert_non_null(strstr(m.mass_why, "mass 5xx: 3 distinct recipients"));
     assert_non_null(strstr(m.mass_why, "(4 of 5 replies)"));
     assert_true(mstore_trouble(&m, t + 3) & MSTORE_T_MASS_5XX);
