@@ -666,6 +666,31 @@ static int do_audit(struct ctx *x)
 /* --- Commands: writing --------------------------------------------------------------------- */
 
 /* write_done - print a write command's reply. */
+/* print_in_flight - what a command that stops deliveries found in flight (pause, hold,
+ * delete, reroute), when the reply says */
+static void print_in_flight(const json_t *rep)
+{
+    if (json_is_integer(json_object_get(rep, "stopped"))) {
+        int64_t fin = ji(rep, "finishing"), still = ji(rep, "still_finishing");
+        printf("in flight: %" PRId64 " delivery(ies) stopped before the final dot (their "
+               "recipients stay queued), %" PRId64 " past it", ji(rep, "stopped"), fin);
+        if (!json_is_true(json_object_get(rep, "waited")))
+            printf("%s\n", fin ? " still finishing (--wait waits for them)" : "");
+        else if (still)
+            printf(", of which %" PRId64 " still finishing after the wait\n", still);
+        else
+            printf(" and finished, their outcomes recorded\n");
+    }
+}
+
+/* done_code - frees rep; EX_FAILED when --wait ran out with deliveries still finishing */
+static int done_code(json_t *rep)
+{
+    int late = json_is_true(json_object_get(rep, "waited")) && ji(rep, "still_finishing") > 0;
+    json_decref(rep);
+    return late ? EX_FAILED : EX_OK;
+}
+
 static int write_done(struct ctx *x, json_t *rep, const char *what)
 {
     if (x->json) {
@@ -684,21 +709,9 @@ static int write_done(struct ctx *x, json_t *rep, const char *what)
             printf(": %" PRId64 " recipient(s)", (int64_t)json_integer_value(c));
         }
         printf(" (recorded in the audit trail)\n");
-        if (json_is_integer(json_object_get(rep, "stopped"))) {
-            int64_t fin = ji(rep, "finishing"), still = ji(rep, "still_finishing");
-            printf("in flight: %" PRId64 " delivery(ies) stopped before the final dot (their "
-                   "recipients stay queued), %" PRId64 " past it", ji(rep, "stopped"), fin);
-            if (!json_is_true(json_object_get(rep, "waited")))
-                printf("%s\n", fin ? " still finishing (--wait waits for them)" : "");
-            else if (still)
-                printf(", of which %" PRId64 " still finishing after the wait\n", still);
-            else
-                printf(" and finished, their outcomes recorded\n");
-        }
+        print_in_flight(rep);
     }
-    int late = json_is_true(json_object_get(rep, "waited")) && ji(rep, "still_finishing") > 0;
-    json_decref(rep);
-    return late ? EX_FAILED : EX_OK;
+    return done_code(rep);
 }
 
 /* fleet_no_wait - a fleet-wide change is applied by each node on its own time: --wait can
@@ -829,8 +842,8 @@ static int selected(struct ctx *x, const char *cmd, const char *what)
             printf("%s: %" PRId64 " recipient(s)", what, ji(rep, "count"));
         printf("%s (recorded in the audit trail)\n", json_is_true(json_object_get(rep, "more"))
                ? "; more remain (run it again)" : "");
-        json_decref(rep);
-        return EX_OK;
+        print_in_flight(rep);
+        return done_code(rep);
     }
     return write_done(x, rep, what);
 }

@@ -807,7 +807,9 @@ static void job_after(uv_work_t *w, int status)
     } else if (ok && stops_flight(j->cmd)) {
         json_object_set_new(rep, "stopped", json_integer(j->stopped.stopped));
         json_object_set_new(rep, "finishing", json_integer(j->stopped.finishing));
-        if (j->wait_ms > 0) {
+        /* a bulk delete of held recipients stopped nothing: nothing to wait for */
+        int held_only = j->cmd == CTL_CMD_delete && !j->qid[0] && j->state == SPOOL_HELD;
+        if (j->wait_ms > 0 && !held_only) {
             const char *qid = j->qid[0] ? j->qid : NULL;
             j->waiting = rep;
             if (dlv_wait(j->ctl->d, qid ? NULL : j->ms, qid, j->wait_ms, wait_done, j) == 0)
