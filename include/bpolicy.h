@@ -31,6 +31,7 @@
 #include <stdint.h>
 
 #include "audit.h"
+#include "conf.h"
 
 #define BPOLICY_DOMAINS_MAX 1000000 /* resellers' domains; bounds the table's memory */
 #define BPOLICY_TEXT_MAX 256        /* one entry's settings as text */
@@ -77,6 +78,9 @@ int bpolicy_parse(char *const *fields, int n, struct bpolicy_entry *e, char *pro
 /* e as map-file settings ("permanent_failure_action=bounce bounce_grace=5d"). */
 void bpolicy_format(const struct bpolicy_entry *e, char *buf, size_t len);
 const char *bpolicy_action_name(enum bpolicy_action a);
+/* A mailstore's own settings ([mailstore NAME] permanent_failure_action, bounce_grace,
+ * max_queue_age, max_queue_age_action): what the map's entries override. */
+void bpolicy_base(const struct conf_mailstore *cf, struct bpolicy *b);
 
 /* Set the line of domain in the map file at path (e NULL or e->set 0: remove it), keeping
  * every other line and comment; the file is replaced atomically (written beside it, fsynced,

@@ -400,3 +400,13 @@ int bpolicy_set(const char *path, const char *domain, const struct bpolicy_entry
     }
     return r;
 }
+
+void bpolicy_base(const struct conf_mailstore *cf, struct bpolicy *b)
+{
+    b->permanent = strcmp(cf->permanent_failure_action, "bounce") == 0 ? BPOLICY_BOUNCE
+                                                                        : BPOLICY_HOLD;
+    b->grace_ms = cf->bounce_grace_ms;
+    b->max_age_ms = cf->max_queue_age_ms;
+    b->age_action = strcmp(cf->max_queue_age_action, "bounce") == 0 ? BPOLICY_BOUNCE
+                                                                     : BPOLICY_HOLD;
+}

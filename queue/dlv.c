@@ -1568,16 +1568,6 @@ static void ms_fetch(struct dlv_ms *ms)
 
 /* --- Returning mail ---------------------------------------------------------------------------- */
 
-static void base_of(const struct conf_mailstore *cf, struct bpolicy *b)
-{
-    b->permanent = strcmp(cf->permanent_failure_action, "bounce") == 0 ? BPOLICY_BOUNCE
-                                                                        : BPOLICY_HOLD;
-    b->grace_ms = cf->bounce_grace_ms;
-    b->max_age_ms = cf->max_queue_age_ms;
-    b->age_action = strcmp(cf->max_queue_age_action, "bounce") == 0 ? BPOLICY_BOUNCE
-                                                                     : BPOLICY_HOLD;
-}
-
 /* policy_of - what the bounce policy says for rcpt on ms: the mailstore's settings with its
  * domain's overrides. Nothing is returned from the DSN queue, without a relay, or while the
  * policy map is broken (a reseller's "never bounce" may be in the part we cannot read). */
@@ -2146,7 +2136,7 @@ static struct dlv_ms *ms_new(struct dlv *d, const struct conf_mailstore *cf, int
     ms->d = d;
     ms->cf = *cf;
     ms->is_dsn = is_dsn;
-    base_of(cf, &ms->base);
+    bpolicy_base(cf, &ms->base);
     metrics_hist_init(&ms->lat, metrics_latency_bounds, metrics_latency_nbounds);
     params_of(cf, &p);
     mstore_init(&ms->st, cf->name, &p, wall_ms());
@@ -2319,7 +2309,7 @@ void dlv_reload(struct dlv *d, const struct conf *c)
             ms->gen++;
         ms->gone = 0;
         ms->cf = *cf;
-        base_of(cf, &ms->base);
+        bpolicy_base(cf, &ms->base);
         params_of(cf, &p);
         mstore_set_params(&ms->st, &p);
         conn_close_idle(ms, 0);

@@ -59,6 +59,8 @@ struct deliver {
     uv_poll_t notify;
     int notify_init;
     uv_signal_t sig_term, sig_int, sig_hup;
+    uv_async_t policy_async;  /* a reseller changed the bounce policy map (api.h) */
+    int policy_async_on;
     uv_timer_t watchdog;      /* WATCHDOG=1 at half of WatchdogSec=, when systemd asks */
     int watchdog_on;
     int stopping;
@@ -155,6 +157,23 @@ static void on_watchdog(uv_timer_t *t)
     notify_watchdog();
 }
 
+/* --- The reseller API's bounce policy changes ----------------------------------------------- */
+
+static void policy_wake(void *arg)
+{
+    uv_async_send(arg);
+}
+
+static void on_policy_change(uv_async_t *h)
+{
+    struct deliver *dv = h->data;
+    char err[CONF_ERR_LEN];
+
+    if (dlv_policy_reload(dv->d, err, sizeof(err)) < 0)
+        log_warn("deliver: bounce policy map changed through the reseller API, but it cannot "
+                 "be loaded: %s (the map loaded before stays)", err);
+}
+
 /* --- Signals ------------------------------------------------------------------------------- */
 
 static void drained(void *arg)
@@ -167,6 +186,10 @@ static void drained(void *arg)
     dlv_metrics_stop(dv->metrics);
     if (dv->notify_init)
         uv_close((uv_handle_t *)&dv->notify, notify_closed);
+    if (dv->policy_async_on) {
+        api_on_policy_change(dv->api, NULL, NULL);
+        uv_close((uv_handle_t *)&dv->policy_async, NULL);
+    }
     uv_close((uv_handle_t *)&dv->sig_term, NULL);
     uv_close((uv_handle_t *)&dv->sig_int, NULL);
     uv_close((uv_handle_t *)&dv->sig_hup, NULL);
@@ -328,6 +351,12 @@ int main(int argc, char **argv)
                 log_err("  %s", line);
         }
         dlv_ctl_set_api(dv.ctl, dv.api);
+        if (dv.api) {
+            uv_async_init(dv.loop, &dv.policy_async, on_policy_change);
+            dv.policy_async.data = &dv;
+            dv.policy_async_on = 1;
+            api_on_policy_change(dv.api, policy_wake, &dv.policy_async);
+        }
     }
     uv_signal_init(dv.loop, &dv.sig_term);
     uv_signal_init(dv.loop, &dv.sig_int);
