@@ -134,7 +134,7 @@ def test_foreign_sub_super_case_idn_and_path_tricks(api_deliverer, fake_lmtp):
                "b%C3%BCcher.exampl", "example.tes", "example.test%00.other.test",
                "%20example.test", "example%2etest.other.test"]
     for dom in foreign:
-        for tail in ("", "/users", "/users.csv"):
+        for tail in ("", "/users", "/users.csv", "/bounce-policy"):
             st, hd, body = d.http("/v1/domains/%s%s" % (dom, tail), ACME)
             assert (st, body) == (404, not_found), (dom, tail, st, body)
     # path tricks and unknown paths: the same 404
@@ -145,7 +145,7 @@ def test_foreign_sub_super_case_idn_and_path_tricks(api_deliverer, fake_lmtp):
               "/v1/users/", "/v1/./users", "/v1/%2e/users", "/v1/users%2f", "/v2/users",
               "/v1/domains/example.test/users/../../../domains/other.test/users",
               "/v1/domains//users", "/v1/domains/example.test/users.csv/x", "/v1/nothing",
-              "/../v1/users", "/status/../v1/users", "/v1/domains/example.test/bounce-policy",
+              "/../v1/users", "/status/../v1/users", "/v1/domains/example.test/bounce-policy/x",
               "/v1/domains/.example.test/users", "/v1/domains/example..test/users",
               "/v1/domains/-example.test/users", "/v1/domains/*.example.test/users",
               "/v1/domains/%2A.example.test/users", "/v1/domains/example.test%00/users",
