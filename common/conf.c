@@ -38,11 +38,12 @@ enum conf_type {
     CT_MSOCKET,   /* char[] milter socket, also fills the milter's endpoint */
     CT_MACTION,   /* char[] milter default_action, also fills the enum */
     CT_DNSBLLIST, /* struct conf_list of DNSBL sites (DOMAIN[=FILTER]*WEIGHT) */
+    CT_RELAY,     /* char[] [dsn] relay: a deliver string or mailstore:NAME; fills the rest */
 };
 
 enum conf_sec { SEC_NONE, SEC_SPOOL, SEC_LOG, SEC_GATEWAY, SEC_ROUTING, SEC_CONTROL, SEC_METRICS,
-                SEC_POLICYD, SEC_SPF, SEC_API, SEC_FLEET, SEC_RDNS, SEC_DNSBL, SEC_MAILSTORE,
-                SEC_MILTER, SEC_BAD };
+                SEC_POLICYD, SEC_SPF, SEC_API, SEC_FLEET, SEC_RDNS, SEC_DNSBL, SEC_DSN,
+                SEC_MAILSTORE, SEC_MILTER, SEC_BAD };
 
 #define CF_NONEMPTY 1 /* "" is not a valid value */
 #define CF_REQUIRED 2 /* must be set in every section instance (mailstore deliver) */
@@ -63,7 +64,7 @@ static const char *const conf_sec_names[] = {
     [SEC_SPOOL] = "spool", [SEC_LOG] = "log", [SEC_GATEWAY] = "gateway",
     [SEC_ROUTING] = "routing", [SEC_CONTROL] = "control", [SEC_METRICS] = "metrics",
     [SEC_POLICYD] = "policyd", [SEC_SPF] = "spf", [SEC_API] = "api",
-    [SEC_FLEET] = "fleet", [SEC_RDNS] = "rdns", [SEC_DNSBL] = "dnsbl",
+    [SEC_FLEET] = "fleet", [SEC_RDNS] = "rdns", [SEC_DNSBL] = "dnsbl", [SEC_DSN] = "dsn",
     [SEC_MAILSTORE] = "mailstore", [SEC_MILTER] = "milter",
 };
 
@@ -348,6 +349,26 @@ static const struct conf_key conf_keys[] = {
        "a client's result is cached at least this long (and this long when not listed)"),
     KR(DNSBL, "max_ttl", CT_DUR, dnsbl.max_ttl_ms, "1h", 1000, 7 * 86400000LL,
        "and at most this long, whatever TTL the lists give"),
+    K(DSN, "relay", CT_RELAY, dsn.relay, "",
+      "where DSNs go: smtp:HOST:PORT (a relay that reaches the senders), lmtp:HOST:PORT, "
+      "maildir:/PATH/%d/%u, or mailstore:NAME (its address and timeouts); empty: no DSNs, "
+      "and nothing is ever returned to a sender"),
+    K(DSN, "policy_map", CT_STR, dsn.policy_map, "",
+      "file of per-domain bounce policies (\"domain key=value ...\"), overriding the "
+      "mailstores' permanent_failure_action, bounce_grace, max_queue_age and "
+      "max_queue_age_action; reloaded on SIGHUP"),
+    K(DSN, "delay_warning", CT_DUR, dsn.delay_warning_ms, "0",
+      "send one delay DSN to senders who asked (NOTIFY=DELAY, or no NOTIFY) once mail has "
+      "waited this long, outages not counted (0: never)"),
+    K(DSN, "return_max", CT_SIZE, dsn.return_max, "10M",
+      "a failure DSN returns the whole message (RET=FULL) only up to this size; larger "
+      "ones, and RET=HDRS or none, get the header section"),
+    KI(DSN, "max_connections", dsn.max_connections, "2", 1, 1000,
+       "connections the DSN queue opens to the relay"),
+    KR(DSN, "retry_min", CT_DUR, dsn.retry_min_ms, "5m", 1000, 86400000,
+      "first retry delay of a DSN the relay did not take"),
+    KR(DSN, "retry_max", CT_DUR, dsn.retry_max_ms, "1h", 1000, 7 * 86400000LL,
+      "longest retry delay of a DSN"),
 
     { SEC_MAILSTORE, "deliver", CT_DELIVER, FLD(conf_mailstore, deliver), "", 0, 0,
       CF_REQUIRED | CF_NONEMPTY,
@@ -370,8 +391,8 @@ static const struct conf_key conf_keys[] = {
        "messages per second when a ramp starts (after release or recovery)"),
     M("release_ramp", CT_DUR, release_ramp_ms, "10m", "time to ramp up to full rate"),
     M("max_queue_age", CT_DUR, max_queue_age_ms, "0",
-      "hold and alert on recipients queued longer, paused and tripped time not counted "
-      "(0: no limit)"),
+      "age limit of a recipient (then max_queue_age_action), paused and tripped time not "
+      "counted (0: no limit)"),
     MI("slow_factor", slow_factor, "5", 0, 1000,
        "replies this many times slower than the mailstore's normal make it degraded, and "
        "tripped after trip_after such transactions (0: no relative bound)"),
@@ -386,6 +407,16 @@ static const struct conf_key conf_keys[] = {
        "percent of the replies within mass_failure_window such refusals must also be"),
     MR("mass_failure_window", CT_DUR, mass_failure_window_ms, "60s", 1000, 86400000,
        "the time over which mass refusals are counted"),
+    M("max_queue_age_action", CT_STR, max_queue_age_action, "hold",
+      "past max_queue_age: hold (and alert) or bounce (return it with a DSN); never while "
+      "the mailstore is paused, tripped, ramping, degraded or in a mass refusal"),
+    M("permanent_failure_action", CT_STR, permanent_failure_action, "hold",
+      "after a lone 5xx: hold (for the operator) or bounce (return it with a DSN once "
+      "bounce_grace has passed); never while the mailstore is paused, tripped, ramping, "
+      "degraded or in a mass refusal"),
+    M("bounce_grace", CT_DUR, bounce_grace_ms, "1d",
+      "with permanent_failure_action = bounce: time a held recipient waits before it is "
+      "returned, so an operator can still unhold it"),
     M("max_backlog", CT_SIZE, max_backlog, "0",
       "queued bytes past which RCPT for this mailstore gets 452 (0: no limit)"),
     MI("max_backlog_messages", max_backlog_messages, "0", 0, 1000000000,
@@ -1063,6 +1094,35 @@ static int conf_set(const struct conf_key *k, void *base, const char *v, int app
         memcpy(field, v, strlen(v) + 1);
         return 0;
     }
+    case CT_RELAY: {
+        struct conf_dsn *d = &((struct conf *)base)->dsn;
+        struct conf_mailstore tmp;
+        memset(&tmp, 0, sizeof(tmp));
+        if (strlen(v) >= k->size) {
+            snprintf(why, whylen, "value too long");
+            return -EINVAL;
+        }
+        d->transport = 0;
+        memset(&d->endpoint, 0, sizeof(d->endpoint));
+        d->relay_mailstore[0] = '\0';
+        if (strncmp(v, "mailstore:", 10) == 0) {
+            if (!conf_mailstore_name_ok(v + 10)) {
+                snprintf(why, whylen, "bad mailstore name in \"%s\"", v);
+                return -EINVAL;
+            }
+            memcpy(d->relay_mailstore, v + 10, strlen(v + 10) + 1);
+        } else if (*v && conf_parse_deliver(v, &tmp) < 0) {
+            snprintf(why, whylen,
+                     "bad relay \"%s\" (use smtp:HOST:PORT, lmtp:HOST:PORT, lmtp:unix:/PATH, "
+                     "maildir:/PATH/%%d/%%u or mailstore:NAME)", v);
+            return -EINVAL;
+        } else {
+            d->transport = tmp.transport;
+            d->endpoint = tmp.endpoint;
+        }
+        memcpy(field, v, strlen(v) + 1);
+        return 0;
+    }
     case CT_MSOCKET: {
         struct conf_milter *m = base;
         if (strlen(v) >= k->size || conf_parse_milter_socket(v, &m->endpoint) < 0) {
@@ -1122,6 +1182,32 @@ static void conf_mi_defaults(struct conf_milter *m)
     conf_apply_defaults(SEC_MILTER, m);
 }
 
+int conf_dsn_queue(const struct conf *c, struct conf_mailstore *out)
+{
+    const struct conf_mailstore *via;
+
+    if (!c->dsn.relay[0])
+        return -ENOENT;
+    conf_ms_defaults(out);
+    if (c->dsn.relay_mailstore[0] && (via = conf_mailstore(c, c->dsn.relay_mailstore)))
+        *out = *via;
+    else {
+        snprintf(out->deliver, sizeof(out->deliver), "%s", c->dsn.relay);
+        out->transport = c->dsn.transport;
+        out->endpoint = c->dsn.endpoint;
+    }
+    snprintf(out->name, sizeof(out->name), "%s", CONF_DSN_QUEUE);
+    out->max_connections = c->dsn.max_connections;
+    out->retry_min_ms = c->dsn.retry_min_ms;
+    out->retry_max_ms = c->dsn.retry_max_ms;
+    out->max_queue_age_ms = 0;
+    out->max_backlog = 0;
+    out->max_backlog_messages = 0;
+    snprintf(out->permanent_failure_action, sizeof(out->permanent_failure_action), "hold");
+    snprintf(out->max_queue_age_action, sizeof(out->max_queue_age_action), "hold");
+    return 0;
+}
+
 void conf_defaults(struct conf *c)
 {
     memset(c, 0, sizeof(*c));
@@ -1137,6 +1223,7 @@ void conf_defaults(struct conf *c)
     conf_apply_defaults(SEC_FLEET, c);
     conf_apply_defaults(SEC_RDNS, c);
     conf_apply_defaults(SEC_DNSBL, c);
+    conf_apply_defaults(SEC_DSN, c);
     if (gethostname(c->gateway.hostname, sizeof(c->gateway.hostname) - 1) < 0 ||
         c->gateway.hostname[0] == '\0')
         snprintf(c->gateway.hostname, sizeof(c->gateway.hostname), "localhost");
@@ -1746,6 +1833,31 @@ static void conf_check(struct conf_ctx *x)
             conf_error(x, line, "[mailstore %s] %s: retry_min is larger than retry_max",
                        m->name, which);
         }
+        {
+            static const char *const keys[] = { "permanent_failure_action",
+                                                "max_queue_age_action" };
+            const char *vals[] = { m->permanent_failure_action, m->max_queue_age_action };
+            for (size_t k = 0; k < 2; k++) {
+                int kl = x->seen[1 + i][conf_key_index(SEC_MAILSTORE, keys[k])];
+                if (strcmp(vals[k], "hold") != 0 && strcmp(vals[k], "bounce") != 0)
+                    conf_error(x, kl, "[mailstore %s] %s: \"%s\" is not hold or bounce",
+                               m->name, keys[k], vals[k]);
+                else if (strcmp(vals[k], "bounce") == 0 && c->dsn.relay[0] == '\0')
+                    conf_error(x, kl, "[mailstore %s] %s: bounce needs [dsn] relay (where the "
+                               "DSNs go)", m->name, keys[k]);
+            }
+        }
+        if (c->dsn.relay[0] && strcmp(m->name, CONF_DSN_QUEUE) == 0)
+            conf_error(x, x->ms_line[i], "[mailstore %s]: the name \"%s\" is the DSN queue's "
+                       "while [dsn] relay is set; rename this mailstore", m->name,
+                       CONF_DSN_QUEUE);
+    }
+    if (c->dsn.relay_mailstore[0] && !conf_mailstore(c, c->dsn.relay_mailstore))
+        conf_error(x, x->seen[0][conf_key_index(SEC_DSN, "relay")],
+                   "[dsn] relay: no [mailstore %s] in this file", c->dsn.relay_mailstore);
+    if (c->dsn.retry_min_ms > c->dsn.retry_max_ms) {
+        line = conf_later(x, 0, SEC_DSN, "retry_min", "retry_max", &which);
+        conf_error(x, line, "[dsn] %s: retry_min is larger than retry_max", which);
     }
     for (int i = 0; i < c->n_milters; i++) {
         for (size_t k = 0; k < CONF_NKEYS; k++) {
@@ -1955,6 +2067,7 @@ static void conf_dump_key(const struct conf_key *k, const void *base, FILE *out)
     case CT_DELIVER:
     case CT_MSOCKET:
     case CT_MACTION:
+    case CT_RELAY:
         if (*(const char *)field != '\0')
             fprintf(out, " %s", (const char *)field);
         break;

@@ -60,6 +60,7 @@
 
 #define CTL_TIMEOUT_MS 30000    /* a write waits for durability; a listing may be long */
 #define CTL_WAIT_TIMEOUT_MS (16 * 60000) /* --wait: the daemon waits up to 15 min */
+#define CTL_BULK_TIMEOUT_MS 600000 /* bounce and delete of a whole mailstore's held mail */
 #define OPT_MAX 12
 #define ERR_LEN 1024
 
@@ -665,6 +666,31 @@ static int do_audit(struct ctx *x)
 /* --- Commands: writing --------------------------------------------------------------------- */
 
 /* write_done - print a write command's reply. */
+/* print_in_flight - what a command that stops deliveries found in flight (pause, hold,
+ * delete, reroute), when the reply says */
+static void print_in_flight(const json_t *rep)
+{
+    if (json_is_integer(json_object_get(rep, "stopped"))) {
+        int64_t fin = ji(rep, "finishing"), still = ji(rep, "still_finishing");
+        printf("in flight: %" PRId64 " delivery(ies) stopped before the final dot (their "
+               "recipients stay queued), %" PRId64 " past it", ji(rep, "stopped"), fin);
+        if (!json_is_true(json_object_get(rep, "waited")))
+            printf("%s\n", fin ? " still finishing (--wait waits for them)" : "");
+        else if (still)
+            printf(", of which %" PRId64 " still finishing after the wait\n", still);
+        else
+            printf(" and finished, their outcomes recorded\n");
+    }
+}
+
+/* done_code - frees rep; EX_FAILED when --wait ran out with deliveries still finishing */
+static int done_code(json_t *rep)
+{
+    int late = json_is_true(json_object_get(rep, "waited")) && ji(rep, "still_finishing") > 0;
+    json_decref(rep);
+    return late ? EX_FAILED : EX_OK;
+}
+
 static int write_done(struct ctx *x, json_t *rep, const char *what)
 {
     if (x->json) {
@@ -683,21 +709,9 @@ static int write_done(struct ctx *x, json_t *rep, const char *what)
             printf(": %" PRId64 " recipient(s)", (int64_t)json_integer_value(c));
         }
         printf(" (recorded in the audit trail)\n");
-        if (json_is_integer(json_object_get(rep, "stopped"))) {
-            int64_t fin = ji(rep, "finishing"), still = ji(rep, "still_finishing");
-            printf("in flight: %" PRId64 " delivery(ies) stopped before the final dot (their "
-                   "recipients stay queued), %" PRId64 " past it", ji(rep, "stopped"), fin);
-            if (!json_is_true(json_object_get(rep, "waited")))
-                printf("%s\n", fin ? " still finishing (--wait waits for them)" : "");
-            else if (still)
-                printf(", of which %" PRId64 " still finishing after the wait\n", still);
-            else
-                printf(" and finished, their outcomes recorded\n");
-        }
+        print_in_flight(rep);
     }
-    int late = json_is_true(json_object_get(rep, "waited")) && ji(rep, "still_finishing") > 0;
-    json_decref(rep);
-    return late ? EX_FAILED : EX_OK;
+    return done_code(rep);
 }
 
 /* fleet_no_wait - a fleet-wide change is applied by each node on its own time: --wait can
@@ -789,19 +803,145 @@ static int do_hold(struct ctx *x) { return scoped(x, "hold", "held"); }
 static int do_unhold(struct ctx *x) { return scoped(x, "unhold", "unheld (queued, due now)"); }
 static int do_retry(struct ctx *x) { return scoped(x, "retry", "made due now"); }
 
-static int do_delete(struct ctx *x)
+/* selected - bounce and delete: a queue ID, or --mailstore MS --state S [--rcpt A]; a
+ * reason always; --limit N for a page of at most N recipients. */
+static int selected(struct ctx *x, const char *cmd, const char *what)
 {
-    json_t *req = req_new("delete"), *rep;
+    json_t *req = req_new(cmd), *rep;
+    const char *ms = opt(x, "mailstore"), *st = opt(x, "state"), *lim = opt(x, "limit");
     int r;
 
-    if (!qid_valid(x->arg))
-        die_usage("delete: \"%s\" is not a queue ID (delete takes one message at a time)", x->arg);
+    if (x->arg && !qid_valid(x->arg))
+        die_usage("%s: \"%s\" is not a queue ID (for a whole mailstore: --mailstore MS)", cmd,
+                  x->arg);
+    if (!x->arg == !ms)
+        die_usage("%s: give a queue ID or --mailstore MS --state %s (one of them)", cmd,
+                  strcmp(cmd, "bounce") == 0 ? "held" : "held|queued");
+    if (ms && !st)
+        die_usage("%s: --mailstore needs --state %s", cmd,
+                  strcmp(cmd, "bounce") == 0 ? "held" : "held or --state queued");
+    if (!opt(x, "reason"))
+        die_usage("%s: --reason TEXT is required (it goes into the audit trail)", cmd);
     req_str(req, "qid", x->arg);
+    req_str(req, "mailstore", ms);
+    req_str(req, "state", st);
+    req_str(req, "rcpt", opt(x, "rcpt"));
     req_str(req, "reason", opt(x, "reason"));
-    req_wait(x, req);
+    if (lim)
+        json_object_set_new(req, "limit", json_integer(strtol(lim, NULL, 10)));
+    x->timeout_ms = CTL_BULK_TIMEOUT_MS;
+    if (strcmp(cmd, "delete") == 0)
+        req_wait(x, req);      /* --wait: longer still */
     if ((r = call(x, 0, req, &rep, 0)))
         return r;
-    return write_done(x, rep, "deleted");
+    if (!x->json) {
+        if (json_is_integer(json_object_get(rep, "dsns")))
+            printf("%s: %" PRId64 " recipient(s), %" PRId64 " DSN(s) queued", what,
+                   ji(rep, "count"), ji(rep, "dsns"));
+        else
+            printf("%s: %" PRId64 " recipient(s)", what, ji(rep, "count"));
+        printf("%s (recorded in the audit trail)\n", json_is_true(json_object_get(rep, "more"))
+               ? "; more remain (run it again)" : "");
+        print_in_flight(rep);
+        return done_code(rep);
+    }
+    return write_done(x, rep, what);
+}
+
+static int do_delete(struct ctx *x) { return selected(x, "delete", "deleted"); }
+static int do_bounce(struct ctx *x) { return selected(x, "bounce", "returned to sender"); }
+
+static void print_policy_line(const json_t *p)
+{
+    int64_t grace = ji(p, "bounce_grace"), age = ji(p, "max_queue_age");
+
+    printf("  %-16s on 5xx: %s", js(p, "mailstore"), js(p, "permanent_failure_action"));
+    if (strcmp(js(p, "permanent_failure_action"), "bounce") == 0)
+        printf(" after %" PRId64 "s", grace);
+    printf("; age limit: ");
+    if (age > 0)
+        printf("%" PRId64 "s, then %s\n", age, js(p, "max_queue_age_action"));
+    else
+        printf("none\n");
+}
+
+static int do_policy(struct ctx *x)
+{
+    json_t *req = req_new("policy"), *rep, *p;
+    size_t i;
+    int r;
+
+    req_str(req, strchr(x->arg, '@') ? "rcpt" : "domain", x->arg);
+    req_str(req, "mailstore", opt(x, "mailstore"));
+    if ((r = call(x, 0, req, &rep, 0)))
+        return r;
+    if (x->json) {
+        print_json(rep);
+    } else {
+        const json_t *e = json_object_get(rep, "map_entry");
+        printf("bounce policy for %s (%s)\n", js(rep, "domain"),
+               json_is_string(e) ? json_string_value(e) : "no line in the policy map: the "
+               "mailstores' own settings");
+        json_array_foreach(json_object_get(rep, "mailstores"), i, p)
+            print_policy_line(p);
+    }
+    json_decref(rep);
+    return EX_OK;
+}
+
+static int do_policy_set(struct ctx *x)
+{
+    static const struct { const char *opt, *key; } map[] = {
+        { "permanent", "permanent_failure_action" }, { "grace", "bounce_grace" },
+        { "max-age", "max_queue_age" }, { "age-action", "max_queue_age_action" },
+    };
+    json_t *req = req_new("policy_set"), *rep;
+    char set[512] = "";
+    size_t n = 0;
+    int r;
+
+    for (size_t i = 0; i < sizeof(map) / sizeof(map[0]); i++) {
+        const char *v = opt(x, map[i].opt);
+        size_t kl, vl;
+        if (!v)
+            continue;
+        kl = strlen(map[i].key);
+        vl = strlen(v);
+        if (n + 1 + kl + 1 + vl + 1 > sizeof(set))
+            die_usage("bounce-policy set: settings too long");
+        if (n)
+            set[n++] = ' ';
+        memcpy(set + n, map[i].key, kl);
+        n += kl;
+        set[n++] = '=';
+        memcpy(set + n, v, vl + 1);
+        n += vl;
+    }
+    if (!n == !opt(x, "remove"))
+        die_usage("bounce-policy set: give settings (--permanent, --grace, --max-age, "
+                  "--age-action) or --remove");
+    if (!opt(x, "reason"))
+        die_usage("bounce-policy set: --reason TEXT is required (it goes into the audit trail)");
+    req_str(req, "domain", x->arg);
+    if (n)
+        req_str(req, "settings", set);
+    else
+        json_object_set_new(req, "remove", json_true());
+    req_str(req, "reason", opt(x, "reason"));
+    if ((r = call(x, 0, req, &rep, 0)))
+        return r;
+    if (!x->json) {
+        const json_t *e = json_object_get(rep, "map_entry");
+        printf("bounce policy of %s: %s (recorded in the audit trail)\n", js(rep, "domain"),
+               json_is_string(e) ? json_string_value(e) : "removed from the map");
+        if (*js(rep, "warning"))
+            fprintf(stderr, "sluicectl: %s\n", js(rep, "warning"));
+        json_decref(rep);
+        return EX_OK;
+    }
+    print_json(rep);
+    json_decref(rep);
+    return EX_OK;
 }
 
 static int do_reroute(struct ctx *x)
@@ -1502,6 +1642,18 @@ static const struct opt_def o_scope[] = { { "mailstore", OT_STR }, { "reason", O
 /* hold and delete take mail away from delivery: --wait for what is past its final dot */
 static const struct opt_def o_stop[] = { { "mailstore", OT_STR }, { "reason", OT_STR },
                                          { "wait", OT_FLAG }, { NULL, OT_FLAG } };
+static const struct opt_def o_select[] = { { "mailstore", OT_STR }, { "state", OT_STR },
+                                           { "rcpt", OT_STR }, { "reason", OT_STR },
+                                           { "limit", OT_INT }, { NULL, OT_FLAG } };
+static const struct opt_def o_delete[] = { { "mailstore", OT_STR }, { "state", OT_STR },
+                                           { "rcpt", OT_STR }, { "reason", OT_STR },
+                                           { "limit", OT_INT }, { "wait", OT_FLAG },
+                                           { NULL, OT_FLAG } };
+static const struct opt_def o_policy[] = { { "mailstore", OT_STR }, { NULL, OT_FLAG } };
+static const struct opt_def o_policy_set[] = { { "permanent", OT_STR }, { "grace", OT_DUR },
+                                               { "max-age", OT_DUR }, { "age-action", OT_STR },
+                                               { "remove", OT_FLAG }, { "reason", OT_STR },
+                                               { NULL, OT_FLAG } };
 static const struct opt_def o_reroute[] = { { "to", OT_STR }, { "rcpt", OT_STR },
                                             { "reason", OT_STR }, { "wait", OT_FLAG },
                                             { NULL, OT_FLAG } };
@@ -1529,7 +1681,16 @@ static const struct cmd_def cmds[] = {
     { "hold", "[QID]", o_stop, do_hold, "hold QID|--mailstore MS [--reason TEXT] [--wait]" },
     { "unhold", "[QID]", o_scope, do_unhold, "unhold QID|--mailstore MS" },
     { "retry", "[QID]", o_scope, do_retry, "retry QID|MS" },
-    { "delete", "QID", o_stop, do_delete, "delete QID [--reason TEXT] [--wait]" },
+    { "delete", "[QID]", o_delete, do_delete,
+      "delete QID|--mailstore MS --state held|queued [--rcpt A] [--limit N] --reason TEXT"
+      " [--wait]" },
+    { "bounce", "[QID]", o_select, do_bounce,
+      "bounce QID|--mailstore MS --state held [--rcpt A] [--limit N] --reason TEXT" },
+    { "bounce-policy", "DOMAIN", o_policy, do_policy,
+      "bounce-policy DOMAIN|ADDR [--mailstore MS]" },
+    { "bounce-policy set", "DOMAIN", o_policy_set, do_policy_set,
+      "bounce-policy set DOMAIN [--permanent hold|bounce] [--grace D] [--max-age D]"
+      " [--age-action hold|bounce] | --remove, --reason TEXT" },
     { "reroute", "MS", o_reroute, do_reroute,
       "reroute MS --to MS2 [--rcpt ADDR] [--reason TEXT] [--wait]" },
     { "affected", "MS", o_affected, do_affected,

@@ -18,6 +18,8 @@
 #define CONF_NAME_MAX 64       /* mailstore name, 1-63 of [A-Za-z0-9_.-]; = SPOOL_MSNAME_MAX */
 #define CONF_LIST_MAX 64       /* items in a list value (listen, domains) */
 #define CONF_MAILSTORE_MAX 64  /* [mailstore NAME] sections */
+#define CONF_DSN_QUEUE "dsn"  /* the DSN queue's name in the deliverer: no mailstore may
+                               * take it while [dsn] relay is set */
 #define CONF_MILTER_MAX 16     /* [milter NAME] sections (each costs a socket per session) */
 #define CONF_ERR_MAX 20        /* errors collected before conf_load gives up */
 #define CONF_ERR_LEN 4096      /* a buffer that holds CONF_ERR_MAX error lines */
@@ -164,6 +166,23 @@ struct conf_fleet {
     char control_token_file[CONF_PATH_MAX]; /* a shared secret, first line of this file */
 };
 
+/* [dsn]: returning mail to its sender with RFC 3464 DSNs, and where DSNs leave
+ * (docs/delivery.md "Mail that cannot be delivered"). */
+struct conf_dsn {
+    char relay[CONF_PATH_MAX];    /* "" = no DSNs; smtp:HOST:PORT, lmtp:..., maildir:...,
+                                   * or mailstore:NAME */
+    /* read-only: relay split by conf_load */
+    enum conf_transport transport;        /* 0 for mailstore:NAME or "" */
+    struct conf_endpoint endpoint;
+    char relay_mailstore[CONF_NAME_MAX];  /* NAME of mailstore:NAME, else "" */
+    char policy_map[CONF_PATH_MAX];       /* per-domain overrides (bpolicy.h); "" none */
+    int64_t delay_warning_ms;     /* 0 = no delay DSNs */
+    uint64_t return_max;          /* RET=FULL returns whole messages up to this size */
+    int max_connections;
+    int64_t retry_min_ms;
+    int64_t retry_max_ms;
+};
+
 /* [spf]: SPF (RFC 7208) at MAIL in sluice-gateway, with libspf2 (docs/policy.md). */
 struct conf_spf {
     int enabled;
@@ -255,6 +274,9 @@ struct conf_mailstore {
     int mass_failure_users;       /* distinct refused recipients that make a mass refusal */
     int mass_failure_ratio;       /* percent of the replies they must also be */
     int64_t mass_failure_window_ms;
+    char max_queue_age_action[16];  /* hold | bounce (bpolicy.h) */
+    char permanent_failure_action[16]; /* after a lone 5xx: hold | bounce */
+    int64_t bounce_grace_ms;      /* bounce: the operator's time to unhold first */
     uint64_t max_backlog;         /* bytes; 0 = no limit */
     int max_backlog_messages;     /* messages; 0 = no limit */
 };
@@ -290,6 +312,7 @@ struct conf {
     struct conf_fleet fleet;
     struct conf_rdns rdns;
     struct conf_dnsbl dnsbl;
+    struct conf_dsn dsn;
     int n_mailstores;
     struct conf_mailstore mailstores[CONF_MAILSTORE_MAX]; /* in file order */
     int n_milters;
@@ -310,6 +333,11 @@ int conf_load_mem(struct conf *c, const char *name, const char *buf, size_t len,
 void conf_dump(const struct conf *c, FILE *out);
 /* The mailstore called name, or NULL. */
 const struct conf_mailstore *conf_mailstore(const struct conf *c, const char *name);
+/* The DSN queue of sluice-deliver as a mailstore called CONF_DSN_QUEUE: [dsn] relay's address
+ * (or, for mailstore:NAME, that mailstore's address and timeouts), [dsn] max_connections and
+ * retry times, mailstore defaults otherwise, no age limit, and hold for every failure (a DSN
+ * is never returned). 0, or -ENOENT when relay is unset. */
+int conf_dsn_queue(const struct conf *c, struct conf_mailstore *out);
 /* gateway.notify_socket, or <spool dir>/deliver.sock when it is "". 0 or -ENAMETOOLONG. */
 int conf_notify_socket(const struct conf *c, char *buf, size_t len);
 /* [policyd] state_db (which 0) or control_socket (which 1), or <spool dir>/policyd.db /

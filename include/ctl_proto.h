@@ -46,6 +46,9 @@
     XX(retry, 1) \
     XX(delete, 1) \
     XX(reroute, 1) \
+    XX(bounce, 1) \
+    XX(policy, 0) \
+    XX(policy_set, 1) \
     XX(suspensions, 0) \
     XX(suspend, 1) \
     XX(unsuspend, 1) \

@@ -17,6 +17,7 @@
  *   big/QID           one record each, for messages larger than inline_max
  *   tmp/QID           big messages being received; emptied at open
  *   writer.lock       flock()ed by the one process that appends (the gateway)
+ *   gen.lock          flock()ed by spool_generate and by the orphan sweeps
  *
  * Record = struct spool_rec_hdr (56 bytes, little-endian) + payload in a segment; a big file
  * holds body || prefix || header (a trailer, so a big message streams to disk once and our
@@ -73,7 +74,8 @@ struct spool_opts {
     int readonly;             /* index opened read-only; no recovery, no writes */
     uint64_t reserve_space;   /* bytes kept in dir/reserve for a full disk (0: none) */
     /* Fault injection for tests: when set, called before each step named by the string
-     * ("seg_write", "seg_sync", "big_write", "big_sync", "big_rename", "index_commit");
+     * ("seg_write", "seg_sync", "big_write", "big_sync", "big_rename", "index_commit", and
+     * spool_generate's "gen_*" steps);
      * a negative return makes that step fail with that errno. */
     int (*fault)(const char *step, void *arg);
     void *fault_arg;
@@ -136,6 +138,12 @@ void spool_msg_abort(struct spool_msg *m);
 
 enum spool_rstate { SPOOL_QUEUED = 0, SPOOL_DELIVERED = 1, SPOOL_HELD = 2 };
 
+/* recipients.dsn_owed: the success DSN a delivered recipient is still owed (RFC 3461 NOTIFY=
+ * SUCCESS that the mailstore could not take over). While one is owed the message stays. */
+#define SPOOL_DSN_NONE 0
+#define SPOOL_DSN_RELAYED 1       /* handed to a mailstore that does not offer DSN */
+#define SPOOL_DSN_DELIVERED 2     /* written into a Maildir by us: final delivery */
+
 struct spool_rcpt {
     int64_t id;                   /* row id, stable for the recipient's life */
     char qid[QID_SIZE];
@@ -148,6 +156,10 @@ struct spool_rcpt {
     int64_t next_attempt;         /* unix seconds */
     char last_reply[SPOOL_REPLY_MAX];
     char hold_reason[256];
+    int64_t bounce_at;            /* held: when the bounce policy returns it; 0 never */
+    int dsn_owed;                 /* SPOOL_DSN_* */
+    int delay_dsn;                /* 1: its delay DSN was queued */
+    int64_t updated_at;           /* unix seconds of the last change (the last attempt) */
 };
 
 /* Recipients of mailstore that are queued and due at `now`, oldest first, at most max.
@@ -169,6 +181,9 @@ struct spool_outcome {
     int64_t next_attempt;         /* for QUEUED */
     int count_attempt;            /* 1: attempts += 1 */
     const char *reply;            /* kept as last_reply; may be NULL */
+    int64_t bounce_at;            /* HELD: when the bounce policy returns it (0: never) */
+    int dsn_owed;                 /* DELIVERED: SPOOL_DSN_* still to be queued */
+    const char *hold_reason;      /* HELD: why, for the operator; NULL keeps the old one */
 };
 /* Record outcomes in one transaction. A message whose recipients are all delivered is
  * deleted with its record. Only queued recipients take a deferral or a hold: one an operator
@@ -184,12 +199,84 @@ int spool_hold(struct spool *sp, const char *qid, const char *mailstore, const c
 int spool_release(struct spool *sp, const char *qid, const char *mailstore, int64_t now);
 int spool_unhold(struct spool *sp, const char *qid, const char *mailstore, int64_t now);
 /* Held -> queued and due at now, for the recipients with these row ids that a reply held
- * (an operator's hold or a damaged record's, which carry a hold reason, stay held): the
- * 5xx turned out to be a whole mailstore refusing everyone. One transaction; returns the
+ * (an operator's hold or a damaged record's, which carry a hold reason and no bounce time,
+ * stay held; a 5xx hold under the bounce policy loses its bounce time and reason): the 5xx
+ * turned out to be a whole mailstore refusing everyone. One transaction; returns the
  * number changed, or -errno. */
 int spool_requeue(struct spool *sp, const int64_t *ids, size_t n, int64_t now);
 /* Delete a message whatever its recipients' state (explicit operator action). */
 int spool_delete(struct spool *sp, const char *qid);
+
+/* --- Returning mail to its sender (DSNs; docs/delivery.md) ---------------------------------
+ * The deliverer is not the spool's segment writer, so a message it generates (a DSN) is
+ * stored as a big file: written to tmp/QID, fsync()ed, renamed into big/, big/ fsync()ed, and
+ * its index rows are inserted in the SAME transaction that changes the recipients it reports
+ * on. A crash before the commit leaves a big file without a row (removed by the gateway's
+ * recovery or its reclaim pass, like any orphan) and every recipient as it was; after the
+ * commit, exactly one DSN exists and its recipients no longer ask for one. The writer and
+ * the orphan sweeps exclude each other with flock(gen.lock), so a sweep never removes a file
+ * whose row is about to be committed. */
+
+/* Recipients of mailstore held with a bounce time at or before now, soonest first. */
+int spool_bounce_due(struct spool *sp, const char *mailstore, int64_t now,
+                     struct spool_rcpt *out, int max);
+/* Delivered recipients still owed a success DSN (dsn_owed), grouped by message. */
+int spool_dsn_owed(struct spool *sp, struct spool_rcpt *out, int max);
+/* Queue IDs of messages with recipients of mailstore in state (and rcpt, if not NULL; ASCII
+ * case ignored), at most max, into qids. Returns how many. */
+int spool_select_qids(struct spool *sp, const char *mailstore, enum spool_rstate state,
+                      const char *rcpt, char (*qids)[QID_SIZE], int max);
+/* The recipients of qid in state (and of mailstore and rcpt, when not NULL). */
+int spool_select_rcpts(struct spool *sp, const char *qid, const char *mailstore,
+                       enum spool_rstate state, const char *rcpt, struct spool_rcpt *out,
+                       int max);
+
+enum spool_chg_kind {
+    SPOOL_CHG_RETURN,         /* the row goes (returned to its sender, or given up): it must
+                               * be in expect_state with bounce_at == expect_bounce_at (0 for
+                               * none) unless any_bounce_at */
+    SPOOL_CHG_DSN_SENT,       /* its success DSN is queued: dsn_owed back to none */
+    SPOOL_CHG_DELAY_SENT,     /* its delay DSN is queued: must be queued and not yet warned */
+    SPOOL_CHG_UNSCHEDULE,     /* held, bounce_at == expect_bounce_at: bounce_at back to none */
+};
+
+struct spool_change {
+    int64_t rcpt_id;
+    enum spool_chg_kind kind;
+    enum spool_rstate expect_state;
+    int64_t expect_bounce_at;
+    int any_bounce_at;
+};
+
+/* One unit: at most one generated message and the recipient changes it reports. */
+struct spool_gen {
+    /* in */
+    const char *qid;              /* the new message's queue ID (qid_new); NULL: changes only */
+    const char *data;             /* the message as it will be delivered (CRLF) */
+    size_t len;
+    const struct spool_env *env;  /* sender "" for a DSN */
+    const struct spool_rcpt_in *rcpts;
+    size_t nrcpt;
+    const struct spool_change *chg;
+    size_t nchg;
+    /* out */
+    int status;                   /* 0 applied; -ESTALE: a recipient was not as expected and
+                                   * nothing of the unit applied; other -errno */
+};
+/* Apply the units, each all or nothing (one savepoint each), in one transaction after every
+ * generated message is durable in big/. A message whose last undone recipient goes is
+ * deleted with its record. While the reserve is out (spool_reserve_ok 0) units with a message
+ * fail with -ENOSPC: the room is for draining. Returns the number of units applied, or -errno
+ * when the transaction itself failed (every status is then that errno). Fault steps (spool_opts
+ * fault): "gen_write", "gen_sync", "gen_rename", "gen_dirsync", "gen_commit" (before COMMIT),
+ * "gen_committed" (after it). Worker thread only. */
+int spool_generate(struct spool *sp, struct spool_gen *g, size_t n);
+/* Delete up to max (0: all) recipients of mailstore in state (and rcpt when not NULL), in
+ * transactions of at most SPOOL_CHUNK rows so the gateway's commits never wait long; a
+ * message left with nothing undone goes with its record. Returns how many, or -errno. */
+int spool_delete_rcpts(struct spool *sp, const char *mailstore, enum spool_rstate state,
+                       const char *rcpt, long max);
+#define SPOOL_CHUNK 500           /* rows per transaction of a bulk change */
 
 /* --- Maintenance -------------------------------------------------------------------- */
 

@@ -13,6 +13,7 @@
 
 #include <arpa/inet.h>
 #include <errno.h>
+#include <jansson.h>
 #include <microhttpd.h>
 #include <openssl/evp.h>
 #include <pthread.h>
@@ -27,6 +28,8 @@
 #include "api_rate.h"
 #include "api_route.h"
 #include "api_view.h"
+#include "audit.h"
+#include "bpolicy.h"
 #include "log.h"
 #include "spool_query.h"
 #include "tenants.h"
@@ -35,6 +38,7 @@
 #define API_CONN_TIMEOUT_S 30
 #define API_SWEEP_MS 10000      /* how often unused snapshots are freed */
 #define API_KEEP_MIN_MS 60000   /* a snapshot unused this long (and 10 x cache) is freed */
+#define API_BODY_MAX 4096       /* a request body (PUT of a bounce policy); more is a 413 */
 
 /* --- State ---------------------------------------------------------------------------------- */
 
@@ -73,6 +77,17 @@ struct api {
     int64_t swept_ms;
     struct spool_query *pool[64];
     int npool;
+    /* the bounce-policy route: [dsn] policy_map and relay, and who reloads the map */
+    char policy_map[CONF_PATH_MAX];
+    int dsn_relay;
+    void (*policy_changed)(void *arg);
+    void *policy_arg;
+};
+
+struct upload {                 /* a request body, kept across api_answer calls */
+    size_t len;
+    int too_big;
+    char buf[API_BODY_MAX];
 };
 
 static int64_t mono_ms(void)
@@ -313,6 +328,7 @@ struct reply {
     int retry_after;
     int challenge;              /* 401: ask for Basic (page) or Bearer (API) */
     int page;
+    const char *allow;          /* 405: the methods of the path (NULL: GET, HEAD) */
 };
 
 static void add_common(struct MHD_Response *resp, const struct reply *rp)
@@ -355,7 +371,7 @@ static enum MHD_Result send_reply(struct MHD_Connection *conn, struct reply *rp)
         MHD_add_response_header(resp, "Retry-After", num);
     }
     if (rp->code == MHD_HTTP_METHOD_NOT_ALLOWED)
-        MHD_add_response_header(resp, "Allow", "GET, HEAD");
+        MHD_add_response_header(resp, "Allow", rp->allow ? rp->allow : "GET, HEAD");
     r = MHD_queue_response(conn, rp->code, resp);
     MHD_destroy_response(resp);
     return r;
@@ -488,6 +504,213 @@ static void log_req(const char *who, const char *method, const struct api_route 
               rt->domain[0] ? " " : "", rt->domain, code);
 }
 
+/* --- The bounce policy of a domain ----------------------------------------------------------- */
+
+static void policy_error(struct reply *rp, unsigned code, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
+static void policy_error(struct reply *rp, unsigned code, const char *fmt, ...)
+{
+    char text[512];
+    va_list ap;
+    json_t *o;
+
+    va_start(ap, fmt);
+    vsnprintf(text, sizeof(text), fmt, ap);
+    va_end(ap);
+    rp->code = code;
+    o = json_pack("{s:s}", "error", text);
+    rp->body = o ? json_dumps(o, JSON_COMPACT) : NULL;
+    rp->len = rp->body ? strlen(rp->body) : 0;
+    json_decref(o);
+    if (!rp->body)
+        rp->body_static = "{\"error\":\"out of memory\"}\n";
+}
+
+/* policy_fields - a PUT body's settings as the map's "key=value" fields (into store). Returns
+ * how many, or -1 with a reply made. */
+static int policy_fields(json_t *body, char store[][128], char **fields, int max,
+                         struct reply *rp)
+{
+    static const char *const keys[] = { "permanent_failure_action", "bounce_grace",
+                                        "max_queue_age", "max_queue_age_action" };
+    const char *k;
+    json_t *v;
+    int n = 0;
+
+    json_object_foreach(body, k, v) {
+        size_t i;
+        if (strcmp(k, "reason") == 0 || strcmp(k, "remove") == 0)
+            continue;
+        for (i = 0; i < sizeof(keys) / sizeof(keys[0]) && strcmp(k, keys[i]) != 0; i++)
+            ;
+        if (i == sizeof(keys) / sizeof(keys[0]) || n == max) {
+            policy_error(rp, MHD_HTTP_BAD_REQUEST, "unknown key \"%.64s\": the keys are "
+                         "permanent_failure_action, bounce_grace, max_queue_age, "
+                         "max_queue_age_action, reason and remove", k);
+            return -1;
+        }
+        if (json_is_string(v) && strlen(json_string_value(v)) < 64 &&
+            !strpbrk(json_string_value(v), " \t\r\n#="))
+            snprintf(store[n], 128, "%s=%s", k, json_string_value(v));
+        else if (json_is_integer(v) && json_integer_value(v) >= 0)   /* seconds */
+            snprintf(store[n], 128, "%s=%llds", k, (long long)json_integer_value(v));
+        else {
+            policy_error(rp, MHD_HTTP_BAD_REQUEST, "bad value for %s: a word such as "
+                         "\"bounce\" or \"5d\", or a number of seconds", k);
+            return -1;
+        }
+        fields[n] = store[n];
+        n++;
+    }
+    return n;
+}
+
+/* policy_set - PUT or POST: change the domain's line of the policy map, audited like an
+ * operator's bounce-policy set (the actor is the reseller), then have the deliverer load it.
+ * 0, or -1 with an error reply made. */
+static int policy_set(struct api *a, const struct tenant *t, const char *domain,
+                      const char *path, int relay, const struct upload *up, struct reply *rp)
+{
+    char store[8][128], *fields[8], err[512], actor[TENANT_NAME_MAX + 16], text[BPOLICY_TEXT_MAX];
+    char index_path[CONF_PATH_MAX + 16];
+    struct bpolicy_entry e;
+    struct audit_db *ad = NULL;
+    json_error_t jerr;
+    json_t *body;
+    int n, r, rm;
+
+    if (!path[0]) {
+        policy_error(rp, MHD_HTTP_CONFLICT, "bounce policies are not set per domain on this "
+                     "server: ask your provider");
+        return -1;
+    }
+    if (!up || up->too_big) {
+        policy_error(rp, up ? MHD_HTTP_CONTENT_TOO_LARGE : MHD_HTTP_BAD_REQUEST,
+                     "the body is a JSON object of at most %d bytes", API_BODY_MAX - 1);
+        return -1;
+    }
+    if (!(body = json_loadb(up->buf, up->len, 0, &jerr)) || !json_is_object(body)) {
+        json_decref(body);
+        policy_error(rp, MHD_HTTP_BAD_REQUEST, "the body is not a JSON object");
+        return -1;
+    }
+    const json_t *why = json_object_get(body, "reason");
+    rm = json_is_true(json_object_get(body, "remove"));
+    if ((why && (!json_is_string(why) || strlen(json_string_value(why)) > 200)) ||
+        (n = policy_fields(body, store, fields, 8, rp)) < 0) {
+        if (!rp->body)
+            policy_error(rp, MHD_HTTP_BAD_REQUEST, "reason: a string of at most 200 bytes");
+        json_decref(body);
+        return -1;
+    }
+    if (!n == !rm) {
+        json_decref(body);
+        policy_error(rp, MHD_HTTP_BAD_REQUEST, "give settings, or \"remove\": true");
+        return -1;
+    }
+    memset(&e, 0, sizeof(e));
+    if (n > 0 && bpolicy_parse(fields, n, &e, err, sizeof(err)) < 0) {
+        json_decref(body);
+        policy_error(rp, MHD_HTTP_BAD_REQUEST, "%s", err);
+        return -1;
+    }
+    if (!relay && ((e.set & BPOLICY_F_PERMANENT && e.v.permanent == BPOLICY_BOUNCE) ||
+                   (e.set & BPOLICY_F_AGE_ACTION && e.v.age_action == BPOLICY_BOUNCE))) {
+        json_decref(body);
+        policy_error(rp, MHD_HTTP_CONFLICT, "this server sends no DSNs: nothing can be "
+                     "returned to senders (ask your provider)");
+        return -1;
+    }
+    snprintf(actor, sizeof(actor), "reseller %s", t->name);
+    struct audit_rec who = { .user = actor, .daemon = "sluice-deliver",
+                             .reason = why ? json_string_value(why) : "reseller API" };
+    pthread_mutex_lock(&a->mu);
+    snprintf(index_path, sizeof(index_path), "%s/index.db", a->spool_dir);
+    pthread_mutex_unlock(&a->mu);
+    if (audit_db_open(&ad, index_path, err, sizeof(err)) < 0)
+        log_warn("api: audit: %s", err);
+    r = bpolicy_set(path, domain, rm ? NULL : &e, ad, &who, err, sizeof(err));
+    audit_db_close(ad);
+    json_decref(body);
+    if (r < 0) {
+        log_warn("api: %s: setting the bounce policy of %s failed: %s", t->name, domain, err);
+        policy_error(rp, MHD_HTTP_INTERNAL_SERVER_ERROR, "the bounce policy could not be "
+                     "saved just now; nothing changed");
+        return -1;
+    }
+    bpolicy_format(&e, text, sizeof(text));
+    log_notice("api: reseller %s set the bounce policy of %s: %s", t->name, domain,
+               rm ? "removed (the mailstores' own settings)" : text);
+    pthread_mutex_lock(&a->mu);     /* held: api_on_policy_change(NULL) waits for it */
+    if (a->policy_changed)
+        a->policy_changed(a->policy_arg);
+    pthread_mutex_unlock(&a->mu);
+    return 0;
+}
+
+/* policy_answer - GET, HEAD, PUT and POST on /v1/domains/D/bounce-policy (an owned D). The
+ * answer is the domain's own line of the map: the keys it sets; the others are the
+ * mailstores' own settings, which a reseller is not shown. */
+static void policy_answer(struct api *a, const struct tenant *t, const char *domain,
+                          const char *method, const struct upload *up, struct reply *rp)
+{
+    char path[CONF_PATH_MAX], err[512], text[BPOLICY_TEXT_MAX];
+    struct bpolicy_map *m = NULL;
+    struct bpolicy_entry e;
+    int relay, r, put = strcmp(method, "PUT") == 0 || strcmp(method, "POST") == 0;
+
+    rp->type = "application/json";
+    rp->page = 0;
+    rp->allow = "GET, HEAD, PUT, POST";
+    if (!put && strcmp(method, "GET") != 0 && strcmp(method, "HEAD") != 0) {
+        rp->code = MHD_HTTP_METHOD_NOT_ALLOWED;
+        rp->body_static = "{\"error\":\"method not allowed\"}\n";
+        return;
+    }
+    pthread_mutex_lock(&a->mu);
+    snprintf(path, sizeof(path), "%s", a->policy_map);
+    relay = a->dsn_relay;
+    pthread_mutex_unlock(&a->mu);
+    if (put && policy_set(a, t, domain, path, relay, up, rp) < 0)
+        return;
+    if (path[0] && (r = bpolicy_load(&m, path, err, sizeof(err))) < 0 && r != -ENOENT) {
+        log_warn("api: %s: reading the bounce policy map: %s", t->name, err);
+        rp->code = MHD_HTTP_SERVICE_UNAVAILABLE;
+        rp->retry_after = 5;
+        rp->body_static = "{\"error\":\"the bounce policy cannot be read just now\"}\n";
+        return;
+    }
+    int has = m && bpolicy_get(m, domain, &e) == 0;
+    bpolicy_free(m);
+    json_t *o = json_pack("{s:s,s:b}", "domain", domain, "settable", path[0] != '\0');
+    json_t *pol = json_object();
+    if (has) {
+        if (e.set & BPOLICY_F_PERMANENT)
+            json_object_set_new(pol, "permanent_failure_action",
+                                json_string(bpolicy_action_name(e.v.permanent)));
+        if (e.set & BPOLICY_F_GRACE)
+            json_object_set_new(pol, "bounce_grace", json_integer(e.v.grace_ms / 1000));
+        if (e.set & BPOLICY_F_MAX_AGE)
+            json_object_set_new(pol, "max_queue_age", json_integer(e.v.max_age_ms / 1000));
+        if (e.set & BPOLICY_F_AGE_ACTION)
+            json_object_set_new(pol, "max_queue_age_action",
+                                json_string(bpolicy_action_name(e.v.age_action)));
+        bpolicy_format(&e, text, sizeof(text));
+    }
+    json_object_set_new(o, "policy", pol);
+    json_object_set_new(o, "map_entry", has ? json_string(text) : json_null());
+    rp->code = MHD_HTTP_OK;
+    rp->body = o ? json_dumps(o, JSON_COMPACT) : NULL;
+    json_decref(o);
+    if (!rp->body) {
+        rp->code = MHD_HTTP_INTERNAL_SERVER_ERROR;
+        rp->body_static = "{\"error\":\"out of memory\"}\n";
+        return;
+    }
+    rp->len = strlen(rp->body);
+}
+
 /* api_answer - one request (see api.h for the order of the checks). */
 static enum MHD_Result api_answer(void *cls, struct MHD_Connection *conn, const char *url,
                                   const char *method, const char *version,
@@ -505,7 +728,27 @@ static enum MHD_Result api_answer(void *cls, struct MHD_Connection *conn, const 
     char digest_hex[65];
     int wait;
 
-    if (*upload_size) {          /* we take no bodies: drop it, answer once it is read */
+    int has_body = strcmp(method, "PUT") == 0 || strcmp(method, "POST") == 0;
+    if (has_body) {              /* a bounce policy: keep the body, answer once it is read */
+        struct upload *up = *con_cls;
+        if (!up) {
+            if (!(up = calloc(1, sizeof(*up))))
+                return MHD_NO;
+            *con_cls = up;
+            return MHD_YES;
+        }
+        if (*upload_size) {
+            if (up->len + *upload_size >= sizeof(up->buf)) {
+                up->too_big = 1;
+            } else {
+                memcpy(up->buf + up->len, upload, *upload_size);
+                up->len += *upload_size;
+            }
+            *upload_size = 0;
+            return MHD_YES;
+        }
+    } else if (*upload_size) {   /* other methods take no bodies: drop it, answer once it
+                                  * is read */
         *upload_size = 0;
         return MHD_YES;
     }
@@ -541,6 +784,12 @@ static enum MHD_Result api_answer(void *cls, struct MHD_Connection *conn, const 
         rp.type = "application/json";
         rp.page = 0;
         rp.body_static = json_404;
+        log_req(t->name, method, &rt, rp.code);
+        tset_put(a, ts);
+        return send_reply(conn, &rp);
+    }
+    if (rt.kind == API_R_DOMAIN_BOUNCE_POLICY) {
+        policy_answer(a, t, rt.domain, method, has_body ? *con_cls : NULL, &rp);
         log_req(t->name, method, &rt, rp.code);
         tset_put(a, ts);
         return send_reply(conn, &rp);
@@ -644,6 +893,13 @@ static size_t unescape(void *cls, struct MHD_Connection *conn, char *s)
     return api_route_unescape(s);
 }
 
+static void request_done(void *cls, struct MHD_Connection *conn, void **con_cls,
+                         enum MHD_RequestTerminationCode toe)
+{
+    free(*con_cls);
+    *con_cls = NULL;
+}
+
 static void mhd_log(void *cls, const char *fmt, va_list ap) __attribute__((format(printf, 2, 0)));
 
 static void mhd_log(void *cls, const char *fmt, va_list ap)
@@ -661,6 +917,8 @@ static void settings(struct api *a, const struct conf *c)
     snprintf(a->tenants_path, sizeof(a->tenants_path), "%s", c->api.tenants);
     a->cache_ms = c->api.cache_ms;
     a->refresh_s = (int)(c->api.page_refresh_ms / 1000);
+    snprintf(a->policy_map, sizeof(a->policy_map), "%s", c->dsn.policy_map);
+    a->dsn_relay = c->dsn.relay[0] != '\0';
     if (a->refresh_s < 1)
         a->refresh_s = 1;
     pthread_mutex_unlock(&a->mu);
@@ -725,6 +983,7 @@ int api_start(struct api **out, const struct conf *c, char *err, size_t errlen)
                               MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)API_CONN_TIMEOUT_S,
                               MHD_OPTION_EXTERNAL_LOGGER, mhd_log, NULL,
                               MHD_OPTION_UNESCAPE_CALLBACK, unescape, NULL,
+                              MHD_OPTION_NOTIFY_COMPLETED, request_done, NULL,
                               MHD_OPTION_END);
     if (!a->mhd) {
         snprintf(err, errlen, "[api] cannot listen on %s (in use, or not a local address)",
@@ -736,6 +995,16 @@ int api_start(struct api **out, const struct conf *c, char *err, size_t errlen)
              c->api.threads);
     *out = a;
     return 0;
+}
+
+void api_on_policy_change(struct api *a, void (*fn)(void *arg), void *arg)
+{
+    if (!a)
+        return;
+    pthread_mutex_lock(&a->mu);
+    a->policy_changed = fn;
+    a->policy_arg = arg;
+    pthread_mutex_unlock(&a->mu);
 }
 
 int api_reload(struct api *a, const struct conf *c, char *err, size_t errlen)

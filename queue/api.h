@@ -20,9 +20,14 @@
  * shown again. Nothing here touches the scheduler: mailstore states are read from the index,
  * where the deliverer saves every transition.
  *
- * Seams for later work: a reseller setting its domains' bounce policy (PUT on
- * /v1/domains/D/bounce-policy, audited) and fleet-wide answers naming the hosts that did not
- * answer both hang off api_answer() in api.c.
+ * A reseller reads and sets its own domains' bounce policy on /v1/domains/D/bounce-policy
+ * (GET; PUT or POST with a JSON body): the line of [dsn] policy_map for D, rewritten by
+ * bpolicy_set (audited, actor "reseller NAME") on the request's thread, after which the
+ * deliverer is told to load the map again (api_on_policy_change). The same ownership check
+ * and 404 as every domain path come first.
+ *
+ * Seam for later work: fleet-wide answers naming the hosts that did not answer hang off
+ * api_answer() in api.c.
  */
 #ifndef SLUICE_API_H
 #define SLUICE_API_H
@@ -43,6 +48,10 @@ int api_start(struct api **a, const struct conf *c, char *err, size_t errlen);
 int api_reload(struct api *a, const struct conf *c, char *err, size_t errlen);
 /* Re-read the tenants file now (sluicectl reseller). Thread-safe. 0 or -errno with err. */
 int api_reload_tenants(struct api *a, char *err, size_t errlen);
+/* fn(arg) runs after a reseller changed the bounce policy map, on an API thread and under
+ * the API's lock: it must only wake the owner of the loaded map (uv_async_send). Once a call
+ * with fn NULL returns, fn is never called again. */
+void api_on_policy_change(struct api *a, void (*fn)(void *arg), void *arg);
 /* How many tenants are loaded (for the reply to sluicectl), or -1 without an API. */
 int api_tenant_count(struct api *a);
 /* Stop listening (requests in flight finish) and free. NULL is fine. */

@@ -103,5 +103,7 @@ enum api_route_kind api_route_match(const char *path, struct api_route *r)
         return r->kind = API_R_DOMAIN_USERS;
     if (strcmp(seg[3], "users.csv") == 0)
         return r->kind = API_R_DOMAIN_USERS_CSV;
+    if (strcmp(seg[3], "bounce-policy") == 0)
+        return r->kind = API_R_DOMAIN_BOUNCE_POLICY;
     return none(r);
 }

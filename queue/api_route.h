@@ -10,6 +10,7 @@
  *   /v1/domains                          the caller's domains with their counts
  *   /v1/domains/D                        one domain's summary
  *   /v1/domains/D/users  .../users.csv   one domain's affected mailboxes
+ *   /v1/domains/D/bounce-policy          the domain's bounce policy (GET; PUT or POST sets it)
  *
  * D is normalised (domain.h) here; whether the caller owns it is the server's check. Pure
  * functions.
@@ -32,7 +33,8 @@
     XX(DOMAINS, "domains") \
     XX(DOMAIN, "domain") \
     XX(DOMAIN_USERS, "domain users") \
-    XX(DOMAIN_USERS_CSV, "domain users.csv")
+    XX(DOMAIN_USERS_CSV, "domain users.csv") \
+    XX(DOMAIN_BOUNCE_POLICY, "domain bounce-policy")
 
 enum api_route_kind {
 #define XX(n, s) API_R_##n,

@@ -13,8 +13,14 @@
  *     here (drop the ready list, close idle connections, save, make recipients due).
  *   - Persisted writes (state rows, make-due) go through one serial queue of ops (d->ops).
  *
+ *   - A unit of the return path (struct dlv_ret: one message's recipients to return or
+ *     report on) is queued in d->ret_head, or running (d->ret_run, one batch at a time). Rows
+ *     a fetch took for a return stay in d->known until their unit is done; a scan starts only
+ *     when none of the previous scan's units is left, so a row is never in two units.
+ *
  * Sections: small helpers (clock, id set, backoff), outcomes and their flush, state ops,
- * jobs (load, finish), connections, Maildir, fetch, pump and timers, public calls.
+ * jobs (load, finish), connections, Maildir, fetch, returning mail, the scan, pump and
+ * timers, public calls.
  */
 #include "dlv.h"
 
@@ -28,6 +34,9 @@
 #include <unistd.h>
 
 #include "audit.h"
+#include "bpolicy.h"
+#include "dlv_dsn.h"
+#include "dsn.h"
 #include "lmtp.h"
 #include "log.h"
 #include "maildir.h"
@@ -73,6 +82,7 @@ struct dlv_job {
     int changed_under;          /* an operator held (1) or deleted (2) its message while it
                                  * was past the final dot: a delivery is audited */
     char changed_why[128];      /* the operator's reason, for that audit row */
+    int dsn_passed;             /* the server offered DSN: NOTIFY went with the RCPTs */
     unsigned rows_gen;          /* ms->rows_gen when its rows were fetched */
     struct lmtp_msg msg;
     uv_work_t work;
@@ -92,6 +102,8 @@ struct dlv_ms {
     struct dlv *d;
     struct conf_mailstore cf;
     struct mstore st;
+    int is_dsn;                 /* the DSN queue ([dsn] relay): its mail is never returned */
+    struct bpolicy base;        /* its own bounce policy ([mailstore] keys) */
     int gone;                   /* removed from the config by a reload */
     int gen;                    /* bumped when deliver changes */
     uv_timer_t timer;
@@ -111,6 +123,7 @@ struct dlv_ms {
     struct dlv_conn *conns;
     int nconns;
     uint64_t delivered, deferred, held;
+    uint64_t bounced;           /* recipients returned to their senders since start */
     uint64_t trips;             /* times the mailstore tripped since start */
     uint64_t rate_last;         /* delivered at the last tick */
     double rate_ewma;           /* recipients delivered per second, smoothed over ~5 s */
@@ -132,6 +145,7 @@ struct dlv_out {
     char qid[QID_SIZE];
     struct spool_outcome o;
     char reply[SPOOL_REPLY_MAX];
+    char hold_reason[256];      /* "" none */
 };
 
 enum dlv_op_kind { OP_SAVE, OP_DUE, OP_AUDIT };
@@ -201,6 +215,23 @@ struct dlv {
     unsigned flush_failures;        /* in a row */
     uv_work_t flush_work;
     uv_timer_t flush_timer;
+    /* returning mail (dlv_dsn.h): units wait in ret_q; one batch at a time in the pool */
+    struct conf_dsn dsncf;
+    struct bpolicy_map *policy;     /* [dsn] policy_map; NULL: none */
+    int policy_broken;              /* the map failed to load at start: nothing is returned */
+    struct dlv_ret *ret_head, *ret_tail;
+    int nret;
+    struct dlv_ret *ret_run;
+    int ret_busy;
+    uv_work_t ret_work;
+    char ret_host[256];             /* copies for the running batch: a reload may change them */
+    int ret_relay, ret_delay_default;
+    uint64_t ret_return_max;
+    int scan_units;                 /* units from a scan, queued or running */
+    int scan_busy, scan_soon;
+    uint64_t last_scan;             /* uv_now of the last scan */
+    struct dlv_scan *scan;
+    uv_work_t scan_work;
     /* state ops */
     struct dlv_op *ops_head, *ops_tail, *ops_run;
     int ops_busy;
@@ -222,6 +253,29 @@ struct dlv {
     void *drain_arg;
 };
 
+/* A unit on its way: the blocking part is dlv_dsn.h's; this is what the loop keeps. */
+enum dlv_ret_origin { RET_FETCH, RET_SCAN };
+struct dlv_ret {
+    struct dlv_ret *next;
+    struct dlv *d;
+    struct dlv_ms *ms;          /* NULL: a mailstore no longer configured */
+    enum dlv_ret_origin origin;
+    int known;                  /* its rows are in d->ids (a fetch took them): forget after */
+    struct dlv_dsn_unit *u;
+};
+
+/* A scan for held recipients whose bounce time has come and delivered ones owed a DSN. */
+struct dlv_scan {
+    int nms;
+    char names[DLV_MS_STATUS_MAX][MSTORE_NAME_MAX];
+    int64_t now_s;
+    struct spool_rcpt *held;    /* DLV_SCAN_MAX per mailstore */
+    int nheld[DLV_MS_STATUS_MAX];
+    struct spool_rcpt *owed;
+    int nowed;
+    int err;
+};
+
 static void ms_kick(struct dlv_ms *ms);
 static void ms_pump(struct dlv_ms *ms);
 static void ms_fetch(struct dlv_ms *ms);
@@ -237,6 +291,14 @@ static int qid_fenced(const struct dlv *d, const char *qid);
 static void waiter_finish(struct dlv_waiter *w, int finishing);
 static int scope_running(const struct dlv *d, const char *name, const char *qid);
 static void ms_requeue_mass(struct dlv_ms *ms, int64_t now);
+static void ret_run(struct dlv *d);
+static void policy_of(struct dlv_ms *ms, const char *rcpt, struct bpolicy *p);
+static struct dlv_ret *ret_unit(struct dlv *d, struct dlv_ret **batch, struct dlv_ms *ms,
+                                const char *qid, enum dsn_action action,
+                                enum dlv_ret_origin origin, int known);
+static struct dlv_dsn_rcpt *ret_row(struct dlv_ret *rt, const struct spool_rcpt *row,
+                                    enum spool_chg_kind kind);
+static void ret_queue_all(struct dlv *d, struct dlv_ret *batch);
 
 /* --- Small helpers ----------------------------------------------------------------------- */
 
@@ -374,10 +436,28 @@ static void params_of(const struct conf_mailstore *cf, struct mstore_params *p)
     p->mass_window_ms = cf->mass_failure_window_ms;
 }
 
+/* trouble_name - what keeps the mailstore's failures from being taken as users' news, for a
+ * log line: its state when not active, else the mass refusal that is showing. */
+static const char *trouble_name(const struct dlv_ms *ms, int64_t now)
+{
+    unsigned t = mstore_trouble(&ms->st, now);
+
+    if (ms->st.state != MSTORE_ACTIVE)
+        return mstore_state_name(ms->st.state);
+    if (t & MSTORE_T_MASS_5XX)
+        return "refusing many users with 5xx";
+    if (t & MSTORE_T_MASS_4XX)
+        return "refusing many users with 4xx";
+    return "in trouble";
+}
+
 /* --- Outcomes and their flush ---------------------------------------------------------- */
 
-static void out_add(struct dlv_ms *ms, const char *qid, int64_t id, enum spool_rstate state,
-                    int64_t next, const char *reply, int attempt)
+/* out_add - queue one outcome for the next spool_mark batch. bounce_at (held), dsn_owed
+ * (delivered) and hold_reason as in struct spool_outcome; attempt: it counts as one. */
+static void out_add_full(struct dlv_ms *ms, const char *qid, int64_t id, enum spool_rstate state,
+                         int64_t next, const char *reply, int64_t bounce_at, int dsn_owed,
+                         const char *hold_reason, int attempt)
 {
     struct dlv *d = ms->d;
 
@@ -396,10 +476,20 @@ static void out_add(struct dlv_ms *ms, const char *qid, int64_t id, enum spool_r
     o->o.state = state;
     o->o.next_attempt = next;
     o->o.count_attempt = attempt;
+    o->o.bounce_at = bounce_at;
+    o->o.dsn_owed = dsn_owed;
+    o->o.hold_reason = NULL;
     snprintf(o->reply, sizeof(o->reply), "%s", reply ? reply : "");
+    snprintf(o->hold_reason, sizeof(o->hold_reason), "%s", hold_reason ? hold_reason : "");
     o->o.reply = NULL;
     ms->unrecorded++;
     flush_outs(d);
+}
+
+static void out_add(struct dlv_ms *ms, const char *qid, int64_t id, enum spool_rstate state,
+                    int64_t next, const char *reply, int attempt)
+{
+    out_add_full(ms, qid, id, state, next, reply, 0, 0, NULL, attempt);
 }
 
 static void flush_work(uv_work_t *w)
@@ -414,6 +504,7 @@ static void flush_work(uv_work_t *w)
     for (size_t i = 0; i < d->nflight; i++) {
         o[i] = d->flight[i].o;
         o[i].reply = d->flight[i].reply;
+        o[i].hold_reason = d->flight[i].hold_reason[0] ? d->flight[i].hold_reason : NULL;
     }
     d->flush_status = d->nflight ? spool_mark(d->sp, o, d->nflight) : 0;
     free(o);
@@ -457,6 +548,8 @@ static void flush_after(uv_work_t *w, int status)
         }
         for (size_t i = 0; i < d->nflight; i++) {
             struct dlv_ms *ms = d->flight[i].ms;
+            if (d->flight[i].o.dsn_owed)
+                d->scan_soon = 1;   /* its success DSN: at the next tick, not in 5 s */
             ms_forget(ms, d->flight[i].o.rcpt_id);
             ms->unrecorded--;
             int k;
@@ -888,20 +981,64 @@ static void job_finish(struct dlv_job *job, int status, const char *why, const c
         char text[SPOOL_REPLY_MAX];
 
         snprintf(text, sizeof(text), "%s", reply && *reply ? reply : "unknown failure");
+        struct bpolicy pol;
+        if (cls == 5)
+            policy_of(ms, r->rcpt, &pol);
         if (cls == 2) {
+            /* RFC 3461 5.2: NOTIFY=SUCCESS that the next hop could not take over is ours to
+             * answer: "relayed" to a server without DSN, "delivered" into a Maildir */
+            int owed = SPOOL_DSN_NONE;
+            if (d->dsncf.relay[0] && job->env.sender[0] && !ms->is_dsn &&
+                (dsn_notify_parse(r->notify) & DSN_NOTIFY_SUCCESS) &&
+                (ms->cf.transport == CONF_MAILDIR || !job->dsn_passed))
+                owed = ms->cf.transport == CONF_MAILDIR ? SPOOL_DSN_DELIVERED
+                                                        : SPOOL_DSN_RELAYED;
             n2++;
             ms->delivered++;
             after_change += job->changed_under != 0;
-            out_add(ms, job->qid, r->id, SPOOL_DELIVERED, 0, text, 1);
+            out_add_full(ms, job->qid, r->id, SPOOL_DELIVERED, 0, text, 0, owed, NULL, 1);
             log_qid(LOG_INFO, job->qid, "to=<%s>, mailstore=%s, relay=%s, delay=%.1f,"
-                    " status=sent (%s)", r->rcpt, ms->cf.name, relay, delay, text);
+                    " status=sent (%s)%s", r->rcpt, ms->cf.name, relay, delay, text,
+                    owed ? ", success DSN owed" : "");
+        } else if (cls == 5 && !refusing && pol.permanent == BPOLICY_BOUNCE &&
+                   !mstore_trusts_failures(&ms->st, now)) {
+            /* the bounce policy acts only on a 5xx that is the user's news: while the
+             * mailstore is in trouble (mstore_trouble) it may be the mailstore's, so try
+             * again */
+            int64_t back = dlv_backoff_ms(ms->cf.retry_min_ms, ms->cf.retry_max_ms,
+                                          r->attempts + 1, dlv_rand(d));
+            int64_t next_s = (now + back + 999) / 1000;
+            n5++;               /* for the mailstore's health it answered, like any 5xx */
+            ms->deferred++;
+            out_add(ms, job->qid, r->id, SPOOL_QUEUED, next_s, text, 1);
+            log_qid(LOG_INFO, job->qid, "to=<%s>, mailstore=%s, relay=%s, delay=%.1f,"
+                    " status=deferred (%s; a 5xx while the mailstore is %s is not taken as "
+                    "the user's: retried)", r->rcpt, ms->cf.name, relay, delay, text,
+                    trouble_name(ms, now));
+            if (!soonest || next_s * 1000 - now < soonest)
+                soonest = next_s * 1000 - now;
         } else if (cls == 5 && !refusing) {
+            int64_t bounce_at = 0;
+            char hwhy[256] = "", when[64] = "";
             n5++;
             ms->held++;
-            out_add(ms, job->qid, r->id, SPOOL_HELD, 0, text, 1);
+            if (pol.permanent == BPOLICY_BOUNCE) {
+                /* never sooner than a mass refusal could still show: one that does puts
+                 * this recipient back in the queue (ms_requeue_mass) before it is returned */
+                int64_t wait = pol.grace_ms;
+                if (ms->cf.mass_failure_users > 0 && wait < ms->cf.mass_failure_window_ms)
+                    wait = ms->cf.mass_failure_window_ms;
+                bounce_at = (now + wait + 999) / 1000;
+                dsn_date(bounce_at, when, sizeof(when));
+                snprintf(hwhy, sizeof(hwhy), "%.3s refused; returned to the sender after %s "
+                         "unless unheld (bounce policy)", text, when);
+            }
+            out_add_full(ms, job->qid, r->id, SPOOL_HELD, 0, text, bounce_at, 0,
+                         bounce_at ? hwhy : NULL, 1);
             held5_add(ms, r->id, now);
             log_qid(LOG_NOTICE, job->qid, "to=<%s>, mailstore=%s, relay=%s, delay=%.1f,"
-                    " status=held (%s)", r->rcpt, ms->cf.name, relay, delay, text);
+                    " status=held (%s)%s%s", r->rcpt, ms->cf.name, relay, delay, text,
+                    bounce_at ? ", returned to the sender after " : "", when);
         } else {
             int64_t back = dlv_backoff_ms(ms->cf.retry_min_ms, ms->cf.retry_max_ms,
                                           r->attempts + 1, dlv_rand(d));
@@ -956,9 +1093,12 @@ static void job_finish(struct dlv_job *job, int status, const char *why, const c
         op->count = after_change;
         ops_run(d);
     }
+    /* reason may point into the job's replies: keep a copy past job_free */
+    char why_copy[SPOOL_REPLY_MAX];
+    snprintf(why_copy, sizeof(why_copy), "%s", reason ? reason : "");
     job_free(job);
     enum mstore_state from = ms->st.state;
-    if (counts && mstore_result(&ms->st, res, lat, reason, now))
+    if (counts && mstore_result(&ms->st, res, lat, why_copy, now))
         on_transition(ms, from);
     if (soonest > 0)
         ms_arm(ms, soonest + 10);
@@ -1078,6 +1218,7 @@ static void conn_send(struct dlv_conn *cn, struct dlv_job *job)
     m->body_len = job->bodylen;
     m->rcpts = job->lr;
     m->nrcpt = job->nr;
+    job->dsn_passed = (lmtp_exts(cn->lc) & LMTP_EXT_DSN) != 0;
     cn->job = job;
     job->cn = cn;
     if ((r = lmtp_send(cn->lc, m)) == 0)
@@ -1255,6 +1396,8 @@ static void fetch_after(uv_work_t *w, int status)
     struct dlv_job **jobs = NULL;
     int njobs = 0, room, taken_all = 1;
     int64_t now = wall_ms();
+    struct dlv_ret *rets = NULL;    /* mail this fetch returns or warns about */
+    int trusted;
 
     ms->fetching = 0;
     if (status < 0 || f->n < 0) {
@@ -1271,6 +1414,7 @@ static void fetch_after(uv_work_t *w, int status)
         goto out;
     }
     room = f->probe ? 1 : ms_prefetch(ms) - ms->nready - ms->loading;
+    trusted = !f->probe && mstore_trusts_failures(&ms->st, now);
     if (!(jobs = calloc((size_t)(f->n > 0 ? f->n : 1), sizeof(*jobs))))
         fatal("out of memory (fetch)");
     for (int i = 0; i < f->n; i++) {
@@ -1278,18 +1422,25 @@ static void fetch_after(uv_work_t *w, int status)
         struct dlv_job *job = NULL;
         if (ids_has(d, row->id))
             continue;
+        /* the age limit and the delay warning, both on age without outages */
+        struct bpolicy pol;
+        int64_t recv = (int64_t)(qid_time_us(row->qid) / 1000);
+        int64_t out_ms = mstore_outage_ms(&ms->st, recv, now);
+        int64_t age = now - recv - out_ms;
+        /* a recipient never tried has not failed: waiting behind a backlog is not a
+         * reason to return mail; and a probe's answer is the mailstore's, not the user's */
+        int may_act = trusted && row->attempts > 0;
+        policy_of(ms, row->rcpt, &pol);
         /* A recipient last held for its age and since unheld by an operator gets its next
          * attempt before its age is judged again (its last reply is still the age hold's). */
-        if (ms->cf.max_queue_age_ms > 0 &&
+        if (pol.max_age_ms > 0 && age > pol.max_age_ms &&
             strncmp(row->last_reply, DLV_AGE_PREFIX, strlen(DLV_AGE_PREFIX)) != 0) {
-            int64_t recv = (int64_t)(qid_time_us(row->qid) / 1000);
-            int64_t age = now - recv - mstore_outage_ms(&ms->st, recv, now);
-            if (age > ms->cf.max_queue_age_ms) {
+            if (pol.age_action == BPOLICY_HOLD) {
                 char text[SPOOL_REPLY_MAX];
                 snprintf(text, sizeof(text), DLV_AGE_PREFIX "%llds over max_queue_age %llds "
                          "(paused and tripped time not counted): held, not bounced "
                          "(last: %.300s)", (long long)(age / 1000),
-                         (long long)(ms->cf.max_queue_age_ms / 1000),
+                         (long long)(pol.max_age_ms / 1000),
                          row->last_reply[0] ? row->last_reply : "none");
                 log_qid(LOG_WARNING, row->qid, "alert: to=<%s>, mailstore=%s, relay=none,"
                         " delay=%.1f, status=held (%s)", row->rcpt, ms->cf.name,
@@ -1300,6 +1451,29 @@ static void fetch_after(uv_work_t *w, int status)
                 out_add(ms, row->qid, row->id, SPOOL_HELD, 0, text, 0);
                 continue;
             }
+            if (may_act) {
+                struct dlv_ret *rt = ret_unit(d, &rets, ms, row->qid, DSN_FAILED, RET_FETCH, 1);
+                struct dlv_dsn_rcpt *rr = ret_row(rt, row, SPOOL_CHG_RETURN);
+                snprintf(rr->status, sizeof(rr->status), "4.4.7");
+                if (!rr->reply[0])
+                    snprintf(rr->reply, sizeof(rr->reply), "delivery time expired");
+                snprintf(rt->u->note, sizeof(rt->u->note), "It could not be delivered within "
+                         "the %llds its mail system allows (outages not counted).",
+                         (long long)(pol.max_age_ms / 1000));
+                ids_add(d, row->id);
+                ms->known++;
+                continue;
+            }
+            /* bounce, but not now (untried, or an outage): deliver it as usual */
+        }
+        if (d->dsncf.delay_warning_ms > 0 && may_act && !row->delay_dsn && !ms->is_dsn &&
+            age >= d->dsncf.delay_warning_ms &&
+            dsn_wanted(dsn_notify_parse(row->notify), DSN_DELAYED, 1)) {
+            struct dlv_ret *rt = ret_unit(d, &rets, ms, row->qid, DSN_DELAYED, RET_FETCH, 0);
+            struct dlv_dsn_rcpt *rr = ret_row(rt, row, SPOOL_CHG_DELAY_SENT);
+            if (pol.max_age_ms > 0 && pol.age_action == BPOLICY_BOUNCE)
+                rr->will_retry_until = (recv + out_ms + pol.max_age_ms) / 1000;
+            /* and it is delivered as usual: the warning is a row change of its own */
         }
         for (int k = njobs - 1; k >= 0; k--) {
             if (strcmp(jobs[k]->qid, row->qid) == 0 && jobs[k]->nr < LMTP_RCPT_MAX) {
@@ -1332,6 +1506,7 @@ static void fetch_after(uv_work_t *w, int status)
     ms->drained = !f->probe && f->n < f->max && taken_all;
     for (int k = 0; k < njobs; k++)
         job_load(jobs[k]);
+    ret_queue_all(d, rets);
 out:
     free(jobs);
     free(f->rows);
@@ -1388,6 +1563,341 @@ static void ms_fetch(struct dlv_ms *ms)
     ms->fetching = 1;
     ms->refetch = 0;
     if (uv_queue_work(d->loop, &f->work, fetch_work, fetch_after) < 0)
+        fatal("uv_queue_work failed");
+}
+
+/* --- Returning mail ---------------------------------------------------------------------------- */
+
+/* policy_of - what the bounce policy says for rcpt on ms: the mailstore's settings with its
+ * domain's overrides. Nothing is returned from the DSN queue, without a relay, or while the
+ * policy map is broken (a reseller's "never bounce" may be in the part we cannot read). */
+static void policy_of(struct dlv_ms *ms, const char *rcpt, struct bpolicy *p)
+{
+    struct dlv *d = ms->d;
+
+    bpolicy_lookup(d->policy, &ms->base, rcpt, p);
+    if (ms->is_dsn || !d->dsncf.relay[0] || d->policy_broken) {
+        p->permanent = BPOLICY_HOLD;
+        p->age_action = BPOLICY_HOLD;
+    }
+}
+
+static void remote_mta_of(const struct dlv_ms *ms, char *out, size_t len)
+{
+    if (ms && ms->cf.transport != CONF_MAILDIR && !ms->cf.endpoint.is_unix)
+        snprintf(out, len, "%s", ms->cf.endpoint.host);
+    else if (len)
+        out[0] = '\0';
+}
+
+static void ret_free(struct dlv_ret *rt)
+{
+    if (rt->known && rt->ms)
+        for (int i = 0; i < rt->u->n; i++)
+            ms_forget(rt->ms, rt->u->r[i].id);
+    if (rt->origin == RET_SCAN)
+        rt->d->scan_units--;
+    dlv_dsn_unit_free(rt->u);
+    free(rt);
+}
+
+/* ret_unit - the unit of this batch for (qid, action), made when it is the first; batch is
+ * a list of the units made by one fetch or scan, queued together by ret_queue_all. */
+static struct dlv_ret *ret_unit(struct dlv *d, struct dlv_ret **batch, struct dlv_ms *ms,
+                                const char *qid, enum dsn_action action,
+                                enum dlv_ret_origin origin, int known)
+{
+    struct dlv_ret *rt;
+
+    for (rt = *batch; rt; rt = rt->next)
+        if (rt->u->action == action && strcmp(rt->u->qid, qid) == 0)
+            return rt;
+    if (!(rt = calloc(1, sizeof(*rt))) || !(rt->u = dlv_dsn_unit_new()))
+        fatal("out of memory (DSN unit)");
+    rt->d = d;
+    rt->ms = ms;
+    rt->origin = origin;
+    rt->known = known;
+    snprintf(rt->u->qid, sizeof(rt->u->qid), "%s", qid);
+    if (ms)
+        snprintf(rt->u->mailstore, sizeof(rt->u->mailstore), "%s", ms->cf.name);
+    remote_mta_of(ms, rt->u->remote_mta, sizeof(rt->u->remote_mta));
+    rt->u->action = action;
+    rt->next = *batch;
+    *batch = rt;
+    if (origin == RET_SCAN)
+        d->scan_units++;
+    return rt;
+}
+
+/* ret_row - one recipient row into unit rt, with the change its row gets. */
+static struct dlv_dsn_rcpt *ret_row(struct dlv_ret *rt, const struct spool_rcpt *row,
+                                    enum spool_chg_kind kind)
+{
+    struct dlv_dsn_rcpt *r = dlv_dsn_unit_add(rt->u);
+
+    if (!r)
+        fatal("out of memory (DSN unit)");
+    r->id = row->id;
+    snprintf(r->rcpt, sizeof(r->rcpt), "%s", row->rcpt);
+    snprintf(r->orcpt, sizeof(r->orcpt), "%s", row->orcpt);
+    snprintf(r->notify, sizeof(r->notify), "%s", row->notify);
+    snprintf(r->reply, sizeof(r->reply), "%s", row->last_reply);
+    r->last_attempt = row->updated_at;
+    r->chg.kind = kind;
+    r->chg.expect_state = row->state;
+    r->chg.expect_bounce_at = row->bounce_at;
+    return r;
+}
+
+static void ret_queue_all(struct dlv *d, struct dlv_ret *batch)
+{
+    struct dlv_ret *next;
+
+    for (; batch; batch = next) {
+        next = batch->next;
+        batch->next = NULL;
+        if (d->ret_tail)
+            d->ret_tail->next = batch;
+        else
+            d->ret_head = batch;
+        d->ret_tail = batch;
+        d->nret++;
+    }
+    ret_run(d);
+}
+
+static void ret_work(uv_work_t *w)
+{
+    struct dlv *d = w->data;
+    struct dlv_dsn_unit *u[DLV_RET_BATCH];
+    struct dlv_dsn_ctx cx;
+    size_t n = 0;
+
+    for (struct dlv_ret *rt = d->ret_run; rt && n < DLV_RET_BATCH; rt = rt->next)
+        u[n++] = rt->u;
+    memset(&cx, 0, sizeof(cx));
+    cx.sp = d->sp;
+    cx.hostname = d->ret_host;
+    cx.queue = d->ret_relay ? CONF_DSN_QUEUE : NULL;
+    cx.return_max = d->ret_return_max;
+    cx.delay_default = d->ret_delay_default;
+    dlv_dsn_run(&cx, u, n);
+}
+
+/* ret_log - the log lines of one unit that ran. */
+static void ret_log(struct dlv_ret *rt, int64_t now)
+{
+    struct dlv_dsn_unit *u = rt->u;
+    const char *ms = u->mailstore[0] ? u->mailstore : "none";
+    double delay = (double)now / 1000.0 - (double)qid_time_us(u->qid) / 1e6;
+    static const char *const notice[DSN_NACTIONS] = {
+        [DSN_FAILED] = "sender non-delivery notification",
+        [DSN_DELAYED] = "sender delay notification",
+        [DSN_DELIVERED] = "sender delivery status notification",
+        [DSN_RELAYED] = "sender delivery status notification",
+    };
+
+    if (u->status == -ESTALE || u->status == -ENOENT) {
+        log_qid(LOG_INFO, u->qid, "mailstore=%s: %d recipient(s) changed before they could be "
+                "%s (unheld, delivered or deleted meanwhile); nothing done", ms, u->n,
+                u->action == DSN_FAILED ? "returned" : "reported");
+        return;
+    }
+    if (u->status < 0) {
+        log_qid(LOG_WARNING, u->qid, "mailstore=%s: returning or reporting %d recipient(s) "
+                "failed (%s); tried again later", ms, u->n, strerror(-u->status));
+        return;
+    }
+    for (int i = 0; i < u->n; i++) {
+        struct dlv_dsn_rcpt *r = &u->r[i];
+        const char *dsn = u->dsn_qid[0] ? u->dsn_qid : NULL;
+        switch (r->chg.kind) {
+        case SPOOL_CHG_RETURN:
+            log_qid(LOG_NOTICE, u->qid, "to=<%s>, mailstore=%s, relay=none, delay=%.1f,"
+                    " status=bounced (%s)%s%s%s", r->rcpt, ms, delay < 0 ? 0 : delay,
+                    r->reply[0] ? r->reply : "returned", dsn ? ", returned in DSN " : "",
+                    dsn ? dsn : u->null_sender ? ", no DSN: null sender"
+                                               : ", no DSN: the sender asked for none", "");
+            if (rt->ms)
+                rt->ms->bounced++;
+            break;
+        case SPOOL_CHG_UNSCHEDULE:
+            log_qid(LOG_INFO, u->qid, "to=<%s>, mailstore=%s: its return is cancelled: the "
+                    "bounce policy now holds it", r->rcpt, ms);
+            break;
+        default:
+            break;
+        }
+    }
+    if (u->dsn_qid[0])
+        log_qid(LOG_INFO, u->qid, "%s: %s (%d recipient%s)", notice[u->action], u->dsn_qid,
+                u->ndsn, u->ndsn == 1 ? "" : "s");
+}
+
+static void ret_after(uv_work_t *w, int status)
+{
+    struct dlv *d = w->data;
+    struct dlv_ret *rt = d->ret_run, *next;
+    int64_t now = wall_ms();
+    int made = 0;
+
+    d->ret_run = NULL;
+    d->ret_busy = 0;
+    for (; rt; rt = next) {
+        next = rt->next;
+        if (status < 0 && rt->u->status == 0)
+            rt->u->status = -ECANCELED;
+        if (!d->stopped)
+            ret_log(rt, now);
+        made |= rt->u->dsn_qid[0] != '\0';
+        ret_free(rt);
+    }
+    if (made && !d->stopped) {
+        struct dlv_ms *q = find_ms(d, CONF_DSN_QUEUE);
+        if (q) {
+            q->drained = 0;
+            ms_kick(q);
+        }
+    }
+    ret_run(d);
+    check_drained(d);
+}
+
+/* ret_run - the next batch of units to the pool. A unit that returns or warns is dropped
+ * (its rows stay as they are, for later) if its mailstore stopped being trusted since it was
+ * decided: the decision and its commit are never more than one batch apart. */
+static void ret_run(struct dlv *d)
+{
+    struct dlv_ret **tail, *rt;
+    int n = 0;
+    int64_t now = wall_ms();
+
+    if (d->ret_busy || !d->ret_head || d->stopped)
+        return;
+    d->ret_run = NULL;
+    tail = &d->ret_run;
+    while ((rt = d->ret_head) && n < DLV_RET_BATCH) {
+        d->ret_head = rt->next;
+        if (!d->ret_head)
+            d->ret_tail = NULL;
+        d->nret--;
+        rt->next = NULL;
+        if ((rt->u->action == DSN_FAILED || rt->u->action == DSN_DELAYED) && rt->ms &&
+            !mstore_trusts_failures(&rt->ms->st, now) &&
+            !(rt->u->n > 0 && rt->u->r[0].chg.kind == SPOOL_CHG_UNSCHEDULE)) {
+            ret_free(rt);
+            continue;
+        }
+        *tail = rt;
+        tail = &rt->next;
+        n++;
+    }
+    if (!d->ret_run)
+        return;
+    snprintf(d->ret_host, sizeof(d->ret_host), "%s", d->helo);
+    d->ret_relay = d->dsncf.relay[0] != '\0';
+    d->ret_return_max = d->dsncf.return_max;
+    d->ret_delay_default = d->dsncf.delay_warning_ms > 0;
+    d->ret_busy = 1;
+    d->ret_work.data = d;
+    if (uv_queue_work(d->loop, &d->ret_work, ret_work, ret_after) < 0)
+        fatal("uv_queue_work failed");
+}
+
+/* --- The scan: held recipients whose bounce time has come, DSNs owed ------------------------- */
+
+static void scan_work(uv_work_t *w)
+{
+    struct dlv *d = w->data;
+    struct dlv_scan *sc = d->scan;
+
+    sc->err = 0;
+    for (int i = 0; i < sc->nms; i++) {
+        int n = spool_bounce_due(d->sp, sc->names[i], sc->now_s, sc->held + i * DLV_SCAN_MAX,
+                                 DLV_SCAN_MAX);
+        sc->nheld[i] = n < 0 ? 0 : n;
+        if (n < 0)
+            sc->err = n;
+    }
+    int n = spool_dsn_owed(d->sp, sc->owed, DLV_SCAN_MAX);
+    sc->nowed = n < 0 ? 0 : n;
+    if (n < 0)
+        sc->err = n;
+}
+
+static void scan_after(uv_work_t *w, int status)
+{
+    struct dlv *d = w->data;
+    struct dlv_scan *sc = d->scan;
+    struct dlv_ret *batch = NULL;
+    int64_t now = wall_ms();
+
+    d->scan = NULL;
+    d->scan_busy = 0;
+    if (status < 0 || d->stopped || d->draining)
+        goto out;
+    if (sc->err < 0)
+        log_warn("deliver: looking for mail to return failed: %s", strerror(-sc->err));
+    for (int i = 0; i < sc->nms; i++) {
+        struct dlv_ms *ms = find_ms(d, sc->names[i]);
+        if (!ms || ms->gone || ms->fenced || !mstore_trusts_failures(&ms->st, now))
+            continue;           /* an outage began meanwhile: not now */
+        for (int k = 0; k < sc->nheld[i]; k++) {
+            const struct spool_rcpt *row = &sc->held[i * DLV_SCAN_MAX + k];
+            struct bpolicy pol;
+            if (ids_has(d, row->id))
+                continue;
+            policy_of(ms, row->rcpt, &pol);
+            if (pol.permanent == BPOLICY_BOUNCE)
+                ret_row(ret_unit(d, &batch, ms, row->qid, DSN_FAILED, RET_SCAN, 0), row,
+                        SPOOL_CHG_RETURN);
+            else               /* the policy changed to hold since: keep it held for good */
+                ret_row(ret_unit(d, &batch, ms, row->qid, DSN_FAILED, RET_SCAN, 0), row,
+                        SPOOL_CHG_UNSCHEDULE);
+        }
+    }
+    for (int k = 0; k < sc->nowed; k++) {
+        const struct spool_rcpt *row = &sc->owed[k];
+        struct dlv_ms *ms = find_ms(d, row->mailstore);
+        enum dsn_action a = row->dsn_owed == SPOOL_DSN_DELIVERED ? DSN_DELIVERED : DSN_RELAYED;
+        ret_row(ret_unit(d, &batch, ms, row->qid, a, RET_SCAN, 0), row, SPOOL_CHG_DSN_SENT);
+    }
+out:
+    free(sc->held);
+    free(sc->owed);
+    free(sc);
+    ret_queue_all(d, batch);
+    check_drained(d);
+}
+
+/* scan_start - look for work of the return path, when none of the last scan is still
+ * running (so a row is never in two units at once). */
+static void scan_start(struct dlv *d)
+{
+    struct dlv_scan *sc;
+    int64_t now = wall_ms();
+
+    if (d->scan_busy || d->scan_units > 0 || d->stopped || d->draining ||
+        !d->dsncf.relay[0] || d->policy_broken)
+        return;
+    d->last_scan = uv_now(d->loop);
+    d->scan_soon = 0;
+    if (!(sc = calloc(1, sizeof(*sc))))
+        fatal("out of memory (scan)");
+    for (int i = 0; i < d->nms; i++) {
+        struct dlv_ms *ms = d->ms[i];
+        if (!ms->gone && !ms->is_dsn && !ms->fenced && mstore_trusts_failures(&ms->st, now))
+            snprintf(sc->names[sc->nms++], MSTORE_NAME_MAX, "%s", ms->cf.name);
+    }
+    sc->now_s = now / 1000;
+    if (!(sc->held = calloc((size_t)(sc->nms ? sc->nms : 1) * DLV_SCAN_MAX, sizeof(*sc->held))) ||
+        !(sc->owed = calloc(DLV_SCAN_MAX, sizeof(*sc->owed))))
+        fatal("out of memory (scan)");
+    d->scan = sc;
+    d->scan_busy = 1;
+    d->scan_work.data = d;
+    if (uv_queue_work(d->loop, &d->scan_work, scan_work, scan_after) < 0)
         fatal("uv_queue_work failed");
 }
 
@@ -1559,6 +2069,8 @@ static void tick_cb(uv_timer_t *t)
         }
         ms_kick(ms);
     }
+    if (d->scan_soon || uv_now(d->loop) - d->last_scan >= DLV_SCAN_MS)
+        scan_start(d);
 }
 
 static void check_drained(struct dlv *d)
@@ -1571,6 +2083,8 @@ static void check_drained(struct dlv *d)
             return;
     }
     if (d->ops_busy || d->ops_head)
+        return;
+    if (d->ret_busy || d->scan_busy)
         return;
     if (d->flushing || d->nouts || d->nrequeue)
         return;
@@ -1608,7 +2122,7 @@ static void drain_timeout_cb(uv_timer_t *t)
 
 /* --- Public calls ------------------------------------------------------------------------------ */
 
-static struct dlv_ms *ms_new(struct dlv *d, const struct conf_mailstore *cf)
+static struct dlv_ms *ms_new(struct dlv *d, const struct conf_mailstore *cf, int is_dsn)
 {
     struct mstore_params p;
     struct dlv_ms *ms;
@@ -1621,6 +2135,8 @@ static struct dlv_ms *ms_new(struct dlv *d, const struct conf_mailstore *cf)
         fatal("out of memory (mailstore)");
     ms->d = d;
     ms->cf = *cf;
+    ms->is_dsn = is_dsn;
+    bpolicy_base(cf, &ms->base);
     metrics_hist_init(&ms->lat, metrics_latency_bounds, metrics_latency_nbounds);
     params_of(cf, &p);
     mstore_init(&ms->st, cf->name, &p, wall_ms());
@@ -1636,6 +2152,77 @@ static struct dlv_ms *ms_new(struct dlv *d, const struct conf_mailstore *cf)
              transport_name(cf->transport), cf->deliver, mstore_state_name(ms->st.state),
              cf->max_connections);
     return ms;
+}
+
+/* policy_load - read [dsn] policy_map into a new map and swap it in. A missing file is an
+ * empty map (the reseller API creates it on its first change). At start a bad file leaves
+ * the policy broken (nothing returned) until a reload reads a good one; on a reload it keeps
+ * the map that was loaded. */
+static int policy_load(struct dlv *d, int at_start, char *err, size_t errlen)
+{
+    struct bpolicy_map *m = NULL;
+    int r = 0;
+
+    if (!d->dsncf.policy_map[0]) {
+        m = bpolicy_new();
+        if (!m)
+            fatal("out of memory (policy map)");
+    } else if ((r = bpolicy_load(&m, d->dsncf.policy_map, err, errlen)) == -ENOENT) {
+        log_notice("deliver: %s does not exist yet: no per-domain bounce policies",
+                   d->dsncf.policy_map);
+        if (!(m = bpolicy_new()))
+            fatal("out of memory (policy map)");
+        r = 0;
+    } else if (r < 0) {
+        if (at_start || d->policy_broken) {
+            d->policy_broken = 1;
+            log_err("deliver: bounce policy map: %s; nothing is returned to its sender until "
+                    "it is fixed (then kill -HUP)", err);
+        } else {
+            log_warn("deliver: bounce policy map: %s; the map loaded before stays", err);
+        }
+        return r;
+    }
+    if (d->policy_broken && d->dsncf.policy_map[0])
+        log_notice("deliver: bounce policy map %s is readable again", d->dsncf.policy_map);
+    bpolicy_free(d->policy);
+    d->policy = m;
+    d->policy_broken = 0;
+    if (d->dsncf.policy_map[0])
+        log_info("deliver: bounce policy map %s: %zu domains", d->dsncf.policy_map,
+                 bpolicy_count(m));
+    return 0;
+}
+
+int dlv_policy_reload(struct dlv *d, char *err, size_t errlen)
+{
+    return policy_load(d, 0, err, errlen);
+}
+
+int dlv_policy_entry(struct dlv *d, const char *domain, struct bpolicy_entry *e)
+{
+    return bpolicy_get(d->policy, domain, e);
+}
+
+int dlv_policy(struct dlv *d, const char *name, const char *rcpt, struct bpolicy *out)
+{
+    struct dlv_ms *ms = find_ms(d, name);
+
+    if (!ms || ms->gone)
+        return -ENOENT;
+    policy_of(ms, rcpt, out);
+    return 0;
+}
+
+void dlv_dsn_ctx_of(struct dlv *d, struct dlv_dsn_ctx *cx, char *host, size_t hostlen)
+{
+    snprintf(host, hostlen, "%s", d->helo);
+    memset(cx, 0, sizeof(*cx));
+    cx->sp = d->sp;
+    cx->hostname = host;
+    cx->queue = d->dsncf.relay[0] ? CONF_DSN_QUEUE : NULL;
+    cx->return_max = d->dsncf.return_max;
+    cx->delay_default = d->dsncf.delay_warning_ms > 0;
 }
 
 int dlv_start(struct dlv **out, uv_loop_t *loop, struct spool *sp, const struct conf *c,
@@ -1668,8 +2255,16 @@ int dlv_start(struct dlv **out, uv_loop_t *loop, struct spool *sp, const struct 
     d->tick.data = d;
     uv_timer_init(loop, &d->drain_timer);
     d->drain_timer.data = d;
-    for (int i = 0; i < c->n_mailstores; i++)
-        ms_new(d, &c->mailstores[i]);
+    d->dsncf = c->dsn;
+    {
+        char perr[CONF_ERR_LEN];
+        struct conf_mailstore dq;
+        policy_load(d, 1, perr, sizeof(perr));
+        for (int i = 0; i < c->n_mailstores; i++)
+            ms_new(d, &c->mailstores[i], 0);
+        if (conf_dsn_queue(c, &dq) == 0)
+            ms_new(d, &dq, 1);
+    }
     d->last_poll = uv_now(loop);
     uv_timer_start(&d->tick, tick_cb, DLV_TICK_MS, DLV_TICK_MS);
     for (int i = 0; i < d->nms; i++)
@@ -1690,10 +2285,17 @@ void dlv_reload(struct dlv *d, const struct conf *c)
 {
     struct mstore_params p;
 
+    struct conf_mailstore dq;
+    int have_dq = conf_dsn_queue(c, &dq) == 0;
+    char perr[CONF_ERR_LEN];
+
     snprintf(d->helo, sizeof(d->helo), "%s", c->gateway.hostname);
+    d->dsncf = c->dsn;
+    policy_load(d, 0, perr, sizeof(perr));
     for (int i = 0; i < d->nms; i++) {
         struct dlv_ms *ms = d->ms[i];
-        const struct conf_mailstore *cf = conf_mailstore(c, ms->cf.name);
+        const struct conf_mailstore *cf = ms->is_dsn ? (have_dq ? &dq : NULL)
+                                                     : conf_mailstore(c, ms->cf.name);
         if (!cf) {
             if (!ms->gone)
                 log_notice("mailstore %s: removed from the configuration; finishing what is"
@@ -1707,13 +2309,16 @@ void dlv_reload(struct dlv *d, const struct conf *c)
             ms->gen++;
         ms->gone = 0;
         ms->cf = *cf;
+        bpolicy_base(cf, &ms->base);
         params_of(cf, &p);
         mstore_set_params(&ms->st, &p);
         conn_close_idle(ms, 0);
     }
     for (int i = 0; i < c->n_mailstores; i++)
         if (!find_ms(d, c->mailstores[i].name))
-            ms_new(d, &c->mailstores[i]);
+            ms_new(d, &c->mailstores[i], 0);
+    if (have_dq && !find_ms(d, CONF_DSN_QUEUE))
+        ms_new(d, &dq, 1);
     log_info("deliver: configuration reloaded (%d mailstores)", c->n_mailstores);
     dlv_kick(d);
 }
@@ -1735,10 +2340,18 @@ void dlv_drain(struct dlv *d, void (*done)(void *), void *arg)
 
 void dlv_stop(struct dlv *d)
 {
+    struct dlv_ret *rt, *next;
+
     d->stopped = 1;
     d->draining = 1;
     while (d->waiters)
         waiter_finish(d->waiters, scope_running(d, d->waiters->ms, d->waiters->qid));
+    for (rt = d->ret_head; rt; rt = next) {    /* not decided for good: their rows stay */
+        next = rt->next;
+        ret_free(rt);
+    }
+    d->ret_head = d->ret_tail = NULL;
+    d->nret = 0;
     uv_close((uv_handle_t *)&d->tick, NULL);
     uv_close((uv_handle_t *)&d->flush_timer, NULL);
     uv_close((uv_handle_t *)&d->drain_timer, NULL);
@@ -1758,6 +2371,7 @@ void dlv_free(struct dlv *d)
     for (int i = 0; i < d->nms; i++)
         free(d->ms[i]);
     mstore_db_close(d->db);
+    bpolicy_free(d->policy);
     free(d->ids);
     free(d->outs);
     free(d->flight);
@@ -1840,6 +2454,7 @@ int dlv_status(struct dlv *d, struct dlv_status *out, int max)
         s->delivered = ms->delivered;
         s->deferred = ms->deferred;
         s->held = ms->held;
+        s->bounced = ms->bounced;
         s->trips = ms->trips;
         s->delivery_rate = ms->rate_ewma;
         snprintf(s->last_error, sizeof(s->last_error), "%s", ms->last_error);

@@ -11,7 +11,8 @@
  * the mailstore's state admits it (mstore_may_start: slots, tokens, probe time) -> deliver on
  * a reused or new connection (or a Maildir write) -> per-recipient outcome:
  *   2xx -> delivered; 4xx, connection failure or timeout -> queued again with exponential
- *   backoff and jitter (dlv_backoff_ms); 5xx -> held with the reply. Never a bounce or DSN.
+ *   backoff and jitter (dlv_backoff_ms); 5xx -> held with the reply (under the bounce policy
+ *   "bounce": held with a return time, then returned to its sender with a DSN).
  * Outcomes are recorded in batches (spool_mark, one transaction per batch, at most one batch
  * in flight), always after the server's reply: a crash loses at most the in-flight
  * deliveries' outcomes, which are then delivered again (duplicates only for those).
@@ -31,8 +32,13 @@
  * as such (cmd "delivered-after-hold" / "delivered-after-delete").
  *
  * Recipients queued longer than max_queue_age (minus the time their mailstore was paused or
- * tripped) are held with an alert when fetched; never bounced. One that an operator unheld
- * after such a hold gets an attempt before its age is judged again.
+ * tripped) are held with an alert when fetched, or returned under max_queue_age_action =
+ * bounce. One that an operator unheld after an age hold gets an attempt before its age is
+ * judged again. Returning mail (dlv_dsn.h) is decided here, on the loop, only while the
+ * mailstore is trusted (mstore_trusts_failures: in no trouble at all), and committed by one
+ * worker batch at a time; a 5xx hold under the bounce policy waits at least the mass-refusal
+ * window, so a mass refusal that shows later puts it back in the queue first. The DSN queue
+ * ([dsn] relay) is a mailstore of its own, called CONF_DSN_QUEUE.
  *
  * Every function runs on the loop thread. Return convention: 0 or -errno.
  */
@@ -43,7 +49,9 @@
 #include <stdint.h>
 #include <uv.h>
 
+#include "bpolicy.h"
 #include "conf.h"
+#include "dlv_dsn.h"
 #include "metrics.h"
 #include "mstore.h"
 #include "spool.h"
@@ -61,6 +69,9 @@
 #define DLV_HEALTH_SAVE_MS 60000 /* the learned normal reply time is saved this often */
 #define DLV_QFENCE_MAX 64       /* messages being changed by operator commands at once */
 #define DLV_AGE_PREFIX "queue age " /* last_reply of a recipient held for its age */
+#define DLV_SCAN_MS 5000        /* held recipients due to be returned are looked for this often */
+#define DLV_SCAN_MAX 256        /* rows per mailstore per scan */
+#define DLV_RET_BATCH 32        /* units (DSNs) per transaction */
 
 struct dlv;
 
@@ -117,6 +128,7 @@ struct dlv_status {
     int inflight, connections, ready, fails;
     double rate, cwnd;          /* rate 0: unlimited */
     uint64_t delivered, deferred, held;  /* since start */
+    uint64_t bounced;           /* recipients returned to their senders, since start */
     uint64_t trips;             /* transitions into tripped since start */
     double delivery_rate;       /* recipients delivered per second, smoothed */
     char last_error[SPOOL_REPLY_MAX]; /* newest temporary failure ("" none) */
@@ -160,6 +172,21 @@ int dlv_wait(struct dlv *d, const char *name, const char *qid, int64_t timeout_m
 int dlv_state_of(struct dlv *d, const char *name);
 /* This node's share of every ramp (mstore_set_share), for mailstores now and later. */
 void dlv_set_share(struct dlv *d, double share);
+
+/* --- Returning mail (docs/delivery.md "Mail that cannot be delivered") -------------------- */
+
+/* The bounce policy that applies to rcpt (an address or a domain) on mailstore name now:
+ * its [mailstore] settings with the policy map's overrides for the domain, or hold for
+ * everything when no DSN can be sent (no [dsn] relay, the DSN queue, a broken map).
+ * 0, or -ENOENT for no such mailstore. */
+int dlv_policy(struct dlv *d, const char *name, const char *rcpt, struct bpolicy *out);
+/* The policy map's own line for domain: 0 and *e, or -ENOENT. */
+int dlv_policy_entry(struct dlv *d, const char *domain, struct bpolicy_entry *e);
+/* Read [dsn] policy_map again (after bpolicy_set changed it). 0, or -errno with err set (the
+ * map loaded before stays). */
+int dlv_policy_reload(struct dlv *d, char *err, size_t errlen);
+/* What dlv_dsn_run needs, as the scheduler has it now (host gets a copy of the host name). */
+void dlv_dsn_ctx_of(struct dlv *d, struct dlv_dsn_ctx *cx, char *host, size_t hostlen);
 
 /* Retry delay after `attempts` failed attempts (1 = the first failure): retry_min doubled per
  * further attempt, capped at retry_max, times a jitter factor 0.75..1.25 from r in [0,1),

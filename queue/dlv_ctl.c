@@ -29,14 +29,18 @@
 
 #include "api.h"
 #include "audit.h"
+#include "bpolicy.h"
 #include "ctl_server.h"
 #include "domain.h"
 #include "tenants.h"
+#include "dlv_dsn.h"
 #include "log.h"
 #include "spool_query.h"
 #include "version.h"
 
 #define DLV_CTL_BODY_MAX (1u << 20)  /* show --body: bytes of the message returned */
+#define DLV_CTL_BOUNCE_MSGS 64       /* bounce: messages (DSNs) per transaction */
+#define DLV_CTL_BOUNCE_RCPTS 1000    /* bounce: recipients of one message read at once */
 #define DLV_CTL_BUSY_MS 10000
 #define DLV_CTL_WAIT_MAX_MS (15 * 60000) /* --wait: longest wait (a data_timeout of 10m, plus) */
 
@@ -53,6 +57,7 @@ struct dlv_ctl {
     char hook_key[32];          /* dlv_ctl_status_hook */
     json_t *(*hook)(void *arg);
     void *hook_arg;
+    char policy_map[CONF_PATH_MAX];  /* [dsn] policy_map, for policy_set */
 };
 
 struct job {
@@ -89,6 +94,21 @@ struct job {
     int fenced;                 /* dlv_fence'd: lift it in job_after */
     int64_t wait_ms;            /* --wait: how long at most; 0 no wait */
     json_t *waiting;            /* the reply, held while waiting */
+    /* bounce, delete: the selection (state -1: by qid), at most limit (0: all) */
+    int state;
+    long limit;
+    /* bounce: the scheduler's DSN settings, copied on the loop thread */
+    struct dlv_dsn_ctx cx;
+    char host[256];
+    long dsns;
+    int more;
+    /* policy, policy_set (the domain in j->domain, normalised) */
+    char settings[BPOLICY_TEXT_MAX];
+    struct bpolicy pol[DLV_MS_STATUS_MAX];
+    char pol_ms[DLV_MS_STATUS_MAX][MSTORE_NAME_MAX];
+    int npol;
+    int has_entry;
+    struct bpolicy_entry entry;
 };
 
 /* --- Jobs ------------------------------------------------------------------------------------ */
@@ -174,6 +194,7 @@ static json_t *ms_json(const struct dlv_status *s, json_t *counts)
     json_object_set_new(o, "slow_bound_ms", isinf(s->slow_bound_ms) ? json_null()
                                                                     : json_real(s->slow_bound_ms));
     json_object_set_new(o, "closing", json_integer(s->closing));
+    json_object_set_new(o, "bounced_total", json_integer((json_int_t)s->bounced));
     json_object_set_new(o, "last_error", json_string(s->last_error));
     json_object_set_new(o, "last_error_at", json_integer(s->last_error_at / 1000));
     static const char *const keys[] = { "queued", "held", "due", "messages", "bytes" };
@@ -409,6 +430,180 @@ out:
     return n;
 }
 
+/* bounce_message - return the held recipients of qid (of j->ms and j->rcpt when given) in one
+ * unit; *n gets how many were selected. The unit is added to units[*nu]. */
+static int bounce_select(struct job *j, const char *qid, struct dlv_dsn_unit **units, int *nu,
+                         long *n)
+{
+    struct spool_rcpt *rows = calloc(DLV_CTL_BOUNCE_RCPTS, sizeof(*rows));
+    struct dlv_dsn_unit *u;
+    int k;
+
+    *n = 0;
+    if (!rows)
+        return -ENOMEM;
+    k = spool_select_rcpts(j->ctl->sp, qid, j->ms[0] ? j->ms : NULL, SPOOL_HELD,
+                           j->rcpt[0] ? j->rcpt : NULL, rows, DLV_CTL_BOUNCE_RCPTS);
+    if (k <= 0) {
+        free(rows);
+        return k;
+    }
+    if (!(u = dlv_dsn_unit_new())) {
+        free(rows);
+        return -ENOMEM;
+    }
+    snprintf(u->qid, sizeof(u->qid), "%s", qid);
+    snprintf(u->mailstore, sizeof(u->mailstore), "%s", rows[0].mailstore);
+    u->action = DSN_FAILED;
+    snprintf(u->note, sizeof(u->note), "The mail system's operator returned it: %.200s",
+             j->reason);
+    for (int i = 0; i < k; i++) {
+        struct dlv_dsn_rcpt *r = dlv_dsn_unit_add(u);
+        if (!r) {
+            dlv_dsn_unit_free(u);
+            free(rows);
+            return -ENOMEM;
+        }
+        r->id = rows[i].id;
+        snprintf(r->rcpt, sizeof(r->rcpt), "%s", rows[i].rcpt);
+        snprintf(r->orcpt, sizeof(r->orcpt), "%s", rows[i].orcpt);
+        snprintf(r->notify, sizeof(r->notify), "%s", rows[i].notify);
+        snprintf(r->reply, sizeof(r->reply), "%s", rows[i].last_reply[0] ? rows[i].last_reply
+                                                   : rows[i].hold_reason);
+        if (!rows[i].last_reply[0])
+            snprintf(r->status, sizeof(r->status), "5.0.0");
+        r->last_attempt = rows[i].updated_at;
+        r->chg.kind = SPOOL_CHG_RETURN;
+        r->chg.expect_state = SPOOL_HELD;
+        r->chg.any_bounce_at = 1;
+    }
+    units[(*nu)++] = u;
+    *n = k;
+    free(rows);
+    return 0;
+}
+
+/* do_bounce - return held mail to its senders, DLV_CTL_BOUNCE_MSGS messages (DSNs) per
+ * transaction, so the gateway's commits never wait long. Returns the recipients returned, or
+ * -errno when nothing could be. */
+static long do_bounce(struct job *j)
+{
+    char (*qids)[QID_SIZE] = calloc(DLV_CTL_BOUNCE_MSGS, QID_SIZE);
+    struct dlv_dsn_unit *units[DLV_CTL_BOUNCE_MSGS];
+    long total = 0;
+    int r = 0;
+
+    if (!qids)
+        return -ENOMEM;
+    for (;;) {
+        int nq, nu = 0, progress = 0, stale = 0;
+        long picked = 0;
+        if (j->qid[0]) {
+            if (total || r)
+                break;
+            snprintf(qids[0], QID_SIZE, "%s", j->qid);
+            nq = 1;
+        } else {
+            nq = spool_select_qids(j->ctl->sp, j->ms, SPOOL_HELD, j->rcpt[0] ? j->rcpt : NULL,
+                                   qids, DLV_CTL_BOUNCE_MSGS);
+            if (nq <= 0) {
+                r = nq;
+                break;
+            }
+        }
+        for (int i = 0; i < nq && r == 0; i++) {
+            long n;
+            if (j->limit > 0 && total + picked >= j->limit) {
+                j->more = 1;
+                break;
+            }
+            r = bounce_select(j, qids[i], units, &nu, &n);
+            picked += n;
+        }
+        if (r == 0 && nu > 0)
+            dlv_dsn_run(&j->cx, units, (size_t)nu);
+        for (int i = 0; i < nu; i++) {
+            if (units[i]->status == 0) {
+                total += units[i]->n;
+                j->dsns += units[i]->dsn_qid[0] != '\0';
+                progress = 1;
+                for (int k = 0; k < units[i]->n; k++)
+                    log_qid(LOG_NOTICE, units[i]->qid, "to=<%s>, mailstore=%s, relay=none, "
+                            "status=bounced (returned by operator %s: %s)%s%s",
+                            units[i]->r[k].rcpt, units[i]->mailstore, j->actor, j->reason,
+                            units[i]->dsn_qid[0] ? ", returned in DSN " : ", no DSN",
+                            units[i]->dsn_qid);
+            } else if (units[i]->status == -ESTALE || units[i]->status == -ENOENT) {
+                stale = 1;      /* changed meanwhile: the next select sees it as it is */
+            } else if (r == 0) {
+                r = units[i]->status;
+            }
+            dlv_dsn_unit_free(units[i]);
+        }
+        if (r < 0 || j->more || (!progress && !stale) || nu == 0)
+            break;
+    }
+    free(qids);
+    return total ? total : r;
+}
+
+static json_t *do_policy(struct job *j)
+{
+    json_t *rep = ctl_reply_ok(), *arr = json_array();
+
+    for (int i = 0; i < j->npol; i++) {
+        const struct bpolicy *p = &j->pol[i];
+        json_array_append_new(arr, json_pack("{s:s,s:s,s:I,s:I,s:s}", "mailstore", j->pol_ms[i],
+            "permanent_failure_action", bpolicy_action_name(p->permanent),
+            "bounce_grace", (json_int_t)(p->grace_ms / 1000),
+            "max_queue_age", (json_int_t)(p->max_age_ms / 1000),
+            "max_queue_age_action", bpolicy_action_name(p->age_action)));
+    }
+    json_object_set_new(rep, "domain", json_string(j->domain));
+    if (j->has_entry) {
+        char text[BPOLICY_TEXT_MAX];
+        bpolicy_format(&j->entry, text, sizeof(text));
+        json_object_set_new(rep, "map_entry", json_string(text));
+    } else {
+        json_object_set_new(rep, "map_entry", json_null());
+    }
+    json_object_set_new(rep, "mailstores", arr);
+    return rep;
+}
+
+/* do_policy_set - change the domain's line of the policy map; the audit row is bpolicy_set's
+ * (cmd "bounce-policy"), so job_work writes none for this command. */
+static json_t *do_policy_set(struct job *j)
+{
+    struct bpolicy_entry e;
+    struct audit_db *a = NULL;
+    char err[512], buf[BPOLICY_TEXT_MAX], *fields[8];
+    int n = 0, r;
+    struct audit_rec who = { .uid = j->uid, .user = j->actor, .daemon = "sluice-deliver",
+                             .reason = j->reason };
+
+    snprintf(buf, sizeof(buf), "%s", j->settings);
+    for (char *save = NULL, *w = strtok_r(buf, " \t", &save); w && n < 8;
+         w = strtok_r(NULL, " \t", &save))
+        fields[n++] = w;
+    memset(&e, 0, sizeof(e));
+    if (n > 0 && bpolicy_parse(fields, n, &e, err, sizeof(err)) < 0)
+        return fail(CTL_E_BADREQ, "policy_set: %s", err);
+    if (audit_db_open(&a, j->ctl->index_path, err, sizeof(err)) < 0)
+        log_warn("audit: %s", err);
+    r = bpolicy_set(j->ctl->policy_map, j->domain, n ? &e : NULL, a, &who, err, sizeof(err));
+    audit_db_close(a);
+    if (r < 0)
+        return fail(r == -EINVAL ? CTL_E_BADREQ : CTL_E_FAILED, "policy_set: %s", err);
+    j->changed = 1;
+    json_t *rep = ctl_reply_ok();
+    json_object_set_new(rep, "domain", json_string(j->domain));
+    bpolicy_format(&e, buf, sizeof(buf));
+    json_object_set_new(rep, "map_entry", n ? json_string(buf) : json_null());
+    json_object_set_new(rep, "count", json_integer(1));
+    return rep;
+}
+
 /* do_write - the spool side of a write command; sets j->count. */
 static json_t *do_write(struct job *j, struct spool_query *q)
 {
@@ -433,19 +628,30 @@ static json_t *do_write(struct job *j, struct spool_query *q)
     case CTL_CMD_retry:
         r = spool_release(sp, qid, ms, now_s());
         break;
-    case CTL_CMD_delete: {
-        int found;
-        json_t *m = spool_query_show(q, qid, &found);
-        json_t *rc = m ? json_object_get(m, "recipients") : NULL;
-        long n = rc ? (long)json_array_size(rc) : 0;
-        json_decref(m);
-        if (!found)
-            return fail(CTL_E_NOTFOUND, "no such message: %s", qid);
-        r = spool_delete(sp, qid);
-        if (r == 0)
-            r = n;
+    case CTL_CMD_bounce:
+        r = do_bounce(j);
         break;
-    }
+    case CTL_CMD_delete:
+        if (!qid) {             /* the bulk form: recipients, chunked */
+            r = spool_delete_rcpts(sp, j->ms, (enum spool_rstate)j->state,
+                                   j->rcpt[0] ? j->rcpt : NULL, j->limit);
+            if (r >= 0 && j->limit > 0 && r >= j->limit)
+                j->more = 1;
+            break;
+        }
+        {                       /* one message, whatever its recipients' states */
+            int found;
+            json_t *m = spool_query_show(q, qid, &found);
+            json_t *rc = m ? json_object_get(m, "recipients") : NULL;
+            long n = rc ? (long)json_array_size(rc) : 0;
+            json_decref(m);
+            if (!found)
+                return fail(CTL_E_NOTFOUND, "no such message: %s", qid);
+            r = spool_delete(sp, qid);
+            if (r == 0)
+                r = n;
+        }
+        break;
     case CTL_CMD_reroute:
         r = reroute_rows(j);
         break;
@@ -464,6 +670,10 @@ static json_t *do_write(struct job *j, struct spool_query *q)
     if (qid)
         json_object_set_new(rep, "qid", json_string(qid));
     json_object_set_new(rep, "count", json_integer(r));
+    if (j->cmd == CTL_CMD_bounce)
+        json_object_set_new(rep, "dsns", json_integer(j->dsns));
+    if (j->cmd == CTL_CMD_bounce || (j->cmd == CTL_CMD_delete && !qid))
+        json_object_set_new(rep, "more", json_boolean(j->more));
     json_object_update(rep, json_object_get(j->req, "_result")); /* pause/release: state, due */
     return rep;
 }
@@ -485,10 +695,12 @@ static void job_work(uv_work_t *w)
     case CTL_CMD_affected: j->rep = do_affected(j, q); break;
     case CTL_CMD_audit: j->rep = do_audit(j, q); break;
     case CTL_CMD_reseller: j->rep = do_reseller(j); break;
+    case CTL_CMD_policy: j->rep = do_policy(j); break;
+    case CTL_CMD_policy_set: j->rep = do_policy_set(j); break;
     default: j->rep = do_write(j, q); break;
     }
     spool_query_close(q);
-    if (ctl_cmd_is_write(j->cmd)) {
+    if (ctl_cmd_is_write(j->cmd) && j->cmd != CTL_CMD_policy_set) {
         struct audit_db *a = NULL;
         json_t *a_req = json_deep_copy(j->req);
         static const char *const drop[] = { "v", "cmd", "_result", "sudo_user", "mailstore",
@@ -528,11 +740,14 @@ static int job_fence(struct job *j)
     int r;
 
     switch (j->cmd) {
-    case CTL_CMD_hold:
     case CTL_CMD_delete:
+        if (!qid && j->state == SPOOL_HELD)
+            return 0;           /* held recipients are never in flight */
+        /* fall through */
+    case CTL_CMD_hold:
     case CTL_CMD_reroute:
-        r = dlv_fence(d, qid ? NULL : j->ms, qid, j->cmd == CTL_CMD_reroute ? j->rcpt : NULL,
-                      change, j->reason[0] ? j->reason : NULL, &j->stopped);
+        r = dlv_fence(d, qid ? NULL : j->ms, qid, j->cmd != CTL_CMD_hold && j->rcpt[0] ? j->rcpt
+                      : NULL, change, j->reason[0] ? j->reason : NULL, &j->stopped);
         j->fenced = r == 0;
         return r;
     default:
@@ -573,6 +788,13 @@ static void job_after(uv_work_t *w, int status)
 
     j->rep = NULL;
     job_unfence(j);
+    if (j->cmd == CTL_CMD_policy_set && j->changed) {
+        char err[CONF_ERR_LEN];
+        if (dlv_policy_reload(j->ctl->d, err, sizeof(err)) < 0 && rep &&
+            json_is_true(json_object_get(rep, "ok")))
+            json_object_set_new(rep, "warning", json_string(err));
+        j->changed = 0;
+    }
     if (j->changed) {
         /* loaded jobs may carry recipients the command just moved, or made due */
         if (j->cmd == CTL_CMD_reroute)
@@ -585,7 +807,9 @@ static void job_after(uv_work_t *w, int status)
     } else if (ok && stops_flight(j->cmd)) {
         json_object_set_new(rep, "stopped", json_integer(j->stopped.stopped));
         json_object_set_new(rep, "finishing", json_integer(j->stopped.finishing));
-        if (j->wait_ms > 0) {
+        /* a bulk delete of held recipients stopped nothing: nothing to wait for */
+        int held_only = j->cmd == CTL_CMD_delete && !j->qid[0] && j->state == SPOOL_HELD;
+        if (j->wait_ms > 0 && !held_only) {
             const char *qid = j->qid[0] ? j->qid : NULL;
             j->waiting = rep;
             if (dlv_wait(j->ctl->d, qid ? NULL : j->ms, qid, j->wait_ms, wait_done, j) == 0)
@@ -675,10 +899,11 @@ static int args(struct job *j)
     case CTL_CMD_pause: case CTL_CMD_release: case CTL_CMD_affected: case CTL_CMD_reroute:
         need_ms = 1;
         break;
-    case CTL_CMD_hold: case CTL_CMD_unhold: case CTL_CMD_retry:
+    case CTL_CMD_hold: case CTL_CMD_unhold: case CTL_CMD_retry: case CTL_CMD_bounce:
+    case CTL_CMD_delete:
         ms_or_qid = 1;
         break;
-    case CTL_CMD_show: case CTL_CMD_delete:
+    case CTL_CMD_show:
         need_qid = 1;
         break;
     default:
@@ -728,6 +953,59 @@ static int args(struct job *j)
             snprintf(j->rcpt, sizeof(j->rcpt), "%s", rcpt);
         }
     }
+    j->state = -1;
+    if (j->cmd == CTL_CMD_bounce || j->cmd == CTL_CMD_delete) {
+        const char *st = jstr(j->req, "state");
+        const json_t *lim = json_object_get(j->req, "limit");
+        if (!reason)
+            return reject(j, CTL_E_BADREQ, "%s: a reason is required (--reason TEXT): it goes "
+                          "into the audit trail", name);
+        if (ms) {
+            if (st && strcmp(st, "held") == 0)
+                j->state = SPOOL_HELD;
+            else if (st && strcmp(st, "queued") == 0 && j->cmd == CTL_CMD_delete)
+                j->state = SPOOL_QUEUED;
+            else
+                return reject(j, CTL_E_BADREQ, j->cmd == CTL_CMD_bounce
+                              ? "%s: --mailstore needs --state held (hold queued mail first)"
+                              : "%s: --mailstore needs --state held or --state queued", name);
+        }
+        if (lim && (!json_is_integer(lim) || json_integer_value(lim) < 1))
+            return reject(j, CTL_E_BADREQ, "%s: bad \"limit\" (a number of recipients)", name);
+        j->limit = lim ? (long)json_integer_value(lim) : 0;
+        if (rcpt) {
+            if (strlen(rcpt) >= sizeof(j->rcpt) || !strchr(rcpt, '@'))
+                return reject_rep(j, ctl_reply_error(CTL_E_BADREQ, "%s: bad address %.100s",
+                                                     name, rcpt));
+            snprintf(j->rcpt, sizeof(j->rcpt), "%s", rcpt);
+        }
+    }
+    if (j->cmd == CTL_CMD_policy || j->cmd == CTL_CMD_policy_set) {
+        const char *dom = jstr(j->req, "domain");
+        const char *at;
+        if (!dom && rcpt && (at = strrchr(rcpt, '@')))
+            dom = at + 1;
+        if (!dom)
+            return reject(j, CTL_E_BADREQ, "%s: missing \"domain\" (or \"rcpt\")", name);
+        if (domain_norm(dom, j->domain, sizeof(j->domain)) < 0)
+            return reject_rep(j, ctl_reply_error(CTL_E_BADREQ, "%s: \"%.100s\" is not a "
+                                                 "domain name", name, dom));
+        if (j->cmd == CTL_CMD_policy_set) {
+            const char *set = jstr(j->req, "settings");
+            if (!reason)
+                return reject(j, CTL_E_BADREQ, "%s: a reason is required (--reason TEXT)",
+                              name);
+            if (set && strlen(set) >= sizeof(j->settings))
+                return reject(j, CTL_E_BADREQ, "%s: settings too long", name);
+            if (!set && !json_is_true(json_object_get(j->req, "remove")))
+                return reject(j, CTL_E_BADREQ, "%s: give \"settings\" or \"remove\":true",
+                              name);
+            snprintf(j->settings, sizeof(j->settings), "%s", set ? set : "");
+            if (!ctl->policy_map[0])
+                return reject(j, CTL_E_FAILED, "%s: no [dsn] policy_map is configured", name);
+        }
+        snprintf(j->scope, sizeof(j->scope), "domain:%s", j->domain);
+    }
     if (ms)
         snprintf(j->ms, sizeof(j->ms), "%s", ms);
     if (qid)
@@ -752,8 +1030,10 @@ static int args(struct job *j)
     if (qid)
         snprintf(j->scope, sizeof(j->scope), "qid:%s", qid);
     else if (ms)
-        snprintf(j->scope, sizeof(j->scope), "mailstore:%s%s%s%s%s", ms,
-                 j->to[0] ? " to:" : "", j->to, j->rcpt[0] ? " rcpt:" : "", j->rcpt);
+        snprintf(j->scope, sizeof(j->scope), "mailstore:%s%s%s%s%s%s", ms,
+                 j->to[0] ? " to:" : "", j->to, j->state == SPOOL_HELD ? " state:held"
+                 : j->state == SPOOL_QUEUED ? " state:queued" : "",
+                 j->rcpt[0] ? " rcpt:" : "", j->rcpt);
     return 0;
 }
 
@@ -775,6 +1055,28 @@ static void handle(struct ctl_req *rq, const json_t *req, void *arg)
         if (ctl->hook)
             j->extra = ctl->hook(ctl->hook_arg);
         break;
+    case CTL_CMD_bounce:
+        dlv_dsn_ctx_of(ctl->d, &j->cx, j->host, sizeof(j->host));
+        if (!j->cx.queue) {
+            reject(j, CTL_E_FAILED, "%s", "bounce: no [dsn] relay is configured, so no DSN can "
+                   "be sent (use delete to drop mail without telling its sender)");
+            return;
+        }
+        break;
+    case CTL_CMD_policy: {
+        struct dlv_status *st = calloc(DLV_MS_STATUS_MAX, sizeof(*st));
+        j->has_entry = dlv_policy_entry(ctl->d, j->domain, &j->entry) == 0;
+        int n = st ? dlv_status(ctl->d, st, DLV_MS_STATUS_MAX) : 0;
+        const char *only = j->ms[0] ? j->ms : NULL;
+        for (int i = 0; i < n; i++) {
+            if ((only && strcmp(st[i].name, only) != 0) || strcmp(st[i].name, CONF_DSN_QUEUE) == 0)
+                continue;
+            if (dlv_policy(ctl->d, st[i].name, j->domain, &j->pol[j->npol]) == 0)
+                snprintf(j->pol_ms[j->npol++], MSTORE_NAME_MAX, "%s", st[i].name);
+        }
+        free(st);
+        break;
+    }
     case CTL_CMD_pause:
         if (!j->reason[0] && !j->legacy) {
             reject(j, CTL_E_BADREQ, "%s", "pause: a reason is required (--reason TEXT): it "
@@ -837,6 +1139,7 @@ int dlv_ctl_start(struct dlv_ctl **out, uv_loop_t *loop, struct dlv *d, struct s
     snprintf(ctl->dir, sizeof(ctl->dir), "%s", c->spool.dir);
     snprintf(ctl->index_path, sizeof(ctl->index_path), "%s/index.db", c->spool.dir);
     snprintf(ctl->tenants, sizeof(ctl->tenants), "%s", c->api.tenants);
+    snprintf(ctl->policy_map, sizeof(ctl->policy_map), "%s", c->dsn.policy_map);
     if (conf_ctl_socket(c, 0, ctl->path, sizeof(ctl->path)) < 0) {
         snprintf(err, errlen, "control socket path too long");
         free(ctl);
@@ -858,6 +1161,8 @@ int dlv_ctl_start(struct dlv_ctl **out, uv_loop_t *loop, struct dlv *d, struct s
 
 void dlv_ctl_reload(struct dlv_ctl *ctl, const struct conf *c)
 {
+    if (ctl)
+        snprintf(ctl->policy_map, sizeof(ctl->policy_map), "%s", c->dsn.policy_map);
     if (ctl && ctl->srv)
         ctl_server_set_admin_group(ctl->srv, c->control.admin_group);
     if (ctl)

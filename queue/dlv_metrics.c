@@ -114,7 +114,8 @@ static void render(struct dlv_metrics *m)
         }
     }
     metrics_head(&b, "sluice_mailstore_deliveries_total", "counter",
-                 "recipient outcomes since start: delivered (2xx), deferred (4xx), held (5xx)");
+                 "recipient outcomes since start: delivered (2xx), deferred (4xx), held (5xx), "
+                 "bounced (returned to the sender by the bounce policy)");
     for (int i = 0; i < n; i++) {
         metrics_escape(st[i].name, name, sizeof(name));
         snprintf(lab, sizeof(lab), "mailstore=\"%s\",result=\"delivered\"", name);
@@ -123,6 +124,8 @@ static void render(struct dlv_metrics *m)
         metrics_sample(&b, "sluice_mailstore_deliveries_total", lab, (double)st[i].deferred);
         snprintf(lab, sizeof(lab), "mailstore=\"%s\",result=\"held\"", name);
         metrics_sample(&b, "sluice_mailstore_deliveries_total", lab, (double)st[i].held);
+        snprintf(lab, sizeof(lab), "mailstore=\"%s\",result=\"bounced\"", name);
+        metrics_sample(&b, "sluice_mailstore_deliveries_total", lab, (double)st[i].bounced);
     }
     metrics_head(&b, "sluice_mailstore_trips_total", "counter",
                  "times the mailstore tripped (automatic stop after repeated failures)");

@@ -600,6 +600,13 @@ unsigned mstore_trouble(const struct mstore *m, int64_t now)
     return t;
 }
 
+int mstore_trusts_failures(const struct mstore *m, int64_t now)
+{
+    /* fails: its last transaction failed at the mailstore level (refused, timed out, 4xx at
+     * greeting/MAIL/DATA) or was slow: it may be on its way to tripped, so not yet */
+    return m->state == MSTORE_ACTIVE && m->fails == 0 && mstore_trouble(m, now) == 0;
+}
+
 /* --- Outage accounting --------------------------------------------------------------------- */
 
 static void mstore_add_outage(struct mstore *m, int64_t start, int64_t end)

@@ -42,7 +42,8 @@
  * 4xx (over quota) is never a mailstore failure.
  *
  * Trouble (mstore_trouble): the flags a policy that could return mail to its sender (DSN)
- * must respect: never while any is set.
+ * must respect: never while any is set. mstore_trusts_failures() is that rule, the one place
+ * the bounce policy asks.
  *
  * Time: every function takes now in unix milliseconds, so tests drive a fake clock. The
  * state-machine functions are pure (no I/O but the transition log line) and run on the loop
@@ -239,6 +240,13 @@ double mstore_slow_bound(const struct mstore *m);
 double mstore_recent_ms(const struct mstore *m);
 /* MSTORE_T_* flags; 0 when the mailstore is healthy and in service. */
 unsigned mstore_trouble(const struct mstore *m, int64_t now);
+/* May this mailstore's failures be taken as news about single recipients now, so that the
+ * bounce policy may return mail (or warn of delay) on them? 1 only while it is active and
+ * its last transaction did not fail at the mailstore level, and in no trouble
+ * (mstore_trouble): not paused, tripped, ramping or degraded, no mass refusal showing, nor
+ * on its way to tripped (an outage or its aftermath, when a 5xx or a delay is the
+ * mailstore's, not the user's). The one place every such decision asks. */
+int mstore_trusts_failures(const struct mstore *m, int64_t now);
 
 /* --- Persistence (worker thread) ---------------------------------------------------------
  * Table mailstores(name, state, reason, since, actor, release_rate, ramp_ms, public_reason:

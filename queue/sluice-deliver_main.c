@@ -59,6 +59,8 @@ struct deliver {
     uv_poll_t notify;
     int notify_init;
     uv_signal_t sig_term, sig_int, sig_hup;
+    uv_async_t policy_async;  /* a reseller changed the bounce policy map (api.h) */
+    int policy_async_on;
     uv_timer_t watchdog;      /* WATCHDOG=1 at half of WatchdogSec=, when systemd asks */
     int watchdog_on;
     int stopping;
@@ -74,6 +76,22 @@ static int pool_size(const struct conf *c)
         if (c->mailstores[i].transport == CONF_MAILDIR)
             n += c->mailstores[i].max_connections;
     return n > DELIVER_POOL_MAX ? DELIVER_POOL_MAX : n;
+}
+
+/* --- A crash point for tests ------------------------------------------------------------------
+ * SLUICE_TEST_CRASH_AT=STEP (one of spool_generate's fault steps, e.g. gen_commit: the DSN is
+ * durable in big/ but its transaction not committed) makes the deliverer SIGKILL itself when
+ * its spool reaches that step: the exactly-once tests need a kill at an exact point, which no
+ * timing can give. Nothing else reads it; unset, the hook is not installed. */
+static const char *crash_at;
+
+static int crash_fault(const char *step, void *arg)
+{
+    if (crash_at && strcmp(step, crash_at) == 0) {
+        log_warn("deliver: SLUICE_TEST_CRASH_AT=%s reached: SIGKILL", step);
+        raise(SIGKILL);
+    }
+    return 0;
 }
 
 /* --- Notify socket ------------------------------------------------------------------------ */
@@ -139,6 +157,23 @@ static void on_watchdog(uv_timer_t *t)
     notify_watchdog();
 }
 
+/* --- The reseller API's bounce policy changes ----------------------------------------------- */
+
+static void policy_wake(void *arg)
+{
+    uv_async_send(arg);
+}
+
+static void on_policy_change(uv_async_t *h)
+{
+    struct deliver *dv = h->data;
+    char err[CONF_ERR_LEN];
+
+    if (dlv_policy_reload(dv->d, err, sizeof(err)) < 0)
+        log_warn("deliver: bounce policy map changed through the reseller API, but it cannot "
+                 "be loaded: %s (the map loaded before stays)", err);
+}
+
 /* --- Signals ------------------------------------------------------------------------------- */
 
 static void drained(void *arg)
@@ -151,6 +186,10 @@ static void drained(void *arg)
     dlv_metrics_stop(dv->metrics);
     if (dv->notify_init)
         uv_close((uv_handle_t *)&dv->notify, notify_closed);
+    if (dv->policy_async_on) {
+        api_on_policy_change(dv->api, NULL, NULL);
+        uv_close((uv_handle_t *)&dv->policy_async, NULL);
+    }
     uv_close((uv_handle_t *)&dv->sig_term, NULL);
     uv_close((uv_handle_t *)&dv->sig_int, NULL);
     uv_close((uv_handle_t *)&dv->sig_hup, NULL);
@@ -253,6 +292,10 @@ int main(int argc, char **argv)
     so.dir = dv.c->spool.dir;
     so.loop = NULL;            /* no submissions: the gateway is the spool's writer */
     so.reserve_space = dv.c->spool.reserve_space;
+    if ((crash_at = getenv("SLUICE_TEST_CRASH_AT")) && *crash_at) {
+        so.fault = crash_fault;
+        log_warn("deliver: test crash point armed at spool step %s", crash_at);
+    }
     if ((r = spool_open(&dv.sp, &so, err, sizeof(err))) < 0) {
         log_err("deliver: cannot open the spool: %s", err);
         return 1;
@@ -308,6 +351,12 @@ int main(int argc, char **argv)
                 log_err("  %s", line);
         }
         dlv_ctl_set_api(dv.ctl, dv.api);
+        if (dv.api) {
+            uv_async_init(dv.loop, &dv.policy_async, on_policy_change);
+            dv.policy_async.data = &dv;
+            dv.policy_async_on = 1;
+            api_on_policy_change(dv.api, policy_wake, &dv.policy_async);
+        }
     }
     uv_signal_init(dv.loop, &dv.sig_term);
     uv_signal_init(dv.loop, &dv.sig_int);

@@ -67,6 +67,7 @@ struct spool {
     char dir[PATH_MAX];
     struct spool_opts o;
     int dirfd, segfd, bigfd, tmpfd, lockfd;
+    int genfd;                          /* gen.lock: spool_generate vs. the orphan sweeps */
     int writer_role;                    /* holds writer.lock: appends, recovers, reclaims */
     uv_loop_t *loop;
     uv_async_t async;
@@ -1056,7 +1057,12 @@ static int reclaim_pass(struct spool *sp, int yield)
         }
     }
     free(ids);
-    sweep_big_orphans(sp, SPOOL_BIG_ORPHAN_AGE);
+    /* never wait for spool_generate here: this is the writer thread, and commits queue
+     * behind it; a sweep skipped now runs at the next pass */
+    if (flock(sp->genfd, LOCK_EX | LOCK_NB) == 0) {
+        sweep_big_orphans(sp, SPOOL_BIG_ORPHAN_AGE);
+        flock(sp->genfd, LOCK_UN);
+    }
     if (freed)
         log_msg(LOG_INFO, "spool: reclaimed %d segment%s", freed, freed == 1 ? "" : "s");
     return freed;
@@ -1187,8 +1193,13 @@ static int recover(struct spool *sp)
     size_t n;
     int r;
 
+    /* the deliverer may be generating a DSN right now (tmp/QID, then big/QID before its row
+     * is committed): wait for it, so that only true orphans go */
+    while (flock(sp->genfd, LOCK_EX) < 0 && errno == EINTR)
+        ;
     empty_dir(sp->tmpfd);
     sweep_big_orphans(sp, 0);
+    flock(sp->genfd, LOCK_UN);
     if ((r = list_segments(sp, &ids, &n)) < 0)
         return r;
     for (size_t i = 0; i < n; i++) {
@@ -1225,7 +1236,8 @@ static int open_subdir(struct spool *sp, const char *name, int create)
 
 static void close_fds(struct spool *sp)
 {
-    int *fds[] = {&sp->segfd, &sp->bigfd, &sp->tmpfd, &sp->lockfd, &sp->dirfd, &sp->seg_fd};
+    int *fds[] = {&sp->segfd, &sp->bigfd, &sp->tmpfd, &sp->lockfd, &sp->dirfd, &sp->seg_fd,
+                  &sp->genfd};
     for (size_t i = 0; i < sizeof(fds) / sizeof(fds[0]); i++) {
         if (*fds[i] >= 0)
             close(*fds[i]);
@@ -1265,7 +1277,7 @@ int spool_open(struct spool **out, const struct spool_opts *o, char *err, size_t
         sp->o.segment_size = 64ull << 20;
     if (!sp->o.mem_budget)
         sp->o.mem_budget = 256u << 20;
-    sp->dirfd = sp->segfd = sp->bigfd = sp->tmpfd = sp->lockfd = sp->seg_fd = -1;
+    sp->dirfd = sp->segfd = sp->bigfd = sp->tmpfd = sp->lockfd = sp->seg_fd = sp->genfd = -1;
     pthread_mutex_init(&sp->mu, NULL);
     pthread_mutex_init(&sp->smu, NULL);
     pthread_mutex_init(&sp->rmu, NULL);
@@ -1300,6 +1312,13 @@ int spool_open(struct spool **out, const struct spool_opts *o, char *err, size_t
         (r = sp->bigfd = open_subdir(sp, "big", create)) < 0 ||
         (r = sp->tmpfd = open_subdir(sp, "tmp", create)) < 0) {
         snprintf(err, errlen, "%s: seg/, big/ or tmp/: %s", o->dir, strerror(-r));
+        goto fail;
+    }
+    if (!o->readonly &&
+        (sp->genfd = openat(sp->dirfd, "gen.lock", O_RDWR | O_CREAT | O_NOFOLLOW | O_CLOEXEC,
+                            0600)) < 0) {
+        r = -errno;
+        snprintf(err, errlen, "%s/gen.lock: %s", o->dir, strerror(errno));
         goto fail;
     }
     spool_reserve_init(&sp->rsv, sp->dirfd, o->readonly ? 0 : o->reserve_space);
@@ -1418,6 +1437,10 @@ static void row_to_rcpt(sqlite3_stmt *st, struct spool_rcpt *r)
     r->next_attempt = sqlite3_column_int64(st, 8);
     col_text(st, 9, r->last_reply, sizeof(r->last_reply));
     col_text(st, 10, r->hold_reason, sizeof(r->hold_reason));
+    r->bounce_at = sqlite3_column_int64(st, 11);
+    r->dsn_owed = sqlite3_column_int(st, 12);
+    r->delay_dsn = sqlite3_column_int(st, 13);
+    r->updated_at = sqlite3_column_int64(st, 14);
 }
 
 static int fetch_rcpts(struct spool *sp, sqlite3_stmt *st, struct spool_rcpt *out, int max)
@@ -1618,6 +1641,15 @@ static int mark_once(struct spool *sp, const struct spool_outcome *o, size_t n,
         sqlite3_bind_int(st, 4, o[i].count_attempt ? 1 : 0);
         sqlite3_bind_text(st, 5, o[i].reply, -1, SQLITE_STATIC);
         sqlite3_bind_int64(st, 6, now);
+        if (o[i].state == SPOOL_HELD && o[i].bounce_at > 0)
+            sqlite3_bind_int64(st, 7, o[i].bounce_at);
+        else
+            sqlite3_bind_null(st, 7);
+        sqlite3_bind_int(st, 8, o[i].state == SPOOL_DELIVERED ? o[i].dsn_owed : 0);
+        if (o[i].state == SPOOL_HELD && o[i].hold_reason)
+            sqlite3_bind_text(st, 9, o[i].hold_reason, -1, SQLITE_STATIC);
+        else
+            sqlite3_bind_null(st, 9);
         if ((r = spool_idx_step_done(ix, st)) < 0 || o[i].state != SPOOL_DELIVERED)
             continue;
         if (!(st = spool_idx_stmt(ix, SPOOL_IDX_RCPT_QID))) { r = -EIO; break; }
@@ -1911,4 +1943,464 @@ int spool_verify(struct spool *sp, void (*report)(const char *qid, const char *w
     }
     free(locs);
     return bad;
+}
+
+/* ---------------------------------------------------------------- returning mail (DSNs) */
+
+int spool_bounce_due(struct spool *sp, const char *mailstore, int64_t now,
+                     struct spool_rcpt *out, int max)
+{
+    int r;
+    pthread_mutex_lock(&sp->smu);
+    sqlite3_stmt *st = spool_idx_stmt(&sp->six, SPOOL_IDX_BOUNCE_DUE);
+    if (!st) {
+        r = -EIO;
+    } else {
+        sqlite3_bind_text(st, 1, mailstore, -1, SQLITE_STATIC);
+        sqlite3_bind_int64(st, 2, now);
+        sqlite3_bind_int(st, 3, max);
+        r = fetch_rcpts(sp, st, out, max);
+    }
+    pthread_mutex_unlock(&sp->smu);
+    return r;
+}
+
+int spool_dsn_owed(struct spool *sp, struct spool_rcpt *out, int max)
+{
+    int r;
+    pthread_mutex_lock(&sp->smu);
+    sqlite3_stmt *st = spool_idx_stmt(&sp->six, SPOOL_IDX_DSN_OWED);
+    if (!st) {
+        r = -EIO;
+    } else {
+        sqlite3_bind_int(st, 1, max);
+        r = fetch_rcpts(sp, st, out, max);
+    }
+    pthread_mutex_unlock(&sp->smu);
+    return r;
+}
+
+int spool_select_qids(struct spool *sp, const char *mailstore, enum spool_rstate state,
+                      const char *rcpt, char (*qids)[QID_SIZE], int max)
+{
+    int n = 0, rc;
+    pthread_mutex_lock(&sp->smu);
+    sqlite3_stmt *st = spool_idx_stmt(&sp->six, SPOOL_IDX_SEL_QIDS);
+    if (!st) {
+        pthread_mutex_unlock(&sp->smu);
+        return -EIO;
+    }
+    sqlite3_bind_text(st, 1, mailstore, -1, SQLITE_STATIC);
+    sqlite3_bind_int(st, 2, state);
+    if (rcpt)
+        sqlite3_bind_text(st, 3, rcpt, -1, SQLITE_STATIC);
+    sqlite3_bind_int(st, 4, max);
+    while (n < max && (rc = sqlite3_step(st)) == SQLITE_ROW)
+        col_text(st, 0, qids[n++], QID_SIZE);
+    if (n < max && rc != SQLITE_DONE)
+        n = spool_idx_errno(rc) ? spool_idx_errno(rc) : -EIO;
+    sqlite3_reset(st);
+    pthread_mutex_unlock(&sp->smu);
+    return n;
+}
+
+int spool_select_rcpts(struct spool *sp, const char *qid, const char *mailstore,
+                       enum spool_rstate state, const char *rcpt, struct spool_rcpt *out,
+                       int max)
+{
+    int r;
+    pthread_mutex_lock(&sp->smu);
+    sqlite3_stmt *st = spool_idx_stmt(&sp->six, SPOOL_IDX_SEL_RCPTS);
+    if (!st) {
+        r = -EIO;
+    } else {
+        sqlite3_bind_text(st, 1, qid, -1, SQLITE_STATIC);
+        if (mailstore)
+            sqlite3_bind_text(st, 2, mailstore, -1, SQLITE_STATIC);
+        sqlite3_bind_int(st, 3, state);
+        if (rcpt)
+            sqlite3_bind_text(st, 4, rcpt, -1, SQLITE_STATIC);
+        sqlite3_bind_int(st, 5, max);
+        r = fetch_rcpts(sp, st, out, max);
+    }
+    pthread_mutex_unlock(&sp->smu);
+    return r;
+}
+
+/* gen_write - one generated message as a trailer-form big file (body, no prefix, header),
+ * written to tmp/QID and left open in *fd; gen_finish then fsyncs and renames it into big/.
+ * Two steps, so a batch's files are all written before the first fsync: the file system
+ * then commits them together rather than one journal commit per file. Nothing is left in
+ * tmp/ on failure. */
+static int gen_write(struct spool *sp, const struct spool_gen *g, int *fd)
+{
+    unsigned char raw[SPOOL_REC_HDR_LEN];
+    struct spool_rec_hdr h;
+    int r;
+
+    *fd = -1;
+    if ((r = fault(sp, "gen_write")) < 0)
+        return r;
+    *fd = openat(sp->tmpfd, g->qid, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
+    if (*fd < 0)
+        return -errno;
+    spool_rec_hdr_make(&h, g->qid, SPOOL_REC_TRAILER, g->len, 0, crc32c(0, g->data, g->len));
+    spool_rec_hdr_encode(&h, raw);
+    if ((r = write_full(*fd, g->data, g->len)) < 0 || (r = write_full(*fd, raw, sizeof(raw))) < 0) {
+        close(*fd);
+        *fd = -1;
+        unlinkat(sp->tmpfd, g->qid, 0);
+    }
+    return r;
+}
+
+static int gen_finish(struct spool *sp, const struct spool_gen *g, int fd)
+{
+    int r;
+
+    if ((r = fault(sp, "gen_sync")) < 0 || (r = sync_fd(sp, fd, 0)) < 0 ||
+        (r = fault(sp, "gen_rename")) < 0)
+        goto fail;
+    /* NOREPLACE: a queue ID is never reused; an existing file is someone's message */
+    if (renameat2(sp->tmpfd, g->qid, sp->bigfd, g->qid, RENAME_NOREPLACE) < 0) {
+        r = -errno;
+        goto fail;
+    }
+    close(fd);
+    return 0;
+fail:
+    close(fd);
+    unlinkat(sp->tmpfd, g->qid, 0);
+    return r;
+}
+
+/* gen_insert - the index rows of a generated message stored in big/ (inside the open
+ * transaction on six). */
+static int gen_insert(struct spool_idx *ix, const struct spool_gen *g, int64_t now)
+{
+    sqlite3_stmt *st = spool_idx_stmt(ix, SPOOL_IDX_INS_MSG);
+    const struct spool_env *e = g->env;
+    int r;
+
+    if (!st)
+        return -EIO;
+    sqlite3_bind_text(st, 1, g->qid, -1, SQLITE_STATIC);
+    sqlite3_bind_int64(st, 2, now);
+    sqlite3_bind_int64(st, 3, (int64_t)g->len);
+    sqlite3_bind_text(st, 4, e->sender, -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 5, e->dsn_ret, -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 6, e->dsn_envid, -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 7, e->client_addr, -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 8, e->client_name, -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 9, e->helo, -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 10, e->tls, -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 11, e->spf, -1, SQLITE_STATIC);
+    sqlite3_bind_int(st, 12, e->smtputf8);
+    sqlite3_bind_int(st, 13, e->body_8bit);
+    sqlite3_bind_int64(st, 14, 0);
+    sqlite3_bind_int64(st, 15, 0);
+    sqlite3_bind_int64(st, 16, (int64_t)(g->len + SPOOL_REC_HDR_LEN));
+    sqlite3_bind_int64(st, 17, crc32c(0, g->data, g->len));
+    if ((r = spool_idx_step_done(ix, st)) < 0)
+        return r;
+    for (size_t i = 0; i < g->nrcpt; i++) {
+        const struct spool_rcpt_in *rc = &g->rcpts[i];
+        if (!(st = spool_idx_stmt(ix, SPOOL_IDX_INS_RCPT)))
+            return -EIO;
+        sqlite3_bind_text(st, 1, g->qid, -1, SQLITE_STATIC);
+        sqlite3_bind_text(st, 2, rc->rcpt, -1, SQLITE_STATIC);
+        sqlite3_bind_text(st, 3, rc->orcpt, -1, SQLITE_STATIC);
+        sqlite3_bind_text(st, 4, rc->notify, -1, SQLITE_STATIC);
+        sqlite3_bind_text(st, 5, rc->mailstore, -1, SQLITE_STATIC);
+        sqlite3_bind_int(st, 6, rc->hold_reason ? SPOOL_HELD : SPOOL_QUEUED);
+        sqlite3_bind_int64(st, 7, now);
+        sqlite3_bind_text(st, 8, rc->hold_reason, -1, SQLITE_STATIC);
+        if ((r = spool_idx_step_done(ix, st)) < 0)
+            return r;
+    }
+    return 0;
+}
+
+/* gen_change - one recipient change with its condition; *qid gets the message it belongs to.
+ * -ESTALE when the row is not (any longer) as the caller saw it. */
+static int gen_change(struct spool_idx *ix, const struct spool_change *c, char *qid)
+{
+    static const enum spool_idx_stmt which[] = {
+        [SPOOL_CHG_RETURN] = SPOOL_IDX_CHG_RETURN, [SPOOL_CHG_DSN_SENT] = SPOOL_IDX_CHG_DSN_SENT,
+        [SPOOL_CHG_DELAY_SENT] = SPOOL_IDX_CHG_DELAY_SENT,
+        [SPOOL_CHG_UNSCHEDULE] = SPOOL_IDX_CHG_UNSCHEDULE,
+    };
+    sqlite3_stmt *st;
+    int rc;
+
+    if ((unsigned)c->kind > SPOOL_CHG_UNSCHEDULE || !(st = spool_idx_stmt(ix, which[c->kind])))
+        return -EIO;
+    sqlite3_bind_int64(st, 1, c->rcpt_id);
+    if (c->kind == SPOOL_CHG_RETURN) {
+        sqlite3_bind_int(st, 2, c->expect_state);
+        if (c->expect_bounce_at > 0)
+            sqlite3_bind_int64(st, 3, c->expect_bounce_at);
+        sqlite3_bind_int(st, 4, c->any_bounce_at ? 1 : 0);
+    } else if (c->kind == SPOOL_CHG_UNSCHEDULE && c->expect_bounce_at > 0) {
+        sqlite3_bind_int64(st, 2, c->expect_bounce_at);
+    }
+    rc = sqlite3_step(st);
+    if (rc == SQLITE_ROW)
+        col_text(st, 0, qid, QID_SIZE);
+    while (rc == SQLITE_ROW)
+        rc = sqlite3_step(st);
+    sqlite3_reset(st);
+    if (rc != SQLITE_DONE)
+        return spool_idx_errno(rc) ? spool_idx_errno(rc) : -EIO;
+    return sqlite3_changes(ix->db) == 1 ? 0 : -ESTALE;
+}
+
+/* gen_retire - delete qid with its record when nothing of it is left to do; its big file
+ * name goes to bigs for the caller to unlink after the commit. */
+static int gen_retire(struct spool_idx *ix, const char *qid, char (*bigs)[QID_SIZE],
+                      size_t *nbig)
+{
+    sqlite3_stmt *st = spool_idx_stmt(ix, SPOOL_IDX_UNDONE);
+    int rc, big = 0, r;
+
+    if (!st)
+        return -EIO;
+    sqlite3_bind_text(st, 1, qid, -1, SQLITE_STATIC);
+    rc = sqlite3_step(st);
+    sqlite3_reset(st);
+    if (rc == SQLITE_ROW)
+        return 0;
+    if (rc != SQLITE_DONE)
+        return spool_idx_errno(rc) ? spool_idx_errno(rc) : -EIO;
+    if ((r = delete_rows(ix, qid, &big)) == 0 && big)
+        snprintf(bigs[(*nbig)++], QID_SIZE, "%s", qid);
+    return r;
+}
+
+/* gen_unit - one unit inside the open transaction, under its own savepoint. */
+static int gen_unit(struct spool *sp, const struct spool_gen *g, int64_t now,
+                    char (*bigs)[QID_SIZE], size_t *nbig)
+{
+    struct spool_idx *ix = &sp->six;
+    char (*touched)[QID_SIZE] = NULL;
+    size_t nt = 0, nbig0 = *nbig;
+    int r;
+
+    if (g->nchg && !(touched = calloc(g->nchg, sizeof(*touched))))
+        return -ENOMEM;
+    if ((r = spool_idx_step_done(ix, spool_idx_stmt(ix, SPOOL_IDX_SAVEPOINT))) < 0) {
+        free(touched);
+        return r;
+    }
+    for (size_t i = 0; i < g->nchg && r == 0; i++) {
+        char q[QID_SIZE] = "";
+        size_t k;
+        if ((r = gen_change(ix, &g->chg[i], q)) < 0)
+            break;
+        if (g->chg[i].kind != SPOOL_CHG_RETURN && g->chg[i].kind != SPOOL_CHG_DSN_SENT)
+            continue;
+        for (k = 0; k < nt && strcmp(touched[k], q) != 0; k++)
+            ;
+        if (k == nt)
+            memcpy(touched[nt++], q, QID_SIZE);
+    }
+    for (size_t k = 0; k < nt && r == 0; k++)
+        r = gen_retire(ix, touched[k], bigs, nbig);
+    if (r == 0 && g->qid)
+        r = gen_insert(ix, g, now);
+    if (r < 0) {
+        spool_idx_step_done(ix, spool_idx_stmt(ix, SPOOL_IDX_ROLLBACK_TO));
+        *nbig = nbig0;
+    }
+    spool_idx_step_done(ix, spool_idx_stmt(ix, SPOOL_IDX_RELEASE));
+    free(touched);
+    return r;
+}
+
+int spool_generate(struct spool *sp, struct spool_gen *g, size_t n)
+{
+    char (*bigs)[QID_SIZE] = NULL;
+    size_t nbig = 0, nchg = 0, applied = 0;
+    int r = 0, written = 0, *fds;
+    int64_t now = now_s();
+
+    if (n == 0)
+        return 0;
+    if (sp->genfd < 0)
+        return -EROFS;
+    for (size_t i = 0; i < n; i++)
+        nchg += g[i].nchg;
+    if (nchg && !(bigs = calloc(nchg, sizeof(*bigs))))
+        return -ENOMEM;
+    /* held until the rows are committed: the orphan sweeps must not see our files before */
+    while (flock(sp->genfd, LOCK_EX) < 0) {
+        if (errno != EINTR) {
+            free(bigs);
+            return -errno;
+        }
+    }
+    if (!(fds = malloc(n * sizeof(*fds)))) {
+        flock(sp->genfd, LOCK_UN);
+        free(bigs);
+        return -ENOMEM;
+    }
+    for (size_t i = 0; i < n; i++) {
+        g[i].status = 0;
+        fds[i] = -1;
+        if (!g[i].qid)
+            continue;
+        if (!spool_reserve_ok(sp))
+            g[i].status = -ENOSPC;   /* the reserve's room is for draining, not new mail */
+        else
+            g[i].status = gen_write(sp, &g[i], &fds[i]);
+    }
+    for (size_t i = 0; i < n; i++) {
+        if (g[i].qid && g[i].status == 0 && (g[i].status = gen_finish(sp, &g[i], fds[i])) == 0)
+            written++;
+        if (g[i].qid && g[i].status < 0)
+            log_qid(LOG_WARNING, g[i].qid, "spool: cannot store a generated message: %s",
+                    strerror(-g[i].status));
+    }
+    free(fds);
+    if (written && ((r = fault(sp, "gen_dirsync")) < 0 || (r = sync_fd(sp, sp->bigfd, 0)) < 0))
+        goto unwind;
+    pthread_mutex_lock(&sp->smu);
+    if ((r = spool_idx_begin(&sp->six)) == 0) {
+        for (size_t i = 0; i < n; i++) {
+            if (g[i].status < 0)
+                continue;
+            if ((g[i].status = gen_unit(sp, &g[i], now, bigs, &nbig)) == 0)
+                applied++;
+        }
+        if ((r = fault(sp, "gen_commit")) < 0 || (r = spool_idx_commit(&sp->six)) < 0) {
+            log_msg(LOG_ERR, "spool: recording %zu generated units failed: %s", n,
+                    r == -EIO || r == -ENOSPC ? strerror(-r) : spool_idx_errmsg(&sp->six));
+            spool_idx_rollback(&sp->six);
+            nbig = 0;
+        }
+    }
+    pthread_mutex_unlock(&sp->smu);
+    if (r == 0)
+        fault(sp, "gen_committed");
+unwind:
+    if (r < 0)
+        for (size_t i = 0; i < n; i++)
+            g[i].status = r;
+    /* files whose rows were not committed go now, while the lock still keeps sweeps out */
+    for (size_t i = 0; i < n; i++)
+        if (g[i].qid && g[i].status < 0)
+            unlinkat(sp->bigfd, g[i].qid, 0);
+    flock(sp->genfd, LOCK_UN);
+    for (size_t k = 0; k < nbig; k++)
+        unlinkat(sp->bigfd, bigs[k], 0);
+    free(bigs);
+    return r < 0 ? r : (int)applied;
+}
+
+/* One chunk of spool_delete_rcpts: up to SPOOL_CHUNK rows in one transaction. */
+static int delete_chunk(struct spool *sp, const char *mailstore, enum spool_rstate state,
+                        const char *rcpt, int max, char (*bigs)[QID_SIZE], size_t *nbig)
+{
+    struct spool_idx *ix = &sp->six;
+    struct { int64_t id; char qid[QID_SIZE]; } *rows = calloc((size_t)max, sizeof(*rows));
+    int n = 0, r, rc;
+    sqlite3_stmt *st;
+
+    if (!rows)
+        return -ENOMEM;
+    *nbig = 0;
+    if ((r = spool_idx_begin(ix)) < 0) {
+        free(rows);
+        return r;
+    }
+    /* ids first, then the deletes: a statement never deletes under its own cursor */
+    if (!(st = spool_idx_stmt(ix, SPOOL_IDX_SEL_QIDS))) {
+        r = -EIO;
+        goto out;
+    }
+    {
+        char (*qids)[QID_SIZE] = calloc((size_t)max, QID_SIZE);
+        int nq = 0;
+        if (!qids) {
+            r = -ENOMEM;
+            goto out;
+        }
+        sqlite3_bind_text(st, 1, mailstore, -1, SQLITE_STATIC);
+        sqlite3_bind_int(st, 2, state);
+        if (rcpt)
+            sqlite3_bind_text(st, 3, rcpt, -1, SQLITE_STATIC);
+        sqlite3_bind_int(st, 4, max);
+        while (nq < max && (rc = sqlite3_step(st)) == SQLITE_ROW)
+            col_text(st, 0, qids[nq++], QID_SIZE);
+        sqlite3_reset(st);
+        for (int q = 0; q < nq && n < max && r == 0; q++) {
+            if (!(st = spool_idx_stmt(ix, SPOOL_IDX_SEL_RCPTS))) {
+                r = -EIO;
+                break;
+            }
+            sqlite3_bind_text(st, 1, qids[q], -1, SQLITE_STATIC);
+            sqlite3_bind_text(st, 2, mailstore, -1, SQLITE_STATIC);
+            sqlite3_bind_int(st, 3, state);
+            if (rcpt)
+                sqlite3_bind_text(st, 4, rcpt, -1, SQLITE_STATIC);
+            sqlite3_bind_int(st, 5, max - n);
+            while (n < max && (rc = sqlite3_step(st)) == SQLITE_ROW) {
+                rows[n].id = sqlite3_column_int64(st, 0);
+                col_text(st, 1, rows[n].qid, QID_SIZE);
+                n++;
+            }
+            sqlite3_reset(st);
+        }
+        free(qids);
+    }
+    for (int i = 0; i < n && r == 0; i++) {
+        if (!(st = spool_idx_stmt(ix, SPOOL_IDX_DEL_RCPT))) {
+            r = -EIO;
+            break;
+        }
+        sqlite3_bind_int64(st, 1, rows[i].id);
+        r = spool_idx_step_done(ix, st);
+    }
+    for (int i = 0; i < n && r == 0; i++)
+        if (i == 0 || strcmp(rows[i].qid, rows[i - 1].qid) != 0)
+            r = gen_retire(ix, rows[i].qid, bigs, nbig);
+out:
+    if (r == 0)
+        r = spool_idx_commit(ix);
+    if (r < 0) {
+        spool_idx_rollback(ix);
+        *nbig = 0;
+        n = r;
+    }
+    free(rows);
+    return n;
+}
+
+int spool_delete_rcpts(struct spool *sp, const char *mailstore, enum spool_rstate state,
+                       const char *rcpt, long max)
+{
+    char (*bigs)[QID_SIZE] = calloc(SPOOL_CHUNK, QID_SIZE);
+    long total = 0;
+    int n;
+
+    if (!bigs)
+        return -ENOMEM;
+    do {
+        int want = max > 0 && max - total < SPOOL_CHUNK ? (int)(max - total) : SPOOL_CHUNK;
+        size_t nbig = 0;
+        pthread_mutex_lock(&sp->smu);
+        n = delete_chunk(sp, mailstore, state, rcpt, want, bigs, &nbig);
+        pthread_mutex_unlock(&sp->smu);
+        for (size_t k = 0; k < nbig; k++)
+            unlinkat(sp->bigfd, bigs[k], 0);
+        if (n < 0) {
+            free(bigs);
+            return total ? (int)(total > INT_MAX ? INT_MAX : total) : n;
+        }
+        total += n;
+        if (n < want)
+            break;
+    } while (max <= 0 || total < max);
+    free(bigs);
+    return total > INT_MAX ? INT_MAX : (int)total;
 }

@@ -33,6 +33,24 @@ static const char schema_v1[] =
     "CREATE INDEX IF NOT EXISTS recipients_due ON recipients(mailstore, state, next_attempt);"
     "PRAGMA user_version=1;";
 
+/* user_version 2: what returning mail to its sender needs (docs/delivery.md "Mail that
+ * cannot be delivered"). bounce_at: a held recipient the bounce policy returns at that
+ * time (NULL: never); dsn_owed: a delivered recipient whose success DSN is still to be
+ * queued (SPOOL_DSN_*); delay_dsn: its delay DSN was queued. The partial indexes hold only
+ * the few rows with something pending, so the scans that find them cost what they return. */
+static const char schema_v2[] =
+    "ALTER TABLE recipients ADD COLUMN bounce_at INTEGER;"
+    "ALTER TABLE recipients ADD COLUMN dsn_owed INTEGER NOT NULL DEFAULT 0;"
+    "ALTER TABLE recipients ADD COLUMN delay_dsn INTEGER NOT NULL DEFAULT 0;"
+    "CREATE INDEX IF NOT EXISTS recipients_bounce ON recipients(mailstore, bounce_at)"
+    " WHERE bounce_at IS NOT NULL;"
+    "CREATE INDEX IF NOT EXISTS recipients_dsn_owed ON recipients(qid) WHERE dsn_owed<>0;"
+    "PRAGMA user_version=2;";
+
+/* Schema steps, oldest first: step i takes user_version i to i + 1. */
+static const char *const schema_steps[] = { schema_v1, schema_v2 };
+#define SPOOL_IDX_VERSION ((int)(sizeof(schema_steps) / sizeof(schema_steps[0])))
+
 int spool_idx_errno(int rc)
 {
     switch (rc & 0xff) {
@@ -109,17 +127,25 @@ int spool_idx_open(struct spool_idx *ix, const char *path, int readonly, char *e
             r = -EIO;
             goto fail;
         }
-        /* Only a new index gets the schema: opening an existing one writes nothing, so a
-         * daemon can start on a full file system (and the deliverer then frees space). */
+        /* Only an index older than this program gets schema steps: opening a current one
+         * writes nothing, so a daemon can start on a full file system (and the deliverer
+         * then frees space). The version is read again inside the write transaction: the
+         * other daemon may have upgraded it meanwhile, and ALTER TABLE is not idempotent. */
         int version = 0;
         if ((r = user_version(ix, &version)) < 0)
             goto fail;
-        if (version < 1) {
+        if (version < SPOOL_IDX_VERSION) {
             if ((r = spool_idx_begin(ix)) < 0)
                 goto fail;
-            if ((r = exec(ix, schema_v1)) < 0) {
+            if ((r = user_version(ix, &version)) < 0) {
                 spool_idx_rollback(ix);
                 goto fail;
+            }
+            for (int v = version; v < SPOOL_IDX_VERSION; v++) {
+                if ((r = exec(ix, schema_steps[v])) < 0) {
+                    spool_idx_rollback(ix);
+                    goto fail;
+                }
             }
             if ((r = spool_idx_commit(ix)) < 0)
                 goto fail;

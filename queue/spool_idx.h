@@ -12,6 +12,11 @@
 
 #define SPOOL_IDX_BUSY_MS 10000 /* the other daemon's transactions are short; 10 s is an outage */
 
+/* The columns of a struct spool_rcpt, in the order row_to_rcpt reads them. */
+#define SPOOL_IDX_RCPT_COLS "SELECT id, qid, rcpt, orcpt, notify, mailstore, state, attempts," \
+    " next_attempt, last_reply, hold_reason, bounce_at, dsn_owed, delay_dsn, updated_at" \
+    " FROM recipients"
+
 /* Every statement the spool runs more than once, prepared once per connection. */
 #define SPOOL_IDX_STMTS(XX) \
     XX(SAVEPOINT, "SAVEPOINT m") \
@@ -30,18 +35,16 @@
     XX(MOVE, "UPDATE messages SET seg=?1, off=?2 WHERE qid=?3 AND seg=?4 AND off=?5") \
     XX(HAS_BIG, "SELECT 1 FROM messages WHERE qid=?1 AND seg=0") \
     XX(ALL_LOC, "SELECT qid, seg, off, reclen FROM messages ORDER BY seg, off") \
-    XX(DUE, "SELECT id, qid, rcpt, orcpt, notify, mailstore, state, attempts, next_attempt," \
-       " last_reply, hold_reason FROM recipients WHERE mailstore=?1 AND state=0" \
+    XX(DUE, SPOOL_IDX_RCPT_COLS " WHERE mailstore=?1 AND state=0" \
        " AND next_attempt<=?2 ORDER BY next_attempt, id LIMIT ?3") \
-    XX(RCPTS, "SELECT id, qid, rcpt, orcpt, notify, mailstore, state, attempts, next_attempt," \
-       " last_reply, hold_reason FROM recipients WHERE qid=?1 ORDER BY id LIMIT ?2") \
+    XX(RCPTS, SPOOL_IDX_RCPT_COLS " WHERE qid=?1 ORDER BY id LIMIT ?2") \
     XX(ENV, "SELECT sender, dsn_ret, dsn_envid, client_addr, client_name, helo, tls, spf," \
        " smtputf8, body_8bit, received_at, size FROM messages WHERE qid=?1") \
     XX(MARK, "UPDATE recipients SET state=?2, next_attempt=?3, attempts=attempts+?4," \
-       " last_reply=coalesce(?5, last_reply), updated_at=?6 WHERE id=?1" \
-       " AND (state=0 OR ?2=1)") \
+       " last_reply=coalesce(?5, last_reply), updated_at=?6, bounce_at=?7, dsn_owed=?8," \
+       " hold_reason=coalesce(?9, hold_reason) WHERE id=?1 AND (state=0 OR ?2=1)") \
     XX(RCPT_QID, "SELECT qid FROM recipients WHERE id=?1") \
-    XX(UNDONE, "SELECT 1 FROM recipients WHERE qid=?1 AND state<>1 LIMIT 1") \
+    XX(UNDONE, "SELECT 1 FROM recipients WHERE qid=?1 AND (state<>1 OR dsn_owed<>0) LIMIT 1") \
     XX(DEL_RCPTS, "DELETE FROM recipients WHERE qid=?1") \
     XX(DEL_MSG, "DELETE FROM messages WHERE qid=?1 RETURNING seg") \
     XX(HOLD_QID, "UPDATE recipients SET state=2, hold_reason=?2, updated_at=?3" \
@@ -53,11 +56,28 @@
     XX(REL_MS, "UPDATE recipients SET next_attempt=?2, updated_at=?2" \
        " WHERE mailstore=?1 AND state=0 AND next_attempt>?2") \
     XX(UNHOLD_QID, "UPDATE recipients SET state=0, next_attempt=?2, hold_reason=NULL," \
-       " updated_at=?2 WHERE qid=?1 AND state=2") \
+       " bounce_at=NULL, updated_at=?2 WHERE qid=?1 AND state=2") \
     XX(UNHOLD_MS, "UPDATE recipients SET state=0, next_attempt=?2, hold_reason=NULL," \
-       " updated_at=?2 WHERE mailstore=?1 AND state=2") \
-    XX(REQUEUE, "UPDATE recipients SET state=0, next_attempt=?2, updated_at=?2" \
-       " WHERE id=?1 AND state=2 AND hold_reason IS NULL") \
+       " bounce_at=NULL, updated_at=?2 WHERE mailstore=?1 AND state=2") \
+    XX(REQUEUE, "UPDATE recipients SET state=0, next_attempt=?2, hold_reason=NULL," \
+       " bounce_at=NULL, updated_at=?2 WHERE id=?1 AND state=2" \
+       " AND (hold_reason IS NULL OR bounce_at IS NOT NULL)") \
+    XX(BOUNCE_DUE, SPOOL_IDX_RCPT_COLS " WHERE mailstore=?1 AND bounce_at IS NOT NULL" \
+       " AND bounce_at<=?2 AND state=2 ORDER BY bounce_at, id LIMIT ?3") \
+    XX(DSN_OWED, SPOOL_IDX_RCPT_COLS " WHERE dsn_owed<>0 ORDER BY qid, id LIMIT ?1") \
+    XX(SEL_QIDS, "SELECT DISTINCT qid FROM recipients WHERE mailstore=?1 AND state=?2" \
+       " AND (?3 IS NULL OR lower(rcpt)=lower(?3)) LIMIT ?4") \
+    XX(SEL_RCPTS, SPOOL_IDX_RCPT_COLS " WHERE qid=?1 AND (?2 IS NULL OR mailstore=?2)" \
+       " AND state=?3 AND (?4 IS NULL OR lower(rcpt)=lower(?4)) ORDER BY id LIMIT ?5") \
+    XX(CHG_RETURN, "DELETE FROM recipients WHERE id=?1 AND state=?2" \
+       " AND (?4 OR bounce_at IS ?3) RETURNING qid") \
+    XX(CHG_DSN_SENT, "UPDATE recipients SET dsn_owed=0 WHERE id=?1 AND dsn_owed<>0" \
+       " RETURNING qid") \
+    XX(CHG_DELAY_SENT, "UPDATE recipients SET delay_dsn=1 WHERE id=?1 AND state=0" \
+       " AND delay_dsn=0 RETURNING qid") \
+    XX(CHG_UNSCHEDULE, "UPDATE recipients SET bounce_at=NULL WHERE id=?1 AND state=2" \
+       " AND bounce_at IS ?2 RETURNING qid") \
+    XX(DEL_RCPT, "DELETE FROM recipients WHERE id=?1") \
     XX(COUNTS, "SELECT (SELECT count(*) FROM messages)," \
        " (SELECT count(*) FROM recipients WHERE state=0)," \
        " (SELECT count(*) FROM recipients WHERE state=2)," \

@@ -16,7 +16,9 @@ touched or started; scripts/deps.sh installs the packages with a policy-rc.d tha
 """
 import contextlib
 import glob
+import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -341,7 +343,28 @@ def private_postfix(milter_specs, extra=()):
             return p.stdout
         raise AssertionError("queue file %s not found\n%s" % (qid, maillog()))
 
+    def held():
+        """Every message in the queue: [{"queue_id", "sender", "recipients", "raw"}], raw the
+        message content (header and body) as bytes, as Postfix received it."""
+        out = []
+        p = subprocess.run(["postqueue", "-c", cdir, "-j"], capture_output=True, text=True)
+        for line in p.stdout.splitlines():
+            if not line.strip():
+                continue
+            j = json.loads(line)
+            c = subprocess.run(["postcat", "-c", cdir, "-q", "-h", "-b", j["queue_id"]],
+                               capture_output=True)
+            e = subprocess.run(["postcat", "-c", cdir, "-q", "-e", j["queue_id"]],
+                               capture_output=True, text=True)
+            env = re.search(r"^sender: ?(.*)$", e.stdout, re.M)
+            out.append({"queue_id": j["queue_id"], "sender": j["sender"],
+                        "envelope_sender": env.group(1) if env else None,
+                        "recipients": [r["address"] for r in j["recipients"]],
+                        "raw": c.stdout})
+        return out
+
     postcat.maillog = maillog
+    postcat.held = held
     r = subprocess.run(pf + ["check"], capture_output=True, text=True)
     if r.returncode == 0:
         r = subprocess.run(pf + ["start"], capture_output=True, text=True)

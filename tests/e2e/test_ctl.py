@@ -258,7 +258,7 @@ def test_hold_unhold_retry_delete_audited(ctl_deliverer, fake_lmtp):
     assert j["count"] == 1
     assert d.rows("SELECT count(*) FROM messages WHERE qid=?", (q[2],))[0][0] == 0
     assert d.run("delete", "ms1")[0] == 2            # not a QID: usage error
-    assert d.js("delete", q[2], rc=1)["ok"] is False  # gone already
+    assert d.js("delete", q[2], "--reason", "again", rc=1)["ok"] is False  # gone already
     d.js("release", "ms1", "--ramp", "0")
     wait_for(lambda: len(p1.received()) == 2, 10, what="2 delivered")
     assert sorted(p1.qids()) == sorted(q[:2])

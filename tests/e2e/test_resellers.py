@@ -12,9 +12,11 @@ domain, bad, foreign and revoked tokens get 401.
 import base64
 import csv
 import hashlib
+import http.client
 import io
 import json
 import os
+import re
 import shutil
 import socket
 import ssl
@@ -22,8 +24,10 @@ import statistics
 import subprocess
 import time
 
-from api_fixtures import ACME, BETA, api_deliverer, token_hash  # noqa: F401
-from deliver_fixtures import fake_lmtp, free_port, wait_for  # noqa: F401
+import pytest
+
+from api_fixtures import ACME, BETA, ApiDeliverer, api_deliverer, token_hash  # noqa: F401
+from deliver_fixtures import deliverer_factory, fake_lmtp, free_port, wait_for  # noqa: F401
 from peers import peer_missing
 from webdriver import Chrome, WebDriverError
 
@@ -130,7 +134,7 @@ def test_foreign_sub_super_case_idn_and_path_tricks(api_deliverer, fake_lmtp):
                "b%C3%BCcher.exampl", "example.tes", "example.test%00.other.test",
                "%20example.test", "example%2etest.other.test"]
     for dom in foreign:
-        for tail in ("", "/users", "/users.csv"):
+        for tail in ("", "/users", "/users.csv", "/bounce-policy"):
             st, hd, body = d.http("/v1/domains/%s%s" % (dom, tail), ACME)
             assert (st, body) == (404, not_found), (dom, tail, st, body)
     # path tricks and unknown paths: the same 404
@@ -141,7 +145,7 @@ def test_foreign_sub_super_case_idn_and_path_tricks(api_deliverer, fake_lmtp):
               "/v1/users/", "/v1/./users", "/v1/%2e/users", "/v1/users%2f", "/v2/users",
               "/v1/domains/example.test/users/../../../domains/other.test/users",
               "/v1/domains//users", "/v1/domains/example.test/users.csv/x", "/v1/nothing",
-              "/../v1/users", "/status/../v1/users", "/v1/domains/example.test/bounce-policy",
+              "/../v1/users", "/status/../v1/users", "/v1/domains/example.test/bounce-policy/x",
               "/v1/domains/.example.test/users", "/v1/domains/example..test/users",
               "/v1/domains/-example.test/users", "/v1/domains/*.example.test/users",
               "/v1/domains/%2A.example.test/users", "/v1/domains/example.test%00/users",
@@ -381,6 +385,110 @@ def test_sluicectl_affected_domain_same_query(api_deliverer, fake_lmtp):
 
 
 # ------------------------------------------------------------------ TLS through nginx
+
+# ------------------------------------------------------------------ bounce policy
+
+
+class PolicyApiDeliverer(ApiDeliverer):
+    """An ApiDeliverer with [dsn]: a relay (nothing is returned in these tests, so nothing
+    listens there) and a policy map with an operator's comment and another reseller's line."""
+
+    def write_conf(self):
+        super().write_conf()
+        if not hasattr(self, "pub"):
+            return
+        self.pmap = os.path.join(self.pub, "bounce-policy.map")
+        if not os.path.exists(self.pmap):
+            with open(self.pmap, "w") as f:
+                f.write("# the operator's note stays\nother.test permanent_failure_action=hold\n")
+        with open(self.conf, "a") as f:
+            f.write("[dsn]\nrelay = smtp:127.0.0.1:%d\npolicy_map = %s\n"
+                    % (free_port(), self.pmap))
+
+
+@pytest.fixture
+def policy_deliverer(tmp_path):
+    yield from deliverer_factory(PolicyApiDeliverer, tmp_path, "a")
+
+
+def send(d, method, path, token, body):
+    """An HTTP request with a body: (status, headers, parsed JSON or None)."""
+    c = http.client.HTTPConnection("127.0.0.1", d.api_port, timeout=30)
+    try:
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        c.request(method, path, body=data, headers={"Authorization": "Bearer " + token,
+                                                    "Content-Type": "application/json"})
+        r = c.getresponse()
+        raw = r.read()
+        try:
+            parsed = json.loads(raw)
+        except ValueError:
+            parsed = None
+        return r.status, {k.lower(): v for k, v in r.getheaders()}, parsed
+    finally:
+        c.close()
+
+
+def test_reseller_reads_and_sets_its_domains_bounce_policy(policy_deliverer, fake_lmtp):
+    p1 = fake_lmtp()
+    d = policy_deliverer({"ms1": {"deliver": "lmtp:127.0.0.1:%d" % p1.port}})
+    path = "/v1/domains/example.test/bounce-policy"
+    assert d.get_json(path, ACME) == {"domain": "example.test", "settable": True,
+                                      "policy": {}, "map_entry": None}
+    assert "on 5xx: hold" in d.ok("bounce-policy", "bob@example.test")
+    # set: written to the map (the rest of the file kept), audited, loaded by the deliverer
+    st, _, got = send(d, "PUT", path, ACME, {"permanent_failure_action": "bounce",
+                                             "bounce_grace": "5d",
+                                             "reason": "our shop wants senders told"})
+    assert st == 200, got
+    assert got["policy"] == {"permanent_failure_action": "bounce", "bounce_grace": 432000}
+    text = open(d.pmap).read()
+    assert "# the operator's note stays" in text and "other.test permanent_failure_action=hold" \
+        in text
+    assert re.search(r"^example\.test\s+permanent_failure_action=bounce bounce_grace=5d$", text,
+                     re.M), text
+    wait_for(lambda: "on 5xx: bounce" in d.ok("bounce-policy", "bob@example.test"), 10,
+             what="the deliverer loaded the reseller's policy")
+    assert d.rows("SELECT user, cmd, scope, reason, result FROM audit WHERE "
+                  "cmd='bounce-policy'") == [("reseller acme", "bounce-policy",
+                                              "domain:example.test",
+                                              "our shop wants senders told", "ok")]
+    assert d.get_json(path, ACME)["policy"]["permanent_failure_action"] == "bounce"
+    # a U-label domain of its own: stored in its normal form
+    st, _, got = send(d, "POST", "/v1/domains/b%C3%BCcher.example/bounce-policy", ACME,
+                      {"max_queue_age": 86400, "max_queue_age_action": "hold"})
+    assert st == 200 and got["domain"] == "xn--bcher-kva.example", got
+    assert "xn--bcher-kva.example max_queue_age=1d max_queue_age_action=hold" in \
+        open(d.pmap).read()
+    # another reseller's domain, or nobody's: the same 404 as every domain path, no change
+    before = open(d.pmap).read()
+    for tok, p in ((BETA, path), (ACME, "/v1/domains/other.test/bounce-policy"),
+                   (ACME, "/v1/domains/nobody.test/bounce-policy")):
+        st, _, got = send(d, "PUT", p, tok, {"permanent_failure_action": "hold"})
+        assert st == 404 and got == {"error": "not found"}, (tok, p, st, got)
+        assert d.http(p, tok)[0] == 404
+    # bad requests are refused with the reason, and change nothing
+    for body, words in (({"permanent_failure_action": "maybe"}, "permanent_failure_action"),
+                        ({"colour": "red"}, "unknown key"),
+                        (b"not json", "not a JSON object"),
+                        ({"reason": "nothing to set"}, "give settings"),
+                        ({"bounce_grace": "5 days"}, "bad value")):
+        st, _, got = send(d, "PUT", path, ACME, body)
+        assert st == 400 and words in got["error"], (body, st, got)
+    st, hd, _ = send(d, "DELETE", path, ACME, b"")
+    assert st == 405 and "PUT" in hd["allow"]
+    st, _, _ = send(d, "PUT", path, ACME, b"{" + b" " * 5000 + b"}")
+    assert st == 413
+    st, _, _ = send(d, "PUT", path, BETA, {"remove": True})
+    assert st == 404
+    assert open(d.pmap).read() == before
+    # remove: back to the mailstores' own settings
+    st, _, got = send(d, "POST", path, ACME, {"remove": True, "reason": "changed our mind"})
+    assert st == 200 and got["map_entry"] is None and got["policy"] == {}, got
+    assert not re.search(r"^example\.test\s", open(d.pmap).read(), re.M)
+    wait_for(lambda: "on 5xx: hold" in d.ok("bounce-policy", "bob@example.test"), 10,
+             what="the deliverer loaded the removal")
+
 
 def nginx_conf(tmp, api_port, https_port, http_port, cert, key):
     """The shipped etc/nginx/sluice-resellers.conf with ports and certificate swapped in,

@@ -44,6 +44,8 @@ static void test_routes(void **state)
     route_is("/v1/domains/b%C3%BCcher.example/users", API_R_DOMAIN_USERS,
              "xn--bcher-kva.example");
     route_is("/v1/domains/example.test/users.csv", API_R_DOMAIN_USERS_CSV, "example.test");
+    route_is("/v1/domains/Example.Test/bounce-policy", API_R_DOMAIN_BOUNCE_POLICY,
+             "example.test");
     static const char *const none[] = {
         "", "v1/status", "/v1", "/v1/", "//v1/status", "/v1//status", "/v1/status/",
         "/v1/./status", "/v1/%2e/status", "/v1/../v1/status", "/v1/%2E%2E/v1/status",
@@ -51,7 +53,8 @@ static void test_routes(void **state)
         "/v1/domains/", "/v1/domains//users", "/v1/domains/example.test/",
         "/v1/domains/example.test/../other.test/users",
         "/v1/domains/example.test%2F..%2Fother.test/users",
-        "/v1/domains/example.test/users/extra", "/v1/domains/example.test/bounce-policy",
+        "/v1/domains/example.test/users/extra", "/v1/domains/example.test/bounce-policy/x",
+        "/v1/domains/example.test/bounce-policy/", "/v1/bounce-policy",
         "/v1/domains/test", "/v1/domains/*.example.test", "/v1/domains/%2A.example.test",
         "/v1/domains/example.test%00.other.test", "/v1/domains/example.test%00",
         "/v1/domains/example.test%0a", "/v1/users%00.csv", "/v1/domains/%20example.test",

@@ -924,6 +924,52 @@ static void test_shipped_files_cover_every_key(void **state)
     free(doc);
 }
 
+/* [dsn]: the relay's forms, the DSN queue made from it, and the bounce keys' checks */
+static void test_dsn_section(void **state)
+{
+    struct conf_mailstore q;
+
+    conf_defaults(&cf);
+    assert_int_equal(conf_dsn_queue(&cf, &q), -ENOENT);      /* no relay: no DSN queue */
+    assert_int_equal(load_text(&cf, "[dsn]\nrelay = smtp:mx.example.net:25\nretry_min = 2m\n"
+                               "[mailstore ms1]\ndeliver = lmtp:127.0.0.1:24\n"
+                               "permanent_failure_action = bounce\nbounce_grace = 3d\n"), 0);
+    assert_int_equal(cf.dsn.transport, CONF_SMTP);
+    assert_string_equal(cf.dsn.endpoint.host, "mx.example.net");
+    assert_int_equal(cf.mailstores[0].bounce_grace_ms, 3 * 86400000LL);
+    assert_string_equal(cf.mailstores[0].max_queue_age_action, "hold");
+    assert_int_equal(conf_dsn_queue(&cf, &q), 0);
+    assert_string_equal(q.name, CONF_DSN_QUEUE);
+    assert_string_equal(q.deliver, "smtp:mx.example.net:25");
+    assert_int_equal(q.max_connections, 2);
+    assert_int_equal(q.retry_min_ms, 120000);
+    assert_int_equal(q.connect_timeout_ms, 30000);                /* mailstore defaults */
+    assert_string_equal(q.permanent_failure_action, "hold");      /* never returned */
+    /* mailstore:NAME takes that mailstore's address and timeouts */
+    assert_int_equal(load_text(&cf, "[dsn]\nrelay = mailstore:local\n[mailstore local]\n"
+                               "deliver = lmtp:unix:/run/lmtp\ncommand_timeout = 7s\n"), 0);
+    assert_int_equal(conf_dsn_queue(&cf, &q), 0);
+    assert_string_equal(q.name, CONF_DSN_QUEUE);
+    assert_string_equal(q.deliver, "lmtp:unix:/run/lmtp");
+    assert_int_equal(q.command_timeout_ms, 7000);
+    assert_one_error("dsn", "relay = ftp:x", "[dsn] relay: bad relay \"ftp:x\" (use "
+                     "smtp:HOST:PORT, lmtp:HOST:PORT, lmtp:unix:/PATH, maildir:/PATH/%d/%u or "
+                     "mailstore:NAME)");
+    assert_one_error("dsn", "relay = mailstore:nope", "[dsn] relay: no [mailstore nope] in "
+                     "this file");
+    assert_int_equal(load_text(&cf, "[mailstore m]\ndeliver = lmtp:127.0.0.1:24\n"
+                               "permanent_failure_action = bounce\n"), -EINVAL);
+    assert_errors("@:3: [mailstore m] permanent_failure_action: bounce needs [dsn] relay "
+                  "(where the DSNs go)");
+    assert_int_equal(load_text(&cf, "[mailstore m]\ndeliver = lmtp:127.0.0.1:24\n"
+                               "max_queue_age_action = never\n"), -EINVAL);
+    assert_errors("@:3: [mailstore m] max_queue_age_action: \"never\" is not hold or bounce");
+    assert_int_equal(load_text(&cf, "[dsn]\nrelay = smtp:127.0.0.1:25\n[mailstore dsn]\n"
+                               "deliver = lmtp:127.0.0.1:24\n"), -EINVAL);
+    assert_errors("@:3: [mailstore dsn]: the name \"dsn\" is the DSN queue's while [dsn] relay "
+                  "is set; rename this mailstore");
+}
+
 /* [milter NAME]: every socket form, defaults, order, and each error */
 static void test_milters(void **state)
 {
@@ -1007,6 +1053,7 @@ int main(void)
         cmocka_unit_test(test_proxy_and_hostile_keys),
         cmocka_unit_test(test_shipped_files_cover_every_key),
         cmocka_unit_test(test_milters),
+        cmocka_unit_test(test_dsn_section),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

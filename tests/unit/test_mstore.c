@@ -186,6 +186,41 @@ static void test_release_without_ramp_and_pause_accounting(void **state)
     assert_int_equal(m.state, MSTORE_PAUSED);
 }
 
+/* Tripped time is outage too: it leaves a recipient's age, and failures are not trusted as
+ * news about users until the mailstore is active again. */
+static void test_trip_is_outage_and_trust(void **state)
+{
+    struct mstore m;
+
+    mstore_init(&m, "ms1", &P, T0);
+    assert_true(mstore_trusts_failures(&m, T0));
+    mstore_result(&m, MSTORE_R_TIMEOUT, -1, "timeout", T0 + 10);   /* failing, not tripped yet */
+    assert_int_equal(m.state, MSTORE_ACTIVE);
+    assert_false(mstore_trusts_failures(&m, T0 + 10));
+    mstore_result(&m, MSTORE_R_PARTIAL, 20, "one user's 451", T0 + 20);
+    assert_true(mstore_trusts_failures(&m, T0 + 20));
+    for (int i = 0; i < 3; i++)
+        mstore_result(&m, MSTORE_R_FAIL, -1, "refused", T0 + 1000);
+    assert_int_equal(m.state, MSTORE_TRIPPED);
+    assert_false(mstore_trusts_failures(&m, T0 + 1000));
+    mstore_pause(&m, "while tripped", "op", T0 + 3000);     /* still the same outage */
+    assert_int_equal(m.noutages, 1);
+    assert_false(mstore_trusts_failures(&m, T0 + 3000));
+    mstore_release(&m, 10, 5000, "op", T0 + 6000);
+    assert_int_equal(m.state, MSTORE_RAMPING);
+    assert_false(mstore_trusts_failures(&m, T0 + 6000));   /* ramping: not yet */
+    assert_int_equal(mstore_outage_ms(&m, T0, T0 + 20000), 5000);
+    mstore_tick(&m, T0 + 11000);
+    assert_int_equal(m.state, MSTORE_ACTIVE);
+    assert_true(mstore_trusts_failures(&m, T0 + 11000));
+    /* a probe that succeeds ends the outage too */
+    for (int i = 0; i < 3; i++)
+        mstore_result(&m, MSTORE_R_TIMEOUT, -1, "timeout", T0 + 20000);
+    mstore_result(&m, MSTORE_R_OK, 20, "250", T0 + 24000);
+    assert_int_equal(m.noutages, 2);
+    assert_int_equal(mstore_outage_ms(&m, T0, T0 + 30000), 5000 + 4000);
+}
+
 static void test_persistence_round_trip(void **state)
 {
     char dir[] = "/tmp/test_mstore.XXXXXX", path[64], err[256];
@@ -302,6 +337,7 @@ static void test_slow_degrades_then_trips(void **state)
     assert_int_equal(may(&m, 0, t, NULL), 4);
     assert_int_equal(may(&m, 3, t, NULL), 1);
     assert_true(mstore_trouble(&m, t) == MSTORE_T_DEGRADED);
+    assert_false(mstore_trusts_failures(&m, t));            /* no bounce while degraded */
     /* AIMD on latency, and trip_after slow transactions in a row trip it */
     assert_false(mstore_result(&m, MSTORE_R_OK, 200, "250", t + 2));
     assert_true(m.cwnd == 2);
@@ -409,7 +445,11 @@ static void test_mass_5xx_trips(void **state)
     assert_int_equal(mstore_reply(&m, 5, "U1@X", t + 1), MSTORE_R_OK);
     assert_int_equal(mstore_reply(&m, 5, "u2@x", t + 2), MSTORE_R_OK);
     assert_int_equal(mstore_trouble(&m, t + 2), 0u);
+    assert_true(mstore_trusts_failures(&m, t + 2));         /* two users: their own news */
     assert_int_equal(mstore_reply(&m, 5, "u3@x", t + 3), MSTORE_R_MASS_5XX);
+    /* still active, but the refusal shows: no bounce for this transaction's 5xx */
+    assert_int_equal(m.state, MSTORE_ACTIVE);
+    assert_false(mstore_trusts_failures(&m, t + 3));
     assert_non_null(strstr(m.mass_why, "mass 5xx: 3 distinct recipients"));
     assert_non_null(strstr(m.mass_why, "(4 of 5 replies)"));
     assert_true(mstore_trouble(&m, t + 3) & MSTORE_T_MASS_5XX);
@@ -589,6 +629,7 @@ int main(void)
         cmocka_unit_test(test_ramp_token_bucket_and_end),
         cmocka_unit_test(test_aimd_window),
         cmocka_unit_test(test_release_without_ramp_and_pause_accounting),
+        cmocka_unit_test(test_trip_is_outage_and_trust),
         cmocka_unit_test(test_persistence_round_trip),
         cmocka_unit_test(test_public_reason),
         cmocka_unit_test(test_slow_degrades_then_trips),

@@ -706,6 +706,8 @@ static int mark_all(struct spool *sp, const char *qid, enum spool_rstate state,
     struct spool_outcome o[MAX_RCPTS];
     int n = spool_rcpts(sp, qid, rc, MAX_RCPTS);
 
+    memset(o, 0, sizeof(o));
+
     assert_true(n > 0);
     for (int i = 0; i < n; i++) {
         o[i].rcpt_id = rc[i].id;
@@ -1184,7 +1186,7 @@ static void *dlv_main(void *arg)
 {
     struct dlv *d = arg;
     struct spool_rcpt *due = calloc(64, sizeof(*due));
-    struct spool_outcome o[64];
+    struct spool_outcome o[64] = { { 0 } };
     time_t give_up = time(NULL) + 90;
     int last_pass = 0;
 
@@ -1752,7 +1754,7 @@ static void test_mark(void **state)
     struct fx *f = *state;
     struct sub a, b, c;
     struct spool_rcpt rc[MAX_RCPTS], due[8];
-    struct spool_outcome o[2];
+    struct spool_outcome o[2] = { { 0 } };
     int64_t now = (int64_t)time(NULL);
     struct spool_stats st;
 
@@ -1804,7 +1806,8 @@ static void test_mark(void **state)
     assert_int_equal(spool_rcpts(f->sp, c.qid, rc, MAX_RCPTS), 2);
     {
         const struct spool_rcpt *alice = find_rcpt(rc, 2, "alice@example.org");
-        struct spool_outcome one = { alice->id, SPOOL_DELIVERED, 0, 1, "250 ok" };
+        struct spool_outcome one = { .rcpt_id = alice->id, .state = SPOOL_DELIVERED,
+                                     .count_attempt = 1, .reply = "250 ok" };
         assert_int_equal(spool_mark(f->sp, &one, 1), 0);
     }
     check_read(f, &c);
@@ -1861,8 +1864,9 @@ static void test_hold_release(void **state)
     assert_int_equal(spool_due(f->sp, "ms1", now, due, 16), 4);
     assert_int_equal(spool_rcpts(f->sp, s[2].qid, rc, MAX_RCPTS), 2);
     {
-        struct spool_outcome one = { find_rcpt(rc, 2, "alice@example.org")->id, SPOOL_DELIVERED,
-                                     0, 1, "250 ok" };
+        struct spool_outcome one = { .rcpt_id = find_rcpt(rc, 2, "alice@example.org")->id,
+                                     .state = SPOOL_DELIVERED, .count_attempt = 1,
+                                     .reply = "250 ok" };
         assert_int_equal(spool_mark(f->sp, &one, 1), 0);
     }
     assert_int_equal(spool_hold(f->sp, s[2].qid, NULL, "operator"), 1);
@@ -1871,8 +1875,9 @@ static void test_hold_release(void **state)
     assert_int_equal(find_rcpt(rc, 2, "bob@example.org")->state, SPOOL_HELD);
     /* a deferral that lands after an operator's hold does not undo the hold */
     {
-        struct spool_outcome late = { find_rcpt(rc, 2, "bob@example.org")->id, SPOOL_QUEUED,
-                                      now + 60, 1, "451 later" };
+        struct spool_outcome late = { .rcpt_id = find_rcpt(rc, 2, "bob@example.org")->id,
+                                      .state = SPOOL_QUEUED, .next_attempt = now + 60,
+                                      .count_attempt = 1, .reply = "451 later" };
         assert_int_equal(spool_mark(f->sp, &late, 1), 0);
         assert_int_equal(spool_rcpts(f->sp, s[2].qid, rc, MAX_RCPTS), 2);
         assert_int_equal(find_rcpt(rc, 2, "bob@example.org")->state, SPOOL_HELD);
