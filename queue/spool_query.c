@@ -49,8 +49,6 @@ struct spool_query {
     char msg[512];
 };
 
-static int register_functions(sqlite3 *db);
-
 static int64_t mono_ms(void)
 {
     struct timespec ts;
@@ -147,8 +145,6 @@ int spool_query_open(struct spool_query **out, const char *dir, char *err, size_
     rc = sqlite3_open_v2(path, &q->db, SQLITE_OPEN_READONLY | SQLITE_OPEN_NOMUTEX, NULL);
     if (rc == SQLITE_OK)
         rc = sqlite3_exec(q->db, "SELECT 1 FROM messages LIMIT 0", NULL, NULL, NULL);
-    if (rc == SQLITE_OK)
-        rc = register_functions(q->db);
     if (rc != SQLITE_OK) {
         snprintf(err, errlen, "%s: %s", path, q->db ? sqlite3_errmsg(q->db) : "out of memory");
         int r = (rc & 0xff) == SQLITE_CANTOPEN ? -ENOENT
@@ -907,7 +903,8 @@ json_t *spool_query_affected(struct spool_query *q, const struct spool_query_pag
 
 /* --- By domain ---------------------------------------------------------------------------- */
 
-/* The domain list of one spool_query_domain_users call, sorted, handed to SQL as a bound pointer. */
+/* The domain list of one spool_query_domain_users call, sorted: every row passed on has its
+ * address's domain key (domain.h) in it. */
 struct dom_set {
     const char **d;
     int n;
@@ -916,27 +913,6 @@ struct dom_set {
 static int cmp_str(const void *a, const void *b)
 {
     return strcmp(*(const char *const *)a, *(const char *const *)b);
-}
-
-/* sluice_owned(rcpt, domains): 1 when the domain key (domain.h) of rcpt is in the bound
- * domain set, else 0. The set comes from the caller of spool_query_domain_users alone: the
- * index ranges already hold only those domains' keys, and this check on every row makes sure
- * no row of another domain is passed on whatever the key of an odd address turned out to be. */
-static void fn_owned(sqlite3_context *cx, int argc, sqlite3_value **argv)
-{
-    const char *a = (const char *)sqlite3_value_text(argv[0]);
-    const struct dom_set *set = sqlite3_value_pointer(argv[1], "sluice_domains");
-    char key[DOMAIN_MAX];
-    const char *k = key;
-
-    sqlite3_result_int(cx, a && set && domain_key_of_addr(a, key, sizeof(key)) == 0 &&
-                           bsearch(&k, set->d, (size_t)set->n, sizeof(*set->d), cmp_str));
-}
-
-static int register_functions(sqlite3 *db)
-{
-    return sqlite3_create_function(db, "sluice_owned", 2, SQLITE_UTF8 | SQLITE_INNOCUOUS,
-                                   NULL, fn_owned, NULL, NULL);
 }
 
 /* One address being summed up, in a hash table while the rows stream by (in index order:
@@ -1000,22 +976,25 @@ static void utab_free(struct utab *t)
     free(t->slot);
 }
 
-/* uacc_add - one recipient row into its address's sums. */
-static int uacc_add(struct utab *t, const char *rcpt, const char *ms, int state,
-                    const char *qid, int64_t recv, int attempts, int64_t upd, const char *reply)
+/* uacc_add - one index entry (address key, state, qid: no table read) into its address's
+ * sums; *out is the address's accumulator and *slot the mailstore's place in it. */
+static int uacc_add(struct utab *t, const char *key, const char *ms, int state,
+                    const char *qid, struct uacc **out, int *slot)
 {
-    char key[SPOOL_QUERY_ADDR_MAX];
+    char addr[SPOOL_QUERY_ADDR_MAX];
     struct uacc **sl, *a;
     struct spool_query_duser *u;
     int k;
 
-    if (domain_addr_key(rcpt, key, sizeof(key)) < 0)
+    /* the key is the domain key, '@', the local part (spool.h): the address's
+     * domain_addr_key is its two halves the other way round */
+    if (spool_rcpt_from_key(key, addr, sizeof(addr)) < 0)
         return 0;
     if ((t->n + 1) * 2 > t->cap && utab_grow(t) < 0)
         return -ENOMEM;
-    sl = utab_find(t, key);
+    sl = utab_find(t, addr);
     if (!(a = *sl)) {
-        if (!(a = calloc(1, sizeof(*a))) || !(a->addr = strdup(key))) {
+        if (!(a = calloc(1, sizeof(*a))) || !(a->addr = strdup(addr))) {
             free(a);
             return -ENOMEM;
         }
@@ -1023,7 +1002,6 @@ static int uacc_add(struct utab *t, const char *rcpt, const char *ms, int state,
         t->n++;
     }
     u = &a->u;
-    ms = ms ? ms : "";
     for (k = 0; k < u->nms && strcmp(a->ms[k], ms) != 0; k++)
         ;
     if (k == u->nms && u->nms < SPOOL_QUERY_DUSER_MS_MAX)
@@ -1031,12 +1009,16 @@ static int uacc_add(struct utab *t, const char *rcpt, const char *ms, int state,
     else if (k == u->nms)
         k = u->nms - 1;      /* more mailstores than we keep: the last one counts them */
     struct spool_query_duser_ms *m = &u->ms[k];
-    if (!m->oldest || recv < m->oldest)
+    /* arrival: the queue ID's time (qid.h: the MAIL command), as affected shows it */
+    int64_t recv = qid && qid_valid(qid) ? (int64_t)(qid_time_us(qid) / 1000000) : 0;
+    if (recv && (!m->oldest || recv < m->oldest))
         m->oldest = recv;
-    if (!u->oldest || recv < u->oldest) {
+    if (recv && (!u->oldest || recv < u->oldest)) {
         u->oldest = recv;
         u->mailstore = a->ms[k];      /* fixed up to point into a when reported */
     }
+    if (!u->mailstore)
+        u->mailstore = a->ms[k];
     if (state == 2) {
         u->held++;
         m->held++;
@@ -1049,7 +1031,17 @@ static int uacc_add(struct utab *t, const char *rcpt, const char *ms, int state,
         m->messages++;
         snprintf(a->last_qid[k], sizeof(a->last_qid[k]), "%s", qid ? qid : "");
     }
-    /* the newest attempt: a row tried at least once (or held), updated last */
+    *out = a;
+    *slot = k;
+    return 0;
+}
+
+/* uacc_attempt - a row's attempt into its address: the newest attempt (a row tried at least
+ * once, or held) gives last_attempt, last_state and last_reply. */
+static int uacc_attempt(struct uacc *a, int state, int attempts, int64_t upd, const char *reply)
+{
+    struct spool_query_duser *u = &a->u;
+
     if ((attempts > 0 || state == 2) && upd >= u->last_attempt) {
         char *r = strdup(reply ? reply : "");
         if (!r)
@@ -1060,6 +1052,18 @@ static int uacc_add(struct utab *t, const char *rcpt, const char *ms, int state,
         u->last_state = state;
     }
     return 0;
+}
+
+/* One index entry whose row is still to be read, for its attempt. */
+struct urow {
+    int64_t id;
+    struct uacc *a;
+};
+
+static int cmp_urow(const void *x, const void *y)
+{
+    const struct urow *a = x, *b = y;
+    return a->id < b->id ? -1 : a->id > b->id;
 }
 
 static int cmp_uacc(const void *x, const void *y)
@@ -1119,17 +1123,22 @@ static int mailstore_names(struct spool_query *q, const char *only, char ***out,
 long spool_query_domain_users(struct spool_query *q, const struct spool_query_domains *f,
                               spool_query_duser_fn fn, void *arg, int *more)
 {
-    /* One range of recipients_user per (mailstore, domain): the keys "DOMAIN@" up to
-     * "DOMAINA" (spool.h), so only that domain's rows are read; summed in a hash table (an
-     * address may wait on several mailstores), then the addresses sorted. */
-    static const char sql[] =
-        "SELECT r.rcpt, r.state, r.qid, m.received_at, r.attempts, r.updated_at, r.last_reply"
-        " FROM recipients r INDEXED BY recipients_user JOIN messages m ON m.qid=r.qid"
-        " WHERE r.mailstore=?1 AND r.state<>1 AND r.rcpt_key>=?2 AND r.rcpt_key<?3"
-        " AND sluice_owned(r.rcpt, ?4)";
+    /* Two reads. First one range of recipients_user per (mailstore, domain): the keys
+     * "DOMAIN@" up to "DOMAINA" (spool.h), so only that domain's entries are read, and the
+     * index alone answers (key, state, qid, row id: no table read); the counts are summed in
+     * a hash table as they come (an address may wait on several mailstores). Then the rows
+     * themselves for the last attempt and reply, in row order: rows are stored in arrival
+     * order, so the reads go forward through the table instead of to a random page each. */
+    static const char sql_keys[] =
+        "SELECT rcpt_key, state, qid, id FROM recipients INDEXED BY recipients_user"
+        " WHERE mailstore=?1 AND state<>1 AND rcpt_key>=?2 AND rcpt_key<?3";
+    static const char sql_row[] =
+        "SELECT state, attempts, updated_at, last_reply, rcpt FROM recipients WHERE id=?1";
     struct dom_set set = { 0 };
     struct utab t = { 0 };
     struct uacc **list = NULL;
+    struct urow *rows = NULL;
+    size_t nrows = 0, caprows = 0;
     sqlite3_stmt *st = NULL;
     char **ms = NULL;
     int nms = 0;
@@ -1152,7 +1161,7 @@ long spool_query_domain_users(struct spool_query *q, const struct spool_query_do
     }
     if ((r = mailstore_names(q, f->mailstore, &ms, &nms)) < 0)
         goto done;
-    if (!(st = prep(q, sql))) {
+    if (!(st = prep(q, sql_keys))) {
         call_failed(q, -EIO);
         r = q->err;
         goto done;
@@ -1166,14 +1175,28 @@ long spool_query_domain_users(struct spool_query *q, const struct spool_query_do
             sqlite3_bind_text(st, 1, ms[i], -1, SQLITE_STATIC);
             sqlite3_bind_text(st, 2, lo, -1, SQLITE_TRANSIENT);
             sqlite3_bind_text(st, 3, hi, -1, SQLITE_TRANSIENT);
-            sqlite3_bind_pointer(st, 4, &set, "sluice_domains", NULL);
-            while (r == 0 && (rc = sqlite3_step(st)) == SQLITE_ROW)
-                r = uacc_add(&t, (const char *)sqlite3_column_text(st, 0), ms[i],
-                             sqlite3_column_int(st, 1),
-                             (const char *)sqlite3_column_text(st, 2),
-                             sqlite3_column_int64(st, 3), sqlite3_column_int(st, 4),
-                             sqlite3_column_int64(st, 5),
-                             (const char *)sqlite3_column_text(st, 6));
+            while (r == 0 && (rc = sqlite3_step(st)) == SQLITE_ROW) {
+                struct uacc *a = NULL;
+                int slot = 0;
+                const char *key = (const char *)sqlite3_column_text(st, 0);
+                if (!key)
+                    continue;
+                if ((r = uacc_add(&t, key, ms[i], sqlite3_column_int(st, 1),
+                                  (const char *)sqlite3_column_text(st, 2), &a, &slot)) < 0 ||
+                    !a)
+                    break;
+                if (nrows == caprows) {
+                    size_t cap = caprows ? caprows * 2 : 1024;
+                    struct urow *v = realloc(rows, cap * sizeof(*v));
+                    if (!v) {
+                        r = -ENOMEM;
+                        break;
+                    }
+                    rows = v;
+                    caprows = cap;
+                }
+                rows[nrows++] = (struct urow){ .id = sqlite3_column_int64(st, 3), .a = a };
+            }
             if (r == 0 && rc != SQLITE_DONE) {
                 call_failed(q, -EIO);
                 r = q->err;
@@ -1181,8 +1204,42 @@ long spool_query_domain_users(struct spool_query *q, const struct spool_query_do
         }
     }
     sqlite3_finalize(st);
+    st = NULL;
+    if (r < 0)
+        goto done;
+    if (nrows > 1)
+        qsort(rows, nrows, sizeof(*rows), cmp_urow);
+    if (nrows && !(st = prep(q, sql_row))) {
+        call_failed(q, -EIO);
+        r = q->err;
+        goto done;
+    }
+    for (size_t i = 0; i < nrows && r == 0; i++) {
+        sqlite3_reset(st);
+        sqlite3_bind_int64(st, 1, rows[i].id);
+        if ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+            const char *rcpt = (const char *)sqlite3_column_text(st, 4);
+            char dk[DOMAIN_MAX];
+            const char *dp = dk;
+            /* the index range holds only these domains' keys; the row's own address says
+             * so too, or it is not passed on (an address whose domain could not be keyed) */
+            if (!rcpt || domain_key_of_addr(rcpt, dk, sizeof(dk)) < 0 ||
+                !bsearch(&dp, set.d, (size_t)set.n, sizeof(*set.d), cmp_str)) {
+                rows[i].a->u.queued = rows[i].a->u.held = -1;  /* dropped below */
+                continue;
+            }
+            r = uacc_attempt(rows[i].a, sqlite3_column_int(st, 0), sqlite3_column_int(st, 1),
+                             sqlite3_column_int64(st, 2),
+                             (const char *)sqlite3_column_text(st, 3));
+        } else if (rc != SQLITE_DONE) {
+            call_failed(q, -EIO);
+            r = q->err;
+        }
+    }
+    sqlite3_finalize(st);
 done:
     read_end(q);
+    free(rows);
     free(set.d);
     for (int i = 0; i < nms; i++)
         free(ms[i]);
@@ -1194,7 +1251,7 @@ done:
         return r;
     }
     for (size_t i = 0; i < t.cap; i++)
-        if (t.slot[i])
+        if (t.slot[i] && t.slot[i]->u.queued >= 0)
             list[nl++] = t.slot[i];
     if (nl > 1)
         qsort(list, nl, sizeof(*list), cmp_uacc);
