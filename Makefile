@@ -154,6 +154,15 @@ bench-fleet: deps-test
 	    scripts/run-e2e.sh tests/e2e/test_fleet.py -s -k "bench or ramp"
 	@cat $(B)/fleet-bench.json
 
+# incident scale (issue 12): SCALE recipients through the gateway, every operator command
+# timed, the gateway's latency during bulk changes, the deliverer's drain and memory;
+# several minutes at the default million (docs/operations.md "What each command costs")
+SCALE ?= 1000000
+.PHONY: bench-scale
+bench-scale: deps
+	@$(MAKE) --no-print-directory all
+	@SCALE=$(SCALE) scripts/bench-scale.sh $(B)
+
 clean:
 	rm -rf build build-san build-fuzz build-deb
 

@@ -201,6 +201,9 @@ static const struct conf_key conf_keys[] = {
       "sluice-deliver's control socket (empty: <spool dir>/deliver.ctl)"),
     K(CONTROL, "gateway_socket", CT_STR, control.gateway_socket, "",
       "sluice-gateway's control socket (empty: <spool dir>/gateway.ctl)"),
+    KR(CONTROL, "query_timeout", CT_DUR, control.query_timeout_ms, "10s", 10, 600000,
+       "longest a sluicectl listing may run in sluice-deliver before it is stopped with an "
+       "error"),
 
     K(METRICS, "deliver_listen", CT_STR, metrics.deliver_listen, "",
       "host:port for sluice-deliver's Prometheus /metrics (empty: off)"),

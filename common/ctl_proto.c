@@ -195,11 +195,11 @@ int ctl_lines_feed(struct ctl_lines *l, const char *data, size_t n)
     }
     memcpy(l->buf + l->len, data, n);
     l->len += n;
-    /* the last partial line must stay below max */
-    size_t last = l->len;
-    while (last > 0 && l->buf[last - 1] != '\n')
-        last--;
-    if (l->len - last > l->max)
+    /* the last partial line must stay below max; only the new bytes are looked at, so a
+     * reply of many megabytes arriving in 64 KiB reads costs one pass, not one per read */
+    const char *nl = n ? memrchr(data, '\n', n) : NULL;
+    l->tail = nl ? (size_t)(data + n - (nl + 1)) : l->tail + n;
+    if (l->tail > l->max)
         return -EMSGSIZE;
     return 0;
 }
@@ -208,11 +208,14 @@ char *ctl_lines_next(struct ctl_lines *l)
 {
     char *nl;
 
-    if (l->start >= l->len)
+    if (l->start + l->scanned >= l->len)
         return NULL;
-    nl = memchr(l->buf + l->start, '\n', l->len - l->start);
-    if (!nl)
+    nl = memchr(l->buf + l->start + l->scanned, '\n', l->len - l->start - l->scanned);
+    if (!nl) {
+        l->scanned = l->len - l->start;     /* the next look starts at the new bytes */
         return NULL;
+    }
+    l->scanned = 0;
     char *line = l->buf + l->start;
     *nl = '\0';
     if (nl > line && nl[-1] == '\r')

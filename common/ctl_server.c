@@ -11,6 +11,7 @@
 
 #include <ctype.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -129,6 +130,17 @@ int ctl_req_legacy(const struct ctl_req *rq)
 const char *ctl_req_actor(const struct ctl_req *rq)
 {
     return rq->actor;
+}
+
+int ctl_req_dup_fd(const struct ctl_req *rq)
+{
+    uv_os_fd_t fd;
+    int d;
+
+    if (rq->cl->closing || uv_fileno((const uv_handle_t *)&rq->cl->pipe, &fd) < 0)
+        return -EBADF;
+    d = fcntl(fd, F_DUPFD_CLOEXEC, 0);
+    return d < 0 ? -errno : d;
 }
 
 /* --- Requests ----------------------------------------------------------------------------- */

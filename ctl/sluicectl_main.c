@@ -58,9 +58,12 @@
 #define EX_DENIED 4
 #define EX_VERSION 5
 
-#define CTL_TIMEOUT_MS 30000    /* a write waits for durability; a listing may be long */
+#define CTL_TIMEOUT_MS 30000    /* a listing: the daemon's own bound ([control] query_timeout)
+                                 * is shorter, so its error comes first */
 #define CTL_WAIT_TIMEOUT_MS (16 * 60000) /* --wait: the daemon waits up to 15 min */
-#define CTL_BULK_TIMEOUT_MS 600000 /* bounce and delete of a whole mailstore's held mail */
+#define CTL_BULK_TIMEOUT_MS 1800000 /* bounce and delete of a whole mailstore's held mail */
+#define CTL_WRITE_TIMEOUT_MS 1800000 /* a bulk change of a million rows runs in chunks */
+#define SLUICECTL_PAGE 50000    /* users per request when affected and users page */
 #define OPT_MAX 12
 #define ERR_LEN 1024
 
@@ -198,8 +201,10 @@ static int call(struct ctx *x, int gateway, json_t *req, json_t **rep, int fallb
     *rep = NULL;
     if (sudo && *sudo)
         json_object_set_new(req, "sudo_user", json_string(sudo));
-    r = ctl_call(path, req, rep, x->timeout_ms > 0 ? x->timeout_ms : CTL_TIMEOUT_MS, err,
-                 sizeof(err));
+    int c = ctl_cmd_parse(json_string_value(json_object_get(req, "cmd")));
+    r = ctl_call(path, req, rep, x->timeout_ms > 0 ? x->timeout_ms
+                 : c >= 0 && ctl_cmd_is_write((enum ctl_cmd)c) ? CTL_WRITE_TIMEOUT_MS
+                 : CTL_TIMEOUT_MS, err, sizeof(err));
     json_decref(req);
     if (r == -ENOENT || r == -ECONNREFUSED) {
         if (fallback_ok)
@@ -442,11 +447,17 @@ static int do_queue(struct ctx *x)
             spool_query_close(q);
             return EX_FAILED;
         }
+        long total = more ? spool_query_queue_count(q, &f) : (long)json_array_size(arr);
+        if (total < 0) {
+            fprintf(stderr, "sluicectl: index: %s\n", spool_query_error(q));
+            json_decref(arr);
+            spool_query_close(q);
+            return EX_FAILED;
+        }
         rep = ctl_reply_ok();
         json_object_set_new(rep, "recipients", arr);
         json_object_set_new(rep, "more", json_boolean(more));
-        json_object_set_new(rep, "total", json_integer(more ? spool_query_queue_count(q, &f)
-                                                            : (long)json_array_size(arr)));
+        json_object_set_new(rep, "total", json_integer(total));
         spool_query_close(q);
         source = "index";
     } else if (r) {
@@ -544,71 +555,231 @@ static int do_show(struct ctx *x)
     return EX_OK;
 }
 
+/* --- Users with mail waiting: affected and users, paged by address ------------------------ */
+
+/* One source of pages for a whole command: the deliverer, or when it is down the index (opened
+ * once; "source" says which). */
+struct pager {
+    struct ctx *x;
+    const char *ms, *domain;
+    int counts_only;            /* users: the counts are all it needs */
+    struct spool_query *q;
+    const char *source;
+};
+
+/* rows_of - a page's users as rows in SPOOL_QUERY_USER_COLUMNS order: the reply's "rows", or
+ * its "recipients" objects turned into rows (a deliverer that predates "rows"). */
+static json_t *rows_of(json_t *rep)
+{
+    json_t *rows = json_object_get(rep, "rows"), *objs, *o;
+    static const char *const cols[] = { SPOOL_QUERY_USER_COLUMNS };
+    size_t i;
+
+    if (rows)
+        return rows;
+    rows = json_array();
+    objs = json_object_get(rep, "recipients");
+    json_array_foreach(objs, i, o) {
+        json_t *r = json_array();
+        for (size_t k = 0; k < sizeof(cols) / sizeof(cols[0]); k++) {
+            json_t *v = json_object_get(o, cols[k]);
+            json_array_append_new(r, v ? json_incref(v) : json_null());
+        }
+        json_array_append_new(rows, r);
+    }
+    json_object_set_new(rep, "rows", rows);
+    return rows;
+}
+
+/* page_get - users with mail waiting after `after` (NULL: from the first), at most limit: the
+ * reply object (rows_of gives its users, "more" and "next_after" where the next page
+ * starts), or NULL after printing why (*ex set). */
+static json_t *page_get(struct pager *pg, const char *after, int limit, int *ex)
+{
+    json_t *req = req_new("affected"), *rep = NULL;
+    int r;
+
+    *ex = EX_OK;
+    if (!pg->q) {
+        req_str(req, "mailstore", pg->ms);
+        req_str(req, "domain", pg->domain);
+        req_str(req, "after", after);
+        json_object_set_new(req, "limit", json_integer(limit));
+        json_object_set_new(req, "rows", json_true());
+        if (pg->counts_only)
+            json_object_set_new(req, "counts_only", json_true());
+        r = call(pg->x, 0, req, &rep, 1);
+        if (r == 0) {
+            pg->source = "daemon";
+            rows_of(rep);
+            return rep;
+        }
+        if (r != -ENOENT) {
+            *ex = r;
+            return NULL;
+        }
+        if ((r = open_index(pg->x, &pg->q)) != 0) {
+            *ex = r;
+            return NULL;
+        }
+        pg->source = "index";
+    } else {
+        json_decref(req);
+    }
+    struct spool_query_page p = { .mailstore = pg->ms, .domain = pg->domain, .after = after,
+                                  .limit = limit, .counts_only = pg->counts_only };
+    int more = 0;
+    /* affected --domain: the query the daemon and the reseller API run for a domain */
+    int by_domain = pg->domain && !pg->counts_only;
+    json_t *arr = by_domain ? spool_query_affected_domain(pg->q, pg->ms, pg->domain, after,
+                                                          limit, &more)
+                            : spool_query_affected_rows(pg->q, &p, &more);
+    if (!arr) {
+        fprintf(stderr, "sluicectl: index: %s\n", spool_query_error(pg->q));
+        *ex = EX_FAILED;
+        return NULL;
+    }
+    rep = ctl_reply_ok();
+    json_object_set_new(rep, "more", json_boolean(more));
+    json_object_set_new(rep, by_domain ? "recipients" : "rows", arr);
+    arr = rows_of(rep);
+    if (more && json_array_size(arr))
+        json_object_set_new(rep, "next_after", json_incref(json_array_get(
+            json_array_get(arr, json_array_size(arr) - 1), 0)));
+    return rep;
+}
+
+static void pager_close(struct pager *pg)
+{
+    spool_query_close(pg->q);
+    pg->q = NULL;
+}
+
+/* limit_opt - --limit N, or 0 when absent (everything, in pages). */
+static int limit_opt(struct ctx *x)
+{
+    const char *s = opt(x, "limit");
+    long n = s ? strtol(s, NULL, 10) : 0;
+
+    if (s && n < 1)
+        die_usage("%s: --limit must be at least 1", x->cmd->words);
+    return n > INT32_MAX ? INT32_MAX : (int)n;
+}
+
+/* A row of SPOOL_QUERY_USER_COLUMNS: rcpt, queued, held, messages, oldest, last_reply. */
+static const char *rs(const json_t *row, size_t i)
+{
+    const char *v = json_string_value(json_array_get(row, i));
+    return v ? v : "";
+}
+
+static int64_t ri(const json_t *row, size_t i)
+{
+    const json_t *v = json_array_get(row, i);
+    return json_is_integer(v) ? json_integer_value(v) : 0;
+}
+
+static void print_affected_row(const json_t *r)
+{
+    char age[32], b[128];
+    int64_t oldest = ri(r, 4);
+
+    ctl_fmt_age(oldest > 0 ? now_s() - oldest : -1, age, sizeof(age));
+    printf("%-40s %6" PRId64 " %5" PRId64 " %8s  %s\n", rs(r, 0), ri(r, 1), ri(r, 2), age,
+           clip(rs(r, 5), 70, b, sizeof(b)));
+}
+
+/* print_affected_json - a row as affected's JSON object, on stdout. */
+static void print_affected_json(const json_t *r)
+{
+    static const char *const cols[] = { SPOOL_QUERY_USER_COLUMNS };
+    json_t *o = json_object();
+
+    for (size_t k = 0; k < sizeof(cols) / sizeof(cols[0]); k++)
+        json_object_set(o, cols[k], json_array_get(r, k) ? json_array_get(r, k) : json_null());
+    json_dumpf(o, stdout, JSON_COMPACT);
+    json_decref(o);
+}
+
+/* do_affected - without --limit every user, fetched a page at a time and printed as it comes
+ * (so a million users need neither one huge reply nor the memory for it); with --limit one
+ * page, and where the next one starts. --json streams one object of the same shape. */
 static int do_affected(struct ctx *x)
 {
-    json_t *req = req_new("affected"), *rep, *m;
-    const char *source = "daemon", *dom = opt(x, "domain"), *after = opt(x, "after");
-    const char *lim = opt(x, "limit");
+    const char *dom = opt(x, "domain");
     char norm[DOMAIN_MAX];
-    size_t i;
-    int r;
+    struct pager pg = { .x = x, .ms = x->arg, .domain = dom ? norm : NULL };
+    int limit = limit_opt(x), ex = EX_OK, first = 1;
+    char after[SPOOL_ADDR_MAX + 2] = "";
+    long total = 0;
+    json_t *rep = NULL;
 
     if (dom && domain_norm(dom, norm, sizeof(norm)) < 0)
         die_usage("affected: \"%s\" is not a domain name", dom);
-    if ((after || lim) && !dom)
-        die_usage("affected: --after and --limit go with --domain");
     if (x->fleet) {
-        if (dom || after || lim)
+        if (dom || opt(x, "after") || opt(x, "limit"))
             die_usage("affected: --fleet takes no --domain, --after or --limit (each host's "
                       "pages would not merge)");
-        json_decref(req);
         return ctl_fleet_affected(&x->c, x->json, x->arg);
     }
-    req_str(req, "mailstore", x->arg);
-    req_str(req, "domain", dom);
-    req_str(req, "after", after);
-    if (lim)
-        json_object_set_new(req, "limit", json_integer(atol(lim)));
-    r = call(x, 0, req, &rep, 1);
-    if (r == -ENOENT) {
-        struct spool_query *q;
-        int more = 0;
-        if ((r = open_index(x, &q)) != 0)
-            return r;
-        /* the same query the daemon and the reseller API run */
-        json_t *arr = dom ? spool_query_affected_domain(q, x->arg, norm, after,
-                                                        lim ? atol(lim) : 0, &more)
-                          : spool_query_affected(q, x->arg);
-        spool_query_close(q);
-        if (!arr)
-            return EX_FAILED;
-        rep = ctl_reply_ok();
-        json_object_set_new(rep, "mailstore", json_string(x->arg));
-        if (dom) {
-            json_object_set_new(rep, "domain", json_string(norm));
-            json_object_set_new(rep, "more", json_boolean(more));
+    if (opt(x, "after"))
+        snprintf(after, sizeof(after), "%s", opt(x, "after"));
+    for (;;) {
+        int want = limit ? (int)(limit - total < SLUICECTL_PAGE ? limit - total : SLUICECTL_PAGE)
+                         : SLUICECTL_PAGE;
+        json_decref(rep);
+        if (!(rep = page_get(&pg, after[0] ? after : NULL, want, &ex)))
+            break;
+        json_t *arr = rows_of(rep), *m;
+        size_t i;
+        if (first) {
+            if (x->json)
+                printf("{\n  \"v\": %d,\n  \"ok\": true,\n  \"mailstore\": ", CTL_PROTO_VERSION);
+            else
+                printf("%-40s %6s %5s %8s  %s\n", "RECIPIENT", "QUEUED", "HELD", "OLDEST",
+                       "LAST REPLY");
+            if (x->json) {
+                json_t *n = json_string(x->arg);
+                json_dumpf(n, stdout, JSON_ENCODE_ANY);
+                json_decref(n);
+                if (dom)
+                    printf(",\n  \"domain\": \"%s\"", norm);
+                printf(",\n  \"source\": \"%s\",\n  \"recipients\": [", pg.source);
+            }
+            first = 0;
         }
-        json_object_set_new(rep, "recipients", arr);
-        source = "index";
-    } else if (r) {
-        return r;
+        json_array_foreach(arr, i, m) {
+            if (x->json) {
+                printf("%s\n    ", total || i ? "," : "");
+                print_affected_json(m);
+            } else {
+                print_affected_row(m);
+            }
+        }
+        total += (long)json_array_size(arr);
+        const char *next = json_string_value(json_object_get(rep, "next_after"));
+        int more = json_is_true(json_object_get(rep, "more")) && next;
+        if (!more || (limit && total >= limit)) {
+            if (x->json)
+                printf("\n  ],\n  \"more\": %s%s%s%s\n}\n", more ? "true" : "false",
+                       more ? ",\n  \"next_after\": \"" : "", more ? next : "",
+                       more ? "\"" : "");
+            else if (more)
+                printf("%ld recipient(s) shown; more after %s: sluicectl affected %s%s%s --after "
+                       "%s\n", total, next, x->arg, pg.domain ? " --domain " : "",
+                       pg.domain ? pg.domain : "", next);
+            else
+                printf("%ld recipient(s) with mail waiting for %s%s%s\n", total, x->arg,
+                       pg.domain ? " in " : "", pg.domain ? pg.domain : "");
+            break;
+        }
+        snprintf(after, sizeof(after), "%s", next);
     }
-    if (x->json)
-        return print_json_from(rep, source);
-    printf("%-40s %6s %5s %8s  %s\n", "RECIPIENT", "QUEUED", "HELD", "OLDEST", "LAST REPLY");
-    json_array_foreach(json_object_get(rep, "recipients"), i, m) {
-        char age[32], b[128];
-        ctl_fmt_age(age_of(m, "oldest"), age, sizeof(age));
-        printf("%-40s %6" PRId64 " %5" PRId64 " %8s  %s\n", js(m, "rcpt"), ji(m, "queued"),
-               ji(m, "held"), age, clip(js(m, "last_reply"), 70, b, sizeof(b)));
-    }
-    printf("%zu recipient(s)%s%s with mail waiting for %s%s\n",
-           json_array_size(json_object_get(rep, "recipients")), dom ? " in " : "",
-           dom ? norm : "", x->arg,
-           json_is_true(json_object_get(rep, "more"))
-           ? " (more: --after the last one shown)" : "");
     json_decref(rep);
-    return EX_OK;
+    pager_close(&pg);
+    if (ex != EX_OK && !first && x->json)
+        printf("\n  ]\n}\n");   /* close what was started; the exit status says it failed */
+    return ex;
 }
 
 static int do_audit(struct ctx *x)
@@ -1042,53 +1213,93 @@ static int do_route(struct ctx *x)
     return ms ? EX_OK : EX_FAILED;
 }
 
+struct user_row {
+    char *key;                  /* spool_rcpt_key: the order affected uses */
+    char *address;
+    const char *why, *source;
+    long waiting;
+};
+
 struct users_ctx {
     struct router *rt;
-    const char *ms;
-    json_t *arr;
-    json_t *waiting;            /* rcpt -> affected row, or NULL */
+    const char *ms, *domain;
+    struct user_row *v;
+    size_t n, cap;
 };
 
 static int users_cb(const char *entry, const char *source, void *arg)
 {
     struct users_ctx *u = arg;
-    const char *why, *ms;
+    const char *why, *ms, *label;
+    char probe[600];
 
     if (entry[0] == '@') {
         /* a catch-all: every user of the domain; routed by domain map or per address */
-        ms = router_route(u->rt, entry + 1, &why);
-        char probe[600];
         snprintf(probe, sizeof(probe), "*%s", entry);
         ms = router_route(u->rt, probe, &why);
         if (strcmp(why, "domain") == 0 && strcmp(ms, u->ms) == 0)
-            json_array_append_new(u->arr, json_pack("{s:s,s:s,s:s,s:I}", "address", entry,
-                                                    "why", "domain (every user)", "source",
-                                                    source, "waiting", (json_int_t)0));
+            label = "domain (every user)";
         else if (strcmp(why, "domain") != 0)
-            json_array_append_new(u->arr, json_pack("{s:s,s:s,s:s,s:I}", "address", entry,
-                                                    "why", "catch-all",
-                                                    "source", source, "waiting", (json_int_t)0));
-        return 0;
+            label = "catch-all";
+        else
+            return 0;
+    } else {
+        ms = router_route(u->rt, entry, &why);
+        if (!ms || strcmp(ms, u->ms) != 0)
+            return 0;
+        label = why;
     }
-    ms = router_route(u->rt, entry, &why);
-    if (ms && strcmp(ms, u->ms) == 0) {
-        json_t *w = u->waiting ? json_object_get(u->waiting, entry) : NULL;
-        json_array_append_new(u->arr, json_pack("{s:s,s:s,s:s,s:I}", "address", entry, "why",
-                                                why, "source", source, "waiting",
-                                                (json_int_t)(w ? ji(w, "queued") + ji(w, "held")
-                                                               : 0)));
+    if (u->n == u->cap) {
+        size_t cap = u->cap ? u->cap * 2 : 1024;
+        struct user_row *v = realloc(u->v, cap * sizeof(*v));
+        if (!v)
+            return -ENOMEM;
+        u->v = v;
+        u->cap = cap;
     }
+    struct user_row *r = &u->v[u->n];
+    char key[SPOOL_ADDR_MAX + 2];
+    if (spool_rcpt_key(entry, key, sizeof(key)) < 0)
+        return 0;               /* longer than any address the gateway takes */
+    if (u->domain) {
+        const char *at = strchr(key, '@');
+        size_t dl = strlen(u->domain);
+        if ((size_t)(at - key) != dl || strncasecmp(key, u->domain, dl) != 0)
+            return 0;
+    }
+    if (!(r->key = strdup(key)) || !(r->address = strdup(entry))) {
+        free(r->key);
+        return -ENOMEM;
+    }
+    r->why = label;
+    r->source = source;
+    r->waiting = 0;
+    u->n++;
     return 0;
 }
 
+static int user_cmp(const void *a, const void *b)
+{
+    return strcmp(((const struct user_row *)a)->key, ((const struct user_row *)b)->key);
+}
+
+/* do_users - the directory's users that route to MS, in the order of affected (by domain,
+ * then local part), each with what is waiting for it: the waiting counts come from the same
+ * pages as affected's (the deliverer, or the index when it is down), read alongside. */
 static int do_users(struct ctx *x)
 {
-    struct users_ctx u = { .ms = x->arg };
-    char err[ERR_LEN];
-    json_t *rep = NULL, *m;
-    size_t i;
-    int r;
+    const char *dom = opt(x, "domain");
+    char norm[DOMAIN_MAX];
+    struct users_ctx u = { .ms = x->arg, .domain = dom ? norm : NULL };
+    struct pager pg = { .x = x, .ms = x->arg, .domain = dom ? norm : NULL, .counts_only = 1 };
+    char err[ERR_LEN], after_key[SPOOL_ADDR_MAX + 2] = "", wafter[SPOOL_ADDR_MAX + 2] = "";
+    int limit = limit_opt(x), ex = EX_OK, r, wmore = 1;
+    size_t start = 0, end, i, k, n = 0;
+    json_t *page = NULL, *arr = NULL, *out = NULL;
+    size_t wi = 0;
 
+    if (dom && domain_norm(dom, norm, sizeof(norm)) < 0)
+        die_usage("users: \"%s\" is not a domain name", dom);
     if (!conf_mailstore(&x->c, x->arg)) {
         fprintf(stderr, "sluicectl: no such mailstore: %s\n", x->arg);
         return EX_FAILED;
@@ -1099,50 +1310,103 @@ static int do_users(struct ctx *x)
         return EX_FAILED;
     }
     u.rt = build_router(x);
-    u.arr = json_array();
-    /* which of them have mail waiting: best effort (the daemon, else the index) */
-    json_t *areq = req_new("affected");
-    req_str(areq, "mailstore", x->arg);
-    if ((r = call(x, 0, areq, &rep, 1)) == -ENOENT) {
-        struct spool_query *q;   /* the deliverer is down: the index still knows */
-        if (open_index(x, &q) == 0) {
-            json_t *arr = spool_query_affected(q, x->arg);
-            spool_query_close(q);
-            if (arr) {
-                rep = ctl_reply_ok();
-                json_object_set_new(rep, "recipients", arr);
-            }
-        }
-    }
-    if (rep) {
-        u.waiting = json_object();
-        json_array_foreach(json_object_get(rep, "recipients"), i, m)
-            json_object_set(u.waiting, js(m, "rcpt"), m);
-    }
     r = rcptmap_list(x->c.gateway.recipient_map, x->c.gateway.recipient_db, users_cb, &u, err,
                      sizeof(err));
     router_free(u.rt);
-    json_decref(rep);
-    json_decref(u.waiting);
     if (r < 0) {
-        fprintf(stderr, "sluicectl: %s\n", err);
-        json_decref(u.arr);
-        return EX_FAILED;
+        fprintf(stderr, "sluicectl: %s\n", r == -ENOMEM ? "out of memory" : err);
+        ex = EX_FAILED;
+        goto out;
     }
+    if (u.n)
+        qsort(u.v, u.n, sizeof(*u.v), user_cmp);
+    for (i = k = 0; i < u.n; i++) {          /* the map and the database may both list one */
+        if (k && strcmp(u.v[k - 1].key, u.v[i].key) == 0) {
+            free(u.v[i].key);
+            free(u.v[i].address);
+            continue;
+        }
+        u.v[k++] = u.v[i];
+    }
+    u.n = k;
+    if (opt(x, "after") && spool_rcpt_key(opt(x, "after"), after_key, sizeof(after_key)) == 0)
+        while (start < u.n && strcmp(u.v[start].key, after_key) <= 0)
+            start++;
+    end = limit && u.n - start > (size_t)limit ? start + (size_t)limit : u.n;
+    if (opt(x, "after"))
+        snprintf(wafter, sizeof(wafter), "%s", opt(x, "after"));
+    for (i = start; i < end; i++) {
+        struct user_row *row = &u.v[i];
+        /* advance the waiting pages up to this user's key (both lists are in key order) */
+        for (;;) {
+            if (arr && wi < json_array_size(arr)) {
+                json_t *w = json_array_get(arr, wi);
+                char wkey[SPOOL_ADDR_MAX + 2];
+                if (spool_rcpt_key(rs(w, 0), wkey, sizeof(wkey)) < 0) {
+                    wi++;
+                    continue;
+                }
+                int c = strcmp(wkey, row->key);
+                if (c < 0) {
+                    wi++;
+                    continue;
+                }
+                if (c == 0)
+                    row->waiting = (long)(ri(w, 1) + ri(w, 2));
+                break;
+            }
+            if (!wmore)
+                break;
+            json_decref(page);
+            arr = NULL;
+            wi = 0;
+            if (!(page = page_get(&pg, wafter[0] ? wafter : NULL, SLUICECTL_PAGE, &ex)))
+                goto out;
+            arr = rows_of(page);
+            const char *next = json_string_value(json_object_get(page, "next_after"));
+            wmore = json_is_true(json_object_get(page, "more")) && next;
+            if (wmore)
+                snprintf(wafter, sizeof(wafter), "%s", next);
+        }
+        n++;
+    }
+    int more = end < u.n;
     if (x->json) {
-        json_t *o = json_pack("{s:i,s:b,s:s,s:o}", "v", CTL_PROTO_VERSION, "ok", 1, "mailstore",
-                              x->arg, "users", u.arr);
+        out = json_array();
+        for (i = start; i < end; i++)
+            json_array_append_new(out, json_pack("{s:s,s:s,s:s,s:I}", "address",
+                                                 u.v[i].address, "why", u.v[i].why, "source",
+                                                 u.v[i].source, "waiting",
+                                                 (json_int_t)u.v[i].waiting));
+        json_t *o = json_pack("{s:i,s:b,s:s,s:s,s:O,s:b}", "v", CTL_PROTO_VERSION, "ok", 1,
+                              "mailstore", x->arg, "source", pg.source ? pg.source : "none",
+                              "users", out, "more", more);
+        if (more)
+            json_object_set_new(o, "next_after", json_string(u.v[end - 1].address));
         print_json(o);
         json_decref(o);
-        return EX_OK;
+        goto out;
     }
     printf("%-40s %-10s %-8s %s\n", "ADDRESS", "ROUTED BY", "WAITING", "SOURCE");
-    json_array_foreach(u.arr, i, m)
-        printf("%-40s %-10s %-8" PRId64 " %s\n", js(m, "address"), js(m, "why"),
-               ji(m, "waiting"), js(m, "source"));
-    printf("%zu user(s) route to %s\n", json_array_size(u.arr), x->arg);
-    json_decref(u.arr);
-    return EX_OK;
+    for (i = start; i < end; i++)
+        printf("%-40s %-10s %-8ld %s\n", u.v[i].address, u.v[i].why, u.v[i].waiting,
+               u.v[i].source);
+    if (more)
+        printf("%zu user(s) shown; more after %s: sluicectl users %s%s%s --after %s\n", n,
+               u.v[end - 1].address, x->arg, u.domain ? " --domain " : "",
+               u.domain ? u.domain : "", u.v[end - 1].address);
+    else
+        printf("%zu user(s) route to %s\n", n, x->arg);
+out:
+    json_decref(page);
+    json_decref(out);
+    pager_close(&pg);
+    for (i = 0; i < u.n; i++) {
+        free(u.v[i].key);
+        free(u.v[i].address);
+    }
+    free(u.v);
+    return ex;
 }
 
 /* --- Commands: check and verify ------------------------------------------------------------ */
@@ -1228,7 +1492,7 @@ static int do_check(struct ctx *x)
 }
 
 struct verify_ctx {
-    json_t *bad;
+    json_t *bad, *counters;
     int json;
 };
 
@@ -1265,22 +1529,35 @@ static int verify_hold(struct ctx *x, const char *qid, const char *why, char *er
     return r;
 }
 
+static void verify_counts_report(const char *ms, const char *why, void *arg)
+{
+    struct verify_ctx *v = arg;
+    json_array_append_new(v->counters, json_pack("{s:s,s:s}", "mailstore", ms, "why", why));
+    if (!v->json)
+        printf("COUNTERS %s: %s\n", ms, why);
+}
+
+/* do_spool_verify - every record's CRC, then the index's per-mailstore counters against a
+ * count of its rows (a difference is a bug to report: the counters are kept by the index
+ * itself in the transaction of every change). */
 static int do_spool_verify(struct ctx *x)
 {
     struct spool *sp;
     struct spool_opts so = { .dir = x->c.spool.dir, .readonly = 1 };
-    struct verify_ctx v = { .bad = json_array(), .json = x->json };
+    struct verify_ctx v = { .bad = json_array(), .counters = json_array(), .json = x->json };
     char err[ERR_LEN], why_not[ERR_LEN] = "";
     json_t *rec;
     size_t i;
-    int n, held = 0;
+    int n, nc, held = 0;
 
     if (spool_open(&sp, &so, err, sizeof(err)) < 0) {
         fprintf(stderr, "sluicectl: cannot open the spool: %s\n", err);
         json_decref(v.bad);
+        json_decref(v.counters);
         return EX_FAILED;
     }
     n = spool_verify(sp, verify_report, &v);
+    nc = spool_verify_counts(sp, verify_counts_report, &v);
     spool_close(sp);
     /* the spool is read-only here: the deliverer holds them (and audits it) */
     json_array_foreach(v.bad, i, rec) {
@@ -1291,29 +1568,39 @@ static int do_spool_verify(struct ctx *x)
             snprintf(why_not, sizeof(why_not), "%s", err);
     }
     if (x->json) {
-        json_t *o = json_pack("{s:i,s:b,s:i,s:i,s:O}", "v", CTL_PROTO_VERSION, "ok", n == 0, "bad",
-                              n < 0 ? 0 : n, "held", held, "records", v.bad);
+        json_t *o = json_pack("{s:i,s:b,s:i,s:i,s:O,s:O}", "v", CTL_PROTO_VERSION, "ok",
+                              n == 0 && nc <= 0, "bad", n < 0 ? 0 : n, "held", held,
+                              "records", v.bad, "counters", v.counters);
         if (why_not[0])
             json_object_set_new(o, "not_held_because", json_string(why_not));
         print_json(o);
         json_decref(o);
-    } else if (n == 0) {
-        printf("spool %s: every record's CRC is good\n", x->c.spool.dir);
-    } else if (n > 0 && held == n) {
-        printf("spool %s: %d bad record(s); their recipients are held (sluicectl queue --state "
-               "held)\n", x->c.spool.dir, n);
-    } else if (n > 0) {
-        printf("spool %s: %d bad record(s); %d held, %d NOT held (%s)%s\n", x->c.spool.dir, n,
-               held, n - held, why_not,
-               strstr(why_not, "not running") ? ": sluice-deliver holds each one when it next "
-               "reads it, or run spool verify again once it runs" : "");
+    } else {
+        if (n == 0)
+            printf("spool %s: every record's CRC is good\n", x->c.spool.dir);
+        else if (n > 0 && held == n)
+            printf("spool %s: %d bad record(s); their recipients are held (sluicectl queue "
+                   "--state held)\n", x->c.spool.dir, n);
+        else if (n > 0)
+            printf("spool %s: %d bad record(s); %d held, %d NOT held (%s)%s\n", x->c.spool.dir,
+                   n, held, n - held, why_not,
+                   strstr(why_not, "not running") ? ": sluice-deliver holds each one when it "
+                   "next reads it, or run spool verify again once it runs" : "");
+        if (nc == 0)
+            printf("spool %s: the queue counters match the recipients\n", x->c.spool.dir);
+        else if (nc > 0)
+            printf("spool %s: the queue counters of %d mailstore(s) differ from the "
+                   "recipients: please report it\n", x->c.spool.dir, nc);
     }
     json_decref(v.bad);
+    json_decref(v.counters);
     if (n < 0) {
         fprintf(stderr, "sluicectl: verify: %s\n", strerror(-n));
         return EX_FAILED;
     }
-    return n == 0 ? EX_OK : EX_FAILED;
+    if (nc < 0 && nc != -ENOTSUP)
+        fprintf(stderr, "sluicectl: verify: counters: %s\n", strerror(-nc));
+    return n == 0 && nc <= 0 ? EX_OK : EX_FAILED;
 }
 
 /* --- Commands: sluice-policyd's suspensions ------------------------------------------------ */
@@ -1627,8 +1914,6 @@ static int do_fleet_forget(struct ctx *x)
 static const struct opt_def o_none[] = { { NULL, OT_FLAG } };
 static const struct opt_def o_pause[] = { { "reason", OT_STR }, { "public-reason", OT_STR },
                                           { "wait", OT_FLAG }, { NULL, OT_FLAG } };
-static const struct opt_def o_affected[] = { { "domain", OT_STR }, { "after", OT_STR },
-                                             { "limit", OT_INT }, { NULL, OT_FLAG } };
 static const struct opt_def o_reseller[] = { { "domains", OT_STR }, { NULL, OT_FLAG } };
 static const struct opt_def o_release[] = { { "rate", OT_RATE }, { "ramp", OT_DUR },
                                             { NULL, OT_FLAG } };
@@ -1662,6 +1947,8 @@ static const struct opt_def o_check[] = { { "warn-age", OT_DUR }, { "crit-age", 
                                           { "warn-held", OT_INT }, { "crit-held", OT_INT },
                                           { "warn-free", OT_SIZE }, { "crit-free", OT_SIZE },
                                           { NULL, OT_FLAG } };
+static const struct opt_def o_users[] = { { "domain", OT_STR }, { "limit", OT_INT },
+                                          { "after", OT_STR }, { NULL, OT_FLAG } };
 static const struct opt_def o_audit[] = { { "limit", OT_INT }, { "since", OT_DUR },
                                           { NULL, OT_FLAG } };
 
@@ -1693,9 +1980,9 @@ static const struct cmd_def cmds[] = {
       " [--age-action hold|bounce] | --remove, --reason TEXT" },
     { "reroute", "MS", o_reroute, do_reroute,
       "reroute MS --to MS2 [--rcpt ADDR] [--reason TEXT] [--wait]" },
-    { "affected", "MS", o_affected, do_affected,
-      "affected MS [--domain D [--after ADDR] [--limit N]]" },
-    { "users", "MS", o_none, do_users, "users MS" },
+    { "affected", "MS", o_users, do_affected,
+      "affected MS [--domain D] [--limit N] [--after ADDR]" },
+    { "users", "MS", o_users, do_users, "users MS [--domain D] [--limit N] [--after ADDR]" },
     { "route", "ADDR", o_none, do_route, "route ADDR" },
     { "unroute", "ADDR", o_unsuspend, do_unroute, "unroute ADDR [--reason TEXT]" },
     { "fleet forget", "NODE", o_none, do_fleet_forget, "fleet forget NODE" },

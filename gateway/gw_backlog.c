@@ -45,12 +45,11 @@ struct gw_backlog {
 static struct gw_backlog *gw_backlog_instance;
 
 /* Messages with a recipient waiting (QUEUED or HELD) for each mailstore, and their bytes:
- * a message counts once per mailstore however many of its recipients are there. */
+ * a message counts once per mailstore however many of its recipients are there. The spool's
+ * index keeps these counters in the transaction of every change (spool_idx.c, queue_counts),
+ * so a check reads one row per mailstore whatever the backlog. */
 static const char backlog_sql[] =
-    "SELECT mailstore, COUNT(*), COALESCE(SUM(size), 0) FROM"
-    " (SELECT DISTINCT r.mailstore AS mailstore, r.qid AS qid, m.size AS size"
-    "  FROM recipients r JOIN messages m ON m.qid = r.qid WHERE r.state IN (0, 2))"
-    " GROUP BY mailstore";
+    "SELECT mailstore, messages, bytes FROM queue_counts";
 
 static void backlog_work(uv_work_t *w)
 {

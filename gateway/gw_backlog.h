@@ -1,8 +1,8 @@
 /*
  * gw_backlog.h - per-mailstore admission (ARCHITECTURE 6, issue 6): the waiting backlog of
  * every mailstore (messages with at least one QUEUED or HELD recipient there, and their bytes)
- * is read from <spool>/index.db every GW_BACKLOG_CHECK_MS on a libuv worker thread (read-only
- * connection, never on the loop) and cached. A mailstore whose backlog passes
+ * is read from <spool>/index.db's per-mailstore counters every GW_BACKLOG_CHECK_MS on a libuv
+ * worker thread (read-only connection, never on the loop) and cached. A mailstore whose backlog passes
  * [mailstore] max_backlog (bytes) or max_backlog_messages is "over": RCPT for its users gets
  * 452 4.3.1 until a later check finds it under again. Transitions are logged.
  *

@@ -110,6 +110,7 @@ struct conf_control {
     char admin_group[CONF_NAME_MAX];    /* "" = root (and the daemon's user) only */
     char deliver_socket[CONF_PATH_MAX]; /* "" = <spool dir>/deliver.ctl: conf_ctl_socket */
     char gateway_socket[CONF_PATH_MAX]; /* "" = <spool dir>/gateway.ctl */
+    int64_t query_timeout_ms;           /* a control query's time bound in sluice-deliver */
 };
 
 struct conf_metrics {

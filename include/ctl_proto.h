@@ -98,6 +98,8 @@ struct ctl_lines {
     char *buf;
     size_t len, cap, max;
     size_t start;               /* first byte not yet returned */
+    size_t scanned;             /* bytes from start known to hold no newline */
+    size_t tail;                /* length of the partial line at the end */
 };
 void ctl_lines_init(struct ctl_lines *l, size_t max);
 void ctl_lines_free(struct ctl_lines *l);

@@ -60,5 +60,9 @@ const char *ctl_req_actor(const struct ctl_req *rq);
  * reply goes out without "v", and handlers keep that protocol's reply shapes and its
  * "uid N" actor. */
 int ctl_req_legacy(const struct ctl_req *rq);
+/* A duplicate of the client's socket (the caller closes it), or -errno: a handler whose work
+ * runs on another thread can poll it there for POLLRDHUP to notice a client that went away
+ * (reading from it is the server's). */
+int ctl_req_dup_fd(const struct ctl_req *rq);
 
 #endif

@@ -160,6 +160,7 @@ struct spool_rcpt {
     int dsn_owed;                 /* SPOOL_DSN_* */
     int delay_dsn;                /* 1: its delay DSN was queued */
     int64_t updated_at;           /* unix seconds of the last change (the last attempt) */
+    uint64_t size;                /* the message's size (spool_due only; else 0) */
 };
 
 /* Recipients of mailstore that are queued and due at `now`, oldest first, at most max.
@@ -194,7 +195,12 @@ int spool_mark(struct spool *sp, const struct spool_outcome *o, size_t n);
  * hold: queued -> held with reason (an operator's decision; delivery skips them).
  * release: queued recipients waiting for a retry become due now (a mailstore's pause is
  *   over); held recipients stay held, a 5xx-held one above all.
- * unhold: held -> queued and due now. */
+ * unhold: held -> queued and due now.
+ * By mailstore the change runs in chunks, each its own transaction of a few milliseconds,
+ * with a pause as long as the chunk between them, so that the gateway's commits and the
+ * deliverer's records never wait long behind it; it covers the recipients indexed when it
+ * began (mail arriving meanwhile is not caught). A failure part way returns -errno and leaves
+ * the chunks done so far done (running it again finishes the job). */
 int spool_hold(struct spool *sp, const char *qid, const char *mailstore, const char *reason);
 int spool_release(struct spool *sp, const char *qid, const char *mailstore, int64_t now);
 int spool_unhold(struct spool *sp, const char *qid, const char *mailstore, int64_t now);
@@ -204,6 +210,11 @@ int spool_unhold(struct spool *sp, const char *qid, const char *mailstore, int64
  * turned out to be a whole mailstore refusing everyone. One transaction; returns the
  * number changed, or -errno. */
 int spool_requeue(struct spool *sp, const int64_t *ids, size_t n, int64_t now);
+/* Move every undelivered recipient of mailstore `from` (or only those whose address is rcpt,
+ * compared as spool_rcpt_key does) to mailstore `to`; the queued ones become due now. In
+ * chunks, as above. Returns how many moved, or -errno. */
+long spool_reroute(struct spool *sp, const char *from, const char *to, const char *rcpt,
+                   int64_t now);
 /* Delete a message whatever its recipients' state (explicit operator action). */
 int spool_delete(struct spool *sp, const char *qid);
 
@@ -296,6 +307,25 @@ int spool_reclaim(struct spool *sp);
 /* Verify every record's CRC; calls report for each bad one. Returns the number bad. */
 int spool_verify(struct spool *sp, void (*report)(const char *qid, const char *why, void *arg),
                  void *arg);
+/* Compare the per-mailstore counters (queued, held, messages, bytes: kept by the index in the
+ * transaction of every change) with a count of the rows, in one read transaction; calls
+ * report for each mailstore where they differ. Returns how many differ, or -errno. */
+int spool_verify_counts(struct spool *sp,
+                        void (*report)(const char *mailstore, const char *why, void *arg),
+                        void *arg);
+
+/* --- Recipient keys ------------------------------------------------------------------ */
+
+/* The form in which the index groups and orders recipients (the rcpt_key column): ASCII
+ * lowercase, domain first, "example.test@alice" for Alice@Example.TEST ("@postmaster" for
+ * an address without a domain). The domain is domain.h's key (A-labels, no trailing dot:
+ * jörg@Bücher.example is "xn--bcher-kva.example@jörg") when it converts and the key fits in
+ * len, else its ASCII lowercase. Sorting keys sorts a mailstore's users by domain, then
+ * local part; one domain's users are the keys from "DOMAIN@" up to "DOMAINA". 0, or
+ * -ENAMETOOLONG when len cannot hold it (strlen(rcpt) + 2 always can). */
+int spool_rcpt_key(const char *rcpt, char *key, size_t len);
+/* The lowercase address back from a key ("alice@example.test"). 0 or -ENAMETOOLONG. */
+int spool_rcpt_from_key(const char *key, char *rcpt, size_t len);
 /* Bytes free for unprivileged writers on the spool's filesystem, or -errno. */
 int64_t spool_free_bytes(struct spool *sp);
 /* The reserve (reserve_space bytes in dir/reserve) is in place, or none is configured: 1;

@@ -1,9 +1,9 @@
 /*
  * api_view.c - a reseller's snapshot and the JSON/CSV answers (contract: api_view.h).
  *
- * The snapshot holds only what spool_query_users returned for the tenant's domains, plus the
- * state of the mailstores those users wait on; nothing else of the index is kept, so no
- * renderer can show another tenant's data by mistake.
+ * The snapshot holds only what spool_query_domain_users returned for the tenant's domains,
+ * plus the state of the mailstores those users wait on; nothing else of the index is kept,
+ * so no renderer can show another tenant's data by mistake.
  *
  * Sections: words, building, selecting, rendering.
  */
@@ -181,7 +181,7 @@ static struct api_mstore *ms_get(struct api_snap *s, const char *name)
     return m;
 }
 
-static int add_user(const struct spool_query_user *qu, void *arg)
+static int add_user(const struct spool_query_duser *qu, void *arg)
 {
     struct build *b = arg;
     struct api_snap *s = b->s;
@@ -321,8 +321,8 @@ int api_view_build(struct api_snap **out, struct spool_query *q, const struct te
     b.s->built = now;
     for (int i = 0; i < t->ndomains; i++)
         doms[i] = t->domains[i];
-    struct spool_query_users f = { .domains = doms, .ndomains = t->ndomains };
-    n = t->ndomains > 0 ? spool_query_users(q, &f, add_user, &b, &more) : 0;
+    struct spool_query_domains f = { .domains = doms, .ndomains = t->ndomains };
+    n = t->ndomains > 0 ? spool_query_domain_users(q, &f, add_user, &b, &more) : 0;
     free(doms);
     if (n < 0 || b.oom) {
         api_snap_free(b.s);

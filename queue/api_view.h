@@ -4,8 +4,9 @@
  * JSON and CSV the API serves from it (docs/resellers.md has the formats).
  *
  * api_view_build is the one place the reseller API asks the spool anything (through
- * spool_query_users and spool_query_states): every answer, page included, is rendered from
- * a snapshot, so what a tenant is shown is what the domain-filtered query returned.
+ * spool_query_domain_users and spool_query_states): every answer, page included, is
+ * rendered from a snapshot, so what a tenant is shown is what the domain-filtered query
+ * returned.
  *
  * Snapshots are immutable once built; the renderers are pure and thread-safe. Times are
  * unix seconds in the structs, RFC 3339 UTC strings in the output.

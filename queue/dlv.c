@@ -61,7 +61,7 @@ struct dlv_job {
     struct dlv_ms *ms;
     struct dlv_conn *cn;        /* started on this connection (NULL: Maildir, or gone) */
     char qid[QID_SIZE];
-    int nr;
+    int nr, cap;                /* recipients, and room in r and lr (grown as rows come) */
     struct dlv_rcpt *r;
     struct lmtp_rcpt *lr;
     struct spool_env env;
@@ -71,7 +71,7 @@ struct dlv_job {
     size_t rawlen;
     char *body;                 /* lmtp/smtp: dot-stuffed */
     size_t bodylen;
-    size_t mem;                 /* counted in d->mem */
+    size_t mem;                 /* counted in d->mem: reserved at fetch, actual once loaded */
     int err;
     char why[LMTP_WHY_MAX];
     char tmpl[CONF_PATH_MAX];   /* maildir template, copied: a reload may change cf */
@@ -109,6 +109,7 @@ struct dlv_ms {
     uv_timer_t timer;
     uint64_t timer_due;         /* uv_now deadline of timer, 0 when idle */
     int fetching, refetch, drained;
+    int mem_wait;               /* a fetch stopped at the memory budget: wait for a job of ours */
     /* An operator rewrite of this mailstore's rows (reroute) is running: nothing starts or
      * fetches, and rows read before it (rows_gen older) are dropped, not delivered. */
     int fenced;
@@ -744,12 +745,23 @@ static void op_add(struct dlv_ms *ms, enum dlv_op_kind kind, dlv_op_cb cb, void 
 
 /* --- Jobs ---------------------------------------------------------------------------------- */
 
+/* job_mem - what a job holds: itself, its recipient arrays and its message. The budget
+ * (DLV_MEM_BUDGET) counts this from the fetch on, the message at twice its size until it is
+ * loaded (the stored bytes and their dot-stuffed copy live together for a moment). */
+static size_t job_mem(int cap, uint64_t message)
+{
+    return sizeof(struct dlv_job) + (size_t)cap * (sizeof(struct dlv_rcpt) +
+           sizeof(struct lmtp_rcpt)) + (size_t)message;
+}
+
 static void job_free(struct dlv_job *job)
 {
     if (!job)
         return;
-    if (job->mem && job->ms)
+    if (job->mem && job->ms) {
         job->ms->d->mem -= job->mem;
+        job->ms->mem_wait = 0;
+    }
     free(job->raw);
     free(job->body);
     free(job->r);
@@ -822,7 +834,8 @@ static void load_after(uv_work_t *w, int status)
     ms->loading--;
     if (status < 0 && job->err == 0)
         job->err = -ECANCELED;
-    job->mem = job->rawlen + job->bodylen;
+    d->mem -= job->mem;         /* the reservation made at fetch gives way to the real size */
+    job->mem = job_mem(job->cap, job->rawlen + job->bodylen);
     d->mem += job->mem;
     if (job->err == -EBADMSG) {
         for (int i = 0; i < job->nr; i++)
@@ -1372,18 +1385,46 @@ static void fetch_work(uv_work_t *w)
     f->n = spool_due(f->ms->d->sp, f->ms->cf.name, f->now_s, f->rows, f->max);
 }
 
-static struct dlv_job *job_new(struct dlv_ms *ms, const char *qid, int cap)
+static struct dlv_job *job_new(struct dlv_ms *ms, const char *qid)
 {
     struct dlv_job *job = calloc(1, sizeof(*job));
 
-    if (!job || !(job->r = calloc((size_t)cap, sizeof(*job->r))) ||
-        !(job->lr = calloc((size_t)cap, sizeof(*job->lr))))
+    if (!job)
         fatal("out of memory (job)");
     job->ms = ms;
     job->rows_gen = ms->rows_gen;
     snprintf(job->qid, sizeof(job->qid), "%s", qid);
     snprintf(job->tmpl, sizeof(job->tmpl), "%s", ms->cf.endpoint.host);
     return job;
+}
+
+/* job_room - room for one more recipient: the arrays grow with the job's own rows (a fetch
+ * of thousands of rows must not give each job arrays that long). The lmtp_rcpt pointers into
+ * r are set once the job is complete (job_link), since growing moves r. */
+static void job_room(struct dlv_job *job)
+{
+    if (job->nr < job->cap)
+        return;
+    int cap = job->cap ? job->cap * 2 : 4;
+    if (cap > LMTP_RCPT_MAX)
+        cap = LMTP_RCPT_MAX;
+    struct dlv_rcpt *r = realloc(job->r, (size_t)cap * sizeof(*r));
+    struct lmtp_rcpt *lr = r ? realloc(job->lr, (size_t)cap * sizeof(*lr)) : NULL;
+    if (!r || !lr)
+        fatal("out of memory (job of %d recipients)", cap);
+    job->r = r;
+    job->lr = lr;
+    memset(lr + job->cap, 0, (size_t)(cap - job->cap) * sizeof(*lr));
+    job->cap = cap;
+}
+
+static void job_link(struct dlv_job *job)
+{
+    for (int i = 0; i < job->nr; i++) {
+        job->lr[i].addr = job->r[i].rcpt;
+        job->lr[i].orcpt = job->r[i].orcpt;
+        job->lr[i].notify = job->r[i].notify;
+    }
 }
 
 /* fetch_after - turn due rows into jobs: skip rows already in memory, hold what is too old,
@@ -1482,30 +1523,39 @@ static void fetch_after(uv_work_t *w, int status)
             }
         }
         if (!job) {
-            if (njobs >= room) {
+            /* the memory budget holds from here: a job reserves its message (twice) before
+             * it loads; only a mailstore with nothing in memory may go past it, by one */
+            size_t want = job_mem(4, 2 * row->size);
+            if (njobs >= room || (d->mem + want > DLV_MEM_BUDGET &&
+                                  (njobs > 0 || ms->nready + ms->loading > 0))) {
+                if (njobs < room)
+                    ms->mem_wait = 1;
                 taken_all = 0;
                 continue;       /* other rows may still join a job of this batch */
             }
-            job = jobs[njobs++] = job_new(ms, row->qid, LMTP_RCPT_MAX < f->n ? LMTP_RCPT_MAX
-                                                                             : f->n);
+            job = jobs[njobs++] = job_new(ms, row->qid);
+            job->mem = want;
+            d->mem += want;
         }
+        size_t before = job_mem(job->cap, 0);
+        job_room(job);
+        job->mem += job_mem(job->cap, 0) - before;
+        d->mem += job_mem(job->cap, 0) - before;
         struct dlv_rcpt *r = &job->r[job->nr];
-        struct lmtp_rcpt *lr = &job->lr[job->nr];
         job->nr++;
         r->id = row->id;
         r->attempts = row->attempts;
         snprintf(r->rcpt, sizeof(r->rcpt), "%s", row->rcpt);
         snprintf(r->orcpt, sizeof(r->orcpt), "%s", row->orcpt);
         snprintf(r->notify, sizeof(r->notify), "%s", row->notify);
-        lr->addr = r->rcpt;
-        lr->orcpt = r->orcpt;
-        lr->notify = r->notify;
         ids_add(d, row->id);
         ms->known++;
     }
     ms->drained = !f->probe && f->n < f->max && taken_all;
-    for (int k = 0; k < njobs; k++)
+    for (int k = 0; k < njobs; k++) {
+        job_link(jobs[k]);
         job_load(jobs[k]);
+    }
     ret_queue_all(d, rets);
 out:
     free(jobs);
@@ -1547,7 +1597,7 @@ static void ms_fetch(struct dlv_ms *ms)
     } else {
         if (ms->drained || ms->nready + ms->loading > ms_prefetch(ms) / 2)
             return;
-        if (d->mem >= DLV_MEM_BUDGET && ms->nready + ms->loading > 0)
+        if ((d->mem >= DLV_MEM_BUDGET || ms->mem_wait) && ms->nready + ms->loading > 0)
             return;
     }
     if (!(f = calloc(1, sizeof(*f))))

@@ -61,7 +61,9 @@
 #define DLV_TICK_MS 1000        /* housekeeping: ramp end, idle connections */
 #define DLV_IDLE_MS 5000        /* an idle connection is closed after this */
 #define DLV_DRAIN_MS 30000      /* SIGTERM: longest wait for in-flight deliveries */
-#define DLV_MEM_BUDGET (256u << 20) /* loaded message bytes, all mailstores together */
+#define DLV_MEM_BUDGET (192u << 20) /* jobs in memory, all mailstores together: messages
+                                     * (twice until loaded) and recipient arrays, reserved
+                                     * when fetched; the process stays under 256 MiB */
 #define DLV_RETRY_FLUSH_MS 1000 /* a failed spool_mark is retried after this */
 #define DLV_FLUSH_LOG_MS 60000  /* "still cannot record" is logged this often */
 #define DLV_DRAIN_UNRECORDED_MS 3000 /* SIGTERM: longest wait for outcomes that fail to record */

@@ -2,25 +2,33 @@
  * dlv_ctl.c - sluice-deliver's control commands (contract: dlv_ctl.h).
  *
  * Every command becomes a struct job. Reading the index, changing recipients and writing the
- * audit row block on SQLite, so they run in the thread pool (job_work) with connections of
- * the job's own (spool_query, audit_db: opened and closed per job, never shared between
- * threads); what touches the scheduler (a snapshot for status, pause and release, dropping a
- * mailstore's loaded jobs after its rows changed) runs on the loop thread before or after.
- * The reply goes out from job_after, on the loop thread.
+ * audit row block on SQLite, so they run on this module's own threads, never on the libuv
+ * pool where the scheduler fetches, loads and records deliveries: an operator retrying a
+ * slow listing must not starve deliveries. Two lanes, each a queue and its threads:
+ *   reads   status, queue, show, affected, audit: DLV_CTL_READERS threads;
+ *   writes  hold, unhold, retry, delete, reroute and the counts after pause/release: one
+ *           thread, so changes apply in the order they came.
+ * Each thread keeps its own read-only spool_query connection (never shared). A read is
+ * bounded by [control] query_timeout and stopped as soon as its client goes away (the thread
+ * polls a duplicate of the client's socket): either is logged, and the deliveries go on.
+ * What touches the scheduler (a snapshot for status, pause and release, dropping a mailstore's
+ * loaded jobs after its rows changed) runs on the loop thread before or after; finished jobs
+ * come back to the loop through an async handle, and the reply goes out from job_after.
  *
  * Order for a write command: (loop) validate -> [pause/release: the scheduler's durable
  * change; pause, hold, delete, reroute: stop what is in flight for the scope and fence it]
- * -> (pool) the spool change, count, audit row -> (loop) lift the fence, kick, [--wait: wait
- * until nothing of the scope is in flight], reply with the counts stopped and finishing.
+ * -> (write lane) the spool change, count, audit row -> (loop) lift the fence, kick, [--wait:
+ * wait until nothing of the scope is in flight], reply with the counts stopped and finishing.
  *
- * Sections: jobs, commands (pool side), loop side, handlers, start and stop.
+ * Sections: jobs, commands (thread side), lanes, loop side, handlers, start and stop.
  */
 #include "dlv_ctl.h"
 
 #include <errno.h>
 #include <jansson.h>
 #include <math.h>
-#include <sqlite3.h>
+#include <poll.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -44,6 +52,18 @@
 #define DLV_CTL_BUSY_MS 10000
 #define DLV_CTL_WAIT_MAX_MS (15 * 60000) /* --wait: longest wait (a data_timeout of 10m, plus) */
 
+#define DLV_CTL_READERS 2            /* threads answering reads: one slow, one more */
+
+enum lane_kind { LANE_READ, LANE_WRITE, LANE_N };
+
+struct job;
+
+struct lane {
+    struct job *head, *tail;    /* waiting, under ctl->mu */
+    pthread_t th[DLV_CTL_READERS];
+    int nth;
+};
+
 struct dlv_ctl {
     uv_loop_t *loop;
     struct dlv *d;
@@ -58,10 +78,20 @@ struct dlv_ctl {
     json_t *(*hook)(void *arg);
     void *hook_arg;
     char policy_map[CONF_PATH_MAX];  /* [dsn] policy_map, for policy_set */
+    _Atomic int64_t query_timeout_ms;
+    /* the lanes and the way back: mu guards the queues, done and quit */
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    struct lane lanes[LANE_N];
+    struct job *done_head, *done_tail;
+    int quit;
+    uv_async_t async;           /* loop side: finished jobs */
+    int inflight;               /* loop side: jobs handed to a lane, not yet after */
+    int stopping, async_closed, threads_up;
 };
 
 struct job {
-    uv_work_t w;
+    struct job *next;
     struct dlv_ctl *ctl;
     struct ctl_req *rq;
     enum ctl_cmd cmd;
@@ -109,12 +139,17 @@ struct job {
     int npol;
     int has_entry;
     struct bpolicy_entry entry;
+    /* a read: a duplicate of the client's socket, polled for a hang-up from the thread */
+    int client_fd;
+    int64_t queued_at;
 };
 
 /* --- Jobs ------------------------------------------------------------------------------------ */
 
 static void job_free(struct job *j)
 {
+    if (j->client_fd >= 0)
+        close(j->client_fd);
     json_decref(j->req);
     json_decref(j->rep);
     json_decref(j->extra);
@@ -150,10 +185,26 @@ static int64_t dur_arg(const json_t *req, const char *key)
     return ms;
 }
 
-/* --- Commands (pool side) --------------------------------------------------------------------- */
+/* --- Commands (thread side) ------------------------------------------------------------------- */
 
 /* fail - an error reply (a macro so the format is checked at each call). */
 #define fail(code, fmt, arg) ctl_reply_error(code, fmt, arg)
+
+/* query_failed - the error reply for a query that failed; a time bound or a client that went
+ * away is logged (the deliveries are not affected either way). */
+static json_t *query_failed(struct job *j, struct spool_query *q)
+{
+    const char *why = spool_query_error(q);
+    int e = spool_query_errno(q);
+
+    if (e == -ETIMEDOUT || e == -ECANCELED)
+        log_warn("control: %s%s%s by %s: %s; deliveries go on", ctl_cmd_name(j->cmd),
+                 j->ms[0] ? " " : "", j->ms, j->actor, why);
+    if (e == -ETIMEDOUT)
+        return ctl_reply_error(CTL_E_FAILED, "%s: narrow it (--mailstore, --limit) or raise "
+                               "[control] query_timeout", why);
+    return ctl_reply_error(CTL_E_FAILED, "index: %s", why);
+}
 
 static long count_waiting(struct spool_query *q, const char *ms)
 {
@@ -214,7 +265,7 @@ static json_t *do_status(struct job *j, struct spool_query *q)
     json_t *counts = spool_query_counts(q, now_s()), *arr = json_array(), *rep;
 
     if (!counts)
-        return fail(CTL_E_FAILED, "index: %s", spool_query_error(q));
+        return query_failed(j, q);
     for (int i = 0; i < j->nst; i++)
         json_array_append_new(arr, ms_json(&j->st[i], counts));
     /* mail waiting for a mailstore no longer configured is still the operator's business */
@@ -271,8 +322,12 @@ static json_t *do_queue(struct job *j, struct spool_query *q)
                         : json_integer_value(lim) > SPOOL_QUERY_LIMIT_MAX ? SPOOL_QUERY_LIMIT_MAX
                         : json_integer_value(lim));
     if (!(arr = spool_query_queue(q, &f, &more)))
-        return fail(CTL_E_FAILED, "index: %s", spool_query_error(q));
+        return query_failed(j, q);
     total = more ? spool_query_queue_count(q, &f) : (long)json_array_size(arr);
+    if (total < 0) {
+        json_decref(arr);
+        return query_failed(j, q);
+    }
     rep = ctl_reply_ok();
     json_object_set_new(rep, "recipients", arr);
     json_object_set_new(rep, "more", json_boolean(more));
@@ -286,7 +341,7 @@ static json_t *do_show(struct job *j, struct spool_query *q)
     json_t *m = spool_query_show(q, j->qid, &found), *rep;
 
     if (!m)
-        return fail(CTL_E_FAILED, "index: %s", spool_query_error(q));
+        return query_failed(j, q);
     if (!found) {
         json_decref(m);
         return fail(CTL_E_NOTFOUND, "no such message: %s", j->qid);
@@ -318,25 +373,43 @@ static json_t *do_show(struct job *j, struct spool_query *q)
 
 static json_t *do_affected(struct job *j, struct spool_query *q)
 {
+    struct spool_query_page p = { .mailstore = j->ms, .domain = j->domain[0] ? j->domain : NULL,
+                                  .after = jstr(j->req, "after"),
+                                  .counts_only = json_is_true(json_object_get(j->req,
+                                                                              "counts_only")) };
     json_t *lim = json_object_get(j->req, "limit"), *arr, *rep;
-    int more = 0;
+    int more = 0, rows = 0;
 
-    /* --domain: the reseller API's query (spool_query_users), so both answer alike */
-    if (j->domain[0])
+    if (j->domain[0] && !p.counts_only) {
+        /* --domain: the reseller API's query (spool_query_domain_users), so both answer
+         * alike; users (counts_only) walks the same domain range in its own order */
         arr = spool_query_affected_domain(q, j->ms, j->domain, jstr(j->req, "after"),
                                           json_is_integer(lim) ? (long)json_integer_value(lim)
                                                                : 0, &more);
-    else
-        arr = spool_query_affected(q, j->ms);
+    } else {
+        if (lim && (!json_is_integer(lim) || json_integer_value(lim) < 1))
+            return fail(CTL_E_BADREQ, "%s", "affected: \"limit\" must be a positive integer");
+        rows = json_is_true(json_object_get(j->req, "rows"));
+        if (lim)
+            p.limit = json_integer_value(lim) > SPOOL_QUERY_USERS_MAX
+                      ? SPOOL_QUERY_USERS_MAX : (int)json_integer_value(lim);
+        arr = rows ? spool_query_affected_rows(q, &p, &more) : spool_query_affected(q, &p, &more);
+    }
     if (!arr)
-        return fail(CTL_E_FAILED, "index: %s", spool_query_error(q));
+        return query_failed(j, q);
     rep = ctl_reply_ok();
     json_object_set_new(rep, "mailstore", json_string(j->ms));
-    if (j->domain[0]) {
+    if (j->domain[0])
         json_object_set_new(rep, "domain", json_string(j->domain));
-        json_object_set_new(rep, "more", json_boolean(more));
-    }
-    json_object_set_new(rep, "recipients", arr);
+    json_object_set_new(rep, "more", json_boolean(more));
+    json_t *last = json_array_get(arr, json_array_size(arr) - 1);
+    if (more && last)                   /* where the next page starts: "after" this */
+        json_object_set_new(rep, "next_after", json_incref(
+            rows ? json_array_get(last, 0) : json_object_get(last, "rcpt")));
+    if (rows)
+        json_object_set_new(rep, "columns", json_pack("[s,s,s,s,s,s]",
+                                                      SPOOL_QUERY_USER_COLUMNS));
+    json_object_set_new(rep, rows ? "rows" : "recipients", arr);
     return rep;
 }
 
@@ -382,53 +455,19 @@ static json_t *do_audit(struct job *j, struct spool_query *q)
     json_t *rep;
 
     if (!arr)
-        return fail(CTL_E_FAILED, "index: %s", spool_query_error(q));
+        return query_failed(j, q);
     rep = ctl_reply_ok();
     json_object_set_new(rep, "audit", arr);
     return rep;
 }
 
-/* reroute_rows - move every undelivered recipient of j->ms (or only j->rcpt) to j->to; the
- * queued ones become due now. Returns how many, or -errno.
+/* Reroute: every undelivered recipient of j->ms (or only j->rcpt) moves to j->to; the
+ * queued ones become due now (spool_reroute, in chunks).
  * Rows in flight are moved too: if their delivery to the old mailstore succeeds, the mark
  * (by row id) deletes them as usual; if it is deferred, the retry goes to the new one. Jobs
  * loaded but not started are dropped when the fence goes up.
  * The old mailstore is fenced (dlv_fence) from before this runs until job_after: a fetch
- * that read its rows before the update is thrown away instead of starting them there.
- * XXX: this writes the spool's recipients table with one statement of its own; a
- * spool_reroute() in spool.c would be the cleaner home. */
-static long reroute_rows(struct job *j)
-{
-    sqlite3 *db = NULL;
-    sqlite3_stmt *st = NULL;
-    long n = -EIO;
-    const char *sql = j->rcpt[0]
-        ? "UPDATE recipients SET mailstore=?2, next_attempt=min(next_attempt, ?3),"
-          " updated_at=?3 WHERE mailstore=?1 AND state<>1 AND lower(rcpt)=lower(?4)"
-        : "UPDATE recipients SET mailstore=?2, next_attempt=min(next_attempt, ?3),"
-          " updated_at=?3 WHERE mailstore=?1 AND state<>1";
-
-    if (sqlite3_open_v2(j->ctl->index_path, &db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_NOMUTEX,
-                        NULL) != SQLITE_OK)
-        goto out;
-    sqlite3_busy_timeout(db, DLV_CTL_BUSY_MS);
-    if (sqlite3_exec(db, "PRAGMA synchronous=FULL", NULL, NULL, NULL) != SQLITE_OK ||
-        sqlite3_prepare_v2(db, sql, -1, &st, NULL) != SQLITE_OK)
-        goto out;
-    sqlite3_bind_text(st, 1, j->ms, -1, SQLITE_STATIC);
-    sqlite3_bind_text(st, 2, j->to, -1, SQLITE_STATIC);
-    sqlite3_bind_int64(st, 3, now_s());
-    if (j->rcpt[0])
-        sqlite3_bind_text(st, 4, j->rcpt, -1, SQLITE_STATIC);
-    if (sqlite3_step(st) == SQLITE_DONE)
-        n = sqlite3_changes(db);
-out:
-    if (n < 0 && db)
-        log_warn("control: reroute: %s", sqlite3_errmsg(db));
-    sqlite3_finalize(st);
-    sqlite3_close(db);
-    return n;
-}
+ * that read its rows before the update is thrown away instead of starting them there. */
 
 /* bounce_message - return the held recipients of qid (of j->ms and j->rcpt when given) in one
  * unit; *n gets how many were selected. The unit is added to units[*nu]. */
@@ -653,7 +692,7 @@ static json_t *do_write(struct job *j, struct spool_query *q)
         }
         break;
     case CTL_CMD_reroute:
-        r = reroute_rows(j);
+        r = spool_reroute(sp, j->ms, j->to, j->rcpt[0] ? j->rcpt : NULL, now_s());
         break;
     default:
         return fail(CTL_E_BADREQ, "%s", "not a write command");
@@ -678,14 +717,36 @@ static json_t *do_write(struct job *j, struct spool_query *q)
     return rep;
 }
 
-static void job_work(uv_work_t *w)
+/* client_gone - spool_query's stop callback for a read: 1 once the client hung up. */
+static int client_gone(void *arg)
 {
-    struct job *j = w->data;
-    struct spool_query *q = NULL;
-    char err[512];
+    struct job *j = arg;
+    struct pollfd p = { .fd = j->client_fd, .events = POLLRDHUP };
 
-    if (spool_query_open(&q, j->ctl->dir, err, sizeof(err)) < 0) {
+    return j->client_fd >= 0 && poll(&p, 1, 0) > 0 &&
+           (p.revents & (POLLRDHUP | POLLHUP | POLLERR | POLLNVAL)) != 0;
+}
+
+/* job_run - a job on its lane's thread, with that thread's connection *qp (opened on first
+ * use, reopened after a failure that may have come from the connection itself). */
+static void job_run(struct job *j, struct spool_query **qp)
+{
+    struct spool_query *q = *qp;
+    char err[512];
+    int read = !ctl_cmd_is_write(j->cmd);
+
+    if (!q && spool_query_open(qp, j->ctl->dir, err, sizeof(err)) < 0) {
         j->rep = ctl_reply_error(CTL_E_FAILED, "index: %s", err);
+        return;
+    }
+    q = *qp;
+    /* writes are not bounded: a bulk change finishes (in chunks) even if its client left */
+    spool_query_set_limits(q, read ? j->ctl->query_timeout_ms : 0, read ? client_gone : NULL,
+                           j);
+    if (read && client_gone(j)) {
+        log_info("control: %s%s%s by %s: its client went away while it waited; not run",
+                 ctl_cmd_name(j->cmd), j->ms[0] ? " " : "", j->ms, j->actor);
+        j->rep = ctl_reply_error(CTL_E_FAILED, "client gone");
         return;
     }
     switch (j->cmd) {
@@ -699,7 +760,12 @@ static void job_work(uv_work_t *w)
     case CTL_CMD_policy_set: j->rep = do_policy_set(j); break;
     default: j->rep = do_write(j, q); break;
     }
-    spool_query_close(q);
+    int qerr = spool_query_errno(q);
+    spool_query_set_limits(q, 0, NULL, NULL);
+    if (qerr && qerr != -ETIMEDOUT && qerr != -ECANCELED) {
+        spool_query_close(q);
+        *qp = NULL;
+    }
     if (ctl_cmd_is_write(j->cmd) && j->cmd != CTL_CMD_policy_set) {
         struct audit_db *a = NULL;
         json_t *a_req = json_deep_copy(j->req);
@@ -726,6 +792,78 @@ static void job_work(uv_work_t *w)
         audit_db_close(a);
         free(args);
     }
+}
+
+/* --- Lanes ------------------------------------------------------------------------------- */
+
+struct lane_arg {
+    struct dlv_ctl *ctl;
+    enum lane_kind kind;
+};
+
+static void *lane_main(void *arg)
+{
+    struct lane_arg la = *(struct lane_arg *)arg;
+    struct dlv_ctl *ctl = la.ctl;
+    struct lane *ln = &ctl->lanes[la.kind];
+    struct spool_query *q = NULL;
+
+    free(arg);
+    pthread_mutex_lock(&ctl->mu);
+    for (;;) {
+        while (!ln->head && !ctl->quit)
+            pthread_cond_wait(&ctl->cv, &ctl->mu);
+        struct job *j = ln->head;
+        if (!j)
+            break;
+        ln->head = j->next;
+        if (!ln->head)
+            ln->tail = NULL;
+        j->next = NULL;
+        pthread_mutex_unlock(&ctl->mu);
+        job_run(j, &q);
+        pthread_mutex_lock(&ctl->mu);
+        if (ctl->done_tail)
+            ctl->done_tail->next = j;
+        else
+            ctl->done_head = j;
+        ctl->done_tail = j;
+        uv_async_send(&ctl->async);
+    }
+    pthread_mutex_unlock(&ctl->mu);
+    spool_query_close(q);
+    return NULL;
+}
+
+static int lanes_start(struct dlv_ctl *ctl)
+{
+    for (int k = 0; k < LANE_N; k++) {
+        struct lane *ln = &ctl->lanes[k];
+        int want = k == LANE_READ ? DLV_CTL_READERS : 1;
+        for (ln->nth = 0; ln->nth < want; ln->nth++) {
+            struct lane_arg *la = malloc(sizeof(*la));
+            if (!la)
+                return -ENOMEM;
+            la->ctl = ctl;
+            la->kind = (enum lane_kind)k;
+            if (pthread_create(&ln->th[ln->nth], NULL, lane_main, la) != 0) {
+                free(la);
+                return -EAGAIN;
+            }
+        }
+    }
+    return 0;
+}
+
+static void lanes_join(struct dlv_ctl *ctl)
+{
+    pthread_mutex_lock(&ctl->mu);
+    ctl->quit = 1;
+    pthread_cond_broadcast(&ctl->cv);
+    pthread_mutex_unlock(&ctl->mu);
+    for (int k = 0; k < LANE_N; k++)
+        for (int i = 0; i < ctl->lanes[k].nth; i++)
+            pthread_join(ctl->lanes[k].th[i], NULL);
 }
 
 /* --- Loop side ----------------------------------------------------------------------------- */
@@ -780,9 +918,8 @@ static void wait_done(void *arg, int finishing)
     job_free(j);
 }
 
-static void job_after(uv_work_t *w, int status)
+static void job_after(struct job *j)
 {
-    struct job *j = w->data;
     json_t *rep = j->rep;
     int ok = rep && json_is_true(json_object_get(rep, "ok"));
 
@@ -821,22 +958,62 @@ static void job_after(uv_work_t *w, int status)
     job_free(j);
 }
 
+static void async_closed(uv_handle_t *h)
+{
+    struct dlv_ctl *ctl = h->data;
+    ctl->async_closed = 1;
+}
+
+/* async_cb - finished jobs, all of them (uv_async_send coalesces). */
+static void async_cb(uv_async_t *h)
+{
+    struct dlv_ctl *ctl = h->data;
+    struct job *list;
+
+    pthread_mutex_lock(&ctl->mu);
+    list = ctl->done_head;
+    ctl->done_head = ctl->done_tail = NULL;
+    pthread_mutex_unlock(&ctl->mu);
+    while (list) {
+        struct job *j = list;
+        list = j->next;
+        j->next = NULL;
+        if (--ctl->inflight == 0)
+            uv_unref((uv_handle_t *)&ctl->async);
+        job_after(j);
+    }
+    if (ctl->stopping && ctl->inflight == 0 && !uv_is_closing((uv_handle_t *)&ctl->async))
+        uv_close((uv_handle_t *)&ctl->async, async_closed);
+}
+
 static void job_queue(struct job *j)
 {
-    int r;
+    struct dlv_ctl *ctl = j->ctl;
+    struct lane *ln = &ctl->lanes[ctl_cmd_is_write(j->cmd) ? LANE_WRITE : LANE_READ];
 
-    j->w.data = j;
-    if ((r = job_fence(j)) < 0) {
+    if (ctl->stopping || !ctl->threads_up) {
+        ctl_req_reply(j->rq, ctl_reply_error(CTL_E_FAILED, "sluice-deliver is stopping"));
+        job_free(j);
+        return;
+    }
+    if (job_fence(j) < 0) {
         ctl_req_reply(j->rq, ctl_reply_error(CTL_E_FAILED, "%s: too many operator commands "
                                              "at once; try again", ctl_cmd_name(j->cmd)));
         job_free(j);
         return;
     }
-    if (uv_queue_work(j->ctl->loop, &j->w, job_work, job_after) < 0) {
-        job_unfence(j);
-        ctl_req_reply(j->rq, ctl_reply_error(CTL_E_FAILED, "cannot queue work"));
-        job_free(j);
-    }
+    if (!ctl_cmd_is_write(j->cmd))
+        j->client_fd = ctl_req_dup_fd(j->rq);  /* < 0: it is not watched, no harm */
+    if (ctl->inflight++ == 0)
+        uv_ref((uv_handle_t *)&ctl->async);
+    pthread_mutex_lock(&ctl->mu);
+    if (ln->tail)
+        ln->tail->next = j;
+    else
+        ln->head = j;
+    ln->tail = j;
+    pthread_cond_broadcast(&ctl->cv);
+    pthread_mutex_unlock(&ctl->mu);
 }
 
 static void op_done(void *arg, int status, long count)
@@ -847,7 +1024,7 @@ static void op_done(void *arg, int status, long count)
 
     j->op_status = status;
     j->op_due = count;
-    /* the reply is built now (the state as of the change); the pool adds count and audit */
+    /* the reply is built now (the state as of the change); the lane adds count and audit */
     json_t *extra = json_pack("{s:s}", "state", state);
     if (j->cmd == CTL_CMD_release)
         json_object_set_new(extra, "due", json_integer(count));
@@ -872,6 +1049,7 @@ static struct job *job_new(struct dlv_ctl *ctl, struct ctl_req *rq, const json_t
     j->req = json_deep_copy(req);
     j->uid = ctl_req_peer(rq)->uid;
     j->count = -1;
+    j->client_fd = -1;
     snprintf(j->actor, sizeof(j->actor), "%s", ctl_req_actor(rq));
     return j;
 }
@@ -1154,16 +1332,28 @@ int dlv_ctl_start(struct dlv_ctl **out, uv_loop_t *loop, struct dlv *d, struct s
     for (int i = 0; i < CTL_NCMDS; i++)   /* the suspension commands are sluice-policyd's */
         if (i != CTL_CMD_suspensions && i != CTL_CMD_suspend && i != CTL_CMD_unsuspend)
             o.handlers[i] = handle;
-    r = ctl_server_start(&ctl->srv, &o, err, errlen);
+    ctl->query_timeout_ms = c->control.query_timeout_ms;
+    pthread_mutex_init(&ctl->mu, NULL);
+    pthread_cond_init(&ctl->cv, NULL);
+    uv_async_init(loop, &ctl->async, async_cb);
+    ctl->async.data = ctl;
+    uv_unref((uv_handle_t *)&ctl->async);   /* referenced only while jobs are out */
     *out = ctl;
-    return r;
+    if ((r = lanes_start(ctl)) < 0) {
+        snprintf(err, errlen, "cannot start the control threads: %s", strerror(-r));
+        return r;
+    }
+    ctl->threads_up = 1;
+    return ctl_server_start(&ctl->srv, &o, err, errlen);
 }
 
 void dlv_ctl_reload(struct dlv_ctl *ctl, const struct conf *c)
 {
-    if (ctl)
-        snprintf(ctl->policy_map, sizeof(ctl->policy_map), "%s", c->dsn.policy_map);
-    if (ctl && ctl->srv)
+    if (!ctl)
+        return;
+    ctl->query_timeout_ms = c->control.query_timeout_ms;
+    snprintf(ctl->policy_map, sizeof(ctl->policy_map), "%s", c->dsn.policy_map);
+    if (ctl->srv)
         ctl_server_set_admin_group(ctl->srv, c->control.admin_group);
     if (ctl)
         snprintf(ctl->tenants, sizeof(ctl->tenants), "%s", c->api.tenants);
@@ -1187,14 +1377,22 @@ void dlv_ctl_status_hook(struct dlv_ctl *ctl, const char *key, json_t *(*fn)(voi
 
 void dlv_ctl_stop(struct dlv_ctl *ctl)
 {
-    if (ctl)
-        ctl_server_stop(ctl->srv);
+    if (!ctl || ctl->stopping)
+        return;
+    ctl->stopping = 1;
+    ctl_server_stop(ctl->srv);
+    /* jobs still out come back first (a bulk change finishes its chunks) */
+    if (ctl->inflight == 0)
+        uv_close((uv_handle_t *)&ctl->async, async_closed);
 }
 
 void dlv_ctl_free(struct dlv_ctl *ctl)
 {
     if (!ctl)
         return;
+    lanes_join(ctl);
     ctl_server_free(ctl->srv);
+    pthread_cond_destroy(&ctl->cv);
+    pthread_mutex_destroy(&ctl->mu);
     free(ctl);
 }

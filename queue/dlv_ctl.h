@@ -13,10 +13,15 @@
  *                                   normal_reply_ms,slow_bound_ms,closing},...]
  *   queue {mailstore,state,sender,rcpt,older_than,limit} -> "recipients":[...],"total","more"
  *   show {qid,body}              -> "message":{...,"recipients":[...],"body"?}
- *   affected {mailstore,domain,after,limit} -> "recipients":[{rcpt,queued,held,messages,oldest,
- *                                   last_reply}]; with domain (the reseller API's query,
- *                                   address order, paged by after/limit) also mailstore,
- *                                   last_attempt, and "more"
+ *   affected {mailstore,domain,after,limit,rows,counts_only} -> "recipients":[{rcpt,queued,
+ *                                   held,messages,oldest,last_reply}] by address
+ *                                   (spool_query_users), "more", "next_after" (where the next
+ *                                   page starts) when more; with "rows":true "columns" and
+ *                                   "rows" (arrays) instead; with "counts_only":true no
+ *                                   last_reply (cheaper: users). With domain and without
+ *                                   counts_only: the reseller API's query
+ *                                   (spool_query_domain_users: also mailstore, last_attempt;
+ *                                   "domain"), paged by after/limit in its address order
  *   audit {limit,since}          -> "audit":[{id,at,uid,user,daemon,cmd,scope,reason,args,
  *                                   count,result},...]
  *   pause {mailstore,reason,public_reason,wait} -> "mailstore","state","count" (recipients
@@ -36,6 +41,8 @@
  * Every write command leaves an audit row (audit.h) with the caller's user name, the scope,
  * the reason and the count, whether it succeeded or not. The first protocol (no "v":
  * status, pause, release) is still answered in its own reply shape.
+ * Commands run on the module's own threads, never on the libuv pool the deliveries use; a
+ * read is bounded by [control] query_timeout and stopped when its client goes away.
  */
 #ifndef SLUICE_DLV_CTL_H
 #define SLUICE_DLV_CTL_H

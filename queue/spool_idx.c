@@ -5,8 +5,13 @@
 #include "spool_idx.h"
 
 #include <errno.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <string.h>
+#include <time.h>
+
+#include "log.h"
+#include "spool.h"
 
 static const char *const stmt_sql[SPOOL_IDX_NSTMT] = {
 #define XX(name, sql) sql,
@@ -33,23 +38,67 @@ static const char schema_v1[] =
     "CREATE INDEX IF NOT EXISTS recipients_due ON recipients(mailstore, state, next_attempt);"
     "PRAGMA user_version=1;";
 
-/* user_version 2: what returning mail to its sender needs (docs/delivery.md "Mail that
+/* queue_counts: one side of a recipient's move, added (+) or taken away (-). A message counts
+ * once per mailstore: its first waiting recipient there adds it and its size, its last one
+ * takes them away, hence the look for another waiting row of the same (qid, mailstore)
+ * (recipients_wait answers it with two seeks). */
+#define COUNTS_MOVE(row, sign, cond) \
+    " INSERT INTO queue_counts(mailstore, queued, held, messages, bytes)" \
+    "  SELECT " row ".mailstore, " sign "(" row ".state=0), " sign "(" row ".state=2), " sign "f," \
+    "  CASE WHEN f THEN " sign "coalesce((SELECT size FROM messages WHERE qid=" row ".qid), 0)" \
+    "  ELSE 0 END FROM (SELECT NOT EXISTS(SELECT 1 FROM recipients WHERE" \
+    "  mailstore=" row ".mailstore AND state IN (0, 2) AND qid=" row ".qid AND id<>" row ".id)" \
+    "  AS f) WHERE " cond \
+    "  ON CONFLICT(mailstore) DO UPDATE SET queued=queued+excluded.queued," \
+    "  held=held+excluded.held, messages=messages+excluded.messages," \
+    "  bytes=bytes+excluded.bytes;"
+
+/* user_version 2 (incident scale, docs/spool.md "Answering at incident scale"):
+ *   rcpt_key      the address as the operator's questions see it (spool_rcpt_key: lowercase,
+ *                 domain first), so one mailstore's users are one ordered range;
+ *   recipients_wait  (mailstore, state, qid): a mailstore's oldest waiting mail and its
+ *                 listing in queue order without a sort;
+ *   recipients_user  (mailstore, rcpt_key, state, qid) over waiting rows: affected and
+ *                 users read it in address order, a page or a domain at a time;
+ *   queue_counts  per mailstore: queued and held recipients, messages and their bytes,
+ *                 kept by triggers in the transaction of every change that moves them. */
+static const char schema_v2[] =
+    "ALTER TABLE recipients ADD COLUMN rcpt_key TEXT NOT NULL DEFAULT '';"
+    "UPDATE recipients SET rcpt_key=sluice_rcpt_key(rcpt);"
+    "CREATE INDEX IF NOT EXISTS recipients_wait ON recipients(mailstore, state, qid);"
+    "CREATE INDEX IF NOT EXISTS recipients_user ON recipients(mailstore, rcpt_key, state, qid)"
+    " WHERE state<>1;"
+    "CREATE TABLE IF NOT EXISTS queue_counts(mailstore TEXT PRIMARY KEY,"
+    " queued INTEGER NOT NULL DEFAULT 0, held INTEGER NOT NULL DEFAULT 0,"
+    " messages INTEGER NOT NULL DEFAULT 0, bytes INTEGER NOT NULL DEFAULT 0) WITHOUT ROWID;"
+    "DELETE FROM queue_counts;"
+    "INSERT INTO queue_counts(mailstore, queued, held, messages, bytes) " SPOOL_IDX_RECOUNT_SQL ";"
+    "CREATE TRIGGER IF NOT EXISTS recipients_count_ins AFTER INSERT ON recipients"
+    " WHEN new.state<>1 BEGIN" COUNTS_MOVE("new", "", "1") " END;"
+    "CREATE TRIGGER IF NOT EXISTS recipients_count_del AFTER DELETE ON recipients"
+    " WHEN old.state<>1 BEGIN" COUNTS_MOVE("old", "-", "1") " END;"
+    "CREATE TRIGGER IF NOT EXISTS recipients_count_upd AFTER UPDATE OF state, mailstore"
+    " ON recipients WHEN old.state<>new.state OR old.mailstore<>new.mailstore BEGIN"
+    COUNTS_MOVE("new", "", "new.state<>1") COUNTS_MOVE("old", "-", "old.state<>1") " END;"
+    "PRAGMA user_version=2;";
+
+/* user_version 3: what returning mail to its sender needs (docs/delivery.md "Mail that
  * cannot be delivered"). bounce_at: a held recipient the bounce policy returns at that
  * time (NULL: never); dsn_owed: a delivered recipient whose success DSN is still to be
  * queued (SPOOL_DSN_*); delay_dsn: its delay DSN was queued. The partial indexes hold only
  * the few rows with something pending, so the scans that find them cost what they return. */
-static const char schema_v2[] =
+static const char schema_v3[] =
     "ALTER TABLE recipients ADD COLUMN bounce_at INTEGER;"
     "ALTER TABLE recipients ADD COLUMN dsn_owed INTEGER NOT NULL DEFAULT 0;"
     "ALTER TABLE recipients ADD COLUMN delay_dsn INTEGER NOT NULL DEFAULT 0;"
     "CREATE INDEX IF NOT EXISTS recipients_bounce ON recipients(mailstore, bounce_at)"
     " WHERE bounce_at IS NOT NULL;"
     "CREATE INDEX IF NOT EXISTS recipients_dsn_owed ON recipients(qid) WHERE dsn_owed<>0;"
-    "PRAGMA user_version=2;";
+    "PRAGMA user_version=3;";
 
-/* Schema steps, oldest first: step i takes user_version i to i + 1. */
-static const char *const schema_steps[] = { schema_v1, schema_v2 };
-#define SPOOL_IDX_VERSION ((int)(sizeof(schema_steps) / sizeof(schema_steps[0])))
+/* Numbered steps: schema_steps[v - 1] takes an index from user_version v - 1 to v. */
+static const char *const schema_steps[] = { schema_v1, schema_v2, schema_v3 };
+#define SCHEMA_VERSION ((int)(sizeof(schema_steps) / sizeof(schema_steps[0])))
 
 int spool_idx_errno(int rc)
 {
@@ -95,6 +144,70 @@ static int user_version(struct spool_idx *ix, int *version)
     return rc == SQLITE_ROW ? 0 : spool_idx_errno(rc) ? spool_idx_errno(rc) : -EIO;
 }
 
+/* sluice_rcpt_key(rcpt): spool_rcpt_key in SQL, for the step that fills rcpt_key. */
+static void sql_rcpt_key(sqlite3_context *ctx, int argc, sqlite3_value **argv)
+{
+    const char *a = (const char *)sqlite3_value_text(argv[0]);
+    char key[SPOOL_ADDR_MAX + 2];
+
+    (void)argc;
+    if (spool_rcpt_key(a ? a : "", key, sizeof(key)) < 0)
+        snprintf(key, sizeof(key), "%.*s", (int)sizeof(key) - 1, a ? a : "");
+    sqlite3_result_text(ctx, key, -1, SQLITE_TRANSIENT);
+}
+
+/* busy - wait for the other daemon's write transaction in steps of a millisecond: they last
+ * a few (a group commit, a chunk of a bulk change), and SQLite's own handler sleeps up to
+ * 100 ms between tries, which a gateway's commit would then wait on top. */
+static int busy(void *arg, int n)
+{
+    struct spool_idx *ix = arg;
+    struct timespec now, d = { 0, n < 100 ? 1000000L : 5000000L };
+
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    int64_t ms = (int64_t)now.tv_sec * 1000 + now.tv_nsec / 1000000;
+    if (n == 0)
+        ix->busy_since = ms;
+    if (ms - ix->busy_since >= ix->busy_ms)
+        return 0;
+    nanosleep(&d, NULL);
+    return 1;
+}
+
+/* migrate - run the numbered steps from the index's user_version to SCHEMA_VERSION, each in
+ * its own transaction. The version is read again inside it: the other daemon may have
+ * upgraded the index while we waited for the lock (which may take a while on a big spool:
+ * the wait is SPOOL_IDX_MIGRATE_MS, not the usual busy timeout). */
+static int migrate(struct spool_idx *ix, const char *path)
+{
+    int version = 0, r;
+
+    if ((r = user_version(ix, &version)) < 0 || version >= SCHEMA_VERSION)
+        return r;
+    int fresh = version == 0;
+    ix->busy_ms = SPOOL_IDX_MIGRATE_MS;
+    while (r == 0) {
+        if ((r = spool_idx_begin(ix)) < 0)
+            break;
+        if ((r = user_version(ix, &version)) < 0 || version >= SCHEMA_VERSION) {
+            spool_idx_rollback(ix);
+            break;
+        }
+        if (version > 0 && !fresh)
+            log_notice("spool: upgrading %s from schema %d to %d", path, version, version + 1);
+        if ((r = exec(ix, schema_steps[version])) < 0) {
+            log_err("spool: upgrading %s to schema %d failed: %s", path, version + 1,
+                    sqlite3_errmsg(ix->db));
+            spool_idx_rollback(ix);
+            break;
+        }
+        if ((r = spool_idx_commit(ix)) == 0 && version > 0 && !fresh)
+            log_notice("spool: %s is at schema %d", path, version + 1);
+    }
+    ix->busy_ms = SPOOL_IDX_BUSY_MS;
+    return r;
+}
+
 int spool_idx_open(struct spool_idx *ix, const char *path, int readonly, char *err,
                    size_t errlen)
 {
@@ -110,9 +223,15 @@ int spool_idx_open(struct spool_idx *ix, const char *path, int readonly, char *e
         return spool_idx_errno(rc) ? spool_idx_errno(rc) : -EIO;
     }
     sqlite3_extended_result_codes(ix->db, 1);
-    sqlite3_busy_timeout(ix->db, SPOOL_IDX_BUSY_MS);
+    ix->busy_ms = SPOOL_IDX_BUSY_MS;
+    sqlite3_busy_handler(ix->db, busy, ix);
     /* synchronous is per connection: FULL makes every WAL commit durable (integration 4.1) */
     if ((r = exec(ix, "PRAGMA synchronous=FULL")) < 0)
+        goto fail;
+    /* The sub-journals of savepoints and multi-row statements (one per message in a group
+     * commit, one per chunk of a bulk change) in memory: as temporary files each was created,
+     * written and unlinked every time, several system calls per transaction. */
+    if ((r = exec(ix, "PRAGMA temp_store=MEMORY")) < 0)
         goto fail;
     if (!readonly) {
         if ((r = exec(ix, "PRAGMA journal_mode=WAL")) < 0)
@@ -127,35 +246,29 @@ int spool_idx_open(struct spool_idx *ix, const char *path, int readonly, char *e
             r = -EIO;
             goto fail;
         }
-        /* Only an index older than this program gets schema steps: opening a current one
-         * writes nothing, so a daemon can start on a full file system (and the deliverer
-         * then frees space). The version is read again inside the write transaction: the
-         * other daemon may have upgraded it meanwhile, and ALTER TABLE is not idempotent. */
-        int version = 0;
-        if ((r = user_version(ix, &version)) < 0)
+        if (sqlite3_create_function(ix->db, "sluice_rcpt_key", 1,
+                                    SQLITE_UTF8 | SQLITE_DETERMINISTIC, NULL, sql_rcpt_key,
+                                    NULL, NULL) != SQLITE_OK) {
+            r = -ENOMEM;
             goto fail;
-        if (version < SPOOL_IDX_VERSION) {
-            if ((r = spool_idx_begin(ix)) < 0)
-                goto fail;
-            if ((r = user_version(ix, &version)) < 0) {
-                spool_idx_rollback(ix);
-                goto fail;
-            }
-            for (int v = version; v < SPOOL_IDX_VERSION; v++) {
-                if ((r = exec(ix, schema_steps[v])) < 0) {
-                    spool_idx_rollback(ix);
-                    goto fail;
-                }
-            }
-            if ((r = spool_idx_commit(ix)) < 0)
-                goto fail;
         }
+        /* Only a new or older index gets written here: opening a current one writes
+         * nothing, so a daemon can start on a full file system (and the deliverer then
+         * frees space). An upgrade needs room for its new indexes. */
+        if ((r = migrate(ix, path)) < 0)
+            goto fail;
     }
     return 0;
 fail:
     snprintf(err, errlen, "%s: %s", path, sqlite3_errmsg(ix->db));
     spool_idx_close(ix);
     return r;
+}
+
+int spool_idx_version(struct spool_idx *ix)
+{
+    int version = 0;
+    return user_version(ix, &version) < 0 ? -EIO : version;
 }
 
 void spool_idx_close(struct spool_idx *ix)

@@ -111,6 +111,29 @@ static int pread_full(int fd, void *buf, size_t len, off_t off)
 }
 
 /* Find and check the header; set *payload_off to where the payload starts in the file. */
+/* hdr_check - the header at raw against what the index says of the record. */
+static int hdr_check(const unsigned char raw[SPOOL_REC_HDR_LEN], int inline_rec, uint64_t reclen,
+                     const char *qid, struct spool_rec_hdr *h, const char **why)
+{
+    int r;
+
+    if ((r = spool_rec_hdr_decode(raw, h, why)) < 0)
+        return r;
+    if (strncmp(h->qid, qid, QID_SIZE) != 0) {
+        *why = "record belongs to another queue ID";
+        return -EBADMSG;
+    }
+    if (h->len != reclen - SPOOL_REC_HDR_LEN) {
+        *why = "record length does not match the index";
+        return -EBADMSG;
+    }
+    if (!inline_rec != ((h->flags & SPOOL_REC_TRAILER) != 0)) {
+        *why = "record form does not match its place";
+        return -EBADMSG;
+    }
+    return 0;
+}
+
 static int locate(int fd, int64_t off, uint64_t reclen, const char *qid, struct spool_rec_hdr *h,
                   off_t *payload_off, const char **why)
 {
@@ -141,21 +164,7 @@ static int locate(int fd, int64_t off, uint64_t reclen, const char *qid, struct 
             *why = "record truncated";
         return r;
     }
-    if ((r = spool_rec_hdr_decode(raw, h, why)) < 0)
-        return r;
-    if (strncmp(h->qid, qid, QID_SIZE) != 0) {
-        *why = "record belongs to another queue ID";
-        return -EBADMSG;
-    }
-    if (h->len != reclen - SPOOL_REC_HDR_LEN) {
-        *why = "record length does not match the index";
-        return -EBADMSG;
-    }
-    if ((off < 0) != ((h->flags & SPOOL_REC_TRAILER) != 0)) {
-        *why = "record form does not match its place";
-        return -EBADMSG;
-    }
-    return 0;
+    return hdr_check(raw, off >= 0, reclen, qid, h, why);
 }
 
 int spool_rec_read(int fd, int64_t off, uint64_t reclen, const char *qid, char **buf,
@@ -228,6 +237,29 @@ int spool_rec_check(int fd, int64_t off, uint64_t reclen, const char *qid, int p
     }
     free(chunk);
     if (crc != h.crc) {
+        *why = "record payload CRC mismatch";
+        return -EBADMSG;
+    }
+    return 0;
+}
+
+int spool_rec_check_mem(const unsigned char *rec, size_t have, uint64_t reclen, const char *qid,
+                        int payload, const char **why)
+{
+    struct spool_rec_hdr h;
+    int r;
+
+    if (reclen < SPOOL_REC_HDR_LEN) {
+        *why = "index record length too small";
+        return -EBADMSG;
+    }
+    if (have < (payload ? reclen : SPOOL_REC_HDR_LEN)) {
+        *why = "record truncated";
+        return -EBADMSG;
+    }
+    if ((r = hdr_check(rec, 1, reclen, qid, &h, why)) < 0 || !payload)
+        return r;
+    if (crc32c(0, rec + SPOOL_REC_HDR_LEN, (size_t)h.len) != h.crc) {
         *why = "record payload CRC mismatch";
         return -EBADMSG;
     }

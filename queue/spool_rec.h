@@ -27,5 +27,10 @@ int spool_rec_read(int fd, int64_t off, uint64_t reclen, const char *qid, char *
  * recovery. payload = 0 checks only the header against the index (cheap). */
 int spool_rec_check(int fd, int64_t off, uint64_t reclen, const char *qid, int payload,
                     const char **why);
+/* spool_rec_check on an inline record already read into memory: rec holds `have` bytes from
+ * the record's offset on (the header alone is enough when payload = 0; a shorter `have` is a
+ * truncated record). For recovery, which reads its segments in large sequential blocks. */
+int spool_rec_check_mem(const unsigned char *rec, size_t have, uint64_t reclen, const char *qid,
+                        int payload, const char **why);
 
 #endif

@@ -78,11 +78,13 @@ def rows():
         for k in range(10):
             u = rnd.randrange(nusers)
             tried = k % 3 != 0           # two in three tried once and deferred
-            yield ("B%015d" % m, "user%d@d%d.example" % (u, u % 100), "ms%d" % (u % 3 + 1),
+            # rcpt_key as spool_rcpt_key writes it (spool.h): domain first, for ASCII just this
+            yield ("B%015d" % m, "user%d@d%d.example" % (u, u % 100),
+                   "d%d.example@user%d" % (u % 100, u), "ms%d" % (u % 3 + 1),
                    1 if tried else 0, now + 600 if tried else 0,
                    "451 4.3.0 busy" if tried else None, now)
-db.executemany("INSERT INTO recipients(qid, rcpt, mailstore, state, attempts, next_attempt,"
-               " last_reply, updated_at) VALUES(?,?,?,0,?,?,?,?)", rows())
+db.executemany("INSERT INTO recipients(qid, rcpt, rcpt_key, mailstore, state, attempts,"
+               " next_attempt, last_reply, updated_at) VALUES(?,?,?,?,0,?,?,?,?)", rows())
 db.commit()
 print("  %d recipients queued" % db.execute("SELECT count(*) FROM recipients WHERE state=0")
       .fetchone()[0])

@@ -414,8 +414,9 @@ def test_spool_verify(ctl_deliverer, fake_lmtp):
     d.inject(["alice@example.test:ms1"], n=3)
     out = d.ok("spool", "verify")
     assert "every record's CRC is good" in out
+    assert "the queue counters match the recipients" in out
     j = d.js("spool", "verify")
-    assert j["ok"] is True and j["bad"] == 0 and j["records"] == []
+    assert j["ok"] is True and j["bad"] == 0 and j["records"] == [] and j["counters"] == []
 
 
 # ------------------------------------------------------------------ the runbook

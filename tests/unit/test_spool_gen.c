@@ -570,7 +570,7 @@ static void test_upgrade_from_v1(void **state)
     sqlite3_close(db);
     struct spool_opts o = { .dir = f->dir };
     assert_int_equal(spool_open(&f->dl, &o, err, sizeof(err)), 0);
-    assert_int_equal(count_rows(f, "PRAGMA user_version"), 2);
+    assert_int_equal(count_rows(f, "PRAGMA user_version"), 3);
     assert_int_equal(spool_rcpts(f->dl, "1K1YAAAAAAAAAAAA", rc, 2), 1);
     assert_int_equal(rc[0].bounce_at, 0);
     assert_int_equal(rc[0].dsn_owed, 0);
