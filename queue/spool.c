@@ -645,18 +645,23 @@ static int seg_append(struct spool *sp, struct spool_msg *batch, struct iovec *i
 
 /* ---------------------------------------------------------------- the writer */
 
-static int index_insert(struct spool *sp, struct spool_msg *m, int64_t now)
+/* where a message's record is, for its index row */
+struct rec_loc { uint64_t seg; int64_t off; uint64_t reclen; uint32_t crc; };
+
+/* insert_rows - a message's row and its recipients' rows, inside the caller's transaction:
+ * one place for what a row holds, for received mail and generated mail (DSNs) alike. */
+static int insert_rows(struct spool_idx *ix, const char *qid, uint64_t size,
+                       const struct spool_env *e, const struct rec_loc *loc,
+                       const struct spool_rcpt_in *rcpts, size_t nrcpt, int64_t now)
 {
-    struct spool_idx *ix = &sp->wix;
     sqlite3_stmt *st = spool_idx_stmt(ix, SPOOL_IDX_INS_MSG);
-    const struct spool_env *e = &m->env;
     int r;
 
     if (!st)
         return -EIO;
-    sqlite3_bind_text(st, 1, m->qid, -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 1, qid, -1, SQLITE_STATIC);
     sqlite3_bind_int64(st, 2, now);
-    sqlite3_bind_int64(st, 3, (int64_t)m->size);
+    sqlite3_bind_int64(st, 3, (int64_t)size);
     sqlite3_bind_text(st, 4, e->sender, -1, SQLITE_STATIC);
     sqlite3_bind_text(st, 5, e->dsn_ret, -1, SQLITE_STATIC);
     sqlite3_bind_text(st, 6, e->dsn_envid, -1, SQLITE_STATIC);
@@ -667,17 +672,20 @@ static int index_insert(struct spool *sp, struct spool_msg *m, int64_t now)
     sqlite3_bind_text(st, 11, e->spf, -1, SQLITE_STATIC);
     sqlite3_bind_int(st, 12, e->smtputf8);
     sqlite3_bind_int(st, 13, e->body_8bit);
-    sqlite3_bind_int64(st, 14, (int64_t)m->seg);
-    sqlite3_bind_int64(st, 15, (int64_t)m->off);
-    sqlite3_bind_int64(st, 16, (int64_t)m->reclen);
-    sqlite3_bind_int64(st, 17, m->crc);
+    sqlite3_bind_int64(st, 14, (int64_t)loc->seg);
+    sqlite3_bind_int64(st, 15, loc->off);
+    sqlite3_bind_int64(st, 16, (int64_t)loc->reclen);
+    sqlite3_bind_int64(st, 17, loc->crc);
     if ((r = spool_idx_step_done(ix, st)) < 0)
         return r;
-    for (size_t i = 0; i < m->nrcpt; i++) {
-        const struct spool_rcpt_in *rc = &m->rcpts[i];
+    for (size_t i = 0; i < nrcpt; i++) {
+        const struct spool_rcpt_in *rc = &rcpts[i];
+        char key[SPOOL_ADDR_MAX + 2];
+        if (spool_rcpt_key(rc->rcpt, key, sizeof(key)) < 0)
+            return -ENAMETOOLONG;
         if (!(st = spool_idx_stmt(ix, SPOOL_IDX_INS_RCPT)))
             return -EIO;
-        sqlite3_bind_text(st, 1, m->qid, -1, SQLITE_STATIC);
+        sqlite3_bind_text(st, 1, qid, -1, SQLITE_STATIC);
         sqlite3_bind_text(st, 2, rc->rcpt, -1, SQLITE_STATIC);
         sqlite3_bind_text(st, 3, rc->orcpt, -1, SQLITE_STATIC);
         sqlite3_bind_text(st, 4, rc->notify, -1, SQLITE_STATIC);
@@ -685,14 +693,18 @@ static int index_insert(struct spool *sp, struct spool_msg *m, int64_t now)
         sqlite3_bind_int(st, 6, rc->hold_reason ? SPOOL_HELD : SPOOL_QUEUED);
         sqlite3_bind_int64(st, 7, now);
         sqlite3_bind_text(st, 8, rc->hold_reason, -1, SQLITE_STATIC);
-        char key[SPOOL_ADDR_MAX + 2];
-        if (spool_rcpt_key(rc->rcpt, key, sizeof(key)) < 0)
-            return -ENAMETOOLONG;
         sqlite3_bind_text(st, 9, key, -1, SQLITE_TRANSIENT);
         if ((r = spool_idx_step_done(ix, st)) < 0)
             return r;
     }
     return 0;
+}
+
+static int index_insert(struct spool *sp, struct spool_msg *m, int64_t now)
+{
+    struct rec_loc loc = { m->seg, (int64_t)m->off, m->reclen, m->crc };
+
+    return insert_rows(&sp->wix, m->qid, m->size, &m->env, &loc, m->rcpts, m->nrcpt, now);
 }
 
 /* One SQLite transaction for the batch, one savepoint per message so that one bad row fails
@@ -2301,51 +2313,9 @@ fail:
  * transaction on six). */
 static int gen_insert(struct spool_idx *ix, const struct spool_gen *g, int64_t now)
 {
-    sqlite3_stmt *st = spool_idx_stmt(ix, SPOOL_IDX_INS_MSG);
-    const struct spool_env *e = g->env;
-    int r;
+    struct rec_loc loc = { 0, 0, g->len + SPOOL_REC_HDR_LEN, crc32c(0, g->data, g->len) };
 
-    if (!st)
-        return -EIO;
-    sqlite3_bind_text(st, 1, g->qid, -1, SQLITE_STATIC);
-    sqlite3_bind_int64(st, 2, now);
-    sqlite3_bind_int64(st, 3, (int64_t)g->len);
-    sqlite3_bind_text(st, 4, e->sender, -1, SQLITE_STATIC);
-    sqlite3_bind_text(st, 5, e->dsn_ret, -1, SQLITE_STATIC);
-    sqlite3_bind_text(st, 6, e->dsn_envid, -1, SQLITE_STATIC);
-    sqlite3_bind_text(st, 7, e->client_addr, -1, SQLITE_STATIC);
-    sqlite3_bind_text(st, 8, e->client_name, -1, SQLITE_STATIC);
-    sqlite3_bind_text(st, 9, e->helo, -1, SQLITE_STATIC);
-    sqlite3_bind_text(st, 10, e->tls, -1, SQLITE_STATIC);
-    sqlite3_bind_text(st, 11, e->spf, -1, SQLITE_STATIC);
-    sqlite3_bind_int(st, 12, e->smtputf8);
-    sqlite3_bind_int(st, 13, e->body_8bit);
-    sqlite3_bind_int64(st, 14, 0);
-    sqlite3_bind_int64(st, 15, 0);
-    sqlite3_bind_int64(st, 16, (int64_t)(g->len + SPOOL_REC_HDR_LEN));
-    sqlite3_bind_int64(st, 17, crc32c(0, g->data, g->len));
-    if ((r = spool_idx_step_done(ix, st)) < 0)
-        return r;
-    for (size_t i = 0; i < g->nrcpt; i++) {
-        const struct spool_rcpt_in *rc = &g->rcpts[i];
-        if (!(st = spool_idx_stmt(ix, SPOOL_IDX_INS_RCPT)))
-            return -EIO;
-        sqlite3_bind_text(st, 1, g->qid, -1, SQLITE_STATIC);
-        sqlite3_bind_text(st, 2, rc->rcpt, -1, SQLITE_STATIC);
-        sqlite3_bind_text(st, 3, rc->orcpt, -1, SQLITE_STATIC);
-        sqlite3_bind_text(st, 4, rc->notify, -1, SQLITE_STATIC);
-        sqlite3_bind_text(st, 5, rc->mailstore, -1, SQLITE_STATIC);
-        sqlite3_bind_int(st, 6, rc->hold_reason ? SPOOL_HELD : SPOOL_QUEUED);
-        sqlite3_bind_int64(st, 7, now);
-        sqlite3_bind_text(st, 8, rc->hold_reason, -1, SQLITE_STATIC);
-        char key[SPOOL_ADDR_MAX + 2];
-        if (spool_rcpt_key(rc->rcpt, key, sizeof(key)) < 0)
-            return -ENAMETOOLONG;
-        sqlite3_bind_text(st, 9, key, -1, SQLITE_TRANSIENT);
-        if ((r = spool_idx_step_done(ix, st)) < 0)
-            return r;
-    }
-    return 0;
+    return insert_rows(ix, g->qid, g->len, g->env, &loc, g->rcpts, g->nrcpt, now);
 }
 
 /* gen_change - one recipient change with its condition; *qid gets the message it belongs to.
