@@ -1533,12 +1533,14 @@ static int fetch_rcpts(struct spool *sp, sqlite3_stmt *st, struct spool_rcpt *ou
     return n;
 }
 
-int spool_due(struct spool *sp, const char *mailstore, int64_t now, struct spool_rcpt *out,
-              int max)
+/* rows_of_mailstore - one of the reads of a mailstore's rows by time (due now, to be returned
+ * now): the statement takes (mailstore, now, limit) */
+static int rows_of_mailstore(struct spool *sp, enum spool_idx_stmt which, const char *mailstore,
+                             int64_t now, struct spool_rcpt *out, int max)
 {
     int r;
     pthread_mutex_lock(&sp->smu);
-    sqlite3_stmt *st = spool_idx_stmt(&sp->six, SPOOL_IDX_DUE);
+    sqlite3_stmt *st = spool_idx_stmt(&sp->six, which);
     if (!st) {
         r = -EIO;
     } else {
@@ -1549,6 +1551,12 @@ int spool_due(struct spool *sp, const char *mailstore, int64_t now, struct spool
     }
     pthread_mutex_unlock(&sp->smu);
     return r;
+}
+
+int spool_due(struct spool *sp, const char *mailstore, int64_t now, struct spool_rcpt *out,
+              int max)
+{
+    return rows_of_mailstore(sp, SPOOL_IDX_DUE, mailstore, now, out, max);
 }
 
 int spool_rcpts(struct spool *sp, const char *qid, struct spool_rcpt *out, int max)
@@ -2185,19 +2193,7 @@ int spool_verify(struct spool *sp, void (*report)(const char *qid, const char *w
 int spool_bounce_due(struct spool *sp, const char *mailstore, int64_t now,
                      struct spool_rcpt *out, int max)
 {
-    int r;
-    pthread_mutex_lock(&sp->smu);
-    sqlite3_stmt *st = spool_idx_stmt(&sp->six, SPOOL_IDX_BOUNCE_DUE);
-    if (!st) {
-        r = -EIO;
-    } else {
-        sqlite3_bind_text(st, 1, mailstore, -1, SQLITE_STATIC);
-        sqlite3_bind_int64(st, 2, now);
-        sqlite3_bind_int(st, 3, max);
-        r = fetch_rcpts(sp, st, out, max);
-    }
-    pthread_mutex_unlock(&sp->smu);
-    return r;
+    return rows_of_mailstore(sp, SPOOL_IDX_BOUNCE_DUE, mailstore, now, out, max);
 }
 
 int spool_dsn_owed(struct spool *sp, struct spool_rcpt *out, int max)
