@@ -84,7 +84,11 @@ static int load_ca(SSL_CTX *ctx, const struct conf_fleet *f, char *err, size_t e
     return 0;
 }
 
-int fleet_tls_server(const struct conf *c, SSL_CTX **out, char *err, size_t errlen)
+/* tls_ctx - the fleet's TLS context for either end: the same certificate serves as server and
+ * client certificate, and the fleet's CA (a private one) is what vouches for the node at the
+ * other end, whatever name it is reached by. NULL in *out when the fleet runs without TLS. */
+static int tls_ctx(const struct conf *c, const SSL_METHOD *method, SSL_CTX **out, char *err,
+                   size_t errlen)
 {
     const struct conf_fleet *f = &c->fleet;
     SSL_CTX *ctx;
@@ -92,7 +96,7 @@ int fleet_tls_server(const struct conf *c, SSL_CTX **out, char *err, size_t errl
     *out = NULL;
     if (!f->control_tls_cert[0])
         return 0;
-    if (!(ctx = SSL_CTX_new(TLS_server_method()))) {
+    if (!(ctx = SSL_CTX_new(method))) {
         ssl_err(err, errlen, "TLS context");
         return -ENOMEM;
     }
@@ -106,28 +110,14 @@ int fleet_tls_server(const struct conf *c, SSL_CTX **out, char *err, size_t errl
     return 0;
 }
 
+int fleet_tls_server(const struct conf *c, SSL_CTX **out, char *err, size_t errlen)
+{
+    return tls_ctx(c, TLS_server_method(), out, err, errlen);
+}
+
 int fleet_tls_client(const struct conf *c, SSL_CTX **out, char *err, size_t errlen)
 {
-    const struct conf_fleet *f = &c->fleet;
-    SSL_CTX *ctx;
-
-    *out = NULL;
-    if (!f->control_tls_cert[0])
-        return 0;
-    if (!(ctx = SSL_CTX_new(TLS_client_method()))) {
-        ssl_err(err, errlen, "TLS context");
-        return -ENOMEM;
-    }
-    SSL_CTX_set_min_proto_version(ctx, TLS1_2_VERSION);
-    /* Our certificate is also our client certificate; the fleet's CA (a private one) is
-     * what vouches for the node at the other end, whatever name it is reached by. */
-    if (load_pair(ctx, f, err, errlen) < 0 || (f->control_tls_ca[0] &&
-                                               load_ca(ctx, f, err, errlen) < 0)) {
-        SSL_CTX_free(ctx);
-        return -EINVAL;
-    }
-    *out = ctx;
-    return 0;
+    return tls_ctx(c, TLS_client_method(), out, err, errlen);
 }
 
 int fleet_token_load(const struct conf *c, char *tok, size_t len, char *err, size_t errlen)
