@@ -40,7 +40,7 @@ struct dlv_remote {
 static int read_command(enum ctl_cmd c)
 {
     return c == CTL_CMD_status || c == CTL_CMD_queue || c == CTL_CMD_show ||
-           c == CTL_CMD_affected || c == CTL_CMD_audit;
+           c == CTL_CMD_affected || c == CTL_CMD_audit || c == CTL_CMD_reseller_view;
 }
 
 /* answer - the reply to one request line. */
