@@ -732,7 +732,8 @@ json_t *api_view_export(const struct api_snap *s)
                                 (json_int_t)u->queued, (json_int_t)u->held,
                                 (json_int_t)u->messages, (json_int_t)u->oldest,
                                 (json_int_t)u->last_attempt, u->last_state, u->last_reply, um);
-        if (!row)               /* not UTF-8: the node that holds it lists it itself */
+        if (!row)               /* not UTF-8 (an 8-bit local part): JSON cannot carry it, so
+                                 * only its own node's API lists it (resellers.md) */
             continue;
         json_array_append_new(users, row);
     }
