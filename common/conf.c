@@ -283,6 +283,8 @@ static const struct conf_key conf_keys[] = {
        "how often the status page reloads itself"),
     KI(API, "threads", api.threads, "2", 1, 64,
        "threads answering API requests (each reads the index on its own connection)"),
+    KR(API, "fleet_timeout", CT_DUR, api.fleet_timeout_ms, "2s", 100, 60000,
+       "with [fleet]: how long the API waits for another node's part of an answer"),
 
     K(FLEET, "etcd", CT_STR, fleet.etcd, "",
       "etcd v3 endpoints holding the fleet's operator intent, e.g. http://10.0.0.1:2379, "

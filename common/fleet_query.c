@@ -82,6 +82,12 @@ static void *ask_main(void *arg)
 int fleet_query(const struct conf *c, const json_t *req, int64_t timeout_ms, json_t **out,
                 char *err, size_t errlen)
 {
+    return fleet_query_others(c, req, timeout_ms, NULL, out, err, errlen);
+}
+
+int fleet_query_others(const struct conf *c, const json_t *req, int64_t timeout_ms,
+                       const char *skip, json_t **out, char *err, size_t errlen)
+{
     struct etcd *e = NULL;
     json_t *read = NULL, *answers = json_object(), *missing = json_array(), *n;
     struct ask *asks = NULL;
@@ -110,6 +116,8 @@ int fleet_query(const struct conf *c, const json_t *req, int64_t timeout_ms, jso
         const json_t *live = json_object_get(n, "live");
         const char *ctl = json_string_value(json_object_get(live, "control"));
         const char *why = NULL;
+        if (skip && strcmp(name, skip) == 0)
+            continue;
         if (!json_is_object(live))
             why = "not registered: down, or cut off from etcd";
         else if (!ctl || !*ctl)

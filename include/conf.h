@@ -206,6 +206,7 @@ struct conf_api {
     int64_t cache_ms;             /* a tenant's answer is reused this long */
     int64_t page_refresh_ms;
     int threads;
+    int64_t fleet_timeout_ms;     /* with [fleet]: one other node's part of an answer */
 };
 
 /* [rdns]: reverse DNS of every client at connect (gateway/gw_rdns.h, docs/policy.md). */

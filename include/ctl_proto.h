@@ -52,7 +52,8 @@
     XX(suspensions, 0) \
     XX(suspend, 1) \
     XX(unsuspend, 1) \
-    XX(reseller, 1)
+    XX(reseller, 1) \
+    XX(reseller_view, 0)
 
 enum ctl_cmd {
 #define XX(name, w) CTL_CMD_##name,

@@ -34,6 +34,10 @@
  * one; it is not taken. */
 int fleet_query(const struct conf *c, const json_t *req, int64_t timeout_ms, json_t **out,
                 char *err, size_t errlen);
+/* The same, leaving out the node called skip (NULL: none): a node that answers its own part
+ * from its own spool (the reseller API) asks only the others. */
+int fleet_query_others(const struct conf *c, const json_t *req, int64_t timeout_ms,
+                       const char *skip, json_t **out, char *err, size_t errlen);
 /* Ask one endpoint ("host:port"); *rep is its reply (ok or not). */
 int fleet_query_node(const struct conf *c, const char *hostport, const json_t *req,
                      int64_t timeout_ms, json_t **rep, char *err, size_t errlen);

@@ -30,6 +30,8 @@
 #include "api_view.h"
 #include "audit.h"
 #include "bpolicy.h"
+#include "ctl_proto.h"
+#include "fleet_query.h"
 #include "log.h"
 #include "spool_query.h"
 #include "tenants.h"
@@ -82,6 +84,10 @@ struct api {
     int dsn_relay;
     void (*policy_changed)(void *arg);
     void *policy_arg;
+    /* the fleet ([fleet] etcd set): every other node is asked for its part */
+    struct conf_fleet fleet;
+    char node[CONF_NAME_MAX];
+    int64_t fleet_timeout_ms;
 };
 
 struct upload {                 /* a request body, kept across api_answer calls */
@@ -250,6 +256,78 @@ static void sweep(struct api *a, int64_t now, struct snap_ref **drop, int *ndrop
     }
 }
 
+/* public_why - why a node did not answer, in words for a reseller: the full reason (with
+ * the node's address) goes to the log, for the operator. */
+static void public_why(const char *why, int64_t timeout_ms, char *out, size_t len)
+{
+    if (strstr(why, "in time") || strstr(why, "timed out"))
+        snprintf(out, len, "did not answer within %lld ms", (long long)timeout_ms);
+    else if (strncmp(why, "not registered", 14) == 0)
+        snprintf(out, len, "not running, or cut off from the other servers");
+    else if (strncmp(why, "no control endpoint", 19) == 0)
+        snprintf(out, len, "not set up to answer for the other servers");
+    else if (strstr(why, "answered an error"))
+        snprintf(out, len, "answered with an error");
+    else
+        snprintf(out, len, "could not be reached");
+}
+
+/* fleet_parts - with the fleet, every other node's part of t's answer merged into s (its
+ * nodes asked at once, each for [api] fleet_timeout at most), the ones that did not answer
+ * named in s; then s is sealed. Runs on the request's thread, outside a->mu. */
+static int fleet_parts(struct api *a, const struct tenant *t, struct api_snap *s)
+{
+    struct conf *c = calloc(1, sizeof(*c));
+    json_t *req = ctl_request_new("reseller_view"), *doms = json_array(), *all = NULL, *rep;
+    char node[CONF_NAME_MAX], err[512], why[API_WHY_MAX];
+    const char *name;
+    int64_t timeout;
+    size_t i;
+    int r = 0;
+
+    if (!c || !req || !doms) {
+        free(c);
+        json_decref(req);
+        json_decref(doms);
+        return -ENOMEM;
+    }
+    pthread_mutex_lock(&a->mu);
+    c->fleet = a->fleet;
+    snprintf(node, sizeof(node), "%s", a->node);
+    timeout = a->fleet_timeout_ms;
+    pthread_mutex_unlock(&a->mu);
+    /* the tenant's scope travels with the request: a node reads these domains and no other */
+    for (int k = 0; k < t->ndomains; k++)
+        json_array_append_new(doms, json_string(t->domains[k]));
+    json_object_set_new(req, "tenant", json_string(t->name));
+    json_object_set_new(req, "domains", doms);
+    if (fleet_query_others(c, req, timeout, node, &all, err, sizeof(err)) < 0) {
+        log_warn("api: %s: the fleet cannot be read (%s): answering from this node alone",
+                 t->name, err);
+        r = api_view_missing(s, "*", "the list of our other servers cannot be read just now: "
+                             "only this server's part is shown");
+    }
+    json_array_foreach(json_object_get(all, "missing"), i, rep) {
+        const char *n = json_string_value(json_object_get(rep, "node"));
+        const char *w = json_string_value(json_object_get(rep, "why"));
+        log_warn("api: %s: fleet node %s did not answer: %s", t->name, n ? n : "?",
+                 w ? w : "?");
+        public_why(w ? w : "", timeout, why, sizeof(why));
+        if (r == 0)
+            r = api_view_missing(s, n ? n : "?", why);
+    }
+    json_object_foreach(json_object_get(all, "answers"), name, rep) {
+        if (r == 0 && api_view_merge(s, t, rep) < 0)
+            r = -ENOMEM;
+    }
+    json_decref(all);
+    json_decref(req);
+    free(c);
+    if (r == 0)
+        api_view_seal(s, t, 1);
+    return r;
+}
+
 /* snapshot - t's current snapshot (a reference: snap_put it), built when missing, made for
  * another tenants file, or older than [api] cache. NULL on an index error. */
 static struct snap_ref *snapshot(struct api *a, const struct tenant *t, unsigned long gen)
@@ -287,8 +365,13 @@ static struct snap_ref *snapshot(struct api *a, const struct tenant *t, unsigned
     if (!r) {
         struct spool_query *q = q_get(a);
         struct api_snap *s = NULL;
-        int rc = q ? api_view_build(&s, q, t, (int64_t)time(NULL)) : -EIO;
+        int rc = q ? api_view_build(&s, q, t, (int64_t)time(NULL)) : -EIO, fleet;
         q_put(a, q, rc == 0);
+        pthread_mutex_lock(&a->mu);
+        fleet = a->fleet.etcd[0] != '\0';
+        pthread_mutex_unlock(&a->mu);
+        if (rc == 0 && fleet && (rc = fleet_parts(a, t, s)) < 0)
+            api_snap_free(s);
         if (rc < 0)
             log_warn("api: %s: reading the index failed: %s", t->name, strerror(-rc));
         if (rc == 0 && !(r = calloc(1, sizeof(*r)))) {
@@ -329,6 +412,8 @@ struct reply {
     int challenge;              /* 401: ask for Basic (page) or Bearer (API) */
     int page;
     const char *allow;          /* 405: the methods of the path (NULL: GET, HEAD) */
+    const char *fleet;          /* Sluice-Fleet: complete | partial; NULL without a fleet */
+    char missing[1024];         /* Sluice-Fleet-Missing: node; reason="...", ... */
 };
 
 static void add_common(struct MHD_Response *resp, const struct reply *rp)
@@ -343,6 +428,44 @@ static void add_common(struct MHD_Response *resp, const struct reply *rp)
         MHD_add_response_header(resp, "Content-Security-Policy", page_csp);
     if (rp->etag[0])
         MHD_add_response_header(resp, "ETag", rp->etag);
+    if (rp->fleet)
+        MHD_add_response_header(resp, "Sluice-Fleet", rp->fleet);
+    if (rp->missing[0])
+        MHD_add_response_header(resp, "Sluice-Fleet-Missing", rp->missing);
+}
+
+/* fleet_headers - the fleet's completeness in headers, for every answer (the CSV has no
+ * other place for it): "Sluice-Fleet: partial" and "Sluice-Fleet-Missing: b; reason=\"...\"",
+ * names and reasons reduced to printable ASCII without quotes. */
+static void fleet_headers(const struct api_snap *s, struct reply *rp)
+{
+    size_t n = 0;
+
+    if (!s->fleet)
+        return;
+    rp->fleet = s->nmissing ? "partial" : "complete";
+    for (size_t i = 0; i < s->nmissing && n + 1 < sizeof(rp->missing); i++) {
+        char node[API_NODE_MAX], why[API_WHY_MAX];
+        snprintf(node, sizeof(node), "%s", s->missing[i].node);
+        snprintf(why, sizeof(why), "%s", s->missing[i].why);
+        for (char *p = node; *p; p++)
+            if (*p < 0x21 || *p > 0x7e || *p == '"' || *p == '\\' || *p == ',' || *p == ';')
+                *p = '?';
+        for (char *p = why; *p; p++)
+            if (*p < 0x20 || *p > 0x7e || *p == '"' || *p == '\\')
+                *p = '?';
+        const char *part[] = { i ? ", " : "", node, "; reason=\"", why, "\"" };
+        size_t need = 0;
+        for (size_t k = 0; k < sizeof(part) / sizeof(part[0]); k++)
+            need += strlen(part[k]);
+        if (n + need >= sizeof(rp->missing))
+            break;                          /* no half entry: the JSON has them all */
+        for (size_t k = 0; k < sizeof(part) / sizeof(part[0]); k++) {
+            memcpy(rp->missing + n, part[k], strlen(part[k]));
+            n += strlen(part[k]);
+        }
+        rp->missing[n] = '\0';
+    }
 }
 
 static enum MHD_Result send_reply(struct MHD_Connection *conn, struct reply *rp)
@@ -857,6 +980,7 @@ static enum MHD_Result api_answer(void *cls, struct MHD_Connection *conn, const 
         break;
     }
     memcpy(etag_digest, sr->s->digest, sizeof(etag_digest));
+    fleet_headers(sr->s, &rp);
     snap_put(a, sr);
     tset_put(a, ts);
     if (!rp.body)
@@ -919,6 +1043,9 @@ static void settings(struct api *a, const struct conf *c)
     a->refresh_s = (int)(c->api.page_refresh_ms / 1000);
     snprintf(a->policy_map, sizeof(a->policy_map), "%s", c->dsn.policy_map);
     a->dsn_relay = c->dsn.relay[0] != '\0';
+    a->fleet = c->fleet;
+    snprintf(a->node, sizeof(a->node), "%s", conf_fleet_node(c));
+    a->fleet_timeout_ms = c->api.fleet_timeout_ms;
     if (a->refresh_s < 1)
         a->refresh_s = 1;
     pthread_mutex_unlock(&a->mu);

@@ -26,8 +26,11 @@
  * deliverer is told to load the map again (api_on_policy_change). The same ownership check
  * and 404 as every domain path come first.
  *
- * Seam for later work: fleet-wide answers naming the hosts that did not answer hang off
- * api_answer() in api.c.
+ * With [fleet] etcd set, a snapshot is the fleet's: this node's part from its own index and
+ * every other live node's part asked over the fleet's control endpoint at once (the
+ * reseller_view command carrying the tenant's domains), each node given [api] fleet_timeout
+ * at most; the nodes that did not answer are named in the JSON ("fleet"), on the page and in
+ * the Sluice-Fleet and Sluice-Fleet-Missing headers of every answer (CSV included).
  */
 #ifndef SLUICE_API_H
 #define SLUICE_API_H

@@ -168,6 +168,20 @@ char *api_page_render(const struct api_snap *s, const struct tenant *t,
     fprintf(f, ". This page reloads itself every %d second%s.</p>\n</header>\n<main>\n",
             o->refresh_s, o->refresh_s == 1 ? "" : "s");
 
+    if (s->nmissing > 0) {      /* a partial answer says so first */
+        fputs("<section class=\"banner\" id=\"fleet-partial\" aria-labelledby=\"partial\">\n"
+              "<h2 id=\"partial\">This list may be incomplete</h2>\n<p>Some of our mail servers "
+              "did not answer just now; mailboxes whose mail waits only there are not shown:"
+              "</p>\n<ul>\n", f);
+        for (size_t i = 0; i < s->nmissing; i++) {
+            fputs("<li><strong>", f);
+            esc(f, s->missing[i].node);
+            fputs("</strong>: ", f);
+            esc(f, s->missing[i].why);
+            fputs("</li>\n", f);
+        }
+        fputs("</ul>\n</section>\n", f);
+    }
     fputs("<section aria-labelledby=\"incidents\">\n<h2 id=\"incidents\">Incidents</h2>\n", f);
     if (s->nms == 0)
         fputs("<p class=\"ok\">None of your mailboxes has mail waiting: delivery is normal."

@@ -18,6 +18,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "ctl_proto.h"
 #include "domain.h"
 
 /* --- Words ---------------------------------------------------------------------------------- */
@@ -156,6 +157,7 @@ void api_snap_free(struct api_snap *s)
     }
     free(s->users);
     free(s->ms);
+    free(s->missing);
     free(s);
 }
 
@@ -297,6 +299,13 @@ static void digest(struct api_snap *s, const struct tenant *t)
         snprintf(num, sizeof(num), "%lld", (long long)s->ms[i].since);
         FEED(num);
     }
+    /* which nodes did not answer, and why, is part of the answer */
+    for (size_t i = 0; i < s->nmissing; i++) {
+        FEED(s->missing[i].node);
+        FEED(s->missing[i].why);
+    }
+    snprintf(num, sizeof(num), "fleet %d", s->fleet);
+    FEED(num);
 #undef FEED
     if (EVP_DigestFinal_ex(cx, s->digest, &n) != 1)
         memset(s->digest, 0, sizeof(s->digest));
@@ -442,6 +451,22 @@ size_t api_view_select(const struct api_snap *s, const struct api_select *sel,
 
 /* --- Rendering ------------------------------------------------------------------------------ */
 
+/* fleet_add - with the fleet, "fleet": {"complete","missing":[{"node","reason"}]}: a
+ * reseller must know when an answer lacks some nodes' part. */
+static void fleet_add(json_t *o, const struct api_snap *s)
+{
+    json_t *miss;
+
+    if (!s->fleet)
+        return;
+    miss = json_array();
+    for (size_t i = 0; i < s->nmissing; i++)
+        json_array_append_new(miss, json_pack("{s:s,s:s}", "node", s->missing[i].node,
+                                              "reason", s->missing[i].why));
+    json_object_set_new(o, "fleet", json_pack("{s:b,s:o}", "complete", s->nmissing == 0,
+                                              "missing", miss));
+}
+
 static char *dump(json_t *o, size_t *len)
 {
     char *s = o ? json_dumps(o, JSON_COMPACT | JSON_ENSURE_ASCII) : NULL;
@@ -554,6 +579,7 @@ char *api_view_status(const struct api_snap *s, const struct tenant *t, const ch
         }
     }
     json_object_set_new(o, "mailstores", ms);
+    fleet_add(o, s);
     return dump(o, len);
 }
 
@@ -564,6 +590,7 @@ char *api_view_domains(const struct api_snap *s, const struct tenant *t, size_t 
     for (int i = 0; i < t->ndomains; i++)
         json_array_append_new(arr, domain_json(s, t->domains[i]));
     json_object_set_new(o, "domains", arr);
+    fleet_add(o, s);
     return dump(o, len);
 }
 
@@ -615,6 +642,7 @@ char *api_view_users(const struct api_snap *s, const struct api_select *sel, siz
     json_object_set_new(o, "count", json_integer((json_int_t)json_array_size(c.arr)));
     json_object_set_new(o, "total", json_integer((json_int_t)total));
     json_object_set_new(o, "next", next ? json_string(next) : json_null());
+    fleet_add(o, s);
     return dump(o, len);
 }
 
@@ -679,4 +707,279 @@ char *api_view_users_csv(const struct api_snap *s, const struct api_select *sel,
         return NULL;
     }
     return buf;
+}
+
+/* --- The fleet -------------------------------------------------------------------------------
+ * A node's part travels as {"users":[U...],"mailstores":[M...]} with
+ *   U = [addr, mailstore, queued, held, messages, oldest, last_attempt, last_state, last_reply,
+ *        [[ms, messages, held, oldest], ...]]
+ *   M = [name, state, since, public_reason]
+ * arrays rather than objects: a node may send ten thousand users. */
+
+json_t *api_view_export(const struct api_snap *s)
+{
+    json_t *users = json_array(), *ms = json_array();
+
+    for (size_t i = 0; i < s->nusers; i++) {
+        const struct api_user *u = &s->users[i];
+        json_t *um = json_array();
+        for (int k = 0; k < u->nms; k++)
+            json_array_append_new(um, json_pack("[s,I,I,I]", u->ms[k].name,
+                                                (json_int_t)u->ms[k].messages,
+                                                (json_int_t)u->ms[k].held,
+                                                (json_int_t)u->ms[k].oldest));
+        json_t *row = json_pack("[s,s,I,I,I,I,I,i,s,o]", u->addr, u->mailstore,
+                                (json_int_t)u->queued, (json_int_t)u->held,
+                                (json_int_t)u->messages, (json_int_t)u->oldest,
+                                (json_int_t)u->last_attempt, u->last_state, u->last_reply, um);
+        if (!row)               /* not UTF-8 (an 8-bit local part): JSON cannot carry it, so
+                                 * only its own node's API lists it (resellers.md) */
+            continue;
+        json_array_append_new(users, row);
+    }
+    for (size_t i = 0; i < s->nms; i++)
+        json_array_append_new(ms, json_pack("[s,s,I,s]", s->ms[i].name, s->ms[i].state,
+                                            (json_int_t)s->ms[i].since,
+                                            s->ms[i].public_reason));
+    return json_pack("{s:o,s:o}", "users", users, "mailstores", ms);
+}
+
+static int cmp_dom(const void *a, const void *b)
+{
+    return strcmp((const char *)a, (const char *)b);
+}
+
+json_t *api_view_remote(struct spool_query *q, const json_t *req, int64_t now)
+{
+    const json_t *doms = json_object_get(req, "domains"), *d;
+    const char *name = json_string_value(json_object_get(req, "tenant"));
+    struct tenant t = { 0 };
+    struct api_snap *s = NULL;
+    json_t *rep;
+    size_t i;
+    int r;
+
+    if (!name || !tenants_name_ok(name) || !json_is_array(doms) ||
+        json_array_size(doms) > API_REMOTE_DOMAINS_MAX)
+        return ctl_reply_error(CTL_E_BADREQ, "reseller_view: needs \"tenant\" and "
+                               "\"domains\" (at most %d)", API_REMOTE_DOMAINS_MAX);
+    snprintf(t.name, sizeof(t.name), "%s", name);
+    if (!(t.domains = calloc(json_array_size(doms) + 1, sizeof(*t.domains))))
+        return ctl_reply_error(CTL_E_FAILED, "%s", "out of memory");
+    json_array_foreach(doms, i, d) {
+        /* the scope is exactly these domains, normalised here as the API does: a node never
+         * widens it (no sub-domains, nothing but the names sent) */
+        if (!json_is_string(d) || domain_norm(json_string_value(d), t.domains[t.ndomains],
+                                              sizeof(t.domains[0])) < 0) {
+            free(t.domains);
+            return ctl_reply_error(CTL_E_BADREQ, "%s", "reseller_view: a domain is not a "
+                                   "domain name");
+        }
+        t.ndomains++;
+    }
+    qsort(t.domains, (size_t)t.ndomains, sizeof(*t.domains), cmp_dom);
+    r = api_view_build(&s, q, &t, now);
+    free(t.domains);
+    if (r < 0)
+        return ctl_reply_error(CTL_E_FAILED, "reading the index: %s", strerror(-r));
+    rep = ctl_reply_ok();
+    json_object_update_new(rep, api_view_export(s));
+    api_snap_free(s);
+    return rep;
+}
+
+/* state_rank - which of two nodes' views of a mailstore the reseller is shown: the one that
+ * explains the wait best (a pause over a trip over a slow start over delivering). */
+static int state_rank(const char *st)
+{
+    static const char *order[] = { "active", "ramping", "degraded", "tripped", "paused" };
+
+    for (int i = 0; i < (int)(sizeof(order) / sizeof(order[0])); i++)
+        if (strcmp(st, order[i]) == 0)
+            return i;
+    return 3;                   /* unknown: as bad as a trip */
+}
+
+static int64_t jint(const json_t *a, size_t i)
+{
+    return json_integer_value(json_array_get(a, i));
+}
+
+int api_view_merge(struct api_snap *s, const struct tenant *t, const json_t *part)
+{
+    struct build b = { .s = s, .cap = s->nusers };
+    const json_t *row, *mrow;
+    size_t i;
+
+    json_array_foreach(json_object_get(part, "users"), i, row) {
+        struct spool_query_duser qu;
+        const char *addr = json_string_value(json_array_get(row, 0)), *at;
+        const json_t *um = json_array_get(row, 9), *e;
+        size_t k;
+        memset(&qu, 0, sizeof(qu));
+        /* the node was asked for t's domains only; what else it sends is dropped here */
+        if (!addr || !(at = strrchr(addr, '@')) || !tenant_owns(t, at + 1) ||
+            !json_string_value(json_array_get(row, 1)) ||
+            !json_string_value(json_array_get(row, 8)))
+            continue;
+        qu.addr = addr;
+        qu.domain = at + 1;
+        qu.mailstore = json_string_value(json_array_get(row, 1));
+        qu.queued = (long)jint(row, 2);
+        qu.held = (long)jint(row, 3);
+        qu.messages = (long)jint(row, 4);
+        qu.oldest = jint(row, 5);
+        qu.last_attempt = jint(row, 6);
+        qu.last_state = (int)jint(row, 7);
+        qu.last_reply = json_string_value(json_array_get(row, 8));
+        json_array_foreach(um, k, e) {
+            const char *n = json_string_value(json_array_get(e, 0));
+            if (!n || qu.nms == SPOOL_QUERY_DUSER_MS_MAX || strlen(n) >= MSTORE_NAME_MAX)
+                continue;
+            qu.ms[qu.nms].name = n;
+            qu.ms[qu.nms].messages = (long)jint(e, 1);
+            qu.ms[qu.nms].held = (long)jint(e, 2);
+            qu.ms[qu.nms].oldest = jint(e, 3);
+            qu.nms++;
+        }
+        if (strlen(qu.mailstore) >= MSTORE_NAME_MAX || add_user(&qu, &b) != 0 || b.oom)
+            return -ENOMEM;
+    }
+    /* the states of the mailstores the tenant's mail waits on, as that node sees them */
+    json_array_foreach(json_object_get(part, "mailstores"), i, mrow) {
+        const char *n = json_string_value(json_array_get(mrow, 0));
+        const char *st = json_string_value(json_array_get(mrow, 1));
+        const char *pub = json_string_value(json_array_get(mrow, 3));
+        struct api_mstore *m = NULL;
+        for (size_t k = 0; n && st && k < s->nms && !m; k++)
+            if (strcmp(s->ms[k].name, n) == 0)
+                m = &s->ms[k];
+        if (!m || state_rank(st) < state_rank(m->state))
+            continue;
+        if (state_rank(st) > state_rank(m->state)) {
+            snprintf(m->state, sizeof(m->state), "%s", st);
+            m->since = jint(mrow, 2);
+            snprintf(m->public_reason, sizeof(m->public_reason), "%s", pub ? pub : "");
+            continue;
+        }
+        /* the same state: since the earliest, and the public reason any node has */
+        if (jint(mrow, 2) && (!m->since || jint(mrow, 2) < m->since))
+            m->since = jint(mrow, 2);
+        if (!m->public_reason[0] && pub && *pub)
+            snprintf(m->public_reason, sizeof(m->public_reason), "%s", pub);
+    }
+    return 0;
+}
+
+int api_view_missing(struct api_snap *s, const char *node, const char *why)
+{
+    void *p = realloc(s->missing, (s->nmissing + 1) * sizeof(*s->missing));
+
+    if (!p)
+        return -ENOMEM;
+    s->missing = p;
+    snprintf(s->missing[s->nmissing].node, sizeof(s->missing[0].node), "%s", node);
+    snprintf(s->missing[s->nmissing].why, sizeof(s->missing[0].why), "%s", why);
+    s->nmissing++;
+    return 0;
+}
+
+static int cmp_user(const void *a, const void *b)
+{
+    return strcmp(((const struct api_user *)a)->addr, ((const struct api_user *)b)->addr);
+}
+
+/* fold - b's mail into a (the same address queued on two nodes), b freed. */
+static void fold(struct api_user *a, struct api_user *b)
+{
+    if (b->oldest && (!a->oldest || b->oldest < a->oldest)) {
+        char *t = a->mailstore;
+        a->mailstore = b->mailstore;
+        b->mailstore = t;
+        a->oldest = b->oldest;
+    }
+    if (b->last_attempt > a->last_attempt) {
+        char *t = a->last_reply;
+        a->last_reply = b->last_reply;
+        b->last_reply = t;
+        a->last_attempt = b->last_attempt;
+        a->last_state = b->last_state;
+    }
+    a->queued += b->queued;
+    a->held += b->held;
+    a->messages += b->messages;
+    for (int k = 0; k < b->nms; k++) {
+        int j;
+        for (j = 0; j < a->nms && strcmp(a->ms[j].name, b->ms[k].name) != 0; j++)
+            ;
+        if (j == a->nms) {
+            void *p = realloc(a->ms, (size_t)(a->nms + 1) * sizeof(*a->ms));
+            if (!p)
+                continue;
+            a->ms = p;
+            a->ms[a->nms++] = b->ms[k];
+            continue;
+        }
+        a->ms[j].messages += b->ms[k].messages;
+        a->ms[j].held += b->ms[k].held;
+        if (b->ms[k].oldest && (!a->ms[j].oldest || b->ms[k].oldest < a->ms[j].oldest))
+            a->ms[j].oldest = b->ms[k].oldest;
+    }
+    if (b->display != b->addr)
+        free(b->display);
+    free(b->addr);
+    free(b->mailstore);
+    free(b->ms);
+    free(b->last_reply);
+}
+
+void api_view_seal(struct api_snap *s, const struct tenant *t, int fleet)
+{
+    size_t n = 0;
+
+    s->fleet = fleet;
+    if (s->nusers > 1)
+        qsort(s->users, s->nusers, sizeof(*s->users), cmp_user);
+    for (size_t i = 0; i < s->nusers; i++) {
+        if (n > 0 && strcmp(s->users[n - 1].addr, s->users[i].addr) == 0) {
+            fold(&s->users[n - 1], &s->users[i]);
+            continue;
+        }
+        if (n != i)
+            s->users[n] = s->users[i];
+        s->users[n].domain = s->users[n].addr + (strrchr(s->users[n].addr, '@') + 1 -
+                                                 s->users[n].addr);
+        n++;
+    }
+    s->nusers = n;
+    /* the totals again, over the merged users */
+    s->messages = s->held = 0;
+    s->oldest = 0;
+    for (size_t i = 0; i < s->nms; i++) {
+        s->ms[i].users = s->ms[i].messages = s->ms[i].held = 0;
+        s->ms[i].oldest = 0;
+    }
+    for (size_t i = 0; i < s->nusers; i++) {
+        const struct api_user *u = &s->users[i];
+        s->messages += u->messages;
+        s->held += u->held;
+        if (!s->oldest || (u->oldest && u->oldest < s->oldest))
+            s->oldest = u->oldest;
+        for (int k = 0; k < u->nms; k++) {
+            struct api_mstore *m = NULL;
+            for (size_t j = 0; j < s->nms && !m; j++)
+                if (strcmp(s->ms[j].name, u->ms[k].name) == 0)
+                    m = &s->ms[j];
+            if (!m)
+                continue;
+            m->users++;
+            m->messages += u->ms[k].messages;
+            m->held += u->ms[k].held;
+            if (!m->oldest || (u->ms[k].oldest && u->ms[k].oldest < m->oldest))
+                m->oldest = u->ms[k].oldest;
+        }
+    }
+    if (s->nms > 1)
+        qsort(s->ms, s->nms, sizeof(*s->ms), cmp_ms);
+    digest(s, t);
 }

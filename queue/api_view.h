@@ -14,6 +14,7 @@
 #ifndef SLUICE_API_VIEW_H
 #define SLUICE_API_VIEW_H
 
+#include <jansson.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -54,6 +55,15 @@ struct api_mstore {
     int64_t oldest;
 };
 
+#define API_REMOTE_DOMAINS_MAX 1000 /* domains in one node's request (a tenant's list) */
+#define API_NODE_MAX 128
+#define API_WHY_MAX 512
+
+struct api_missing {            /* a fleet node whose part is not in the answer */
+    char node[API_NODE_MAX];
+    char why[API_WHY_MAX];
+};
+
 struct api_snap {
     char tenant[TENANT_NAME_MAX];
     int64_t built;              /* unix s */
@@ -63,6 +73,9 @@ struct api_snap {
     struct api_mstore *ms;      /* by name: mailstores with mail of the tenant waiting */
     long messages, held;
     int64_t oldest;
+    int fleet;                  /* the answer is the fleet's (every node asked) */
+    size_t nmissing;
+    struct api_missing *missing; /* the nodes that did not answer */
     unsigned char digest[32];   /* SHA-256 of everything above but the build time: two
                                  * snapshots with the same digest answer alike (ETags) */
 };
@@ -80,6 +93,22 @@ struct api_select {
 int api_view_build(struct api_snap **s, struct spool_query *q, const struct tenant *t,
                    int64_t now);
 void api_snap_free(struct api_snap *s);
+
+/* The fleet (docs/fleet.md, "The reseller API across the fleet"): the API's node answers its
+ * own part with api_view_build, asks every other node for t's domains (the control command
+ * reseller_view, fleet_query_others), merges each answer with api_view_merge, names the nodes
+ * that did not answer with api_view_missing, then api_view_seal sorts, folds an address held
+ * on several nodes into one, recounts and takes the digest again.
+ *
+ * api_view_remote is the node's side: the ctl reply to {"tenant","domains":[...]}, the
+ * snapshot of exactly those domains (each normalised; nothing else is read) exported by
+ * api_view_export. api_view_merge drops any address not of t's own domains, whatever a node
+ * sends. 0 or -errno. */
+json_t *api_view_export(const struct api_snap *s);
+json_t *api_view_remote(struct spool_query *q, const json_t *req, int64_t now);
+int api_view_merge(struct api_snap *s, const struct tenant *t, const json_t *part);
+int api_view_missing(struct api_snap *s, const char *node, const char *why);
+void api_view_seal(struct api_snap *s, const struct tenant *t, int fleet);
 
 /* The answers, malloc()ed, with *len set; NULL when out of memory. domain: NULL for the whole
  * tenant, else one of its domains. */

@@ -36,6 +36,7 @@
 #include <unistd.h>
 
 #include "api.h"
+#include "api_view.h"
 #include "audit.h"
 #include "bpolicy.h"
 #include "ctl_server.h"
@@ -756,6 +757,7 @@ static void job_run(struct job *j, struct spool_query **qp)
     case CTL_CMD_affected: j->rep = do_affected(j, q); break;
     case CTL_CMD_audit: j->rep = do_audit(j, q); break;
     case CTL_CMD_reseller: j->rep = do_reseller(j); break;
+    case CTL_CMD_reseller_view: j->rep = api_view_remote(q, j->req, (int64_t)time(NULL)); break;
     case CTL_CMD_policy: j->rep = do_policy(j); break;
     case CTL_CMD_policy_set: j->rep = do_policy_set(j); break;
     default: j->rep = do_write(j, q); break;

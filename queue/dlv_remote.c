@@ -40,7 +40,7 @@ struct dlv_remote {
 static int read_command(enum ctl_cmd c)
 {
     return c == CTL_CMD_status || c == CTL_CMD_queue || c == CTL_CMD_show ||
-           c == CTL_CMD_affected || c == CTL_CMD_audit;
+           c == CTL_CMD_affected || c == CTL_CMD_audit || c == CTL_CMD_reseller_view;
 }
 
 /* answer - the reply to one request line. */
@@ -60,8 +60,8 @@ static json_t *answer(struct dlv_remote *r, json_t *req, const char *peer, int *
     }
     if (!read_command(cmd))
         return ctl_reply_error(CTL_E_DENIED, "the fleet endpoint only reads (status, queue, "
-                               "show, affected, audit): \"%s\" goes through etcd or this "
-                               "host's sluicectl", ctl_cmd_name(cmd));
+                               "show, affected, audit, reseller_view): \"%s\" goes through "
+                               "etcd or this host's sluicectl", ctl_cmd_name(cmd));
     /* nothing a remote caller says about identity is passed on */
     json_object_del(req, "token");
     json_object_del(req, "sudo_user");

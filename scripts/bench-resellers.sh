@@ -11,7 +11,9 @@
 # index (one real record, which no one reads), so filling takes seconds, not an hour.
 set -eu
 cd "$(dirname "$0")/.."
-B=${1:-build}
+REPO=$(pwd)
+. "$REPO/scripts/bench/common.sh"
+B=$(bench_build_dir "${1:-}")
 SCALE=${SCALE:-1000000}
 AFFECTED=${AFFECTED:-10000}
 T=$(mktemp -d "${TMPDIR:-/tmp}/sluice-bench-resellers.XXXXXX")
@@ -27,8 +29,7 @@ ndom=$((AFFECTED / (SCALE / 1000)))
 [ "$ndom" -ge 1 ] || ndom=1
 token=sluice_bench_token
 doms=$(python3 -c "print(','.join('d%d.example' % i for i in range($ndom)))")
-printf 'big sha256:%s %s\n' "$(printf %s "$token" | sha256sum | cut -d' ' -f1)" "$doms" \
-    >"$T/tenants"
+bench_tenant big "$token" "$doms" >"$T/tenants"
 mkdir -p "$T/spool"
 cat >"$T/sluice.conf" <<EOF
 [spool]
@@ -41,12 +42,7 @@ level = warning
 [gateway]
 hostname = bench.test
 notify_socket = $T/deliver.sock
-[api]
-listen = 127.0.0.1:$port
-tenants = $T/tenants
-cache = 0
-rate_limit = 1000
-rate_burst = 1000
+$(bench_api_conf "$port" "$T/tenants")
 [mailstore ms1]
 deliver = maildir:$T/mail/ms1/%d/%u
 [mailstore ms2]

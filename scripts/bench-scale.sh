@@ -8,11 +8,13 @@
 # Environment: SCALE     queued recipients (default 1000000)
 #              RCPTS     recipients per message (default 10); SCALE/RCPTS messages
 #              USERS     users in the directory (default SCALE/10), spread by the rendezvous
-#                        hash over ms1, ms2, ms3 (Maildir mailstores)
+#                        hash over ms1, ms2, ms3 (Maildir mailstores); every tenth is at
+#                        big.test, the domain of reseller "big" (SCALE/100 users: 10,000 at 1M)
 #              RUNS      runs per timed command (default 5; the median is shown)
 #              DRAIN_SECS  how long the drain of the released mailstore is watched (60)
 #              BENCH_BASE  work directory, wiped (default /var/tmp/bench-scale)
-#              PORT, MPORT SMTP and deliverer metrics ports (25250, 29425)
+#              PORT, MPORT, APORT  SMTP, deliverer metrics and reseller API ports (25250,
+#                        29425, 28426)
 # Everything runs on 127.0.0.1 from this checkout; nothing outside the repository is needed
 # (sqlite3 comes with scripts/deps.sh). It takes several minutes at 1M recipients.
 #
@@ -23,7 +25,9 @@
 #   1. The fill: SCALE recipients through sluice-gateway (tests/tools/smtp_fill, 16
 #      sessions, pipelining), ms1..ms3 paused; the fill rate and its end-of-data latency.
 #   2. Each command of docs/operations.md's incident table, RUNS times: affected, users,
-#      status, check, queue --limit 10, /metrics, with the deliverer up; then users and status
+#      status, check, queue --limit 10, /metrics, and the reseller API's whole list for "big"
+#      (CSV and one JSON page, read fresh: [api] cache = 0), with the deliverer up; then users
+#      and status
 #      with it down (read from the index), and the restart of each daemon after kill -9.
 #   3. The gateway's end-of-data -> 250 latency idle, then during hold --mailstore and unhold
 #      --mailstore of ms3, reroute ms3 --to ms2, and release of ms2 (a steady probe of 100
@@ -39,8 +43,8 @@ umask 022
 export LC_ALL=C
 
 REPO=$(cd "$(dirname "$0")/.." && pwd)
-BUILD_ARG=${1:-build}
-case $BUILD_ARG in /*) B=$BUILD_ARG ;; *) B=$REPO/$BUILD_ARG ;; esac
+. "$REPO/scripts/bench/common.sh"
+B=$(bench_build_dir "${1:-}")
 GATEWAY=$B/sluice-gateway
 DELIVER=$B/sluice-deliver
 CTL=$B/sluicectl
@@ -56,6 +60,8 @@ DRAIN_SECS=${DRAIN_SECS:-60}
 BASE=${BENCH_BASE:-/var/tmp/bench-scale}
 PORT=${PORT:-25250}
 MPORT=${MPORT:-29425}
+APORT=${APORT:-28426}
+API_TOKEN=sluice_bench_scale_token
 CONF=$BASE/sluice.conf
 SPOOL=$BASE/spool
 OUT=$BASE/summary.txt
@@ -66,6 +72,7 @@ for f in "$GATEWAY" "$DELIVER" "$CTL" "$FILL"; do
 done
 case $BASE in /?*/bench-*) ;; *) die "BENCH_BASE must look like /some/dir/bench-NAME (it is wiped)" ;; esac
 command -v sqlite3 >/dev/null || die "sqlite3 missing (scripts/deps.sh build)"
+command -v curl >/dev/null || die "curl missing (scripts/deps.sh build)"
 
 GW_PID= DLV_PID=
 cleanup() {
@@ -85,18 +92,27 @@ total_waiting() {
     sqlite3 -readonly "$SPOOL/index.db" \
         "SELECT coalesce(sum(queued + held), 0) FROM queue_counts" 2>/dev/null || echo -1
 }
+port_free() { ! { exec 3<>"/dev/tcp/127.0.0.1/$1"; } 2>/dev/null; }
 rss_kb() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
 
-write_conf() {
+write_conf() { # (nothing of ours runs here)
+    # another bench on these ports would answer in our place (and take our mail)
+    for p in $PORT $MPORT $APORT; do
+        port_free "$p" || die "127.0.0.1:$p is in use (another bench-scale?): set PORT, MPORT, APORT"
+    done
     rm -rf "$BASE"
     mkdir -p "$BASE/mail"
-    "$PY" - "$BASE/recipients" "$USERS" <<'EOF'
+    # every tenth user is the reseller's (big.test): SCALE/100 users, 10,000 at 1M
+    "$PY" - "$BASE/recipients" "$BASE/addrs" "$USERS" <<'EOF'
 import sys
-with open(sys.argv[1], "w") as f:
+with open(sys.argv[1], "w") as f, open(sys.argv[2], "w") as a:
     f.write("# bench-scale users\n")
-    for i in range(int(sys.argv[2])):
-        f.write("user%07d@scale.test\n" % i)
+    for i in range(int(sys.argv[3])):
+        addr = "user%07d@%s\n" % (i, "big.test" if i % 10 == 0 else "scale.test")
+        f.write(addr)
+        a.write(addr)
 EOF
+    bench_tenant big "$API_TOKEN" big.test >"$BASE/tenants"
     cat >"$CONF" <<EOF
 [spool]
 dir = $SPOOL
@@ -106,12 +122,13 @@ level = info
 [gateway]
 listen = 127.0.0.1:$PORT
 hostname = bench.scale.test
-domains = scale.test
+domains = scale.test, big.test
 recipient_map = $BASE/recipients
 max_connections_per_ip = 1000
 [metrics]
 deliver_listen = 127.0.0.1:$MPORT
 EOF
+    bench_api_conf "$APORT" "$BASE/tenants" >>"$CONF"
     for ms in ms1 ms2 ms3; do
         printf '[mailstore %s]\ndeliver = maildir:%s/mail/%s/%%d/%%u\n' "$ms" "$BASE" "$ms" >>"$CONF"
     done
@@ -121,35 +138,30 @@ start_gateway() {
     "$GATEWAY" -c "$CONF" -f >>"$BASE/gateway.log" 2>&1 &
     GW_PID=$!
 }
-wait_gateway() { # until the banner comes; prints ms waited
-    local t0 i
+# wait_up WHAT PID LOG TRIES NAP CHECK...: until CHECK succeeds; prints ms waited
+wait_up() {
+    local what=$1 pid=$2 logf=$3 tries=$4 nap=$5 t0 i
+    shift 5
     t0=$(now_ms)
-    for i in $(seq 1 6000); do
-        if banner=$( { exec 3<>"/dev/tcp/127.0.0.1/$PORT" && read -r -t 2 line <&3 &&
-                       echo "$line"; } 2>/dev/null ) && [ "${banner:0:3}" = 220 ]; then
-            echo $(( $(now_ms) - t0 )); return 0
-        fi
-        kill -0 "$GW_PID" 2>/dev/null || die "gateway died: $(tail -5 "$BASE/gateway.log")"
-        sleep 0.005
+    for i in $(seq 1 "$tries"); do
+        if "$@"; then echo $(( $(now_ms) - t0 )); return 0; fi
+        kill -0 "$pid" 2>/dev/null || die "$what died: $(tail -5 "$logf")"
+        sleep "$nap"
     done
-    die "gateway not answering"
+    die "$what not answering"
 }
+banner_ok() { # the gateway's 220 banner
+    local banner
+    banner=$( { exec 3<>"/dev/tcp/127.0.0.1/$PORT" && read -r -t 2 line <&3 &&
+                echo "$line"; } 2>/dev/null ) && [ "${banner:0:3}" = 220 ]
+}
+daemon_ok() { ctl --json status 2>/dev/null | grep -q '"source": "daemon"'; }
+wait_gateway() { wait_up gateway "$GW_PID" "$BASE/gateway.log" 6000 0.005 banner_ok; }
 start_deliver() {
     "$DELIVER" -c "$CONF" -f >>"$BASE/deliver.log" 2>&1 &
     DLV_PID=$!
 }
-wait_deliver() { # until status answers from the daemon; prints ms waited
-    local t0 i
-    t0=$(now_ms)
-    for i in $(seq 1 3000); do
-        if ctl --json status 2>/dev/null | grep -q '"source": "daemon"'; then
-            echo $(( $(now_ms) - t0 )); return 0
-        fi
-        kill -0 "$DLV_PID" 2>/dev/null || die "deliverer died: $(tail -5 "$BASE/deliver.log")"
-        sleep 0.01
-    done
-    die "deliverer not answering"
-}
+wait_deliver() { wait_up deliverer "$DLV_PID" "$BASE/deliver.log" 3000 0.01 daemon_ok; }
 stop_daemons() {
     for p in $GW_PID $DLV_PID; do kill -TERM "$p" 2>/dev/null || true; done
     for p in $GW_PID $DLV_PID; do wait "$p" 2>/dev/null || true; done
@@ -176,7 +188,7 @@ ROWS=()
 row() { ROWS+=("$(printf '| %-46s | %-22s | %-14s |' "$1" "$2" "$3")"); }
 
 fill() { # fill MESSAGES: through the gateway, prints smtp_fill's line
-    "$FILL" -p "$PORT" -c 16 -n "$1" -r "$RCPTS" -u "$USERS" -s 2048 -S 12 -q
+    "$FILL" -p "$PORT" -c 16 -n "$1" -r "$RCPTS" -A "$BASE/addrs" -s 2048 -S 12 -q
 }
 wait_total() { # wait_total N: until the counters show N recipients waiting
     local i
@@ -212,7 +224,7 @@ drain_watch() {
 # probe_start: a steady 100 messages/s, one recipient each, in 4 sessions of its own
 PROBE_PID=
 probe_start() {
-    "$FILL" -p "$PORT" -c 4 -n 0 -r 1 -u "$USERS" -s 2048 -R 100 -S $RANDOM -q >"$BASE/probe.out" &
+    "$FILL" -p "$PORT" -c 4 -n 0 -r 1 -A "$BASE/addrs" -s 2048 -R 100 -S $RANDOM -q >"$BASE/probe.out" &
     PROBE_PID=$!
     sleep 1
 }
@@ -290,6 +302,17 @@ metrics_get() {
 }
 read -r m x <<<"$(time_cmd "$((RUNS * 2))" metrics_get)"
 row "deliverer /metrics (python client)" "$(secs "$m") (max $(secs "$x"))" ""
+api_get() { # api_get PATH: the reseller big's request (the body on stdout)
+    curl -sf -H "Authorization: Bearer $API_TOKEN" "http://127.0.0.1:$APORT$1"
+}
+api_get /v1/status >"$BASE/api-status.json" || die "the reseller API does not answer"
+API_USERS=$("$PY" -c "import json; print(json.load(open('$BASE/api-status.json'))['counts']['mailboxes'])")
+read -r m x <<<"$(time_cmd "$RUNS" api_get /v1/users.csv)"
+API_ROWS=$(( $(wc -l <"$BASE/last.out") - 1 ))
+[ "$API_ROWS" = "$API_USERS" ] || die "the reseller's CSV has $API_ROWS rows, its status $API_USERS users"
+row "reseller API, whole list: CSV ($API_USERS users)" "$(secs "$m") (max $(secs "$x"))" "<= 1 s"
+read -r m x <<<"$(time_cmd "$RUNS" api_get "/v1/users?limit=10000")"
+row "reseller API, whole list: JSON, limit=10000" "$(secs "$m") (max $(secs "$x"))" "<= 1 s"
 
 log "   the deliverer down (kill -9): users and status from the index, then its restart"
 kill -9 "$DLV_PID"; wait "$DLV_PID" 2>/dev/null || true; DLV_PID=

@@ -7,7 +7,8 @@
 set -eu
 BUILD="make gcc libc6-dev pkg-config libuv1-dev libssl-dev libsqlite3-dev
 libinih-dev libjansson-dev libmicrohttpd-dev libmilter-dev libspf2-dev openssl sqlite3
-libsystemd-dev libidn2-dev libcurl4-openssl-dev libhiredis-dev libc-ares-dev go-md2man"
+libsystemd-dev libidn2-dev libcurl4-openssl-dev libhiredis-dev libc-ares-dev go-md2man curl"
+# (curl, the command: make bench-scale times the reseller API with it)
 # swaks (with Net::SSLeay and IO::Socket::SSL for --tls): the README's example after make run
 RUN="swaks libnet-ssleay-perl libio-socket-ssl-perl"
 # make deb: debhelper builds the package, lintian judges it

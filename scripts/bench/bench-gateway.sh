@@ -35,8 +35,9 @@ umask 022
 export LC_ALL=C
 
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
+. "$REPO/scripts/bench/common.sh"
 BUILD_ARG=${1:-build}
-case $BUILD_ARG in /*) BDIR=$BUILD_ARG ;; *) BDIR=$REPO/$BUILD_ARG ;; esac
+BDIR=$(bench_build_dir "$BUILD_ARG")
 GATEWAY=$BDIR/sluice-gateway
 DELIVER=$BDIR/sluice-deliver
 HERE=$(cd "$(dirname "$0")" && pwd)

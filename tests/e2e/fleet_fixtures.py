@@ -255,8 +255,9 @@ def make_certs(d):
 # ---------------------------------------------------------------- one node
 
 class FleetNode:
-    def __init__(self, base, name, etcd, lmtp_port, certs, redis, fleet=None):
+    def __init__(self, base, name, etcd, lmtp_port, certs, redis, fleet=None, extra=""):
         self.name = name
+        self.extra = extra              # more config sections, appended as they are
         self.dir = os.path.join(base, name)
         self.spool = os.path.join(self.dir, "spool")
         os.makedirs(self.spool, exist_ok=True)
@@ -310,6 +311,7 @@ class FleetNode:
                 for k, v in MS_SETTINGS.items():
                     f.write("%s = %s\n" % (k, v))
                 f.write("\n")
+            f.write(self.extra)
 
     # -- processes
     def _start(self, what, binary, ready):
@@ -459,7 +461,10 @@ def arrivals(dovecot, rcpt):
 class Fleet:
     """The whole loopback fleet of a test module."""
 
-    def __init__(self, base):
+    def __init__(self, base, names=("a", "b", "c"), extra=None):
+        """names: the nodes; extra(name) -> more config for that node (or None)."""
+        self.names = names
+        self.extra = extra or (lambda name: "")
         need("etcd", "etcd-server")
         need("redis-server", "redis-server")
         need("dovecot", "dovecot-core dovecot-lmtpd")
@@ -475,12 +480,12 @@ class Fleet:
         self.redis.start()
         self.dovecot = Dovecot()
         self.nodes = [FleetNode(self.base, n, self.etcd, self.dovecot.port, self.certs,
-                                self.redis) for n in ("a", "b", "c")]
+                                self.redis, extra=self.extra(n)) for n in self.names]
         for n in self.nodes:
             n.start()
         for n in self.nodes:
             n.wait_log(r"fleet: node %s registered" % n.name)
-        self.wait_nodes(3)
+        self.wait_nodes(len(self.nodes))
         return self
 
     def wait_nodes(self, n, timeout=15):

@@ -258,6 +258,65 @@ static void test_page_escapes(void **state)
     free(html);
 }
 
+/* The fleet: two nodes' parts merged for a tenant owning a.test; what a node sends for
+ * another domain (b.test, a sub-domain) is dropped; an address on both is one mailbox. */
+static void test_fleet_merge(void **state)
+{
+    char doms[1][DOMAIN_MAX] = { "a.test" };
+    struct tenant t = { .name = "acme", .ndomains = 1, .domains = doms };
+    struct api_snap *s = calloc(1, sizeof(*s));
+    json_error_t jerr;
+    json_t *p1 = json_loads("{\"users\":["
+        "[\"ann@a.test\",\"ms1\",1,0,1,10,0,0,\"\",[[\"ms1\",1,0,10]]],"
+        "[\"eve@b.test\",\"ms1\",1,0,1,10,0,0,\"\",[[\"ms1\",1,0,10]]],"
+        "[\"sub@x.a.test\",\"ms1\",1,0,1,10,0,0,\"\",[[\"ms1\",1,0,10]]]],"
+        "\"mailstores\":[[\"ms1\",\"active\",0,\"\"]]}", 0, &jerr);
+    json_t *p2 = json_loads("{\"users\":["
+        "[\"ann@a.test\",\"ms1\",2,0,2,5,30,0,\"451 4.3.0 busy\",[[\"ms1\",2,0,5]]],"
+        "[\"bob@a.test\",\"ms2\",1,0,1,8,0,0,\"\",[[\"ms2\",1,0,8]]]],"
+        "\"mailstores\":[[\"ms1\",\"paused\",7,\"Maint\"],[\"ms2\",\"active\",0,\"\"],"
+        "[\"ms9\",\"paused\",1,\"not ours\"]]}", 0, &jerr);
+    unsigned char d1[32];
+    size_t len;
+    char *json;
+
+    assert_non_null(s);
+    assert_non_null(p1);
+    assert_non_null(p2);
+    assert_int_equal(api_view_merge(s, &t, p1), 0);
+    assert_int_equal(api_view_merge(s, &t, p2), 0);
+    api_view_seal(s, &t, 1);
+    assert_int_equal(s->nusers, 2);
+    assert_string_equal(s->users[0].addr, "ann@a.test");
+    assert_string_equal(s->users[0].domain, "a.test");
+    assert_int_equal(s->users[0].messages, 3);
+    assert_int_equal(s->users[0].oldest, 5);
+    assert_string_equal(s->users[0].last_reply, "451 4.3.0 busy");
+    assert_string_equal(s->users[1].addr, "bob@a.test");
+    assert_int_equal(s->messages, 4);
+    assert_int_equal(s->nms, 2);
+    assert_string_equal(s->ms[0].name, "ms1");
+    assert_string_equal(s->ms[0].state, "paused");
+    assert_string_equal(s->ms[0].public_reason, "Maint");
+    assert_int_equal(s->ms[0].users, 1);
+    assert_int_equal(s->ms[0].messages, 3);
+    memcpy(d1, s->digest, sizeof(d1));
+    json = api_view_users(s, &(struct api_select){ 0 }, &len);
+    assert_non_null(strstr(json, "\"fleet\":{\"complete\":true,\"missing\":[]}"));
+    assert_null(strstr(json, "b.test"));
+    free(json);
+    /* a node missing is part of the answer: another digest, named in the JSON */
+    assert_int_equal(api_view_missing(s, "mx2", "did not answer within 2000 ms"), 0);
+    api_view_seal(s, &t, 1);
+    assert_memory_not_equal(d1, s->digest, sizeof(d1));
+    json = api_view_users(s, &(struct api_select){ 0 }, &len);
+    assert_non_null(strstr(json, "\"missing\":[{\"node\":\"mx2\",\"reason\":"));
+    free(json);
+    json_decref(p1);
+    json_decref(p2);
+    api_snap_free(s);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -268,6 +327,7 @@ int main(void)
         cmocka_unit_test(test_select),
         cmocka_unit_test(test_csv_and_json),
         cmocka_unit_test(test_page_escapes),
+        cmocka_unit_test(test_fleet_merge),
     };
 
     return cmocka_run_group_tests(tests, NULL, NULL);
