@@ -85,11 +85,11 @@ now_ms() { date +%s%3N; }
 log() { echo "[$(date +%H:%M:%S)] $*" >&2; }
 ctl() { "$CTL" -c "$CONF" "$@"; }
 counter() { # counter MS queued|held: from the index's counters (read-only)
-    sqlite3 -readonly "$SPOOL/index.db" \
+    sqlite3 -readonly -cmd ".timeout 5000" "$SPOOL/index.db" \
         "SELECT coalesce((SELECT $2 FROM queue_counts WHERE mailstore='$1'), 0)" 2>/dev/null || echo -1
 }
 total_waiting() {
-    sqlite3 -readonly "$SPOOL/index.db" \
+    sqlite3 -readonly -cmd ".timeout 5000" "$SPOOL/index.db" \
         "SELECT coalesce(sum(queued + held), 0) FROM queue_counts" 2>/dev/null || echo -1
 }
 port_free() { ! { exec 3<>"/dev/tcp/127.0.0.1/$1"; } 2>/dev/null; }
