@@ -1,0 +1,452 @@
+/*
+ * dlv_fetch.c - the delivery scheduler's reads and writes of the index (dlv_int.h):
+ * outcomes batched into one spool_mark at a time, and the fetch that brings due recipients
+ * into memory and groups them into jobs.
+ */
+#include "dlv_int.h"
+
+#include <errno.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "audit.h"
+#include "bpolicy.h"
+#include "dlv_dsn.h"
+#include "dsn.h"
+#include "lmtp.h"
+#include "log.h"
+#include "maildir.h"
+#include "metrics.h"
+#include "qid.h"
+
+/* --- Outcomes and their flush ---------------------------------------------------------- */
+
+/* out_add - queue one outcome for the next spool_mark batch. bounce_at (held), dsn_owed
+ * (delivered) and hold_reason as in struct spool_outcome; attempt: it counts as one. */
+void out_add_full(struct dlv_ms *ms, const char *qid, int64_t id, enum spool_rstate state,
+                         int64_t next, const char *reply, int64_t bounce_at, int dsn_owed,
+                         const char *hold_reason, int attempt)
+{
+    struct dlv *d = ms->d;
+
+    if (d->nouts == d->capouts) {
+        size_t cap = d->capouts ? d->capouts * 2 : 256;
+        struct dlv_out *o = realloc(d->outs, cap * sizeof(*o));
+        if (!o)
+            fatal("out of memory (%zu outcomes)", cap);
+        d->outs = o;
+        d->capouts = cap;
+    }
+    struct dlv_out *o = &d->outs[d->nouts++];
+    o->ms = ms;
+    snprintf(o->qid, sizeof(o->qid), "%s", qid);
+    o->o.rcpt_id = id;
+    o->o.state = state;
+    o->o.next_attempt = next;
+    o->o.count_attempt = attempt;
+    o->o.bounce_at = bounce_at;
+    o->o.dsn_owed = dsn_owed;
+    o->o.hold_reason = NULL;
+    snprintf(o->reply, sizeof(o->reply), "%s", reply ? reply : "");
+    snprintf(o->hold_reason, sizeof(o->hold_reason), "%s", hold_reason ? hold_reason : "");
+    o->o.reply = NULL;
+    ms->unrecorded++;
+    flush_outs(d);
+}
+
+void out_add(struct dlv_ms *ms, const char *qid, int64_t id, enum spool_rstate state,
+                    int64_t next, const char *reply, int attempt)
+{
+    out_add_full(ms, qid, id, state, next, reply, 0, 0, NULL, attempt);
+}
+
+static void flush_work(uv_work_t *w)
+{
+    struct dlv *d = w->data;
+    struct spool_outcome *o = malloc((d->nflight ? d->nflight : 1) * sizeof(*o));
+
+    if (!o) {
+        d->flush_status = -ENOMEM;
+        return;
+    }
+    for (size_t i = 0; i < d->nflight; i++) {
+        o[i] = d->flight[i].o;
+        o[i].reply = d->flight[i].reply;
+        o[i].hold_reason = d->flight[i].hold_reason[0] ? d->flight[i].hold_reason : NULL;
+    }
+    d->flush_status = d->nflight ? spool_mark(d->sp, o, d->nflight) : 0;
+    free(o);
+    /* after the marks that held them, in the same pass: never before */
+    d->requeue_status = 0;
+    if (d->flush_status == 0 && d->nrequeue_flight) {
+        int r = spool_requeue(d->sp, d->requeue_flight, d->nrequeue_flight, dlv_wall_ms() / 1000);
+        d->requeue_status = r < 0 ? r : 0;
+        if (r >= 0)
+            log_info("deliver: %d recipients held by a mass refusal are queued again", r);
+    }
+}
+
+static void flush_retry_cb(uv_timer_t *t)
+{
+    flush_outs(t->data);
+}
+
+void flush_after(uv_work_t *w, int status)
+{
+    struct dlv *d = w->data;
+    struct dlv_ms *touched[DLV_MS_MAX];
+    int nt = 0;
+
+    d->flushing = 0;
+    if (status == 0 && d->flush_status == 0 && d->requeue_status < 0) {
+        log_warn("deliver: putting %zu recipients held by a mass refusal back in the queue "
+                 "failed (%s); they stay held: sluicectl unhold", d->nrequeue_flight,
+                 strerror(-d->requeue_status));
+    }
+    if (status == 0 && d->flush_status == 0) {
+        free(d->requeue_flight);
+        d->requeue_flight = NULL;
+        d->nrequeue_flight = 0;
+        int resumed = d->flush_failing_since != 0;
+        if (resumed) {
+            log_notice("deliver: recorded %zu outcomes after %.0f s of failures; deliveries "
+                       "go on", d->nflight, (double)(dlv_wall_ms() - d->flush_failing_since) / 1e3);
+            d->flush_failing_since = 0;
+            d->flush_failures = 0;
+        }
+        for (size_t i = 0; i < d->nflight; i++) {
+            struct dlv_ms *ms = d->flight[i].ms;
+            if (d->flight[i].o.dsn_owed)
+                d->scan_soon = 1;   /* its success DSN: at the next tick, not in 5 s */
+            ms_forget(ms, d->flight[i].o.rcpt_id);
+            ms->unrecorded--;
+            int k;
+            for (k = 0; k < nt && touched[k] != ms; k++)
+                ;
+            if (k == nt)
+                touched[nt++] = ms;
+        }
+        free(d->flight);
+        d->flight = NULL;
+        d->nflight = 0;
+        for (int k = 0; k < nt; k++)
+            ms_kick(touched[k]);
+        if (resumed && !d->stopped)
+            dlv_kick(d);        /* every mailstore waited for this record */
+        check_waiters(d);
+        flush_outs(d);
+    } else {
+        /* Keep them (and their ids known, so nothing is delivered again) and retry. No new
+         * delivery starts meanwhile (ms_pump): each one would be a duplicate after a
+         * restart. One line at the first failure, then one a minute. */
+        int err = d->flush_status < 0 ? -d->flush_status : EIO;
+        int64_t now = dlv_wall_ms();
+        if (!d->flush_failing_since) {
+            d->flush_failing_since = d->flush_logged = now;
+            log_warn("deliver: recording %zu outcomes failed (%s)%s; new deliveries wait and "
+                     "the record is retried every %d ms", d->nflight, strerror(err),
+                     err == ENOSPC ? ": the spool's file system is full, free space on it"
+                                   : "", DLV_RETRY_FLUSH_MS);
+        } else if (now - d->flush_logged >= DLV_FLUSH_LOG_MS) {
+            d->flush_logged = now;
+            log_warn("deliver: still cannot record %zu outcomes after %.0f s (%s); deliveries "
+                     "wait", d->nflight, (double)(now - d->flush_failing_since) / 1e3,
+                     strerror(err));
+        }
+        d->flush_failures++;
+        if (!d->stopped)
+            uv_timer_start(&d->flush_timer, flush_retry_cb, DLV_RETRY_FLUSH_MS, 0);
+    }
+    check_drained(d);
+}
+
+/* flush_outs - one spool_mark batch at a time: whatever accumulated while the previous one
+ * was on disk goes in the next (group commit, as the gateway's writer). */
+void flush_outs(struct dlv *d)
+{
+    if (d->flushing || d->stopped ||
+        (d->nouts == 0 && d->nflight == 0 && d->nrequeue == 0 && d->nrequeue_flight == 0))
+        return;
+    if (d->nrequeue) {
+        int64_t *f = realloc(d->requeue_flight,
+                             (d->nrequeue_flight + d->nrequeue) * sizeof(*f));
+        if (!f)
+            fatal("out of memory (requeue)");
+        memcpy(f + d->nrequeue_flight, d->requeue, d->nrequeue * sizeof(*f));
+        d->requeue_flight = f;
+        d->nrequeue_flight += d->nrequeue;
+        d->nrequeue = 0;
+    }
+    if (d->nflight == 0) {
+        d->flight = d->outs;
+        d->nflight = d->nouts;
+        d->outs = NULL;
+        d->nouts = d->capouts = 0;
+    } else if (d->nouts > 0) {          /* a retried batch takes what came meanwhile too */
+        struct dlv_out *f = realloc(d->flight, (d->nflight + d->nouts) * sizeof(*f));
+        if (!f)
+            fatal("out of memory (outcomes)");
+        memcpy(f + d->nflight, d->outs, d->nouts * sizeof(*f));
+        d->flight = f;
+        d->nflight += d->nouts;
+        d->nouts = 0;
+    }
+    uv_timer_stop(&d->flush_timer);
+    d->flushing = 1;
+    d->flush_work.data = d;
+    if (uv_queue_work(d->loop, &d->flush_work, flush_work, flush_after) < 0)
+        fatal("uv_queue_work failed");
+}
+
+/* --- Fetch ------------------------------------------------------------------------------------ */
+
+/* ms_prefetch - jobs kept loaded or loading ahead of the connections: enough that a free
+ * connection never waits for the index; a fetch starts only below half of it, so each
+ * spool_due call brings a batch rather than one message. */
+static int ms_prefetch(const struct dlv_ms *ms)
+{
+    int n = 4 * ms->cf.max_connections;
+    return n < 16 ? 16 : n > 512 ? 512 : n;
+}
+
+static void fetch_work(uv_work_t *w)
+{
+    struct dlv_fetch *f = w->data;
+    f->n = spool_due(f->ms->d->sp, f->ms->cf.name, f->now_s, f->rows, f->max);
+}
+
+static struct dlv_job *job_new(struct dlv_ms *ms, const char *qid)
+{
+    struct dlv_job *job = calloc(1, sizeof(*job));
+
+    if (!job)
+        fatal("out of memory (job)");
+    job->ms = ms;
+    job->rows_gen = ms->rows_gen;
+    snprintf(job->qid, sizeof(job->qid), "%s", qid);
+    snprintf(job->tmpl, sizeof(job->tmpl), "%s", ms->cf.endpoint.host);
+    return job;
+}
+
+/* job_room - room for one more recipient: the arrays grow with the job's own rows (a fetch
+ * of thousands of rows must not give each job arrays that long). The lmtp_rcpt pointers into
+ * r are set once the job is complete (job_link), since growing moves r. */
+static void job_room(struct dlv_job *job)
+{
+    if (job->nr < job->cap)
+        return;
+    int cap = job->cap ? job->cap * 2 : 4;
+    if (cap > LMTP_RCPT_MAX)
+        cap = LMTP_RCPT_MAX;
+    struct dlv_rcpt *r = realloc(job->r, (size_t)cap * sizeof(*r));
+    struct lmtp_rcpt *lr = r ? realloc(job->lr, (size_t)cap * sizeof(*lr)) : NULL;
+    if (!r || !lr)
+        fatal("out of memory (job of %d recipients)", cap);
+    job->r = r;
+    job->lr = lr;
+    memset(lr + job->cap, 0, (size_t)(cap - job->cap) * sizeof(*lr));
+    job->cap = cap;
+}
+
+static void job_link(struct dlv_job *job)
+{
+    for (int i = 0; i < job->nr; i++) {
+        job->lr[i].addr = job->r[i].rcpt;
+        job->lr[i].orcpt = job->r[i].orcpt;
+        job->lr[i].notify = job->r[i].notify;
+    }
+}
+
+/* fetch_after - turn due rows into jobs: skip rows already in memory, hold what is too old,
+ * group the rest by message (one transaction per message), and start loading them. */
+static void fetch_after(uv_work_t *w, int status)
+{
+    struct dlv_fetch *f = w->data;
+    struct dlv_ms *ms = f->ms;
+    struct dlv *d = ms->d;
+    struct dlv_job **jobs = NULL;
+    int njobs = 0, room, taken_all = 1;
+    int64_t now = dlv_wall_ms();
+    struct dlv_ret *rets = NULL;    /* mail this fetch returns or warns about */
+    int trusted;
+
+    ms->fetching = 0;
+    if (status < 0 || f->n < 0) {
+        if (!d->stopped)
+            log_warn("mailstore %s: reading due recipients failed: %s", ms->cf.name,
+                     strerror(f->n < 0 ? -f->n : ECANCELED));
+        ms->drained = 1;
+        goto out;
+    }
+    if (d->draining || d->stopped || ms->gone || ms->st.state == MSTORE_PAUSED)
+        goto out;
+    if (f->rows_gen != ms->rows_gen || ms->fenced) {
+        ms->refetch = 1;        /* read before an operator moved rows: read again after */
+        goto out;
+    }
+    room = f->probe ? 1 : ms_prefetch(ms) - ms->nready - ms->loading;
+    trusted = !f->probe && mstore_trusts_failures(&ms->st, now);
+    if (!(jobs = calloc((size_t)(f->n > 0 ? f->n : 1), sizeof(*jobs))))
+        fatal("out of memory (fetch)");
+    for (int i = 0; i < f->n; i++) {
+        struct spool_rcpt *row = &f->rows[i];
+        struct dlv_job *job = NULL;
+        if (ids_has(d, row->id))
+            continue;
+        /* the age limit and the delay warning, both on age without outages */
+        struct bpolicy pol;
+        int64_t recv = (int64_t)(qid_time_us(row->qid) / 1000);
+        int64_t out_ms = mstore_outage_ms(&ms->st, recv, now);
+        int64_t age = now - recv - out_ms;
+        /* a recipient never tried has not failed: waiting behind a backlog is not a
+         * reason to return mail; and a probe's answer is the mailstore's, not the user's */
+        int may_act = trusted && row->attempts > 0;
+        policy_of(ms, row->rcpt, &pol);
+        /* A recipient last held for its age and since unheld by an operator gets its next
+         * attempt before its age is judged again (its last reply is still the age hold's). */
+        if (pol.max_age_ms > 0 && age > pol.max_age_ms &&
+            strncmp(row->last_reply, DLV_AGE_PREFIX, strlen(DLV_AGE_PREFIX)) != 0) {
+            if (pol.age_action == BPOLICY_HOLD) {
+                char text[SPOOL_REPLY_MAX];
+                snprintf(text, sizeof(text), DLV_AGE_PREFIX "%llds over max_queue_age %llds "
+                         "(paused and tripped time not counted): held, not bounced "
+                         "(last: %.300s)", (long long)(age / 1000),
+                         (long long)(pol.max_age_ms / 1000),
+                         row->last_reply[0] ? row->last_reply : "none");
+                log_qid(LOG_WARNING, row->qid, "alert: to=<%s>, mailstore=%s, relay=none,"
+                        " delay=%.1f, status=held (%s)", row->rcpt, ms->cf.name,
+                        (double)age / 1000.0, text);
+                ids_add(d, row->id);
+                ms->known++;
+                ms->held++;
+                out_add(ms, row->qid, row->id, SPOOL_HELD, 0, text, 0);
+                continue;
+            }
+            if (may_act) {
+                struct dlv_ret *rt = ret_unit(d, &rets, ms, row->qid, DSN_FAILED, RET_FETCH, 1);
+                struct dlv_dsn_rcpt *rr = ret_row(rt, row, SPOOL_CHG_RETURN);
+                snprintf(rr->status, sizeof(rr->status), "4.4.7");
+                if (!rr->reply[0])
+                    snprintf(rr->reply, sizeof(rr->reply), "delivery time expired");
+                snprintf(rt->u->note, sizeof(rt->u->note), "It could not be delivered within "
+                         "the %llds its mail system allows (outages not counted).",
+                         (long long)(pol.max_age_ms / 1000));
+                ids_add(d, row->id);
+                ms->known++;
+                continue;
+            }
+            /* bounce, but not now (untried, or an outage): deliver it as usual */
+        }
+        if (d->dsncf.delay_warning_ms > 0 && may_act && !row->delay_dsn && !ms->is_dsn &&
+            age >= d->dsncf.delay_warning_ms &&
+            dsn_wanted(dsn_notify_parse(row->notify), DSN_DELAYED, 1)) {
+            struct dlv_ret *rt = ret_unit(d, &rets, ms, row->qid, DSN_DELAYED, RET_FETCH, 0);
+            struct dlv_dsn_rcpt *rr = ret_row(rt, row, SPOOL_CHG_DELAY_SENT);
+            if (pol.max_age_ms > 0 && pol.age_action == BPOLICY_BOUNCE)
+                rr->will_retry_until = (recv + out_ms + pol.max_age_ms) / 1000;
+            /* and it is delivered as usual: the warning is a row change of its own */
+        }
+        for (int k = njobs - 1; k >= 0; k--) {
+            if (strcmp(jobs[k]->qid, row->qid) == 0 && jobs[k]->nr < LMTP_RCPT_MAX) {
+                job = jobs[k];
+                break;
+            }
+        }
+        if (!job) {
+            /* the memory budget holds from here: a job reserves its message (twice) before
+             * it loads; only a mailstore with nothing in memory may go past it, by one */
+            size_t want = job_mem(4, 2 * row->size);
+            if (njobs >= room || (d->mem + want > DLV_MEM_BUDGET &&
+                                  (njobs > 0 || ms->nready + ms->loading > 0))) {
+                if (njobs < room)
+                    ms->mem_wait = 1;
+                taken_all = 0;
+                continue;       /* other rows may still join a job of this batch */
+            }
+            job = jobs[njobs++] = job_new(ms, row->qid);
+            job->mem = want;
+            d->mem += want;
+        }
+        size_t before = job_mem(job->cap, 0);
+        job_room(job);
+        job->mem += job_mem(job->cap, 0) - before;
+        d->mem += job_mem(job->cap, 0) - before;
+        struct dlv_rcpt *r = &job->r[job->nr];
+        job->nr++;
+        r->id = row->id;
+        r->attempts = row->attempts;
+        snprintf(r->rcpt, sizeof(r->rcpt), "%s", row->rcpt);
+        snprintf(r->orcpt, sizeof(r->orcpt), "%s", row->orcpt);
+        snprintf(r->notify, sizeof(r->notify), "%s", row->notify);
+        ids_add(d, row->id);
+        ms->known++;
+    }
+    ms->drained = !f->probe && f->n < f->max && taken_all;
+    for (int k = 0; k < njobs; k++) {
+        job_link(jobs[k]);
+        job_load(jobs[k]);
+    }
+    ret_queue_all(d, rets);
+out:
+    free(jobs);
+    free(f->rows);
+    free(f);
+    if (!d->stopped && !d->draining) {
+        if (ms->refetch) {
+            ms->refetch = 0;
+            ms->drained = 0;
+        }
+        ms_kick(ms);
+    }
+    check_drained(d);
+}
+
+void ms_fetch(struct dlv_ms *ms)
+{
+    struct dlv *d = ms->d;
+    int probe = ms->st.state == MSTORE_TRIPPED;
+    int64_t now = dlv_wall_ms(), wait;
+    struct dlv_fetch *f;
+
+    if (d->draining || d->stopped || ms->gone || ms->st.state == MSTORE_PAUSED || ms->fenced ||
+        d->nqfence)
+        return;
+    if (ms->fetching) {
+        ms->refetch = 1;
+        return;
+    }
+    if (probe) {
+        /* the probe takes the oldest queued recipient whatever its retry time */
+        if (ms->nready || ms->loading || ms->inflight)
+            return;
+        if (mstore_may_start(&ms->st, 0, now, &wait) <= 0) {
+            if (wait >= 0)
+                ms_arm(ms, wait);
+            return;
+        }
+    } else {
+        if (ms->drained || ms->nready + ms->loading > ms_prefetch(ms) / 2)
+            return;
+        if ((d->mem >= DLV_MEM_BUDGET || ms->mem_wait) && ms->nready + ms->loading > 0)
+            return;
+    }
+    if (!(f = calloc(1, sizeof(*f))))
+        fatal("out of memory (fetch)");
+    f->ms = ms;
+    f->probe = probe;
+    f->rows_gen = ms->rows_gen;
+    f->now_s = probe ? INT64_MAX / 4 : now / 1000;
+    f->max = ms->known + (probe ? 1 : DLV_FETCH_BATCH);
+    if (!(f->rows = calloc((size_t)f->max, sizeof(*f->rows))))
+        fatal("out of memory (fetch of %d rows)", f->max);
+    f->work.data = f;
+    ms->fetching = 1;
+    ms->refetch = 0;
+    if (uv_queue_work(d->loop, &f->work, fetch_work, fetch_after) < 0)
+        fatal("uv_queue_work failed");
+}
