@@ -9,7 +9,7 @@
  *     loaded (a thread-pool request), on its mailstore's ready list, or started (attached
  *     to a connection or a Maildir request). ms->inflight counts started jobs.
  *   - Outcomes go to d->outs; at most one spool_mark batch is in flight (d->flight).
- *   - Mailstore state changes come from mstore.c; on_transition() applies their side effects
+ *   - Mailstore state changes come from mstore.c; dlv_on_transition() applies their side effects
  *     here (drop the ready list, close idle connections, save, make recipients due).
  *   - Persisted writes (state rows, make-due) go through one serial queue of ops (d->ops).
  *
@@ -86,7 +86,7 @@ static size_t ids_slot(int64_t id, size_t cap)
     return (size_t)(((uint64_t)id * 0x9E3779B97F4A7C15ull) >> 17) & (cap - 1);
 }
 
-int ids_has(struct dlv *d, int64_t id)
+int dlv_ids_has(struct dlv *d, int64_t id)
 {
     for (size_t i = ids_slot(id, d->ids_cap);; i = (i + 1) & (d->ids_cap - 1)) {
         if (d->ids[i] == id)
@@ -104,7 +104,7 @@ static void ids_put(int64_t *tab, size_t cap, int64_t id)
     tab[i] = id;
 }
 
-void ids_add(struct dlv *d, int64_t id)
+void dlv_ids_add(struct dlv *d, int64_t id)
 {
     if ((d->ids_n + 1) * 2 > d->ids_cap) {
         size_t cap = d->ids_cap * 2;
@@ -145,13 +145,13 @@ static void ids_del(struct dlv *d, int64_t id)
     }
 }
 
-void ms_forget(struct dlv_ms *ms, int64_t id)
+void dlv_ms_forget(struct dlv_ms *ms, int64_t id)
 {
     ids_del(ms->d, id);
     ms->known--;
 }
 
-struct dlv_ms *find_ms(struct dlv *d, const char *name)
+struct dlv_ms *dlv_find_ms(struct dlv *d, const char *name)
 {
     for (int i = 0; i < d->nms; i++)
         if (strcmp(d->ms[i]->cf.name, name) == 0)
@@ -179,9 +179,9 @@ static void params_of(const struct conf_mailstore *cf, struct mstore_params *p)
     p->mass_window_ms = cf->mass_failure_window_ms;
 }
 
-/* trouble_name - what keeps the mailstore's failures from being taken as users' news, for a
+/* dlv_trouble_name - what keeps the mailstore's failures from being taken as users' news, for a
  * log line: its state when not active, else the mass refusal that is showing. */
-const char *trouble_name(const struct dlv_ms *ms, int64_t now)
+const char *dlv_trouble_name(const struct dlv_ms *ms, int64_t now)
 {
     unsigned t = mstore_trouble(&ms->st, now);
 
@@ -202,7 +202,7 @@ static void ops_work(uv_work_t *w)
     const struct mstore *snaps[DLV_MS_MAX];
     size_t ns = 0;
 
-    for (struct dlv_op *op = d->ops_run; op; op = op->next) {
+    for (struct dlv_op *op = d->dlv_ops_run; op; op = op->next) {
         if (op->kind == OP_AUDIT) {
             /* the deliverer's own entries in the operators' trail: what happened to mail
              * an operator had already taken away */
@@ -239,7 +239,7 @@ static void ops_work(uv_work_t *w)
         snaps[k] = &op->snap;
     }
     int r = ns ? mstore_db_save(d->db, snaps, ns) : 0;
-    for (struct dlv_op *op = d->ops_run; op; op = op->next)
+    for (struct dlv_op *op = d->dlv_ops_run; op; op = op->next)
         if (op->kind == OP_SAVE)
             op->status = r;
 }
@@ -247,30 +247,30 @@ static void ops_work(uv_work_t *w)
 static void ops_after(uv_work_t *w, int status)
 {
     struct dlv *d = w->data;
-    struct dlv_op *op = d->ops_run, *next;
+    struct dlv_op *op = d->dlv_ops_run, *next;
 
-    d->ops_run = NULL;
+    d->dlv_ops_run = NULL;
     d->ops_busy = 0;
     for (; op; op = next) {
         next = op->next;
         if (op->kind == OP_DUE && op->status == 0 && !d->stopped) {
             log_info("mailstore %s: %ld queued recipients made due", op->snap.name, op->count);
             op->ms->drained = 0;
-            ms_kick(op->ms);
+            dlv_ms_kick(op->ms);
         }
         if (op->cb)
             op->cb(op->arg, status < 0 ? status : op->status, op->count);
         free(op);
     }
-    ops_run(d);
-    check_drained(d);
+    dlv_ops_run(d);
+    dlv_check_drained(d);
 }
 
-void ops_run(struct dlv *d)
+void dlv_ops_run(struct dlv *d)
 {
     if (d->ops_busy || !d->ops_head)
         return;
-    d->ops_run = d->ops_head;
+    d->dlv_ops_run = d->ops_head;
     d->ops_head = d->ops_tail = NULL;
     d->ops_busy = 1;
     d->ops_work.data = d;
@@ -278,8 +278,8 @@ void ops_run(struct dlv *d)
         fatal("uv_queue_work failed");
 }
 
-/* op_new - queue an op without starting the queue (fill it in, then ops_run). */
-struct dlv_op *op_new(struct dlv_ms *ms, enum dlv_op_kind kind, dlv_op_cb cb, void *arg)
+/* dlv_op_new - queue an op without starting the queue (fill it in, then dlv_ops_run). */
+struct dlv_op *dlv_op_new(struct dlv_ms *ms, enum dlv_op_kind kind, dlv_op_cb cb, void *arg)
 {
     struct dlv *d = ms->d;
     struct dlv_op *op = calloc(1, sizeof(*op));
@@ -302,8 +302,8 @@ struct dlv_op *op_new(struct dlv_ms *ms, enum dlv_op_kind kind, dlv_op_cb cb, vo
 
 static void op_add(struct dlv_ms *ms, enum dlv_op_kind kind, dlv_op_cb cb, void *arg)
 {
-    op_new(ms, kind, cb, arg);
-    ops_run(ms->d);
+    dlv_op_new(ms, kind, cb, arg);
+    dlv_ops_run(ms->d);
 }
 
 /* --- Pump and timers -------------------------------------------------------------------------- */
@@ -321,31 +321,31 @@ static int ms_busy(const struct dlv_ms *ms)
     return ms->inflight + closing;
 }
 
-/* ms_pump - start as many ready jobs as the mailstore's state admits. */
-void ms_pump(struct dlv_ms *ms)
+/* dlv_ms_pump - start as many ready jobs as the mailstore's state admits. */
+void dlv_ms_pump(struct dlv_ms *ms)
 {
     struct dlv *d = ms->d;
     int64_t now = dlv_wall_ms(), wait;
 
     if (d->flush_failing_since)
-        return;                 /* outcomes cannot be recorded: flush_after kicks again */
+        return;                 /* outcomes cannot be recorded: dlv_flush_after kicks again */
     while (ms->ready_head && !ms->fenced && !d->draining && !d->stopped && !ms->gone) {
         enum mstore_state from = ms->st.state;
-        if (d->nqfence && qid_fenced(d, ms->ready_head->qid)) {
+        if (d->nqfence && dlv_qid_fenced(d, ms->ready_head->qid)) {
             struct dlv_job *job = ms->ready_head;     /* an operator is changing it */
             ms->ready_head = job->next;
             if (!ms->ready_head)
                 ms->ready_tail = NULL;
             ms->nready--;
-            job_drop(job);
+            dlv_job_drop(job);
             continue;
         }
         int n = mstore_may_start(&ms->st, ms_busy(ms), now, &wait);
         if (ms->st.state != from)
-            on_transition(ms, from);      /* a ramp ended inside may_start */
+            dlv_on_transition(ms, from);      /* a ramp ended inside may_start */
         if (n <= 0) {
             if (wait >= 0)
-                ms_arm(ms, wait);
+                dlv_ms_arm(ms, wait);
             return;
         }
         struct dlv_job *job = ms->ready_head;
@@ -364,7 +364,7 @@ void ms_pump(struct dlv_ms *ms)
             log_info("mailstore %s: probe with %s", ms->cf.name, job->qid);
         if (ms->cf.transport == CONF_MAILDIR) {
             job->work.data = job;
-            if (uv_queue_work(d->loop, &job->work, maildir_work, maildir_after) < 0)
+            if (uv_queue_work(d->loop, &job->work, dlv_maildir_work, dlv_maildir_after) < 0)
                 fatal("uv_queue_work failed");
             continue;
         }
@@ -376,9 +376,9 @@ void ms_pump(struct dlv_ms *ms)
                     break;
         }
         if (cn)
-            conn_send(cn, job);
+            dlv_conn_send(cn, job);
         else
-            conn_open(ms, job);
+            dlv_conn_open(ms, job);
     }
 }
 
@@ -387,10 +387,10 @@ static void ms_timer_cb(uv_timer_t *t)
     struct dlv_ms *ms = t->data;
     ms->timer_due = 0;
     ms->drained = 0;
-    ms_kick(ms);
+    dlv_ms_kick(ms);
 }
 
-void ms_arm(struct dlv_ms *ms, int64_t delay_ms)
+void dlv_ms_arm(struct dlv_ms *ms, int64_t delay_ms)
 {
     uint64_t due;
 
@@ -403,16 +403,16 @@ void ms_arm(struct dlv_ms *ms, int64_t delay_ms)
     uv_timer_start(&ms->timer, ms_timer_cb, (uint64_t)delay_ms, 0);
 }
 
-void ms_kick(struct dlv_ms *ms)
+void dlv_ms_kick(struct dlv_ms *ms)
 {
     if (ms->d->stopped)
         return;
-    ms_pump(ms);
-    ms_fetch(ms);
+    dlv_ms_pump(ms);
+    dlv_ms_fetch(ms);
 }
 
-/* on_transition - side effects of a state change made by mstore.c. */
-void on_transition(struct dlv_ms *ms, enum mstore_state from)
+/* dlv_on_transition - side effects of a state change made by mstore.c. */
+void dlv_on_transition(struct dlv_ms *ms, enum mstore_state from)
 {
     enum mstore_state to = ms->st.state;
     int64_t now = dlv_wall_ms();
@@ -425,14 +425,14 @@ void on_transition(struct dlv_ms *ms, enum mstore_state from)
                      "probe every %.0fs", ms->cf.name, mstore_cause_name(ms->st.cause),
                      ms->st.reason, (double)ms->cf.probe_interval_ms / 1000.0);
         if (ms->st.cause == MSTORE_C_MASS_5XX)
-            ms_requeue_mass(ms, now);
+            dlv_ms_requeue_mass(ms, now);
     }
     if (to == MSTORE_DEGRADED && from != MSTORE_DEGRADED)
         log_warn("alert: mailstore %s degraded: %s; at most %.0f connections", ms->cf.name,
                  ms->st.reason, ms->st.cwnd);
     if (to == MSTORE_PAUSED || to == MSTORE_TRIPPED) {
-        ms_drop_ready(ms);
-        conn_close_idle(ms, 1);
+        dlv_ms_drop_ready(ms);
+        dlv_conn_close_idle(ms, 1);
         /* nothing is delivered any more: say so now, not as the average decays */
         ms->rate_ewma = 0;
         ms->rate_last = ms->delivered;
@@ -455,8 +455,8 @@ static void tick_cb(uv_timer_t *t)
         struct dlv_ms *ms = d->ms[i];
         enum mstore_state from = ms->st.state;
         if (mstore_tick(&ms->st, now))
-            on_transition(ms, from);
-        conn_close_idle(ms, 0);
+            dlv_on_transition(ms, from);
+        dlv_conn_close_idle(ms, 0);
         ms->rate_ewma = 0.8 * ms->rate_ewma + 0.2 * (double)(ms->delivered - ms->rate_last) *
                         1000.0 / DLV_TICK_MS;
         ms->rate_last = ms->delivered;
@@ -472,13 +472,13 @@ static void tick_cb(uv_timer_t *t)
             ms->saved_normal = ms->st.normal_ms;
             op_add(ms, OP_SAVE, NULL, NULL);
         }
-        ms_kick(ms);
+        dlv_ms_kick(ms);
     }
     if (d->scan_soon || uv_now(d->loop) - d->last_scan >= DLV_SCAN_MS)
-        scan_start(d);
+        dlv_scan_start(d);
 }
 
-void check_drained(struct dlv *d)
+void dlv_check_drained(struct dlv *d)
 {
     if (!d->draining || !d->drain_done)
         return;
@@ -611,11 +611,11 @@ int dlv_policy_entry(struct dlv *d, const char *domain, struct bpolicy_entry *e)
 
 int dlv_policy(struct dlv *d, const char *name, const char *rcpt, struct bpolicy *out)
 {
-    struct dlv_ms *ms = find_ms(d, name);
+    struct dlv_ms *ms = dlv_find_ms(d, name);
 
     if (!ms || ms->gone)
         return -ENOENT;
-    policy_of(ms, rcpt, out);
+    dlv_policy_of(ms, rcpt, out);
     return 0;
 }
 
@@ -673,7 +673,7 @@ int dlv_start(struct dlv **out, uv_loop_t *loop, struct spool *sp, const struct 
     d->last_poll = uv_now(loop);
     uv_timer_start(&d->tick, tick_cb, DLV_TICK_MS, DLV_TICK_MS);
     for (int i = 0; i < d->nms; i++)
-        ms_kick(d->ms[i]);
+        dlv_ms_kick(d->ms[i]);
     *out = d;
     return 0;
 }
@@ -682,7 +682,7 @@ void dlv_kick(struct dlv *d)
 {
     for (int i = 0; i < d->nms; i++) {
         d->ms[i]->drained = 0;
-        ms_kick(d->ms[i]);
+        dlv_ms_kick(d->ms[i]);
     }
 }
 
@@ -706,8 +706,8 @@ void dlv_reload(struct dlv *d, const struct conf *c)
                 log_notice("mailstore %s: removed from the configuration; finishing what is"
                            " in flight", ms->cf.name);
             ms->gone = 1;
-            ms_drop_ready(ms);
-            conn_close_idle(ms, 1);
+            dlv_ms_drop_ready(ms);
+            dlv_conn_close_idle(ms, 1);
             continue;
         }
         if (strcmp(cf->deliver, ms->cf.deliver) != 0)
@@ -717,12 +717,12 @@ void dlv_reload(struct dlv *d, const struct conf *c)
         bpolicy_base(cf, &ms->base);
         params_of(cf, &p);
         mstore_set_params(&ms->st, &p);
-        conn_close_idle(ms, 0);
+        dlv_conn_close_idle(ms, 0);
     }
     for (int i = 0; i < c->n_mailstores; i++)
-        if (!find_ms(d, c->mailstores[i].name))
+        if (!dlv_find_ms(d, c->mailstores[i].name))
             ms_new(d, &c->mailstores[i], 0);
-    if (have_dq && !find_ms(d, CONF_DSN_QUEUE))
+    if (have_dq && !dlv_find_ms(d, CONF_DSN_QUEUE))
         ms_new(d, &dq, 1);
     log_info("deliver: configuration reloaded (%d mailstores)", c->n_mailstores);
     dlv_kick(d);
@@ -735,12 +735,12 @@ void dlv_drain(struct dlv *d, void (*done)(void *), void *arg)
     d->drain_done = done;
     d->drain_arg = arg;
     for (int i = 0; i < d->nms; i++) {
-        ms_drop_ready(d->ms[i]);
-        conn_close_idle(d->ms[i], 1);
+        dlv_ms_drop_ready(d->ms[i]);
+        dlv_conn_close_idle(d->ms[i], 1);
         op_add(d->ms[i], OP_SAVE, NULL, NULL);  /* the learned normal, among others */
     }
     uv_timer_start(&d->drain_timer, drain_timeout_cb, DLV_DRAIN_MS, 0);
-    check_drained(d);
+    dlv_check_drained(d);
 }
 
 void dlv_stop(struct dlv *d)
@@ -750,10 +750,10 @@ void dlv_stop(struct dlv *d)
     d->stopped = 1;
     d->draining = 1;
     while (d->waiters)
-        waiter_finish(d->waiters, scope_running(d, d->waiters->ms, d->waiters->qid));
+        dlv_waiter_finish(d->waiters, dlv_scope_running(d, d->waiters->ms, d->waiters->qid));
     for (rt = d->ret_head; rt; rt = next) {    /* not decided for good: their rows stay */
         next = rt->next;
-        ret_free(rt);
+        dlv_ret_free(rt);
     }
     d->ret_head = d->ret_tail = NULL;
     d->nret = 0;
@@ -762,7 +762,7 @@ void dlv_stop(struct dlv *d)
     uv_close((uv_handle_t *)&d->drain_timer, NULL);
     for (int i = 0; i < d->nms; i++) {
         struct dlv_ms *ms = d->ms[i];
-        ms_drop_ready(ms);
+        dlv_ms_drop_ready(ms);
         uv_close((uv_handle_t *)&ms->timer, NULL);
         for (struct dlv_conn *cn = ms->conns; cn; cn = cn->next)
             lmtp_close(cn->lc);
@@ -788,7 +788,7 @@ void dlv_free(struct dlv *d)
 int dlv_pause(struct dlv *d, const char *name, const char *reason, const char *actor,
               struct dlv_stopped *st, dlv_op_cb cb, void *arg)
 {
-    struct dlv_ms *ms = find_ms(d, name);
+    struct dlv_ms *ms = dlv_find_ms(d, name);
     struct dlv_stopped dummy;
 
     if (!ms || ms->gone)
@@ -796,18 +796,18 @@ int dlv_pause(struct dlv *d, const char *name, const char *reason, const char *a
     enum mstore_state from = ms->st.state;
     mstore_pause(&ms->st, reason, actor, dlv_wall_ms());
     if (ms->st.state != from)
-        on_transition(ms, from);
+        dlv_on_transition(ms, from);
     if (!st)
         st = &dummy;
     memset(st, 0, sizeof(*st));
-    ms_stop(ms, NULL, NULL, 0, NULL, st);
+    dlv_ms_stop(ms, NULL, NULL, 0, NULL, st);
     op_add(ms, OP_SAVE, cb, arg);
     return 0;
 }
 
 int dlv_set_public_reason(struct dlv *d, const char *name, const char *text)
 {
-    struct dlv_ms *ms = find_ms(d, name);
+    struct dlv_ms *ms = dlv_find_ms(d, name);
 
     if (!ms || ms->gone)
         return -ENOENT;
@@ -818,13 +818,13 @@ int dlv_set_public_reason(struct dlv *d, const char *name, const char *text)
 int dlv_release(struct dlv *d, const char *name, double rate, int64_t ramp_ms, const char *actor,
                 dlv_op_cb cb, void *arg)
 {
-    struct dlv_ms *ms = find_ms(d, name);
+    struct dlv_ms *ms = dlv_find_ms(d, name);
 
     if (!ms || ms->gone)
         return -ENOENT;
     enum mstore_state from = ms->st.state;
     mstore_release(&ms->st, rate, ramp_ms, actor, dlv_wall_ms());
-    on_transition(ms, from);
+    dlv_on_transition(ms, from);
     op_add(ms, OP_DUE, cb, arg);
     return 0;
 }
@@ -879,22 +879,22 @@ int dlv_status(struct dlv *d, struct dlv_status *out, int max)
 
 int dlv_drop_ready(struct dlv *d, const char *name)
 {
-    struct dlv_ms *ms = find_ms(d, name);
+    struct dlv_ms *ms = dlv_find_ms(d, name);
 
     if (!ms || ms->gone)
         return -ENOENT;
-    ms_drop_ready(ms);
+    dlv_ms_drop_ready(ms);
     ms->drained = 0;
-    ms_kick(ms);
+    dlv_ms_kick(ms);
     return 0;
 }
 
-/* late_deliveries - deliveries of qid that are done but not yet recorded when an operator
+/* dlv_late_deliveries - deliveries of qid that are done but not yet recorded when an operator
  * holds or deletes it: the record will say delivered, so they count as finishing and are
  * audited like a delivery past the dot. */
 int dlv_state_of(struct dlv *d, const char *name)
 {
-    struct dlv_ms *ms = find_ms(d, name);
+    struct dlv_ms *ms = dlv_find_ms(d, name);
     return ms && !ms->gone ? (int)ms->st.state : -ENOENT;
 }
 

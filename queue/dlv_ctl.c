@@ -50,7 +50,7 @@
 
 /* --- Jobs ------------------------------------------------------------------------------------ */
 
-void job_free(struct job *j)
+void dc_job_free(struct job *j)
 {
     if (j->client_fd >= 0)
         close(j->client_fd);
@@ -62,20 +62,20 @@ void job_free(struct job *j)
     free(j);
 }
 
-int64_t now_s(void)
+int64_t dc_now_s(void)
 {
     return (int64_t)time(NULL);
 }
 
-const char *jstr(const json_t *req, const char *key)
+const char *dc_jstr(const json_t *req, const char *key)
 {
     const char *s = json_string_value(json_object_get(req, key));
     return s && *s ? s : NULL;
 }
 
-/* dur_arg - a duration as a number of seconds or a string like "10m": ms, or -1 when absent,
+/* dc_dur_arg - a duration as a number of seconds or a string like "10m": ms, or -1 when absent,
  * -2 when malformed. */
-int64_t dur_arg(const json_t *req, const char *key)
+int64_t dc_dur_arg(const json_t *req, const char *key)
 {
     const json_t *v = json_object_get(req, key);
     int64_t ms;
@@ -110,19 +110,19 @@ static json_t *do_write(struct job *j, struct spool_query *q)
     case CTL_CMD_release:
         if (j->op_status < 0)
             return fail(CTL_E_FAILED, "%s", strerror(-j->op_status));
-        r = count_waiting(q, j->ms);
+        r = dc_count_waiting(q, j->ms);
         break;
     case CTL_CMD_hold:
         r = spool_hold(sp, qid, ms, j->reason[0] ? j->reason : "held by operator");
         break;
     case CTL_CMD_unhold:
-        r = spool_unhold(sp, qid, ms, now_s());
+        r = spool_unhold(sp, qid, ms, dc_now_s());
         break;
     case CTL_CMD_retry:
-        r = spool_release(sp, qid, ms, now_s());
+        r = spool_release(sp, qid, ms, dc_now_s());
         break;
     case CTL_CMD_bounce:
-        r = do_bounce(j);
+        r = dc_bounce(j);
         break;
     case CTL_CMD_delete:
         if (!qid) {             /* the bulk form: recipients, chunked */
@@ -146,7 +146,7 @@ static json_t *do_write(struct job *j, struct spool_query *q)
         }
         break;
     case CTL_CMD_reroute:
-        r = spool_reroute(sp, j->ms, j->to, j->rcpt[0] ? j->rcpt : NULL, now_s());
+        r = spool_reroute(sp, j->ms, j->to, j->rcpt[0] ? j->rcpt : NULL, dc_now_s());
         break;
     default:
         return fail(CTL_E_BADREQ, "%s", "not a write command");
@@ -204,15 +204,15 @@ static void job_run(struct job *j, struct spool_query **qp)
         return;
     }
     switch (j->cmd) {
-    case CTL_CMD_status: j->rep = do_status(j, q); break;
-    case CTL_CMD_queue: j->rep = do_queue(j, q); break;
-    case CTL_CMD_show: j->rep = do_show(j, q); break;
-    case CTL_CMD_affected: j->rep = do_affected(j, q); break;
-    case CTL_CMD_audit: j->rep = do_audit(j, q); break;
-    case CTL_CMD_reseller: j->rep = do_reseller(j); break;
+    case CTL_CMD_status: j->rep = dc_status(j, q); break;
+    case CTL_CMD_queue: j->rep = dc_queue(j, q); break;
+    case CTL_CMD_show: j->rep = dc_show(j, q); break;
+    case CTL_CMD_affected: j->rep = dc_affected(j, q); break;
+    case CTL_CMD_audit: j->rep = dc_audit(j, q); break;
+    case CTL_CMD_reseller: j->rep = dc_reseller(j); break;
     case CTL_CMD_reseller_view: j->rep = api_view_remote(q, j->req, (int64_t)time(NULL)); break;
-    case CTL_CMD_policy: j->rep = do_policy(j); break;
-    case CTL_CMD_policy_set: j->rep = do_policy_set(j); break;
+    case CTL_CMD_policy: j->rep = dc_policy(j); break;
+    case CTL_CMD_policy_set: j->rep = dc_policy_set(j); break;
     default: j->rep = do_write(j, q); break;
     }
     int qerr = spool_query_errno(q);
@@ -355,7 +355,7 @@ static void job_unfence(struct job *j)
     j->fenced = 0;
 }
 
-int stops_flight(enum ctl_cmd c)
+int dc_stops_flight(enum ctl_cmd c)
 {
     return c == CTL_CMD_pause || c == CTL_CMD_hold || c == CTL_CMD_delete ||
            c == CTL_CMD_reroute;
@@ -370,7 +370,7 @@ static void wait_done(void *arg, int finishing)
     json_object_set_new(rep, "still_finishing", json_integer(finishing));
     json_object_set_new(rep, "waited", json_true());
     ctl_req_reply(j->rq, rep);
-    job_free(j);
+    dc_job_free(j);
 }
 
 static void job_after(struct job *j)
@@ -396,7 +396,7 @@ static void job_after(struct job *j)
     }
     if (j->legacy && ok && (j->cmd == CTL_CMD_pause || j->cmd == CTL_CMD_release)) {
         json_object_del(rep, "count");   /* the first protocol's exact shape */
-    } else if (ok && stops_flight(j->cmd)) {
+    } else if (ok && dc_stops_flight(j->cmd)) {
         json_object_set_new(rep, "stopped", json_integer(j->stopped.stopped));
         json_object_set_new(rep, "finishing", json_integer(j->stopped.finishing));
         /* a bulk delete of held recipients stopped nothing: nothing to wait for */
@@ -410,7 +410,7 @@ static void job_after(struct job *j)
         }
     }
     ctl_req_reply(j->rq, rep);
-    job_free(j);
+    dc_job_free(j);
 }
 
 static void async_closed(uv_handle_t *h)
@@ -441,20 +441,20 @@ static void async_cb(uv_async_t *h)
         uv_close((uv_handle_t *)&ctl->async, async_closed);
 }
 
-void job_queue(struct job *j)
+void dc_job_queue(struct job *j)
 {
     struct dlv_ctl *ctl = j->ctl;
     struct lane *ln = &ctl->lanes[ctl_cmd_is_write(j->cmd) ? LANE_WRITE : LANE_READ];
 
     if (ctl->stopping || !ctl->threads_up) {
         ctl_req_reply(j->rq, ctl_reply_error(CTL_E_FAILED, "sluice-deliver is stopping"));
-        job_free(j);
+        dc_job_free(j);
         return;
     }
     if (job_fence(j) < 0) {
         ctl_req_reply(j->rq, ctl_reply_error(CTL_E_FAILED, "%s: too many operator commands "
                                              "at once; try again", ctl_cmd_name(j->cmd)));
-        job_free(j);
+        dc_job_free(j);
         return;
     }
     if (!ctl_cmd_is_write(j->cmd))
@@ -471,7 +471,7 @@ void job_queue(struct job *j)
     pthread_mutex_unlock(&ctl->mu);
 }
 
-void op_done(void *arg, int status, long count)
+void dc_op_done(void *arg, int status, long count)
 {
     struct job *j = arg;
     int st = dlv_state_of(j->ctl->d, j->ms);
@@ -484,7 +484,7 @@ void op_done(void *arg, int status, long count)
     if (j->cmd == CTL_CMD_release)
         json_object_set_new(extra, "due", json_integer(count));
     json_object_set_new(j->req, "_result", extra);
-    job_queue(j);
+    dc_job_queue(j);
 }
 
 /* --- Start and stop ------------------------------------------------------------------------ */

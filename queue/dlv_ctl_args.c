@@ -52,7 +52,7 @@ static struct job *job_new(struct dlv_ctl *ctl, struct ctl_req *rq, const json_t
 static int reject_rep(struct job *j, json_t *rep)
 {
     ctl_req_reply(j->rq, rep);
-    job_free(j);
+    dc_job_free(j);
     return -1;
 }
 
@@ -60,9 +60,9 @@ static int reject_rep(struct job *j, json_t *rep)
 static int args(struct job *j)
 {
     struct dlv_ctl *ctl = j->ctl;
-    const char *ms = jstr(j->req, "mailstore"), *qid = jstr(j->req, "qid");
-    const char *to = jstr(j->req, "to"), *rcpt = jstr(j->req, "rcpt");
-    const char *reason = jstr(j->req, "reason");
+    const char *ms = dc_jstr(j->req, "mailstore"), *qid = dc_jstr(j->req, "qid");
+    const char *to = dc_jstr(j->req, "to"), *rcpt = dc_jstr(j->req, "rcpt");
+    const char *reason = dc_jstr(j->req, "reason");
     const char *name = ctl_cmd_name(j->cmd);
     int need_ms = 0, ms_or_qid = 0, need_qid = 0;
 
@@ -94,12 +94,12 @@ static int args(struct job *j)
      * mailstore removed from the config), the rest need a live one */
     if (ms && j->cmd != CTL_CMD_affected && dlv_state_of(ctl->d, ms) < 0)
         return reject(j, CTL_E_NOTFOUND, "no such mailstore: %s", ms);
-    if (j->cmd == CTL_CMD_affected && jstr(j->req, "domain") &&
-        domain_norm(jstr(j->req, "domain"), j->domain, sizeof(j->domain)) < 0)
+    if (j->cmd == CTL_CMD_affected && dc_jstr(j->req, "domain") &&
+        domain_norm(dc_jstr(j->req, "domain"), j->domain, sizeof(j->domain)) < 0)
         return reject(j, CTL_E_BADREQ, "affected: \"%.100s\" is not a domain name",
-                      jstr(j->req, "domain"));
+                      dc_jstr(j->req, "domain"));
     if (j->cmd == CTL_CMD_reseller) {
-        const char *action = jstr(j->req, "action"), *tname = jstr(j->req, "name");
+        const char *action = dc_jstr(j->req, "action"), *tname = dc_jstr(j->req, "name");
         if (!action || (strcmp(action, "add") != 0 && strcmp(action, "rotate-token") != 0 &&
                         strcmp(action, "remove") != 0))
             return reject(j, CTL_E_BADREQ, "%s", "reseller: \"action\" is add, rotate-token "
@@ -126,7 +126,7 @@ static int args(struct job *j)
     }
     j->state = -1;
     if (j->cmd == CTL_CMD_bounce || j->cmd == CTL_CMD_delete) {
-        const char *st = jstr(j->req, "state");
+        const char *st = dc_jstr(j->req, "state");
         const json_t *lim = json_object_get(j->req, "limit");
         if (!reason)
             return reject(j, CTL_E_BADREQ, "%s: a reason is required (--reason TEXT): it goes "
@@ -152,7 +152,7 @@ static int args(struct job *j)
         }
     }
     if (j->cmd == CTL_CMD_policy || j->cmd == CTL_CMD_policy_set) {
-        const char *dom = jstr(j->req, "domain");
+        const char *dom = dc_jstr(j->req, "domain");
         const char *at;
         if (!dom && rcpt && (at = strrchr(rcpt, '@')))
             dom = at + 1;
@@ -162,7 +162,7 @@ static int args(struct job *j)
             return reject_rep(j, ctl_reply_error(CTL_E_BADREQ, "%s: \"%.100s\" is not a "
                                                  "domain name", name, dom));
         if (j->cmd == CTL_CMD_policy_set) {
-            const char *set = jstr(j->req, "settings");
+            const char *set = dc_jstr(j->req, "settings");
             if (!reason)
                 return reject(j, CTL_E_BADREQ, "%s: a reason is required (--reason TEXT)",
                               name);
@@ -187,7 +187,7 @@ static int args(struct job *j)
      * in flight any more */
     const json_t *wv = json_object_get(j->req, "wait");
     if (wv && !json_is_null(wv) && !json_is_false(wv)) {
-        if (!stops_flight(j->cmd))
+        if (!dc_stops_flight(j->cmd))
             return reject(j, CTL_E_BADREQ, "%s: \"wait\" is for pause, hold, delete and reroute",
                           name);
         if (json_is_true(wv))
@@ -263,14 +263,14 @@ void dlv_ctl_handle(struct ctl_req *rq, const json_t *req, void *arg)
             }
             dlv_set_public_reason(ctl->d, j->ms, pub);
         }
-        r = dlv_pause(ctl->d, j->ms, j->reason, j->actor, &j->stopped, op_done, j);
+        r = dlv_pause(ctl->d, j->ms, j->reason, j->actor, &j->stopped, dc_op_done, j);
         if (r < 0)
             reject(j, CTL_E_NOTFOUND, "no such mailstore: %s", j->ms);
         return;
     case CTL_CMD_release: {
         const json_t *v = json_object_get(j->req, "rate");
         double rate = v && json_is_number(v) ? json_number_value(v) : 0;
-        int64_t ramp = dur_arg(j->req, "ramp");
+        int64_t ramp = dc_dur_arg(j->req, "ramp");
         if (ramp == -2) {
             reject(j, CTL_E_BADREQ, "%s", "release: bad \"ramp\" (use e.g. \"10m\" or 0)");
             return;
@@ -279,7 +279,7 @@ void dlv_ctl_handle(struct ctl_req *rq, const json_t *req, void *arg)
             reject(j, CTL_E_BADREQ, "%s", "release: bad \"rate\" (messages per second)");
             return;
         }
-        r = dlv_release(ctl->d, j->ms, rate, ramp, j->actor, op_done, j);
+        r = dlv_release(ctl->d, j->ms, rate, ramp, j->actor, dc_op_done, j);
         if (r < 0)
             reject(j, CTL_E_NOTFOUND, "no such mailstore: %s", j->ms);
         return;
@@ -287,5 +287,5 @@ void dlv_ctl_handle(struct ctl_req *rq, const json_t *req, void *arg)
     default:
         break;
     }
-    job_queue(j);
+    dc_job_queue(j);
 }

@@ -130,27 +130,27 @@ struct job {
 #define reject(j, code, fmt, arg) reject_rep(j, ctl_reply_error(code, fmt, arg))
 
 /* dlv_ctl.c */
-void job_free(struct job *j);
-int64_t now_s(void);
-const char *jstr(const json_t *req, const char *key);
-int64_t dur_arg(const json_t *req, const char *key);
-int stops_flight(enum ctl_cmd c);
-void job_queue(struct job *j);
-void op_done(void *arg, int status, long count);
+void dc_job_free(struct job *j);
+int64_t dc_now_s(void);
+const char *dc_jstr(const json_t *req, const char *key);
+int64_t dc_dur_arg(const json_t *req, const char *key);
+int dc_stops_flight(enum ctl_cmd c);
+void dc_job_queue(struct job *j);
+void dc_op_done(void *arg, int status, long count);
 
 /* dlv_ctl_query.c */
-long count_waiting(struct spool_query *q, const char *ms);
-json_t *do_status(struct job *j, struct spool_query *q);
-json_t *do_queue(struct job *j, struct spool_query *q);
-json_t *do_show(struct job *j, struct spool_query *q);
-json_t *do_affected(struct job *j, struct spool_query *q);
-json_t *do_reseller(struct job *j);
-json_t *do_audit(struct job *j, struct spool_query *q);
+long dc_count_waiting(struct spool_query *q, const char *ms);
+json_t *dc_status(struct job *j, struct spool_query *q);
+json_t *dc_queue(struct job *j, struct spool_query *q);
+json_t *dc_show(struct job *j, struct spool_query *q);
+json_t *dc_affected(struct job *j, struct spool_query *q);
+json_t *dc_reseller(struct job *j);
+json_t *dc_audit(struct job *j, struct spool_query *q);
 
 /* dlv_ctl_policy.c */
-long do_bounce(struct job *j);
-json_t *do_policy(struct job *j);
-json_t *do_policy_set(struct job *j);
+long dc_bounce(struct job *j);
+json_t *dc_policy(struct job *j);
+json_t *dc_policy_set(struct job *j);
 
 /* dlv_ctl_args.c */
 void dlv_ctl_handle(struct ctl_req *rq, const json_t *req, void *arg);

@@ -79,10 +79,10 @@ static int bounce_select(struct job *j, const char *qid, struct dlv_dsn_unit **u
     return 0;
 }
 
-/* do_bounce - return held mail to its senders, DLV_CTL_BOUNCE_MSGS messages (DSNs) per
+/* dc_bounce - return held mail to its senders, DLV_CTL_BOUNCE_MSGS messages (DSNs) per
  * transaction, so the gateway's commits never wait long. Returns the recipients returned, or
  * -errno when nothing could be. */
-long do_bounce(struct job *j)
+long dc_bounce(struct job *j)
 {
     char (*qids)[QID_SIZE] = calloc(DLV_CTL_BOUNCE_MSGS, QID_SIZE);
     struct dlv_dsn_unit *units[DLV_CTL_BOUNCE_MSGS];
@@ -143,7 +143,7 @@ long do_bounce(struct job *j)
     return total ? total : r;
 }
 
-json_t *do_policy(struct job *j)
+json_t *dc_policy(struct job *j)
 {
     json_t *rep = ctl_reply_ok(), *arr = json_array();
 
@@ -167,9 +167,9 @@ json_t *do_policy(struct job *j)
     return rep;
 }
 
-/* do_policy_set - change the domain's line of the policy map; the audit row is bpolicy_set's
+/* dc_policy_set - change the domain's line of the policy map; the audit row is bpolicy_set's
  * (cmd "bounce-policy"), so job_work writes none for this command. */
-json_t *do_policy_set(struct job *j)
+json_t *dc_policy_set(struct job *j)
 {
     struct bpolicy_entry e;
     struct audit_db *a = NULL;

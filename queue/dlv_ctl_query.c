@@ -42,7 +42,7 @@ static json_t *query_failed(struct job *j, struct spool_query *q)
     return ctl_reply_error(CTL_E_FAILED, "index: %s", why);
 }
 
-long count_waiting(struct spool_query *q, const char *ms)
+long dc_count_waiting(struct spool_query *q, const char *ms)
 {
     struct spool_query_filter f = { .mailstore = ms, .state = 0 };
     return q ? spool_query_queue_count(q, &f) : -1;
@@ -96,9 +96,9 @@ static json_t *ms_json(const struct dlv_status *s, json_t *counts)
     return o;
 }
 
-json_t *do_status(struct job *j, struct spool_query *q)
+json_t *dc_status(struct job *j, struct spool_query *q)
 {
-    json_t *counts = spool_query_counts(q, now_s()), *arr = json_array(), *rep;
+    json_t *counts = spool_query_counts(q, dc_now_s()), *arr = json_array(), *rep;
 
     if (!counts)
         return query_failed(j, q);
@@ -123,7 +123,7 @@ json_t *do_status(struct job *j, struct spool_query *q)
     json_object_set_new(rep, "daemon", json_string("sluice-deliver"));
     json_object_set_new(rep, "version", json_string(SLUICE_VERSION));
     json_object_set_new(rep, "pid", json_integer(getpid()));
-    json_object_set_new(rep, "time", json_integer(now_s()));
+    json_object_set_new(rep, "time", json_integer(dc_now_s()));
     json_object_set_new(rep, "spool", json_pack("{s:s,s:I}", "dir", j->ctl->dir, "free_bytes",
                                                 (json_int_t)spool_free_bytes(j->ctl->sp)));
     json_object_set_new(rep, "mailstores", arr);
@@ -132,18 +132,18 @@ json_t *do_status(struct job *j, struct spool_query *q)
     return rep;
 }
 
-json_t *do_queue(struct job *j, struct spool_query *q)
+json_t *dc_queue(struct job *j, struct spool_query *q)
 {
     struct spool_query_filter f = { .state = -1 };
-    const char *state = jstr(j->req, "state");
-    int64_t older = dur_arg(j->req, "older_than");
+    const char *state = dc_jstr(j->req, "state");
+    int64_t older = dc_dur_arg(j->req, "older_than");
     json_t *lim = json_object_get(j->req, "limit"), *arr, *rep;
     int more;
     long total;
 
-    f.mailstore = jstr(j->req, "mailstore");
-    f.sender = jstr(j->req, "sender");
-    f.rcpt = jstr(j->req, "rcpt");
+    f.mailstore = dc_jstr(j->req, "mailstore");
+    f.sender = dc_jstr(j->req, "sender");
+    f.rcpt = dc_jstr(j->req, "rcpt");
     if (state && strcmp(state, "queued") == 0)
         f.state = 0;
     else if (state && strcmp(state, "held") == 0)
@@ -171,7 +171,7 @@ json_t *do_queue(struct job *j, struct spool_query *q)
     return rep;
 }
 
-json_t *do_show(struct job *j, struct spool_query *q)
+json_t *dc_show(struct job *j, struct spool_query *q)
 {
     int found;
     json_t *m = spool_query_show(q, j->qid, &found), *rep;
@@ -207,10 +207,10 @@ json_t *do_show(struct job *j, struct spool_query *q)
     return rep;
 }
 
-json_t *do_affected(struct job *j, struct spool_query *q)
+json_t *dc_affected(struct job *j, struct spool_query *q)
 {
     struct spool_query_page p = { .mailstore = j->ms, .domain = j->domain[0] ? j->domain : NULL,
-                                  .after = jstr(j->req, "after"),
+                                  .after = dc_jstr(j->req, "after"),
                                   .counts_only = json_is_true(json_object_get(j->req,
                                                                               "counts_only")) };
     json_t *lim = json_object_get(j->req, "limit"), *arr, *rep;
@@ -219,7 +219,7 @@ json_t *do_affected(struct job *j, struct spool_query *q)
     if (j->domain[0] && !p.counts_only) {
         /* --domain: the reseller API's query (spool_query_domain_users), so both answer
          * alike; users (counts_only) walks the same domain range in its own order */
-        arr = spool_query_affected_domain(q, j->ms, j->domain, jstr(j->req, "after"),
+        arr = spool_query_affected_domain(q, j->ms, j->domain, dc_jstr(j->req, "after"),
                                           json_is_integer(lim) ? (long)json_integer_value(lim)
                                                                : 0, &more);
     } else {
@@ -249,12 +249,12 @@ json_t *do_affected(struct job *j, struct spool_query *q)
     return rep;
 }
 
-/* do_reseller - after sluicectl changed the tenants file: read it again (the API's copy if
+/* dc_reseller - after sluicectl changed the tenants file: read it again (the API's copy if
  * the API runs, else just to check it), so the change counts from now; the audit row follows
  * in job_work. count: the tenant's domains (0 once removed). */
-json_t *do_reseller(struct job *j)
+json_t *dc_reseller(struct job *j)
 {
-    const char *action = jstr(j->req, "action"), *name = jstr(j->req, "name");
+    const char *action = dc_jstr(j->req, "action"), *name = dc_jstr(j->req, "name");
     char err[2048];
     struct tenants *ts = NULL;
     const struct tenant *t;
@@ -283,7 +283,7 @@ json_t *do_reseller(struct job *j)
     return rep;
 }
 
-json_t *do_audit(struct job *j, struct spool_query *q)
+json_t *dc_audit(struct job *j, struct spool_query *q)
 {
     json_t *lim = json_object_get(j->req, "limit"), *since = json_object_get(j->req, "since");
     json_t *arr = spool_query_audit(q, lim && json_is_integer(lim) ? (int)json_integer_value(lim) : 0,

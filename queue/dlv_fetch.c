@@ -26,9 +26,9 @@
 
 /* --- Outcomes and their flush ---------------------------------------------------------- */
 
-/* out_add - queue one outcome for the next spool_mark batch. bounce_at (held), dsn_owed
+/* dlv_out_add - queue one outcome for the next spool_mark batch. bounce_at (held), dsn_owed
  * (delivered) and hold_reason as in struct spool_outcome; attempt: it counts as one. */
-void out_add_full(struct dlv_ms *ms, const char *qid, int64_t id, enum spool_rstate state,
+void dlv_out_add_full(struct dlv_ms *ms, const char *qid, int64_t id, enum spool_rstate state,
                          int64_t next, const char *reply, int64_t bounce_at, int dsn_owed,
                          const char *hold_reason, int attempt)
 {
@@ -56,13 +56,13 @@ void out_add_full(struct dlv_ms *ms, const char *qid, int64_t id, enum spool_rst
     snprintf(o->hold_reason, sizeof(o->hold_reason), "%s", hold_reason ? hold_reason : "");
     o->o.reply = NULL;
     ms->unrecorded++;
-    flush_outs(d);
+    dlv_flush_outs(d);
 }
 
-void out_add(struct dlv_ms *ms, const char *qid, int64_t id, enum spool_rstate state,
+void dlv_out_add(struct dlv_ms *ms, const char *qid, int64_t id, enum spool_rstate state,
                     int64_t next, const char *reply, int attempt)
 {
-    out_add_full(ms, qid, id, state, next, reply, 0, 0, NULL, attempt);
+    dlv_out_add_full(ms, qid, id, state, next, reply, 0, 0, NULL, attempt);
 }
 
 static void flush_work(uv_work_t *w)
@@ -93,10 +93,10 @@ static void flush_work(uv_work_t *w)
 
 static void flush_retry_cb(uv_timer_t *t)
 {
-    flush_outs(t->data);
+    dlv_flush_outs(t->data);
 }
 
-void flush_after(uv_work_t *w, int status)
+void dlv_flush_after(uv_work_t *w, int status)
 {
     struct dlv *d = w->data;
     struct dlv_ms *touched[DLV_MS_MAX];
@@ -123,7 +123,7 @@ void flush_after(uv_work_t *w, int status)
             struct dlv_ms *ms = d->flight[i].ms;
             if (d->flight[i].o.dsn_owed)
                 d->scan_soon = 1;   /* its success DSN: at the next tick, not in 5 s */
-            ms_forget(ms, d->flight[i].o.rcpt_id);
+            dlv_ms_forget(ms, d->flight[i].o.rcpt_id);
             ms->unrecorded--;
             int k;
             for (k = 0; k < nt && touched[k] != ms; k++)
@@ -135,14 +135,14 @@ void flush_after(uv_work_t *w, int status)
         d->flight = NULL;
         d->nflight = 0;
         for (int k = 0; k < nt; k++)
-            ms_kick(touched[k]);
+            dlv_ms_kick(touched[k]);
         if (resumed && !d->stopped)
             dlv_kick(d);        /* every mailstore waited for this record */
-        check_waiters(d);
-        flush_outs(d);
+        dlv_check_waiters(d);
+        dlv_flush_outs(d);
     } else {
         /* Keep them (and their ids known, so nothing is delivered again) and retry. No new
-         * delivery starts meanwhile (ms_pump): each one would be a duplicate after a
+         * delivery starts meanwhile (dlv_ms_pump): each one would be a duplicate after a
          * restart. One line at the first failure, then one a minute. */
         int err = d->flush_status < 0 ? -d->flush_status : EIO;
         int64_t now = dlv_wall_ms();
@@ -162,12 +162,12 @@ void flush_after(uv_work_t *w, int status)
         if (!d->stopped)
             uv_timer_start(&d->flush_timer, flush_retry_cb, DLV_RETRY_FLUSH_MS, 0);
     }
-    check_drained(d);
+    dlv_check_drained(d);
 }
 
-/* flush_outs - one spool_mark batch at a time: whatever accumulated while the previous one
+/* dlv_flush_outs - one spool_mark batch at a time: whatever accumulated while the previous one
  * was on disk goes in the next (group commit, as the gateway's writer). */
-void flush_outs(struct dlv *d)
+void dlv_flush_outs(struct dlv *d)
 {
     if (d->flushing || d->stopped ||
         (d->nouts == 0 && d->nflight == 0 && d->nrequeue == 0 && d->nrequeue_flight == 0))
@@ -199,7 +199,7 @@ void flush_outs(struct dlv *d)
     uv_timer_stop(&d->flush_timer);
     d->flushing = 1;
     d->flush_work.data = d;
-    if (uv_queue_work(d->loop, &d->flush_work, flush_work, flush_after) < 0)
+    if (uv_queue_work(d->loop, &d->flush_work, flush_work, dlv_flush_after) < 0)
         fatal("uv_queue_work failed");
 }
 
@@ -296,7 +296,7 @@ static void fetch_after(uv_work_t *w, int status)
     for (int i = 0; i < f->n; i++) {
         struct spool_rcpt *row = &f->rows[i];
         struct dlv_job *job = NULL;
-        if (ids_has(d, row->id))
+        if (dlv_ids_has(d, row->id))
             continue;
         /* the age limit and the delay warning, both on age without outages */
         struct bpolicy pol;
@@ -306,7 +306,7 @@ static void fetch_after(uv_work_t *w, int status)
         /* a recipient never tried has not failed: waiting behind a backlog is not a
          * reason to return mail; and a probe's answer is the mailstore's, not the user's */
         int may_act = trusted && row->attempts > 0;
-        policy_of(ms, row->rcpt, &pol);
+        dlv_policy_of(ms, row->rcpt, &pol);
         /* A recipient last held for its age and since unheld by an operator gets its next
          * attempt before its age is judged again (its last reply is still the age hold's). */
         if (pol.max_age_ms > 0 && age > pol.max_age_ms &&
@@ -321,22 +321,22 @@ static void fetch_after(uv_work_t *w, int status)
                 log_qid(LOG_WARNING, row->qid, "alert: to=<%s>, mailstore=%s, relay=none,"
                         " delay=%.1f, status=held (%s)", row->rcpt, ms->cf.name,
                         (double)age / 1000.0, text);
-                ids_add(d, row->id);
+                dlv_ids_add(d, row->id);
                 ms->known++;
                 ms->held++;
-                out_add(ms, row->qid, row->id, SPOOL_HELD, 0, text, 0);
+                dlv_out_add(ms, row->qid, row->id, SPOOL_HELD, 0, text, 0);
                 continue;
             }
             if (may_act) {
-                struct dlv_ret *rt = ret_unit(d, &rets, ms, row->qid, DSN_FAILED, RET_FETCH, 1);
-                struct dlv_dsn_rcpt *rr = ret_row(rt, row, SPOOL_CHG_RETURN);
+                struct dlv_ret *rt = dlv_ret_unit(d, &rets, ms, row->qid, DSN_FAILED, RET_FETCH, 1);
+                struct dlv_dsn_rcpt *rr = dlv_ret_row(rt, row, SPOOL_CHG_RETURN);
                 snprintf(rr->status, sizeof(rr->status), "4.4.7");
                 if (!rr->reply[0])
                     snprintf(rr->reply, sizeof(rr->reply), "delivery time expired");
                 snprintf(rt->u->note, sizeof(rt->u->note), "It could not be delivered within "
                          "the %llds its mail system allows (outages not counted).",
                          (long long)(pol.max_age_ms / 1000));
-                ids_add(d, row->id);
+                dlv_ids_add(d, row->id);
                 ms->known++;
                 continue;
             }
@@ -345,8 +345,8 @@ static void fetch_after(uv_work_t *w, int status)
         if (d->dsncf.delay_warning_ms > 0 && may_act && !row->delay_dsn && !ms->is_dsn &&
             age >= d->dsncf.delay_warning_ms &&
             dsn_wanted(dsn_notify_parse(row->notify), DSN_DELAYED, 1)) {
-            struct dlv_ret *rt = ret_unit(d, &rets, ms, row->qid, DSN_DELAYED, RET_FETCH, 0);
-            struct dlv_dsn_rcpt *rr = ret_row(rt, row, SPOOL_CHG_DELAY_SENT);
+            struct dlv_ret *rt = dlv_ret_unit(d, &rets, ms, row->qid, DSN_DELAYED, RET_FETCH, 0);
+            struct dlv_dsn_rcpt *rr = dlv_ret_row(rt, row, SPOOL_CHG_DELAY_SENT);
             if (pol.max_age_ms > 0 && pol.age_action == BPOLICY_BOUNCE)
                 rr->will_retry_until = (recv + out_ms + pol.max_age_ms) / 1000;
             /* and it is delivered as usual: the warning is a row change of its own */
@@ -360,7 +360,7 @@ static void fetch_after(uv_work_t *w, int status)
         if (!job) {
             /* the memory budget holds from here: a job reserves its message (twice) before
              * it loads; only a mailstore with nothing in memory may go past it, by one */
-            size_t want = job_mem(4, 2 * row->size);
+            size_t want = dlv_job_mem(4, 2 * row->size);
             if (njobs >= room || (d->mem + want > DLV_MEM_BUDGET &&
                                   (njobs > 0 || ms->nready + ms->loading > 0))) {
                 if (njobs < room)
@@ -372,10 +372,10 @@ static void fetch_after(uv_work_t *w, int status)
             job->mem = want;
             d->mem += want;
         }
-        size_t before = job_mem(job->cap, 0);
+        size_t before = dlv_job_mem(job->cap, 0);
         job_room(job);
-        job->mem += job_mem(job->cap, 0) - before;
-        d->mem += job_mem(job->cap, 0) - before;
+        job->mem += dlv_job_mem(job->cap, 0) - before;
+        d->mem += dlv_job_mem(job->cap, 0) - before;
         struct dlv_rcpt *r = &job->r[job->nr];
         job->nr++;
         r->id = row->id;
@@ -383,15 +383,15 @@ static void fetch_after(uv_work_t *w, int status)
         snprintf(r->rcpt, sizeof(r->rcpt), "%s", row->rcpt);
         snprintf(r->orcpt, sizeof(r->orcpt), "%s", row->orcpt);
         snprintf(r->notify, sizeof(r->notify), "%s", row->notify);
-        ids_add(d, row->id);
+        dlv_ids_add(d, row->id);
         ms->known++;
     }
     ms->drained = !f->probe && f->n < f->max && taken_all;
     for (int k = 0; k < njobs; k++) {
         job_link(jobs[k]);
-        job_load(jobs[k]);
+        dlv_job_load(jobs[k]);
     }
-    ret_queue_all(d, rets);
+    dlv_ret_queue_all(d, rets);
 out:
     free(jobs);
     free(f->rows);
@@ -401,12 +401,12 @@ out:
             ms->refetch = 0;
             ms->drained = 0;
         }
-        ms_kick(ms);
+        dlv_ms_kick(ms);
     }
-    check_drained(d);
+    dlv_check_drained(d);
 }
 
-void ms_fetch(struct dlv_ms *ms)
+void dlv_ms_fetch(struct dlv_ms *ms)
 {
     struct dlv *d = ms->d;
     int probe = ms->st.state == MSTORE_TRIPPED;
@@ -426,7 +426,7 @@ void ms_fetch(struct dlv_ms *ms)
             return;
         if (mstore_may_start(&ms->st, 0, now, &wait) <= 0) {
             if (wait >= 0)
-                ms_arm(ms, wait);
+                dlv_ms_arm(ms, wait);
             return;
         }
     } else {

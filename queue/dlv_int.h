@@ -213,7 +213,7 @@ struct dlv {
     struct dlv_scan *scan;
     uv_work_t scan_work;
     /* state ops */
-    struct dlv_op *ops_head, *ops_tail, *ops_run;
+    struct dlv_op *ops_head, *ops_tail, *dlv_ops_run;
     int ops_busy;
     uv_work_t ops_work;
     /* messages an operator command is changing: nothing of theirs starts, and no fetch runs
@@ -259,62 +259,62 @@ struct dlv_scan {
 /* dlv.c */
 int64_t dlv_wall_ms(void);
 double dlv_rand(struct dlv *d);
-int ids_has(struct dlv *d, int64_t id);
-void ids_add(struct dlv *d, int64_t id);
-void ms_forget(struct dlv_ms *ms, int64_t id);
-struct dlv_ms *find_ms(struct dlv *d, const char *name);
-const char *trouble_name(const struct dlv_ms *ms, int64_t now);
-void ops_run(struct dlv *d);
-struct dlv_op *op_new(struct dlv_ms *ms, enum dlv_op_kind kind, dlv_op_cb cb, void *arg);
-void ms_pump(struct dlv_ms *ms);
-void ms_arm(struct dlv_ms *ms, int64_t delay_ms);
-void ms_kick(struct dlv_ms *ms);
-void on_transition(struct dlv_ms *ms, enum mstore_state from);
-void check_drained(struct dlv *d);
+int dlv_ids_has(struct dlv *d, int64_t id);
+void dlv_ids_add(struct dlv *d, int64_t id);
+void dlv_ms_forget(struct dlv_ms *ms, int64_t id);
+struct dlv_ms *dlv_find_ms(struct dlv *d, const char *name);
+const char *dlv_trouble_name(const struct dlv_ms *ms, int64_t now);
+void dlv_ops_run(struct dlv *d);
+struct dlv_op *dlv_op_new(struct dlv_ms *ms, enum dlv_op_kind kind, dlv_op_cb cb, void *arg);
+void dlv_ms_pump(struct dlv_ms *ms);
+void dlv_ms_arm(struct dlv_ms *ms, int64_t delay_ms);
+void dlv_ms_kick(struct dlv_ms *ms);
+void dlv_on_transition(struct dlv_ms *ms, enum mstore_state from);
+void dlv_check_drained(struct dlv *d);
 
 /* dlv_fetch.c */
-void out_add_full(struct dlv_ms *ms, const char *qid, int64_t id, enum spool_rstate state,
+void dlv_out_add_full(struct dlv_ms *ms, const char *qid, int64_t id, enum spool_rstate state,
                          int64_t next, const char *reply, int64_t bounce_at, int dsn_owed,
                          const char *hold_reason, int attempt);
-void out_add(struct dlv_ms *ms, const char *qid, int64_t id, enum spool_rstate state,
+void dlv_out_add(struct dlv_ms *ms, const char *qid, int64_t id, enum spool_rstate state,
                     int64_t next, const char *reply, int attempt);
-void flush_after(uv_work_t *w, int status);
-void flush_outs(struct dlv *d);
-void ms_fetch(struct dlv_ms *ms);
+void dlv_flush_after(uv_work_t *w, int status);
+void dlv_flush_outs(struct dlv *d);
+void dlv_ms_fetch(struct dlv_ms *ms);
 
 /* dlv_job.c */
-size_t job_mem(int cap, uint64_t message);
-void job_drop(struct dlv_job *job);
-void ms_drop_ready(struct dlv_ms *ms);
-void ms_drop_ready_qid(struct dlv_ms *ms, const char *qid);
-void job_load(struct dlv_job *job);
-void job_abandon(struct dlv_job *job);
-void ms_requeue_mass(struct dlv_ms *ms, int64_t now);
-void conn_close_idle(struct dlv_ms *ms, int all);
-void conn_send(struct dlv_conn *cn, struct dlv_job *job);
-void conn_open(struct dlv_ms *ms, struct dlv_job *job);
-void maildir_work(uv_work_t *w);
-void maildir_after(uv_work_t *w, int status);
+size_t dlv_job_mem(int cap, uint64_t message);
+void dlv_job_drop(struct dlv_job *job);
+void dlv_ms_drop_ready(struct dlv_ms *ms);
+void dlv_ms_drop_ready_qid(struct dlv_ms *ms, const char *qid);
+void dlv_job_load(struct dlv_job *job);
+void dlv_job_abandon(struct dlv_job *job);
+void dlv_ms_requeue_mass(struct dlv_ms *ms, int64_t now);
+void dlv_conn_close_idle(struct dlv_ms *ms, int all);
+void dlv_conn_send(struct dlv_conn *cn, struct dlv_job *job);
+void dlv_conn_open(struct dlv_ms *ms, struct dlv_job *job);
+void dlv_maildir_work(uv_work_t *w);
+void dlv_maildir_after(uv_work_t *w, int status);
 
 /* dlv_ret.c */
-void policy_of(struct dlv_ms *ms, const char *rcpt, struct bpolicy *p);
-void ret_free(struct dlv_ret *rt);
-struct dlv_ret *ret_unit(struct dlv *d, struct dlv_ret **batch, struct dlv_ms *ms,
+void dlv_policy_of(struct dlv_ms *ms, const char *rcpt, struct bpolicy *p);
+void dlv_ret_free(struct dlv_ret *rt);
+struct dlv_ret *dlv_ret_unit(struct dlv *d, struct dlv_ret **batch, struct dlv_ms *ms,
                                 const char *qid, enum dsn_action action,
                                 enum dlv_ret_origin origin, int known);
-struct dlv_dsn_rcpt *ret_row(struct dlv_ret *rt, const struct spool_rcpt *row,
+struct dlv_dsn_rcpt *dlv_ret_row(struct dlv_ret *rt, const struct spool_rcpt *row,
                                     enum spool_chg_kind kind);
-void ret_queue_all(struct dlv *d, struct dlv_ret *batch);
-void scan_start(struct dlv *d);
+void dlv_ret_queue_all(struct dlv *d, struct dlv_ret *batch);
+void dlv_scan_start(struct dlv *d);
 
 /* dlv_stop.c */
-void ms_stop(struct dlv_ms *ms, const char *qid, const char *rcpt, int change,
+void dlv_ms_stop(struct dlv_ms *ms, const char *qid, const char *rcpt, int change,
                     const char *why, struct dlv_stopped *st);
-void late_deliveries(struct dlv *d, const char *qid, int change, const char *why,
+void dlv_late_deliveries(struct dlv *d, const char *qid, int change, const char *why,
                             struct dlv_stopped *st);
-int qid_fenced(const struct dlv *d, const char *qid);
-int scope_running(const struct dlv *d, const char *name, const char *qid);
-void waiter_finish(struct dlv_waiter *w, int finishing);
-void check_waiters(struct dlv *d);
+int dlv_qid_fenced(const struct dlv *d, const char *qid);
+int dlv_scope_running(const struct dlv *d, const char *name, const char *qid);
+void dlv_waiter_finish(struct dlv_waiter *w, int finishing);
+void dlv_check_waiters(struct dlv *d);
 
 #endif

@@ -25,10 +25,10 @@
 
 /* --- Jobs ---------------------------------------------------------------------------------- */
 
-/* job_mem - what a job holds: itself, its recipient arrays and its message. The budget
+/* dlv_job_mem - what a job holds: itself, its recipient arrays and its message. The budget
  * (DLV_MEM_BUDGET) counts this from the fetch on, the message at twice its size until it is
  * loaded (the stored bytes and their dot-stuffed copy live together for a moment). */
-size_t job_mem(int cap, uint64_t message)
+size_t dlv_job_mem(int cap, uint64_t message)
 {
     return sizeof(struct dlv_job) + (size_t)cap * (sizeof(struct dlv_rcpt) +
            sizeof(struct lmtp_rcpt)) + (size_t)message;
@@ -49,29 +49,29 @@ static void job_free(struct dlv_job *job)
     free(job);
 }
 
-/* job_drop - a job that will not be started now: its recipients stay queued in the index
+/* dlv_job_drop - a job that will not be started now: its recipients stay queued in the index
  * untouched and leave memory, so a later fetch brings them back. */
-void job_drop(struct dlv_job *job)
+void dlv_job_drop(struct dlv_job *job)
 {
     for (int i = 0; i < job->nr; i++)
-        ms_forget(job->ms, job->r[i].id);
+        dlv_ms_forget(job->ms, job->r[i].id);
     job_free(job);
 }
 
-void ms_drop_ready(struct dlv_ms *ms)
+void dlv_ms_drop_ready(struct dlv_ms *ms)
 {
     struct dlv_job *j = ms->ready_head, *next;
 
     for (; j; j = next) {
         next = j->next;
-        job_drop(j);
+        dlv_job_drop(j);
     }
     ms->ready_head = ms->ready_tail = NULL;
     ms->nready = 0;
 }
 
-/* ms_drop_ready_qid - ms_drop_ready for one message only. */
-void ms_drop_ready_qid(struct dlv_ms *ms, const char *qid)
+/* dlv_ms_drop_ready_qid - dlv_ms_drop_ready for one message only. */
+void dlv_ms_drop_ready_qid(struct dlv_ms *ms, const char *qid)
 {
     struct dlv_job **pp = &ms->ready_head, *j;
 
@@ -80,7 +80,7 @@ void ms_drop_ready_qid(struct dlv_ms *ms, const char *qid)
         if (strcmp(j->qid, qid) == 0) {
             *pp = j->next;
             ms->nready--;
-            job_drop(j);
+            dlv_job_drop(j);
             continue;
         }
         ms->ready_tail = j;
@@ -115,7 +115,7 @@ static void load_after(uv_work_t *w, int status)
     if (status < 0 && job->err == 0)
         job->err = -ECANCELED;
     d->mem -= job->mem;         /* the reservation made at fetch gives way to the real size */
-    job->mem = job_mem(job->cap, job->rawlen + job->bodylen);
+    job->mem = dlv_job_mem(job->cap, job->rawlen + job->bodylen);
     d->mem += job->mem;
     if (job->err == -EBADMSG) {
         for (int i = 0; i < job->nr; i++)
@@ -123,18 +123,18 @@ static void load_after(uv_work_t *w, int status)
                     " status=held (damaged spool record; not delivered)", job->r[i].rcpt,
                     ms->cf.name, (double)(dlv_wall_ms() / 1000 - job->received_at));
         ms->held += (uint64_t)job->nr;
-        job_drop(job);
+        dlv_job_drop(job);
     } else if (job->err == -ENOENT) {
         log_qid(LOG_DEBUG, job->qid, "mailstore=%s: message gone before delivery", ms->cf.name);
-        job_drop(job);
+        dlv_job_drop(job);
     } else if (job->err < 0) {
         log_qid(LOG_WARNING, job->qid, "mailstore=%s: cannot load message: %s", ms->cf.name,
                 strerror(-job->err));
         ms->drained = 1;        /* wait for the poll rather than spin on a sick index */
-        job_drop(job);
+        dlv_job_drop(job);
     } else if (d->draining || ms->gone || ms->st.state == MSTORE_PAUSED ||
-               d->stopped || job->rows_gen != ms->rows_gen || qid_fenced(d, job->qid)) {
-        job_drop(job);
+               d->stopped || job->rows_gen != ms->rows_gen || dlv_qid_fenced(d, job->qid)) {
+        dlv_job_drop(job);
     } else {
         job->next = NULL;
         if (ms->ready_tail)
@@ -145,11 +145,11 @@ static void load_after(uv_work_t *w, int status)
         ms->nready++;
     }
     if (!d->stopped)
-        ms_kick(ms);
-    check_drained(d);
+        dlv_ms_kick(ms);
+    dlv_check_drained(d);
 }
 
-void job_load(struct dlv_job *job)
+void dlv_job_load(struct dlv_job *job)
 {
     job->work.data = job;
     job->ms->loading++;
@@ -172,10 +172,10 @@ static void job_unlink(struct dlv_job *job)
     ms->inflight--;
 }
 
-/* job_abandon - a started job an operator stopped before its final dot: no outcome (its
+/* dlv_job_abandon - a started job an operator stopped before its final dot: no outcome (its
  * recipients stay queued as they are, no attempt counted), nothing learned about the
  * mailstore's health. */
-void job_abandon(struct dlv_job *job)
+void dlv_job_abandon(struct dlv_job *job)
 {
     struct dlv_ms *ms = job->ms;
 
@@ -183,9 +183,9 @@ void job_abandon(struct dlv_job *job)
     log_qid(LOG_INFO, job->qid, "mailstore=%s: delivery stopped before the final dot by an "
             "operator command; %d recipient(s) stay queued", ms->cf.name, job->nr);
     mstore_cancelled(&ms->st, dlv_wall_ms());
-    job_drop(job);
-    check_waiters(ms->d);
-    check_drained(ms->d);
+    dlv_job_drop(job);
+    dlv_check_waiters(ms->d);
+    dlv_check_drained(ms->d);
 }
 
 /* held5_add - remember a 5xx hold for a while: if it turns out to be part of a mass refusal
@@ -199,9 +199,9 @@ static void held5_add(struct dlv_ms *ms, int64_t id, int64_t now)
         ms->nheld5++;
 }
 
-/* ms_requeue_mass - the mailstore tripped for a mass 5xx: the recipients it refused within
+/* dlv_ms_requeue_mass - the mailstore tripped for a mass 5xx: the recipients it refused within
  * the window, held meanwhile, go back in the queue (after their holds are recorded). */
-void ms_requeue_mass(struct dlv_ms *ms, int64_t now)
+void dlv_ms_requeue_mass(struct dlv_ms *ms, int64_t now)
 {
     struct dlv *d = ms->d;
     size_t n = 0;
@@ -225,7 +225,7 @@ void ms_requeue_mass(struct dlv_ms *ms, int64_t now)
     if (n)
         log_notice("mailstore %s: %zu recipient(s) held for a 5xx since the refusals began go "
                    "back in the queue", ms->cf.name, n);
-    flush_outs(d);
+    dlv_flush_outs(d);
 }
 
 /* job_finish - the transaction is over (or failed): record and log every recipient's
@@ -276,7 +276,7 @@ static void job_finish(struct dlv_job *job, int status, const char *why, const c
         snprintf(text, sizeof(text), "%s", reply && *reply ? reply : "unknown failure");
         struct bpolicy pol;
         if (cls == 5)
-            policy_of(ms, r->rcpt, &pol);
+            dlv_policy_of(ms, r->rcpt, &pol);
         if (cls == 2) {
             /* RFC 3461 5.2: NOTIFY=SUCCESS that the next hop could not take over is ours to
              * answer: "relayed" to a server without DSN, "delivered" into a Maildir */
@@ -289,7 +289,7 @@ static void job_finish(struct dlv_job *job, int status, const char *why, const c
             n2++;
             ms->delivered++;
             after_change += job->changed_under != 0;
-            out_add_full(ms, job->qid, r->id, SPOOL_DELIVERED, 0, text, 0, owed, NULL, 1);
+            dlv_out_add_full(ms, job->qid, r->id, SPOOL_DELIVERED, 0, text, 0, owed, NULL, 1);
             log_qid(LOG_INFO, job->qid, "to=<%s>, mailstore=%s, relay=%s, delay=%.1f,"
                     " status=sent (%s)%s", r->rcpt, ms->cf.name, relay, delay, text,
                     owed ? ", success DSN owed" : "");
@@ -303,11 +303,11 @@ static void job_finish(struct dlv_job *job, int status, const char *why, const c
             int64_t next_s = (now + back + 999) / 1000;
             n5++;               /* for the mailstore's health it answered, like any 5xx */
             ms->deferred++;
-            out_add(ms, job->qid, r->id, SPOOL_QUEUED, next_s, text, 1);
+            dlv_out_add(ms, job->qid, r->id, SPOOL_QUEUED, next_s, text, 1);
             log_qid(LOG_INFO, job->qid, "to=<%s>, mailstore=%s, relay=%s, delay=%.1f,"
                     " status=deferred (%s; a 5xx while the mailstore is %s is not taken as "
                     "the user's: retried)", r->rcpt, ms->cf.name, relay, delay, text,
-                    trouble_name(ms, now));
+                    dlv_trouble_name(ms, now));
             if (!soonest || next_s * 1000 - now < soonest)
                 soonest = next_s * 1000 - now;
         } else if (cls == 5 && !refusing) {
@@ -317,7 +317,7 @@ static void job_finish(struct dlv_job *job, int status, const char *why, const c
             ms->held++;
             if (pol.permanent == BPOLICY_BOUNCE) {
                 /* never sooner than a mass refusal could still show: one that does puts
-                 * this recipient back in the queue (ms_requeue_mass) before it is returned */
+                 * this recipient back in the queue (dlv_ms_requeue_mass) before it is returned */
                 int64_t wait = pol.grace_ms;
                 if (ms->cf.mass_failure_users > 0 && wait < ms->cf.mass_failure_window_ms)
                     wait = ms->cf.mass_failure_window_ms;
@@ -326,7 +326,7 @@ static void job_finish(struct dlv_job *job, int status, const char *why, const c
                 snprintf(hwhy, sizeof(hwhy), "%.3s refused; returned to the sender after %s "
                          "unless unheld (bounce policy)", text, when);
             }
-            out_add_full(ms, job->qid, r->id, SPOOL_HELD, 0, text, bounce_at, 0,
+            dlv_out_add_full(ms, job->qid, r->id, SPOOL_HELD, 0, text, bounce_at, 0,
                          bounce_at ? hwhy : NULL, 1);
             held5_add(ms, r->id, now);
             log_qid(LOG_NOTICE, job->qid, "to=<%s>, mailstore=%s, relay=%s, delay=%.1f,"
@@ -341,7 +341,7 @@ static void job_finish(struct dlv_job *job, int status, const char *why, const c
             else
                 n4++;
             ms->deferred++;
-            out_add(ms, job->qid, r->id, SPOOL_QUEUED, next_s, text, 1);
+            dlv_out_add(ms, job->qid, r->id, SPOOL_QUEUED, next_s, text, 1);
             log_qid(LOG_INFO, job->qid, "to=<%s>, mailstore=%s, relay=%s, delay=%.1f,"
                     " status=deferred (%s%s)", r->rcpt, ms->cf.name, relay, delay, text,
                     cls == 5 ? "; the mailstore is refusing everyone: not held" : "");
@@ -378,13 +378,13 @@ static void job_finish(struct dlv_job *job, int status, const char *why, const c
         log_qid(LOG_WARNING, job->qid, "mailstore=%s: delivered after an operator %s it "
                 "(%s): %d recipient(s); the transaction was past its final dot", ms->cf.name,
                 job->changed_under == 2 ? "deleted" : "held", job->changed_why, after_change);
-        struct dlv_op *op = op_new(ms, OP_AUDIT, NULL, NULL);
+        struct dlv_op *op = dlv_op_new(ms, OP_AUDIT, NULL, NULL);
         snprintf(op->qid, sizeof(op->qid), "%s", job->qid);
         snprintf(op->what, sizeof(op->what), "delivered-after-%s",
                  job->changed_under == 2 ? "delete" : "hold");
         snprintf(op->text, sizeof(op->text), "%s", job->changed_why);
         op->count = after_change;
-        ops_run(d);
+        dlv_ops_run(d);
     }
     /* reason may point into the job's replies: keep a copy past job_free */
     char why_copy[SPOOL_REPLY_MAX];
@@ -392,11 +392,11 @@ static void job_finish(struct dlv_job *job, int status, const char *why, const c
     job_free(job);
     enum mstore_state from = ms->st.state;
     if (counts && mstore_result(&ms->st, res, lat, why_copy, now))
-        on_transition(ms, from);
+        dlv_on_transition(ms, from);
     if (soonest > 0)
-        ms_arm(ms, soonest + 10);
-    check_waiters(d);
-    check_drained(d);
+        dlv_ms_arm(ms, soonest + 10);
+    dlv_check_waiters(d);
+    dlv_check_drained(d);
 }
 
 /* job_fail_all - every recipient gets the same reply (a synthetic one). */
@@ -412,7 +412,7 @@ static void job_fail_all(struct dlv_job *job, int code, const char *text, int st
 
 /* --- Connections ----------------------------------------------------------------------------- */
 
-void conn_close_idle(struct dlv_ms *ms, int all)
+void dlv_conn_close_idle(struct dlv_ms *ms, int all)
 {
     int64_t now = dlv_wall_ms();
 
@@ -434,7 +434,7 @@ static void conn_ready_cb(struct lmtp_conn *lc, int status, const char *why)
         if (job) {
             job->cn = NULL;
             if (job->stopping)
-                job_abandon(job);
+                dlv_job_abandon(job);
             else
                 job_fail_all(job, 0, why, status, lmtp_relay(lc));
         }
@@ -445,9 +445,9 @@ static void conn_ready_cb(struct lmtp_conn *lc, int status, const char *why)
     if (job) {
         cn->job = NULL;
         job->greet_ms = lmtp_greet_ms(lc);
-        conn_send(cn, job);
+        dlv_conn_send(cn, job);
     } else {
-        ms_pump(cn->ms);
+        dlv_ms_pump(cn->ms);
     }
 }
 
@@ -462,7 +462,7 @@ static void conn_done_cb(struct lmtp_conn *lc, struct lmtp_msg *m, int status, c
     if (job) {
         job->cn = NULL;
         if (job->stopping) {
-            job_abandon(job);   /* lmtp_abort: the connection is closing */
+            dlv_job_abandon(job);   /* lmtp_abort: the connection is closing */
             return;
         }
         job_finish(job, status, why, lmtp_relay(lc));
@@ -473,7 +473,7 @@ static void conn_done_cb(struct lmtp_conn *lc, struct lmtp_msg *m, int status, c
          ms->st.state == MSTORE_TRIPPED))
         lmtp_close(lc);
     if (!ms->d->stopped)
-        ms_kick(ms);
+        dlv_ms_kick(ms);
 }
 
 static void conn_closed_cb(struct lmtp_conn *lc)
@@ -492,10 +492,10 @@ static void conn_closed_cb(struct lmtp_conn *lc)
     }
     free(cn);
     if (!ms->d->stopped)
-        ms_pump(ms);
+        dlv_ms_pump(ms);
 }
 
-void conn_send(struct dlv_conn *cn, struct dlv_job *job)
+void dlv_conn_send(struct dlv_conn *cn, struct dlv_job *job)
 {
     struct lmtp_msg *m = &job->msg;
     int r;
@@ -527,7 +527,7 @@ void conn_send(struct dlv_conn *cn, struct dlv_job *job)
     lmtp_close(cn->lc);
 }
 
-void conn_open(struct dlv_ms *ms, struct dlv_job *job)
+void dlv_conn_open(struct dlv_ms *ms, struct dlv_job *job)
 {
     struct lmtp_cfg cfg;
     struct dlv_conn *cn = calloc(1, sizeof(*cn));
@@ -562,7 +562,7 @@ void conn_open(struct dlv_ms *ms, struct dlv_job *job)
 
 /* --- Maildir --------------------------------------------------------------------------------- */
 
-void maildir_work(uv_work_t *w)
+void dlv_maildir_work(uv_work_t *w)
 {
     struct dlv_job *job = w->data;
     char err[LMTP_WHY_MAX];
@@ -584,7 +584,7 @@ void maildir_work(uv_work_t *w)
     }
 }
 
-void maildir_after(uv_work_t *w, int status)
+void dlv_maildir_after(uv_work_t *w, int status)
 {
     struct dlv_job *job = w->data;
     job_finish(job, status < 0 ? -ECANCELED : 0, "maildir delivery cancelled", "maildir");

@@ -28,10 +28,10 @@ static void ret_run(struct dlv *d);
 
 /* --- Returning mail ---------------------------------------------------------------------------- */
 
-/* policy_of - what the bounce policy says for rcpt on ms: the mailstore's settings with its
+/* dlv_policy_of - what the bounce policy says for rcpt on ms: the mailstore's settings with its
  * domain's overrides. Nothing is returned from the DSN queue, without a relay, or while the
  * policy map is broken (a reseller's "never bounce" may be in the part we cannot read). */
-void policy_of(struct dlv_ms *ms, const char *rcpt, struct bpolicy *p)
+void dlv_policy_of(struct dlv_ms *ms, const char *rcpt, struct bpolicy *p)
 {
     struct dlv *d = ms->d;
 
@@ -50,20 +50,20 @@ static void remote_mta_of(const struct dlv_ms *ms, char *out, size_t len)
         out[0] = '\0';
 }
 
-void ret_free(struct dlv_ret *rt)
+void dlv_ret_free(struct dlv_ret *rt)
 {
     if (rt->known && rt->ms)
         for (int i = 0; i < rt->u->n; i++)
-            ms_forget(rt->ms, rt->u->r[i].id);
+            dlv_ms_forget(rt->ms, rt->u->r[i].id);
     if (rt->origin == RET_SCAN)
         rt->d->scan_units--;
     dlv_dsn_unit_free(rt->u);
     free(rt);
 }
 
-/* ret_unit - the unit of this batch for (qid, action), made when it is the first; batch is
- * a list of the units made by one fetch or scan, queued together by ret_queue_all. */
-struct dlv_ret *ret_unit(struct dlv *d, struct dlv_ret **batch, struct dlv_ms *ms,
+/* dlv_ret_unit - the unit of this batch for (qid, action), made when it is the first; batch is
+ * a list of the units made by one fetch or scan, queued together by dlv_ret_queue_all. */
+struct dlv_ret *dlv_ret_unit(struct dlv *d, struct dlv_ret **batch, struct dlv_ms *ms,
                                 const char *qid, enum dsn_action action,
                                 enum dlv_ret_origin origin, int known)
 {
@@ -90,8 +90,8 @@ struct dlv_ret *ret_unit(struct dlv *d, struct dlv_ret **batch, struct dlv_ms *m
     return rt;
 }
 
-/* ret_row - one recipient row into unit rt, with the change its row gets. */
-struct dlv_dsn_rcpt *ret_row(struct dlv_ret *rt, const struct spool_rcpt *row,
+/* dlv_ret_row - one recipient row into unit rt, with the change its row gets. */
+struct dlv_dsn_rcpt *dlv_ret_row(struct dlv_ret *rt, const struct spool_rcpt *row,
                                     enum spool_chg_kind kind)
 {
     struct dlv_dsn_rcpt *r = dlv_dsn_unit_add(rt->u);
@@ -110,7 +110,7 @@ struct dlv_dsn_rcpt *ret_row(struct dlv_ret *rt, const struct spool_rcpt *row,
     return r;
 }
 
-void ret_queue_all(struct dlv *d, struct dlv_ret *batch)
+void dlv_ret_queue_all(struct dlv *d, struct dlv_ret *batch)
 {
     struct dlv_ret *next;
 
@@ -211,17 +211,17 @@ static void ret_after(uv_work_t *w, int status)
         if (!d->stopped)
             ret_log(rt, now);
         made |= rt->u->dsn_qid[0] != '\0';
-        ret_free(rt);
+        dlv_ret_free(rt);
     }
     if (made && !d->stopped) {
-        struct dlv_ms *q = find_ms(d, CONF_DSN_QUEUE);
+        struct dlv_ms *q = dlv_find_ms(d, CONF_DSN_QUEUE);
         if (q) {
             q->drained = 0;
-            ms_kick(q);
+            dlv_ms_kick(q);
         }
     }
     ret_run(d);
-    check_drained(d);
+    dlv_check_drained(d);
 }
 
 /* ret_run - the next batch of units to the pool. A unit that returns or warns is dropped
@@ -246,7 +246,7 @@ static void ret_run(struct dlv *d)
         if ((rt->u->action == DSN_FAILED || rt->u->action == DSN_DELAYED) && rt->ms &&
             !mstore_trusts_failures(&rt->ms->st, now) &&
             !(rt->u->n > 0 && rt->u->r[0].chg.kind == SPOOL_CHG_UNSCHEDULE)) {
-            ret_free(rt);
+            dlv_ret_free(rt);
             continue;
         }
         *tail = rt;
@@ -300,40 +300,40 @@ static void scan_after(uv_work_t *w, int status)
     if (sc->err < 0)
         log_warn("deliver: looking for mail to return failed: %s", strerror(-sc->err));
     for (int i = 0; i < sc->nms; i++) {
-        struct dlv_ms *ms = find_ms(d, sc->names[i]);
+        struct dlv_ms *ms = dlv_find_ms(d, sc->names[i]);
         if (!ms || ms->gone || ms->fenced || !mstore_trusts_failures(&ms->st, now))
             continue;           /* an outage began meanwhile: not now */
         for (int k = 0; k < sc->nheld[i]; k++) {
             const struct spool_rcpt *row = &sc->held[i * DLV_SCAN_MAX + k];
             struct bpolicy pol;
-            if (ids_has(d, row->id))
+            if (dlv_ids_has(d, row->id))
                 continue;
-            policy_of(ms, row->rcpt, &pol);
+            dlv_policy_of(ms, row->rcpt, &pol);
             if (pol.permanent == BPOLICY_BOUNCE)
-                ret_row(ret_unit(d, &batch, ms, row->qid, DSN_FAILED, RET_SCAN, 0), row,
+                dlv_ret_row(dlv_ret_unit(d, &batch, ms, row->qid, DSN_FAILED, RET_SCAN, 0), row,
                         SPOOL_CHG_RETURN);
             else               /* the policy changed to hold since: keep it held for good */
-                ret_row(ret_unit(d, &batch, ms, row->qid, DSN_FAILED, RET_SCAN, 0), row,
+                dlv_ret_row(dlv_ret_unit(d, &batch, ms, row->qid, DSN_FAILED, RET_SCAN, 0), row,
                         SPOOL_CHG_UNSCHEDULE);
         }
     }
     for (int k = 0; k < sc->nowed; k++) {
         const struct spool_rcpt *row = &sc->owed[k];
-        struct dlv_ms *ms = find_ms(d, row->mailstore);
+        struct dlv_ms *ms = dlv_find_ms(d, row->mailstore);
         enum dsn_action a = row->dsn_owed == SPOOL_DSN_DELIVERED ? DSN_DELIVERED : DSN_RELAYED;
-        ret_row(ret_unit(d, &batch, ms, row->qid, a, RET_SCAN, 0), row, SPOOL_CHG_DSN_SENT);
+        dlv_ret_row(dlv_ret_unit(d, &batch, ms, row->qid, a, RET_SCAN, 0), row, SPOOL_CHG_DSN_SENT);
     }
 out:
     free(sc->held);
     free(sc->owed);
     free(sc);
-    ret_queue_all(d, batch);
-    check_drained(d);
+    dlv_ret_queue_all(d, batch);
+    dlv_check_drained(d);
 }
 
-/* scan_start - look for work of the return path, when none of the last scan is still
+/* dlv_scan_start - look for work of the return path, when none of the last scan is still
  * running (so a row is never in two units at once). */
-void scan_start(struct dlv *d)
+void dlv_scan_start(struct dlv *d)
 {
     struct dlv_scan *sc;
     int64_t now = dlv_wall_ms();

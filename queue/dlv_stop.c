@@ -33,12 +33,12 @@ static int job_has_rcpt(const struct dlv_job *job, const char *rcpt)
     return 0;
 }
 
-/* ms_stop - an operator took the scope's mail away (pause: everything; hold, delete: one
+/* dlv_ms_stop - an operator took the scope's mail away (pause: everything; hold, delete: one
  * message, qid; reroute: everything, or one address, rcpt): end its transactions that have
- * not sent their final dot (job_abandon runs from the connection's callback: recipients stay
+ * not sent their final dot (dlv_job_abandon runs from the connection's callback: recipients stay
  * queued) and count the ones past it, which finish. change (1 hold, 2 delete) marks those so
  * that a delivery is audited. */
-void ms_stop(struct dlv_ms *ms, const char *qid, const char *rcpt, int change,
+void dlv_ms_stop(struct dlv_ms *ms, const char *qid, const char *rcpt, int change,
                     const char *why, struct dlv_stopped *st)
 {
     struct dlv_job **jobs;
@@ -82,7 +82,7 @@ void ms_stop(struct dlv_ms *ms, const char *qid, const char *rcpt, int change,
                  st->stopped, st->finishing);
 }
 
-void late_deliveries(struct dlv *d, const char *qid, int change, const char *why,
+void dlv_late_deliveries(struct dlv *d, const char *qid, int change, const char *why,
                             struct dlv_stopped *st)
 {
     struct dlv_ms *ms = NULL;
@@ -101,12 +101,12 @@ void late_deliveries(struct dlv *d, const char *qid, int change, const char *why
     log_qid(LOG_WARNING, qid, "mailstore=%s: delivered just before an operator %s it (%s): %ld "
             "recipient(s), recorded after", ms->cf.name, change == 2 ? "deleted" : "held",
             why && *why ? why : "no reason given", n);
-    struct dlv_op *op = op_new(ms, OP_AUDIT, NULL, NULL);
+    struct dlv_op *op = dlv_op_new(ms, OP_AUDIT, NULL, NULL);
     snprintf(op->qid, sizeof(op->qid), "%s", qid);
     snprintf(op->what, sizeof(op->what), "delivered-after-%s", change == 2 ? "delete" : "hold");
     snprintf(op->text, sizeof(op->text), "%s", why && *why ? why : "");
     op->count = n;
-    ops_run(d);
+    dlv_ops_run(d);
 }
 
 static int qfence_find(const struct dlv *d, const char *qid)
@@ -117,7 +117,7 @@ static int qfence_find(const struct dlv *d, const char *qid)
     return -1;
 }
 
-int qid_fenced(const struct dlv *d, const char *qid)
+int dlv_qid_fenced(const struct dlv *d, const char *qid)
 {
     return d->nqfence > 0 && qfence_find(d, qid) >= 0;
 }
@@ -144,20 +144,20 @@ int dlv_fence(struct dlv *d, const char *name, const char *qid, const char *rcpt
          * away when they return (any mailstore: a message may have recipients in several) */
         for (int k = 0; k < d->nms; k++) {
             d->ms[k]->rows_gen++;
-            ms_drop_ready_qid(d->ms[k], qid);
-            ms_stop(d->ms[k], qid, NULL, change, why, st);
+            dlv_ms_drop_ready_qid(d->ms[k], qid);
+            dlv_ms_stop(d->ms[k], qid, NULL, change, why, st);
         }
         if (change)
-            late_deliveries(d, qid, change, why, st);
+            dlv_late_deliveries(d, qid, change, why, st);
         return 0;
     }
-    struct dlv_ms *ms = find_ms(d, name);
+    struct dlv_ms *ms = dlv_find_ms(d, name);
     if (!ms)
         return -ENOENT;
     ms->fenced++;
     ms->rows_gen++;
-    ms_drop_ready(ms);
-    ms_stop(ms, NULL, rcpt && *rcpt ? rcpt : NULL, change, why, st);
+    dlv_ms_drop_ready(ms);
+    dlv_ms_stop(ms, NULL, rcpt && *rcpt ? rcpt : NULL, change, why, st);
     return 0;
 }
 
@@ -175,23 +175,23 @@ int dlv_unfence(struct dlv *d, const char *name, const char *qid)
         dlv_kick(d);            /* every mailstore's fetches waited */
         return 0;
     }
-    struct dlv_ms *ms = find_ms(d, name);
+    struct dlv_ms *ms = dlv_find_ms(d, name);
 
     if (!ms)
         return -ENOENT;
     if (ms->fenced > 0)
         ms->fenced--;
-    ms_drop_ready(ms);
+    dlv_ms_drop_ready(ms);
     ms->drained = 0;
     ms->refetch = 0;
     if (!ms->fenced && !ms->gone)
-        ms_kick(ms);
+        dlv_ms_kick(ms);
     return 0;
 }
 
 /* --- Waiting for what is in flight ----------------------------------------------------------- */
 
-/* scope_running - transactions of the scope still running; *pending (may be NULL) is set
+/* dlv_scope_running - transactions of the scope still running; *pending (may be NULL) is set
  * when outcomes of the scope are not recorded yet. */
 static int scope_pending(const struct dlv *d, const char *name, const char *qid, int *pending)
 {
@@ -220,7 +220,7 @@ static int scope_pending(const struct dlv *d, const char *name, const char *qid,
     return n;
 }
 
-int scope_running(const struct dlv *d, const char *name, const char *qid)
+int dlv_scope_running(const struct dlv *d, const char *name, const char *qid)
 {
     return scope_pending(d, name, qid, NULL);
 }
@@ -230,8 +230,8 @@ static void waiter_closed(uv_handle_t *h)
     free(h->data);
 }
 
-/* waiter_finish - unlink, answer, close (the struct goes in the close callback). */
-void waiter_finish(struct dlv_waiter *w, int finishing)
+/* dlv_waiter_finish - unlink, answer, close (the struct goes in the close callback). */
+void dlv_waiter_finish(struct dlv_waiter *w, int finishing)
 {
     struct dlv *d = w->d;
 
@@ -253,14 +253,14 @@ static int waiter_idle(struct dlv_waiter *w)
     return n == 0 && !pending;
 }
 
-void check_waiters(struct dlv *d)
+void dlv_check_waiters(struct dlv *d)
 {
     struct dlv_waiter *w = d->waiters, *next;
 
     for (; w; w = next) {
         next = w->next;
         if (waiter_idle(w))
-            waiter_finish(w, 0);
+            dlv_waiter_finish(w, 0);
     }
 }
 
@@ -269,9 +269,9 @@ static void waiter_timer_cb(uv_timer_t *t)
     struct dlv_waiter *w = t->data;
 
     if (waiter_idle(w))
-        waiter_finish(w, 0);
+        dlv_waiter_finish(w, 0);
     else
-        waiter_finish(w, scope_running(w->d, w->ms, w->qid));
+        dlv_waiter_finish(w, dlv_scope_running(w->d, w->ms, w->qid));
 }
 
 int dlv_wait(struct dlv *d, const char *name, const char *qid, int64_t timeout_ms,
@@ -281,7 +281,7 @@ int dlv_wait(struct dlv *d, const char *name, const char *qid, int64_t timeout_m
 
     if (d->stopped || d->draining)
         return -ECANCELED;      /* dlv_stop answers every waiter; none may come after */
-    if (name && (!find_ms(d, name)))
+    if (name && (!dlv_find_ms(d, name)))
         return -ENOENT;
     if (!name && !qid)
         return -EINVAL;
