@@ -85,7 +85,8 @@ const char *sc_js(const json_t *o, const char *k)
 int64_t sc_ji(const json_t *o, const char *k)
 {
     const json_t *v = json_object_get(o, k);
-    return json_is_integer(v) ? json_integer_value(v) : json_is_real(v) ? (int64_t)json_real_value(v) : 0;
+    return json_is_integer(v) ? json_integer_value(v)
+           : json_is_real(v) ? (int64_t)json_real_value(v) : 0;
 }
 
 /* sc_age_of - now minus the unix time at key, or -1 when null. */

@@ -141,7 +141,8 @@ static const struct cmd_def cmds[] = {
     { "unsuspend", "TARGET", o_unsuspend, sc_do_unsuspend,
       "unsuspend IP|DOMAIN|ADDRESS [--reason TEXT]" },
     { "suspensions", NULL, o_none, sc_do_suspensions, "suspensions" },
-    { "reseller add", "NAME", o_reseller, sc_do_reseller_add, "reseller add NAME --domains D[,D...]" },
+    { "reseller add", "NAME", o_reseller, sc_do_reseller_add,
+      "reseller add NAME --domains D[,D...]" },
     { "reseller list", NULL, o_none, sc_do_reseller_list, "reseller list" },
     { "reseller rotate-token", "NAME", o_none, sc_do_reseller_rotate,
       "reseller rotate-token NAME" },
@@ -232,7 +233,8 @@ static void parse(struct ctx *x, int argc, char **argv)
         x->arg = a;
     }
     if (best->arg && best->arg[0] != '[' && !x->arg)
-        sc_die_usage("%s: missing %s (usage: sluicectl %s)", best->words, best->arg, best->synopsis);
+        sc_die_usage("%s: missing %s (usage: sluicectl %s)", best->words, best->arg,
+                     best->synopsis);
     if (x->arg && strcmp(best->arg, "QID") == 0 && !qid_valid(x->arg))
         sc_die_usage("%s: \"%s\" is not a queue ID (16 characters, as in the logs)", best->words,
                   x->arg);

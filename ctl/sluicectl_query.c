@@ -107,7 +107,8 @@ int sc_do_status(struct ctx *x)
         char age[32], rate[320], conns[64], note[1024];
         ctl_fmt_age(sc_age_of(m, "oldest_queued"), age, sizeof(age));
         if (json_object_get(m, "delivery_rate"))
-            snprintf(rate, sizeof(rate), "%.1f", json_number_value(json_object_get(m, "delivery_rate")));
+            snprintf(rate, sizeof(rate), "%.1f",
+                     json_number_value(json_object_get(m, "delivery_rate")));
         else
             snprintf(rate, sizeof(rate), "-");
         if (json_object_get(m, "connections"))
@@ -233,8 +234,8 @@ int sc_do_queue(struct ctx *x)
         const char *why = strcmp(sc_js(m, "state"), "held") == 0 && *sc_js(m, "hold_reason")
                         ? sc_js(m, "hold_reason") : sc_js(m, "last_reply");
         ctl_fmt_age(sc_age_of(m, "received_at"), age, sizeof(age));
-        printf("%-16s %-7s %-10s %5" PRId64 " %8s  %-30s %-30s %s\n", sc_js(m, "qid"), sc_js(m, "state"),
-               sc_js(m, "mailstore"), sc_ji(m, "attempts"), age,
+        printf("%-16s %-7s %-10s %5" PRId64 " %8s  %-30s %-30s %s\n", sc_js(m, "qid"),
+               sc_js(m, "state"), sc_js(m, "mailstore"), sc_ji(m, "attempts"), age,
                sc_clip(*sc_js(m, "sender") ? sc_js(m, "sender") : "<>", 30, b1, sizeof(b1)),
                sc_clip(sc_js(m, "rcpt"), 30, b2, sizeof(b2)), sc_clip(why, 60, b3, sizeof(b3)));
     }

@@ -258,7 +258,7 @@ int sc_do_policy(struct ctx *x)
 
 int sc_do_policy_set(struct ctx *x)
 {
-    static const struct { const char *sc_opt, *key; } map[] = {
+    static const struct { const char *opt, *key; } map[] = {
         { "permanent", "permanent_failure_action" }, { "grace", "bounce_grace" },
         { "max-age", "max_queue_age" }, { "age-action", "max_queue_age_action" },
     };
@@ -268,7 +268,7 @@ int sc_do_policy_set(struct ctx *x)
     int r;
 
     for (size_t i = 0; i < sizeof(map) / sizeof(map[0]); i++) {
-        const char *v = sc_opt(x, map[i].sc_opt);
+        const char *v = sc_opt(x, map[i].opt);
         size_t kl, vl;
         if (!v)
             continue;

@@ -42,6 +42,7 @@
 #include "maildir.h"
 #include "metrics.h"
 #include "qid.h"
+#include "xalloc.h"
 
 /* --- Small helpers ----------------------------------------------------------------------- */
 
@@ -50,6 +51,17 @@ int64_t dlv_wall_ms(void)
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME, &ts);
     return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+/* dlv_queue_work - run work(req) in the libuv pool, then after(req) on the loop, req->data
+ * being data. uv_queue_work fails only when a callback is missing: a bug the daemon cannot
+ * go on from. */
+void dlv_queue_work(struct dlv *d, uv_work_t *req, void *data, uv_work_cb work,
+                    uv_after_work_cb after)
+{
+    req->data = data;
+    if (uv_queue_work(d->loop, req, work, after) < 0)
+        fatal("uv_queue_work failed");
 }
 
 double dlv_rand(struct dlv *d)
@@ -108,9 +120,7 @@ void dlv_ids_add(struct dlv *d, int64_t id)
 {
     if ((d->ids_n + 1) * 2 > d->ids_cap) {
         size_t cap = d->ids_cap * 2;
-        int64_t *t = calloc(cap, sizeof(*t));
-        if (!t)
-            fatal("out of memory (recipient set of %zu)", cap);
+        int64_t *t = xcalloc(cap, sizeof(*t), "recipient set");
         for (size_t i = 0; i < d->ids_cap; i++)
             if (d->ids[i])
                 ids_put(t, cap, d->ids[i]);
@@ -202,7 +212,7 @@ static void ops_work(uv_work_t *w)
     const struct mstore *snaps[DLV_MS_MAX];
     size_t ns = 0;
 
-    for (struct dlv_op *op = d->dlv_ops_run; op; op = op->next) {
+    for (struct dlv_op *op = d->ops_run; op; op = op->next) {
         if (op->kind == OP_AUDIT) {
             /* the deliverer's own entries in the operators' trail: what happened to mail
              * an operator had already taken away */
@@ -239,7 +249,7 @@ static void ops_work(uv_work_t *w)
         snaps[k] = &op->snap;
     }
     int r = ns ? mstore_db_save(d->db, snaps, ns) : 0;
-    for (struct dlv_op *op = d->dlv_ops_run; op; op = op->next)
+    for (struct dlv_op *op = d->ops_run; op; op = op->next)
         if (op->kind == OP_SAVE)
             op->status = r;
 }
@@ -247,9 +257,9 @@ static void ops_work(uv_work_t *w)
 static void ops_after(uv_work_t *w, int status)
 {
     struct dlv *d = w->data;
-    struct dlv_op *op = d->dlv_ops_run, *next;
+    struct dlv_op *op = d->ops_run, *next;
 
-    d->dlv_ops_run = NULL;
+    d->ops_run = NULL;
     d->ops_busy = 0;
     for (; op; op = next) {
         next = op->next;
@@ -270,22 +280,18 @@ void dlv_ops_run(struct dlv *d)
 {
     if (d->ops_busy || !d->ops_head)
         return;
-    d->dlv_ops_run = d->ops_head;
+    d->ops_run = d->ops_head;
     d->ops_head = d->ops_tail = NULL;
     d->ops_busy = 1;
-    d->ops_work.data = d;
-    if (uv_queue_work(d->loop, &d->ops_work, ops_work, ops_after) < 0)
-        fatal("uv_queue_work failed");
+    dlv_queue_work(d, &d->ops_work, d, ops_work, ops_after);
 }
 
 /* dlv_op_new - queue an op without starting the queue (fill it in, then dlv_ops_run). */
 struct dlv_op *dlv_op_new(struct dlv_ms *ms, enum dlv_op_kind kind, dlv_op_cb cb, void *arg)
 {
     struct dlv *d = ms->d;
-    struct dlv_op *op = calloc(1, sizeof(*op));
+    struct dlv_op *op = xcalloc(1, sizeof(*op), "state op");
 
-    if (!op)
-        fatal("out of memory (state op)");
     op->kind = kind;
     op->ms = ms;
     op->snap = ms->st;
@@ -363,9 +369,7 @@ void dlv_ms_pump(struct dlv_ms *ms)
         if (probe)
             log_info("mailstore %s: probe with %s", ms->cf.name, job->qid);
         if (ms->cf.transport == CONF_MAILDIR) {
-            job->work.data = job;
-            if (uv_queue_work(d->loop, &job->work, dlv_maildir_work, dlv_maildir_after) < 0)
-                fatal("uv_queue_work failed");
+            dlv_queue_work(d, &job->work, job, dlv_maildir_work, dlv_maildir_after);
             continue;
         }
         struct dlv_conn *cn = NULL;
@@ -536,8 +540,7 @@ static struct dlv_ms *ms_new(struct dlv *d, const struct conf_mailstore *cf, int
         log_warn("mailstore %s: too many mailstores over reloads; restart to add it", cf->name);
         return NULL;
     }
-    if (!(ms = calloc(1, sizeof(*ms))))
-        fatal("out of memory (mailstore)");
+    ms = xcalloc(1, sizeof(*ms), "mailstore");
     ms->d = d;
     ms->cf = *cf;
     ms->is_dsn = is_dsn;
@@ -651,9 +654,9 @@ int dlv_start(struct dlv **out, uv_loop_t *loop, struct spool *sp, const struct 
     snprintf(d->index_path, sizeof(d->index_path), "%s", index_path);
     snprintf(d->helo, sizeof(d->helo), "%s", c->gateway.hostname);
     d->ids_cap = 1024;
-    if (!(d->ids = calloc(d->ids_cap, sizeof(*d->ids))))
-        fatal("out of memory");
-    d->rnd = (uint64_t)dlv_wall_ms() * 2654435761u ^ (uint64_t)getpid() << 32 ^ 0x9E3779B97F4A7C15ull;
+    d->ids = xcalloc(d->ids_cap, sizeof(*d->ids), "recipient set");
+    d->rnd = (uint64_t)dlv_wall_ms() * 2654435761u ^ (uint64_t)getpid() << 32 ^
+             0x9E3779B97F4A7C15ull;
     uv_timer_init(loop, &d->flush_timer);
     d->flush_timer.data = d;
     uv_timer_init(loop, &d->tick);

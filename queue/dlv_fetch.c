@@ -23,6 +23,7 @@
 #include "maildir.h"
 #include "metrics.h"
 #include "qid.h"
+#include "xalloc.h"
 
 /* --- Outcomes and their flush ---------------------------------------------------------- */
 
@@ -36,9 +37,7 @@ void dlv_out_add_full(struct dlv_ms *ms, const char *qid, int64_t id, enum spool
 
     if (d->nouts == d->capouts) {
         size_t cap = d->capouts ? d->capouts * 2 : 256;
-        struct dlv_out *o = realloc(d->outs, cap * sizeof(*o));
-        if (!o)
-            fatal("out of memory (%zu outcomes)", cap);
+        struct dlv_out *o = xreallocarray(d->outs, cap, sizeof(*o), "outcomes");
         d->outs = o;
         d->capouts = cap;
     }
@@ -173,10 +172,8 @@ void dlv_flush_outs(struct dlv *d)
         (d->nouts == 0 && d->nflight == 0 && d->nrequeue == 0 && d->nrequeue_flight == 0))
         return;
     if (d->nrequeue) {
-        int64_t *f = realloc(d->requeue_flight,
-                             (d->nrequeue_flight + d->nrequeue) * sizeof(*f));
-        if (!f)
-            fatal("out of memory (requeue)");
+        int64_t *f = xreallocarray(d->requeue_flight, d->nrequeue_flight + d->nrequeue,
+                                   sizeof(*f), "requeue");
         memcpy(f + d->nrequeue_flight, d->requeue, d->nrequeue * sizeof(*f));
         d->requeue_flight = f;
         d->nrequeue_flight += d->nrequeue;
@@ -188,9 +185,8 @@ void dlv_flush_outs(struct dlv *d)
         d->outs = NULL;
         d->nouts = d->capouts = 0;
     } else if (d->nouts > 0) {          /* a retried batch takes what came meanwhile too */
-        struct dlv_out *f = realloc(d->flight, (d->nflight + d->nouts) * sizeof(*f));
-        if (!f)
-            fatal("out of memory (outcomes)");
+        struct dlv_out *f = xreallocarray(d->flight, d->nflight + d->nouts, sizeof(*f),
+                                          "outcomes");
         memcpy(f + d->nflight, d->outs, d->nouts * sizeof(*f));
         d->flight = f;
         d->nflight += d->nouts;
@@ -198,9 +194,7 @@ void dlv_flush_outs(struct dlv *d)
     }
     uv_timer_stop(&d->flush_timer);
     d->flushing = 1;
-    d->flush_work.data = d;
-    if (uv_queue_work(d->loop, &d->flush_work, flush_work, dlv_flush_after) < 0)
-        fatal("uv_queue_work failed");
+    dlv_queue_work(d, &d->flush_work, d, flush_work, dlv_flush_after);
 }
 
 /* --- Fetch ------------------------------------------------------------------------------------ */
@@ -222,10 +216,8 @@ static void fetch_work(uv_work_t *w)
 
 static struct dlv_job *job_new(struct dlv_ms *ms, const char *qid)
 {
-    struct dlv_job *job = calloc(1, sizeof(*job));
+    struct dlv_job *job = xcalloc(1, sizeof(*job), "job");
 
-    if (!job)
-        fatal("out of memory (job)");
     job->ms = ms;
     job->rows_gen = ms->rows_gen;
     snprintf(job->qid, sizeof(job->qid), "%s", qid);
@@ -243,10 +235,8 @@ static void job_room(struct dlv_job *job)
     int cap = job->cap ? job->cap * 2 : 4;
     if (cap > LMTP_RCPT_MAX)
         cap = LMTP_RCPT_MAX;
-    struct dlv_rcpt *r = realloc(job->r, (size_t)cap * sizeof(*r));
-    struct lmtp_rcpt *lr = r ? realloc(job->lr, (size_t)cap * sizeof(*lr)) : NULL;
-    if (!r || !lr)
-        fatal("out of memory (job of %d recipients)", cap);
+    struct dlv_rcpt *r = xreallocarray(job->r, (size_t)cap, sizeof(*r), "job recipients");
+    struct lmtp_rcpt *lr = xreallocarray(job->lr, (size_t)cap, sizeof(*lr), "job recipients");
     job->r = r;
     job->lr = lr;
     memset(lr + job->cap, 0, (size_t)(cap - job->cap) * sizeof(*lr));
@@ -291,8 +281,7 @@ static void fetch_after(uv_work_t *w, int status)
     }
     room = f->probe ? 1 : ms_prefetch(ms) - ms->nready - ms->loading;
     trusted = !f->probe && mstore_trusts_failures(&ms->st, now);
-    if (!(jobs = calloc((size_t)(f->n > 0 ? f->n : 1), sizeof(*jobs))))
-        fatal("out of memory (fetch)");
+    jobs = xcalloc((size_t)(f->n > 0 ? f->n : 1), sizeof(*jobs), "fetch");
     for (int i = 0; i < f->n; i++) {
         struct spool_rcpt *row = &f->rows[i];
         struct dlv_job *job = NULL;
@@ -435,18 +424,14 @@ void dlv_ms_fetch(struct dlv_ms *ms)
         if ((d->mem >= DLV_MEM_BUDGET || ms->mem_wait) && ms->nready + ms->loading > 0)
             return;
     }
-    if (!(f = calloc(1, sizeof(*f))))
-        fatal("out of memory (fetch)");
+    f = xcalloc(1, sizeof(*f), "fetch");
     f->ms = ms;
     f->probe = probe;
     f->rows_gen = ms->rows_gen;
     f->now_s = probe ? INT64_MAX / 4 : now / 1000;
     f->max = ms->known + (probe ? 1 : DLV_FETCH_BATCH);
-    if (!(f->rows = calloc((size_t)f->max, sizeof(*f->rows))))
-        fatal("out of memory (fetch of %d rows)", f->max);
-    f->work.data = f;
+    f->rows = xcalloc((size_t)f->max, sizeof(*f->rows), "fetch rows");
     ms->fetching = 1;
     ms->refetch = 0;
-    if (uv_queue_work(d->loop, &f->work, fetch_work, fetch_after) < 0)
-        fatal("uv_queue_work failed");
+    dlv_queue_work(d, &f->work, f, fetch_work, fetch_after);
 }

@@ -213,7 +213,7 @@ struct dlv {
     struct dlv_scan *scan;
     uv_work_t scan_work;
     /* state ops */
-    struct dlv_op *ops_head, *ops_tail, *dlv_ops_run;
+    struct dlv_op *ops_head, *ops_tail, *ops_run;
     int ops_busy;
     uv_work_t ops_work;
     /* messages an operator command is changing: nothing of theirs starts, and no fetch runs
@@ -257,6 +257,8 @@ struct dlv_scan {
 };
 
 /* dlv.c */
+void dlv_queue_work(struct dlv *d, uv_work_t *req, void *data, uv_work_cb work,
+                    uv_after_work_cb after);
 int64_t dlv_wall_ms(void);
 double dlv_rand(struct dlv *d);
 int dlv_ids_has(struct dlv *d, int64_t id);

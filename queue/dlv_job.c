@@ -22,6 +22,7 @@
 #include "maildir.h"
 #include "metrics.h"
 #include "qid.h"
+#include "xalloc.h"
 
 /* --- Jobs ---------------------------------------------------------------------------------- */
 
@@ -151,10 +152,8 @@ static void load_after(uv_work_t *w, int status)
 
 void dlv_job_load(struct dlv_job *job)
 {
-    job->work.data = job;
     job->ms->loading++;
-    if (uv_queue_work(job->ms->d->loop, &job->work, load_work, load_after) < 0)
-        fatal("uv_queue_work failed");
+    dlv_queue_work(job->ms->d, &job->work, job, load_work, load_after);
 }
 
 /* job_unlink - a started job is over: off the running list, its slot free. */
@@ -212,9 +211,7 @@ void dlv_ms_requeue_mass(struct dlv_ms *ms, int64_t now)
             break;
         if (d->nrequeue == d->caprequeue) {
             size_t cap = d->caprequeue ? d->caprequeue * 2 : 64;
-            int64_t *q = realloc(d->requeue, cap * sizeof(*q));
-            if (!q)
-                fatal("out of memory (requeue)");
+            int64_t *q = xreallocarray(d->requeue, cap, sizeof(*q), "requeue");
             d->requeue = q;
             d->caprequeue = cap;
         }
@@ -530,12 +527,10 @@ void dlv_conn_send(struct dlv_conn *cn, struct dlv_job *job)
 void dlv_conn_open(struct dlv_ms *ms, struct dlv_job *job)
 {
     struct lmtp_cfg cfg;
-    struct dlv_conn *cn = calloc(1, sizeof(*cn));
+    struct dlv_conn *cn = xcalloc(1, sizeof(*cn), "connection");
     char why[LMTP_WHY_MAX];
     int r;
 
-    if (!cn)
-        fatal("out of memory (connection)");
     memset(&cfg, 0, sizeof(cfg));
     cfg.proto = ms->cf.transport == CONF_SMTP ? LMTP_PROTO_SMTP : LMTP_PROTO_LMTP;
     cfg.ep = ms->cf.endpoint;

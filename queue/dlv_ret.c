@@ -23,6 +23,7 @@
 #include "maildir.h"
 #include "metrics.h"
 #include "qid.h"
+#include "xalloc.h"
 
 static void ret_run(struct dlv *d);
 
@@ -72,7 +73,8 @@ struct dlv_ret *dlv_ret_unit(struct dlv *d, struct dlv_ret **batch, struct dlv_m
     for (rt = *batch; rt; rt = rt->next)
         if (rt->u->action == action && strcmp(rt->u->qid, qid) == 0)
             return rt;
-    if (!(rt = calloc(1, sizeof(*rt))) || !(rt->u = dlv_dsn_unit_new()))
+    rt = xcalloc(1, sizeof(*rt), "DSN unit");
+    if (!(rt->u = dlv_dsn_unit_new()))
         fatal("out of memory (DSN unit)");
     rt->d = d;
     rt->ms = ms;
@@ -260,9 +262,7 @@ static void ret_run(struct dlv *d)
     d->ret_return_max = d->dsncf.return_max;
     d->ret_delay_default = d->dsncf.delay_warning_ms > 0;
     d->ret_busy = 1;
-    d->ret_work.data = d;
-    if (uv_queue_work(d->loop, &d->ret_work, ret_work, ret_after) < 0)
-        fatal("uv_queue_work failed");
+    dlv_queue_work(d, &d->ret_work, d, ret_work, ret_after);
 }
 
 /* --- The scan: held recipients whose bounce time has come, DSNs owed ------------------------- */
@@ -343,20 +343,16 @@ void dlv_scan_start(struct dlv *d)
         return;
     d->last_scan = uv_now(d->loop);
     d->scan_soon = 0;
-    if (!(sc = calloc(1, sizeof(*sc))))
-        fatal("out of memory (scan)");
+    sc = xcalloc(1, sizeof(*sc), "scan");
     for (int i = 0; i < d->nms; i++) {
         struct dlv_ms *ms = d->ms[i];
         if (!ms->gone && !ms->is_dsn && !ms->fenced && mstore_trusts_failures(&ms->st, now))
             snprintf(sc->names[sc->nms++], MSTORE_NAME_MAX, "%s", ms->cf.name);
     }
     sc->now_s = now / 1000;
-    if (!(sc->held = calloc((size_t)(sc->nms ? sc->nms : 1) * DLV_SCAN_MAX, sizeof(*sc->held))) ||
-        !(sc->owed = calloc(DLV_SCAN_MAX, sizeof(*sc->owed))))
-        fatal("out of memory (scan)");
+    sc->held = xcalloc((size_t)(sc->nms ? sc->nms : 1) * DLV_SCAN_MAX, sizeof(*sc->held), "scan");
+    sc->owed = xcalloc(DLV_SCAN_MAX, sizeof(*sc->owed), "scan");
     d->scan = sc;
     d->scan_busy = 1;
-    d->scan_work.data = d;
-    if (uv_queue_work(d->loop, &d->scan_work, scan_work, scan_after) < 0)
-        fatal("uv_queue_work failed");
+    dlv_queue_work(d, &d->scan_work, d, scan_work, scan_after);
 }

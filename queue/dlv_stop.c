@@ -23,6 +23,7 @@
 #include "maildir.h"
 #include "metrics.h"
 #include "qid.h"
+#include "xalloc.h"
 
 /* job_has_rcpt - one of the job's recipients is rcpt (any case) */
 static int job_has_rcpt(const struct dlv_job *job, const char *rcpt)
@@ -46,8 +47,7 @@ void dlv_ms_stop(struct dlv_ms *ms, const char *qid, const char *rcpt, int chang
 
     if (ms->inflight <= 0)
         return;
-    if (!(jobs = calloc((size_t)ms->inflight, sizeof(*jobs))))
-        fatal("out of memory (stop)");
+    jobs = xcalloc((size_t)ms->inflight, sizeof(*jobs), "stop");
     for (struct dlv_job *j = ms->running; j && n < ms->inflight; j = j->rnext)
         if ((!qid || strcmp(j->qid, qid) == 0) && (!rcpt || job_has_rcpt(j, rcpt)))
             jobs[n++] = j;
