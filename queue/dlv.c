@@ -298,11 +298,7 @@ struct dlv_op *dlv_op_new(struct dlv_ms *ms, enum dlv_op_kind kind, dlv_op_cb cb
     op->now_s = dlv_wall_ms() / 1000;
     op->cb = cb;
     op->arg = arg;
-    if (d->ops_tail)
-        d->ops_tail->next = op;
-    else
-        d->ops_head = op;
-    d->ops_tail = op;
+    DLV_APPEND(d->ops_head, d->ops_tail, op);
     return op;
 }
 

@@ -256,6 +256,17 @@ struct dlv_scan {
     int err;
 };
 
+/* DLV_APPEND - put x, its next already NULL, at the end of the list head .. tail (the ready
+ * list, the state ops, the return units). */
+#define DLV_APPEND(head, tail, x)          \
+    do {                                   \
+        if (tail)                          \
+            (tail)->next = (x);            \
+        else                               \
+            (head) = (x);                  \
+        (tail) = (x);                      \
+    } while (0)
+
 /* dlv.c */
 void dlv_queue_work(struct dlv *d, uv_work_t *req, void *data, uv_work_cb work,
                     uv_after_work_cb after);

@@ -138,11 +138,7 @@ static void load_after(uv_work_t *w, int status)
         dlv_job_drop(job);
     } else {
         job->next = NULL;
-        if (ms->ready_tail)
-            ms->ready_tail->next = job;
-        else
-            ms->ready_head = job;
-        ms->ready_tail = job;
+        DLV_APPEND(ms->ready_head, ms->ready_tail, job);
         ms->nready++;
     }
     if (!d->stopped)

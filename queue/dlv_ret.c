@@ -119,11 +119,7 @@ void dlv_ret_queue_all(struct dlv *d, struct dlv_ret *batch)
     for (; batch; batch = next) {
         next = batch->next;
         batch->next = NULL;
-        if (d->ret_tail)
-            d->ret_tail->next = batch;
-        else
-            d->ret_head = batch;
-        d->ret_tail = batch;
+        DLV_APPEND(d->ret_head, d->ret_tail, batch);
         d->nret++;
     }
     ret_run(d);
