@@ -3,15 +3,16 @@
  * the key table's types, the table itself, and the functions one part calls in another.
  * The contract stays in conf.h.
  *
- * The parts: conf.c (the key table, the line reader and key handler, checks across keys,
- * loading), conf_parse.c (value parsers), conf_set.c (setting one key, defaults) and
- * conf_dump.c (the dump).
+ * The parts: conf.c (the key table, the line reader and key handler, loading), conf_check.c
+ * (checks across keys), conf_parse.c (value parsers), conf_set.c (setting one key, defaults)
+ * and conf_dump.c (the dump).
  */
 #ifndef SLUICE_CONF_INT_H
 #define SLUICE_CONF_INT_H
 
 #include <stddef.h>
 #include <stdint.h>
+#include <stdio.h>
 
 #include "conf.h"
 
@@ -54,10 +55,43 @@ struct conf_key {
 #define CONF_RAW_MAX 1024 /* physical line buffer; longer lines are an error anyway */
 #define CONF_WHY_MAX 512
 
+#define CONF_NKEYS_MAX 256 /* room for the key table in struct conf_ctx (conf.c checks it) */
+
+/* Parser state, heap-allocated: it holds a whole struct conf being built. */
+struct conf_ctx {
+    struct conf c;
+    const char *path;
+    FILE *f;
+    int lineno;
+    int max_line;                 /* longest line inih takes, from its reader argument */
+    enum conf_sec sec;
+    char sec_label[CONF_RAW_MAX]; /* "spool", "mailstore ms1": how messages name a section */
+    int ms;                       /* current mailstore index when sec == SEC_MAILSTORE */
+    int ms_line[CONF_MAILSTORE_MAX];
+    int mi;                       /* current milter index when sec == SEC_MILTER */
+    int mi_line[CONF_MILTER_MAX];
+    int last_key;                 /* table index of the previous key line, -1 if none */
+    /* Line each key was set on, 0 = not set: row 0 for the single sections, 1 + i for
+     * mailstore i. Finds duplicates and points cross-key errors at a line. */
+    int seen[CONF_MAILSTORE_MAX + 1 + CONF_MILTER_MAX][CONF_NKEYS_MAX];
+    int nerr;
+    int gave_up;
+    char *err;
+    size_t errlen, errused;
+};
+
 /* The key table (conf.c), its length, and the section names by enum conf_sec. */
 extern const struct conf_key conf_keys[];
 extern const size_t conf_nkeys;
 extern const char *const conf_sec_names[];
+
+/* conf.c */
+/* conf_error - record "FILE:LINE: problem" (line 0: the file as a whole). */
+void conf_error(struct conf_ctx *x, int line, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
+/* conf_check.c */
+void conf_check(struct conf_ctx *x);
 
 /* conf_parse.c */
 int conf_parse_digits(const char **sp, uint64_t *out);
