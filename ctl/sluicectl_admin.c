@@ -224,6 +224,16 @@ static void print_token(struct ctx *x, const char *what, const char *token)
            "safe channel):\n  %s\n", x->arg, what, token);
 }
 
+/* reseller_token - a new random token for a tenant: EX_OK, or EX_FAILED said on stderr. */
+static int reseller_token(char *token, size_t len)
+{
+    if (tenants_token_new(token, len) < 0) {
+        fprintf(stderr, "sluicectl: cannot make a random token\n");
+        return EX_FAILED;
+    }
+    return EX_OK;
+}
+
 int sc_do_reseller_add(struct ctx *x)
 {
     char token[TENANT_TOKEN_LEN + 8];
@@ -232,11 +242,8 @@ int sc_do_reseller_add(struct ctx *x)
 
     if (!doms)
         sc_die_usage("reseller add: --domains D[,D...] is required (the domains it owns)");
-    if (tenants_token_new(token, sizeof(token)) < 0) {
-        fprintf(stderr, "sluicectl: cannot make a random token\n");
-        return EX_FAILED;
-    }
-    if ((r = reseller_change(x, "add", 'a', doms, token)) != EX_OK)
+    if ((r = reseller_token(token, sizeof(token))) != EX_OK ||
+        (r = reseller_change(x, "add", 'a', doms, token)) != EX_OK)
         return r;
     print_token(x, "added", token);
     return EX_OK;
@@ -247,11 +254,8 @@ int sc_do_reseller_rotate(struct ctx *x)
     char token[TENANT_TOKEN_LEN + 8];
     int r;
 
-    if (tenants_token_new(token, sizeof(token)) < 0) {
-        fprintf(stderr, "sluicectl: cannot make a random token\n");
-        return EX_FAILED;
-    }
-    if ((r = reseller_change(x, "rotate-token", 'r', NULL, token)) != EX_OK)
+    if ((r = reseller_token(token, sizeof(token))) != EX_OK ||
+        (r = reseller_change(x, "rotate-token", 'r', NULL, token)) != EX_OK)
         return r;
     print_token(x, "new token; the old one no longer works", token);
     return EX_OK;
