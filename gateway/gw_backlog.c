@@ -195,7 +195,7 @@ int gw_backlog_start(struct gw_backlog **out, uv_loop_t *loop, const struct conf
         return -ENOMEM;
     b->loop = loop;
     b->conf = c;
-    snprintf(b->dbpath, sizeof(b->dbpath), "%s/index.db", c->spool.dir);
+    spool_index_path(c->spool.dir, b->dbpath, sizeof(b->dbpath));
     uv_timer_init(loop, &b->timer);
     b->timer.data = b;
     uv_timer_start(&b->timer, backlog_timer_cb, 0, GW_BACKLOG_CHECK_MS);

@@ -15,6 +15,7 @@
 #include "fleet.h"
 #include "fleet_watch.h"
 #include "log.h"
+#include "spool.h"
 
 struct gw_fleet {
     struct fleet_watch *w;
@@ -93,7 +94,7 @@ int gw_fleet_start(struct gw_fleet **out, uv_loop_t *loop, const struct conf *c,
         snprintf(err, errlen, "out of memory");
         return -ENOMEM;
     }
-    snprintf(path, sizeof(path), "%s/index.db", c->spool.dir);
+    spool_index_path(c->spool.dir, path, sizeof(path));
     memset(&o, 0, sizeof(o));
     o.c = c;
     o.scope = "sluice-gateway";

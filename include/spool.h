@@ -89,6 +89,10 @@ int spool_open(struct spool **sp, const struct spool_opts *o, char *err, size_t 
  * returns) and close. With a loop, the memory goes in the async handle's close callback:
  * run the loop until it returns afterwards. */
 void spool_close(struct spool *sp);
+/* The path of the spool's index in dir (dir/index.db): the one place that names it, for the
+ * daemons' own connections to it (audit, mailstore states, fleet cache, backlog). Always
+ * terminated; 0, or -ENAMETOOLONG when len cannot hold it (then it is cut). */
+int spool_index_path(const char *dir, char *buf, size_t len);
 
 /* --- Receiving (loop thread) --------------------------------------------------------- */
 

@@ -53,6 +53,7 @@
 #include "log.h"
 #include "notify.h"
 #include "privs.h"
+#include "spool.h"
 
 #define PD_EXPIRE_MS 60000      /* how often expired rows are deleted */
 
@@ -108,7 +109,7 @@ int main(int argc, char **argv)
         log_err("[policyd] state_db or control_socket: path too long");
         return 1;
     }
-    snprintf(pd.index_path, sizeof(pd.index_path), "%s/index.db", pd.c.spool.dir);
+    spool_index_path(pd.c.spool.dir, pd.index_path, sizeof(pd.index_path));
     pd.scopes = pol_scopes_parse(pd.c.policyd.scopes);
     snprintf(pd.action, sizeof(pd.action), "%s",
              strcmp(pd.c.policyd.action, "hold") == 0 ? "hold" : "tempfail");

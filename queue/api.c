@@ -33,6 +33,7 @@
 #include "ctl_proto.h"
 #include "fleet_query.h"
 #include "log.h"
+#include "spool.h"
 #include "spool_query.h"
 #include "tenants.h"
 
@@ -749,7 +750,7 @@ static int policy_set(struct api *a, const struct tenant *t, const char *domain,
     struct audit_rec who = { .user = actor, .daemon = "sluice-deliver",
                              .reason = why ? json_string_value(why) : "reseller API" };
     pthread_mutex_lock(&a->mu);
-    snprintf(index_path, sizeof(index_path), "%s/index.db", a->spool_dir);
+    spool_index_path(a->spool_dir, index_path, sizeof(index_path));
     pthread_mutex_unlock(&a->mu);
     if (audit_db_open(&ad, index_path, err, sizeof(err)) < 0)
         log_warn("api: audit: %s", err);

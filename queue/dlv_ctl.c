@@ -505,7 +505,7 @@ int dlv_ctl_start(struct dlv_ctl **out, uv_loop_t *loop, struct dlv *d, struct s
     ctl->d = d;
     ctl->sp = sp;
     snprintf(ctl->dir, sizeof(ctl->dir), "%s", c->spool.dir);
-    snprintf(ctl->index_path, sizeof(ctl->index_path), "%s/index.db", c->spool.dir);
+    spool_index_path(c->spool.dir, ctl->index_path, sizeof(ctl->index_path));
     snprintf(ctl->tenants, sizeof(ctl->tenants), "%s", c->api.tenants);
     snprintf(ctl->policy_map, sizeof(ctl->policy_map), "%s", c->dsn.policy_map);
     if (conf_ctl_socket(c, 0, ctl->path, sizeof(ctl->path)) < 0) {

@@ -311,7 +311,7 @@ int main(int argc, char **argv)
         spool_close(dv.sp);
         return 1;
     }
-    snprintf(path, sizeof(path), "%s/index.db", dv.c->spool.dir);
+    spool_index_path(dv.c->spool.dir, path, sizeof(path));
     if ((r = dlv_start(&dv.d, dv.loop, dv.sp, dv.c, path, err, sizeof(err))) < 0) {
         log_err("deliver: cannot start: %s", err);
         spool_close(dv.sp);
@@ -326,7 +326,7 @@ int main(int argc, char **argv)
     }
     if (conf_fleet_on(dv.c)) {
         char ipath[CONF_PATH_MAX + 32];
-        snprintf(ipath, sizeof(ipath), "%s/index.db", dv.c->spool.dir);
+        spool_index_path(dv.c->spool.dir, ipath, sizeof(ipath));
         if ((r = dlv_fleet_start(&dv.fleet, dv.loop, dv.d, dv.c, path, ipath, err,
                                  sizeof(err))) < 0)
             log_warn("deliver: fleet: %s; this host runs on its local state alone", err);

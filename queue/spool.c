@@ -1459,7 +1459,7 @@ int spool_open(struct spool **out, const struct spool_opts *o, char *err, size_t
         }
         sp->writer_role = 1;
     }
-    snprintf(path, sizeof(path), "%s/index.db", sp->dir);
+    spool_index_path(sp->dir, path, sizeof(path));
     if ((r = spool_idx_open(&sp->six, path, o->readonly, err, errlen)) < 0)
         goto fail;
     if (sp->writer_role) {

@@ -13,6 +13,15 @@
 #include "log.h"
 #include "spool.h"
 
+#define SPOOL_INDEX_NAME "index.db"
+
+int spool_index_path(const char *dir, char *buf, size_t len)
+{
+    int n = snprintf(buf, len, "%s/" SPOOL_INDEX_NAME, dir);
+
+    return n < 0 || (size_t)n >= len ? -ENAMETOOLONG : 0;
+}
+
 static const char *const stmt_sql[SPOOL_IDX_NSTMT] = {
 #define XX(name, sql) sql,
     SPOOL_IDX_STMTS(XX)

@@ -134,7 +134,7 @@ int spool_query_open(struct spool_query **out, const char *dir, char *err, size_
     int rc;
 
     *out = NULL;
-    if ((size_t)snprintf(path, sizeof(path), "%s/index.db", dir) >= sizeof(path)) {
+    if (spool_index_path(dir, path, sizeof(path)) < 0) {
         snprintf(err, errlen, "%s: path too long", dir);
         return -ENAMETOOLONG;
     }
