@@ -140,7 +140,22 @@ void spool_msg_abort(struct spool_msg *m);
 
 /* --- Reading and updating (any thread, synchronous) --------------------------------- */
 
-enum spool_rstate { SPOOL_QUEUED = 0, SPOOL_DELIVERED = 1, SPOOL_HELD = 2 };
+/* A recipient's state as stored in recipients.state. The numbers are written once, here:
+ * the enum and the SQL text of statements that name a state (SPOOL_*_SQL, literals so that
+ * SQLite can match them against the partial indexes' WHERE state<>1) both come from them. */
+#define SPOOL_RSTATE_QUEUED 0
+#define SPOOL_RSTATE_DELIVERED 1
+#define SPOOL_RSTATE_HELD 2
+enum spool_rstate {
+    SPOOL_QUEUED = SPOOL_RSTATE_QUEUED,
+    SPOOL_DELIVERED = SPOOL_RSTATE_DELIVERED,
+    SPOOL_HELD = SPOOL_RSTATE_HELD
+};
+#define SPOOL_SQL_TEXT_(n) #n
+#define SPOOL_SQL_TEXT(n) SPOOL_SQL_TEXT_(n)
+#define SPOOL_QUEUED_SQL SPOOL_SQL_TEXT(SPOOL_RSTATE_QUEUED)
+#define SPOOL_DELIVERED_SQL SPOOL_SQL_TEXT(SPOOL_RSTATE_DELIVERED)
+#define SPOOL_HELD_SQL SPOOL_SQL_TEXT(SPOOL_RSTATE_HELD)
 
 /* recipients.dsn_owed: the success DSN a delivered recipient is still owed (RFC 3461 NOTIFY=
  * SUCCESS that the mailstore could not take over). While one is owed the message stays. */
