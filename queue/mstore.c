@@ -27,6 +27,7 @@
 #include <time.h>
 
 #include "log.h"
+#include "spool_idx.h"
 
 #define MSTORE_DB_BUSY_MS 10000 /* as the spool's own connections: the other daemon's
                                  * transactions are short, 10 s means an outage */
@@ -651,14 +652,6 @@ struct mstore_db {
     sqlite3 *db;
 };
 
-static const char mstore_schema[] =
-    "CREATE TABLE IF NOT EXISTS mailstores(name TEXT PRIMARY KEY, state TEXT, reason TEXT,"
-    " since INTEGER, actor TEXT, release_rate REAL, ramp_ms INTEGER, public_reason TEXT);"
-    "CREATE TABLE IF NOT EXISTS mailstore_pauses(name TEXT NOT NULL, start INTEGER NOT NULL,"
-    " end INTEGER NOT NULL DEFAULT 0, PRIMARY KEY(name, start));"
-    "CREATE TABLE IF NOT EXISTS mailstore_health(name TEXT PRIMARY KEY, normal_ms REAL,"
-    " normal_n INTEGER, cause TEXT);";
-
 static int mstore_db_errno(int rc)
 {
     switch (rc & 0xff) {
@@ -675,22 +668,6 @@ static int mstore_db_errno(int rc)
 static int mstore_db_exec(struct mstore_db *d, const char *sql)
 {
     return mstore_db_errno(sqlite3_exec(d->db, sql, NULL, NULL, NULL));
-}
-
-/* mstore_db_upgrade - a table made before public_reason existed gains the column (NULL reads
- * as ""), so an older spool keeps its states. Inside the open transaction. */
-static int mstore_db_upgrade(struct mstore_db *d)
-{
-    sqlite3_stmt *st = NULL;
-    int rc, has = 0;
-
-    rc = sqlite3_prepare_v2(d->db, "SELECT 1 FROM pragma_table_info('mailstores')"
-                            " WHERE name='public_reason'", -1, &st, NULL);
-    if (rc != SQLITE_OK)
-        return mstore_db_errno(rc);
-    has = sqlite3_step(st) == SQLITE_ROW;
-    sqlite3_finalize(st);
-    return has ? 0 : mstore_db_exec(d, "ALTER TABLE mailstores ADD COLUMN public_reason TEXT");
 }
 
 int mstore_db_open(struct mstore_db **out, const char *path, char *err, size_t errlen)
@@ -720,7 +697,8 @@ int mstore_db_open(struct mstore_db **out, const char *path, char *err, size_t e
         (r = mstore_db_exec(d, "PRAGMA journal_mode=WAL")) < 0 ||
         (r = mstore_db_exec(d, "BEGIN IMMEDIATE")) < 0)
         goto fail_msg;
-    if ((r = mstore_db_exec(d, mstore_schema)) < 0 || (r = mstore_db_upgrade(d)) < 0) {
+    /* the tables are the spool index's (spool_idx.c), created or upgraded in this transaction */
+    if ((r = mstore_db_errno(spool_idx_side_schema(d->db, SPOOL_IDX_SIDE_MAILSTORES))) < 0) {
         sqlite3_exec(d->db, "ROLLBACK", NULL, NULL, NULL);
         goto fail_msg;
     }

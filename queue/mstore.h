@@ -252,9 +252,9 @@ int mstore_trusts_failures(const struct mstore *m, int64_t now);
  * Table mailstores(name, state, reason, since, actor, release_rate, ramp_ms, public_reason:
  * added to an older table by ALTER TABLE at open), mailstore_pauses(name, start, end)
  * (paused and tripped intervals: the table keeps its first name so an older index.db loads
- * unchanged) and mailstore_health(name, normal_ms, normal_n, cause) in the spool's index.db,
- * through a connection of our own (WAL, synchronous=FULL, busy timeout, BEGIN IMMEDIATE for
- * every write). An index.db without mailstore_health gains it at open; one written by this
+ * unchanged) and mailstore_health(name, normal_ms, normal_n, cause) in the spool's index.db
+ * (their CREATE is spool_idx.c's, like every table there), through a connection of our own
+ * (WAL, synchronous=FULL, busy timeout, BEGIN IMMEDIATE for every write). An index.db without mailstore_health gains it at open; one written by this
  * version loads in an older one (which ignores the table and reads an unknown state such as
  * "degraded" as active). */
 struct mstore_db;

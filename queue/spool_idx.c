@@ -108,6 +108,56 @@ static const char schema_v3[] =
 /* Numbered steps: schema_steps[v - 1] takes an index from user_version v - 1 to v. */
 static const char *const schema_steps[] = { schema_v1, schema_v2, schema_v3 };
 #define SCHEMA_VERSION ((int)(sizeof(schema_steps) / sizeof(schema_steps[0])))
+_Static_assert(SCHEMA_VERSION == SPOOL_IDX_VERSION, "SPOOL_IDX_VERSION names the last step");
+
+/* The side tables (spool_idx.h), outside the numbered steps: the deliverer's persisted
+ * mailstore states (mstore.h: state, paused intervals, health baseline) ... */
+static const char side_mailstores[] =
+    "CREATE TABLE IF NOT EXISTS mailstores(name TEXT PRIMARY KEY, state TEXT, reason TEXT,"
+    " since INTEGER, actor TEXT, release_rate REAL, ramp_ms INTEGER, public_reason TEXT);"
+    "CREATE TABLE IF NOT EXISTS mailstore_pauses(name TEXT NOT NULL, start INTEGER NOT NULL,"
+    " end INTEGER NOT NULL DEFAULT 0, PRIMARY KEY(name, start));"
+    "CREATE TABLE IF NOT EXISTS mailstore_health(name TEXT PRIMARY KEY, normal_ms REAL,"
+    " normal_n INTEGER, cause TEXT);";
+
+/* ... and the audit trail (audit.h), insert-only. */
+static const char side_audit[] =
+    "CREATE TABLE IF NOT EXISTS audit(id INTEGER PRIMARY KEY, at INTEGER NOT NULL,"
+    " uid INTEGER NOT NULL, user TEXT NOT NULL, daemon TEXT NOT NULL, cmd TEXT NOT NULL,"
+    " scope TEXT NOT NULL, reason TEXT, args TEXT, count INTEGER, result TEXT NOT NULL);";
+
+/* A mailstores table made before public_reason existed gains the column (NULL reads as
+ * ""), so an older spool keeps its states. */
+static int side_mailstores_upgrade(sqlite3 *db)
+{
+    sqlite3_stmt *st = NULL;
+    int rc, has = 0;
+
+    rc = sqlite3_prepare_v2(db, "SELECT 1 FROM pragma_table_info('mailstores')"
+                            " WHERE name='public_reason'", -1, &st, NULL);
+    if (rc != SQLITE_OK)
+        return rc;
+    has = sqlite3_step(st) == SQLITE_ROW;
+    sqlite3_finalize(st);
+    return has ? SQLITE_OK
+               : sqlite3_exec(db, "ALTER TABLE mailstores ADD COLUMN public_reason TEXT", NULL,
+                              NULL, NULL);
+}
+
+int spool_idx_side_schema(sqlite3 *db, enum spool_idx_side which)
+{
+    int rc;
+
+    switch (which) {
+    case SPOOL_IDX_SIDE_MAILSTORES:
+        if ((rc = sqlite3_exec(db, side_mailstores, NULL, NULL, NULL)) != SQLITE_OK)
+            return rc;
+        return side_mailstores_upgrade(db);
+    case SPOOL_IDX_SIDE_AUDIT:
+        return sqlite3_exec(db, side_audit, NULL, NULL, NULL);
+    }
+    return SQLITE_MISUSE;
+}
 
 int spool_idx_errno(int rc)
 {

@@ -11,6 +11,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#define SPOOL_IDX_VERSION 3 /* user_version of the numbered schema (spool_idx.c's steps) */
 #define SPOOL_IDX_BUSY_MS 10000 /* the other daemon's transactions are short; 10 s is an outage */
 #define SPOOL_IDX_MIGRATE_MS 600000 /* waiting for the other daemon's schema upgrade */
 
@@ -144,6 +145,15 @@ int spool_idx_step_done(struct spool_idx *ix, sqlite3_stmt *st);
 int spool_idx_begin(struct spool_idx *ix);   /* BEGIN IMMEDIATE */
 int spool_idx_commit(struct spool_idx *ix);
 void spool_idx_rollback(struct spool_idx *ix);
+/* Tables that other parts of the spool keep in index.db beside the numbered schema: the
+ * deliverer's mailstore states (mstore.h) and the audit trail (audit.h). Each is created, if
+ * missing, by the connection that first needs it (CREATE TABLE IF NOT EXISTS; their changes
+ * are additive, so an index of any age gains them unchanged), on that module's own
+ * connection: a policyd that only writes the audit never opens the rest. */
+enum spool_idx_side { SPOOL_IDX_SIDE_MAILSTORES, SPOOL_IDX_SIDE_AUDIT };
+/* Create (or bring up to date) the side tables `which` on db, inside the caller's
+ * transaction if it has one. A SQLite result code. */
+int spool_idx_side_schema(sqlite3 *db, enum spool_idx_side which);
 /* Map a SQLite result code to a negative errno (SQLITE_FULL -> -ENOSPC, ...). */
 int spool_idx_errno(int rc);
 const char *spool_idx_errmsg(struct spool_idx *ix);

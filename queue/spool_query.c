@@ -1,9 +1,9 @@
 /*
  * spool_query.c - read-only operator queries over index.db (contract: spool_query.h).
  *
- * The schema is spool_idx.c's (messages, recipients, queue_counts), mstore.c's (mailstores)
- * and audit.c's (audit); this file only reads. Tables that a fresh spool does not have yet
- * (mailstores, audit) read as empty. Every statement is prepared, stepped and finalized in one
+ * The schema is spool_idx.c's (messages, recipients, queue_counts, and the side tables
+ * mailstores and audit that mstore.c and spool_audit.c write); this file only reads. Tables
+ * that a fresh spool does not have yet (mailstores, audit) read as empty. Every statement is prepared, stepped and finalized in one
  * call, so no read transaction outlives a call and the WAL can checkpoint. Calls that read
  * several statements (counts, users) do so in one read transaction: one moment's answer.
  *
@@ -29,6 +29,7 @@
 #include "domain.h"
 #include "qid.h"
 #include "spool.h"
+#include "spool_idx.h"
 #include "spool_query_int.h"
 
 static int64_t mono_ms(void)
@@ -141,9 +142,9 @@ int spool_query_open(struct spool_query **out, const char *dir, char *err, size_
         sqlite3_step(st) == SQLITE_ROW)
         version = sqlite3_column_int(st, 0);
     sqlite3_finalize(st);
-    if (version < SPOOL_QUERY_SCHEMA) {
+    if (version < SPOOL_IDX_VERSION) {
         snprintf(err, errlen, "%s is at schema %d, this sluice reads %d: start sluice-gateway or "
-                 "sluice-deliver once, they upgrade it", path, version, SPOOL_QUERY_SCHEMA);
+                 "sluice-deliver once, they upgrade it", path, version, SPOOL_IDX_VERSION);
         spool_query_close(q);
         return -ENOTSUP;
     }

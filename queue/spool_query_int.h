@@ -13,7 +13,6 @@
 
 #define SPOOL_QUERY_BUSY_MS 5000 /* a writer's checkpoint, at worst */
 #define SPOOL_QUERY_ADDR_MAX 1024 /* an address key: SPOOL_ADDR_MAX and more */
-#define SPOOL_QUERY_SCHEMA 3     /* the index's user_version this file reads (spool_idx.c) */
 #define SPOOL_QUERY_PROGRESS 2000 /* SQLite VM steps between two looks at the clock */
 #define SPOOL_QUERY_STOP_MS 20   /* ask stop() at most this often */
 #define SPOOL_QUERY_CACHE_KB "8192" /* pages kept per connection (KiB) */

@@ -1,7 +1,7 @@
 /*
- * audit.c - the audit trail (contract: audit.h). One table, insert-only; the schema is created
- * here with CREATE TABLE IF NOT EXISTS so a spool made before the audit existed gains it on
- * the first write.
+ * spool_audit.c - the audit trail, part of the spool (contract: audit.h): one insert-only
+ * table in its index. The table is the index's (spool_idx.c, a side table created if
+ * missing), so a spool made before the audit existed gains it on the first write.
  */
 #include "audit.h"
 
@@ -13,17 +13,13 @@
 #include <time.h>
 
 #include "log.h"
+#include "spool_idx.h"
 
 #define AUDIT_BUSY_MS 10000     /* as the spool's own connections */
 
 struct audit_db {
     sqlite3 *db;
 };
-
-static const char audit_schema[] =
-    "CREATE TABLE IF NOT EXISTS audit(id INTEGER PRIMARY KEY, at INTEGER NOT NULL,"
-    " uid INTEGER NOT NULL, user TEXT NOT NULL, daemon TEXT NOT NULL, cmd TEXT NOT NULL,"
-    " scope TEXT NOT NULL, reason TEXT, args TEXT, count INTEGER, result TEXT NOT NULL);";
 
 int audit_db_open(struct audit_db **out, const char *path, char *err, size_t errlen)
 {
@@ -43,7 +39,7 @@ int audit_db_open(struct audit_db **out, const char *path, char *err, size_t err
         rc = sqlite3_exec(a->db, "PRAGMA synchronous=FULL", NULL, NULL, NULL);
     }
     if (rc == SQLITE_OK)
-        rc = sqlite3_exec(a->db, audit_schema, NULL, NULL, NULL);
+        rc = spool_idx_side_schema(a->db, SPOOL_IDX_SIDE_AUDIT);
     if (rc != SQLITE_OK) {
         snprintf(err, errlen, "%s: %s", path, a->db ? sqlite3_errmsg(a->db) : "out of memory");
         audit_db_close(a);
