@@ -5,7 +5,6 @@
 
 #include <errno.h>
 #include <inttypes.h>
-#include <sqlite3.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -13,6 +12,7 @@
 #include "log.h"
 #include "metrics.h"
 #include "spool.h"
+#include "spool_query.h"
 
 struct gw_backlog_ms {
     char name[CONF_NAME_MAX];
@@ -29,10 +29,12 @@ struct gw_backlog {
     int busy;                     /* a query is on a worker thread */
     int stopped;
     int timer_closed;
+    char dir[CONF_PATH_MAX];      /* the spool's */
     char dbpath[CONF_PATH_MAX + 16];
-    sqlite3 *db;                  /* used by one worker at a time only */
+    struct spool_query *q;        /* used by one worker at a time only */
     /* worker output */
-    int res_rc;
+    int res_rc;                   /* 0 or -errno */
+    char res_err[256];
     int nres;
     struct gw_backlog_ms res[CONF_MAILSTORE_MAX];
     /* loop-side cache */
@@ -44,53 +46,41 @@ struct gw_backlog {
 
 static struct gw_backlog *gw_backlog_instance;
 
-/* Messages with a recipient waiting (QUEUED or HELD) for each mailstore, and their bytes:
- * a message counts once per mailstore however many of its recipients are there. The spool's
- * index keeps these counters in the transaction of every change (spool_idx.c, queue_counts),
- * so a check reads one row per mailstore whatever the backlog. */
-static const char backlog_sql[] =
-    "SELECT mailstore, messages, bytes FROM queue_counts";
+static int backlog_row(const char *name, int64_t messages, int64_t bytes, void *arg)
+{
+    struct gw_backlog *b = arg;
+    struct gw_backlog_ms *m;
 
+    if (b->nres >= CONF_MAILSTORE_MAX)
+        return 0;
+    m = &b->res[b->nres++];
+    snprintf(m->name, sizeof(m->name), "%s", name);
+    m->messages = messages;
+    m->bytes = bytes;
+    return 0;
+}
+
+/* Messages with a recipient waiting (QUEUED or HELD) for each mailstore, and their bytes,
+ * from the spool's per-mailstore counters (spool_query_backlog): one row per mailstore
+ * whatever the backlog. */
 static void backlog_work(uv_work_t *w)
 {
     struct gw_backlog *b = w->data;
-    sqlite3_stmt *st = NULL;
-    int rc;
+    int r;
 
     b->nres = 0;
-    if (!b->db) {
-        rc = sqlite3_open_v2(b->dbpath, &b->db, SQLITE_OPEN_READONLY | SQLITE_OPEN_NOMUTEX,
-                             NULL);
-        if (rc != SQLITE_OK) {
-            sqlite3_close(b->db);
-            b->db = NULL;
-            b->res_rc = rc;
-            return;
-        }
-        sqlite3_busy_timeout(b->db, 1000);
+    if (!b->q && (r = spool_query_open(&b->q, b->dir, b->res_err, sizeof(b->res_err))) < 0) {
+        b->q = NULL;
+        b->res_rc = r;
+        return;
     }
-    rc = sqlite3_prepare_v2(b->db, backlog_sql, -1, &st, NULL);
-    while (rc == SQLITE_OK && (rc = sqlite3_step(st)) == SQLITE_ROW) {
-        const unsigned char *name = sqlite3_column_text(st, 0);
-        struct gw_backlog_ms *m;
-
-        if (b->nres >= CONF_MAILSTORE_MAX || !name)
-            continue;
-        m = &b->res[b->nres++];
-        snprintf(m->name, sizeof(m->name), "%s", (const char *)name);
-        m->messages = sqlite3_column_int64(st, 1);
-        m->bytes = sqlite3_column_int64(st, 2);
-        rc = SQLITE_OK;
-    }
-    if (rc == SQLITE_DONE)
-        rc = SQLITE_OK;
-    sqlite3_finalize(st);
-    if (rc != SQLITE_OK) {
+    if ((r = spool_query_backlog(b->q, backlog_row, b)) < 0) {
+        snprintf(b->res_err, sizeof(b->res_err), "%s", spool_query_error(b->q));
         /* reopen next time: the file may have been replaced */
-        sqlite3_close(b->db);
-        b->db = NULL;
+        spool_query_close(b->q);
+        b->q = NULL;
     }
-    b->res_rc = rc;
+    b->res_rc = r;
 }
 
 static const struct gw_backlog_ms *backlog_find(const struct gw_backlog_ms *v, int n,
@@ -122,10 +112,10 @@ static void backlog_after(uv_work_t *w, int status)
     b->busy = 0;
     if (b->stopped || status != 0)
         return;
-    if (b->res_rc != SQLITE_OK) {
+    if (b->res_rc < 0) {
         if (!b->warned)
             log_warn("backlog: cannot read %s: %s; mailstore admission keeps its last state",
-                     b->dbpath, sqlite3_errstr(b->res_rc));
+                     b->dbpath, b->res_err);
         b->warned = 1;
         return;
     }
@@ -195,6 +185,7 @@ int gw_backlog_start(struct gw_backlog **out, uv_loop_t *loop, const struct conf
         return -ENOMEM;
     b->loop = loop;
     b->conf = c;
+    snprintf(b->dir, sizeof(b->dir), "%s", c->spool.dir);
     spool_index_path(c->spool.dir, b->dbpath, sizeof(b->dbpath));
     uv_timer_init(loop, &b->timer);
     b->timer.data = b;
@@ -232,7 +223,7 @@ void gw_backlog_free(struct gw_backlog *b)
         return;
     if (gw_backlog_instance == b)
         gw_backlog_instance = NULL;
-    sqlite3_close(b->db);
+    spool_query_close(b->q);
     free(b);
 }
 

@@ -57,6 +57,14 @@ json_t *spool_query_counts(struct spool_query *q, int64_t now);
  * "reason":..,"since":unix_s,"actor":..,"public_reason":..},...}; {} when the table does not
  * exist yet. */
 json_t *spool_query_states(struct spool_query *q);
+/* The backlog of each mailstore with mail waiting (the gateway's admission check): the
+ * messages with a recipient queued or held there, counted once per mailstore however many of
+ * their recipients wait there, and their bytes. Read from the per-mailstore counters, one
+ * row each whatever the backlog. fn(mailstore, messages, bytes, arg) for each; a non-zero
+ * return stops and is returned. 0, or -errno (spool_query_error). */
+int spool_query_backlog(struct spool_query *q,
+                        int (*fn)(const char *ms, int64_t messages, int64_t bytes, void *arg),
+                        void *arg);
 
 struct spool_query_filter {
     const char *mailstore;      /* NULL: any */

@@ -391,6 +391,32 @@ done:
     return out;
 }
 
+int spool_query_backlog(struct spool_query *q,
+                        int (*fn)(const char *ms, int64_t messages, int64_t bytes, void *arg),
+                        void *arg)
+{
+    sqlite3_stmt *st;
+    int r = 0, rc;
+
+    spool_query_call_begin(q);
+    if (!(st = spool_query_prep(q, "SELECT mailstore, messages, bytes FROM queue_counts"))) {
+        spool_query_call_failed(q, -EIO);
+        return q->err;
+    }
+    while (r == 0 && (rc = sqlite3_step(st)) == SQLITE_ROW) {
+        const unsigned char *name = sqlite3_column_text(st, 0);
+        if (name)
+            r = fn((const char *)name, sqlite3_column_int64(st, 1), sqlite3_column_int64(st, 2),
+                   arg);
+    }
+    if (r == 0 && rc != SQLITE_DONE) {
+        spool_query_call_failed(q, -EIO);
+        r = q->err;
+    }
+    sqlite3_finalize(st);
+    return r;
+}
+
 json_t *spool_query_states(struct spool_query *q)
 {
     json_t *out = json_object();
