@@ -68,7 +68,7 @@ int spool_query_backlog(struct spool_query *q,
 
 struct spool_query_filter {
     const char *mailstore;      /* NULL: any */
-    int state;                  /* -1 any undelivered, 0 queued, 2 held */
+    int state;                  /* -1 any undelivered, SPOOL_QUEUED or SPOOL_HELD */
     const char *sender;         /* NULL: any; '*' and '?' are wildcards; case-insensitive */
     const char *rcpt;           /* same */
     int64_t older_than_s;       /* 0: any; else received at least this long ago */

@@ -18,10 +18,13 @@
 /* queue_counts recomputed from the rows: (mailstore, queued, held, messages, bytes). The
  * schema upgrade fills the table with it; spool_verify_counts compares the two. */
 #define SPOOL_IDX_RECOUNT_SQL \
-    "SELECT r.mailstore, sum(r.state=0), sum(r.state=2), count(DISTINCT r.qid)," \
+    "SELECT r.mailstore, sum(r.state=" SPOOL_QUEUED_SQL "), sum(r.state=" SPOOL_HELD_SQL ")," \
+    " count(DISTINCT r.qid)," \
     " (SELECT coalesce(sum(m.size), 0) FROM messages m WHERE m.qid IN" \
-    "  (SELECT qid FROM recipients WHERE mailstore=r.mailstore AND state IN (0, 2)))" \
-    " FROM recipients r WHERE r.state IN (0, 2) GROUP BY r.mailstore"
+    "  (SELECT qid FROM recipients WHERE mailstore=r.mailstore" \
+    " AND state IN (" SPOOL_QUEUED_SQL ", " SPOOL_HELD_SQL ")))" \
+    " FROM recipients r WHERE r.state IN (" SPOOL_QUEUED_SQL ", " SPOOL_HELD_SQL ")" \
+    " GROUP BY r.mailstore"
 
 /* The columns of a struct spool_rcpt, in the order row_to_rcpt reads them. */
 #define SPOOL_IDX_RCPT_COLS "SELECT id, qid, rcpt, orcpt, notify, mailstore, state, attempts," \
@@ -51,50 +54,58 @@
     XX(DUE, "SELECT id, qid, rcpt, orcpt, notify, mailstore, state, attempts, next_attempt," \
        " last_reply, hold_reason, bounce_at, dsn_owed, delay_dsn, updated_at," \
        " (SELECT size FROM messages m WHERE m.qid=r.qid)" \
-       " FROM recipients r WHERE mailstore=?1 AND state=0" \
+       " FROM recipients r WHERE mailstore=?1 AND state=" SPOOL_QUEUED_SQL \
        " AND next_attempt<=?2 ORDER BY next_attempt, id LIMIT ?3") \
     XX(RCPTS, SPOOL_IDX_RCPT_COLS " WHERE qid=?1 ORDER BY id LIMIT ?2") \
     XX(ENV, "SELECT sender, dsn_ret, dsn_envid, client_addr, client_name, helo, tls, spf," \
        " smtputf8, body_8bit, received_at, size FROM messages WHERE qid=?1") \
     XX(MARK, "UPDATE recipients SET state=?2, next_attempt=?3, attempts=attempts+?4," \
        " last_reply=coalesce(?5, last_reply), updated_at=?6, bounce_at=?7, dsn_owed=?8," \
-       " hold_reason=coalesce(?9, hold_reason) WHERE id=?1 AND (state=0 OR ?2=1)") \
+       " hold_reason=coalesce(?9, hold_reason) WHERE id=?1" \
+       " AND (state=" SPOOL_QUEUED_SQL " OR ?2=" SPOOL_DELIVERED_SQL ")") \
     XX(RCPT_QID, "SELECT qid FROM recipients WHERE id=?1") \
-    XX(UNDONE, "SELECT 1 FROM recipients WHERE qid=?1 AND (state<>1 OR dsn_owed<>0) LIMIT 1") \
+    XX(UNDONE, "SELECT 1 FROM recipients WHERE qid=?1" \
+       " AND (state<>" SPOOL_DELIVERED_SQL " OR dsn_owed<>0) LIMIT 1") \
     XX(DEL_RCPTS, "DELETE FROM recipients WHERE qid=?1") \
     XX(DEL_MSG, "DELETE FROM messages WHERE qid=?1 RETURNING seg") \
-    XX(HOLD_QID, "UPDATE recipients SET state=2, hold_reason=?2, updated_at=?3" \
-       " WHERE qid=?1 AND state=0") \
+    XX(HOLD_QID, "UPDATE recipients SET state=" SPOOL_HELD_SQL ", hold_reason=?2, updated_at=?3" \
+       " WHERE qid=?1 AND state=" SPOOL_QUEUED_SQL) \
     XX(REL_QID, "UPDATE recipients SET next_attempt=?2, updated_at=?2" \
-       " WHERE qid=?1 AND state=0 AND next_attempt>?2") \
-    XX(UNHOLD_QID, "UPDATE recipients SET state=0, next_attempt=?2, hold_reason=NULL," \
-       " bounce_at=NULL, updated_at=?2 WHERE qid=?1 AND state=2") \
+       " WHERE qid=?1 AND state=" SPOOL_QUEUED_SQL " AND next_attempt>?2") \
+    XX(UNHOLD_QID, "UPDATE recipients SET state=" SPOOL_QUEUED_SQL "," \
+       " next_attempt=?2, hold_reason=NULL," \
+       " bounce_at=NULL, updated_at=?2 WHERE qid=?1 AND state=" SPOOL_HELD_SQL) \
     /* Bulk changes by mailstore, one chunk of at most ?5 rows (ids up to ?4, the newest
      * when the change began) per transaction: each chunk's rows leave its WHERE, so the next
      * chunk starts where it ended without an offset. */ \
     XX(MAX_ID, "SELECT coalesce(max(id), 0) FROM recipients") \
-    XX(HOLD_MS, "UPDATE recipients SET state=2, hold_reason=?2, updated_at=?3 WHERE id IN" \
-       " (SELECT id FROM recipients WHERE mailstore=?1 AND state=0 AND id<=?4 LIMIT ?5)") \
+    XX(HOLD_MS, "UPDATE recipients SET state=" SPOOL_HELD_SQL ", hold_reason=?2, updated_at=?3" \
+       " WHERE id IN (SELECT id FROM recipients WHERE mailstore=?1" \
+       " AND state=" SPOOL_QUEUED_SQL " AND id<=?4 LIMIT ?5)") \
     XX(REL_MS, "UPDATE recipients SET next_attempt=?3, updated_at=?3 WHERE id IN" \
-       " (SELECT id FROM recipients WHERE mailstore=?1 AND state=0 AND next_attempt>?3" \
+       " (SELECT id FROM recipients WHERE mailstore=?1 AND state=" SPOOL_QUEUED_SQL \
+       " AND next_attempt>?3" \
        " AND id<=?4 LIMIT ?5)") \
-    XX(UNHOLD_MS, "UPDATE recipients SET state=0, next_attempt=?3, hold_reason=NULL," \
+    XX(UNHOLD_MS, "UPDATE recipients SET state=" SPOOL_QUEUED_SQL "," \
+       " next_attempt=?3, hold_reason=NULL," \
        " bounce_at=NULL, updated_at=?3 WHERE id IN" \
-       " (SELECT id FROM recipients WHERE mailstore=?1 AND state=2 AND id<=?4 LIMIT ?5)") \
+       " (SELECT id FROM recipients WHERE mailstore=?1 AND state=" SPOOL_HELD_SQL \
+       " AND id<=?4 LIMIT ?5)") \
     XX(REROUTE_MS, "UPDATE recipients SET mailstore=?2, next_attempt=min(next_attempt, ?3)," \
        " updated_at=?3 WHERE id IN (SELECT id FROM recipients WHERE mailstore=?1" \
-       " AND state IN (0, 2) AND id<=?4 LIMIT ?5)") \
+       " AND state IN (" SPOOL_QUEUED_SQL ", " SPOOL_HELD_SQL ") AND id<=?4 LIMIT ?5)") \
     XX(REROUTE_RCPT, "UPDATE recipients SET mailstore=?2, next_attempt=min(next_attempt, ?3)," \
        " updated_at=?3 WHERE id IN (SELECT id FROM recipients WHERE mailstore=?1" \
-       " AND rcpt_key=?6 AND state<>1 AND id<=?4 LIMIT ?5)") \
+       " AND rcpt_key=?6 AND state<>" SPOOL_DELIVERED_SQL " AND id<=?4 LIMIT ?5)") \
     /* a write whose synchronous=FULL commit makes the chunks before it durable */ \
     XX(BARRIER, "INSERT INTO queue_counts(mailstore) VALUES(?1)" \
        " ON CONFLICT(mailstore) DO UPDATE SET queued=queued") \
-    XX(REQUEUE, "UPDATE recipients SET state=0, next_attempt=?2, hold_reason=NULL," \
-       " bounce_at=NULL, updated_at=?2 WHERE id=?1 AND state=2" \
+    XX(REQUEUE, "UPDATE recipients SET state=" SPOOL_QUEUED_SQL "," \
+       " next_attempt=?2, hold_reason=NULL," \
+       " bounce_at=NULL, updated_at=?2 WHERE id=?1 AND state=" SPOOL_HELD_SQL \
        " AND (hold_reason IS NULL OR bounce_at IS NOT NULL)") \
     XX(BOUNCE_DUE, SPOOL_IDX_RCPT_COLS " WHERE mailstore=?1 AND bounce_at IS NOT NULL" \
-       " AND bounce_at<=?2 AND state=2 ORDER BY bounce_at, id LIMIT ?3") \
+       " AND bounce_at<=?2 AND state=" SPOOL_HELD_SQL " ORDER BY bounce_at, id LIMIT ?3") \
     XX(DSN_OWED, SPOOL_IDX_RCPT_COLS " WHERE dsn_owed<>0 ORDER BY qid, id LIMIT ?1") \
     XX(SEL_QIDS, "SELECT DISTINCT qid FROM recipients WHERE mailstore=?1 AND state=?2" \
        " AND (?3 IS NULL OR lower(rcpt)=lower(?3)) LIMIT ?4") \
@@ -104,9 +115,10 @@
        " AND (?4 OR bounce_at IS ?3) RETURNING qid") \
     XX(CHG_DSN_SENT, "UPDATE recipients SET dsn_owed=0 WHERE id=?1 AND dsn_owed<>0" \
        " RETURNING qid") \
-    XX(CHG_DELAY_SENT, "UPDATE recipients SET delay_dsn=1 WHERE id=?1 AND state=0" \
+    XX(CHG_DELAY_SENT, "UPDATE recipients SET delay_dsn=1 WHERE id=?1 AND state=" SPOOL_QUEUED_SQL \
        " AND delay_dsn=0 RETURNING qid") \
-    XX(CHG_UNSCHEDULE, "UPDATE recipients SET bounce_at=NULL WHERE id=?1 AND state=2" \
+    XX(CHG_UNSCHEDULE, "UPDATE recipients SET bounce_at=NULL WHERE id=?1" \
+       " AND state=" SPOOL_HELD_SQL \
        " AND bounce_at IS ?2 RETURNING qid") \
     XX(DEL_RCPT, "DELETE FROM recipients WHERE id=?1") \
     XX(COUNTS, "SELECT (SELECT count(*) FROM messages)," \
