@@ -8,7 +8,6 @@
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
-#include <inttypes.h>
 #include <limits.h>
 #include <pthread.h>
 #include <stdatomic.h>
@@ -22,8 +21,6 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "crc32c.h"
-#include "domain.h"
 #include "log.h"
 #include "spool_int.h"
 #include "spool_rec.h"

@@ -4,29 +4,19 @@
  */
 #include "spool.h"
 
-#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
-#include <inttypes.h>
-#include <limits.h>
 #include <pthread.h>
-#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/file.h>
-#include <sys/stat.h>
-#include <sys/statvfs.h>
-#include <sys/uio.h>
-#include <time.h>
 #include <unistd.h>
 
 #include "crc32c.h"
-#include "domain.h"
 #include "log.h"
 #include "spool_int.h"
 #include "spool_rec.h"
-
 
 /* gen_write - one generated message as a trailer-form big file (body, no prefix, header),
  * written to tmp/QID and left open in *fd; gen_finish then fsyncs and renames it into big/.
@@ -118,7 +108,7 @@ static int gen_change(struct spool_idx *ix, const struct spool_change *c, char *
     return sqlite3_changes(ix->db) == 1 ? 0 : -ESTALE;
 }
 
-/* gen_retire - delete qid with its record when nothing of it is left to do; its big file
+/* spool_gen_retire - delete qid with its record when nothing of it is left to do; its big file
  * name goes to bigs for the caller to unlink after the commit. */
 int spool_gen_retire(struct spool_idx *ix, const char *qid, char (*bigs)[QID_SIZE],
                      size_t *nbig)

@@ -106,33 +106,40 @@ struct spool {
 /* where a message's record is, for its index row */
 struct rec_loc { uint64_t seg; int64_t off; uint64_t reclen; uint32_t crc; };
 
-/* spool.c */
-int spool_fault(struct spool *sp, const char *step);
+/* spool.c: small helpers, recovery, open and close */
+int spool_fault(struct spool *sp, const char *step);    /* the tests' fault hook: non-zero fails */
 int64_t spool_now_s(void);
 int64_t spool_mono_ms(void);
 int64_t spool_mono_us(void);
+/* the reserve (spool_reserve.h) under rmu */
 int spool_rsv_restore(struct spool *sp, int force);
 int spool_rsv_release(struct spool *sp, const char *why);
+/* whole writes (0 or -errno), and an fsync or fdatasync counted in the stats */
 int spool_write_full(int fd, const void *buf, size_t len);
 int spool_pwritev_full(int fd, struct iovec *iov, int n, off_t off);
 int spool_sync_fd(struct spool *sp, int fd, int data_only);
 void spool_mem_release(struct spool *sp, size_t n);
 void spool_msg_free(struct spool_msg *m);
+/* hold a message whose record is damaged or missing, inside the caller's transaction */
 void spool_hold_damaged(struct spool_idx *ix, const char *qid, const char *why);
+/* open the file holding qid's record: segment seg, or its big file when seg is 0 */
 int spool_open_record(struct spool *sp, const char *qid, uint64_t seg);
 
-/* spool_writer.c */
+/* spool_writer.c: receiving, completions, the writer and big-file threads */
 void spool_run_done(struct spool *sp);
 void spool_async_cb(uv_async_t *h);
 void *spool_big_main(void *arg);
+void *spool_writer_main(void *arg);
+/* a message's row and its recipients' rows, inside the caller's transaction: received and
+ * generated mail alike */
 int spool_insert_rows(struct spool_idx *ix, const char *qid, uint64_t size,
                       const struct spool_env *e, const struct rec_loc *loc,
                       const struct spool_rcpt_in *rcpts, size_t nrcpt, int64_t now);
+/* the checkpointer thread, and its stop (its last checkpoint is the writer connection's) */
 void *spool_ckpt_main(void *arg);
 void spool_ckpt_stop(struct spool *sp);
-void *spool_writer_main(void *arg);
 
-/* spool_seg.c */
+/* spool_seg.c: segment files (writer thread, but for names and listing) */
 void spool_seg_name(char *buf, size_t len, uint64_t id);
 int spool_parse_seg_name(const char *name, uint64_t *id);
 int spool_seg_retire(struct spool *sp);
@@ -141,17 +148,18 @@ int spool_seg_room(struct spool *sp, struct spool_msg *batch, uint64_t reclen);
 int spool_seg_append(struct spool *sp, struct spool_msg *batch, struct iovec *iov, int n,
                      uint64_t reclen, uint64_t *off);
 int spool_seg_live(struct spool *sp, uint64_t id, int64_t *count, int64_t *bytes);
-int spool_list_segments(struct spool *sp, uint64_t **ids, size_t *n);
+int spool_list_segments(struct spool *sp, uint64_t **ids, size_t *n);  /* sorted; caller frees */
 
-/* spool_reclaim.c */
+/* spool_reclaim.c: giving space back (writer thread) */
 void spool_sweep_big_orphans(struct spool *sp, int min_age);
 int spool_reclaim_pass(struct spool *sp, int yield);
 
-/* spool_api.c */
+/* spool_api.c: the synchronous API */
 void spool_col_text(sqlite3_stmt *st, int col, char *dst, size_t len);
+/* delete qid's rows in the caller's transaction; *big: unlink its big file after the commit */
 int spool_delete_rows(struct spool_idx *ix, const char *qid, int *big);
 
-/* spool_gen.c */
+/* spool_gen.c: generated mail */
 int spool_gen_retire(struct spool_idx *ix, const char *qid, char (*bigs)[QID_SIZE],
                      size_t *nbig);
 

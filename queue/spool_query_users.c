@@ -5,13 +5,11 @@
  */
 #include "spool_query.h"
 
-#include <ctype.h>
 #include <errno.h>
 #include <sqlite3.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
 #include "domain.h"
 #include "qid.h"

@@ -8,24 +8,13 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
-#include <limits.h>
-#include <pthread.h>
-#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/file.h>
-#include <sys/stat.h>
-#include <sys/statvfs.h>
 #include <sys/uio.h>
-#include <time.h>
 #include <unistd.h>
 
-#include "crc32c.h"
-#include "domain.h"
-#include "log.h"
 #include "spool_int.h"
-#include "spool_rec.h"
 
 /* ---------------------------------------------------------------- names */
 
@@ -123,7 +112,6 @@ int spool_seg_append(struct spool *sp, struct spool_msg *batch, struct iovec *io
     sp->seg_off += reclen;
     return 0;
 }
-
 
 /* ---------------------------------------------------------------- live records and listing */
 

@@ -5,25 +5,20 @@
  */
 #include "spool.h"
 
-#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
-#include <limits.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/file.h>
-#include <sys/stat.h>
-#include <sys/statvfs.h>
 #include <sys/uio.h>
 #include <time.h>
 #include <unistd.h>
 
 #include "crc32c.h"
-#include "domain.h"
 #include "log.h"
 #include "spool_int.h"
 #include "spool_rec.h"
@@ -354,7 +349,7 @@ void *spool_big_main(void *arg)
 
 /* ---------------------------------------------------------------- the writer */
 
-/* insert_rows - a message's row and its recipients' rows, inside the caller's transaction:
+/* spool_insert_rows - a message's row and its recipients' rows, inside the caller's transaction:
  * one place for what a row holds, for received mail and generated mail (DSNs) alike. */
 int spool_insert_rows(struct spool_idx *ix, const char *qid, uint64_t size,
                       const struct spool_env *e, const struct rec_loc *loc,
@@ -502,7 +497,6 @@ static void write_batch(struct spool *sp, struct spool_msg *batch)
         if (m->status && m->seg == 0 && m->reclen)
             unlinkat(sp->bigfd, m->qid, 0); /* renamed into big/ but never indexed */
 }
-
 
 /* checkpoint - ask the checkpointer for a passive checkpoint (writer thread). Passive: it
  * copies what no reader still needs and never blocks a writer, so the writer goes on
