@@ -70,8 +70,8 @@ static void bind_args(sqlite3_stmt *st, const char *fmt, va_list ap)
 
 /* sync_read - the synchronous API's one read path: statement `which` on the synchronous
  * connection under smu, its parameters bound from the arguments by fmt (bind_args), then
- * read(st, arg) takes its rows; the statement is reset after. read's value, or -EIO when the statement
- * could not be prepared. */
+ * read(st, arg) takes its rows; the statement is reset after. read's value, or -EIO when the
+ * statement could not be prepared. */
 static int sync_read(struct spool *sp, enum spool_idx_stmt which,
                      int (*read)(sqlite3_stmt *st, void *arg), void *arg, const char *fmt, ...)
 {

@@ -37,7 +37,8 @@ static int gen_write(struct spool *sp, const struct spool_gen *g, int *fd)
         return -errno;
     spool_rec_hdr_make(&h, g->qid, SPOOL_REC_TRAILER, g->len, 0, crc32c(0, g->data, g->len));
     spool_rec_hdr_encode(&h, raw);
-    if ((r = spool_write_full(*fd, g->data, g->len)) < 0 || (r = spool_write_full(*fd, raw, sizeof(raw))) < 0) {
+    if ((r = spool_write_full(*fd, g->data, g->len)) < 0 ||
+        (r = spool_write_full(*fd, raw, sizeof(raw))) < 0) {
         close(*fd);
         *fd = -1;
         unlinkat(sp->tmpfd, g->qid, 0);
@@ -215,7 +216,8 @@ int spool_generate(struct spool *sp, struct spool_gen *g, size_t n)
                     strerror(-g[i].status));
     }
     free(fds);
-    if (written && ((r = spool_fault(sp, "gen_dirsync")) < 0 || (r = spool_sync_fd(sp, sp->bigfd, 0)) < 0))
+    if (written && ((r = spool_fault(sp, "gen_dirsync")) < 0 ||
+                    (r = spool_sync_fd(sp, sp->bigfd, 0)) < 0))
         goto unwind;
     pthread_mutex_lock(&sp->smu);
     if ((r = spool_idx_begin(&sp->six)) == 0) {

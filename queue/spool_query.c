@@ -3,8 +3,9 @@
  *
  * The schema is spool_idx.c's (messages, recipients, queue_counts, and the side tables
  * mailstores and audit that mstore.c and spool_audit.c write); this file only reads. Tables
- * that a fresh spool does not have yet (mailstores, audit) read as empty. Every statement is prepared, stepped and finalized in one
- * call, so no read transaction outlives a call and the WAL can checkpoint. Calls that read
+ * that a fresh spool does not have yet (mailstores, audit) read as empty. Every statement is
+ * prepared, stepped and finalized in one call, so no read transaction outlives a call and the
+ * WAL can checkpoint. Calls that read
  * several statements (counts, users) do so in one read transaction: one moment's answer.
  *
  * Which index answers what (docs/spool.md "Answering at incident scale"):
@@ -184,7 +185,8 @@ sqlite3_stmt *spool_query_prep(struct spool_query *q, const char *sql)
 
 static int has_table(struct spool_query *q, const char *name)
 {
-    sqlite3_stmt *st = spool_query_prep(q, "SELECT 1 FROM sqlite_master WHERE type='table' AND name=?1");
+    sqlite3_stmt *st = spool_query_prep(q, "SELECT 1 FROM sqlite_master WHERE type='table'"
+                                           " AND name=?1");
     int r = 0;
     if (!st)
         return 0;
@@ -347,8 +349,9 @@ json_t *spool_query_counts(struct spool_query *q, int64_t now)
     for (int i = 0; i < CQ_N; i++)
         if (!(st[i] = spool_query_prep(q, counts_sql[i])))
             goto done;
-    if (!(cst = spool_query_prep(q, "SELECT mailstore, queued, held, messages, bytes FROM queue_counts"
-                        " WHERE queued<>0 OR held<>0 ORDER BY mailstore")))
+    if (!(cst = spool_query_prep(q, "SELECT mailstore, queued, held, messages, bytes"
+                                 " FROM queue_counts WHERE queued<>0 OR held<>0"
+                                 " ORDER BY mailstore")))
         goto done;
     out = json_object();
     while ((rc = sqlite3_step(cst)) == SQLITE_ROW) {
@@ -427,7 +430,7 @@ json_t *spool_query_states(struct spool_query *q)
         return out;
     /* public_reason: a table from before it existed lacks it until the deliverer opens it */
     if (!(st = spool_query_prep(q, "SELECT name, state, reason, since, actor, public_reason"
-                       " FROM mailstores")) &&
+                                " FROM mailstores")) &&
         !(st = spool_query_prep(q, "SELECT name, state, reason, since, actor, '' FROM mailstores"))) {
         spool_query_call_failed(q, -EIO);
         json_decref(out);
@@ -570,7 +573,8 @@ long spool_query_queue_count(struct spool_query *q, const struct spool_query_fil
     /* by mailstore and state alone (or nothing): the counters */
     if (!f->sender && !f->rcpt && f->older_than_s <= 0) {
         snprintf(sql, sizeof(sql), "SELECT coalesce(sum(%s), 0) FROM queue_counts%s",
-                 f->state == SPOOL_QUEUED ? "queued" : f->state == SPOOL_HELD ? "held" : "queued+held",
+                 f->state == SPOOL_QUEUED ? "queued"
+                 : f->state == SPOOL_HELD ? "held" : "queued+held",
                  f->mailstore ? " WHERE mailstore=?1" : "");
         if (!(st = spool_query_prep(q, sql))) {
             spool_query_call_failed(q, -EIO);
@@ -605,8 +609,9 @@ json_t *spool_query_show(struct spool_query *q, const char *qid, int *found)
 
     *found = 0;
     spool_query_call_begin(q);
-    st = spool_query_prep(q, "SELECT qid, received_at, size, sender, dsn_ret, dsn_envid, client_addr,"
-                 " client_name, helo, tls, spf, smtputf8, body_8bit FROM messages WHERE qid=?1");
+    st = spool_query_prep(q, "SELECT qid, received_at, size, sender, dsn_ret, dsn_envid,"
+                          " client_addr, client_name, helo, tls, spf, smtputf8, body_8bit"
+                          " FROM messages WHERE qid=?1");
     if (!st) {
         spool_query_call_failed(q, -EIO);
         return NULL;
@@ -623,8 +628,9 @@ json_t *spool_query_show(struct spool_query *q, const char *qid, int *found)
     for (int i = 0; i < sqlite3_column_count(st); i++)
         json_object_set_new(msg, sqlite3_column_name(st, i), col_json(st, i));
     sqlite3_finalize(st);
-    st = spool_query_prep(q, "SELECT id, rcpt, orcpt, notify, mailstore, state, attempts, next_attempt,"
-                 " last_reply, hold_reason, updated_at FROM recipients WHERE qid=?1 ORDER BY id");
+    st = spool_query_prep(q, "SELECT id, rcpt, orcpt, notify, mailstore, state, attempts,"
+                          " next_attempt, last_reply, hold_reason, updated_at FROM recipients"
+                          " WHERE qid=?1 ORDER BY id");
     if (!st || (sqlite3_bind_text(st, 1, qid, -1, SQLITE_TRANSIENT), !(rcpts = rows_json(st)))) {
         spool_query_call_failed(q, -EIO);
         sqlite3_finalize(st);
@@ -653,9 +659,9 @@ json_t *spool_query_audit(struct spool_query *q, int limit, int64_t since)
     spool_query_call_begin(q);
     if (!has_table(q, "audit"))
         return json_array();
-    st = spool_query_prep(q, "SELECT * FROM (SELECT id, at, uid, user, daemon, cmd, scope, reason, args,"
-                 " count, result FROM audit WHERE at>=?2 ORDER BY id DESC LIMIT ?1)"
-                 " ORDER BY id");
+    st = spool_query_prep(q, "SELECT * FROM (SELECT id, at, uid, user, daemon, cmd, scope,"
+                          " reason, args, count, result FROM audit WHERE at>=?2"
+                          " ORDER BY id DESC LIMIT ?1) ORDER BY id");
     if (!st) {
         spool_query_call_failed(q, -EIO);
         return NULL;

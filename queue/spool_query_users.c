@@ -132,7 +132,8 @@ int spool_query_users(struct spool_query *q, const struct spool_query_page *p,
         return q->err;
     }
     snprintf(sql, sizeof(sql), "SELECT rcpt_key, state, qid, id FROM recipients"
-             " WHERE mailstore=?1 AND state<>" SPOOL_DELIVERED_SQL "%s%s ORDER BY rcpt_key, state, qid",
+             " WHERE mailstore=?1 AND state<>" SPOOL_DELIVERED_SQL "%s%s"
+             " ORDER BY rcpt_key, state, qid",
              p->domain ? " AND rcpt_key>=?2 AND rcpt_key<?3" : "",
              p->after ? " AND rcpt_key>?4" : "");
     if (spool_query_read_begin(q) < 0)

@@ -50,7 +50,8 @@ static int seg_open_new(struct spool *sp)
         return -errno;
     /* Preallocated: the fdatasync of each batch then has no size change to journal. */
     r = posix_fallocate(fd, 0, (off_t)sp->o.segment_size);
-    if (r == 0 && (r = -spool_sync_fd(sp, fd, 0)) == 0 && (r = -spool_sync_fd(sp, sp->segfd, 0)) == 0) {
+    if (r == 0 && (r = -spool_sync_fd(sp, fd, 0)) == 0 &&
+        (r = -spool_sync_fd(sp, sp->segfd, 0)) == 0) {
         sp->seg_fd = fd;
         sp->seg_id = id;
         sp->seg_off = 0;

@@ -482,7 +482,8 @@ static void write_batch(struct spool *sp, struct spool_msg *batch)
         int touched = 0;
         for (struct spool_msg *m = batch; m; m = m->next)
             touched |= m->status == 0 && m->seg == sp->seg_id && m->seg != 0;
-        if (touched && ((r = spool_fault(sp, "seg_sync")) < 0 || (r = spool_sync_fd(sp, sp->seg_fd, 1)) < 0)) {
+        if (touched && ((r = spool_fault(sp, "seg_sync")) < 0 ||
+                        (r = spool_sync_fd(sp, sp->seg_fd, 1)) < 0)) {
             log_msg(LOG_ERR, "spool: fdatasync of segment %016" PRIx64 " failed: %s",
                     sp->seg_id, strerror(-r));
             spool_fail_seg(batch, sp->seg_id, r);
