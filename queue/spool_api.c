@@ -367,7 +367,7 @@ static int mark_once(struct spool *sp, const struct spool_outcome *o, size_t n,
  * from its first frame (reusing its space) only once it is checkpointed, and a checkpoint
  * that must grow index.db needs room too; after a restart nobody may have checkpointed at
  * all (the gateway does so only after its own commits, which fail too). So: give back the
- * reserve if it is still there, spool_checkpoint, and say whether a second try can succeed. */
+ * reserve if it is still there, checkpoint, and say whether a second try can succeed. */
 static int full_disk_retry(struct spool *sp, const char *what)
 {
     int released = spool_rsv_release(sp, what) == 1;

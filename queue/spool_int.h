@@ -141,7 +141,6 @@ void spool_ckpt_stop(struct spool *sp);
 
 /* spool_seg.c: segment files (writer thread, but for names and listing) */
 void spool_seg_name(char *buf, size_t len, uint64_t id);
-int spool_parse_seg_name(const char *name, uint64_t *id);
 int spool_seg_retire(struct spool *sp);
 void spool_fail_seg(struct spool_msg *batch, uint64_t seg, int err);
 int spool_seg_room(struct spool *sp, struct spool_msg *batch, uint64_t reclen);

@@ -23,7 +23,7 @@ void spool_seg_name(char *buf, size_t len, uint64_t id)
     snprintf(buf, len, "%016" PRIx64, id);
 }
 
-int spool_parse_seg_name(const char *name, uint64_t *id)
+static int parse_seg_name(const char *name, uint64_t *id)
 {
     char *end;
     if (strlen(name) != 16)
@@ -157,7 +157,7 @@ int spool_list_segments(struct spool *sp, uint64_t **ids, size_t *n)
     }
     while ((de = readdir(d))) {
         uint64_t id;
-        if (spool_parse_seg_name(de->d_name, &id) < 0)
+        if (parse_seg_name(de->d_name, &id) < 0)
             continue;
         if (*n == cap) {
             cap = cap ? cap * 2 : 64;
