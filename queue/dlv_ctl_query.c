@@ -44,7 +44,7 @@ static json_t *query_failed(struct job *j, struct spool_query *q)
 
 long dc_count_waiting(struct spool_query *q, const char *ms)
 {
-    struct spool_query_filter f = { .mailstore = ms, .state = 0 };
+    struct spool_query_filter f = { .mailstore = ms, .state = SPOOL_QUEUED };
     return q ? spool_query_queue_count(q, &f) : -1;
 }
 
@@ -145,9 +145,9 @@ json_t *dc_queue(struct job *j, struct spool_query *q)
     f.sender = dc_jstr(j->req, "sender");
     f.rcpt = dc_jstr(j->req, "rcpt");
     if (state && strcmp(state, "queued") == 0)
-        f.state = 0;
+        f.state = SPOOL_QUEUED;
     else if (state && strcmp(state, "held") == 0)
-        f.state = 2;
+        f.state = SPOOL_HELD;
     else if (state)
         return fail(CTL_E_BADREQ, "queue: state must be queued or held, not \"%s\"", state);
     if (older == -2)
