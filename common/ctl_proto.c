@@ -19,6 +19,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "timeutil.h"
+
 #define CTL_GROUPS_MAX 256      /* supplementary groups looked at for admin_group */
 
 /* --- Commands ---------------------------------------------------------------------------- */
@@ -275,13 +277,6 @@ int ctl_peer_get(int fd, const char *admin_group, struct ctl_peer *p)
 
 /* --- Client -------------------------------------------------------------------------------- */
 
-static int64_t mono_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
-
 int ctl_call(const char *path, const json_t *req, json_t **rep, int timeout_ms, char *err,
              size_t errlen)
 {
@@ -289,7 +284,7 @@ int ctl_call(const char *path, const json_t *req, json_t **rep, int timeout_ms, 
     struct ctl_lines lines;
     char *out = NULL, *line, chunk[65536];
     size_t outlen, off = 0;
-    int64_t end = mono_ms() + timeout_ms;
+    int64_t end = time_mono_ms() + timeout_ms;
     int fd = -1, r;
     json_error_t jerr;
 
@@ -325,7 +320,7 @@ int ctl_call(const char *path, const json_t *req, json_t **rep, int timeout_ms, 
     for (;;) {
         if ((line = ctl_lines_next(&lines)))
             break;
-        int left = (int)(end - mono_ms());
+        int left = (int)(end - time_mono_ms());
         struct pollfd pfd = { .fd = fd, .events = POLLIN };
         if (left <= 0 || (r = poll(&pfd, 1, left)) == 0) {
             r = -ETIMEDOUT;

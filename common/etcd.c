@@ -26,6 +26,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "timeutil.h"
+
 #define ETCD_TOKEN_MAX 512
 #define ETCD_CONNECT_MAX_MS 1000    /* a member that takes longer to accept is skipped */
 #define ETCD_ATTEMPT_MIN_MS 300     /* one attempt on one member gets at least this */
@@ -71,13 +73,6 @@ static int etcd_global_ok;
 static void etcd_global_init(void)
 {
     etcd_global_ok = curl_global_init(CURL_GLOBAL_DEFAULT) == CURLE_OK;
-}
-
-static int64_t mono_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
 /* --- Pure helpers ------------------------------------------------------------------------- */
@@ -498,7 +493,7 @@ static int call(struct etcd *e, const char *path, json_t *body, json_t **rep, ch
 {
     char url[ETCD_URL_MAX + 64], *text = json_dumps(body, JSON_COMPACT);
     char why[ETCD_ERR_MAX] = "";
-    int64_t deadline = mono_ms() + e->timeout_ms;
+    int64_t deadline = time_mono_ms() + e->timeout_ms;
     int64_t attempt = e->timeout_ms / 3 > ETCD_ATTEMPT_MIN_MS ? e->timeout_ms / 3
                                                                : ETCD_ATTEMPT_MIN_MS;
     int reauth = 0, r = -ENOTCONN, any_answer = 0, refused = 0;
@@ -514,7 +509,7 @@ static int call(struct etcd *e, const char *path, json_t *body, json_t **rep, ch
         return r;
     }
     for (;;) {
-        int64_t left = deadline - mono_ms();
+        int64_t left = deadline - time_mono_ms();
         struct curl_slist *h = e->hdrs, *auth = NULL;
         char ah[ETCD_TOKEN_MAX + 32];
         long status = 0;

@@ -20,6 +20,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "timeutil.h"
+
 #define FLEET_POLL_MS 50            /* fleet_wait_applied: how often the nodes are read */
 #define FLEET_AUDIT_MAX 100000      /* audit entries one read brings, newest kept */
 
@@ -30,13 +32,6 @@ static const char *const fleet_kind_names[FLEET_NKINDS] = {
 #undef XX
     [FLEET_K_NODE] = "node",
 };
-
-static int64_t wall_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
 
 static void sleep_ms(int64_t ms)
 {
@@ -208,7 +203,7 @@ int fleet_set(struct etcd *e, const struct conf *c, enum fleet_kind kind, const 
 {
     char key[FLEET_KEY_MAX], akey[FLEET_KEY_MAX], scope[FLEET_NAME_MAX * 2 + 32], actor[256];
     char *vtext = NULL, *atext = NULL;
-    int64_t at = wall_ms(), lease = 0;
+    int64_t at = time_wall_ms(), lease = 0;
     int r;
 
     if ((r = fleet_key(key, sizeof(key), c->fleet.prefix, kind, name, sub)) < 0) {
@@ -245,6 +240,19 @@ out:
     return r;
 }
 
+/* get_one - the key of kind/name into key and its value (at most one) into *kvs. */
+static int get_one(struct etcd *e, const struct conf *c, enum fleet_kind kind, const char *name,
+                   char key[FLEET_KEY_MAX], struct etcd_kvs *kvs, char *err, size_t errlen)
+{
+    int r;
+
+    if ((r = fleet_key(key, FLEET_KEY_MAX, c->fleet.prefix, kind, name, NULL)) < 0) {
+        snprintf(err, errlen, "fleet: bad name \"%.100s\"", name);
+        return r;
+    }
+    return etcd_get(e, key, 0, 1, kvs, err, errlen);
+}
+
 int fleet_get(struct etcd *e, const struct conf *c, enum fleet_kind kind, const char *name,
               json_t **value, char *err, size_t errlen)
 {
@@ -253,11 +261,7 @@ int fleet_get(struct etcd *e, const struct conf *c, enum fleet_kind kind, const 
     int r;
 
     *value = NULL;
-    if ((r = fleet_key(key, sizeof(key), c->fleet.prefix, kind, name, NULL)) < 0) {
-        snprintf(err, errlen, "fleet: bad name \"%.100s\"", name);
-        return r;
-    }
-    if ((r = etcd_get(e, key, 0, 1, &kvs, err, errlen)) < 0)
+    if ((r = get_one(e, c, kind, name, key, &kvs, err, errlen)) < 0)
         return r;
     if (kvs.n > 0)
         *value = json_loads(kvs.v[0].value, 0, NULL);
@@ -275,18 +279,14 @@ int fleet_unset(struct etcd *e, const struct conf *c, enum fleet_kind kind, cons
     int r;
 
     *existed = 0;
-    if ((r = fleet_key(key, sizeof(key), c->fleet.prefix, kind, name, NULL)) < 0) {
-        snprintf(err, errlen, "fleet: bad name \"%.100s\"", name);
-        return r;
-    }
-    if ((r = etcd_get(e, key, 0, 1, &kvs, err, errlen)) < 0)
+    if ((r = get_one(e, c, kind, name, key, &kvs, err, errlen)) < 0)
         return r;
     *existed = kvs.n > 0;
     etcd_kvs_free(&kvs);
     if (!*existed)
         return 0;
     snprintf(scope, sizeof(scope), "%s:%s", fleet_kind_name(kind), name);
-    if (!(atext = audit_entry(c, a, cmd, scope, reason, NULL, wall_ms(), akey, sizeof(akey)))) {
+    if (!(atext = audit_entry(c, a, cmd, scope, reason, NULL, time_wall_ms(), akey, sizeof(akey)))) {
         snprintf(err, errlen, "out of memory");
         return -ENOMEM;
     }
@@ -318,7 +318,7 @@ int fleet_forget(struct etcd *e, const struct conf *c, const char *node,
     if (!*existed)
         return 0;
     snprintf(scope, sizeof(scope), "node:%s", node);
-    if (!(atext = audit_entry(c, a, "forget", scope, "", NULL, wall_ms(), akey, sizeof(akey)))) {
+    if (!(atext = audit_entry(c, a, "forget", scope, "", NULL, time_wall_ms(), akey, sizeof(akey)))) {
         snprintf(err, errlen, "out of memory");
         return -ENOMEM;
     }
@@ -421,7 +421,7 @@ int fleet_read(struct etcd *e, const struct conf *c, json_t **out, char *err, si
 int fleet_wait_applied(struct etcd *e, const struct conf *c, int64_t rev, int64_t wait_ms,
                        json_t **out, char *err, size_t errlen)
 {
-    int64_t end = wall_ms() + wait_ms;
+    int64_t end = time_wall_ms() + wait_ms;
     int r = 0;
 
     *out = NULL;
@@ -444,7 +444,7 @@ int fleet_wait_applied(struct etcd *e, const struct conf *c, int64_t rev, int64_
             json_decref(v);
         }
         etcd_kvs_free(&kvs);
-        if (json_array_size(pending) == 0 || wall_ms() >= end) {
+        if (json_array_size(pending) == 0 || time_wall_ms() >= end) {
             *out = json_pack("{s:o,s:o}", "applied", applied, "pending", pending);
             return 0;
         }

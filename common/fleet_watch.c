@@ -26,6 +26,7 @@
 #include <time.h>
 
 #include "log.h"
+#include "timeutil.h"
 
 #define FW_BACKOFF_MIN_MS 100
 #define FW_BACKOFF_MAX_MS 2000      /* a member back from the dead is used within 2 s */
@@ -52,13 +53,6 @@ struct fleet_watch {
     int async_on;
     int logged_down;                /* "cut off" logged for this outage */
 };
-
-static int64_t wall_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
 
 /* --- Cache -------------------------------------------------------------------------------- */
 
@@ -168,7 +162,7 @@ static void sync_write(struct fleet_watch *w, int64_t rev)
                            " VALUES(?1,?2,?3)", -1, &st, NULL) == SQLITE_OK) {
         sqlite3_bind_text(st, 1, w->o.scope, -1, SQLITE_STATIC);
         sqlite3_bind_int64(st, 2, rev);
-        sqlite3_bind_int64(st, 3, wall_ms());
+        sqlite3_bind_int64(st, 3, time_wall_ms());
         if (sqlite3_step(st) == SQLITE_DONE)
             w->fresh = 0;
     }
@@ -222,7 +216,7 @@ static void set_down(struct fleet_watch *w, const char *why, int loud)
     was = w->st.connected;
     w->st.connected = 0;
     if (!w->st.stale_since_ms)
-        w->st.stale_since_ms = wall_ms();
+        w->st.stale_since_ms = time_wall_ms();
     snprintf(w->st.error, sizeof(w->st.error), "%s", why);
     pthread_mutex_unlock(&w->mu);
     if (!loud) {
@@ -494,7 +488,7 @@ int fleet_watch_start(struct fleet_watch **out, const struct fleet_watch_opts *o
     pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
     pthread_cond_init(&w->cv, &ca);
     pthread_condattr_destroy(&ca);
-    w->st.stale_since_ms = wall_ms();     /* until the first answer */
+    w->st.stale_since_ms = time_wall_ms();     /* until the first answer */
     if ((r = cache_open(w, err, errlen)) < 0 ||
         (r = fleet_etcd_open(&w->e, &w->c, err, errlen)) < 0) {
         fleet_watch_free(w);

@@ -205,6 +205,23 @@ static enum MHD_Result answer(void *cls, struct MHD_Connection *conn, const char
     return r;
 }
 
+unsigned metrics_http_addr(const struct conf_endpoint *ep, struct sockaddr_storage *ss)
+{
+    memset(ss, 0, sizeof(*ss));
+    if (strchr(ep->host, ':')) {
+        struct sockaddr_in6 *s6 = (struct sockaddr_in6 *)ss;
+        s6->sin6_family = AF_INET6;
+        s6->sin6_port = htons(ep->port);
+        inet_pton(AF_INET6, ep->host, &s6->sin6_addr);
+        return MHD_USE_IPv6;
+    }
+    struct sockaddr_in *s4 = (struct sockaddr_in *)ss;
+    s4->sin_family = AF_INET;
+    s4->sin_port = htons(ep->port);
+    inet_pton(AF_INET, ep->host, &s4->sin_addr);
+    return 0;
+}
+
 int metrics_http_start(struct metrics_http **out, const char *listen, char *err, size_t errlen)
 {
     struct conf_endpoint ep;
@@ -213,23 +230,11 @@ int metrics_http_start(struct metrics_http **out, const char *listen, char *err,
     unsigned flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_ERROR_LOG;
 
     *out = NULL;
-    memset(&ss, 0, sizeof(ss));
     if (conf_parse_endpoint(listen, 0, &ep) < 0 || ep.is_unix || ep.port == 0) {
         snprintf(err, errlen, "metrics listen \"%s\": expected IP:PORT or [IPv6]:PORT", listen);
         return -EINVAL;
     }
-    if (strchr(ep.host, ':')) {
-        struct sockaddr_in6 *s6 = (struct sockaddr_in6 *)&ss;
-        s6->sin6_family = AF_INET6;
-        s6->sin6_port = htons(ep.port);
-        inet_pton(AF_INET6, ep.host, &s6->sin6_addr);
-        flags |= MHD_USE_IPv6;
-    } else {
-        struct sockaddr_in *s4 = (struct sockaddr_in *)&ss;
-        s4->sin_family = AF_INET;
-        s4->sin_port = htons(ep.port);
-        inet_pton(AF_INET, ep.host, &s4->sin_addr);
-    }
+    flags |= metrics_http_addr(&ep, &ss);
     if (!(m = calloc(1, sizeof(*m)))) {
         snprintf(err, errlen, "out of memory");
         return -ENOMEM;

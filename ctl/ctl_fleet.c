@@ -24,6 +24,7 @@
 #include "fleet.h"
 #include "fleet_query.h"
 #include "pol_rules.h"
+#include "timeutil.h"
 
 #define EX_OK 0
 #define EX_FAILED 1
@@ -53,13 +54,6 @@ static const char *js(const json_t *o, const char *k)
 static int64_t ji(const json_t *o, const char *k)
 {
     return etcd_json_int(json_object_get(o, k));
-}
-
-static int64_t now_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
 static void fmt_time_ms(int64_t ms, char *out, size_t len)
@@ -326,7 +320,7 @@ int ctl_fleet_suspend(const struct conf *c, int json, const char *target, const 
              action);
     /* the lease deletes the key when the suspension ends, on every node at once */
     return change(c, json, FLEET_K_SUSPEND, key, NULL,
-                 json_pack("{s:I,s:s,s:s}", "until", (json_int_t)(now_ms() + ms), "action",
+                 json_pack("{s:I,s:s,s:s}", "until", (json_int_t)(time_wall_ms() + ms), "action",
                            action, "reason", reason), (ms + 999) / 1000, "suspend", reason,
                  what, 0);
 }
@@ -418,7 +412,7 @@ static void fmt_states(const json_t *states, char *out, size_t len)
 int ctl_fleet_status(const struct conf *c, int json)
 {
     json_t *read = NULL, *st, *m, *n;
-    int64_t now = now_ms();
+    int64_t now = time_wall_ms();
     size_t i;
     int r;
 
@@ -513,7 +507,7 @@ int ctl_fleet_affected(const struct conf *c, int json, const char *ms)
         size_t k, nl = 0;
         json_t *nv;
         const json_t *o = json_object_get(m, "oldest");
-        ctl_fmt_age(json_is_integer(o) ? now_ms() / 1000 - json_integer_value(o) : -1, age,
+        ctl_fmt_age(json_is_integer(o) ? time_wall_ms() / 1000 - json_integer_value(o) : -1, age,
                     sizeof(age));
         json_array_foreach(json_object_get(m, "nodes"), k, nv) {
             int w = snprintf(nodes + nl, sizeof(nodes) - nl, "%s%s", k ? "," : "",

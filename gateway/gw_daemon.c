@@ -47,7 +47,7 @@
 #define GW_ERR_LEN 1024
 
 struct gw_listener {
-    union gw_uvstream h;
+    union uvstream h;
     struct gw_server *srv;
     int is_unix;
     int proxy;                     /* proxy_protocol_listen: a PROXY header comes first */

@@ -240,10 +240,10 @@ void mc_close(struct mconn *c, int quit)
             char q[5] = { 0, 0, 0, 1, MILTER_C_QUIT };
             uv_buf_t b = uv_buf_init(q, sizeof(q));
 
-            uv_try_write(&c->h.s, &b, 1); /* best effort: the milter also sees EOF */
+            uv_try_write(&c->h.stream, &b, 1); /* best effort: the milter also sees EOF */
         }
         c->h_open = 0;
-        uv_close(&c->h.h, mc_close_cb);
+        uv_close(&c->h.handle, mc_close_cb);
     }
 }
 

@@ -57,9 +57,9 @@ int mc_send(struct mconn *c, const char *p, size_t n)
 
     if (!c->h_open)
         return -1;
-    if (uv_stream_get_write_queue_size(&c->h.s) == 0) {
+    if (uv_stream_get_write_queue_size(&c->h.stream) == 0) {
         b = uv_buf_init((char *)p, (unsigned)n);
-        r = uv_try_write(&c->h.s, &b, 1);
+        r = uv_try_write(&c->h.stream, &b, 1);
         if (r > 0) {
             p += r;
             n -= (size_t)r;
@@ -77,7 +77,7 @@ int mc_send(struct mconn *c, const char *p, size_t n)
     memcpy(w->data, p, n);
     w->req.data = c;
     b = uv_buf_init(w->data, (unsigned)n);
-    if ((r = uv_write(&w->req, &c->h.s, &b, 1, mc_write_cb)) < 0) {
+    if ((r = uv_write(&w->req, &c->h.stream, &b, 1, mc_write_cb)) < 0) {
         free(w);
         mc_fail(c, "write error: %s", uv_strerror(r));
         return -1;
@@ -186,8 +186,8 @@ static void mc_connected(struct mconn *c)
         c->rcap = GW_M_RBUF_FIRST;
     }
     milter_reader_init(&c->rd, c->rbuf, c->rcap, MILTER_PKT_MAX);
-    c->h.h.data = c;
-    if (uv_read_start(&c->h.s, mc_alloc_cb, mc_read_cb) < 0) {
+    c->h.handle.data = c;
+    if (uv_read_start(&c->h.stream, mc_alloc_cb, mc_read_cb) < 0) {
         mc_fail(c, "cannot read from the socket");
         return;
     }
@@ -219,7 +219,7 @@ static int mc_tcp_connect(struct mconn *c, const struct sockaddr *sa)
 
     if ((r = uv_tcp_init(c->ms->loop, &c->h.tcp)) < 0)
         return r;
-    c->h.h.data = c;
+    c->h.handle.data = c;
     c->h_open = 1;
     c->ms->nhandles++;
     uv_tcp_nodelay(&c->h.tcp, 1);
@@ -268,7 +268,7 @@ static int mc_start_connect(struct mconn *c)
             mc_fail(c, "connect to unix:%s: %s", c->ep.host, uv_strerror(r));
             return -1;
         }
-        c->h.h.data = c;
+        c->h.handle.data = c;
         c->h_open = 1;
         c->ms->nhandles++;
         c->creq.data = c;

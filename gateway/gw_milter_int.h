@@ -20,6 +20,7 @@
 #include "log.h"
 #include "milter_proto.h"
 #include "qid.h"
+#include "uvstream.h"
 
 
 #define GW_M_SCRATCH (MILTER_CHUNK_MAX + 8192) /* one packet being built: a body chunk or a
@@ -85,12 +86,7 @@ struct mconn {
     int64_t t_connect, t_command, t_content;
     enum conf_milter_action action;
     enum mc_state state;
-    union {
-        uv_handle_t h;
-        uv_stream_t s;
-        uv_tcp_t tcp;
-        uv_pipe_t pipe;
-    } h;
+    union uvstream h;
     uv_timer_t timer;
     uv_connect_t creq;
     uv_getaddrinfo_t gai;

@@ -30,6 +30,7 @@
 #include "qid.h"
 #include "smtp_parse.h"
 #include "spool.h"
+#include "uvstream.h"
 
 struct gw_server;
 struct gw_tls_conn;
@@ -109,14 +110,6 @@ struct gw_tx {
     struct gw_milter_msg mmsg;
 };
 
-/* A libuv stream of either kind, TCP or unix socket: a session's connection, a listener. */
-union gw_uvstream {
-    uv_handle_t handle;
-    uv_stream_t stream;
-    uv_tcp_t tcp;
-    uv_pipe_t pipe;
-};
-
 /* Command counters for the "disconnect from" line (Postfix style: ehlo=1 mail=1 ...). */
 #define GW_VERB_COUNT (SMTP_UNKNOWN + 1)
 
@@ -130,7 +123,7 @@ struct gw_session {
     /* read-only */
     enum gw_state state;
     /* private */
-    union gw_uvstream h;
+    union uvstream h;
     uv_timer_t timer;
     uv_shutdown_t shutdown_req;
     int handles_open;                     /* 2 until both close callbacks ran */

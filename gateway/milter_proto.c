@@ -7,6 +7,8 @@
 
 #include <string.h>
 
+#include "byteorder.h"
+
 #define MILTER_ADDR_MAX 1024            /* CHGFROM/ADDRCPT/DELRCPT address and args */
 #define MILTER_HNAME_MAX 997            /* RFC 5322 2.1.1: a field name on one 998-octet line */
 #define MILTER_REASON_MAX 1024          /* QUARANTINE reason, kept as the hold reason */
@@ -23,8 +25,6 @@ static const char *const milter_names[MILTER_R_COUNT] = {
 #undef XX
 };
 
-static uint32_t get32(const char *p);
-static void put32(char *p, uint32_t v);
 static int take_str(const char **p, const char *end, const char **out, size_t max);
 static int text_ok(const char *s, int allow_lf);
 static int replycode_ok(const char *s, int *code);
@@ -34,21 +34,6 @@ static int pkt_begin(struct milter_buf *b, char cmd, size_t datalen, char **data
 const char *milter_reply_name(enum milter_reply_type t)
 {
     return (unsigned)t < MILTER_R_COUNT ? milter_names[t] : "?";
-}
-
-static uint32_t get32(const char *p)
-{
-    const unsigned char *u = (const unsigned char *)p;
-
-    return (uint32_t)u[0] << 24 | (uint32_t)u[1] << 16 | (uint32_t)u[2] << 8 | u[3];
-}
-
-static void put32(char *p, uint32_t v)
-{
-    p[0] = (char)(v >> 24);
-    p[1] = (char)(v >> 16);
-    p[2] = (char)(v >> 8);
-    p[3] = (char)v;
 }
 
 /* take_str - a NUL-terminated string at *p within [*p, end), at most max octets */
@@ -161,7 +146,7 @@ int milter_proto_parse(const char *pkt, size_t len, struct milter_reply *r)
     case MILTER_R_CHGHEADER:
         if (end - p < 4)
             return MILTER_EPROTO;
-        r->index = get32(p);
+        r->index = be32_get(p);
         p += 4;
         /* fall through */
     case MILTER_R_ADDHEADER:
@@ -189,9 +174,9 @@ int milter_proto_parse(const char *pkt, size_t len, struct milter_reply *r)
     case MILTER_R_OPTNEG:
         if (end - p < 12)
             return MILTER_EPROTO;
-        r->version = get32(p);
-        r->actions = get32(p + 4);
-        r->protocol = get32(p + 8);
+        r->version = be32_get(p);
+        r->actions = be32_get(p + 4);
+        r->protocol = be32_get(p + 8);
         p += 12;
         while (p < end) {
             uint32_t st;
@@ -199,7 +184,7 @@ int milter_proto_parse(const char *pkt, size_t len, struct milter_reply *r)
 
             if (end - p < 5)
                 return MILTER_EPROTO;
-            st = get32(p);
+            st = be32_get(p);
             p += 4;
             if (st >= MILTER_NSTAGES || r->macros[st] ||
                 take_str(&p, end, &list, MILTER_REPLY_TEXT_MAX) < 0 || !text_ok(list, 0))
@@ -251,7 +236,7 @@ int milter_reader_feed(struct milter_reader *rd, const char *p, size_t n, size_t
         return 0;
     }
     if (rd->need == 0) {
-        uint32_t l = get32((const char *)rd->lenbuf);
+        uint32_t l = be32_get(rd->lenbuf);
 
         if (l == 0 || l > rd->max) {
             *used = off;
@@ -289,7 +274,7 @@ static int pkt_begin(struct milter_buf *b, char cmd, size_t datalen, char **data
 {
     if (datalen > MILTER_PKT_MAX || b->len > b->cap || b->cap - b->len < 5 + datalen)
         return -ENOSPC;
-    put32(b->p + b->len, (uint32_t)(datalen + 1));
+    be32_put(b->p + b->len, (uint32_t)(datalen + 1));
     b->p[b->len + 4] = cmd;
     *data = b->p + b->len + 5;
     b->len += 5 + datalen;
@@ -302,9 +287,9 @@ int milter_put_optneg(struct milter_buf *b, uint32_t version, uint32_t actions, 
 
     if (pkt_begin(b, MILTER_C_OPTNEG, 12, &d) < 0)
         return -ENOSPC;
-    put32(d, version);
-    put32(d + 4, actions);
-    put32(d + 8, proto);
+    be32_put(d, version);
+    be32_put(d + 4, actions);
+    be32_put(d + 8, proto);
     return 0;
 }
 

@@ -58,4 +58,11 @@ int metrics_http_start(struct metrics_http **m, const char *listen, char *err, s
 void metrics_http_publish(struct metrics_http *m, const char *text, size_t len);
 void metrics_http_stop(struct metrics_http *m);
 
+struct conf_endpoint;
+struct sockaddr_storage;
+/* The socket address of an IP:PORT endpoint (a literal address, as conf_parse_endpoint
+ * checked) for a libmicrohttpd listener: these metrics pages and the deliverer's reseller API.
+ * Returns the MHD flag the address needs (MHD_USE_IPv6 or 0). */
+unsigned metrics_http_addr(const struct conf_endpoint *ep, struct sockaddr_storage *ss);
+
 #endif

@@ -30,11 +30,33 @@ struct sess {
 
 /* --- Counting and suspending (callers hold pd.mu) --------------------------------------- */
 
+/* susp_reason - the reason a count crossing its threshold gives; where is " fleet-wide" for
+ * the fleet's count, "" for this host's. */
+static void susp_reason(char *reason, size_t len, enum pol_signal sig, uint32_t n,
+                        const char *where)
+{
+    char win[32];
+
+    pd_fmt_dur(pd.c.policyd.window_ms, win, sizeof(win));
+    snprintf(reason, len, "%s: %" PRIu32 " %s in %s%s, limit %" PRIu32, pol_signal_key(sig), n,
+             pol_signal_name(sig), win, where, pd.lim.max[sig]);
+}
+
+static void log_suspended(const char *key, const char *where, const struct pol_susp *s,
+                          const char *reason)
+{
+    char dur[32];
+
+    pd_fmt_dur(s->until_ms - s->since_ms, dur, sizeof(dur));
+    log_notice("suspended %s%s for %s (offence %d, action %s): %s", key, where, dur, s->offence,
+               s->action, reason);
+}
+
 /* count - one event of sig for key; suspends key when the count crosses its threshold. */
 static void count(const char *key, enum pol_signal sig, int64_t now)
 {
     struct pol_susp s;
-    char reason[200], win[32], dur[32];
+    char reason[200];
     uint32_t n;
 
     if (!key[0])
@@ -43,13 +65,9 @@ static void count(const char *key, enum pol_signal sig, int64_t now)
         /* the fleet's count: a sender spread over the MX hosts adds up here */
         if (!pol_crossed(&pd.lim, sig, n))
             return;
-        pd_fmt_dur(pd.c.policyd.window_ms, win, sizeof(win));
-        snprintf(reason, sizeof(reason), "%s: %" PRIu32 " %s in %s fleet-wide, limit %" PRIu32,
-                 pol_signal_key(sig), n, pol_signal_name(sig), win, pd.lim.max[sig]);
+        susp_reason(reason, sizeof(reason), sig, n, " fleet-wide");
         if (pol_redis_offend(pd.redis, &pd.lim, key, now, pd.action, reason, &s) == 1) {
-            pd_fmt_dur(s.until_ms - s.since_ms, dur, sizeof(dur));
-            log_notice("suspended %s fleet-wide for %s (offence %d, action %s): %s", key, dur,
-                       s.offence, s.action, reason);
+            log_suspended(key, " fleet-wide", &s, reason);
             return;
         }
         if (pol_redis_up(pd.redis, now))
@@ -59,13 +77,9 @@ static void count(const char *key, enum pol_signal sig, int64_t now)
     n = pol_counters_add(pd.ctr, key, sig, now);
     if (!pol_crossed(&pd.lim, sig, n))
         return;
-    pd_fmt_dur(pd.c.policyd.window_ms, win, sizeof(win));
-    snprintf(reason, sizeof(reason), "%s: %" PRIu32 " %s in %s, limit %" PRIu32,
-             pol_signal_key(sig), n, pol_signal_name(sig), win, pd.lim.max[sig]);
+    susp_reason(reason, sizeof(reason), sig, n, "");
     if (pol_store_offend(pd.st, &pd.lim, key, now, pd.action, reason, &s) == 1) {
-        pd_fmt_dur(s.until_ms - s.since_ms, dur, sizeof(dur));
-        log_notice("suspended %s for %s (offence %d, action %s): %s", key, dur, s.offence,
-                   s.action, reason);
+        log_suspended(key, "", &s, reason);
         /* a fresh start when it expires: only new abuse makes a repeat offence */
         pol_counters_reset(pd.ctr, key);
     }

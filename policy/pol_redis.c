@@ -356,14 +356,7 @@ json_t *pol_redis_list(struct pol_redis *r, int64_t now)
             struct pol_susp s;
             if (!full || strlen(full) <= pl || get_susp(r, full + pl, now, &s) != 1)
                 continue;
-            const char *colon = strchr(s.key, ':');
-            json_array_append_new(arr, json_pack(
-                "{s:s,s:s%,s:s,s:I,s:I,s:I,s:s,s:s,s:s,s:i}", "key", s.key, "scope", s.key,
-                colon ? (size_t)(colon - s.key) : strlen(s.key), "value", colon ? colon + 1 : "",
-                "since", (json_int_t)(s.since_ms / 1000), "until",
-                (json_int_t)((s.until_ms + 999) / 1000), "remaining_s",
-                (json_int_t)((s.until_ms - now + 999) / 1000), "action", s.action, "reason",
-                s.reason, "source", s.source, "offence", s.offence));
+            json_array_append_new(arr, pol_susp_json(&s, now));
             if (!r->ctx)
                 break;
         }

@@ -235,6 +235,18 @@ int pol_store_delete(struct pol_store *st, const char *key, int64_t now)
     return sqlite3_changes(st->db) > 0;
 }
 
+json_t *pol_susp_json(const struct pol_susp *s, int64_t now)
+{
+    const char *colon = strchr(s->key, ':');
+
+    return json_pack("{s:s,s:s%,s:s,s:I,s:I,s:I,s:s,s:s,s:s,s:i}", "key", s->key, "scope",
+                     s->key, colon ? (size_t)(colon - s->key) : strlen(s->key), "value",
+                     colon ? colon + 1 : "", "since", (json_int_t)(s->since_ms / 1000), "until",
+                     (json_int_t)((s->until_ms + 999) / 1000), "remaining_s",
+                     (json_int_t)((s->until_ms - now + 999) / 1000), "action", s->action,
+                     "reason", s->reason, "source", s->source, "offence", s->offence);
+}
+
 json_t *pol_store_list(struct pol_store *st, int64_t now)
 {
     sqlite3_stmt *s = NULL;
@@ -249,16 +261,8 @@ json_t *pol_store_list(struct pol_store *st, int64_t now)
     sqlite3_bind_int64(s, 1, now);
     while ((rc = sqlite3_step(s)) == SQLITE_ROW) {
         struct pol_susp o;
-        const char *colon;
         pol_row(s, &o);
-        colon = strchr(o.key, ':');
-        json_array_append_new(arr, json_pack(
-            "{s:s,s:s%,s:s,s:I,s:I,s:I,s:s,s:s,s:s,s:i}", "key", o.key, "scope", o.key,
-            colon ? (size_t)(colon - o.key) : strlen(o.key), "value", colon ? colon + 1 : "",
-            "since", (json_int_t)(o.since_ms / 1000), "until",
-            (json_int_t)((o.until_ms + 999) / 1000), "remaining_s",
-            (json_int_t)((o.until_ms - now + 999) / 1000), "action", o.action, "reason",
-            o.reason, "source", o.source, "offence", o.offence));
+        json_array_append_new(arr, pol_susp_json(&o, now));
     }
     if (rc != SQLITE_DONE)
         goto fail;

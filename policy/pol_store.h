@@ -46,6 +46,9 @@ int pol_store_delete(struct pol_store *st, const char *key, int64_t now);
 /* Active suspensions as a JSON array of objects (key, scope, value, since, until (unix s),
  * remaining_s, action, reason, source, offence); NULL on error. */
 json_t *pol_store_list(struct pol_store *st, int64_t now);
+/* One suspension as an object of pol_store_list's array (the Redis list uses it too), or NULL
+ * when out of memory. */
+json_t *pol_susp_json(const struct pol_susp *s, int64_t now);
 /* Delete expired suspensions and offences older than memory_ms: the count deleted or -EIO. */
 int pol_store_expire(struct pol_store *st, int64_t now, int64_t memory_ms);
 

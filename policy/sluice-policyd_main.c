@@ -54,6 +54,7 @@
 #include "notify.h"
 #include "privs.h"
 #include "spool.h"
+#include "timeutil.h"
 
 #define PD_EXPIRE_MS 60000      /* how often expired rows are deleted */
 
@@ -61,9 +62,7 @@ struct pd_state pd;
 
 int64_t pd_now_ms(void)
 {
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+    return time_wall_ms();
 }
 
 void pd_fmt_dur(int64_t ms, char *buf, size_t len)

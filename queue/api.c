@@ -11,7 +11,6 @@
  */
 #include "api.h"
 
-#include <arpa/inet.h>
 #include <errno.h>
 #include <jansson.h>
 #include <microhttpd.h>
@@ -33,9 +32,11 @@
 #include "ctl_proto.h"
 #include "fleet_query.h"
 #include "log.h"
+#include "metrics.h"
 #include "spool.h"
 #include "spool_query.h"
 #include "tenants.h"
+#include "timeutil.h"
 
 #define API_CONN_MAX 256        /* open connections; a reseller polls, it does not flood */
 #define API_CONN_TIMEOUT_S 30
@@ -96,13 +97,6 @@ struct upload {                 /* a request body, kept across api_answer calls 
     int too_big;
     char buf[API_BODY_MAX];
 };
-
-static int64_t mono_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
 
 /* --- Tenants -------------------------------------------------------------------------------- */
 
@@ -335,7 +329,7 @@ static struct snap_ref *snapshot(struct api *a, const struct tenant *t, unsigned
 {
     struct centry *e;
     struct snap_ref *r = NULL, *old = NULL, *drop[16];
-    int64_t now = mono_ms();
+    int64_t now = time_mono_ms();
     int ndrop = 0;
 
     pthread_mutex_lock(&a->mu);
@@ -386,7 +380,7 @@ static struct snap_ref *snapshot(struct api *a, const struct tenant *t, unsigned
             old = e->snap;
             e->snap = r;
             e->gen = gen;
-            e->at_ms = mono_ms();
+            e->at_ms = time_mono_ms();
             pthread_mutex_unlock(&a->mu);
         }
     }
@@ -893,7 +887,7 @@ static enum MHD_Result api_answer(void *cls, struct MHD_Connection *conn, const 
         tset_put(a, ts);
         return send_reply(conn, &rp);
     }
-    if ((wait = api_rate_take(a->rate, t->name, mono_ms())) > 0) {
+    if ((wait = api_rate_take(a->rate, t->name, time_mono_ms())) > 0) {
         rp.code = MHD_HTTP_TOO_MANY_REQUESTS;
         rp.retry_after = wait;
         rp.type = "application/json";
@@ -1085,25 +1079,13 @@ int api_start(struct api **out, const struct conf *c, char *err, size_t errlen)
         a->tset->refs = 1;
         a->tset->gen = ++a->gen;
     }
-    memset(&ss, 0, sizeof(ss));
     if (conf_parse_endpoint(c->api.listen, 0, &ep) < 0 || ep.is_unix) {
         snprintf(err, errlen, "[api] listen \"%s\": expected IP:PORT or [IPv6]:PORT",
                  c->api.listen);
         api_stop(a);
         return -EINVAL;
     }
-    if (strchr(ep.host, ':')) {
-        struct sockaddr_in6 *s6 = (struct sockaddr_in6 *)&ss;
-        s6->sin6_family = AF_INET6;
-        s6->sin6_port = htons(ep.port);
-        inet_pton(AF_INET6, ep.host, &s6->sin6_addr);
-        flags |= MHD_USE_IPv6;
-    } else {
-        struct sockaddr_in *s4 = (struct sockaddr_in *)&ss;
-        s4->sin_family = AF_INET;
-        s4->sin_port = htons(ep.port);
-        inet_pton(AF_INET, ep.host, &s4->sin_addr);
-    }
+    flags |= metrics_http_addr(&ep, &ss);
     a->mhd = MHD_start_daemon(flags, ep.port, NULL, NULL, api_answer, a,
                               MHD_OPTION_SOCK_ADDR, (struct sockaddr *)&ss,
                               MHD_OPTION_THREAD_POOL_SIZE, (unsigned)c->api.threads,

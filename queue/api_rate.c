@@ -9,6 +9,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "hash64.h"
+
 #define API_RATE_KEY_MAX 64     /* = TENANT_NAME_MAX */
 
 struct bucket {
@@ -23,14 +25,6 @@ struct api_rate {
     struct bucket *b;
     size_t cap, used;
 };
-
-static uint64_t fnv(const char *s)
-{
-    uint64_t h = 1469598103934665603ull;
-    for (; *s; s++)
-        h = (h ^ (unsigned char)*s) * 1099511628211ull;
-    return h;
-}
 
 struct api_rate *api_rate_new(double rate, double burst)
 {
@@ -69,7 +63,7 @@ void api_rate_set(struct api_rate *r, double rate, double burst)
 /* slot - the bucket of key (new ones are not yet filled in: key[0] == 0). */
 static struct bucket *slot(struct bucket *b, size_t cap, const char *key)
 {
-    size_t i = (size_t)fnv(key) & (cap - 1);
+    size_t i = (size_t)hash64_fnv1a(key, 0, NULL) & (cap - 1);
 
     while (b[i].key[0] && strcmp(b[i].key, key) != 0)
         i = (i + 1) & (cap - 1);

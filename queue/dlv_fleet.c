@@ -29,6 +29,7 @@
 #include "fleet_watch.h"
 #include "log.h"
 #include "mstore.h"
+#include "timeutil.h"
 #include "version.h"
 
 #define DLV_FLEET_CTL_MS 30000      /* a command waits for durability, as sluicectl's do */
@@ -59,20 +60,6 @@ struct dlv_fleet {
     int node_dirty;                 /* under mu: the node key needs writing */
     struct etcd *e;
 };
-
-static int64_t wall_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
-
-static int64_t mono_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
 
 /* --- Applying intent (watcher thread) --------------------------------------------------------- */
 
@@ -131,7 +118,7 @@ static json_t *release_req(const char *ms, const json_t *v, int64_t rev)
     json_t *req = request("release", ms, v, rev);
     double rate = json_number_value(json_object_get(v, "rate"));
     int64_t ramp = etcd_json_int(json_object_get(v, "ramp_ms"));
-    int64_t elapsed = wall_ms() - etcd_json_int(json_object_get(v, "at"));
+    int64_t elapsed = time_wall_ms() - etcd_json_int(json_object_get(v, "at"));
 
     if (elapsed < 0)
         elapsed = 0;            /* the writer's clock is ahead: start at the start */
@@ -299,7 +286,7 @@ json_t *dlv_fleet_status(void *arg)
 static int wait_until(struct dlv_fleet *f, int64_t at_mono)
 {
     struct timespec ts;
-    int64_t left = at_mono - mono_ms();
+    int64_t left = at_mono - time_mono_ms();
 
     if (left < 0)
         left = 0;
@@ -329,7 +316,7 @@ static int put_node(struct dlv_fleet *f, int64_t lease, int64_t applied_rev, int
                     char *err, size_t errlen)
 {
     char nkey[FLEET_KEY_MAX], mkey[FLEET_KEY_MAX];
-    int64_t now = wall_ms();
+    int64_t now = time_wall_ms();
     json_t *nv = json_pack("{s:s,s:s,s:I,s:i,s:s,s:I}", "node", f->node, "control", advertised(f),
                            "applied", (json_int_t)applied_rev, "pid", (int)getpid(), "version",
                            SLUICE_VERSION, "started", (json_int_t)f->started_ms);
@@ -397,7 +384,7 @@ static void *session_main(void *arg)
 
     snprintf(skey, sizeof(skey), "%ssummary/%s", f->c.fleet.prefix, f->node);
     while (!atomic_load(&f->stop)) {
-        int64_t now = mono_ms(), applied_rev;
+        int64_t now = time_mono_ms(), applied_rev;
         int dirty, r;
 
         pthread_mutex_lock(&f->mu);
@@ -414,7 +401,7 @@ static void *session_main(void *arg)
                 if (!warned++)
                     log_warn("fleet: cannot register node %s: %s; retrying", f->node, err);
                 lease = 0;
-                wait_until(f, mono_ms() + DLV_FLEET_RETRY_MS);
+                wait_until(f, time_mono_ms() + DLV_FLEET_RETRY_MS);
                 continue;
             }
             log_info("fleet: node %s registered (lease %" PRId64 ", %lld s)", f->node, lease,
@@ -464,7 +451,7 @@ static void *session_main(void *arg)
                       now - last_put >= DLV_FLEET_SUMMARY_REFRESH_MS)) {
                 /* "at" goes in only now: an unchanged summary is not rewritten */
                 json_t *j = json_loads(s, 0, NULL);
-                json_object_set_new(j, "at", json_integer(wall_ms()));
+                json_object_set_new(j, "at", json_integer(time_wall_ms()));
                 char *t = json_dumps(j, JSON_COMPACT | JSON_SORT_KEYS);
                 json_decref(j);
                 if (t && etcd_put(f->e, skey, t, lease, NULL, err, sizeof(err)) == 0) {
@@ -515,7 +502,7 @@ int dlv_fleet_start(struct dlv_fleet **out, uv_loop_t *loop, struct dlv *d, cons
     f->d = d;
     f->c = *c;
     f->share = 1;
-    f->started_ms = wall_ms();
+    f->started_ms = time_wall_ms();
     snprintf(f->node, sizeof(f->node), "%s", conf_fleet_node(c));
     snprintf(f->ctl_path, sizeof(f->ctl_path), "%s", ctl_path);
     pthread_mutex_init(&f->mu, NULL);
@@ -568,15 +555,21 @@ int dlv_fleet_start(struct dlv_fleet **out, uv_loop_t *loop, struct dlv *d, cons
     return 0;
 }
 
-void dlv_fleet_stop(struct dlv_fleet *f)
+/* wake_to_stop - tell the watcher thread to stop and wake it from etcd or its wait */
+static void wake_to_stop(struct dlv_fleet *f)
 {
-    if (!f)
-        return;
     atomic_store(&f->stop, 1);
     etcd_interrupt(f->e);
     pthread_mutex_lock(&f->mu);
     pthread_cond_broadcast(&f->cv);
     pthread_mutex_unlock(&f->mu);
+}
+
+void dlv_fleet_stop(struct dlv_fleet *f)
+{
+    if (!f)
+        return;
+    wake_to_stop(f);
     fleet_watch_stop(f->w);
     dlv_remote_stop(f->remote);
     if (f->gate_timer_on) {
@@ -589,11 +582,7 @@ void dlv_fleet_free(struct dlv_fleet *f)
 {
     if (!f)
         return;
-    atomic_store(&f->stop, 1);
-    etcd_interrupt(f->e);
-    pthread_mutex_lock(&f->mu);
-    pthread_cond_broadcast(&f->cv);
-    pthread_mutex_unlock(&f->mu);
+    wake_to_stop(f);
     if (f->th_on)
         pthread_join(f->th, NULL);
     fleet_watch_free(f->w);

@@ -27,6 +27,7 @@
 #include <strings.h>
 
 #include "log.h"
+#include "uvstream.h"
 
 #define LMTP_RBUF 16384        /* read chunk; replies are small */
 #define LMTP_CMD_MAX 2048      /* one command line: addresses <= 512 plus parameters */
@@ -39,12 +40,7 @@ struct lmtp_conn {
     uv_loop_t *loop;
     struct lmtp_cfg cfg;
     enum lmtp_state state;
-    union {
-        uv_handle_t h;
-        uv_stream_t s;
-        uv_tcp_t tcp;
-        uv_pipe_t pipe;
-    } io;
+    union uvstream io;
     int io_init;
     uv_timer_t timer;
     uv_getaddrinfo_t gai;
@@ -264,7 +260,7 @@ static void lmtp_shut(struct lmtp_conn *c)
     uv_timer_stop(&c->timer);
     uv_close((uv_handle_t *)&c->timer, lmtp_handle_closed);
     if (c->io_init)
-        uv_close(&c->io.h, lmtp_handle_closed);
+        uv_close(&c->io.handle, lmtp_handle_closed);
     else
         lmtp_release(c);       /* the slot the stream would have held */
 }
@@ -328,7 +324,7 @@ static int lmtp_write(struct lmtp_conn *c, const char *buf, size_t len, int copy
     }
     if (tail)
         b[n++] = uv_buf_init((char *)tail, (unsigned)tail_len);
-    if ((r = uv_write(&w->req, &c->io.s, b, (unsigned)n, lmtp_write_cb)) < 0) {
+    if ((r = uv_write(&w->req, &c->io.stream, b, (unsigned)n, lmtp_write_cb)) < 0) {
         free(w);
         return r == UV_ENOMEM ? -ENOMEM : -ECONNRESET;
     }
@@ -739,7 +735,7 @@ static void lmtp_connect_cb(uv_connect_t *req, int status)
         lmtp_expect(c, EX_GREETING, 0);
         if (c->cfg.ep.is_unix == 0)
             uv_tcp_nodelay(&c->io.tcp, 1);
-        if ((status = uv_read_start(&c->io.s, lmtp_alloc_cb, lmtp_read_cb)) < 0) {
+        if ((status = uv_read_start(&c->io.stream, lmtp_alloc_cb, lmtp_read_cb)) < 0) {
             snprintf(why, sizeof(why), "read: %s", uv_strerror(status));
             lmtp_fail(c, -ECONNRESET, why);
         }
@@ -759,7 +755,7 @@ static void lmtp_start_tcp(struct lmtp_conn *c, const struct sockaddr *sa)
     snprintf(c->relay, sizeof(c->relay), "%.200s[%s]:%u", c->cfg.ep.host, ip,
              (unsigned)c->cfg.ep.port);
     uv_tcp_init(c->loop, &c->io.tcp);
-    c->io.h.data = c;
+    c->io.handle.data = c;
     c->io_init = 1;
     c->creq.data = c;
     lmtp_enter(c, LMTP_S_CONNECTING, ip);
@@ -823,7 +819,7 @@ int lmtp_connect(struct lmtp_conn **out, uv_loop_t *loop, const struct lmtp_cfg 
 
     if (cfg->ep.is_unix) {
         uv_pipe_init(loop, &c->io.pipe, 0);
-        c->io.h.data = c;
+        c->io.handle.data = c;
         c->io_init = 1;
         c->creq.data = c;
         lmtp_enter(c, LMTP_S_CONNECTING, "unix socket");

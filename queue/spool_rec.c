@@ -11,23 +11,11 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "byteorder.h"
 #include "crc32c.h"
 
 #define REC_VERSION 1
 #define CHECK_CHUNK (1u << 20) /* verify streams big files 1 MiB at a time */
-
-static void put16(unsigned char *p, uint16_t v) { p[0] = v; p[1] = v >> 8; }
-static void put32(unsigned char *p, uint32_t v) { for (int i = 0; i < 4; i++) p[i] = v >> (8 * i); }
-static void put64(unsigned char *p, uint64_t v) { for (int i = 0; i < 8; i++) p[i] = v >> (8 * i); }
-static uint16_t get16(const unsigned char *p) { return (uint16_t)(p[0] | p[1] << 8); }
-static uint32_t get32(const unsigned char *p)
-{
-    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
-}
-static uint64_t get64(const unsigned char *p)
-{
-    return (uint64_t)get32(p) | (uint64_t)get32(p + 4) << 32;
-}
 
 void spool_rec_hdr_make(struct spool_rec_hdr *h, const char *qid, uint16_t flags, uint64_t len,
                         uint32_t prefix_len, uint32_t crc)
@@ -47,31 +35,31 @@ void spool_rec_hdr_make(struct spool_rec_hdr *h, const char *qid, uint16_t flags
 void spool_rec_hdr_encode(const struct spool_rec_hdr *h, unsigned char out[SPOOL_REC_HDR_LEN])
 {
     memset(out, 0, SPOOL_REC_HDR_LEN);
-    put32(out, h->magic);
-    put16(out + 4, h->version);
-    put16(out + 6, h->flags);
+    le32_put(out, h->magic);
+    le16_put(out + 4, h->version);
+    le16_put(out + 6, h->flags);
     memcpy(out + 8, h->qid, QID_SIZE);
-    put64(out + 32, h->len);
-    put32(out + 40, h->prefix_len);
-    put32(out + 44, h->crc);
-    put32(out + 48, 0);
-    put32(out + 52, crc32c(0, out, 52));
+    le64_put(out + 32, h->len);
+    le32_put(out + 40, h->prefix_len);
+    le32_put(out + 44, h->crc);
+    le32_put(out + 48, 0);
+    le32_put(out + 52, crc32c(0, out, 52));
 }
 
 int spool_rec_hdr_decode(const unsigned char in[SPOOL_REC_HDR_LEN], struct spool_rec_hdr *h,
                          const char **why)
 {
     memset(h, 0, sizeof(*h));
-    h->magic = get32(in);
-    h->version = get16(in + 4);
-    h->flags = get16(in + 6);
+    h->magic = le32_get(in);
+    h->version = le16_get(in + 4);
+    h->flags = le16_get(in + 6);
     memcpy(h->qid, in + 8, QID_SIZE);
     h->qid[QID_SIZE - 1] = '\0';
-    h->len = get64(in + 32);
-    h->prefix_len = get32(in + 40);
-    h->crc = get32(in + 44);
-    h->reserved = get32(in + 48);
-    h->hcrc = get32(in + 52);
+    h->len = le64_get(in + 32);
+    h->prefix_len = le32_get(in + 40);
+    h->crc = le32_get(in + 44);
+    h->reserved = le32_get(in + 48);
+    h->hcrc = le32_get(in + 52);
     if (h->magic != SPOOL_REC_MAGIC) {
         *why = "bad record magic";
         return -EBADMSG;

@@ -128,7 +128,7 @@ static struct gw_milter_sess *h_new(uint32_t actions, uint32_t proto, enum ms_st
     assert_int_equal(socketpair(AF_UNIX, SOCK_STREAM, 0, sv), 0);
     assert_int_equal(uv_pipe_init(&h_loop, &c->h.pipe, 0), 0);
     assert_int_equal(uv_pipe_open(&c->h.pipe, sv[0]), 0);
-    c->h.h.data = c;
+    c->h.handle.data = c;
     c->h_open = 1;
     ms->nhandles++;
     h_peer = sv[1];

@@ -1,6 +1,7 @@
 /*
  * hash64.c - FNV-1a and the splitmix64 finalizer for the gateway's address tables and router
- * (contract: hash64.h). Frozen: the router's placement of users depends on both.
+ * and the deliverer's hash tables (contract: hash64.h). Frozen: the router's placement of
+ * users depends on both.
  */
 #include "hash64.h"
 

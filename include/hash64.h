@@ -1,7 +1,8 @@
 /*
- * hash64.h - the 64-bit hashes the gateway's tables and router share: FNV-1a (ASCII folded to
- * lower case on request) and splitmix64's finalizer. The router's placement is built on both,
- * so they are frozen: changing either moves users between mailstores (test_router pins it).
+ * hash64.h - the 64-bit hashes sluice's tables share: FNV-1a (ASCII folded to lower case on
+ * request) and splitmix64's finalizer. The gateway's router places users with both, so they
+ * are frozen: changing either moves users between mailstores (test_router pins it). The
+ * deliverer's hash tables (the reseller API's rate buckets) use the same FNV-1a.
  */
 #ifndef SLUICE_HASH64_H
 #define SLUICE_HASH64_H
