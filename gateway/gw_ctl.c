@@ -125,47 +125,68 @@ void gw_ctl_rejected(const char *reason)
     g.reason_n[i]++;
 }
 
-/* Reason words for replies, first match wins: "CODE ENH" prefix or "ENH" alone. */
-static const char *const reply_reasons[][2] = {
-    { "5.1.1", "unknown_user" },
-    { "554 5.7.1 Service unavailable; client [", "dnsbl" },
-    { "4.7.25", "rdns" },
-    { "5.7.25", "rdns" },
-    { "5.7.1", "relay_denied" },
-    { "5.3.4", "too_big" },
-    { "552 ", "too_big" },
-    { "452 4.3.1 <", "backlog" },   /* RCPT: a mailstore over max_backlog */
-    { "4.3.1", "spool_full" },
-    { "4.5.3", "too_many_recipients" },
-    { "5.5.3", "too_many_recipients" },
-    { "421 4.7.0", "too_many_connections" },
-    { "454 4.7.0", "tls_unavailable" },
-    { "421 4.4.2", "timeout" },
-    { "421 4.3.2", "shutting_down" },
-    { "451 4.3.0", "tempfail" },
-    { "4.2.2", "backlog" },
-    { "5.1.3", "bad_address" },
-    { "5.1.7", "bad_address" },
-    { "5.5.", "protocol" },
-    { "5.7.0", "policy" },
+static const char *const reason_labels[GW_R_COUNT] = {
+#define XX(name, label) label,
+    GW_REASON_MAP(XX)
+#undef XX
 };
 
-const char *gw_ctl_reply_reason(const char *reply)
+const char *gw_reason_label(enum gw_reason r)
 {
+    return (unsigned)r < GW_R_COUNT ? reason_labels[r] : "other";
+}
+
+void gw_ctl_reply(enum gw_reason r)
+{
+    if (g.on && r != GW_R_NONE)
+        gw_ctl_rejected(gw_reason_label(r));
+}
+
+/* The reasons of a foreign reply, first match wins: "CODE ENH" prefix or "ENH" alone. */
+static const struct {
+    const char *pat;
+    enum gw_reason r;
+} reply_reasons[] = {
+    { "5.1.1", GW_R_UNKNOWN_USER },
+    { "554 5.7.1 Service unavailable; client [", GW_R_DNSBL },
+    { "4.7.25", GW_R_RDNS },
+    { "5.7.25", GW_R_RDNS },
+    { "5.7.1", GW_R_RELAY_DENIED },
+    { "5.3.4", GW_R_TOO_BIG },
+    { "552 ", GW_R_TOO_BIG },
+    { "452 4.3.1 <", GW_R_BACKLOG },
+    { "4.3.1", GW_R_SPOOL_FULL },
+    { "4.5.3", GW_R_TOO_MANY_RECIPIENTS },
+    { "5.5.3", GW_R_TOO_MANY_RECIPIENTS },
+    { "421 4.7.0", GW_R_TOO_MANY_CONNECTIONS },
+    { "454 4.7.0", GW_R_TLS_UNAVAILABLE },
+    { "421 4.4.2", GW_R_TIMEOUT },
+    { "421 4.3.2", GW_R_SHUTTING_DOWN },
+    { "451 4.3.0", GW_R_TEMPFAIL },
+    { "4.2.2", GW_R_BACKLOG },
+    { "5.1.3", GW_R_BAD_ADDRESS },
+    { "5.1.7", GW_R_BAD_ADDRESS },
+    { "5.5.", GW_R_PROTOCOL },
+    { "5.7.0", GW_R_POLICY },
+};
+
+enum gw_reason gw_ctl_reason_of(const char *reply)
+{
+    if (!reply || (reply[0] != '4' && reply[0] != '5') || strlen(reply) < 3)
+        return GW_R_NONE;
     for (size_t i = 0; i < sizeof(reply_reasons) / sizeof(reply_reasons[0]); i++) {
-        const char *pat = reply_reasons[i][0];
+        const char *pat = reply_reasons[i].pat;
         if (pat[0] == '4' && pat[1] == '.' ? strncmp(reply + 4, pat, strlen(pat)) == 0
             : pat[0] == '5' && pat[1] == '.' ? strncmp(reply + 4, pat, strlen(pat)) == 0
             : strncmp(reply, pat, strlen(pat)) == 0)
-            return reply_reasons[i][1];
+            return reply_reasons[i].r;
     }
-    return reply[0] == '4' ? "other_4xx" : "other_5xx";
+    return reply[0] == '4' ? GW_R_OTHER_4XX : GW_R_OTHER_5XX;
 }
 
-void gw_ctl_rejected_reply(const char *reply)
+const char *gw_ctl_reply_reason(const char *reply)
 {
-    if (g.on && reply && (reply[0] == '4' || reply[0] == '5') && strlen(reply) >= 3)
-        gw_ctl_rejected(gw_ctl_reply_reason(reply));
+    return gw_reason_label(gw_ctl_reason_of(reply));
 }
 
 /* --- Status and metrics ---------------------------------------------------------------------- */
@@ -197,29 +218,32 @@ static void handle_status(struct ctl_req *rq, const json_t *req, void *arg)
     ctl_req_reply(rq, rep);
 }
 
+/* series - a series without labels: its HELP and TYPE lines and its one sample */
+static void series(struct metrics_buf *b, const char *name, const char *type, const char *help,
+                   double v)
+{
+    metrics_head(b, name, type, help);
+    metrics_sample(b, name, "", v);
+}
+
 static void render(void)
 {
     struct metrics_buf b;
     char lab[128], esc[2 * GW_CTL_REASON_LEN];
 
     metrics_buf_init(&b);
-    metrics_head(&b, "sluice_gateway_up", "gauge", "1 while sluice-gateway runs");
-    metrics_sample(&b, "sluice_gateway_up", "", 1);
-    metrics_head(&b, "sluice_gateway_start_time_seconds", "gauge", "unix time of the start");
-    metrics_sample(&b, "sluice_gateway_start_time_seconds", "", (double)g.started);
-    metrics_head(&b, "sluice_gateway_sessions", "gauge", "SMTP sessions open now");
-    metrics_sample(&b, "sluice_gateway_sessions", "", (double)g.sessions);
-    metrics_head(&b, "sluice_gateway_sessions_total", "counter", "SMTP sessions since start");
-    metrics_sample(&b, "sluice_gateway_sessions_total", "", (double)g.sessions_total);
-    metrics_head(&b, "sluice_gateway_accepted_messages_total", "counter",
-                 "messages accepted (250 after DATA) since start");
-    metrics_sample(&b, "sluice_gateway_accepted_messages_total", "", (double)g.messages);
-    metrics_head(&b, "sluice_gateway_accepted_recipients_total", "counter",
-                 "recipients of accepted messages since start");
-    metrics_sample(&b, "sluice_gateway_accepted_recipients_total", "", (double)g.recipients);
-    metrics_head(&b, "sluice_gateway_accepted_bytes_total", "counter",
-                 "bytes of accepted messages since start");
-    metrics_sample(&b, "sluice_gateway_accepted_bytes_total", "", (double)g.bytes);
+    series(&b, "sluice_gateway_up", "gauge", "1 while sluice-gateway runs", 1);
+    series(&b, "sluice_gateway_start_time_seconds", "gauge", "unix time of the start",
+           (double)g.started);
+    series(&b, "sluice_gateway_sessions", "gauge", "SMTP sessions open now", (double)g.sessions);
+    series(&b, "sluice_gateway_sessions_total", "counter", "SMTP sessions since start",
+           (double)g.sessions_total);
+    series(&b, "sluice_gateway_accepted_messages_total", "counter",
+           "messages accepted (250 after DATA) since start", (double)g.messages);
+    series(&b, "sluice_gateway_accepted_recipients_total", "counter",
+           "recipients of accepted messages since start", (double)g.recipients);
+    series(&b, "sluice_gateway_accepted_bytes_total", "counter",
+           "bytes of accepted messages since start", (double)g.bytes);
     metrics_head(&b, "sluice_gateway_rejected_total", "counter",
                  "refusals (4xx and 5xx) since start, by reason");
     for (int i = 0; i < g.nreasons; i++) {
@@ -239,8 +263,8 @@ static void render(void)
     metrics_head(&b, "sluice_gateway_commit_seconds", "histogram",
                  "end of DATA to durable in the spool (fsync and index commit)");
     metrics_hist_write(&b, "sluice_gateway_commit_seconds", "", &g.commit);
-    metrics_head(&b, "sluice_spool_free_bytes", "gauge", "bytes free on the spool's file system");
-    metrics_sample(&b, "sluice_spool_free_bytes", "", (double)g.free_bytes);
+    series(&b, "sluice_spool_free_bytes", "gauge", "bytes free on the spool's file system",
+           (double)g.free_bytes);
     gw_backlog_metrics(&b);
     gw_rdns_metrics(&b);
     gw_dnsbl_metrics(&b);

@@ -371,7 +371,7 @@ static void session_timer_cb(uv_timer_t *t)
         log_info("timeout after %s from " GW_CLIENT, gw_session_state_name(s->state),
                  GW_WHO(s));
     s->out_len = 0;               /* nothing else is owed: the client went silent */
-    session_reply(s, "421 4.4.2 %s Error: timeout exceeded", session_host(s));
+    session_reply(s, GW_R_TIMEOUT, "421 4.4.2 %s Error: timeout exceeded", session_host(s));
     if (s->tx.msg) {
         spool_msg_abort(s->tx.msg);
         s->tx.msg = NULL;
@@ -387,7 +387,7 @@ void session_count_error(struct gw_session *s)
         return;
     log_info("too many errors after %s from " GW_CLIENT, gw_session_state_name(s->state),
              GW_WHO(s));
-    session_reply(s, "421 4.7.0 %s Error: too many errors", session_host(s));
+    session_reply(s, GW_R_TOO_MANY_CONNECTIONS, "421 4.7.0 %s Error: too many errors", session_host(s));
     tx_reset(s);
     session_close(s);
 }
@@ -498,7 +498,7 @@ void session_seq_error(struct gw_session *s, enum smtp_verb v)
     default:
         break;
     }
-    session_reply(s, "503 5.5.1 %s", why);
+    session_reply(s, GW_R_PROTOCOL, "503 5.5.1 %s", why);
     session_count_error(s);
 }
 
@@ -513,7 +513,7 @@ static void session_command(struct gw_session *s, const char *line, size_t len)
     r = smtp_parse_line(line, len, &cmd, &er);
     s->verb_all[cmd.verb]++;
     if (r < 0) {
-        session_reply_r(s, &er);
+        session_reply_r(s, session_parse_reason(r), &er);
         if (cmd.verb == SMTP_BDAT) {
             /* The chunk size is unknown, so its octets cannot be told from commands. */
             log_info("bad BDAT syntax from " GW_CLIENT ": closing", GW_WHO(s));
@@ -569,28 +569,28 @@ void session_helo_finish(struct gw_session *s, int esmtp,
         session_milter_log(s, esmtp ? "EHLO" : "HELO", res, "");
     }
     if (!esmtp) {
-        session_reply(s, "250 %s", session_host(s));
+        session_reply(s, GW_R_NONE, "250 %s", session_host(s));
         session_enter(s, GW_S_READY);
         return;
     }
-    session_reply(s, "250-%s", g->hostname);
-    session_reply(s, "250-PIPELINING");
-    session_reply(s, "250-SIZE %" PRIu64, g->max_message_size);
-    session_reply(s, "250-8BITMIME");
-    session_reply(s, "250-ENHANCEDSTATUSCODES");
+    session_reply(s, GW_R_NONE, "250-%s", g->hostname);
+    session_reply(s, GW_R_NONE, "250-PIPELINING");
+    session_reply(s, GW_R_NONE, "250-SIZE %" PRIu64, g->max_message_size);
+    session_reply(s, GW_R_NONE, "250-8BITMIME");
+    session_reply(s, GW_R_NONE, "250-ENHANCEDSTATUSCODES");
     if (s->srv->tls && !s->tls)
-        session_reply(s, "250-STARTTLS");
-    session_reply(s, "250-SMTPUTF8");
-    session_reply(s, "250-BINARYMIME");
-    session_reply(s, "250-CHUNKING");
-    session_reply(s, "250 DSN");
+        session_reply(s, GW_R_NONE, "250-STARTTLS");
+    session_reply(s, GW_R_NONE, "250-SMTPUTF8");
+    session_reply(s, GW_R_NONE, "250-BINARYMIME");
+    session_reply(s, GW_R_NONE, "250-CHUNKING");
+    session_reply(s, GW_R_NONE, "250 DSN");
     session_enter(s, GW_S_READY);
 }
 
 static int cmd_rset(struct gw_session *s, struct smtp_cmd *cmd)
 {
     tx_reset(s);
-    session_reply(s, "250 2.0.0 Ok");
+    session_reply(s, GW_R_NONE, "250 2.0.0 Ok");
     session_enter(s, s->helo[0] ? GW_S_READY : GW_S_GREET);
     session_junk(s);
     return 0;
@@ -598,7 +598,7 @@ static int cmd_rset(struct gw_session *s, struct smtp_cmd *cmd)
 
 static int cmd_noop(struct gw_session *s, struct smtp_cmd *cmd)
 {
-    session_reply(s, "250 2.0.0 Ok");
+    session_reply(s, GW_R_NONE, "250 2.0.0 Ok");
     session_junk(s);
     return 0;
 }
@@ -607,7 +607,7 @@ static int cmd_quit(struct gw_session *s, struct smtp_cmd *cmd)
 {
     tx_reset(s);
     session_milter_close(s);      /* milters get their QUIT before the client its 221 */
-    session_reply(s, "221 2.0.0 Bye");
+    session_reply(s, GW_R_NONE, "221 2.0.0 Bye");
     session_close(s);
     return 0;
 }
@@ -615,7 +615,7 @@ static int cmd_quit(struct gw_session *s, struct smtp_cmd *cmd)
 /* cmd_vrfy - RFC 5321 3.5.3: 252 when we will not verify but will accept (no harvesting) */
 static int cmd_vrfy(struct gw_session *s, struct smtp_cmd *cmd)
 {
-    session_reply(s, "252 2.5.0 Cannot VRFY user, but will accept message and attempt "
+    session_reply(s, GW_R_NONE, "252 2.5.0 Cannot VRFY user, but will accept message and attempt "
                      "delivery");
     session_junk(s);
     return 0;
@@ -623,7 +623,7 @@ static int cmd_vrfy(struct gw_session *s, struct smtp_cmd *cmd)
 
 static int cmd_help(struct gw_session *s, struct smtp_cmd *cmd)
 {
-    session_reply(s, "214 2.0.0 Commands: HELO EHLO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY "
+    session_reply(s, GW_R_NONE, "214 2.0.0 Commands: HELO EHLO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY "
                      "HELP%s", s->srv->tls ? " STARTTLS" : "");
     session_junk(s);
     return 0;
@@ -637,21 +637,21 @@ static int cmd_starttls(struct gw_session *s, struct smtp_cmd *cmd)
     struct gw_tls_conn *t;
 
     if (s->tls) {
-        session_reply(s, "554 5.5.1 Error: TLS already active");
+        session_reply(s, GW_R_PROTOCOL, "554 5.5.1 Error: TLS already active");
         session_count_error(s);
         return -1;
     }
     if (!s->srv->tls) {
-        session_reply(s, "502 5.5.1 Error: command not implemented");
+        session_reply(s, GW_R_PROTOCOL, "502 5.5.1 Error: command not implemented");
         session_count_error(s);
         return -1;
     }
     if (!(t = gw_tls_conn_new(s->srv->tls))) {
-        session_reply(s, "454 4.7.0 TLS not available due to local problem");
+        session_reply(s, GW_R_TLS_UNAVAILABLE, "454 4.7.0 TLS not available due to local problem");
         log_warn(GW_CLIENT ": cannot start TLS: out of memory", GW_WHO(s));
         return -1;
     }
-    session_reply(s, "220 2.0.0 Ready to start TLS");
+    session_reply(s, GW_R_NONE, "220 2.0.0 Ready to start TLS");
     session_flush(s);
     s->tls = t;
     s->discard_rest = 1;
@@ -709,7 +709,7 @@ size_t session_process(struct gw_session *s, const char *p, size_t n)
                 return n;
             off = (size_t)(lf - p) + 1;
             s->discard_line = 0;
-            session_reply(s, "500 5.5.2 Error: command line too long");
+            session_reply(s, GW_R_PROTOCOL, "500 5.5.2 Error: command line too long");
             session_count_error(s);
             continue;
         }
@@ -724,13 +724,13 @@ size_t session_process(struct gw_session *s, const char *p, size_t n)
         len = (size_t)(lf - line);
         off += len + 1;
         if (len + 1 > cmdmax) {
-            session_reply(s, "500 5.5.2 Error: command line too long");
+            session_reply(s, GW_R_PROTOCOL, "500 5.5.2 Error: command line too long");
             session_count_error(s);
             continue;
         }
         if (len == 0 || line[len - 1] != '\r') {
             /* RFC 5321 2.3.8: commands end in CR LF too. */
-            session_reply(s, "500 5.5.2 Error: bare <LF> received");
+            session_reply(s, GW_R_PROTOCOL, "500 5.5.2 Error: bare <LF> received");
             session_count_error(s);
             continue;
         }
@@ -826,7 +826,7 @@ void session_reject(struct gw_session *s, const char *why)
 {
     log_info("NOQUEUE: reject: CONNECT from " GW_CLIENT ": 421 4.7.0 Error: %s", GW_WHO(s),
              why);
-    session_reply(s, "421 4.7.0 %s Error: %s", session_host(s), why);
+    session_reply(s, GW_R_TOO_MANY_CONNECTIONS, "421 4.7.0 %s Error: %s", session_host(s), why);
     session_close(s);
 }
 
@@ -878,7 +878,7 @@ void gw_session_kill(struct gw_session *s)
         return;
     if (!s->closing && s->state != GW_S_COMMIT) {
         s->out_len = 0;
-        session_reply(s, "421 4.3.2 %s Service shutting down, closing transmission channel",
+        session_reply(s, GW_R_SHUTTING_DOWN, "421 4.3.2 %s Service shutting down, closing transmission channel",
                       session_host(s));
         session_flush(s);
     }

@@ -26,10 +26,10 @@ static void session_printable(const char *p, size_t n, char *out, size_t outlen)
 
 /* session_refuse - a verdict at connect (DNS lists, reverse DNS): reply instead of the
  * banner, and close */
-static void session_refuse(struct gw_session *s, const char *reply)
+static void session_refuse(struct gw_session *s, enum gw_reason why, const char *reply)
 {
     log_info("NOQUEUE: reject: CONNECT from " GW_CLIENT ": %s", GW_WHO(s), reply);
-    session_reply(s, "%s", reply);
+    session_reply(s, why, "%s", reply);
     session_close(s);
 }
 
@@ -42,7 +42,7 @@ static void session_connected(struct gw_session *s, const char *via)
 
     log_info("connect from " GW_CLIENT "%s", GW_WHO(s), via);
     if (s->refusal) {
-        session_refuse(s, s->refusal);
+        session_refuse(s, GW_R_DNSBL, s->refusal);
         return;
     }
     if (c->rdns.act != CONF_RDNS_ACCEPT && s->h.handle.type == UV_TCP &&
@@ -52,7 +52,7 @@ static void session_connected(struct gw_session *s, const char *via)
 
         snprintf(reply, sizeof(reply), "%s Client host rejected: cannot find your hostname, "
                  "[%s]", temp ? "421 4.7.25" : "554 5.7.25", s->addr);
-        session_refuse(s, reply);
+        session_refuse(s, GW_R_RDNS, reply);
         return;
     }
     session_greet(s);
@@ -136,7 +136,7 @@ static void session_greet(struct gw_session *s)
     const struct conf_gateway *g = &s->srv->conf->gateway;
 
     if (s->srv->stopping) {
-        session_reply(s, "421 4.3.2 %s Service shutting down, closing transmission channel",
+        session_reply(s, GW_R_SHUTTING_DOWN, "421 4.3.2 %s Service shutting down, closing transmission channel",
                       g->hostname);
         session_close(s);
         return;
@@ -157,7 +157,7 @@ void session_banner(struct gw_session *s)
 
     s->deadline = 0;
     session_enter(s, GW_S_GREET);
-    session_reply(s, "220 %s %s", g->hostname, g->banner);
+    session_reply(s, GW_R_NONE, "220 %s %s", g->hostname, g->banner);
     if (s->in_len > 0)
         session_consume_in(s);
     if (!s->gone)
@@ -193,7 +193,7 @@ void session_pregreet(struct gw_session *s)
     if (strcmp(g->pregreet_action, "ignore") != 0) {
         s->in_len = 0;
         /* as the first reply, 554 stands for the greeting (RFC 5321 3.1) */
-        session_reply(s, "554 5.7.1 %s Error: SMTP protocol violation: client spoke before "
+        session_reply(s, GW_R_RELAY_DENIED, "554 5.7.1 %s Error: SMTP protocol violation: client spoke before "
                       "the greeting", g->hostname);
         log_info("NOQUEUE: reject: CONNECT from " GW_CLIENT ": 554 5.7.1 pregreet", GW_WHO(s));
         session_close(s);

@@ -28,7 +28,7 @@ int cmd_data(struct gw_session *s, struct smtp_cmd *cmd)
 {
     if (s->tx.body == SMTP_BODY_BINARYMIME) {
         /* RFC 3030 3: BINARYMIME content cannot be sent with DATA. */
-        session_reply(s, "503 5.5.1 Error: BODY=BINARYMIME requires BDAT");
+        session_reply(s, GW_R_PROTOCOL, "503 5.5.1 Error: BODY=BINARYMIME requires BDAT");
         session_count_error(s);
         return -1;
     }
@@ -63,7 +63,7 @@ void session_data_finish(struct gw_session *s, const struct gw_milter_result *re
     if (session_msg_start(s, GW_DATA_DOT) < 0)
         return;
     /* 354 is a positive intermediate reply: RFC 3463 has no class 3, so no enhanced code. */
-    session_reply(s, "354 End data with <CR><LF>.<CR><LF>");
+    session_reply(s, GW_R_NONE, "354 End data with <CR><LF>.<CR><LF>");
     session_enter(s, GW_S_DATA);
 }
 
@@ -73,10 +73,10 @@ int cmd_bdat(struct gw_session *s, struct smtp_cmd *cmd)
 {
     struct smtp_reply er;
     uint64_t size;
-    int last;
+    int last, r;
 
-    if (smtp_parse_bdat(cmd->arg, &size, &last, &er) < 0) {
-        session_reply_r(s, &er);
+    if ((r = smtp_parse_bdat(cmd->arg, &size, &last, &er)) < 0) {
+        session_reply_r(s, session_parse_reason(r), &er);
         log_info("bad BDAT size from " GW_CLIENT ": closing", GW_WHO(s));
         session_close(s);
         return -1;
@@ -136,7 +136,7 @@ static int session_msg_start(struct gw_session *s, enum gw_data_mode mode)
     int n, r;
 
     if (!(tx->msg = spool_msg_new(s->srv->spool, tx->qid))) {
-        session_reply(s, "451 4.3.0 Error: queue file write error");
+        session_reply(s, GW_R_TEMPFAIL, "451 4.3.0 Error: queue file write error");
         log_warn("%s: cannot start a message in the spool", tx->qid);
         return -1;
     }
@@ -199,7 +199,7 @@ static int session_msg_start(struct gw_session *s, enum gw_data_mode mode)
         spool_msg_abort(tx->msg);
         tx->msg = NULL;
         tx->milter_buffer = 0;
-        session_reply(s, "451 4.3.0 Error: queue file write error");
+        session_reply(s, GW_R_TEMPFAIL, "451 4.3.0 Error: queue file write error");
         return -1;
     }
     lim.max_size = g->max_message_size;
@@ -346,7 +346,7 @@ static void session_chunk_done(struct gw_session *s)
         session_eom(s);
         return;
     }
-    session_reply(s, "250 2.0.0 Ok: %" PRIu64 " octets received", tx->data.size);
+    session_reply(s, GW_R_NONE, "250 2.0.0 Ok: %" PRIu64 " octets received", tx->data.size);
     session_enter(s, GW_S_CHUNKED);
 }
 
@@ -354,9 +354,9 @@ static void session_chunk_done(struct gw_session *s)
 static void session_storage_reply(struct gw_session *s, int status)
 {
     if (status == -ENOSPC || status == -EDQUOT)
-        session_reply(s, "452 4.3.1 Error: insufficient system storage");
+        session_reply(s, GW_R_SPOOL_FULL, "452 4.3.1 Error: insufficient system storage");
     else
-        session_reply(s, "451 4.3.0 Error: queue file write error");
+        session_reply(s, GW_R_TEMPFAIL, "451 4.3.0 Error: queue file write error");
 }
 
 /* session_eom - end of the message: reject it, or hand it to the spool and wait */
@@ -374,7 +374,7 @@ static void session_eom(struct gw_session *s)
             log_warn("%s: spool write failed: %s", tx->qid,
                      strerror(-gw_data_store_errno(&tx->data)));
         } else {
-            session_reply_r(s, &rr);
+            session_reply_r(s, session_data_reason(err), &rr);
             log_info("%s: reject: END-OF-MESSAGE from " GW_CLIENT ": %d %s %s; from=<%s> "
                      "proto=%s helo=<%s>", tx->qid, GW_WHO(s), rr.code, rr.enh, rr.text,
                      tx->sender, session_proto(s), s->helo);
@@ -407,7 +407,7 @@ void session_commit(struct gw_session *s)
         log_qid(LOG_INFO, tx->qid, "milter %s: discarded: from=<%s> size=%" PRIu64,
                 tx->discard_by[0] ? tx->discard_by : "?", tx->sender,
                 tx->milter_buffer ? (uint64_t)tx->mmsg.len : tx->data.size);
-        session_reply(s, "250 2.0.0 Ok: queued as %s", tx->qid);
+        session_reply(s, GW_R_NONE, "250 2.0.0 Ok: queued as %s", tx->qid);
         session_forgive(s);
         tx_reset(s);
         session_enter(s, GW_S_READY);
@@ -487,7 +487,7 @@ static void session_commit_cb(void *arg, const char *qid, int status)
         return;
     }
     if (status == 0) {
-        session_reply(s, "250 2.0.0 Ok: queued as %s", qid);
+        session_reply(s, GW_R_NONE, "250 2.0.0 Ok: queued as %s", qid);
         session_forgive(s);
     } else
         session_storage_reply(s, status);
@@ -507,7 +507,7 @@ void session_tx_end(struct gw_session *s)
 {
     if (!(s->stop_after || s->srv->stopping) || s->closing)
         return;
-    session_reply(s, "421 4.3.2 %s Service shutting down, closing transmission channel",
+    session_reply(s, GW_R_SHUTTING_DOWN, "421 4.3.2 %s Service shutting down, closing transmission channel",
                   session_host(s));
     session_close(s);
 }

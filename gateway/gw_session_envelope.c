@@ -29,16 +29,17 @@ int cmd_mail(struct gw_session *s, struct smtp_cmd *cmd)
     struct smtp_mail m;
     struct smtp_reply er;
     int64_t fb;
+    int r;
 
-    if (smtp_parse_mail(cmd->arg, &m, &er) < 0) {
-        session_reply_r(s, &er);
+    if ((r = smtp_parse_mail(cmd->arg, &m, &er)) < 0) {
+        session_reply_r(s, session_parse_reason(r), &er);
         session_count_error(s);
         return -1;
     }
     if (m.size_given && c->gateway.max_message_size && m.size > c->gateway.max_message_size) {
         /* RFC 1870 6.1: the declared size is over our fixed limit. */
         smtp_reply_of(SMTP_ESIZE_EXCEEDED, &er);
-        session_reply_r(s, &er);
+        session_reply_r(s, session_parse_reason(SMTP_ESIZE_EXCEEDED), &er);
         log_info("NOQUEUE: reject: MAIL from " GW_CLIENT ": %d %s %s; from=<%s> size=%" PRIu64,
                  GW_WHO(s), er.code, er.enh, er.text, m.addr, m.size);
         session_count_error(s);
@@ -54,7 +55,7 @@ int cmd_mail(struct gw_session *s, struct smtp_cmd *cmd)
     fb = gw_server_free_bytes(s->srv);
     if (fb >= 0 && (uint64_t)fb < c->spool.min_free_space + (m.size_given ? m.size : 0)) {
         /* ARCHITECTURE 6: below min_free_space every MAIL gets 452; senders retry. */
-        session_reply(s, "452 4.3.1 Error: insufficient system storage");
+        session_reply(s, GW_R_SPOOL_FULL, "452 4.3.1 Error: insufficient system storage");
         log_warn("NOQUEUE: reject: MAIL from " GW_CLIENT ": 452 4.3.1 insufficient system "
                  "storage (%" PRId64 " bytes free); from=<%s>", GW_WHO(s), fb, m.addr);
         return -1;
@@ -62,7 +63,7 @@ int cmd_mail(struct gw_session *s, struct smtp_cmd *cmd)
     if (!gw_server_reserve_ok(s->srv)) {
         /* the file system filled up and the spool's reserve is out, draining it: what it
          * gave back is for recording deliveries, not for new mail (spool.h) */
-        session_reply(s, "452 4.3.1 Error: insufficient system storage");
+        session_reply(s, GW_R_SPOOL_FULL, "452 4.3.1 Error: insufficient system storage");
         log_warn("NOQUEUE: reject: MAIL from " GW_CLIENT ": 452 4.3.1 insufficient system "
                  "storage (spool reserve not in place: the file system filled up); from=<%s>",
                  GW_WHO(s), m.addr);
@@ -90,7 +91,7 @@ int cmd_mail(struct gw_session *s, struct smtp_cmd *cmd)
         if (gw_spf_check(s->srv->spf, s->addr, s->helo, tx->sender, session_spf_cb, s) < 0) {
             s->refs--;
             s->paused = 0;
-            session_reply(s, "451 4.3.0 Error: out of memory");
+            session_reply(s, GW_R_TEMPFAIL, "451 4.3.0 Error: out of memory");
             tx_reset(s);
             return -1;
         }
@@ -115,7 +116,7 @@ static void session_spf_cb(void *arg, const struct gw_spf_result *r)
     switch (gw_spf_action_for(s->srv->conf, r->res)) {
     case GW_SPF_REJECT:
         /* RFC 7372: 5.7.23 SPF validation failed, 5.7.24 SPF validation error */
-        session_reply(s, "550 %s SPF %s: <%s> is not allowed to send from [%s]",
+        session_reply(s, GW_R_OTHER_5XX, "550 %s SPF %s: <%s> is not allowed to send from [%s]",
                       r->res == GW_SPF_PERMERROR ? "5.7.24" : "5.7.23", res, tx->sender,
                       r->ip);
         log_info("%s: reject: MAIL from " GW_CLIENT ": 550 SPF %s; from=<%s> client-ip=%s "
@@ -127,10 +128,10 @@ static void session_spf_cb(void *arg, const struct gw_spf_result *r)
         break;
     case GW_SPF_TEMPFAIL:
         if (r->res == GW_SPF_TEMPERROR)
-            session_reply(s, "451 4.4.3 SPF temperror: cannot check <%s> now, try again later",
+            session_reply(s, GW_R_OTHER_4XX, "451 4.4.3 SPF temperror: cannot check <%s> now, try again later",
                           tx->sender);
         else
-            session_reply(s, "451 4.7.23 SPF %s: <%s> is not confirmed for [%s], try again "
+            session_reply(s, GW_R_OTHER_4XX, "451 4.7.23 SPF %s: <%s> is not confirmed for [%s], try again "
                           "later", res, tx->sender, r->ip);
         log_info("%s: reject: MAIL from " GW_CLIENT ": 451 SPF %s; from=<%s> client-ip=%s "
                  "(%s)", tx->qid, GW_WHO(s), res, tx->sender, r->ip, r->comment);
@@ -156,16 +157,16 @@ int cmd_rcpt(struct gw_session *s, struct smtp_cmd *cmd)
     struct smtp_reply er;
     struct gw_rcpt *gr;
     const char *ms, *why = "";
-    int rc;
+    int rc, pr;
 
     tx->nrcpt_tried++;
     if (tx->nrcpt >= c->gateway.max_recipients) {
         /* RFC 5321 4.5.3.1.10: 452, and the client goes on with those accepted. */
-        session_reply(s, "452 4.5.3 Error: too many recipients");
+        session_reply(s, GW_R_TOO_MANY_RECIPIENTS, "452 4.5.3 Error: too many recipients");
         return -1;
     }
-    if (smtp_parse_rcpt(cmd->arg, tx->smtputf8, &r, &er) < 0) {
-        session_reply_r(s, &er);
+    if ((pr = smtp_parse_rcpt(cmd->arg, tx->smtputf8, &r, &er)) < 0) {
+        session_reply_r(s, session_parse_reason(pr), &er);
         session_count_error(s);
         return -1;
     }
@@ -179,7 +180,8 @@ int cmd_rcpt(struct gw_session *s, struct smtp_cmd *cmd)
     rc = rcptmap_check(s->srv->rcptmap, r.addr);
     if (rc != RCPTMAP_OK) {
         rcptmap_reply(rc, &er);
-        session_reply(s, "%d %s <%s>: %s", er.code, er.enh, r.addr, er.text);
+        session_reply(s, session_rcptmap_reason(rc), "%d %s <%s>: %s", er.code, er.enh, r.addr,
+                      er.text);
         /* the queue ID exists from MAIL on: grepping it shows the whole transaction */
         log_info("%s: reject: RCPT from " GW_CLIENT ": %d %s <%s>: %s; from=<%s> to=<%s> "
                  "proto=%s helo=<%s>", tx->qid, GW_WHO(s), er.code, er.enh, r.addr, er.text,
@@ -190,7 +192,7 @@ int cmd_rcpt(struct gw_session *s, struct smtp_cmd *cmd)
         return -1;
     }
     if (!(ms = router_route(s->srv->router, r.addr, &why))) {
-        session_reply(s, "451 4.3.0 <%s>: Error: no mailstore configured", r.addr);
+        session_reply(s, GW_R_TEMPFAIL, "451 4.3.0 <%s>: Error: no mailstore configured", r.addr);
         log_warn("%s: reject: RCPT from " GW_CLIENT ": 451 4.3.0 <%s>: no mailstore is "
                  "configured", tx->qid, GW_WHO(s), r.addr);
         session_rcpt_rejected(s, r.addr, "4.3.0");
@@ -199,7 +201,7 @@ int cmd_rcpt(struct gw_session *s, struct smtp_cmd *cmd)
     if (gw_backlog_over(s->srv->backlog, ms)) {
         /* ARCHITECTURE 6 / issue 6: this mailstore's backlog is past max_backlog; senders
          * retry later and the spool stays free for everyone else's mail. */
-        session_reply(s, "452 4.3.1 <%s>: Mailbox store temporarily overloaded, try again "
+        session_reply(s, GW_R_BACKLOG, "452 4.3.1 <%s>: Mailbox store temporarily overloaded, try again "
                       "later", r.addr);
         log_info("%s: reject: RCPT from " GW_CLIENT ": 452 4.3.1 <%s>: mailstore %s backlog "
                  "over its limit; from=<%s> to=<%s>", tx->qid, GW_WHO(s), r.addr, ms,
@@ -211,12 +213,12 @@ int cmd_rcpt(struct gw_session *s, struct smtp_cmd *cmd)
         /* validation and routing ignore case, so duplicates must too: one delivery each */
         if (strcasecmp(tx->rcpts[i].addr, r.addr) == 0) {
             /* A duplicate: accepted once, delivered once (Postfix drops them in cleanup). */
-            session_reply(s, "250 2.1.5 Ok");
+            session_reply(s, GW_R_NONE, "250 2.1.5 Ok");
             return 0;
         }
     }
     if (tx_rcpt_reserve(s) < 0) {
-        session_reply(s, "451 4.3.0 Error: out of memory");
+        session_reply(s, GW_R_TEMPFAIL, "451 4.3.0 Error: out of memory");
         return -1;
     }
     /* filled in place but counted only once the milters agree (session_rcpt_finish) */
@@ -299,7 +301,7 @@ void session_mail_finish(struct gw_session *s, const struct gw_milter_result *re
         snprintf(s->tx.discard_by, sizeof(s->tx.discard_by), "%s", res->milter);
         session_milter_log(s, "MAIL", res, "");
     }
-    session_reply(s, "250 2.1.0 Ok");
+    session_reply(s, GW_R_NONE, "250 2.1.0 Ok");
     session_enter(s, GW_S_MAIL);
 }
 
@@ -324,7 +326,7 @@ void session_rcpt_finish(struct gw_session *s, const struct gw_milter_result *re
         session_milter_log(s, "RCPT", res, "");
     }
     tx->nrcpt++;
-    session_reply(s, "250 2.1.5 Ok");
+    session_reply(s, GW_R_NONE, "250 2.1.5 Ok");
     session_enter(s, GW_S_RCPT);
 }
 

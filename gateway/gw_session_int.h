@@ -16,6 +16,7 @@
 #include <stddef.h>
 #include <uv.h>
 
+#include "gw_ctl.h"
 #include "gw_session.h"
 #include "log.h"
 #include "smtp_parse.h"
@@ -59,8 +60,11 @@ size_t session_process(struct gw_session *s, const char *p, size_t n);
 void session_reject(struct gw_session *s, const char *why);
 
 /* gw_session_io.c */
-void session_reply(struct gw_session *s, const char *fmt, ...) LOG_FMT(2, 3);
-void session_reply_r(struct gw_session *s, const struct smtp_reply *r);
+void session_reply(struct gw_session *s, enum gw_reason why, const char *fmt, ...) LOG_FMT(3, 4);
+void session_reply_r(struct gw_session *s, enum gw_reason why, const struct smtp_reply *r);
+enum gw_reason session_parse_reason(int err);
+enum gw_reason session_data_reason(int err);
+enum gw_reason session_rcptmap_reason(int rc);
 void session_flush(struct gw_session *s);
 void session_tls_drain(struct gw_session *s);
 void session_read_start(struct gw_session *s);

@@ -17,6 +17,7 @@
 #include "gw_ctl.h"
 #include "gw_server.h"
 #include "gw_tls.h"
+#include "rcptmap.h"
 
 struct gw_wreq {
     uv_write_t req;
@@ -39,9 +40,10 @@ static void session_read_cb(uv_stream_t *st, ssize_t nread, const uv_buf_t *buf)
 
 /* ---------------------------------------------------------------- output */
 
-/* session_reply - append one reply line (CRLF added). A line longer than RFC 5321 allows is
- * cut; only client-supplied text (addresses, bounded by the parser) could make it long. */
-void session_reply(struct gw_session *s, const char *fmt, ...)
+/* session_reply - append one reply line (CRLF added), counted for the metrics under why
+ * (GW_R_NONE for a 2xx/3xx). A line longer than RFC 5321 allows is cut; only client-supplied
+ * text (addresses, bounded by the parser) could make it long. */
+void session_reply(struct gw_session *s, enum gw_reason why, const char *fmt, ...)
 {
     va_list ap;
     int n;
@@ -69,14 +71,70 @@ void session_reply(struct gw_session *s, const char *fmt, ...)
         n = 0;
     if (n > GW_REPLY_MAX - 2)
         n = GW_REPLY_MAX - 2;
-    gw_ctl_rejected_reply(s->out + s->out_len); /* counts 4xx/5xx by reason for metrics */
+    gw_ctl_reply(why);
     memcpy(s->out + s->out_len + n, "\r\n", 2);
     s->out_len += (size_t)n + 2;
 }
 
-void session_reply_r(struct gw_session *s, const struct smtp_reply *r)
+void session_reply_r(struct gw_session *s, enum gw_reason why, const struct smtp_reply *r)
 {
-    session_reply(s, "%d %s %s", r->code, r->enh, r->text);
+    session_reply(s, why, "%d %s %s", r->code, r->enh, r->text);
+}
+
+/* session_parse_reason - the reason of a parser's refusal (enum smtp_err) */
+enum gw_reason session_parse_reason(int err)
+{
+    switch (err) {
+    case SMTP_ESIZE_EXCEEDED:
+        return GW_R_TOO_BIG;
+    case SMTP_EBAD_SENDER:
+    case SMTP_EBAD_RCPT:
+    case SMTP_ENULL_RCPT:
+    case SMTP_ESENDER_LOCAL_LONG:
+    case SMTP_ESENDER_DOMAIN_LONG:
+    case SMTP_ESENDER_PATH_LONG:
+    case SMTP_ERCPT_LOCAL_LONG:
+    case SMTP_ERCPT_DOMAIN_LONG:
+    case SMTP_ERCPT_PATH_LONG:
+        return GW_R_BAD_ADDRESS;
+    case SMTP_ESENDER_UTF8:
+    case SMTP_ERCPT_UTF8:
+        return GW_R_OTHER_5XX;
+    default:                    /* syntax, parameters, unknown and bad sequence */
+        return GW_R_PROTOCOL;
+    }
+}
+
+/* session_data_reason - the reason of a refused message text (enum gw_data_err) */
+enum gw_reason session_data_reason(int err)
+{
+    switch (err) {
+    case GW_DATA_EHEADER_COUNT:
+    case GW_DATA_EHEADER_SIZE:
+    case GW_DATA_ESIZE:
+        return GW_R_TOO_BIG;
+    case GW_DATA_ENUL:
+        return GW_R_OTHER_5XX;
+    case GW_DATA_ESTORE:
+        return GW_R_TEMPFAIL;
+    default:                    /* bare CR or LF, a line too long */
+        return GW_R_PROTOCOL;
+    }
+}
+
+/* session_rcptmap_reason - the reason of a recipient the map refused (enum rcptmap_result) */
+enum gw_reason session_rcptmap_reason(int rc)
+{
+    switch (rc) {
+    case RCPTMAP_OK:
+        return GW_R_NONE;
+    case RCPTMAP_UNKNOWN_USER:
+        return GW_R_UNKNOWN_USER;
+    case RCPTMAP_NOT_LOCAL:
+        return GW_R_RELAY_DENIED;
+    default:
+        return GW_R_TEMPFAIL;
+    }
 }
 
 /* session_send - raw octets to the socket: try the write now, queue only the rest */

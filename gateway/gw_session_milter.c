@@ -29,7 +29,7 @@ static void session_eom_verdict(struct gw_session *s, const struct gw_milter_res
  * SMFIR_SHUTDOWN) also ends the session (RFC 5321 3.8), as Postfix does */
 void session_milter_reply(struct gw_session *s, const char *reply)
 {
-    session_reply(s, "%s", reply);
+    session_reply(s, gw_ctl_reason_of(reply), "%s", reply);
     if (strncmp(reply, "421", 3) == 0) {
         tx_reset(s);
         session_close(s);
@@ -168,7 +168,7 @@ void session_greet_on(struct gw_session *s)
     const struct conf_gateway *g = &s->srv->conf->gateway;
 
     if (strncmp(s->milter_reply, "421", 3) == 0) {
-        session_reply(s, "%s", s->milter_reply);
+        session_reply(s, gw_ctl_reason_of(s->milter_reply), "%s", s->milter_reply);
         session_close(s);
         return;
     }
