@@ -47,7 +47,7 @@ static void mc_write_cb(uv_write_t *req, int status)
     }
 }
 
-/* mc_send - write now what the socket takes, queue the rest. -1 on error (not yet failed:
+/* mc_send - write now what the socket takes, queue the rest. -errno on error (not yet failed:
  * the caller fails the milter, so the stage sees the default action) */
 int mc_send(struct mconn *c, const char *p, size_t n)
 {
@@ -56,7 +56,7 @@ int mc_send(struct mconn *c, const char *p, size_t n)
     int r;
 
     if (!c->h_open)
-        return -1;
+        return -ENOTCONN;
     if (uv_stream_get_write_queue_size(&c->h.stream) == 0) {
         b = uv_buf_init((char *)p, (unsigned)n);
         r = uv_try_write(&c->h.stream, &b, 1);
@@ -67,12 +67,12 @@ int mc_send(struct mconn *c, const char *p, size_t n)
                 return 0;
         } else if (r != UV_EAGAIN && r != UV_ENOSYS) {
             mc_fail(c, "write error: %s", uv_strerror(r));
-            return -1;
+            return r;
         }
     }
     if (!(w = malloc(sizeof(*w) + n))) {
         mc_fail(c, "out of memory");
-        return -1;
+        return -ENOMEM;
     }
     memcpy(w->data, p, n);
     w->req.data = c;
@@ -80,7 +80,7 @@ int mc_send(struct mconn *c, const char *p, size_t n)
     if ((r = uv_write(&w->req, &c->h.stream, &b, 1, mc_write_cb)) < 0) {
         free(w);
         mc_fail(c, "write error: %s", uv_strerror(r));
-        return -1;
+        return r;
     }
     return 0;
 }
@@ -255,7 +255,7 @@ static void mc_gai_cb(uv_getaddrinfo_t *req, int status, struct addrinfo *ai)
     }
 }
 
-/* mc_start_connect - 0 when under way, -1 when it failed at once (c is FAILED) */
+/* mc_start_connect - 0 when under way, -errno when it failed at once (c is FAILED) */
 static int mc_start_connect(struct mconn *c)
 {
     struct sockaddr_storage ss;
@@ -266,7 +266,7 @@ static int mc_start_connect(struct mconn *c)
     if (c->ep.is_unix) {
         if ((r = uv_pipe_init(c->ms->loop, &c->h.pipe, 0)) < 0) {
             mc_fail(c, "connect to unix:%s: %s", c->ep.host, uv_strerror(r));
-            return -1;
+            return r;
         }
         c->h.handle.data = c;
         c->h_open = 1;
@@ -292,7 +292,7 @@ static int mc_start_connect(struct mconn *c)
     }
     if (r < 0) {
         mc_fail(c, "connect to %s port %u: %s", c->ep.host, c->ep.port, uv_strerror(r));
-        return -1;
+        return r;
     }
     return 0;
 }
@@ -361,7 +361,7 @@ int mc_put_header(struct mconn *c, const struct mhdr *h)
         /* a name cannot be cut like a value: the milter cannot judge this message */
         mc_fail(c, "header field name of %zu bytes does not fit a milter packet",
                 h->name_len);
-        return -1;
+        return -EMSGSIZE;
     }
     memcpy(d + n, base + h->name, h->name_len);
     n += h->name_len;
@@ -384,12 +384,13 @@ int mc_put_header(struct mconn *c, const struct mhdr *h)
     return mc_send(c, d, n);
 }
 
-/* mc_content - end-of-message steps for this milter: 0 wait, 1 done, 2 decided, -1 failed */
+/* mc_content - end-of-message steps for this milter: 0 wait, 1 done, 2 decided, -errno failed */
 static int mc_content(struct mconn *c)
 {
     struct gw_milter_sess *ms = c->ms;
     struct gw_milter_msg *m = ms->msg;
     struct milter_buf b = { gw_m_scratch, 0, sizeof(gw_m_scratch) };
+    int rc;
 
     for (;;) {
         switch (c->step) {
@@ -401,8 +402,8 @@ static int mc_content(struct mconn *c)
                 break;
             }
             c->in_tx = 1;
-            if (mc_put_header(c, &ms->hdrs[c->hdr_i++]) < 0)
-                return -1;
+            if ((rc = mc_put_header(c, &ms->hdrs[c->hdr_i++])) < 0)
+                return rc;
             if (!(c->proto & MILTER_P_NR_HDR))
                 return 0;
             break;
@@ -411,11 +412,11 @@ static int mc_content(struct mconn *c)
             c->body_off = ms->body_off;
             if (c->proto & MILTER_P_NOEOH)
                 break;
-            if (mc_send_macros(c, MILTER_M_EOH, MILTER_C_EOH) < 0)
-                return -1;
+            if ((rc = mc_send_macros(c, MILTER_M_EOH, MILTER_C_EOH)) < 0)
+                return rc;
             milter_put_empty(&b, MILTER_C_EOH);
-            if (mc_send(c, b.p, b.len) < 0)
-                return -1;
+            if ((rc = mc_send(c, b.p, b.len)) < 0)
+                return rc;
             b.len = 0;
             if (!(c->proto & MILTER_P_NR_EOH))
                 return 0;
@@ -431,20 +432,20 @@ static int mc_content(struct mconn *c)
             b.len = 0;
             milter_put_body(&b, m->buf + c->body_off, take);
             c->body_off += take;
-            if (mc_send(c, b.p, b.len) < 0)
-                return -1;
+            if ((rc = mc_send(c, b.p, b.len)) < 0)
+                return rc;
             b.len = 0;
             if (!(c->proto & MILTER_P_NR_BODY))
                 return 0;
             break;
         }
         case CS_EOM:
-            if (mc_send_macros(c, MILTER_M_EOM, MILTER_C_BODYEOB) < 0)
-                return -1;
+            if ((rc = mc_send_macros(c, MILTER_M_EOM, MILTER_C_BODYEOB)) < 0)
+                return rc;
             b.len = 0;
             milter_put_empty(&b, MILTER_C_BODYEOB);
-            if (mc_send(c, b.p, b.len) < 0)
-                return -1;
+            if ((rc = mc_send(c, b.p, b.len)) < 0)
+                return rc;
             c->step = CS_WAIT_EOM;
             return 0;
         case CS_WAIT_EOM:
@@ -512,15 +513,15 @@ static int mc_negotiated(struct mconn *c, const struct milter_reply *r)
 {
     if (r->version < 2 || r->version > MILTER_VERSION) {
         mc_fail(c, "protocol version %u not supported", r->version);
-        return -1;
+        return -EPROTO;
     }
     if (r->actions & ~MILTER_F_ALL) {
         mc_fail(c, "asks for actions 0x%x we did not offer", r->actions);
-        return -1;
+        return -EPROTO;
     }
     if (r->protocol & ~MILTER_P_ALL) {
         mc_fail(c, "asks for protocol steps 0x%x we did not offer", r->protocol);
-        return -1;
+        return -EPROTO;
     }
     c->version = r->version;
     c->actions = r->actions;
@@ -531,7 +532,7 @@ static int mc_negotiated(struct mconn *c, const struct milter_reply *r)
         if (r->macros[i] && (c->actions & MILTER_F_SETSYMLIST) &&
             !(c->macros[i] = strdup(r->macros[i]))) {
             mc_fail(c, "out of memory");
-            return -1;
+            return -ENOMEM;
         }
     }
     log_debug("%s: milter %s: version %u actions 0x%x protocol 0x%x", ms_qid(c->ms), c->name,
@@ -545,31 +546,31 @@ static int mc_negotiated(struct mconn *c, const struct milter_reply *r)
 }
 
 /* mc_on_packet - one reply: 0 keep waiting, 1 this milter is done with the stage, 2 it
- * decided, -1 it failed (already logged and closed) */
+ * decided, -errno it failed (already logged and closed) */
 int mc_on_packet(struct mconn *c, const char *pkt, size_t len)
 {
     struct gw_milter_sess *ms = c->ms;
     struct milter_reply r;
-    int eom = ms->st == ST_EOM && c->step == CS_WAIT_EOM;
+    int eom = ms->st == ST_EOM && c->step == CS_WAIT_EOM, rc;
 
     if (milter_proto_parse(pkt, len, &r) < 0) {
         mc_fail(c, "malformed reply (code 0x%02x, %zu bytes)", (unsigned char)pkt[0], len);
-        return -1;
+        return -EPROTO;
     }
     if (c->state == MC_NEGOTIATING) {
         uv_timer_stop(&c->timer);
         if (r.type != MILTER_R_OPTNEG) {
             mc_fail(c, "unexpected %s reply to OPTNEG", milter_reply_name(r.type));
-            return -1;
+            return -EPROTO;
         }
-        if (mc_negotiated(c, &r) < 0)
-            return -1;
+        if ((rc = mc_negotiated(c, &r)) < 0)
+            return rc;
         return mc_advance(c);     /* the CONNECT command */
     }
     if (c->state != MC_WAIT) {
         mc_fail(c, "unexpected %s reply in state %s", milter_reply_name(r.type),
                 mc_state_names[c->state]);
-        return -1;
+        return -EPROTO;
     }
     switch (r.type) {
     case MILTER_R_PROGRESS:
@@ -578,7 +579,7 @@ int mc_on_packet(struct mconn *c, const char *pkt, size_t len)
     case MILTER_R_QUARANTINE:
         if (!(c->actions & MILTER_F_QUARANTINE)) {
             mc_fail(c, "QUARANTINE reply without negotiating that action");
-            return -1;
+            return -EPROTO;
         }
         if (ms->st >= ST_MAIL && ms->quarantine[0] == '\0')
             snprintf(ms->quarantine, sizeof(ms->quarantine), "milter %s: %s", c->name,
@@ -596,13 +597,13 @@ int mc_on_packet(struct mconn *c, const char *pkt, size_t len)
     case MILTER_R_REPLBODY:
         if (!eom) {
             mc_fail(c, "%s reply outside end of message", milter_reply_name(r.type));
-            return -1;
+            return -EPROTO;
         }
-        return mc_edit(c, &r) < 0 ? -1 : 0;
+        return (rc = mc_edit(c, &r)) < 0 ? rc : 0;
     case MILTER_R_OPTNEG:
     case MILTER_R_COUNT:
         mc_fail(c, "unexpected %s reply", milter_reply_name(r.type));
-        return -1;
+        return -EPROTO;
     default:
         break;
     }
@@ -618,13 +619,13 @@ int mc_on_packet(struct mconn *c, const char *pkt, size_t len)
     case MILTER_R_CONTINUE:
         if (ms->st == ST_EOM && !eom)
             return mc_advance(c);
-        if (eom && mc_apply_edits(c) < 0)
-            return -1;
+        if (eom && (rc = mc_apply_edits(c)) < 0)
+            return rc;
         return 1;
     case MILTER_R_SKIP:
         if (ms->st != ST_EOM || c->step != CS_BODY || !(c->proto & MILTER_P_SKIP)) {
             mc_fail(c, "unexpected SKIP reply");
-            return -1;
+            return -EPROTO;
         }
         c->skip_body = 1;
         return mc_advance(c);
@@ -636,8 +637,8 @@ int mc_on_packet(struct mconn *c, const char *pkt, size_t len)
             mc_enter(c, MC_DONE);
             return 1;
         }
-        if (eom && mc_apply_edits(c) < 0)
-            return -1;
+        if (eom && (rc = mc_apply_edits(c)) < 0)
+            return rc;
         c->msg_accepted = 1;
         return 1;
     case MILTER_R_REJECT:
@@ -653,7 +654,7 @@ int mc_on_packet(struct mconn *c, const char *pkt, size_t len)
             reply_format(NULL, 0, r.text) >= GW_MILTER_REPLY_MAX) {
             /* cut, a multi-line reply would end on a continuation line: never send that */
             mc_fail(c, "REPLYCODE reply longer than %d bytes", GW_MILTER_REPLY_MAX - 1);
-            return -1;
+            return -EMSGSIZE;
         }
         if (r.type == MILTER_R_REPLYCODE)
             ms_decide(ms, c, r.code >= 500 ? GW_MV_REJECT : GW_MV_TEMPFAIL, r.text);
@@ -665,7 +666,7 @@ int mc_on_packet(struct mconn *c, const char *pkt, size_t len)
     case MILTER_R_DISCARD:
         if (ms->st <= ST_HELO) {
             mc_fail(c, "DISCARD reply at %s", ms_stage_names[ms->st]);
-            return -1;
+            return -EPROTO;
         }
         if (ms->st == ST_RCPT_REJ)
             return 1;
@@ -674,7 +675,7 @@ int mc_on_packet(struct mconn *c, const char *pkt, size_t len)
         return 2;
     default:
         mc_fail(c, "unexpected %s reply", milter_reply_name(r.type));
-        return -1;
+        return -EPROTO;
     }
 }
 

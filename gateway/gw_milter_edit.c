@@ -13,7 +13,7 @@
 #include <string.h>
 #include <strings.h>
 
-/* mc_edit - keep an end-of-message change for after the final reply (0, or -1 failed) */
+/* mc_edit - keep an end-of-message change for after the final reply (0, or -errno: failed) */
 int mc_edit(struct mconn *c, const struct milter_reply *r)
 {
     static const struct { enum milter_reply_type t; uint32_t flag; } need[] = {
@@ -29,14 +29,14 @@ int mc_edit(struct mconn *c, const struct milter_reply *r)
         if (need[i].t == r->type && !(c->actions & need[i].flag)) {
             /* Postfix: a protocol error. The change is not made, the milter fails. */
             mc_fail(c, "%s reply without negotiating that action", milter_reply_name(r->type));
-            return -1;
+            return -EPROTO;
         }
     }
     if (r->type == MILTER_R_REPLBODY) {
         if (c->newbody_len + r->body_len > ms->max_msg) {
             mc_fail(c, "replacement body larger than %llu bytes",
                     (unsigned long long)ms->max_msg);
-            return -1;
+            return -EMSGSIZE;
         }
         if (c->newbody_len + r->body_len > c->newbody_cap) {
             size_t cap = c->newbody_cap ? c->newbody_cap : 65536;
@@ -46,7 +46,7 @@ int mc_edit(struct mconn *c, const struct milter_reply *r)
                 cap *= 2;
             if (!(nb = realloc(c->newbody, cap))) {
                 mc_fail(c, "out of memory");
-                return -1;
+                return -ENOMEM;
             }
             c->newbody = nb;
             c->newbody_cap = cap;
@@ -65,7 +65,7 @@ int mc_edit(struct mconn *c, const struct milter_reply *r)
         if (++c->n_hdr_edits > cap) {
             /* each change costs a walk of the header list: bound the work, not just bytes */
             mc_fail(c, "more than %d header changes", cap);
-            return -1;
+            return -E2BIG;
         }
     } else if (r->type != MILTER_R_CHGFROM) {
         int cap = ms->max_rcpts > 0 ? ms->max_rcpts : GW_M_RCPT_EDITS;
@@ -74,7 +74,7 @@ int mc_edit(struct mconn *c, const struct milter_reply *r)
         if (++*cnt > cap) {
             mc_fail(c, "more than %d recipient %s", cap,
                     r->type == MILTER_R_DELRCPT ? "deletions" : "additions");
-            return -1;
+            return -E2BIG;
         }
     }
     c->edit_bytes += sizeof(*e) + strlen(r->name ? r->name : r->addr) +
@@ -82,11 +82,11 @@ int mc_edit(struct mconn *c, const struct milter_reply *r)
     if (c->edit_bytes > ms->max_msg) {
         /* a runaway milter cannot make the gateway hold more than a message's worth */
         mc_fail(c, "changes larger than %llu bytes", (unsigned long long)ms->max_msg);
-        return -1;
+        return -EMSGSIZE;
     }
     if (!(e = calloc(1, sizeof(*e)))) {
         mc_fail(c, "out of memory");
-        return -1;
+        return -ENOMEM;
     }
     e->type = r->type;
     e->index = r->index;
@@ -97,7 +97,7 @@ int mc_edit(struct mconn *c, const struct milter_reply *r)
         free(e->value);
         free(e);
         mc_fail(c, "out of memory");
-        return -1;
+        return -ENOMEM;
     }
     *c->edits_tail = e;
     c->edits_tail = &e->next;
@@ -165,7 +165,7 @@ static int hdr_scan(struct gw_milter_sess *ms, const char *buf, size_t len, size
             struct mhdr *nh;
 
             if (cap > GW_M_HDRS_MAX || !(nh = realloc(ms->hdrs, cap * sizeof(*nh))))
-                return -1;
+                return -ENOMEM;
             ms->hdrs = nh;
             ms->hdrs_cap = cap;
         }
@@ -310,7 +310,7 @@ static char *body_crlf(const char *b, size_t *len)
     return o;
 }
 
-/* mc_envelope - this milter's envelope changes into msg, all or nothing; 0 or -1 */
+/* mc_envelope - this milter's envelope changes into msg, all or nothing; 0 or -ENOMEM */
 static int mc_envelope(struct mconn *c)
 {
     struct gw_milter_sess *ms = c->ms;
@@ -368,11 +368,11 @@ oom:
         head = n;
     }
     mc_fail(c, "out of memory");
-    return -1;
+    return -ENOMEM;
 }
 
 /* mc_apply_edits - this milter's header and body changes into msg->buf, then (only when
- * those worked) its envelope changes into msg; 0 or -1 (failed, nothing applied) */
+ * those worked) its envelope changes into msg; 0 or -errno (failed, nothing applied) */
 int mc_apply_edits(struct mconn *c)
 {
     struct gw_milter_sess *ms = c->ms;
@@ -382,7 +382,7 @@ int mc_apply_edits(struct mconn *c)
     const char *body;
     size_t body_len;
     char *nb, *crlf = NULL;
-    int leadspc = (c->proto & MILTER_P_HDR_LEADSPC) != 0, hdr_edits = 0, rc = -1;
+    int leadspc = (c->proto & MILTER_P_HDR_LEADSPC) != 0, hdr_edits = 0, rc = 0;
 
     for (struct medit *e = c->edits; e; e = e->next)
         if (e->type == MILTER_R_ADDHEADER || e->type == MILTER_R_INSHEADER ||
@@ -474,6 +474,7 @@ int mc_apply_edits(struct mconn *c)
     }
     if (ms->max_hdrs > 0 && nh > n0 && nh > (size_t)ms->max_hdrs + (size_t)ms->n_own) {
         mc_fail(c, "changes make %zu header fields (max_header_count %d)", nh, ms->max_hdrs);
+        rc = -E2BIG;
         goto out;
     }
     if (c->newbody_set) {
@@ -492,6 +493,7 @@ int mc_apply_edits(struct mconn *c)
     total += 2 + body_len;
     if (total > ms->max_msg + (ms->max_msg / 2)) {
         mc_fail(c, "changed message too large (%zu bytes)", total);
+        rc = -EMSGSIZE;
         goto out;
     }
     if (!(nb = malloc(total ? total : 1)))
@@ -511,7 +513,7 @@ int mc_apply_edits(struct mconn *c)
         total = n;
     }
     /* the envelope last: a milter that failed above changes nothing at all */
-    if (mc_envelope(c) < 0) {
+    if ((rc = mc_envelope(c)) < 0) {
         free(nb);
         goto out;
     }
@@ -523,10 +525,10 @@ int mc_apply_edits(struct mconn *c)
     for (size_t i = 0; i < nh && ms->n_own < GW_M_OWN_MAX; i++)
         if (h[i].ours)
             ms->own_idx[ms->n_own++] = i; /* where our fields stand for the next milter */
-    rc = 0;
     goto out;
 oom:
     mc_fail(c, "out of memory");
+    rc = -ENOMEM;
 out:
     if (h)
         for (size_t i = 0; i < nh; i++)

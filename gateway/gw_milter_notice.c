@@ -49,7 +49,7 @@ void mc_notices_flush(struct mconn *c)
 /* mc_notice - send one notice packet now, or hold it: inside a transaction libmilter cannot
  * take an unknown command (its state table allows none between RCPT and end of message and
  * would drop the next HEADER or EOM unanswered), so it waits for the end of message or the
- * ABORT. Returns 0 sent or held, -1 dropped. */
+ * ABORT. Returns 0 sent or held, -ENOBUFS or -ENOMEM dropped. */
 static int mc_notice(struct mconn *c, const char *pkt, size_t len)
 {
     char *p;
@@ -57,9 +57,9 @@ static int mc_notice(struct mconn *c, const char *pkt, size_t len)
     if (!c->in_tx)
         return mc_send(c, pkt, len);
     if (c->nq_len + len > GW_M_NOTICE_QUEUE)
-        return -1;
+        return -ENOBUFS;
     if (!(p = realloc(c->nq, c->nq_len + len)))
-        return -1;
+        return -ENOMEM;
     memcpy(p + c->nq_len, pkt, len);
     c->nq = p;
     c->nq_len += len;

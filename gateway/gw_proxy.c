@@ -6,6 +6,7 @@
 #include "gw_proxy.h"
 
 #include <arpa/inet.h>
+#include <errno.h>
 #include <string.h>
 #include <sys/socket.h>
 
@@ -31,12 +32,12 @@ int gw_proxy_parse(const uint8_t *buf, size_t len, struct gw_proxy_result *out)
     if (buf[0] == gw_proxy_v2_sig[0]) {
         n = len < sizeof(gw_proxy_v2_sig) ? len : sizeof(gw_proxy_v2_sig);
         if (memcmp(buf, gw_proxy_v2_sig, n) != 0)
-            return -1;
+            return -EPROTO;
         return proxy_v2(buf, len, out);
     }
     n = len < sizeof(gw_proxy_v1_sig) - 1 ? len : sizeof(gw_proxy_v1_sig) - 1;
     if (memcmp(buf, gw_proxy_v1_sig, n) != 0)
-        return -1;
+        return -EPROTO;
     return proxy_v1(buf, len, out);
 }
 
@@ -58,20 +59,20 @@ static int proxy_v1(const uint8_t *buf, size_t len, struct gw_proxy_result *out)
     cr = memchr(buf, '\r', scan);
     for (size_t i = 0; i < (cr ? (size_t)(cr - buf) : scan); i++)
         if (buf[i] < 0x20 || buf[i] > 0x7e)
-            return -1;
+            return -EPROTO;
     if (!cr)
-        return scan >= GW_PROXY_V1_MAX ? -1 : 0;
+        return scan >= GW_PROXY_V1_MAX ? -EPROTO : 0;
     llen = (size_t)(cr - buf);
     if (llen + 1 >= len)
-        return llen + 2 > GW_PROXY_V1_MAX ? -1 : 0;   /* the LF is still to come */
+        return llen + 2 > GW_PROXY_V1_MAX ? -EPROTO : 0;   /* the LF is still to come */
     if (cr[1] != '\n' || llen + 2 > GW_PROXY_V1_MAX || llen + 2 < GW_PROXY_V1_MIN)
-        return -1;
+        return -EPROTO;
     memcpy(line, buf, llen);
     line[llen] = '\0';
     p = line + sizeof(gw_proxy_v1_sig) - 1;
     end = line + llen;
     if (proxy_v1_field(&p, end, proto, sizeof(proto)) < 0)
-        return -1;
+        return -EPROTO;
     out->version = 1;
     if (strcmp(proto, "UNKNOWN") == 0) {
         /* spec 2.1: the rest of the line may hold anything and is ignored */
@@ -83,17 +84,17 @@ static int proxy_v1(const uint8_t *buf, size_t len, struct gw_proxy_result *out)
     else if (strcmp(proto, "TCP6") == 0)
         af = AF_INET6;
     else
-        return -1;
+        return -EPROTO;
     if (p >= end || *p++ != ' ')
-        return -1;
+        return -EPROTO;
     if (proxy_v1_field(&p, end, src, sizeof(src)) < 0 || p >= end || *p++ != ' ' ||
         proxy_v1_field(&p, end, dst, sizeof(dst)) < 0 || p >= end || *p++ != ' ' ||
         proxy_v1_field(&p, end, sport, sizeof(sport)) < 0 || p >= end || *p++ != ' ' ||
         proxy_v1_field(&p, end, dport, sizeof(dport)) < 0 || p != end)
-        return -1;
+        return -EPROTO;
     if (inet_pton(af, src, out->src) != 1 || inet_pton(af, dst, out->dst) != 1 ||
         proxy_v1_port(sport, &out->src_port) < 0 || proxy_v1_port(dport, &out->dst_port) < 0)
-        return -1;
+        return -EPROTO;
     out->family = af;
     return (int)(llen + 2);
 }
@@ -107,7 +108,7 @@ static int proxy_v1_field(const char **pp, const char *end, char *dst, size_t dl
     while (p + n < end && p[n] != ' ')
         n++;
     if (n == 0 || n >= dlen)
-        return -1;
+        return -EPROTO;
     memcpy(dst, p, n);
     dst[n] = '\0';
     *pp = p + n;
@@ -120,13 +121,13 @@ static int proxy_v1_port(const char *s, uint16_t *port)
     unsigned v = 0;
 
     if (*s == '\0' || (s[0] == '0' && s[1] != '\0'))
-        return -1;
+        return -EPROTO;
     for (; *s; s++) {
         if (*s < '0' || *s > '9')
-            return -1;
+            return -EPROTO;
         v = v * 10 + (unsigned)(*s - '0');
         if (v > 65535)
-            return -1;
+            return -EPROTO;
     }
     *port = (uint16_t)v;
     return 0;
@@ -143,14 +144,14 @@ static int proxy_v2(const uint8_t *buf, size_t len, struct gw_proxy_result *out)
     if (len < GW_PROXY_V2_HDR) {
         /* Reject a wrong version as soon as it is seen, not after the length. */
         if (len > 12 && (buf[12] >> 4) != 2)
-            return -1;
+            return -EPROTO;
         return 0;
     }
     ver = buf[12] >> 4;
     cmd = buf[12] & 0x0f;
     fam = buf[13];
     if (ver != 2 || cmd > 1)
-        return -1;
+        return -EPROTO;
     body = ((size_t)buf[14] << 8) | buf[15];
     total = GW_PROXY_V2_HDR + body;
     if (len < total)
@@ -164,7 +165,7 @@ static int proxy_v2(const uint8_t *buf, size_t len, struct gw_proxy_result *out)
     switch (fam) {
     case 0x11:                        /* TCP over IPv4 */
         if (body < 12)
-            return -1;
+            return -EPROTO;
         out->family = AF_INET;
         memcpy(out->src, buf + 16, 4);
         memcpy(out->dst, buf + 20, 4);
@@ -173,7 +174,7 @@ static int proxy_v2(const uint8_t *buf, size_t len, struct gw_proxy_result *out)
         break;
     case 0x21:                        /* TCP over IPv6 */
         if (body < 36)
-            return -1;
+            return -EPROTO;
         out->family = AF_INET6;
         memcpy(out->src, buf + 16, 16);
         memcpy(out->dst, buf + 32, 16);
@@ -185,7 +186,7 @@ static int proxy_v2(const uint8_t *buf, size_t len, struct gw_proxy_result *out)
         out->local = 1;
         break;
     default:                          /* UDP, unix datagram, unknown families */
-        return -1;
+        return -EPROTO;
     }
     /* TLVs (alpn, authority, crc32c, ssl, netns...) follow the addresses: skipped unread, as
      * nothing here depends on them and a bad one must not matter. */
@@ -199,10 +200,10 @@ int gw_proxy_src_text(const struct gw_proxy_result *r, char *buf, size_t len)
     static const uint8_t mapped[12] = { 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff };
 
     if (r->local || len == 0)
-        return -1;
+        return -EINVAL;
     if (r->family == AF_INET6 && memcmp(r->src, mapped, sizeof(mapped)) == 0)
-        return inet_ntop(AF_INET, r->src + 12, buf, (socklen_t)len) ? 0 : -1;
-    return inet_ntop(r->family, r->src, buf, (socklen_t)len) ? 0 : -1;
+        return inet_ntop(AF_INET, r->src + 12, buf, (socklen_t)len) ? 0 : -errno;
+    return inet_ntop(r->family, r->src, buf, (socklen_t)len) ? 0 : -errno;
 }
 
 int gw_proxy_net_match(const struct conf_net *nets, int n, const char *addr)

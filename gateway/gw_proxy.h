@@ -8,11 +8,11 @@
  *   > 0  the header is complete and valid; that many octets were the header (what follows is
  *        the client's first SMTP octets),
  *   0    a valid header may still follow: read more (the caller bounds how much and how long),
- *   -1   this is not a valid PROXY header: drop the connection, never treat it as SMTP.
+ *   -EPROTO  this is not a valid PROXY header: drop the connection, never treat it as SMTP.
  * Version 1: "PROXY TCP4|TCP6 SRC DST SPORT DPORT\r\n" or "PROXY UNKNOWN...\r\n", at most 107
  * octets. Version 2: the 12-octet signature, ver/cmd, family, length, addresses, TLVs; the
  * PROXY command with TCP over IPv4/IPv6 gives addresses, LOCAL (health checks) and the
- * UNSPEC/UNIX families give none. TLVs are skipped unread. Everything else is -1.
+ * UNSPEC/UNIX families give none. TLVs are skipped unread. Everything else is -EPROTO.
  *
  * Networks (proxy_trusted_networks) are parsed by conf_parse_net (conf.h).
  */
@@ -40,7 +40,8 @@ struct gw_proxy_result {
 int gw_proxy_parse(const uint8_t *buf, size_t len, struct gw_proxy_result *out);
 
 /* The source address as text ("192.0.2.1", "2001:db8::1"; an IPv4-mapped IPv6 address as its
- * IPv4 form, like the gateway logs a v4 client on a dual-stack socket). 0, or -1 when local. */
+ * IPv4 form, like the gateway logs a v4 client on a dual-stack socket). 0, or -EINVAL when
+ * local, -ENOSPC when buf is too small. */
 int gw_proxy_src_text(const struct gw_proxy_result *r, char *buf, size_t len);
 
 /* addr (text, as the gateway writes client addresses) inside one of nets[0..n)? 1 or 0. An

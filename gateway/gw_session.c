@@ -46,7 +46,8 @@ typedef int (*gw_cmd_fn)(struct gw_session *s, struct smtp_cmd *cmd);
 
 struct gw_cmd {
     unsigned states;              /* bit per enum gw_state in which the verb is allowed */
-    gw_cmd_fn fn;                 /* sends its own reply; 0 = success (counted as ok) */
+    gw_cmd_fn fn;                 /* sends its own reply; 0 = success (counted as ok),
+                                   * -errno = refused (why, for the reader) */
     unsigned flags;
 };
 
@@ -639,17 +640,17 @@ static int cmd_starttls(struct gw_session *s, struct smtp_cmd *cmd)
     if (s->tls) {
         session_reply(s, GW_R_PROTOCOL, "554 5.5.1 Error: TLS already active");
         session_count_error(s);
-        return -1;
+        return -EALREADY;
     }
     if (!s->srv->tls) {
         session_reply(s, GW_R_PROTOCOL, "502 5.5.1 Error: command not implemented");
         session_count_error(s);
-        return -1;
+        return -ENOTSUP;
     }
     if (!(t = gw_tls_conn_new(s->srv->tls))) {
         session_reply(s, GW_R_TLS_UNAVAILABLE, "454 4.7.0 TLS not available due to local problem");
         log_warn(GW_CLIENT ": cannot start TLS: out of memory", GW_WHO(s));
-        return -1;
+        return -ENOMEM;
     }
     session_reply(s, GW_R_NONE, "220 2.0.0 Ready to start TLS");
     session_flush(s);

@@ -30,7 +30,7 @@ int cmd_data(struct gw_session *s, struct smtp_cmd *cmd)
         /* RFC 3030 3: BINARYMIME content cannot be sent with DATA. */
         session_reply(s, GW_R_PROTOCOL, "503 5.5.1 Error: BODY=BINARYMIME requires BDAT");
         session_count_error(s);
-        return -1;
+        return -EINVAL;
     }
     if (s->milter) {
         struct gw_milter_result mres;
@@ -79,7 +79,7 @@ int cmd_bdat(struct gw_session *s, struct smtp_cmd *cmd)
         session_reply_r(s, session_parse_reason(r), &er);
         log_info("bad BDAT size from " GW_CLIENT ": closing", GW_WHO(s));
         session_close(s);
-        return -1;
+        return -EINVAL;
     }
     s->bdat_left = size;
     s->bdat_last = last ? 1 : 0;
@@ -96,7 +96,7 @@ int cmd_bdat(struct gw_session *s, struct smtp_cmd *cmd)
         }
     }
     if (s->closing)
-        return -1;
+        return -ECONNABORTED;
     session_enter(s, GW_S_BDAT);
     if (size == 0)
         session_chunk_done(s);
@@ -138,7 +138,7 @@ static int session_msg_start(struct gw_session *s, enum gw_data_mode mode)
     if (!(tx->msg = spool_msg_new(s->srv->spool, tx->qid))) {
         session_reply(s, GW_R_TEMPFAIL, "451 4.3.0 Error: queue file write error");
         log_warn("%s: cannot start a message in the spool", tx->qid);
-        return -1;
+        return -EIO;
     }
     for (n = 0; s->helo[n] && n < GW_HELO_MAX; n++) {
         unsigned char ch = (unsigned char)s->helo[n];
@@ -166,7 +166,7 @@ static int session_msg_start(struct gw_session *s, enum gw_data_mode mode)
         /* binary content is never shown to milters; those that take no body (policyd's
          * hold, envelope checks) still get an end of message, with no header fields */
         if (!(tx->mmsg.buf = strdup("\r\n")))
-            r = -1;
+            r = -ENOMEM;
         tx->mmsg.len = tx->mmsg.cap = 2;
         tx->milter_headers = 1;
         log_qid(LOG_INFO, tx->qid, "milter: BODY=BINARYMIME: milters that take the body skip "
@@ -182,17 +182,17 @@ static int session_msg_start(struct gw_session *s, enum gw_data_mode mode)
         if (r == 0 && (!(tx->mprefix = malloc(strlen(spf) + len + 1)) ||
                        (size_t)snprintf(tx->mprefix, strlen(spf) + len + 1, "%s%.*s", spf,
                                         (int)len, hdr) != strlen(spf) + len))
-            r = -1;
+            r = -ENOMEM;
         if (r == 0 && session_data_out(s, tx->mprefix, strlen(tx->mprefix)) < 0)
-            r = -1;
+            r = -EIO;
     } else {
         if (r == 0 && spool_msg_prepend(tx->msg, hdr, len) < 0)
-            r = -1;
+            r = -EIO;
         if (r == 0 && tx->spf_done) {
             /* prepended after Received:, so they end up above it */
             r = gw_spf_headers(&tx->spf, g->hostname, tx->sender, s->helo, hdr, sizeof(hdr));
             if (r == 0 && spool_msg_prepend(tx->msg, hdr, strlen(hdr)) < 0)
-                r = -1;
+                r = -EIO;
         }
     }
     if (r < 0) {
@@ -200,7 +200,7 @@ static int session_msg_start(struct gw_session *s, enum gw_data_mode mode)
         tx->msg = NULL;
         tx->milter_buffer = 0;
         session_reply(s, GW_R_TEMPFAIL, "451 4.3.0 Error: queue file write error");
-        return -1;
+        return -EIO;
     }
     lim.max_size = g->max_message_size;
     lim.max_line = g->max_text_line;

@@ -34,7 +34,7 @@ int cmd_mail(struct gw_session *s, struct smtp_cmd *cmd)
     if ((r = smtp_parse_mail(cmd->arg, &m, &er)) < 0) {
         session_reply_r(s, session_parse_reason(r), &er);
         session_count_error(s);
-        return -1;
+        return -EINVAL;
     }
     if (m.size_given && c->gateway.max_message_size && m.size > c->gateway.max_message_size) {
         /* RFC 1870 6.1: the declared size is over our fixed limit. */
@@ -43,14 +43,14 @@ int cmd_mail(struct gw_session *s, struct smtp_cmd *cmd)
         log_info("NOQUEUE: reject: MAIL from " GW_CLIENT ": %d %s %s; from=<%s> size=%" PRIu64,
                  GW_WHO(s), er.code, er.enh, er.text, m.addr, m.size);
         session_count_error(s);
-        return -1;
+        return -EMSGSIZE;
     }
     if (s->milter_reply[0]) {
         /* a milter refused the connection (or HELO): every MAIL gets its answer */
         log_info("NOQUEUE: milter %s: reject: MAIL from " GW_CLIENT ": %s; from=<%s>",
                  s->milter_by, GW_WHO(s), s->milter_reply, m.addr);
         session_milter_reply(s, s->milter_reply);
-        return -1;
+        return -EPERM;
     }
     fb = gw_server_free_bytes(s->srv);
     if (fb >= 0 && (uint64_t)fb < c->spool.min_free_space + (m.size_given ? m.size : 0)) {
@@ -58,7 +58,7 @@ int cmd_mail(struct gw_session *s, struct smtp_cmd *cmd)
         session_reply(s, GW_R_SPOOL_FULL, "452 4.3.1 Error: insufficient system storage");
         log_warn("NOQUEUE: reject: MAIL from " GW_CLIENT ": 452 4.3.1 insufficient system "
                  "storage (%" PRId64 " bytes free); from=<%s>", GW_WHO(s), fb, m.addr);
-        return -1;
+        return -ENOSPC;
     }
     if (!gw_server_reserve_ok(s->srv)) {
         /* the file system filled up and the spool's reserve is out, draining it: what it
@@ -67,7 +67,7 @@ int cmd_mail(struct gw_session *s, struct smtp_cmd *cmd)
         log_warn("NOQUEUE: reject: MAIL from " GW_CLIENT ": 452 4.3.1 insufficient system "
                  "storage (spool reserve not in place: the file system filled up); from=<%s>",
                  GW_WHO(s), m.addr);
-        return -1;
+        return -ENOSPC;
     }
     tx_reset(s);
     qid_new(tx->qid);
@@ -93,7 +93,7 @@ int cmd_mail(struct gw_session *s, struct smtp_cmd *cmd)
             s->paused = 0;
             session_reply(s, GW_R_TEMPFAIL, "451 4.3.0 Error: out of memory");
             tx_reset(s);
-            return -1;
+            return -ENOMEM;
         }
         return 0;
     }
@@ -163,12 +163,12 @@ int cmd_rcpt(struct gw_session *s, struct smtp_cmd *cmd)
     if (tx->nrcpt >= c->gateway.max_recipients) {
         /* RFC 5321 4.5.3.1.10: 452, and the client goes on with those accepted. */
         session_reply(s, GW_R_TOO_MANY_RECIPIENTS, "452 4.5.3 Error: too many recipients");
-        return -1;
+        return -E2BIG;
     }
     if ((pr = smtp_parse_rcpt(cmd->arg, tx->smtputf8, &r, &er)) < 0) {
         session_reply_r(s, session_parse_reason(pr), &er);
         session_count_error(s);
-        return -1;
+        return -EINVAL;
     }
     if (r.postmaster && !strchr(r.addr, '@')) {
         /* RFC 5321 4.5.1: bare <postmaster> is ours; give it a domain the mailstores know */
@@ -189,14 +189,14 @@ int cmd_rcpt(struct gw_session *s, struct smtp_cmd *cmd)
         if (rc != RCPTMAP_TEMPFAIL) /* our lookup failing is not the client's error */
             session_count_error(s);
         session_rcpt_rejected(s, r.addr, er.enh);
-        return -1;
+        return rc == RCPTMAP_TEMPFAIL ? -EAGAIN : -EPERM;
     }
     if (!(ms = router_route(s->srv->router, r.addr, &why))) {
         session_reply(s, GW_R_TEMPFAIL, "451 4.3.0 <%s>: Error: no mailstore configured", r.addr);
         log_warn("%s: reject: RCPT from " GW_CLIENT ": 451 4.3.0 <%s>: no mailstore is "
                  "configured", tx->qid, GW_WHO(s), r.addr);
         session_rcpt_rejected(s, r.addr, "4.3.0");
-        return -1;
+        return -ENOENT;
     }
     if (gw_backlog_over(s->srv->backlog, ms)) {
         /* ARCHITECTURE 6 / issue 6: this mailstore's backlog is past max_backlog; senders
@@ -207,7 +207,7 @@ int cmd_rcpt(struct gw_session *s, struct smtp_cmd *cmd)
                  "over its limit; from=<%s> to=<%s>", tx->qid, GW_WHO(s), r.addr, ms,
                  tx->sender, r.addr);
         session_rcpt_rejected(s, r.addr, "4.3.1");
-        return -1;
+        return -EAGAIN;
     }
     for (int i = 0; i < tx->nrcpt; i++) {
         /* validation and routing ignore case, so duplicates must too: one delivery each */
@@ -219,7 +219,7 @@ int cmd_rcpt(struct gw_session *s, struct smtp_cmd *cmd)
     }
     if (tx_rcpt_reserve(s) < 0) {
         session_reply(s, GW_R_TEMPFAIL, "451 4.3.0 Error: out of memory");
-        return -1;
+        return -ENOMEM;
     }
     /* filled in place but counted only once the milters agree (session_rcpt_finish) */
     gr = &tx->rcpts[tx->nrcpt];

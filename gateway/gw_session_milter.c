@@ -278,10 +278,10 @@ static int strip_path(const char *in, char *out, size_t len)
         n -= 2;
     }
     if (n >= len)
-        return -1;
+        return -ENAMETOOLONG;
     for (size_t i = 0; i < n; i++)
         if ((unsigned char)in[i] <= 32 || in[i] == '<' || in[i] == '>')
-            return -1;
+            return -EINVAL;
     memcpy(out, in, n);
     out[n] = '\0';
     return 0;

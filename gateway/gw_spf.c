@@ -133,7 +133,7 @@ static void gwdns_destroy(SPF_dns_server_t *d)
     free(d);
 }
 
-/* "1.2.3.4" or "1.2.3.4:5353" -> sa; 0 or -1 */
+/* "1.2.3.4" or "1.2.3.4:5353" -> sa; 0 or -EINVAL */
 static int spf_parse_dns(const char *dns, struct sockaddr_in *sa)
 {
     char host[64];
@@ -143,20 +143,20 @@ static int spf_parse_dns(const char *dns, struct sockaddr_in *sa)
     long port = 53;
 
     if (hl == 0 || hl >= sizeof(host))
-        return -1;
+        return -EINVAL;
     memcpy(host, dns, hl);
     host[hl] = '\0';
     if (colon) {
         port = strtol(colon + 1, &end, 10);
         if (*end || end == colon + 1)
-            return -1;
+            return -EINVAL;
     }
     if (port <= 0 || port > 65535)
-        return -1;
+        return -EINVAL;
     memset(sa, 0, sizeof(*sa));
     sa->sin_family = AF_INET;
     sa->sin_port = htons((uint16_t)port);
-    return inet_pton(AF_INET, host, &sa->sin_addr) == 1 ? 0 : -1;
+    return inet_pton(AF_INET, host, &sa->sin_addr) == 1 ? 0 : -EINVAL;
 }
 
 /* dns: "" (system), "1.2.3.4" or "1.2.3.4:5353"; per-query timeout in seconds */

@@ -42,7 +42,7 @@ static int take_str(const char **p, const char *end, const char **out, size_t ma
     const char *z;
 
     if (*p >= end || !(z = memchr(*p, '\0', (size_t)(end - *p))) || (size_t)(z - *p) > max)
-        return -1;
+        return -EPROTO;
     *out = *p;
     *p = z + 1;
     return 0;

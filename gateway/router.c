@@ -99,7 +99,7 @@ static int find_mailstore(const struct router *r, const char *name)
     for (i = 0; i < r->n; i++)
         if (strcmp(r->ms[i].name, name) == 0)
             return (int)i;
-    return -1;
+    return -ENOENT;
 }
 
 int router_add_mailstore(struct router *r, const char *name, int weight)

@@ -355,7 +355,7 @@ static int split_arg(const char *arg, const char *kw, struct path_in *pi)
     int quoted = 0;
 
     if (strncasecmp(arg, kw, kwlen) != 0)
-        return -1;
+        return -EINVAL;
     p = arg + kwlen;
     pi->space_after_colon = 0;
     if (*p == ' ') {
@@ -363,7 +363,7 @@ static int split_arg(const char *arg, const char *kw, struct path_in *pi)
         p++;
     }
     if (*p != '<')
-        return -1;
+        return -EINVAL;
     for (q = p + 1; *q != '\0'; q++) {
         if (quoted) {
             if (*q == '\\' && q[1] != '\0')
@@ -377,12 +377,12 @@ static int split_arg(const char *arg, const char *kw, struct path_in *pi)
         }
     }
     if (*q != '>')
-        return -1;
+        return -EINVAL;
     pi->path = p;
     pi->len = (size_t)(q - p) + 1;
     q++;
     if (*q != '\0' && *q != ' ')
-        return -1;
+        return -EINVAL;
     while (*q == ' ')
         q++;
     pi->params = *q != '\0' ? q : NULL;
@@ -856,7 +856,7 @@ static int hex_upper(unsigned char c)
         return c - '0';
     if (c >= 'A' && c <= 'F')
         return c - 'A' + 10;
-    return -1;
+    return -EINVAL;
 }
 
 int smtp_xtext_decode(const char *in, size_t inlen, char *out, size_t outsize, size_t *outlen)

@@ -7,6 +7,7 @@
  * The input's tail also goes to conf_parse_net / gw_proxy_net_match (proxy_trusted_networks).
  */
 #include <arpa/inet.h>
+#include <errno.h>
 #include <string.h>
 #include <sys/socket.h>
 
@@ -34,7 +35,7 @@ static void check_prefix(const uint8_t *buf, size_t k, int r, const struct gw_pr
     else if (r == 0)
         FUZZ_CHECK(rk == 0);                    /* nothing wrong yet means nothing wrong before */
     else
-        FUZZ_CHECK(rk == 0 || rk == -1);        /* wrong now: at most "more" before */
+        FUZZ_CHECK(rk == 0 || rk == -EPROTO);   /* wrong now: at most "more" before */
 }
 
 static void check_net(const char *text)
@@ -58,7 +59,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     int r = gw_proxy_parse(data, size, &res);
     size_t step;
 
-    FUZZ_CHECK(r >= -1 && (r <= 0 || (size_t)r <= size));
+    FUZZ_CHECK((r >= 0 || r == -EPROTO) && (r <= 0 || (size_t)r <= size));
     if (r > 0) {
         FUZZ_CHECK(res.version == 1 || res.version == 2);
         FUZZ_CHECK(res.version == 2 || (size_t)r <= GW_PROXY_V1_MAX);
@@ -73,7 +74,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             FUZZ_CHECK(conf_parse_net(text, &n) == 0);
             FUZZ_CHECK(gw_proxy_net_match(&n, 1, text) == 1);
         } else {
-            FUZZ_CHECK(gw_proxy_src_text(&res, text, sizeof(text)) == -1);
+            FUZZ_CHECK(gw_proxy_src_text(&res, text, sizeof(text)) == -EINVAL);
         }
     }
     /* every prefix for short inputs; a stride of them for long v2 blocks */

@@ -107,7 +107,7 @@ static void test_v1_unknown(void **state)
 
     assert_int_equal(parse_str("PROXY UNKNOWN\r\n", &r), 15);
     assert_int_equal(r.local, 1);
-    assert_int_equal(gw_proxy_src_text(&r, text, sizeof(text)), -1);
+    assert_int_equal(gw_proxy_src_text(&r, text, sizeof(text)), -EINVAL);
     /* spec 2.1: with UNKNOWN, the rest of the line is ignored */
     assert_int_equal(parse_str("PROXY UNKNOWN ffff::1 ffff::2 1 2\r\n", &r), 35);
     assert_int_equal(r.local, 1);
@@ -130,11 +130,11 @@ static void test_v1_longest(void **state)
     /* 108 octets without CR LF can never be a header */
     memset(buf, 'a', sizeof(buf));
     memcpy(buf, "PROXY UNKNOWN ", 14);
-    assert_int_equal(gw_proxy_parse((const uint8_t *)buf, GW_PROXY_V1_MAX, &r), -1);
+    assert_int_equal(gw_proxy_parse((const uint8_t *)buf, GW_PROXY_V1_MAX, &r), -EPROTO);
     assert_int_equal(gw_proxy_parse((const uint8_t *)buf, GW_PROXY_V1_MAX - 1, &r), 0);
     buf[GW_PROXY_V1_MAX - 1] = '\r';
     buf[GW_PROXY_V1_MAX] = '\n';
-    assert_int_equal(gw_proxy_parse((const uint8_t *)buf, GW_PROXY_V1_MAX + 1, &r), -1);
+    assert_int_equal(gw_proxy_parse((const uint8_t *)buf, GW_PROXY_V1_MAX + 1, &r), -EPROTO);
 }
 
 static void test_v1_malformed(void **state)
@@ -167,14 +167,14 @@ static void test_v1_malformed(void **state)
     struct gw_proxy_result r;
 
     for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++)
-        if (parse_str(bad[i], &r) != -1)
-            fail_msg("\"%s\": %d, wanted -1", bad[i], parse_str(bad[i], &r));
+        if (parse_str(bad[i], &r) != -EPROTO)
+            fail_msg("\"%s\": %d, wanted -EPROTO", bad[i], parse_str(bad[i], &r));
     /* a NUL inside the line */
     assert_int_equal(gw_proxy_parse((const uint8_t *)"PROXY TCP4 1.2.3.4\0 5.6.7.8 1 2\r\n",
-                                     33, &r), -1);
+                                     33, &r), -EPROTO);
     /* a wrong first octet is refused at once, before a whole line is there */
-    assert_int_equal(parse_str("E", &r), -1);
-    assert_int_equal(parse_str("PROXX", &r), -1);
+    assert_int_equal(parse_str("E", &r), -EPROTO);
+    assert_int_equal(parse_str("PROXX", &r), -EPROTO);
     assert_int_equal(parse_str("PRO", &r), 0);
 }
 
@@ -254,23 +254,23 @@ static void test_v2_malformed(void **state)
     struct gw_proxy_result r;
 
     n = v2(h, 0x11, 0x11, addr, sizeof(addr), NULL, 0);      /* version 1 in binary */
-    assert_int_equal(gw_proxy_parse(h, n, &r), -1);
-    assert_int_equal(gw_proxy_parse(h, 13, &r), -1);          /* seen as soon as it is there */
+    assert_int_equal(gw_proxy_parse(h, n, &r), -EPROTO);
+    assert_int_equal(gw_proxy_parse(h, 13, &r), -EPROTO);     /* seen as soon as it is there */
     n = v2(h, 0x31, 0x11, addr, sizeof(addr), NULL, 0);
-    assert_int_equal(gw_proxy_parse(h, n, &r), -1);
+    assert_int_equal(gw_proxy_parse(h, n, &r), -EPROTO);
     n = v2(h, 0x22, 0x11, addr, sizeof(addr), NULL, 0);      /* unknown command */
-    assert_int_equal(gw_proxy_parse(h, n, &r), -1);
+    assert_int_equal(gw_proxy_parse(h, n, &r), -EPROTO);
     n = v2(h, 0x21, 0x12, addr, sizeof(addr), NULL, 0);      /* UDP */
-    assert_int_equal(gw_proxy_parse(h, n, &r), -1);
+    assert_int_equal(gw_proxy_parse(h, n, &r), -EPROTO);
     n = v2(h, 0x21, 0x41, addr, sizeof(addr), NULL, 0);      /* no such family */
-    assert_int_equal(gw_proxy_parse(h, n, &r), -1);
+    assert_int_equal(gw_proxy_parse(h, n, &r), -EPROTO);
     n = v2(h, 0x21, 0x11, addr, 11, NULL, 0);                /* block shorter than TCP4 */
-    assert_int_equal(gw_proxy_parse(h, n, &r), -1);
+    assert_int_equal(gw_proxy_parse(h, n, &r), -EPROTO);
     n = v2(h, 0x21, 0x21, addr, 12, NULL, 0);                /* shorter than TCP6 */
-    assert_int_equal(gw_proxy_parse(h, n, &r), -1);
+    assert_int_equal(gw_proxy_parse(h, n, &r), -EPROTO);
     memcpy(h, v2sig, 12);
     h[6] = 0x0B;                                              /* broken signature */
-    assert_int_equal(gw_proxy_parse(h, 7, &r), -1);
+    assert_int_equal(gw_proxy_parse(h, 7, &r), -EPROTO);
     assert_int_equal(gw_proxy_parse(h, 6, &r), 0);
 }
 
@@ -293,7 +293,7 @@ static void test_v2_longest_length(void **state)
 }
 
 /* test_random_never_overreads - random octets (a tiny fuzz run, seeded): the answer is
- * -1, 0 or a count within len; ASan checks the reads */
+ * -EPROTO, 0 or a count within len; ASan checks the reads */
 static void test_random_never_overreads(void **state)
 {
     unsigned seed = 12345;
@@ -312,7 +312,7 @@ static void test_random_never_overreads(void **state)
         if (len && it % 3 == 1)
             memcpy(p, v2sig, len < 12 ? len : 12);
         rc = gw_proxy_parse(p, len, &r);
-        assert_true(rc >= -1 && rc <= (int)len);
+        assert_true((rc >= 0 || rc == -EPROTO) && rc <= (int)len);
         free(p);
     }
 }
