@@ -802,16 +802,30 @@ int etcd_txn(struct etcd *e, const struct etcd_op *ops, int n, int64_t *rev, cha
     return 0;
 }
 
-int etcd_lease_grant(struct etcd *e, int64_t ttl_s, int64_t *id, char *err, size_t errlen)
+/* lease_call - one lease request {key: arg}: the answer's integer at field (inside section
+ * when section is not NULL) into *out, 0 for none; 0 or the call's -errno. */
+static int lease_call(struct etcd *e, const char *path, const char *key, int64_t arg,
+                      const char *section, const char *field, int64_t *out, char *err,
+                      size_t errlen)
 {
     json_t *rep;
-    int r = call(e, "/v3/lease/grant", json_pack("{s:I}", "TTL", (json_int_t)ttl_s), &rep, err,
-                 errlen);
+    int r = call(e, path, json_pack("{s:I}", key, (json_int_t)arg), &rep, err, errlen);
 
     if (r < 0)
         return r;
-    *id = etcd_json_int(json_object_get(rep, "ID"));
+    if (out)
+        *out = etcd_json_int(json_object_get(section ? json_object_get(rep, section) : rep,
+                                             field));
     json_decref(rep);
+    return 0;
+}
+
+int etcd_lease_grant(struct etcd *e, int64_t ttl_s, int64_t *id, char *err, size_t errlen)
+{
+    int r = lease_call(e, "/v3/lease/grant", "TTL", ttl_s, NULL, "ID", id, err, errlen);
+
+    if (r < 0)
+        return r;
     if (*id == 0) {
         snprintf(err, errlen, "etcd: lease grant answered without an ID");
         return -EPROTO;
@@ -821,15 +835,11 @@ int etcd_lease_grant(struct etcd *e, int64_t ttl_s, int64_t *id, char *err, size
 
 int etcd_lease_keepalive(struct etcd *e, int64_t id, int64_t *ttl_s, char *err, size_t errlen)
 {
-    json_t *rep;
-    int r = call(e, "/v3/lease/keepalive", json_pack("{s:I}", "ID", (json_int_t)id), &rep, err,
-                 errlen);
+    /* a stream of one answer: {"result":{"ID":..,"TTL":..}}; no TTL = the lease is gone */
+    int r = lease_call(e, "/v3/lease/keepalive", "ID", id, "result", "TTL", ttl_s, err, errlen);
 
     if (r < 0)
         return r;
-    /* a stream of one answer: {"result":{"ID":..,"TTL":..}}; no TTL = the lease is gone */
-    *ttl_s = etcd_json_int(json_object_get(json_object_get(rep, "result"), "TTL"));
-    json_decref(rep);
     if (*ttl_s <= 0) {
         snprintf(err, errlen, "etcd: lease %lld has expired", (long long)id);
         return -ENOENT;
@@ -839,13 +849,7 @@ int etcd_lease_keepalive(struct etcd *e, int64_t id, int64_t *ttl_s, char *err, 
 
 int etcd_lease_revoke(struct etcd *e, int64_t id, char *err, size_t errlen)
 {
-    json_t *rep;
-    int r = call(e, "/v3/lease/revoke", json_pack("{s:I}", "ID", (json_int_t)id), &rep, err,
-                 errlen);
-
-    if (r == 0)
-        json_decref(rep);
-    return r;
+    return lease_call(e, "/v3/lease/revoke", "ID", id, NULL, NULL, NULL, err, errlen);
 }
 
 /* --- Watch ------------------------------------------------------------------------------------ */
