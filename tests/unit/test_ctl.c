@@ -376,6 +376,28 @@ static void test_gw_ctl_status(void **state)
     rmdir(dir);
 }
 
+/* the reasons' labels are Prometheus series: the alerts and dashboard name some of them */
+static void test_gw_reasons(void **state)
+{
+    (void)state;
+    assert_string_equal(gw_reason_label(GW_R_NONE), "");
+    assert_string_equal(gw_reason_label(GW_R_SPOOL_FULL), "spool_full");
+    assert_string_equal(gw_reason_label(GW_R_BACKLOG), "backlog");
+    assert_string_equal(gw_reason_label(GW_R_UNKNOWN_USER), "unknown_user");
+    assert_string_equal(gw_reason_label(GW_R_TEMPFAIL), "tempfail");
+    for (int i = 1; i < GW_R_COUNT; i++) {
+        assert_true(gw_reason_label((enum gw_reason)i)[0] != '\0');
+        for (int k = 1; k < i; k++)
+            assert_string_not_equal(gw_reason_label((enum gw_reason)i),
+                                    gw_reason_label((enum gw_reason)k));
+    }
+    /* a milter's words: read by their codes, a 2xx is no refusal */
+    assert_int_equal(gw_ctl_reason_of("250 2.0.0 Ok"), GW_R_NONE);
+    assert_int_equal(gw_ctl_reason_of("550 5.7.1 Command rejected"), GW_R_RELAY_DENIED);
+    assert_int_equal(gw_ctl_reason_of("451 4.7.1 Service unavailable - try again later"),
+                     GW_R_OTHER_4XX);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -388,6 +410,7 @@ int main(void)
         cmocka_unit_test(test_check_thresholds),
         cmocka_unit_test(test_metrics_text),
         cmocka_unit_test(test_gw_ctl_status),
+        cmocka_unit_test(test_gw_reasons),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
