@@ -2,12 +2,11 @@
 # ASan/UBSan variant into build-san/.  `make run` and `make test` first install missing Debian
 # packages (scripts/deps.sh), so both work on a bare Debian 12 machine as root.
 #
-# Each program names the sources it links (OpenSMTPD's SRCS+=), so a dependency across
-# programs is a line below; a new .c is added to the lists of the programs that use it:
-#   common/*.c                                   -> libcommon.a: every program may link it, and
-#                                                   takes only the objects it calls
-#   GATEWAY_SRCS, DELIVER_SRCS, POLICYD_SRCS,
-#   SLUICECTL_SRCS                               -> build/sluice-gateway ... (with NAME_main.c)
+# Each program lists what it links (OpenSMTPD's SRCS+=): its own folder, found by wildcard,
+# and one commented += line for each file of another program's folder it calls, so a
+# dependency across programs is a visible line (see "What each program links" below):
+#   common/*.c                                   -> libcommon.a, which every program may link
+#   <dir>/NAME_main.c + NAME's list              -> build/NAME (program; see PROGS)
 #   every source but *_main.c                    -> libsluice.a, for the tests and tools below
 #   tests/unit/test_*.c                          -> build/tests/test_* (cmocka; -I per source
 #                                                   folder for private headers)
@@ -43,41 +42,34 @@ PROGS := $(foreach m,$(MAIN_SRCS),$(B)/$(patsubst %_main,%,$(basename $(notdir $
 COMMON_SRCS := $(wildcard common/*.c)
 
 # --- What each program links ---------------------------------------------------------------
-# The spool: the gateway writes it, the deliverer and sluicectl read it.
-SPOOL_SRCS := queue/spool.c queue/spool_idx.c queue/spool_rec.c queue/spool_reserve.c
+# A program takes its own folder, then one commented += line for each file of another
+# program's folder that it calls. Each list becomes an archive, so the linker takes only the
+# objects the program reaches; a call across programs that is not listed fails to link.
+own = $(filter-out %_main.c,$(wildcard $(1)/*.c))
+# The spool (spool*.c): the gateway writes it, the deliverer and sluicectl read it.
+SPOOL_SRCS := $(wildcard queue/spool*.c)
 
-GATEWAY_SRCS := gateway/addrmap.c gateway/gw_backlog.c gateway/gw_ctl.c gateway/gw_daemon.c \
-        gateway/gw_data.c gateway/gw_dns.c gateway/gw_dnsbl.c gateway/gw_fleet.c \
-        gateway/gw_milter.c gateway/gw_milter_conn.c gateway/gw_milter_edit.c \
-        gateway/gw_milter_notice.c gateway/gw_proxy.c gateway/gw_rdns.c gateway/gw_server.c \
-        gateway/gw_session.c gateway/gw_session_connect.c gateway/gw_session_data.c \
-        gateway/gw_session_envelope.c gateway/gw_session_io.c gateway/gw_session_milter.c \
-        gateway/gw_spf.c gateway/gw_tls.c gateway/milter_proto.c gateway/rcptmap.c \
-        gateway/router.c gateway/smtp_parse.c
-GATEWAY_SRCS += $(SPOOL_SRCS)
+GATEWAY_SRCS := $(call own,gateway)
+GATEWAY_SRCS += $(SPOOL_SRCS)          # the gateway writes the spool
 
-DELIVER_SRCS := queue/api.c queue/api_page.c queue/api_rate.c queue/api_route.c \
-        queue/api_view.c queue/audit.c queue/bpolicy.c queue/dlv.c queue/dlv_ctl.c \
-        queue/dlv_dsn.c queue/dlv_fleet.c queue/dlv_metrics.c queue/dlv_remote.c queue/dsn.c \
-        queue/lmtp.c queue/maildir.c queue/mstore.c queue/spool_query.c
-DELIVER_SRCS += $(SPOOL_SRCS)
+DELIVER_SRCS := $(call own,queue)
 DELIVER_SRCS += gateway/addrmap.c      # the router's map, to reroute by address
 DELIVER_SRCS += gateway/smtp_parse.c   # addresses and xtext in DSNs
 
-POLICYD_SRCS := policy/pd_ctl.c policy/pd_milter.c policy/pol_redis.c policy/pol_rules.c \
-        policy/pol_store.c
+POLICYD_SRCS := $(call own,policy)
 POLICYD_SRCS += queue/audit.c          # operator changes go to the spool's audit trail
 
-SLUICECTL_SRCS := ctl/ctl_check.c ctl/ctl_fleet.c
-SLUICECTL_SRCS += $(SPOOL_SRCS) queue/spool_query.c    # reads the index directly
+SLUICECTL_SRCS := $(call own,ctl)
+SLUICECTL_SRCS += $(SPOOL_SRCS)        # reads the index directly (spool_query.c)
 SLUICECTL_SRCS += gateway/addrmap.c gateway/rcptmap_list.c gateway/router.c \
-        gateway/smtp_parse.c                            # users, route: the gateway's maps
+        gateway/smtp_parse.c           # users, route: the gateway's maps
 SLUICECTL_SRCS += policy/pol_rules.c   # suspend: the policy daemon's key syntax
 
 # a source no program lists is built for the tests only: say so, it is usually an oversight
 UNLISTED := $(filter-out $(COMMON_SRCS) $(GATEWAY_SRCS) $(DELIVER_SRCS) $(POLICYD_SRCS) \
         $(SLUICECTL_SRCS),$(LIB_SRCS))
-$(if $(UNLISTED),$(warning linked by no program (add to a *_SRCS list): $(UNLISTED)))
+$(if $(UNLISTED),$(warning warning: linked by no program (add to a *_SRCS list): $(UNLISTED)))
+
 TEST_SRCS := $(wildcard tests/unit/test_*.c)
 TESTS := $(TEST_SRCS:tests/unit/%.c=$(B)/tests/%)
 TOOL_SRCS := $(wildcard tests/tools/*.c)
@@ -109,17 +101,22 @@ $(B)/libcommon.a: $(COMMON_SRCS:%.c=$(B)/obj/%.o)
 	@mkdir -p $(dir $@)
 	rm -f $@ && ar rcs $@ $^
 
-# a program: its main, its list, then common/
+# a program: its main, its list's archive, then common/
 objs = $(patsubst %.c,$(B)/obj/%.o,$(1))
-LINK = $(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS)
-$(B)/sluice-gateway: $(call objs,gateway/sluice-gateway_main.c $(GATEWAY_SRCS)) $(B)/libcommon.a
-	$(LINK)
-$(B)/sluice-deliver: $(call objs,queue/sluice-deliver_main.c $(DELIVER_SRCS)) $(B)/libcommon.a
-	$(LINK)
-$(B)/sluice-policyd: $(call objs,policy/sluice-policyd_main.c $(POLICYD_SRCS)) $(B)/libcommon.a
-	$(LINK)
-$(B)/sluicectl: $(call objs,ctl/sluicectl_main.c $(SLUICECTL_SRCS)) $(B)/libcommon.a
-	$(LINK)
+$(B)/lib/sluice-gateway.a: $(call objs,$(GATEWAY_SRCS))
+$(B)/lib/sluice-deliver.a: $(call objs,$(DELIVER_SRCS))
+$(B)/lib/sluice-policyd.a: $(call objs,$(POLICYD_SRCS))
+$(B)/lib/sluicectl.a: $(call objs,$(SLUICECTL_SRCS))
+$(B)/lib/%.a:
+	@mkdir -p $(dir $@)
+	rm -f $@ && ar rcs $@ $^
+
+define prog_rule
+$(B)/$(patsubst %_main,%,$(basename $(notdir $(1)))): $(B)/obj/$(1:.c=.o) \
+        $(B)/lib/$(patsubst %_main,%,$(basename $(notdir $(1)))).a $(B)/libcommon.a
+	$$(CC) $$(LDFLAGS) -o $$@ $$^ $$(LDLIBS)
+endef
+$(foreach m,$(MAIN_SRCS),$(eval $(call prog_rule,$(m))))
 # libmilter only for the policy milter (Debian libmilter-dev)
 $(B)/sluice-policyd: LDLIBS += -lmilter
 
