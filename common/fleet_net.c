@@ -21,6 +21,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "timeutil.h"
+
 #define FLEET_NET_CHUNK 65536
 
 struct fleet_conn {
@@ -32,9 +34,7 @@ struct fleet_conn {
 
 int64_t fleet_net_now(void)
 {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+    return time_mono_ms();
 }
 
 static void ssl_err(char *err, size_t errlen, const char *what)

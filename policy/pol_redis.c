@@ -19,6 +19,7 @@
 
 #include "conf.h"
 #include "log.h"
+#include "timeutil.h"
 
 struct pol_redis {
     redisContext *ctx;
@@ -314,12 +315,9 @@ int pol_redis_offend(struct pol_redis *r, const struct pol_limits *l, const char
 int pol_redis_delete(struct pol_redis *r, const char *key)
 {
     redisReply *rep;
-    struct timespec ts;
-    int64_t now;
+    int64_t now = time_wall_ms();
     int rc;
 
-    clock_gettime(CLOCK_REALTIME, &ts);
-    now = (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
     if ((rc = conn(r, now)) < 0)
         return rc;
     rep = redisCommand(r->ctx, "DEL %s%s%s", r->prefix, "s:", key);
