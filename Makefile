@@ -58,6 +58,7 @@ DELIVER_SRCS += gateway/smtp_parse.c   # addresses and xtext in DSNs
 
 POLICYD_SRCS := $(call own,policy)
 POLICYD_SRCS += queue/audit.c          # operator changes go to the spool's audit trail
+POLICYD_SRCS += $(SPOOL_SRCS)          # where the index is (spool_index_path)
 
 SLUICECTL_SRCS := $(call own,ctl)
 SLUICECTL_SRCS += $(SPOOL_SRCS)        # reads the index directly (spool_query.c)
@@ -107,9 +108,10 @@ $(B)/lib/sluice-gateway.a: $(call objs,$(GATEWAY_SRCS))
 $(B)/lib/sluice-deliver.a: $(call objs,$(DELIVER_SRCS))
 $(B)/lib/sluice-policyd.a: $(call objs,$(POLICYD_SRCS))
 $(B)/lib/sluicectl.a: $(call objs,$(SLUICECTL_SRCS))
-$(B)/lib/%.a:
+# a list changes in this Makefile: rebuild the archive then too
+$(B)/lib/%.a: Makefile
 	@mkdir -p $(dir $@)
-	rm -f $@ && ar rcs $@ $^
+	rm -f $@ && ar rcs $@ $(filter %.o,$^)
 
 define prog_rule
 $(B)/$(patsubst %_main,%,$(basename $(notdir $(1)))): $(B)/obj/$(1:.c=.o) \
