@@ -46,13 +46,6 @@
 
 /* --- Small helpers ----------------------------------------------------------------------- */
 
-int64_t dlv_wall_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
-
 /* dlv_queue_work - run work(req) in the libuv pool, then after(req) on the loop, req->data
  * being data. uv_queue_work fails only when a callback is missing: a bug the daemon cannot
  * go on from. */
@@ -295,7 +288,7 @@ struct dlv_op *dlv_op_new(struct dlv_ms *ms, enum dlv_op_kind kind, dlv_op_cb cb
     op->kind = kind;
     op->ms = ms;
     op->snap = ms->st;
-    op->now_s = dlv_wall_ms() / 1000;
+    op->now_s = time_wall_ms() / 1000;
     op->cb = cb;
     op->arg = arg;
     DLV_APPEND(d->ops_head, d->ops_tail, op);
@@ -327,7 +320,7 @@ static int ms_busy(const struct dlv_ms *ms)
 void dlv_ms_pump(struct dlv_ms *ms)
 {
     struct dlv *d = ms->d;
-    int64_t now = dlv_wall_ms(), wait;
+    int64_t now = time_wall_ms(), wait;
 
     if (d->flush_failing_since)
         return;                 /* outcomes cannot be recorded: dlv_flush_after kicks again */
@@ -415,7 +408,7 @@ void dlv_ms_kick(struct dlv_ms *ms)
 void dlv_on_transition(struct dlv_ms *ms, enum mstore_state from)
 {
     enum mstore_state to = ms->st.state;
-    int64_t now = dlv_wall_ms();
+    int64_t now = time_wall_ms();
 
     if (to == MSTORE_TRIPPED && from != MSTORE_TRIPPED) {
         ms->trips++;
@@ -446,7 +439,7 @@ void dlv_on_transition(struct dlv_ms *ms, enum mstore_state from)
 static void tick_cb(uv_timer_t *t)
 {
     struct dlv *d = t->data;
-    int64_t now = dlv_wall_ms();
+    int64_t now = time_wall_ms();
     int poll = uv_now(d->loop) - d->last_poll >= DLV_POLL_MS;
 
     if (poll)
@@ -498,7 +491,7 @@ void dlv_check_drained(struct dlv *d)
          * soon. Past DLV_DRAIN_UNRECORDED_MS of a drain with nothing else in flight, stop;
          * these recipients are delivered again after the restart (duplicates, never
          * losses), and each is logged so an operator can tell. */
-        if (!d->flush_failing_since || dlv_wall_ms() - d->drain_started < DLV_DRAIN_UNRECORDED_MS)
+        if (!d->flush_failing_since || time_wall_ms() - d->drain_started < DLV_DRAIN_UNRECORDED_MS)
             return;
         for (size_t i = 0; i < d->nflight; i++)
             log_qid(LOG_WARNING, d->flight[i].qid, "mailstore=%s: stopping with this outcome "
@@ -543,12 +536,12 @@ static struct dlv_ms *ms_new(struct dlv *d, const struct conf_mailstore *cf, int
     bpolicy_base(cf, &ms->base);
     metrics_hist_init(&ms->lat, metrics_latency_bounds, metrics_latency_nbounds);
     params_of(cf, &p);
-    mstore_init(&ms->st, cf->name, &p, dlv_wall_ms());
+    mstore_init(&ms->st, cf->name, &p, time_wall_ms());
     mstore_set_share(&ms->st, d->share);
     uv_timer_init(d->loop, &ms->timer);
     ms->timer.data = ms;
     d->ms[d->nms++] = ms;
-    int r = mstore_db_load(d->db, &ms->st, dlv_wall_ms());
+    int r = mstore_db_load(d->db, &ms->st, time_wall_ms());
     if (r < 0 && r != -ENOENT)
         log_warn("mailstore %s: cannot read its saved state (%s); starting active", cf->name,
                  strerror(-r));
@@ -651,7 +644,7 @@ int dlv_start(struct dlv **out, uv_loop_t *loop, struct spool *sp, const struct 
     snprintf(d->helo, sizeof(d->helo), "%s", c->gateway.hostname);
     d->ids_cap = 1024;
     d->ids = xcalloc(d->ids_cap, sizeof(*d->ids), "recipient set");
-    d->rnd = (uint64_t)dlv_wall_ms() * 2654435761u ^ (uint64_t)getpid() << 32 ^
+    d->rnd = (uint64_t)time_wall_ms() * 2654435761u ^ (uint64_t)getpid() << 32 ^
              0x9E3779B97F4A7C15ull;
     uv_timer_init(loop, &d->flush_timer);
     d->flush_timer.data = d;
@@ -730,7 +723,7 @@ void dlv_reload(struct dlv *d, const struct conf *c)
 void dlv_drain(struct dlv *d, void (*done)(void *), void *arg)
 {
     d->draining = 1;
-    d->drain_started = dlv_wall_ms();
+    d->drain_started = time_wall_ms();
     d->drain_done = done;
     d->drain_arg = arg;
     for (int i = 0; i < d->nms; i++) {
@@ -793,7 +786,7 @@ int dlv_pause(struct dlv *d, const char *name, const char *reason, const char *a
     if (!ms || ms->gone)
         return -ENOENT;
     enum mstore_state from = ms->st.state;
-    mstore_pause(&ms->st, reason, actor, dlv_wall_ms());
+    mstore_pause(&ms->st, reason, actor, time_wall_ms());
     if (ms->st.state != from)
         dlv_on_transition(ms, from);
     if (!st)
@@ -822,7 +815,7 @@ int dlv_release(struct dlv *d, const char *name, double rate, int64_t ramp_ms, c
     if (!ms || ms->gone)
         return -ENOENT;
     enum mstore_state from = ms->st.state;
-    mstore_release(&ms->st, rate, ramp_ms, actor, dlv_wall_ms());
+    mstore_release(&ms->st, rate, ramp_ms, actor, time_wall_ms());
     dlv_on_transition(ms, from);
     op_add(ms, OP_DUE, cb, arg);
     return 0;
@@ -831,7 +824,7 @@ int dlv_release(struct dlv *d, const char *name, double rate, int64_t ramp_ms, c
 int dlv_status(struct dlv *d, struct dlv_status *out, int max)
 {
     int n = 0;
-    int64_t now = dlv_wall_ms();
+    int64_t now = time_wall_ms();
 
     for (int i = 0; i < d->nms && n < max; i++) {
         struct dlv_ms *ms = d->ms[i];

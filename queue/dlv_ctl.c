@@ -62,11 +62,6 @@ void dc_job_free(struct job *j)
     free(j);
 }
 
-int64_t dc_now_s(void)
-{
-    return (int64_t)time(NULL);
-}
-
 const char *dc_jstr(const json_t *req, const char *key)
 {
     const char *s = json_string_value(json_object_get(req, key));
@@ -116,10 +111,10 @@ static json_t *do_write(struct job *j, struct spool_query *q)
         r = spool_hold(sp, qid, ms, j->reason[0] ? j->reason : "held by operator");
         break;
     case CTL_CMD_unhold:
-        r = spool_unhold(sp, qid, ms, dc_now_s());
+        r = spool_unhold(sp, qid, ms, time_now_s());
         break;
     case CTL_CMD_retry:
-        r = spool_release(sp, qid, ms, dc_now_s());
+        r = spool_release(sp, qid, ms, time_now_s());
         break;
     case CTL_CMD_bounce:
         r = dc_bounce(j);
@@ -146,7 +141,7 @@ static json_t *do_write(struct job *j, struct spool_query *q)
         }
         break;
     case CTL_CMD_reroute:
-        r = spool_reroute(sp, j->ms, j->to, j->rcpt[0] ? j->rcpt : NULL, dc_now_s());
+        r = spool_reroute(sp, j->ms, j->to, j->rcpt[0] ? j->rcpt : NULL, time_now_s());
         break;
     default:
         return fail(CTL_E_BADREQ, "%s", "not a write command");

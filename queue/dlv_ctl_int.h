@@ -23,6 +23,7 @@
 #include "dlv_dsn.h"
 #include "domain.h"
 #include "spool_query.h"
+#include "timeutil.h"
 
 #define DLV_CTL_BODY_MAX (1u << 20)  /* show --body: bytes of the message returned */
 #define DLV_CTL_BOUNCE_MSGS 64       /* bounce: messages (DSNs) per transaction */
@@ -131,7 +132,6 @@ struct job {
 
 /* dlv_ctl.c */
 void dc_job_free(struct job *j);
-int64_t dc_now_s(void);
 const char *dc_jstr(const json_t *req, const char *key);
 int64_t dc_dur_arg(const json_t *req, const char *key);
 int dc_stops_flight(enum ctl_cmd c);

@@ -98,7 +98,7 @@ static json_t *ms_json(const struct dlv_status *s, json_t *counts)
 
 json_t *dc_status(struct job *j, struct spool_query *q)
 {
-    json_t *counts = spool_query_counts(q, dc_now_s()), *arr = json_array(), *rep;
+    json_t *counts = spool_query_counts(q, time_now_s()), *arr = json_array(), *rep;
 
     if (!counts)
         return query_failed(j, q);
@@ -123,7 +123,7 @@ json_t *dc_status(struct job *j, struct spool_query *q)
     json_object_set_new(rep, "daemon", json_string("sluice-deliver"));
     json_object_set_new(rep, "version", json_string(SLUICE_VERSION));
     json_object_set_new(rep, "pid", json_integer(getpid()));
-    json_object_set_new(rep, "time", json_integer(dc_now_s()));
+    json_object_set_new(rep, "time", json_integer(time_now_s()));
     json_object_set_new(rep, "spool", json_pack("{s:s,s:I}", "dir", j->ctl->dir, "free_bytes",
                                                 (json_int_t)spool_free_bytes(j->ctl->sp)));
     json_object_set_new(rep, "mailstores", arr);

@@ -83,7 +83,7 @@ static void flush_work(uv_work_t *w)
     /* after the marks that held them, in the same pass: never before */
     d->requeue_status = 0;
     if (d->flush_status == 0 && d->nrequeue_flight) {
-        int r = spool_requeue(d->sp, d->requeue_flight, d->nrequeue_flight, dlv_wall_ms() / 1000);
+        int r = spool_requeue(d->sp, d->requeue_flight, d->nrequeue_flight, time_wall_ms() / 1000);
         d->requeue_status = r < 0 ? r : 0;
         if (r >= 0)
             log_info("deliver: %d recipients held by a mass refusal are queued again", r);
@@ -114,7 +114,7 @@ void dlv_flush_after(uv_work_t *w, int status)
         int resumed = d->flush_failing_since != 0;
         if (resumed) {
             log_notice("deliver: recorded %zu outcomes after %.0f s of failures; deliveries "
-                       "go on", d->nflight, (double)(dlv_wall_ms() - d->flush_failing_since) / 1e3);
+                       "go on", d->nflight, (double)(time_wall_ms() - d->flush_failing_since) / 1e3);
             d->flush_failing_since = 0;
             d->flush_failures = 0;
         }
@@ -144,7 +144,7 @@ void dlv_flush_after(uv_work_t *w, int status)
          * delivery starts meanwhile (dlv_ms_pump): each one would be a duplicate after a
          * restart. One line at the first failure, then one a minute. */
         int err = d->flush_status < 0 ? -d->flush_status : EIO;
-        int64_t now = dlv_wall_ms();
+        int64_t now = time_wall_ms();
         if (!d->flush_failing_since) {
             d->flush_failing_since = d->flush_logged = now;
             log_warn("deliver: recording %zu outcomes failed (%s)%s; new deliveries wait and "
@@ -261,7 +261,7 @@ static void fetch_after(uv_work_t *w, int status)
     struct dlv *d = ms->d;
     struct dlv_job **jobs = NULL;
     int njobs = 0, room, taken_all = 1;
-    int64_t now = dlv_wall_ms();
+    int64_t now = time_wall_ms();
     struct dlv_ret *rets = NULL;    /* mail this fetch returns or warns about */
     int trusted;
 
@@ -399,7 +399,7 @@ void dlv_ms_fetch(struct dlv_ms *ms)
 {
     struct dlv *d = ms->d;
     int probe = ms->st.state == MSTORE_TRIPPED;
-    int64_t now = dlv_wall_ms(), wait;
+    int64_t now = time_wall_ms(), wait;
     struct dlv_fetch *f;
 
     if (d->draining || d->stopped || ms->gone || ms->st.state == MSTORE_PAUSED || ms->fenced ||

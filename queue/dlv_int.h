@@ -21,6 +21,7 @@
 #include "dsn.h"
 #include "lmtp.h"
 #include "qid.h"
+#include "timeutil.h"
 
 #define DLV_MS_MAX DLV_MS_STATUS_MAX
 
@@ -270,7 +271,6 @@ struct dlv_scan {
 /* dlv.c */
 void dlv_queue_work(struct dlv *d, uv_work_t *req, void *data, uv_work_cb work,
                     uv_after_work_cb after);
-int64_t dlv_wall_ms(void);
 double dlv_rand(struct dlv *d);
 int dlv_ids_has(struct dlv *d, int64_t id);
 void dlv_ids_add(struct dlv *d, int64_t id);

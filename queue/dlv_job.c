@@ -122,7 +122,7 @@ static void load_after(uv_work_t *w, int status)
         for (int i = 0; i < job->nr; i++)
             log_qid(LOG_WARNING, job->qid, "to=<%s>, mailstore=%s, relay=none, delay=%.1f,"
                     " status=held (damaged spool record; not delivered)", job->r[i].rcpt,
-                    ms->cf.name, (double)(dlv_wall_ms() / 1000 - job->received_at));
+                    ms->cf.name, (double)(time_wall_ms() / 1000 - job->received_at));
         ms->held += (uint64_t)job->nr;
         dlv_job_drop(job);
     } else if (job->err == -ENOENT) {
@@ -177,7 +177,7 @@ void dlv_job_abandon(struct dlv_job *job)
     job_unlink(job);
     log_qid(LOG_INFO, job->qid, "mailstore=%s: delivery stopped before the final dot by an "
             "operator command; %d recipient(s) stay queued", ms->cf.name, job->nr);
-    mstore_cancelled(&ms->st, dlv_wall_ms());
+    mstore_cancelled(&ms->st, time_wall_ms());
     dlv_job_drop(job);
     dlv_check_waiters(ms->d);
     dlv_check_drained(ms->d);
@@ -230,7 +230,7 @@ static void job_finish(struct dlv_job *job, int status, const char *why, const c
 {
     struct dlv_ms *ms = job->ms;
     struct dlv *d = ms->d;
-    int64_t now = dlv_wall_ms();
+    int64_t now = time_wall_ms();
     double delay = (double)now / 1000.0 - (double)qid_time_us(job->qid) / 1e6;
     int n2 = 0, n4 = 0, n5 = 0;
     int64_t soonest = 0;
@@ -407,7 +407,7 @@ static void job_fail_all(struct dlv_job *job, int code, const char *text, int st
 
 void dlv_conn_close_idle(struct dlv_ms *ms, int all)
 {
-    int64_t now = dlv_wall_ms();
+    int64_t now = time_wall_ms();
 
     for (struct dlv_conn *cn = ms->conns; cn; cn = cn->next) {
         if (!cn->ready || cn->job || lmtp_state(cn->lc) != LMTP_S_READY)
@@ -434,7 +434,7 @@ static void conn_ready_cb(struct lmtp_conn *lc, int status, const char *why)
         return;
     }
     cn->ready = 1;
-    cn->idle_since = dlv_wall_ms();
+    cn->idle_since = time_wall_ms();
     if (job) {
         cn->job = NULL;
         job->greet_ms = lmtp_greet_ms(lc);
@@ -451,7 +451,7 @@ static void conn_done_cb(struct lmtp_conn *lc, struct lmtp_msg *m, int status, c
     struct dlv_job *job = cn->job;
 
     cn->job = NULL;
-    cn->idle_since = dlv_wall_ms();
+    cn->idle_since = time_wall_ms();
     if (job) {
         job->cn = NULL;
         if (job->stopping) {

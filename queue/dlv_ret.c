@@ -197,7 +197,7 @@ static void ret_after(uv_work_t *w, int status)
 {
     struct dlv *d = w->data;
     struct dlv_ret *rt = d->ret_run, *next;
-    int64_t now = dlv_wall_ms();
+    int64_t now = time_wall_ms();
     int made = 0;
 
     d->ret_run = NULL;
@@ -229,7 +229,7 @@ static void ret_run(struct dlv *d)
 {
     struct dlv_ret **tail, *rt;
     int n = 0;
-    int64_t now = dlv_wall_ms();
+    int64_t now = time_wall_ms();
 
     if (d->ret_busy || !d->ret_head || d->stopped)
         return;
@@ -287,7 +287,7 @@ static void scan_after(uv_work_t *w, int status)
     struct dlv *d = w->data;
     struct dlv_scan *sc = d->scan;
     struct dlv_ret *batch = NULL;
-    int64_t now = dlv_wall_ms();
+    int64_t now = time_wall_ms();
 
     d->scan = NULL;
     d->scan_busy = 0;
@@ -332,7 +332,7 @@ out:
 void dlv_scan_start(struct dlv *d)
 {
     struct dlv_scan *sc;
-    int64_t now = dlv_wall_ms();
+    int64_t now = time_wall_ms();
 
     if (d->scan_busy || d->scan_units > 0 || d->stopped || d->draining ||
         !d->dsncf.relay[0] || d->policy_broken)

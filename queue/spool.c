@@ -32,18 +32,6 @@ int spool_fault(struct spool *sp, const char *step)
     return sp->o.fault ? sp->o.fault(step, sp->o.fault_arg) : 0;
 }
 
-int64_t spool_now_s(void)
-{
-    return (int64_t)time(NULL);
-}
-
-int64_t spool_mono_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
-
 int64_t spool_mono_us(void)
 {
     struct timespec ts;
@@ -171,7 +159,7 @@ void spool_hold_damaged(struct spool_idx *ix, const char *qid, const char *why)
         return;
     sqlite3_bind_text(st, 1, qid, -1, SQLITE_TRANSIENT);
     sqlite3_bind_text(st, 2, reason, -1, SQLITE_TRANSIENT);
-    sqlite3_bind_int64(st, 3, spool_now_s());
+    sqlite3_bind_int64(st, 3, time_now_s());
     spool_idx_step_done(ix, st);
 }
 

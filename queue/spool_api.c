@@ -298,7 +298,7 @@ static int mark_once(struct spool *sp, const struct spool_outcome *o, size_t n,
 {
     struct spool_idx *ix = &sp->six;
     size_t ndone = 0;
-    int64_t now = spool_now_s();
+    int64_t now = time_now_s();
     int r;
 
     *nbig = 0;
@@ -491,7 +491,7 @@ static long bulk(struct spool *sp, enum spool_idx_stmt which, const char *ms, co
                  int64_t now, const char *key)
 {
     struct spool_idx *ix = &sp->six;
-    int64_t max_id = 0, t0 = spool_mono_ms(), work;
+    int64_t max_id = 0, t0 = time_mono_ms(), work;
     long total = 0;
     int chunk = SPOOL_CHUNK_FIRST, r = 0, nchunks = 0;
 
@@ -533,7 +533,7 @@ static long bulk(struct spool *sp, enum spool_idx_stmt which, const char *ms, co
     }
     if (nchunks > 1)
         log_msg(LOG_INFO, "spool: mailstore %s: %ld recipients changed in %d chunks, %.1f s",
-                ms, total, nchunks, (double)(spool_mono_ms() - t0) / 1000.0);
+                ms, total, nchunks, (double)(time_mono_ms() - t0) / 1000.0);
     return total;
 }
 
@@ -544,8 +544,8 @@ int spool_hold(struct spool *sp, const char *qid, const char *mailstore, const c
     if (!qid == !mailstore)
         return -EINVAL;
     if (qid)
-        return update_qid(sp, SPOOL_IDX_HOLD_QID, qid, why, spool_now_s());
-    return (int)bulk(sp, SPOOL_IDX_HOLD_MS, mailstore, why, spool_now_s(), NULL);
+        return update_qid(sp, SPOOL_IDX_HOLD_QID, qid, why, time_now_s());
+    return (int)bulk(sp, SPOOL_IDX_HOLD_MS, mailstore, why, time_now_s(), NULL);
 }
 
 int spool_release(struct spool *sp, const char *qid, const char *mailstore, int64_t now)

@@ -176,7 +176,7 @@ int spool_generate(struct spool *sp, struct spool_gen *g, size_t n)
     char (*bigs)[QID_SIZE] = NULL;
     size_t nbig = 0, nchg = 0, applied = 0;
     int r = 0, written = 0, *fds;
-    int64_t now = spool_now_s();
+    int64_t now = time_now_s();
 
     if (n == 0)
         return 0;

@@ -15,6 +15,7 @@
 #include "spool.h"
 #include "spool_idx.h"
 #include "spool_reserve.h"
+#include "timeutil.h"
 
 #define SPOOL_PREFIX_MAX (64 * 1024)    /* our own headers; a DoS bound, not a mail limit */
 #define SPOOL_RCPT_MAX 100000           /* per message, far above any SMTP limit */
@@ -108,8 +109,6 @@ struct rec_loc { uint64_t seg; int64_t off; uint64_t reclen; uint32_t crc; };
 
 /* spool.c: small helpers, recovery, open and close */
 int spool_fault(struct spool *sp, const char *step);    /* the tests' fault hook: non-zero fails */
-int64_t spool_now_s(void);
-int64_t spool_mono_ms(void);
 int64_t spool_mono_us(void);
 /* the reserve (spool_reserve.h) under rmu */
 int spool_rsv_restore(struct spool *sp, int force);

@@ -32,13 +32,7 @@
 #include "spool.h"
 #include "spool_idx.h"
 #include "spool_query_int.h"
-
-static int64_t mono_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
+#include "timeutil.h"
 
 /* --- Opening and limits ------------------------------------------------------------------- */
 
@@ -54,7 +48,7 @@ static int progress(void *arg)
         return 1;
     if (!q->deadline && !q->stop)
         return 0;
-    now = mono_ms();
+    now = time_mono_ms();
     if (q->deadline && now >= q->deadline) {
         q->err = -ETIMEDOUT;
         snprintf(q->msg, sizeof(q->msg), "the query took longer than its bound of %.1f s and "
@@ -79,7 +73,7 @@ void spool_query_call_begin(struct spool_query *q)
     q->err = 0;
     q->ticks = 0;
     q->msg[0] = '\0';
-    q->started = mono_ms();
+    q->started = time_mono_ms();
     q->last_stop = q->started - SPOOL_QUERY_STOP_MS;    /* the first look is at once */
     q->deadline = q->timeout_ms > 0 ? q->started + q->timeout_ms : 0;
 }

@@ -12,6 +12,7 @@
 #include <string.h>
 
 #include "domain.h"
+#include "hash64.h"
 #include "qid.h"
 #include "spool.h"
 #include "spool_query_int.h"
@@ -318,17 +319,9 @@ struct utab {
     size_t cap, n;
 };
 
-static uint64_t fnv1a(const char *s)
-{
-    uint64_t h = 1469598103934665603ull;
-    for (; *s; s++)
-        h = (h ^ (unsigned char)*s) * 1099511628211ull;
-    return h;
-}
-
 static struct uacc **utab_find(struct utab *t, const char *addr)
 {
-    size_t i = (size_t)fnv1a(addr) & (t->cap - 1);
+    size_t i = (size_t)hash64_fnv1a(addr, 0, NULL) & (t->cap - 1);
 
     while (t->slot[i] && strcmp(t->slot[i]->addr, addr) != 0)
         i = (i + 1) & (t->cap - 1);

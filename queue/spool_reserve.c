@@ -16,16 +16,10 @@
 #include <unistd.h>
 
 #include "log.h"
+#include "timeutil.h"
 
 #define SPOOL_RESERVE_TMP "reserve.tmp"
 #define SPOOL_RESERVE_TMP_STALE_S 60  /* a reserve.tmp this old was left by a crash */
-
-static int64_t mono_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
 
 void spool_reserve_init(struct spool_reserve *r, int dirfd, uint64_t size)
 {
@@ -62,7 +56,7 @@ static int tmp_busy(struct spool_reserve *r)
 int spool_reserve_restore(struct spool_reserve *r, int force)
 {
     struct statvfs v;
-    int64_t now = mono_ms();
+    int64_t now = time_mono_ms();
     int fd, e;
 
     if (spool_reserve_in_place(r))

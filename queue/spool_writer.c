@@ -413,7 +413,7 @@ static int index_insert(struct spool *sp, struct spool_msg *m, int64_t now)
 static void index_batch(struct spool *sp, struct spool_msg *batch)
 {
     struct spool_idx *ix = &sp->wix;
-    int64_t now = spool_now_s();
+    int64_t now = time_now_s();
     int r, any = 0;
 
     for (struct spool_msg *m = batch; m; m = m->next)
@@ -550,7 +550,7 @@ void spool_ckpt_stop(struct spool *sp)
 void *spool_writer_main(void *arg)
 {
     struct spool *sp = arg;
-    sp->last_reclaim = spool_mono_ms();
+    sp->last_reclaim = time_mono_ms();
     for (;;) {
         pthread_mutex_lock(&sp->mu);
         while (!sp->pending && sp->reclaim_asked == sp->reclaim_served &&
@@ -568,9 +568,9 @@ void *spool_writer_main(void *arg)
                     checkpoint(sp);
                 spool_rsv_restore(sp, 0);
                 if (sp->o.reclaim_interval_ms > 0 &&
-                    spool_mono_ms() - sp->last_reclaim >= sp->o.reclaim_interval_ms) {
+                    time_mono_ms() - sp->last_reclaim >= sp->o.reclaim_interval_ms) {
                     spool_reclaim_pass(sp, 1);
-                    sp->last_reclaim = spool_mono_ms();
+                    sp->last_reclaim = time_mono_ms();
                 }
                 pthread_mutex_lock(&sp->mu);
             }
