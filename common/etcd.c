@@ -162,15 +162,21 @@ static int parse_kv(const json_t *o, struct etcd_kv *kv)
     return 0;
 }
 
+/* kv_free - the n pairs of v and v itself (a range's and a watch event's arrays) */
+static void kv_free(struct etcd_kv *v, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        free(v[i].key);
+        free(v[i].value);
+    }
+    free(v);
+}
+
 void etcd_kvs_free(struct etcd_kvs *k)
 {
     if (!k)
         return;
-    for (size_t i = 0; i < k->n; i++) {
-        free(k->v[i].key);
-        free(k->v[i].value);
-    }
-    free(k->v);
+    kv_free(k->v, k->n);
     memset(k, 0, sizeof(*k));
 }
 
@@ -201,11 +207,7 @@ void etcd_watch_resp_free(struct etcd_watch_resp *r)
 {
     if (!r)
         return;
-    for (size_t i = 0; i < r->n; i++) {
-        free(r->kv[i].key);
-        free(r->kv[i].value);
-    }
-    free(r->kv);
+    kv_free(r->kv, r->n);
     free(r->deleted);
     memset(r, 0, sizeof(*r));
 }
