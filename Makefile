@@ -57,7 +57,6 @@ DELIVER_SRCS += gateway/addrmap.c      # the router's map, to reroute by address
 DELIVER_SRCS += gateway/smtp_parse.c   # addresses and xtext in DSNs
 
 POLICYD_SRCS := $(call own,policy)
-POLICYD_SRCS += queue/audit.c          # operator changes go to the spool's audit trail
 POLICYD_SRCS += $(SPOOL_SRCS)          # where the index is (spool_index_path)
 
 SLUICECTL_SRCS := $(call own,ctl)
