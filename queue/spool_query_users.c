@@ -261,31 +261,30 @@ static int affected_row_cb(const struct spool_query_user *u, void *arg)
     return 0;
 }
 
-json_t *spool_query_affected_rows(struct spool_query *q, const struct spool_query_page *p,
-                                  int *more)
+/* users_json - the page's users as a JSON array, each made by cb; NULL on failure */
+static json_t *users_json(struct spool_query *q, const struct spool_query_page *p,
+                          int (*cb)(const struct spool_query_user *, void *), int *more)
 {
     json_t *arr = json_array();
 
     if (!arr)
         return NULL;
-    if (spool_query_users(q, p, affected_row_cb, arr, more) != 0) {
+    if (spool_query_users(q, p, cb, arr, more) != 0) {
         json_decref(arr);
         return NULL;
     }
     return arr;
 }
 
+json_t *spool_query_affected_rows(struct spool_query *q, const struct spool_query_page *p,
+                                  int *more)
+{
+    return users_json(q, p, affected_row_cb, more);
+}
+
 json_t *spool_query_affected(struct spool_query *q, const struct spool_query_page *p, int *more)
 {
-    json_t *arr = json_array();
-
-    if (!arr)
-        return NULL;
-    if (spool_query_users(q, p, affected_cb, arr, more) != 0) {
-        json_decref(arr);
-        return NULL;
-    }
-    return arr;
+    return users_json(q, p, affected_cb, more);
 }
 
 /* --- By domain ---------------------------------------------------------------------------- */
