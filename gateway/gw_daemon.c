@@ -457,7 +457,7 @@ int gw_daemon_start(struct gw_server **out, uv_loop_t *loop, struct conf *c,
     struct gw_server *srv;
     char names[GW_ERR_LEN];
     size_t nlen = 0;
-    int r, nl;
+    int r, nl, sigs_on = 0;
 
     *out = NULL;
     if (!(srv = calloc(1, sizeof(*srv)))) {
@@ -483,6 +483,19 @@ int gw_daemon_start(struct gw_server **out, uv_loop_t *loop, struct conf *c,
         log_warn("tls: %s; STARTTLS is off", err);
     }
     daemon_proxy_nets(srv, c);
+    /* Signals before the listeners: a client (or a supervisor) that sees the port open may
+     * send SIGTERM at once, and before the handlers its default action would kill us. They
+     * only run from the loop, so an early one waits until everything is up. */
+    uv_signal_init(loop, &srv->sig_term);
+    uv_signal_init(loop, &srv->sig_int);
+    uv_signal_init(loop, &srv->sig_hup);
+    srv->sig_term.data = srv->sig_int.data = srv->sig_hup.data = srv;
+    uv_signal_start(&srv->sig_term, daemon_on_signal, SIGTERM);
+    uv_signal_start(&srv->sig_int, daemon_on_signal, SIGINT);
+    uv_signal_start(&srv->sig_hup, daemon_on_signal, SIGHUP);
+    uv_timer_init(loop, &srv->stop_timer);
+    srv->stop_timer.data = srv;
+    sigs_on = 1;
     nl = c->gateway.listen.n + c->gateway.proxy_protocol_listen.n;
     if (!(srv->listeners = calloc((size_t)nl, sizeof(*srv->listeners)))) {
         snprintf(err, errlen, "out of memory");
@@ -511,15 +524,6 @@ int gw_daemon_start(struct gw_server **out, uv_loop_t *loop, struct conf *c,
     else if ((srv->notify_fd = socket(AF_UNIX, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC,
                                       0)) < 0)
         log_errno("notify socket");
-    uv_signal_init(loop, &srv->sig_term);
-    uv_signal_init(loop, &srv->sig_int);
-    uv_signal_init(loop, &srv->sig_hup);
-    srv->sig_term.data = srv->sig_int.data = srv->sig_hup.data = srv;
-    uv_signal_start(&srv->sig_term, daemon_on_signal, SIGTERM);
-    uv_signal_start(&srv->sig_int, daemon_on_signal, SIGINT);
-    uv_signal_start(&srv->sig_hup, daemon_on_signal, SIGHUP);
-    uv_timer_init(loop, &srv->stop_timer);
-    srv->stop_timer.data = srv;
     if ((r = gw_spf_new(&srv->spf, loop, c, err, errlen)) < 0)
         goto fail;
     if ((r = gw_dns_new(&srv->dns, loop, c->gateway.dns_server, err, errlen)) < 0)
@@ -545,6 +549,12 @@ int gw_daemon_start(struct gw_server **out, uv_loop_t *loop, struct conf *c,
     return 0;
 fail:
     daemon_listeners_close(srv);
+    if (sigs_on) {
+        uv_close((uv_handle_t *)&srv->sig_term, NULL);
+        uv_close((uv_handle_t *)&srv->sig_int, NULL);
+        uv_close((uv_handle_t *)&srv->sig_hup, NULL);
+        uv_close((uv_handle_t *)&srv->stop_timer, NULL);
+    }
     gw_fleet_stop(srv->fleet);
     gw_dns_stop(srv->dns);
     uv_run(loop, UV_RUN_NOWAIT);  /* their close callbacks, before the memory goes */

@@ -288,6 +288,16 @@ int main(int argc, char **argv)
     }
 
     dv.loop = uv_default_loop();
+    /* Signals first: the control socket below is what a supervisor (or a test) waits for,
+     * and a SIGTERM that comes before the handlers would kill us by the default action. The
+     * handlers only run from the loop, so an early signal waits until everything is up. */
+    uv_signal_init(dv.loop, &dv.sig_term);
+    uv_signal_init(dv.loop, &dv.sig_int);
+    uv_signal_init(dv.loop, &dv.sig_hup);
+    dv.sig_term.data = dv.sig_int.data = dv.sig_hup.data = &dv;
+    uv_signal_start(&dv.sig_term, on_term, SIGTERM);
+    uv_signal_start(&dv.sig_int, on_term, SIGINT);
+    uv_signal_start(&dv.sig_hup, on_hup, SIGHUP);
     memset(&so, 0, sizeof(so));
     so.dir = dv.c->spool.dir;
     so.loop = NULL;            /* no submissions: the gateway is the spool's writer */
@@ -358,13 +368,6 @@ int main(int argc, char **argv)
             api_on_policy_change(dv.api, policy_wake, &dv.policy_async);
         }
     }
-    uv_signal_init(dv.loop, &dv.sig_term);
-    uv_signal_init(dv.loop, &dv.sig_int);
-    uv_signal_init(dv.loop, &dv.sig_hup);
-    dv.sig_term.data = dv.sig_int.data = dv.sig_hup.data = &dv;
-    uv_signal_start(&dv.sig_term, on_term, SIGTERM);
-    uv_signal_start(&dv.sig_int, on_term, SIGINT);
-    uv_signal_start(&dv.sig_hup, on_hup, SIGHUP);
     log_info("deliver: started (%s %s), spool %s, %d mailstores, control %s, %s threads",
              "sluice", SLUICE_VERSION, dv.c->spool.dir, dv.c->n_mailstores, path,
              getenv("UV_THREADPOOL_SIZE"));

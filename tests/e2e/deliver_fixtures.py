@@ -479,14 +479,15 @@ class Deliverer:
                     f.write("%s = %s\n" % (k, v))
 
     # -- process
-    def start(self):
+    def start(self, step=0.05):
+        """Returns once the control socket exists (step: how often to look for it)."""
         log = os.path.join(self.tmp, "deliver.%d.log" % len(self.logs))
         self.logs.append(log)
         self.logf = open(log, "wb")
         self.proc = subprocess.Popen([DELIVER_BIN, "-c", self.conf, "-f"], stdout=self.logf,
                                      stderr=subprocess.STDOUT, cwd=self.tmp)
         wait_for(lambda: os.path.exists(self.ctl_path) or self.proc.poll() is not None, 15,
-                 what="sluice-deliver control socket")
+                 step=step, what="sluice-deliver control socket")
         assert self.proc.poll() is None, self.log()
         return self
 

@@ -335,6 +335,19 @@ def test_sighup_reload_and_control_errors(deliverer, fake_lmtp):
     wait_for(lambda: p.received(), 10, what="delivery to the mailstore added by SIGHUP")
 
 
+def test_sigterm_as_soon_as_the_control_socket_appears(deliverer, fake_lmtp):
+    """The control socket is the deliverer's sign of life: a SIGTERM sent the moment it
+    appears (a supervisor's stop right after a start) drains and exits 0, never the default
+    action's death. The fixture's start returns as soon as the socket exists."""
+    p = fake_lmtp()
+    d = deliverer({"ms1": {"deliver": "lmtp:127.0.0.1:%d" % p.port},
+                   "ms2": {"deliver": "lmtp:127.0.0.1:%d" % p.port}}, start=False)
+    for i in range(20):
+        d.start(step=0)       # look without pause, so the signal follows the socket closely
+        rc = d.stop()
+        assert rc == 0, "start %d: exit status %r\n%s" % (i, rc, d.log()[-3000:])
+
+
 def test_through_gateway(deliverer, dovecots, tmp_path):
     """gateway -> spool -> sluice-deliver -> Dovecot, when the gateway is built and runs."""
     a, _ = dovecots
