@@ -485,6 +485,47 @@ static int transient(CURLcode rc)
 
 static int authenticate(struct etcd *e, char *err, size_t errlen);
 
+/* request_begin - what every request does before its first try: the body must have been
+ * built (json_dumps gave NULL on no memory) and, with authentication, a token fetched first.
+ * Frees text on failure. */
+static int request_begin(struct etcd *e, char *text, char *err, size_t errlen)
+{
+    int r;
+
+    if (!text) {
+        snprintf(err, errlen, "out of memory");
+        return -ENOMEM;
+    }
+    if (e->user && !e->token[0] && (r = authenticate(e, err, errlen)) < 0) {
+        free(text);
+        return r;
+    }
+    return 0;
+}
+
+/* auth_push - the headers of one try: the token's, in ah, ahead of the fixed ones (which
+ * stay e->hdrs' to free); auth_pop takes it off again after the try */
+static struct curl_slist *auth_push(struct etcd *e, char *ah, size_t ahlen)
+{
+    struct curl_slist *auth;
+
+    if (!e->token[0])
+        return e->hdrs;
+    snprintf(ah, ahlen, "Authorization: %s", e->token);
+    if (!(auth = curl_slist_append(NULL, ah)))
+        return e->hdrs;
+    auth->next = e->hdrs;
+    return auth;
+}
+
+static void auth_pop(struct etcd *e, struct curl_slist *h)
+{
+    if (h != e->hdrs) {
+        h->next = NULL;
+        curl_slist_free_all(h);
+    }
+}
+
 /* call - POST body to path on the first member that answers; *rep is its JSON answer.
  * Members are tried in turn, each attempt bounded by a third of the request's time, until
  * the time is spent: a member that hangs, or answers "unavailable" during an election, costs
@@ -502,17 +543,12 @@ static int call(struct etcd *e, const char *path, json_t *body, json_t **rep, ch
 
     *rep = NULL;
     json_decref(body);
-    if (!text) {
-        snprintf(err, errlen, "out of memory");
-        return -ENOMEM;
-    }
-    if (e->user && !e->token[0] && (r = authenticate(e, err, errlen)) < 0) {
-        free(text);
+    if ((r = request_begin(e, text, err, errlen)) < 0)
         return r;
-    }
+    r = -ENOTCONN;
     for (;;) {
         int64_t left = deadline - time_mono_ms();
-        struct curl_slist *h = e->hdrs, *auth = NULL;
+        struct curl_slist *h;
         char ah[ETCD_TOKEN_MAX + 32];
         long status = 0;
         CURLcode rc;
@@ -529,19 +565,11 @@ static int call(struct etcd *e, const char *path, json_t *body, json_t **rep, ch
                          (long long)e->timeout_ms);
             break;
         }
-        if (e->token[0]) {
-            snprintf(ah, sizeof(ah), "Authorization: %s", e->token);
-            auth = curl_slist_append(NULL, ah);
-            auth->next = e->hdrs;
-            h = auth;
-        }
+        h = auth_push(e, ah, sizeof(ah));
         snprintf(url, sizeof(url), "%s%s", e->urls[e->cur], path);
         setup(e, url, text, left < attempt ? left : attempt, h);
         rc = curl_easy_perform(e->curl);
-        if (auth) {
-            auth->next = NULL;
-            curl_slist_free_all(auth);
-        }
+        auth_pop(e, h);
         if (atomic_load(&e->stop)) {
             r = -EINTR;
             snprintf(why, sizeof(why), "interrupted");
@@ -672,21 +700,33 @@ static int64_t header_rev(const json_t *rep)
     return etcd_json_int(json_object_get(json_object_get(rep, "header"), "revision"));
 }
 
-int etcd_get(struct etcd *e, const char *key, int prefix, int64_t limit, struct etcd_kvs *out,
-             char *err, size_t errlen)
+/* key_request - a request's {"key", "range_end"} for one key or, with prefix, every key under
+ * it; NULL with *r set (and err) for a key etcd would not take */
+static json_t *key_request(const char *key, int prefix, int *r, char *err, size_t errlen)
 {
-    json_t *req, *rep;
-    int r;
+    json_t *req;
 
-    memset(out, 0, sizeof(*out));
-    if (!key_ok(key, err, errlen))
-        return -EINVAL;
+    if (!key_ok(key, err, errlen)) {
+        *r = -EINVAL;
+        return NULL;
+    }
     req = json_object();
     json_object_set_new(req, "key", b64(key));
-    if (prefix && (r = range_end(key, req, err, errlen)) < 0) {
+    if (prefix && (*r = range_end(key, req, err, errlen)) < 0) {
         json_decref(req);
-        return r;
+        return NULL;
     }
+    *r = 0;
+    return req;
+}
+
+/* range_call - a range request (req, taken) of at most limit keys (0: all), its pairs in out */
+static int range_call(struct etcd *e, json_t *req, int64_t limit, struct etcd_kvs *out,
+                      char *err, size_t errlen)
+{
+    json_t *rep;
+    int r;
+
     if (limit > 0)
         json_object_set_new(req, "limit", json_integer(limit));
     if ((r = call(e, "/v3/kv/range", req, &rep, err, errlen)) < 0)
@@ -698,12 +738,23 @@ int etcd_get(struct etcd *e, const char *key, int prefix, int64_t limit, struct 
     return r;
 }
 
+int etcd_get(struct etcd *e, const char *key, int prefix, int64_t limit, struct etcd_kvs *out,
+             char *err, size_t errlen)
+{
+    json_t *req;
+    int r;
+
+    memset(out, 0, sizeof(*out));
+    if (!(req = key_request(key, prefix, &r, err, errlen)))
+        return r;
+    return range_call(e, req, limit, out, err, errlen);
+}
+
 int etcd_get_range(struct etcd *e, const char *from, const char *prefix, int64_t limit,
                    int newest_first, struct etcd_kvs *out, char *err, size_t errlen)
 {
     char end[ETCD_KEY_MAX + 1];
-    json_t *req, *rep;
-    int r;
+    json_t *req;
 
     memset(out, 0, sizeof(*out));
     if (!key_ok(from, err, errlen) || !key_ok(prefix, err, errlen) ||
@@ -715,19 +766,11 @@ int etcd_get_range(struct etcd *e, const char *from, const char *prefix, int64_t
     req = json_object();
     json_object_set_new(req, "key", b64(from));
     json_object_set_new(req, "range_end", b64(end));
-    if (limit > 0)
-        json_object_set_new(req, "limit", json_integer(limit));
     if (newest_first) {
         json_object_set_new(req, "sort_order", json_string("DESCEND"));
         json_object_set_new(req, "sort_target", json_string("KEY"));
     }
-    if ((r = call(e, "/v3/kv/range", req, &rep, err, errlen)) < 0)
-        return r;
-    r = etcd_parse_range(rep, out);
-    json_decref(rep);
-    if (r < 0)
-        snprintf(err, errlen, "etcd: cannot read the range answer");
-    return r;
+    return range_call(e, req, limit, out, err, errlen);
 }
 
 int etcd_put(struct etcd *e, const char *key, const char *value, int64_t lease, int64_t *rev,
@@ -744,14 +787,8 @@ int etcd_delete(struct etcd *e, const char *key, int prefix, int64_t *deleted, i
     json_t *req, *rep;
     int r;
 
-    if (!key_ok(key, err, errlen))
-        return -EINVAL;
-    req = json_object();
-    json_object_set_new(req, "key", b64(key));
-    if (prefix && (r = range_end(key, req, err, errlen)) < 0) {
-        json_decref(req);
+    if (!(req = key_request(key, prefix, &r, err, errlen)))
         return r;
-    }
     if ((r = call(e, "/v3/kv/deleterange", req, &rep, err, errlen)) < 0)
         return r;
     if (deleted)
@@ -892,30 +929,19 @@ int etcd_watch(struct etcd *e, const char *key, int prefix, int64_t start_rev,
     char url[ETCD_URL_MAX + 64], *text, why[ETCD_ERR_MAX] = "";
     int r = -ENOTCONN;
 
-    if (!key_ok(key, err, errlen))
-        return -EINVAL;
-    cr = json_object();
-    json_object_set_new(cr, "key", b64(key));
-    if (prefix && (r = range_end(key, cr, err, errlen)) < 0) {
-        json_decref(cr);
+    if (!(cr = key_request(key, prefix, &r, err, errlen)))
         return r;
-    }
     json_object_set_new(cr, "start_revision", json_integer(start_rev));
     json_object_set_new(cr, "progress_notify", json_true());
     req = json_pack("{s:o}", "create_request", cr);
     text = json_dumps(req, JSON_COMPACT);
     json_decref(req);
-    if (!text) {
-        snprintf(err, errlen, "out of memory");
-        return -ENOMEM;
-    }
-    /* A token (etcd authentication) is fetched by an ordinary call first. */
-    if (e->user && !e->token[0] && (r = authenticate(e, err, errlen)) < 0) {
-        free(text);
+    /* a token (etcd authentication) is fetched by an ordinary call first */
+    if ((r = request_begin(e, text, err, errlen)) < 0)
         return r;
-    }
+    r = -ENOTCONN;
     for (int tried = 0; tried < e->nurls; tried++) {
-        struct curl_slist *h = e->hdrs, *auth = NULL;
+        struct curl_slist *h;
         char ah[ETCD_TOKEN_MAX + 32];
         CURLcode rc;
 
@@ -923,12 +949,7 @@ int etcd_watch(struct etcd *e, const char *key, int prefix, int64_t start_rev,
             r = -EINTR;
             break;
         }
-        if (e->token[0]) {
-            snprintf(ah, sizeof(ah), "Authorization: %s", e->token);
-            auth = curl_slist_append(NULL, ah);
-            auth->next = e->hdrs;
-            h = auth;
-        }
+        h = auth_push(e, ah, sizeof(ah));
         snprintf(url, sizeof(url), "%s/v3/watch", e->urls[e->cur]);
         setup(e, url, text, 0, h);
         curl_easy_setopt(e->curl, CURLOPT_CONNECTTIMEOUT_MS,
@@ -943,10 +964,7 @@ int etcd_watch(struct etcd *e, const char *key, int prefix, int64_t start_rev,
         e->werr[0] = '\0';
         rc = curl_easy_perform(e->curl);
         e->streaming = 0;
-        if (auth) {
-            auth->next = NULL;
-            curl_slist_free_all(auth);
-        }
+        auth_pop(e, h);
         if (atomic_load(&e->stop)) {
             r = -EINTR;
             snprintf(why, sizeof(why), "interrupted");

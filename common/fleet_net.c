@@ -311,35 +311,32 @@ void fleet_conn_peer(struct fleet_conn *c, char *out, size_t len)
     }
 }
 
-static int send_all(struct fleet_conn *c, const char *p, size_t n, int64_t deadline)
+/* send_some - one write of at most n bytes: how many went, 0 to try again (after waiting for
+ * room, or a signal), or -errno (-ETIMEDOUT past the deadline) */
+static ssize_t send_some(struct fleet_conn *c, const char *p, size_t n, int64_t deadline)
 {
+    ssize_t w;
     int r = 0;
 
+    if (c->ssl) {
+        int rc = SSL_write(c->ssl, p, n > INT32_MAX ? INT32_MAX : (int)n);
+        if (rc > 0)
+            return rc;
+        return ssl_wait(c, rc, deadline, &r) ? -EPIPE : r;
+    }
+    if ((w = send(c->fd, p, n, MSG_NOSIGNAL)) >= 0)
+        return w;
+    if (errno == EAGAIN || errno == EWOULDBLOCK)
+        return wait_fd(c->fd, POLLOUT, deadline);
+    return errno == EINTR ? 0 : -errno;
+}
+
+static int send_all(struct fleet_conn *c, const char *p, size_t n, int64_t deadline)
+{
     while (n > 0) {
-        ssize_t w;
-        if (c->ssl) {
-            int rc = SSL_write(c->ssl, p, n > INT32_MAX ? INT32_MAX : (int)n);
-            if (rc <= 0) {
-                if (ssl_wait(c, rc, deadline, &r))
-                    return -EPIPE;
-                if (r < 0)
-                    return r;
-                continue;
-            }
-            w = rc;
-        } else {
-            w = send(c->fd, p, n, MSG_NOSIGNAL);
-            if (w < 0) {
-                if (errno == EAGAIN || errno == EWOULDBLOCK) {
-                    if ((r = wait_fd(c->fd, POLLOUT, deadline)) < 0)
-                        return r;
-                    continue;
-                }
-                if (errno == EINTR)
-                    continue;
-                return -errno;
-            }
-        }
+        ssize_t w = send_some(c, p, n, deadline);
+        if (w < 0)
+            return (int)w;
         p += w;
         n -= (size_t)w;
     }

@@ -88,58 +88,48 @@ const char *log_level_name(int level)
     return "debug";
 }
 
+/* LOG_VA - what every variadic entry point below does with its arguments: one line, with
+ * the errno saved (as `saved`) before anything could change it */
+#define LOG_VA(level, qid, with_errno)                                      \
+    do {                                                                    \
+        va_list ap_;                                                        \
+        va_start(ap_, fmt);                                                 \
+        log_vline((level), (qid), (with_errno), saved, fmt, ap_);           \
+        va_end(ap_);                                                        \
+    } while (0)
+
 void log_msg(int level, const char *fmt, ...)
 {
     int saved = errno;
-    va_list ap;
-
-    va_start(ap, fmt);
-    log_vline(level, NULL, 0, saved, fmt, ap);
-    va_end(ap);
+    LOG_VA(level, NULL, 0);
     errno = saved;
 }
 
 void log_qid(int level, const char *qid, const char *fmt, ...)
 {
     int saved = errno;
-    va_list ap;
-
-    va_start(ap, fmt);
-    log_vline(level, qid, 0, saved, fmt, ap);
-    va_end(ap);
+    LOG_VA(level, qid, 0);
     errno = saved;
 }
 
 void log_errno(const char *fmt, ...)
 {
     int saved = errno;
-    va_list ap;
-
-    va_start(ap, fmt);
-    log_vline(LOG_WARNING, NULL, 1, saved, fmt, ap);
-    va_end(ap);
+    LOG_VA(LOG_WARNING, NULL, 1);
     errno = saved;
 }
 
 void fatal(const char *fmt, ...)
 {
     int saved = errno;
-    va_list ap;
-
-    va_start(ap, fmt);
-    log_vline(LOG_CRIT, NULL, 0, saved, fmt, ap);
-    va_end(ap);
+    LOG_VA(LOG_CRIT, NULL, 0);
     exit(1);
 }
 
 void fatal_errno(const char *fmt, ...)
 {
     int saved = errno;
-    va_list ap;
-
-    va_start(ap, fmt);
-    log_vline(LOG_CRIT, NULL, 1, saved, fmt, ap);
-    va_end(ap);
+    LOG_VA(LOG_CRIT, NULL, 1);
     exit(1);
 }
 
