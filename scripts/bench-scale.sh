@@ -12,6 +12,9 @@
 #                        big.test, the domain of reseller "big" (SCALE/100 users: 10,000 at 1M)
 #              RUNS      runs per timed command (default 5; the median is shown)
 #              DRAIN_SECS  how long the drain of the released mailstore is watched (60)
+#              SECTIONS  which of the parts below run besides 1, the fill, which always does
+#                        (default "0 2 3 4"; 4 compares with 0): SECTIONS=3 for the bulk
+#                        changes alone
 #              BENCH_BASE  work directory, wiped (default /var/tmp/bench-scale)
 #              PORT, MPORT, APORT  SMTP, deliverer metrics and reseller API ports (25250,
 #                        29425, 28426)
@@ -57,6 +60,7 @@ MSGS=$(( (SCALE + RCPTS - 1) / RCPTS ))
 USERS=${USERS:-$(( SCALE / 10 > 100 ? SCALE / 10 : 100 ))}
 RUNS=${RUNS:-5}
 DRAIN_SECS=${DRAIN_SECS:-60}
+SECTIONS=${SECTIONS:-0 2 3 4}
 BASE=${BENCH_BASE:-/var/tmp/bench-scale}
 PORT=${PORT:-25250}
 MPORT=${MPORT:-29425}
@@ -73,6 +77,8 @@ done
 case $BASE in /?*/bench-*) ;; *) die "BENCH_BASE must look like /some/dir/bench-NAME (it is wiped)" ;; esac
 command -v sqlite3 >/dev/null || die "sqlite3 missing (scripts/deps.sh build)"
 command -v curl >/dev/null || die "curl missing (scripts/deps.sh build)"
+want() { case " $SECTIONS " in *" $1 "*) return 0 ;; esac; return 1; }
+want 4 && ! want 0 && die "SECTIONS: 4 needs 0 (the drain reference)"
 
 GW_PID= DLV_PID=
 cleanup() {
@@ -113,17 +119,9 @@ with open(sys.argv[1], "w") as f, open(sys.argv[2], "w") as a:
         a.write(addr)
 EOF
     bench_tenant big "$API_TOKEN" big.test >"$BASE/tenants"
-    cat >"$CONF" <<EOF
-[spool]
-dir = $SPOOL
-min_free_space = 100M
-[log]
-level = info
-[gateway]
-listen = 127.0.0.1:$PORT
-hostname = bench.scale.test
-domains = scale.test, big.test
-recipient_map = $BASE/recipients
+    bench_conf "$SPOOL" 100M "127.0.0.1:$PORT" bench.scale.test "scale.test, big.test" \
+        "$BASE/recipients" >"$CONF"
+    cat >>"$CONF" <<EOF
 max_connections_per_ip = 1000
 [metrics]
 deliver_listen = 127.0.0.1:$MPORT
@@ -237,6 +235,7 @@ probe_stop() { # sets P50 P99 PMAX PREF (refused: tempfail+permfail) PSENT; not 
 
 LOAD0=$(cut -d' ' -f1-3 /proc/loadavg)
 # ---------------------------------------------------------------- 0. the drain reference
+if want 0; then
 log "0. reference: the drain of ms3 with 10,000 recipients queued, all for ms3 (3 a message)"
 write_conf
 start_gateway; wait_gateway >/dev/null
@@ -253,6 +252,7 @@ ctl release ms3 --ramp 0 >/dev/null
 read -r REF_RATE REF_RSS REF_N REF_S <<<"$(drain_watch ms3 120)"
 log "   ${REF_N} recipients of ms3 in ${REF_S} s: ${REF_RATE}/s"
 stop_daemons
+fi
 
 # ---------------------------------------------------------------- 1. the fill
 log "1. filling $SCALE recipients ($MSGS messages x $RCPTS, $USERS users) through the gateway"
@@ -270,6 +270,7 @@ read -r Q1 Q2 Q3 <<<"$(counter ms1 queued) $(counter ms2 queued) $(counter ms3 q
 log "   queued: ms1 $Q1, ms2 $Q2, ms3 $Q3 (total $WAITING)"
 
 # ---------------------------------------------------------------- 2. the commands
+if want 2; then
 log "2. operator commands, $RUNS runs each"
 read -r m x <<<"$(time_cmd "$RUNS" ctl affected ms3)"
 AFF_USERS=$(tail -1 "$BASE/last.out" | awk '{print $1}')
@@ -340,8 +341,10 @@ for i in $(seq 1 "$RUNS"); do
 done
 m=$(printf '%s\n' "${v[@]}" | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}')
 row "gateway restart after kill -9, to answering" "$(secs "$m")" "<= 2 s"
+fi
 
 # ---------------------------------------------------------------- 3. bulk changes
+if want 3; then
 log "3. the gateway's end-of-data -> 250 latency, idle and during bulk changes"
 probe_start; sleep 30
 probe_stop
@@ -373,13 +376,16 @@ t1=$(now_ms)
 probe_stop
 row "release ms2 ($(grep -oE '[0-9]+ made due' "$BASE/bulk.out" | awk '{print $1}') of $REL_Q made due)" "$(secs $((t1 - t0)))" ""
 row "  gateway p50/p99 meanwhile, refused" "${P50}/${P99} ms, ${PREF}" "p99 <= 2x idle, 0"
+fi
 
 # ---------------------------------------------------------------- 4. the drain
+if want 4; then
 log "4. the drain of ms2 with $(total_waiting) recipients waiting, ${DRAIN_SECS} s"
 ctl release ms2 --ramp 0 >/dev/null     # full speed now
 read -r RATE RSS DN DS <<<"$(drain_watch ms2 "$DRAIN_SECS")"
 row "drain of ms2 into Maildir" "${RATE}/s (${DN} in ${DS} s)" ">= 90% of ${REF_RATE}/s"
 row "deliverer's largest RSS while draining" "$(( RSS / 1024 )) MiB" "<= 256 MiB"
+fi
 stop_daemons
 
 {
@@ -388,7 +394,7 @@ stop_daemons
     echo "   load average at the start $LOAD0, at the end $(cut -d' ' -f1-3 /proc/loadavg) =="
     echo "fill through the gateway: $FILL_LINE"
     echo "   (all $WAITING indexed after $(secs "$FILL_MS"))"
-    echo "drain reference: $REF_N recipients of ms3 with 10,000 queued: ${REF_RATE}/s"
+    want 0 && echo "drain reference: $REF_N recipients of ms3 with 10,000 queued: ${REF_RATE}/s"
     echo
     printf '| %-46s | %-22s | %-14s |\n' "command" "time" "goal"
     printf '|%s|%s|%s|\n' "$(printf -- '-%.0s' {1..48})" "$(printf -- '-%.0s' {1..24})" "$(printf -- '-%.0s' {1..16})"

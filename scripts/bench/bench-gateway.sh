@@ -177,20 +177,10 @@ configure() {
         -keyout "$BASE/key.pem" -out "$BASE/cert.pem" >/dev/null 2>&1
     # like the Postfix instance: example.test with any local part, nothing else
     echo "@example.test" >"$BASE/recipients"
-    cat >"$CONF" <<EOF
-# written by bench-gateway.sh; loopback only
-[spool]
-dir = $QUEUE_DIR
-min_free_space = 1G
-
-[log]
-level = info
-
-[gateway]
-listen = 127.0.0.1:$LISTEN_PORT
-hostname = mx.bench.test
-domains = example.test
-recipient_map = $BASE/recipients
+    echo "# written by bench-gateway.sh; loopback only" >"$CONF"
+    bench_conf "$QUEUE_DIR" 1G "127.0.0.1:$LISTEN_PORT" mx.bench.test example.test \
+        "$BASE/recipients" >>"$CONF"
+    cat >>"$CONF" <<EOF
 max_connections = $((IDLE_CONNS + 1000))
 max_connections_per_ip = $((IDLE_CONNS + 1000))
 tls_cert = $BASE/cert.pem
