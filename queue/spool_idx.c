@@ -215,13 +215,21 @@ static void sql_rcpt_key(sqlite3_context *ctx, int argc, sqlite3_value **argv)
     sqlite3_result_text(ctx, key, -1, SQLITE_TRANSIENT);
 }
 
-/* busy - wait for the other daemon's write transaction in steps of a millisecond: they last
- * a few (a group commit, a chunk of a bulk change), and SQLite's own handler sleeps up to
- * 100 ms between tries, which a gateway's commit would then wait on top. */
+/* busy - wait for the other daemon's write transaction in short steps: it lasts a
+ * millisecond or a few (a group commit, a chunk of a bulk change), and SQLite's own handler
+ * sleeps up to 100 ms between tries, which a gateway's commit would then wait on top. A
+ * quarter of a millisecond first (a chunk's lock is at most about one), then longer steps
+ * for a long wait (a migration, a stuck peer). */
+#define BUSY_FINE_MS 20        /* poll every BUSY_FINE_NS for this long, */
+#define BUSY_FINE_NS 250000L
+#define BUSY_MID_MS 200        /* then every millisecond up to this, */
+#define BUSY_MID_NS 1000000L
+#define BUSY_LONG_NS 5000000L  /* then every five */
+
 static int busy(void *arg, int n)
 {
     struct spool_idx *ix = arg;
-    struct timespec now, d = { 0, n < 100 ? 1000000L : 5000000L };
+    struct timespec now, d = { 0, 0 };
 
     clock_gettime(CLOCK_MONOTONIC, &now);
     int64_t ms = (int64_t)now.tv_sec * 1000 + now.tv_nsec / 1000000;
@@ -229,6 +237,9 @@ static int busy(void *arg, int n)
         ix->busy_since = ms;
     if (ms - ix->busy_since >= ix->busy_ms)
         return 0;
+    d.tv_nsec = ms - ix->busy_since < BUSY_FINE_MS ? BUSY_FINE_NS
+              : ms - ix->busy_since < BUSY_MID_MS  ? BUSY_MID_NS
+                                                   : BUSY_LONG_NS;
     nanosleep(&d, NULL);
     return 1;
 }

@@ -29,8 +29,9 @@
 #define SPOOL_CHUNK_FIRST 256           /* rows in the first chunk of a bulk change */
 #define SPOOL_CHUNK_MIN 16
 #define SPOOL_CHUNK_MAX 8192
-#define SPOOL_CHUNK_MS 2                /* a bulk change's chunks work about this long */
-#define SPOOL_CHUNK_REST 3              /* and rest three times as long after each, */
+#define SPOOL_CHUNK_LO_US 250          /* a bulk change's chunk works (its lock, then the */
+#define SPOOL_CHUNK_HI_US 1000         /* write-out of its WAL pages) this long or so, */
+#define SPOOL_CHUNK_REST 3              /* and rests three times as long after each, */
 #define SPOOL_CHUNK_REST_MS 2           /* this long at least */
 
 struct spool_msg {
