@@ -1,9 +1,9 @@
 /*
- * conf_check.c - sluice.conf's checks across keys (conf_int.h), run once the whole file is
+ * conf_check.c - sluice.conf's checks across keys (conf_keys.h), run once the whole file is
  * read: empty lists, values that contradict each other, the fleet's settings, and the keys
  * every [mailstore] and [milter] section must set; each error names the line to fix.
  */
-#include "conf_int.h"
+#include "conf_keys.h"
 
 #include <arpa/inet.h>
 #include <ctype.h>

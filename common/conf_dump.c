@@ -1,8 +1,8 @@
 /*
- * conf_dump.c - sluice.conf's dump (conf_int.h): every key in the table's order, sizes
+ * conf_dump.c - sluice.conf's dump (conf_keys.h): every key in the table's order, sizes
  * and durations in the largest exact unit, so dump, load, dump gives the same text.
  */
-#include "conf_int.h"
+#include "conf_keys.h"
 
 #include <arpa/inet.h>
 #include <ctype.h>

@@ -1,8 +1,8 @@
 /*
- * conf_parse.c - sluice.conf's value parsers (conf_int.h): sizes, durations, booleans,
+ * conf_parse.c - sluice.conf's value parsers (conf_keys.h): sizes, durations, booleans,
  * endpoints, networks, milter sockets, deliver strings, DNSBL sites, and the name checks.
  */
-#include "conf_int.h"
+#include "conf_keys.h"
 
 #include <arpa/inet.h>
 #include <ctype.h>

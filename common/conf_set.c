@@ -1,8 +1,8 @@
 /*
  * conf_set.c - setting one sluice.conf key from its text by the key table's type
- * (conf_int.h), and the defaults of a whole config, a mailstore and a milter.
+ * (conf_keys.h), and the defaults of a whole config, a mailstore and a milter.
  */
-#include "conf_int.h"
+#include "conf_keys.h"
 
 #include <arpa/inet.h>
 #include <ctype.h>

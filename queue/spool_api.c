@@ -18,18 +18,11 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "domain.h"
 #include "log.h"
 #include "spool_int.h"
 #include "spool_rec.h"
 
 /* ---------------------------------------------------------------- synchronous API */
-
-void spool_col_text(sqlite3_stmt *st, int col, char *dst, size_t len)
-{
-    const unsigned char *s = sqlite3_column_text(st, col);
-    snprintf(dst, len, "%s", s ? (const char *)s : "");
-}
 
 static void row_to_rcpt(sqlite3_stmt *st, struct spool_rcpt *r)
 {
@@ -268,28 +261,6 @@ int spool_read(struct spool *sp, const char *qid, char **buf, size_t *len)
     if (why && !sp->o.readonly)
         hold_sync(sp, qid, why);
     return -EBADMSG;
-}
-
-/* Delete the rows of qid inside an open transaction; *big tells the caller to unlink the big
- * file once the transaction has committed (never before: the row is the truth). */
-int spool_delete_rows(struct spool_idx *ix, const char *qid, int *big)
-{
-    sqlite3_stmt *st = spool_idx_stmt(ix, SPOOL_IDX_DEL_RCPTS);
-    int r, rc;
-    if (!st)
-        return -EIO;
-    sqlite3_bind_text(st, 1, qid, -1, SQLITE_TRANSIENT);
-    if ((r = spool_idx_step_done(ix, st)) < 0)
-        return r;
-    if (!(st = spool_idx_stmt(ix, SPOOL_IDX_DEL_MSG)))
-        return -EIO;
-    sqlite3_bind_text(st, 1, qid, -1, SQLITE_TRANSIENT);
-    rc = sqlite3_step(st);
-    *big = rc == SQLITE_ROW && sqlite3_column_int64(st, 0) == 0;
-    while (rc == SQLITE_ROW)
-        rc = sqlite3_step(st);
-    sqlite3_reset(st);
-    return rc == SQLITE_DONE ? 0 : spool_idx_errno(rc);
 }
 
 /* One try at spool_mark's transaction, under smu. The big files of deleted messages go to
@@ -1000,51 +971,4 @@ int spool_verify_counts(struct spool *sp,
     free(kept);
     free(rows);
     return r < 0 ? r : bad;
-}
-
-/* ascii_lower - tolower for ASCII only: the key must not depend on the locale, and bytes of
- * UTF-8 stay as they are (SQLite's lower() does the same). */
-static char ascii_lower(char c)
-{
-    return c >= 'A' && c <= 'Z' ? (char)(c - 'A' + 'a') : c;
-}
-
-int spool_rcpt_key(const char *rcpt, char *key, size_t len)
-{
-    const char *at = strrchr(rcpt, '@');
-    size_t n = strlen(rcpt), o = 0;
-    char dom[DOMAIN_MAX];
-
-    if (n + 2 > len)
-        return -ENAMETOOLONG;
-    /* the domain as domain.h keys it (A-labels, no trailing dot) when it converts and fits, so
-     * that one domain's users are one range whatever spelling the mail came with, and the
-     * reseller API's domains (domain_norm) are ranges of this index too */
-    if (at && domain_key_of_addr(rcpt, dom, sizeof(dom)) == 0 &&
-        strlen(dom) + (size_t)(at - rcpt) + 2 <= len) {
-        for (const char *p = dom; *p; p++)
-            key[o++] = *p;
-    } else if (at) {
-        for (const char *p = at + 1; *p; p++)
-            key[o++] = ascii_lower(*p);
-    }
-    key[o++] = '@';
-    for (const char *p = rcpt; p < (at ? at : rcpt + n); p++)
-        key[o++] = ascii_lower(*p);
-    key[o] = '\0';
-    return 0;
-}
-
-int spool_rcpt_from_key(const char *key, char *rcpt, size_t len)
-{
-    const char *at = strchr(key, '@');
-    int n;
-
-    if (!at)
-        n = snprintf(rcpt, len, "%s", key);
-    else if (at == key)
-        n = snprintf(rcpt, len, "%s", at + 1);
-    else
-        n = snprintf(rcpt, len, "%s@%.*s", at + 1, (int)(at - key), key);
-    return n < 0 || (size_t)n >= len ? -ENAMETOOLONG : 0;
 }

@@ -2,6 +2,12 @@
  * spool_int.h - what the spool's files share and nobody else sees: the spool's and a message's
  * structs, its constants, and the helpers one of its files gives the others. Private to the
  * spool (queue/spool*.c); the contract is spool.h.
+ *
+ * The files, top down; each calls only files below it: spool_open.c (open, recovery, close);
+ * spool_api.c (the synchronous API); spool_gen.c (generated mail); spool_writer.c (receiving,
+ * the writer, big-file and checkpoint threads); spool_reclaim.c (giving space back);
+ * spool_seg.c (segment files); spool_int.c (the helpers below); spool_idx.c (the index);
+ * spool_rec.c, spool_reserve.c and spool.c (the recipient key) at the bottom.
  */
 #ifndef SLUICE_SPOOL_INT_H
 #define SLUICE_SPOOL_INT_H
@@ -108,7 +114,7 @@ struct spool {
 /* where a message's record is, for its index row */
 struct rec_loc { uint64_t seg; int64_t off; uint64_t reclen; uint32_t crc; };
 
-/* spool.c: small helpers, recovery, open and close */
+/* spool_int.c: small helpers */
 int spool_fault(struct spool *sp, const char *step);    /* the tests' fault hook: non-zero fails */
 int64_t spool_mono_us(void);
 /* the reserve (spool_reserve.h) under rmu */
@@ -122,8 +128,10 @@ void spool_mem_release(struct spool *sp, size_t n);
 void spool_msg_free(struct spool_msg *m);
 /* hold a message whose record is damaged or missing, inside the caller's transaction */
 void spool_hold_damaged(struct spool_idx *ix, const char *qid, const char *why);
-/* open the file holding qid's record: segment seg, or its big file when seg is 0 */
-int spool_open_record(struct spool *sp, const char *qid, uint64_t seg);
+/* a text column into a bounded buffer ("" for NULL) */
+void spool_col_text(sqlite3_stmt *st, int col, char *dst, size_t len);
+/* delete qid's rows in the caller's transaction; *big: unlink its big file after the commit */
+int spool_delete_rows(struct spool_idx *ix, const char *qid, int *big);
 
 /* spool_writer.c: receiving, completions, the writer and big-file threads */
 void spool_run_done(struct spool *sp);
@@ -148,15 +156,12 @@ int spool_seg_append(struct spool *sp, struct spool_msg *batch, struct iovec *io
                      uint64_t reclen, uint64_t *off);
 int spool_seg_live(struct spool *sp, uint64_t id, int64_t *count, int64_t *bytes);
 int spool_list_segments(struct spool *sp, uint64_t **ids, size_t *n);  /* sorted; caller frees */
+/* open the file holding qid's record: segment seg, or its big file when seg is 0 */
+int spool_open_record(struct spool *sp, const char *qid, uint64_t seg);
 
 /* spool_reclaim.c: giving space back (writer thread) */
 void spool_sweep_big_orphans(struct spool *sp, int min_age);
 int spool_reclaim_pass(struct spool *sp, int yield);
-
-/* spool_api.c: the synchronous API */
-void spool_col_text(sqlite3_stmt *st, int col, char *dst, size_t len);
-/* delete qid's rows in the caller's transaction; *big: unlink its big file after the commit */
-int spool_delete_rows(struct spool_idx *ix, const char *qid, int *big);
 
 /* spool_gen.c: generated mail */
 int spool_gen_retire(struct spool_idx *ix, const char *qid, char (*bigs)[QID_SIZE],

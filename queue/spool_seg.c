@@ -1,6 +1,7 @@
 /*
- * spool_seg.c - segment files: their names and listing on disk, the writer's appends to the
- * current segment and its retiring when full, and a segment's live records in the index.
+ * spool_seg.c - segment files: their names and listing on disk, opening the file that holds a
+ * record, the writer's appends to the current segment and its retiring when full, and a
+ * segment's live records in the index.
  */
 #include "spool.h"
 
@@ -174,4 +175,14 @@ int spool_list_segments(struct spool *sp, uint64_t **ids, size_t *n)
     if (*n)
         qsort(*ids, *n, sizeof(**ids), cmp_u64);
     return 0;
+}
+
+/* open the file holding qid's record: segment seg, or its big file when seg is 0 */
+int spool_open_record(struct spool *sp, const char *qid, uint64_t seg)
+{
+    char name[32];
+    if (seg == 0)
+        return openat(sp->bigfd, qid, O_RDONLY | O_CLOEXEC);
+    spool_seg_name(name, sizeof(name), seg);
+    return openat(sp->segfd, name, O_RDONLY | O_CLOEXEC);
 }

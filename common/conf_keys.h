@@ -1,14 +1,15 @@
 /*
- * conf_int.h - what the files of the sluice.conf reader share (private to common/conf*.c):
+ * conf_keys.h - what the files of the sluice.conf reader share (private to common/conf*.c):
  * the key table's types, the table itself, and the functions one part calls in another.
  * The contract stays in conf.h.
  *
- * The parts: conf.c (the key table, the line reader and key handler, loading), conf_check.c
- * (checks across keys), conf_parse.c (value parsers), conf_set.c (setting one key, defaults)
- * and conf_dump.c (the dump).
+ * The files, top down: conf.c (the line reader and key handler, loading); conf_check.c
+ * (checks across keys) and conf_dump.c (the dump); conf_set.c (setting one key, defaults);
+ * conf_parse.c (value parsers); conf_keys.c (the key table, errors, mailstore lookup) at the
+ * bottom. A file calls only files below it.
  */
-#ifndef SLUICE_CONF_INT_H
-#define SLUICE_CONF_INT_H
+#ifndef SLUICE_CONF_KEYS_H
+#define SLUICE_CONF_KEYS_H
 
 #include <stddef.h>
 #include <stdint.h>
@@ -80,12 +81,12 @@ struct conf_ctx {
     size_t errlen, errused;
 };
 
-/* The key table (conf.c), its length, and the section names by enum conf_sec. */
+/* The key table (conf_keys.c), its length, and the section names by enum conf_sec. */
 extern const struct conf_key conf_keys[];
 extern const size_t conf_nkeys;
 extern const char *const conf_sec_names[];
 
-/* conf.c */
+/* conf_keys.c */
 /* conf_error - record "FILE:LINE: problem" (line 0: the file as a whole). */
 void conf_error(struct conf_ctx *x, int line, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
