@@ -6,153 +6,29 @@
  * Structure: a stage (CONNECT .. EOM) is driven by ms_run(), which walks the milters from
  * ms->cur; each milter's part is mc_advance() (send what is due; 0 = wait for a reply, 1 =
  * this milter is done, 2 = it decided). Replies, timeouts and connects come back through the
- * libuv callbacks, which continue with ms_after(). The per-connection state is an explicit
- * enum changed only in mc_enter().
+ * libuv callbacks of gw_milter_conn.c, which continue with ms_after() through ms->after. The
+ * per-connection state is an explicit enum changed only in mc_enter().
  *
- * This file: setup and teardown, failures and verdicts, the stage driver and the public
- * stage calls. The other parts are listed in gw_milter_int.h.
+ * This file: setup and teardown, the stage driver and the public stage calls; it is the top
+ * of the milter client and the only file that calls gw_milter_conn.c's steps in order. The
+ * other parts are listed in gw_milter_core.h.
  */
-#include "gw_milter_int.h"
+#include "gw_milter.h"
 
-#include <arpa/inet.h>
 #include <errno.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <strings.h>
 
-#include "gw_ctl.h"
-#include "log.h"
+#include "gw_milter_conn.h"
+#include "gw_milter_core.h"
+#include "gw_milter_edit.h"
+#include "gw_milter_notice.h"
 #include "milter_proto.h"
-#include "qid.h"
 
-const char *const mc_state_names[] = {
-#define XX(name, text) #name,
-    GW_MC_STATE_MAP(XX)
-#undef XX
-};
-
-const char *const ms_stage_names[] = { "CONNECT", "HELO", "MAIL", "RCPT", "RCPT",
-                                       "DATA", "END-OF-MESSAGE" };
-
-char gw_m_scratch[GW_M_SCRATCH];
-
-/* Our default macro lists per stage (Postfix's, plus the client ones Postfix documents). */
-static const char *const ms_default_macros[MILTER_NSTAGES] = {
-    [MILTER_M_CONNECT] = "j {daemon_name} v _ {client_addr} {client_port} {client_name} "
-                         "{client_ptr} {client_resolve} {daemon_addr} {daemon_port}",
-    [MILTER_M_HELO] = "{tls_version} {cipher} {cipher_bits} {cert_subject} {cert_issuer}",
-    [MILTER_M_MAIL] = "i {auth_type} {auth_authen} {auth_author} {mail_addr} {mail_host} "
-                      "{mail_mailer}",
-    [MILTER_M_RCPT] = "i {rcpt_addr} {rcpt_host} {rcpt_mailer}",
-    [MILTER_M_DATA] = "i",
-    [MILTER_M_EOM] = "i",
-    [MILTER_M_EOH] = "i",
-};
-
-static void mc_close_cb(uv_handle_t *h);
 static int ms_run(struct gw_milter_sess *ms);
+static void ms_after(struct gw_milter_sess *ms, int out);
 static int ms_start(struct gw_milter_sess *ms, enum ms_stage st, struct gw_milter_result *res);
-
-/* ---------------------------------------------------------------- small helpers */
-
-const char *ms_qid(const struct gw_milter_sess *ms)
-{
-    return ms->qid[0] ? ms->qid : "NOQUEUE";
-}
-
-static const char *action_name(enum conf_milter_action a)
-{
-    switch (a) {
-    case CONF_MA_ACCEPT:
-        return "accept";
-    case CONF_MA_REJECT:
-        return "reject";
-    case CONF_MA_QUARANTINE:
-        return "quarantine";
-    case CONF_MA_TEMPFAIL:
-    default:
-        return "tempfail";
-    }
-}
-
-void mc_enter(struct mconn *c, enum mc_state st)
-{
-    if (c->state == st)
-        return;
-    log_debug("%s: milter %s: state %s -> %s", ms_qid(c->ms), c->name,
-              mc_state_names[c->state], mc_state_names[st]);
-    c->state = st;
-}
-
-int64_t stage_timeout(const struct mconn *c)
-{
-    return c->ms->st == ST_EOM ? c->t_content : c->t_command;
-}
-
-/* macro_match - "i" matches "{i}" and the other way round */
-static int macro_match(const char *a, size_t al, const char *b)
-{
-    size_t bl = strlen(b);
-
-    if (al >= 2 && a[0] == '{' && a[al - 1] == '}') {
-        a++;
-        al -= 2;
-    }
-    if (bl >= 2 && b[0] == '{' && b[bl - 1] == '}') {
-        b++;
-        bl -= 2;
-    }
-    return al == bl && memcmp(a, b, al) == 0;
-}
-
-static const struct mmacro *ms_macro_find(const struct gw_milter_sess *ms, const char *name,
-                                          size_t nl)
-{
-    for (int i = 0; i < GW_M_MACROS; i++)
-        if (ms->macros[i].value && macro_match(name, nl, ms->macros[i].name))
-            return &ms->macros[i];
-    return NULL;
-}
-
-/* mc_send_macros - the MACRO packet of stage ms_stage for this milter (its list or ours);
- * nothing when no listed macro has a value */
-int mc_send_macros(struct mconn *c, int mstage, char cmd)
-{
-    const char *list = c->macros[mstage] ? c->macros[mstage] : ms_default_macros[mstage];
-    const char *names[GW_M_MACROS], *vals[GW_M_MACROS];
-    char nbuf[GW_M_MACROS][40];
-    struct milter_buf b = { gw_m_scratch, 0, sizeof(gw_m_scratch) };
-    size_t n = 0;
-
-    while (*list && n < GW_M_MACROS) {
-        size_t l = strcspn(list, " ,");
-        const struct mmacro *m;
-
-        if (l > 0 && l < sizeof(nbuf[0]) && (m = ms_macro_find(c->ms, list, l))) {
-            memcpy(nbuf[n], list, l);
-            nbuf[n][l] = '\0';
-            names[n] = nbuf[n];
-            vals[n] = m->value;
-            n++;
-        }
-        list += l;
-        list += strspn(list, " ,");
-    }
-    /* how sluice-policyd tells our rejection notices from a client's unknown command that
-     * another MTA passed on: no MTA but ours sends this macro */
-    if (mstage == MILTER_M_CONNECT && c->notify && n < GW_M_MACROS) {
-        names[n] = GW_M_NOTIFY_MACRO;
-        vals[n] = "reject";
-        n++;
-    }
-    if (n == 0)
-        return 0;
-    if (milter_put_macro(&b, cmd, names, vals, n) < 0)
-        return 0; /* absurdly long values: the command goes without its macros */
-    return mc_send(c, b.p, b.len);
-}
 
 /* ---------------------------------------------------------------- public: setup */
 
@@ -172,6 +48,7 @@ struct gw_milter_sess *gw_milter_new(uv_loop_t *loop, const struct conf *c, uint
     ms->loop = loop;
     ms->cb = cb;
     ms->arg = arg;
+    ms->after = ms_after;
     ms->n = c->n_milters;
     ms->max_msg = max_msg;
     ms->max_hdrs = c->gateway.max_header_count;
@@ -222,52 +99,6 @@ void gw_milter_qid(struct gw_milter_sess *ms, const char *qid)
     gw_milter_macro(ms, "i", qid && qid[0] ? qid : NULL);
 }
 
-static void mc_close_cb(uv_handle_t *h)
-{
-    struct mconn *c = h->data;
-    struct gw_milter_sess *ms = c->ms;
-
-    ms->nhandles--;
-    ms_maybe_free(ms);
-}
-
-/* mc_close - drop the connection (QUIT first when it is healthy and quit is set) */
-void mc_close(struct mconn *c, int quit)
-{
-    uv_timer_stop(&c->timer);
-    if (c->h_open) {
-        if (quit && (c->state == MC_READY || c->state == MC_WAIT)) {
-            char q[5] = { 0, 0, 0, 1, MILTER_C_QUIT };
-            uv_buf_t b = uv_buf_init(q, sizeof(q));
-
-            uv_try_write(&c->h.stream, &b, 1); /* best effort: the milter also sees EOF */
-        }
-        c->h_open = 0;
-        uv_close(&c->h.handle, mc_close_cb);
-    }
-}
-
-void ms_maybe_free(struct gw_milter_sess *ms)
-{
-    if (!ms->freeing || ms->nhandles > 0)
-        return;
-    for (int i = 0; i < ms->n; i++) {
-        struct mconn *c = &ms->mc[i];
-
-        for (int k = 0; k < MILTER_NSTAGES; k++)
-            free(c->macros[k]);
-        free(c->rbuf);
-        free(c->nq);
-        mc_edits_free(c);
-    }
-    for (int i = 0; i < GW_M_MACROS; i++)
-        free(ms->macros[i].value);
-    free(ms->cmd);
-    free(ms->hdrs);
-    free(ms->mc);
-    free(ms);
-}
-
 void gw_milter_free(struct gw_milter_sess *ms)
 {
     if (!ms || ms->freeing)
@@ -293,104 +124,6 @@ void gw_milter_free(struct gw_milter_sess *ms)
         uv_close((uv_handle_t *)&c->timer, mc_close_cb);
     }
     ms_maybe_free(ms);
-}
-
-/* ---------------------------------------------------------------- failures */
-
-/* mc_fail - log once, close, and from now on apply default_action */
-void mc_fail(struct mconn *c, const char *fmt, ...)
-{
-    char why[256];
-    va_list ap;
-
-    if (c->state == MC_FAILED)
-        return;
-    va_start(ap, fmt);
-    vsnprintf(why, sizeof(why), fmt, ap);
-    va_end(ap);
-    log_qid(LOG_WARNING, ms_qid(c->ms), "milter %s: %s; default_action=%s", c->name, why,
-            action_name(c->action));
-    gw_ctl_milter(c->name, "failure");
-    mc_close(c, 0);
-    mc_edits_free(c);
-    c->in_tx = 0;
-    c->nq_len = 0;
-    mc_enter(c, MC_FAILED);
-}
-
-/* mc_default - what a failed milter means at the current stage (1 go on, 2 decided) */
-int mc_default(struct mconn *c)
-{
-    struct gw_milter_sess *ms = c->ms;
-
-    switch (c->action) {
-    case CONF_MA_ACCEPT:
-        return 1;
-    case CONF_MA_QUARANTINE:
-        if (ms->st >= ST_MAIL && ms->quarantine[0] == '\0')
-            snprintf(ms->quarantine, sizeof(ms->quarantine),
-                     "milter %s: unavailable (default_action=quarantine)", c->name);
-        return 1;
-    case CONF_MA_REJECT:
-        if (ms->st == ST_RCPT_REJ)
-            return 1;
-        ms_decide(ms, c, GW_MV_REJECT, NULL);
-        return 2;
-    case CONF_MA_TEMPFAIL:
-    default:
-        if (ms->st == ST_RCPT_REJ)
-            return 1;
-        ms_decide(ms, c, GW_MV_TEMPFAIL, NULL);
-        return 2;
-    }
-}
-
-/* ms_decide - the stage's verdict. text: a REPLYCODE reply ("550 5.7.1 go away"), which gets
- * an enhanced status code when it has none (RFC 3463; Postfix does the same). */
-void ms_decide(struct gw_milter_sess *ms, struct mconn *c, enum gw_milter_verdict v,
-               const char *text)
-{
-    struct gw_milter_result *r = &ms->res;
-
-    r->verdict = v;
-    snprintf(r->milter, sizeof(r->milter), "%s", c->name);
-    gw_ctl_milter(c->name, v == GW_MV_DISCARD ? "discard" : v == GW_MV_REJECT ? "reject"
-                                                                           : "tempfail");
-    if (v == GW_MV_DISCARD) {
-        r->reply[0] = '\0';
-        return;
-    }
-    if (!text)
-        snprintf(r->reply, sizeof(r->reply), "%s", v == GW_MV_REJECT
-                 ? "550 5.7.1 Command rejected" : "451 4.7.1 Service unavailable - try again later");
-    else
-        reply_format(r->reply, sizeof(r->reply), text);
-    /* the milter's own verdict on the client, not its failure (default_action) */
-    if (v == GW_MV_REJECT && c->state != MC_FAILED) {
-        char src[CONF_NAME_MAX + 8];
-        const struct mmacro *m = ms->st >= ST_MAIL ? ms_macro_find(ms, "{mail_addr}", 11)
-                                                   : NULL;
-
-        snprintf(src, sizeof(src), "milter:%s", c->name);
-        ms_notify(ms, c, src, ms_stage_names[ms->st], atoi(r->reply),
-                  ms->st >= ST_MAIL ? (m && m->value ? m->value : "") : NULL);
-    }
-}
-
-/* reply_format - the SMTP reply of a REPLYCODE text (checked by milter_proto_parse) into
- * out[0..cap); returns the length it needs (>= cap: it did not fit) */
-int reply_format(char *out, size_t cap, const char *text)
-{
-    /* "ddd x.y.z ..." already? x must be the reply's class digit */
-    const char *t = text + 3;
-    int has = (*t == ' ' || *t == '-') && t[1] == text[0] && t[2] == '.';
-
-    if (has || text[3] == '\0')
-        return snprintf(out, cap, "%s%s", text,
-                        text[3] == '\0' ? (text[0] == '5' ? " 5.7.1 Command rejected"
-                                                          : " 4.7.1 Service unavailable")
-                                        : "");
-    return snprintf(out, cap, "%.3s%c%c.7.1 %s", text, text[3], text[0], text + 4);
 }
 
 /* ---------------------------------------------------------------- the stage driver */
@@ -422,8 +155,29 @@ static int ms_run(struct gw_milter_sess *ms)
     return 1;
 }
 
-/* ms_after - an asynchronous step of milter ms->cur ended with out (0/1/2) */
-void ms_after(struct gw_milter_sess *ms, int out)
+/* ms_told - the stage is over: a 5xx that milter ms->cur gave of its own (not its failure's
+ * default_action) is told to the other notify_rejections milters */
+static void ms_told(struct gw_milter_sess *ms)
+{
+    struct mconn *c;
+    char src[CONF_NAME_MAX + 8];
+    const struct mmacro *m;
+
+    if (ms->res.verdict != GW_MV_REJECT || ms->cur >= ms->n)
+        return;
+    c = &ms->mc[ms->cur];
+    /* the milter's own verdict on the client, not its failure (default_action) */
+    if (c->state == MC_FAILED)
+        return;
+    m = ms->st >= ST_MAIL ? ms_macro_find(ms, "{mail_addr}", 11) : NULL;
+    snprintf(src, sizeof(src), "milter:%s", c->name);
+    ms_notify(ms, c, src, ms_stage_names[ms->st], atoi(ms->res.reply),
+              ms->st >= ST_MAIL ? (m && m->value ? m->value : "") : NULL);
+}
+
+/* ms_after - an asynchronous step of milter ms->cur ended with out (0/1/2) (ms->after: the
+ * connection's callbacks report here) */
+static void ms_after(struct gw_milter_sess *ms, int out)
 {
     if (out == 0 || !ms->pending)
         return;
@@ -432,6 +186,7 @@ void ms_after(struct gw_milter_sess *ms, int out)
         if (!ms_run(ms))
             return;
     }
+    ms_told(ms);
     ms->pending = 0;
     ms->cb(ms->arg, &ms->res);
 }
@@ -443,6 +198,7 @@ static int ms_start(struct gw_milter_sess *ms, enum ms_stage st, struct gw_milte
     memset(&ms->res, 0, sizeof(ms->res));
     ms->res.verdict = GW_MV_CONTINUE;
     if (ms_run(ms)) {
+        ms_told(ms);
         *res = ms->res;
         return 1;
     }
@@ -557,25 +313,14 @@ void gw_milter_abort(struct gw_milter_sess *ms)
     }
 }
 
+void gw_milter_notify_reject(struct gw_milter_sess *ms, const char *source, const char *stage,
+                             int code, const char *sender)
+{
+    if (ms)
+        ms_notify(ms, NULL, source, stage, code, sender);
+}
+
 const char *gw_milter_quarantine(const struct gw_milter_sess *ms)
 {
     return ms->quarantine[0] ? ms->quarantine : NULL;
 }
-
-void gw_milter_msg_clear(struct gw_milter_msg *msg)
-{
-    struct gw_milter_rcptmod *r, *n;
-
-    for (r = msg->rcpts; r; r = n) {
-        n = r->next;
-        free(r->addr);
-        free(r->args);
-        free(r);
-    }
-    msg->rcpts = NULL;
-    free(msg->sender);
-    free(msg->sender_args);
-    msg->sender = msg->sender_args = NULL;
-    msg->changed = 0;
-}
-

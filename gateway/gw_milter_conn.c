@@ -1,9 +1,11 @@
 /*
  * gw_milter_conn.c - one milter connection (Postfix's milter8.c): resolve and connect,
  * negotiate, send what each stage is due (macros, headers, body chunks), read and act on
- * the replies, with the per-command and per-content timeouts.
+ * the replies, with the per-command and per-content timeouts; failures, default_action and
+ * the verdicts a reply makes. The end of an asynchronous step (a reply, a timeout, a connect)
+ * goes up to the stage driver through ms->after.
  */
-#include "gw_milter_int.h"
+#include "gw_milter_conn.h"
 
 #include <arpa/inet.h>
 #include <errno.h>
@@ -14,6 +16,7 @@
 #include <strings.h>
 
 #include "gw_ctl.h"
+#include "gw_milter_edit.h"
 
 static char gw_m_readbuf[GW_M_READ];
 
@@ -24,6 +27,158 @@ static void mc_alloc_cb(uv_handle_t *h, size_t sugg, uv_buf_t *buf);
 static void mc_connect_cb(uv_connect_t *req, int status);
 static void mc_gai_cb(uv_getaddrinfo_t *req, int status, struct addrinfo *ai);
 static int mc_start_connect(struct mconn *c);
+static void mc_fail(struct mconn *c, const char *fmt, ...) LOG_FMT(2, 3);
+static int reply_format(char *out, size_t cap, const char *text);
+
+/* ---------------------------------------------------------------- closing and failures */
+
+static const char *action_name(enum conf_milter_action a)
+{
+    switch (a) {
+    case CONF_MA_ACCEPT:
+        return "accept";
+    case CONF_MA_REJECT:
+        return "reject";
+    case CONF_MA_QUARANTINE:
+        return "quarantine";
+    case CONF_MA_TEMPFAIL:
+    default:
+        return "tempfail";
+    }
+}
+
+void mc_close_cb(uv_handle_t *h)
+{
+    struct mconn *c = h->data;
+    struct gw_milter_sess *ms = c->ms;
+
+    ms->nhandles--;
+    ms_maybe_free(ms);
+}
+
+/* mc_close - drop the connection (QUIT first when it is healthy and quit is set) */
+void mc_close(struct mconn *c, int quit)
+{
+    uv_timer_stop(&c->timer);
+    if (c->h_open) {
+        if (quit && (c->state == MC_READY || c->state == MC_WAIT)) {
+            char q[5] = { 0, 0, 0, 1, MILTER_C_QUIT };
+            uv_buf_t b = uv_buf_init(q, sizeof(q));
+
+            uv_try_write(&c->h.stream, &b, 1); /* best effort: the milter also sees EOF */
+        }
+        c->h_open = 0;
+        uv_close(&c->h.handle, mc_close_cb);
+    }
+}
+
+void ms_maybe_free(struct gw_milter_sess *ms)
+{
+    if (!ms->freeing || ms->nhandles > 0)
+        return;
+    for (int i = 0; i < ms->n; i++) {
+        struct mconn *c = &ms->mc[i];
+
+        for (int k = 0; k < MILTER_NSTAGES; k++)
+            free(c->macros[k]);
+        free(c->rbuf);
+        free(c->nq);
+        mc_edits_free(c);
+    }
+    for (int i = 0; i < GW_M_MACROS; i++)
+        free(ms->macros[i].value);
+    free(ms->cmd);
+    free(ms->hdrs);
+    free(ms->mc);
+    free(ms);
+}
+
+/* mc_fail - log once, close, and from now on apply default_action */
+static void mc_fail(struct mconn *c, const char *fmt, ...)
+{
+    char why[GW_M_WHY_MAX];
+    va_list ap;
+
+    if (c->state == MC_FAILED)
+        return;
+    va_start(ap, fmt);
+    vsnprintf(why, sizeof(why), fmt, ap);
+    va_end(ap);
+    log_qid(LOG_WARNING, ms_qid(c->ms), "milter %s: %s; default_action=%s", c->name, why,
+            action_name(c->action));
+    gw_ctl_milter(c->name, "failure");
+    mc_close(c, 0);
+    mc_edits_free(c);
+    c->in_tx = 0;
+    c->nq_len = 0;
+    mc_enter(c, MC_FAILED);
+}
+
+/* mc_default - what a failed milter means at the current stage (1 go on, 2 decided) */
+static int mc_default(struct mconn *c)
+{
+    struct gw_milter_sess *ms = c->ms;
+
+    switch (c->action) {
+    case CONF_MA_ACCEPT:
+        return 1;
+    case CONF_MA_QUARANTINE:
+        if (ms->st >= ST_MAIL && ms->quarantine[0] == '\0')
+            snprintf(ms->quarantine, sizeof(ms->quarantine),
+                     "milter %s: unavailable (default_action=quarantine)", c->name);
+        return 1;
+    case CONF_MA_REJECT:
+        if (ms->st == ST_RCPT_REJ)
+            return 1;
+        ms_decide(ms, c, GW_MV_REJECT, NULL);
+        return 2;
+    case CONF_MA_TEMPFAIL:
+    default:
+        if (ms->st == ST_RCPT_REJ)
+            return 1;
+        ms_decide(ms, c, GW_MV_TEMPFAIL, NULL);
+        return 2;
+    }
+}
+
+/* ms_decide - the stage's verdict. text: a REPLYCODE reply ("550 5.7.1 go away"), which gets
+ * an enhanced status code when it has none (RFC 3463; Postfix does the same). A milter's own
+ * 5xx is told to the notify_rejections milters by the driver when the stage ends with it. */
+void ms_decide(struct gw_milter_sess *ms, struct mconn *c, enum gw_milter_verdict v,
+               const char *text)
+{
+    struct gw_milter_result *r = &ms->res;
+
+    r->verdict = v;
+    snprintf(r->milter, sizeof(r->milter), "%s", c->name);
+    gw_ctl_milter(c->name, v == GW_MV_DISCARD ? "discard" : v == GW_MV_REJECT ? "reject"
+                                                                           : "tempfail");
+    if (v == GW_MV_DISCARD) {
+        r->reply[0] = '\0';
+        return;
+    }
+    if (!text)
+        snprintf(r->reply, sizeof(r->reply), "%s", v == GW_MV_REJECT
+                 ? "550 5.7.1 Command rejected" : "451 4.7.1 Service unavailable - try again later");
+    else
+        reply_format(r->reply, sizeof(r->reply), text);
+}
+
+/* reply_format - the SMTP reply of a REPLYCODE text (checked by milter_proto_parse) into
+ * out[0..cap); returns the length it needs (>= cap: it did not fit) */
+static int reply_format(char *out, size_t cap, const char *text)
+{
+    /* "ddd x.y.z ..." already? x must be the reply's class digit */
+    const char *t = text + 3;
+    int has = (*t == ' ' || *t == '-') && t[1] == text[0] && t[2] == '.';
+
+    if (has || text[3] == '\0')
+        return snprintf(out, cap, "%s%s", text,
+                        text[3] == '\0' ? (text[0] == '5' ? " 5.7.1 Command rejected"
+                                                          : " 4.7.1 Service unavailable")
+                                        : "");
+    return snprintf(out, cap, "%.3s%c%c.7.1 %s", text, text[3], text[0], text + 4);
+}
 
 /* ---------------------------------------------------------------- I/O */
 
@@ -43,7 +198,7 @@ static void mc_write_cb(uv_write_t *req, int status)
 
         mc_fail(c, "write error: %s", uv_strerror(status));
         if (was)
-            ms_after(c->ms, mc_default(c));
+            c->ms->after(c->ms, mc_default(c));
     }
 }
 
@@ -101,7 +256,7 @@ static void mc_timer_cb(uv_timer_t *t)
     else
         mc_fail(c, "timeout after %s", ms_stage_names[ms->st]);
     if (was)
-        ms_after(ms, mc_default(c));
+        ms->after(ms, mc_default(c));
 }
 
 static void mc_alloc_cb(uv_handle_t *h, size_t sugg, uv_buf_t *buf)
@@ -124,7 +279,7 @@ static void mc_read_cb(uv_stream_t *st, ssize_t nread, const uv_buf_t *buf)
         mc_fail(c, "%s", nread == UV_EOF ? "connection closed by milter"
                                          : uv_strerror((int)nread));
         if (was)
-            ms_after(ms, mc_default(c));
+            ms->after(ms, mc_default(c));
         return;
     }
     while (off < (size_t)nread && c->h_open && !ms->freeing) {
@@ -151,7 +306,7 @@ static void mc_read_cb(uv_stream_t *st, ssize_t nread, const uv_buf_t *buf)
 
             mc_fail(c, "malformed reply: bad packet length");
             if (was)
-                ms_after(ms, mc_default(c));
+                ms->after(ms, mc_default(c));
             return;
         }
         if (r == 0)
@@ -163,11 +318,11 @@ static void mc_read_cb(uv_stream_t *st, ssize_t nread, const uv_buf_t *buf)
 
             if (out < 0) {
                 if (was)
-                    ms_after(ms, mc_default(c));
+                    ms->after(ms, mc_default(c));
                 return;
             }
             if (was)
-                ms_after(ms, out);
+                ms->after(ms, out);
         }
     }
 }
@@ -210,7 +365,7 @@ static void mc_connect_cb(uv_connect_t *req, int status)
     else
         mc_connected(c);
     if (c->state == MC_FAILED && ms->pending && &ms->mc[ms->cur] == c)
-        ms_after(ms, mc_default(c));
+        ms->after(ms, mc_default(c));
 }
 
 static int mc_tcp_connect(struct mconn *c, const struct sockaddr *sa)
@@ -251,7 +406,7 @@ static void mc_gai_cb(uv_getaddrinfo_t *req, int status, struct addrinfo *ai)
     if (r < 0) {
         mc_fail(c, "connect to %s port %u: %s", c->ep.host, c->ep.port, uv_strerror(r));
         if (ms->pending && &ms->mc[ms->cur] == c)
-            ms_after(ms, mc_default(c));
+            ms->after(ms, mc_default(c));
     }
 }
 
@@ -297,7 +452,65 @@ static int mc_start_connect(struct mconn *c)
     return 0;
 }
 
+/* ---------------------------------------------------------------- macros */
+
+/* Our default macro lists per stage (Postfix's, plus the client ones Postfix documents). */
+static const char *const ms_default_macros[MILTER_NSTAGES] = {
+    [MILTER_M_CONNECT] = "j {daemon_name} v _ {client_addr} {client_port} {client_name} "
+                         "{client_ptr} {client_resolve} {daemon_addr} {daemon_port}",
+    [MILTER_M_HELO] = "{tls_version} {cipher} {cipher_bits} {cert_subject} {cert_issuer}",
+    [MILTER_M_MAIL] = "i {auth_type} {auth_authen} {auth_author} {mail_addr} {mail_host} "
+                      "{mail_mailer}",
+    [MILTER_M_RCPT] = "i {rcpt_addr} {rcpt_host} {rcpt_mailer}",
+    [MILTER_M_DATA] = "i",
+    [MILTER_M_EOM] = "i",
+    [MILTER_M_EOH] = "i",
+};
+
+/* mc_send_macros - the MACRO packet of stage ms_stage for this milter (its list or ours);
+ * nothing when no listed macro has a value */
+static int mc_send_macros(struct mconn *c, int mstage, char cmd)
+{
+    const char *list = c->macros[mstage] ? c->macros[mstage] : ms_default_macros[mstage];
+    const char *names[GW_M_MACROS], *vals[GW_M_MACROS];
+    char nbuf[GW_M_MACROS][40];
+    struct milter_buf b = { gw_m_scratch, 0, sizeof(gw_m_scratch) };
+    size_t n = 0;
+
+    while (*list && n < GW_M_MACROS) {
+        size_t l = strcspn(list, " ,");
+        const struct mmacro *m;
+
+        if (l > 0 && l < sizeof(nbuf[0]) && (m = ms_macro_find(c->ms, list, l))) {
+            memcpy(nbuf[n], list, l);
+            nbuf[n][l] = '\0';
+            names[n] = nbuf[n];
+            vals[n] = m->value;
+            n++;
+        }
+        list += l;
+        list += strspn(list, " ,");
+    }
+    /* how sluice-policyd tells our rejection notices from a client's unknown command that
+     * another MTA passed on: no MTA but ours sends this macro */
+    if (mstage == MILTER_M_CONNECT && c->notify && n < GW_M_MACROS) {
+        names[n] = GW_M_NOTIFY_MACRO;
+        vals[n] = "reject";
+        n++;
+    }
+    if (n == 0)
+        return 0;
+    if (milter_put_macro(&b, cmd, names, vals, n) < 0)
+        return 0; /* absurdly long values: the command goes without its macros */
+    return mc_send(c, b.p, b.len);
+}
+
 /* ---------------------------------------------------------------- stages */
+
+static int64_t stage_timeout(const struct mconn *c)
+{
+    return c->ms->st == ST_EOM ? c->t_content : c->t_command;
+}
 
 /* mc_skips - this milter takes no part in the current stage */
 int mc_skips(const struct mconn *c)
@@ -508,6 +721,31 @@ int mc_advance(struct mconn *c)
     return 0;
 }
 
+/* mc_warn_once - 1 the first time for this milter name in this process (a configuration
+ * warning, not one per SMTP session) */
+static int mc_warn_once(const char *name)
+{
+    static char warned[CONF_MILTER_MAX][CONF_NAME_MAX];
+
+    for (int i = 0; i < CONF_MILTER_MAX; i++) {
+        if (strcmp(warned[i], name) == 0)
+            return 0;
+        if (warned[i][0] == '\0') {
+            snprintf(warned[i], sizeof(warned[i]), "%s", name);
+            return 1;
+        }
+    }
+    return 0;
+}
+
+/* mc_notifiable - the milter reads our notices: it takes unknown commands, unanswered, and
+ * CONNECT, whose {sluice_notify} macro tells it the notices are ours */
+int mc_notifiable(const struct mconn *c)
+{
+    return (c->proto & MILTER_P_NR_UNKN) &&
+           !(c->proto & (MILTER_P_NOUNKNOWN | MILTER_P_NOCONNECT));
+}
+
 /* mc_negotiated - the OPTNEG reply: check it against what we offered (Postfix's checks) */
 static int mc_negotiated(struct mconn *c, const struct milter_reply *r)
 {
@@ -543,6 +781,30 @@ static int mc_negotiated(struct mconn *c, const struct milter_reply *r)
                  ms_qid(c->ms), c->name);
     mc_enter(c, MC_READY);
     return 0;
+}
+
+/* mc_edit - keep an end-of-message change (gw_milter_edit.c); a refused one fails the milter:
+ * 0 or -errno */
+int mc_edit(struct mconn *c, const struct milter_reply *r)
+{
+    char why[GW_M_WHY_MAX];
+    int rc = medit_keep(c, r, why, sizeof(why));
+
+    if (rc < 0)
+        mc_fail(c, "%s", why);
+    return rc;
+}
+
+/* mc_apply_edits - apply the milter's changes to the message after its final reply
+ * (gw_milter_edit.c); changes it cannot make fail the milter, none applied: 0 or -errno */
+int mc_apply_edits(struct mconn *c)
+{
+    char why[GW_M_WHY_MAX];
+    int rc = medit_apply(c, why, sizeof(why));
+
+    if (rc < 0)
+        mc_fail(c, "%s", why);
+    return rc;
 }
 
 /* mc_on_packet - one reply: 0 keep waiting, 1 this milter is done with the stage, 2 it

@@ -2,8 +2,12 @@
  * gw_milter_edit.c - the message side of the milters (Postfix's cleanup_milter.c): the header
  * index milters see, header fields built from milter values, the end-of-message changes kept
  * per milter, and their application to the message and the envelope.
+ *
+ * It works on the message and one connection's edit list only and calls nothing but
+ * gw_milter_core.c: a change it refuses comes back as -errno with the reason in why, and the
+ * connection (gw_milter_conn.c: mc_edit, mc_apply_edits) fails the milter with it.
  */
-#include "gw_milter_int.h"
+#include "gw_milter_edit.h"
 
 #include <arpa/inet.h>
 #include <errno.h>
@@ -13,8 +17,9 @@
 #include <string.h>
 #include <strings.h>
 
-/* mc_edit - keep an end-of-message change for after the final reply (0, or -errno: failed) */
-int mc_edit(struct mconn *c, const struct milter_reply *r)
+/* medit_keep - keep an end-of-message change for after the final reply (0, or -errno: refused,
+ * why says why) */
+int medit_keep(struct mconn *c, const struct milter_reply *r, char *why, size_t wl)
 {
     static const struct { enum milter_reply_type t; uint32_t flag; } need[] = {
         { MILTER_R_ADDHEADER, MILTER_F_ADDHDRS }, { MILTER_R_INSHEADER, MILTER_F_ADDHDRS },
@@ -28,14 +33,15 @@ int mc_edit(struct mconn *c, const struct milter_reply *r)
     for (size_t i = 0; i < sizeof(need) / sizeof(need[0]); i++) {
         if (need[i].t == r->type && !(c->actions & need[i].flag)) {
             /* Postfix: a protocol error. The change is not made, the milter fails. */
-            mc_fail(c, "%s reply without negotiating that action", milter_reply_name(r->type));
+            snprintf(why, wl, "%s reply without negotiating that action",
+                     milter_reply_name(r->type));
             return -EPROTO;
         }
     }
     if (r->type == MILTER_R_REPLBODY) {
         if (c->newbody_len + r->body_len > ms->max_msg) {
-            mc_fail(c, "replacement body larger than %llu bytes",
-                    (unsigned long long)ms->max_msg);
+            snprintf(why, wl, "replacement body larger than %llu bytes",
+                     (unsigned long long)ms->max_msg);
             return -EMSGSIZE;
         }
         if (c->newbody_len + r->body_len > c->newbody_cap) {
@@ -45,7 +51,7 @@ int mc_edit(struct mconn *c, const struct milter_reply *r)
             while (cap < c->newbody_len + r->body_len)
                 cap *= 2;
             if (!(nb = realloc(c->newbody, cap))) {
-                mc_fail(c, "out of memory");
+                snprintf(why, wl, "out of memory");
                 return -ENOMEM;
             }
             c->newbody = nb;
@@ -64,7 +70,7 @@ int mc_edit(struct mconn *c, const struct milter_reply *r)
 
         if (++c->n_hdr_edits > cap) {
             /* each change costs a walk of the header list: bound the work, not just bytes */
-            mc_fail(c, "more than %d header changes", cap);
+            snprintf(why, wl, "more than %d header changes", cap);
             return -E2BIG;
         }
     } else if (r->type != MILTER_R_CHGFROM) {
@@ -72,8 +78,8 @@ int mc_edit(struct mconn *c, const struct milter_reply *r)
         int *cnt = r->type == MILTER_R_DELRCPT ? &c->n_rcpt_dels : &c->n_rcpt_adds;
 
         if (++*cnt > cap) {
-            mc_fail(c, "more than %d recipient %s", cap,
-                    r->type == MILTER_R_DELRCPT ? "deletions" : "additions");
+            snprintf(why, wl, "more than %d recipient %s", cap,
+                     r->type == MILTER_R_DELRCPT ? "deletions" : "additions");
             return -E2BIG;
         }
     }
@@ -81,11 +87,11 @@ int mc_edit(struct mconn *c, const struct milter_reply *r)
                      strlen(r->value ? r->value : r->args ? r->args : "");
     if (c->edit_bytes > ms->max_msg) {
         /* a runaway milter cannot make the gateway hold more than a message's worth */
-        mc_fail(c, "changes larger than %llu bytes", (unsigned long long)ms->max_msg);
+        snprintf(why, wl, "changes larger than %llu bytes", (unsigned long long)ms->max_msg);
         return -EMSGSIZE;
     }
     if (!(e = calloc(1, sizeof(*e)))) {
-        mc_fail(c, "out of memory");
+        snprintf(why, wl, "out of memory");
         return -ENOMEM;
     }
     e->type = r->type;
@@ -96,7 +102,7 @@ int mc_edit(struct mconn *c, const struct milter_reply *r)
         free(e->name);
         free(e->value);
         free(e);
-        mc_fail(c, "out of memory");
+        snprintf(why, wl, "out of memory");
         return -ENOMEM;
     }
     *c->edits_tail = e;
@@ -311,7 +317,7 @@ static char *body_crlf(const char *b, size_t *len)
 }
 
 /* mc_envelope - this milter's envelope changes into msg, all or nothing; 0 or -ENOMEM */
-static int mc_envelope(struct mconn *c)
+static int mc_envelope(struct mconn *c, char *why, size_t wl)
 {
     struct gw_milter_sess *ms = c->ms;
     struct gw_milter_msg *m = ms->msg;
@@ -367,13 +373,14 @@ oom:
         free(head);
         head = n;
     }
-    mc_fail(c, "out of memory");
+    snprintf(why, wl, "out of memory");
     return -ENOMEM;
 }
 
-/* mc_apply_edits - this milter's header and body changes into msg->buf, then (only when
- * those worked) its envelope changes into msg; 0 or -errno (failed, nothing applied) */
-int mc_apply_edits(struct mconn *c)
+/* medit_apply - this milter's header and body changes into msg->buf, then (only when
+ * those worked) its envelope changes into msg; 0 or -errno (refused, why says why, nothing
+ * applied). The edit list is freed either way. */
+int medit_apply(struct mconn *c, char *why, size_t wl)
 {
     struct gw_milter_sess *ms = c->ms;
     struct gw_milter_msg *m = ms->msg;
@@ -392,7 +399,7 @@ int mc_apply_edits(struct mconn *c)
         log_qid(LOG_INFO, ms_qid(ms), "milter %s: header and body changes ignored: the "
                 "message is larger than milter_max_size and already stored", c->name);
     if (m->headers_only || (!hdr_edits && !c->newbody_set)) {
-        rc = mc_envelope(c);
+        rc = mc_envelope(c, why, wl);
         mc_edits_free(c);
         return rc;
     }
@@ -473,7 +480,8 @@ int mc_apply_edits(struct mconn *c)
         nh++;
     }
     if (ms->max_hdrs > 0 && nh > n0 && nh > (size_t)ms->max_hdrs + (size_t)ms->n_own) {
-        mc_fail(c, "changes make %zu header fields (max_header_count %d)", nh, ms->max_hdrs);
+        snprintf(why, wl, "changes make %zu header fields (max_header_count %d)", nh,
+                 ms->max_hdrs);
         rc = -E2BIG;
         goto out;
     }
@@ -492,7 +500,7 @@ int mc_apply_edits(struct mconn *c)
         total += h[i].len;
     total += 2 + body_len;
     if (total > ms->max_msg + (ms->max_msg / 2)) {
-        mc_fail(c, "changed message too large (%zu bytes)", total);
+        snprintf(why, wl, "changed message too large (%zu bytes)", total);
         rc = -EMSGSIZE;
         goto out;
     }
@@ -513,7 +521,7 @@ int mc_apply_edits(struct mconn *c)
         total = n;
     }
     /* the envelope last: a milter that failed above changes nothing at all */
-    if ((rc = mc_envelope(c)) < 0) {
+    if ((rc = mc_envelope(c, why, wl)) < 0) {
         free(nb);
         goto out;
     }
@@ -527,7 +535,7 @@ int mc_apply_edits(struct mconn *c)
             ms->own_idx[ms->n_own++] = i; /* where our fields stand for the next milter */
     goto out;
 oom:
-    mc_fail(c, "out of memory");
+    snprintf(why, wl, "out of memory");
     rc = -ENOMEM;
 out:
     if (h)

@@ -1,42 +1,17 @@
 /*
  * gw_milter_notice.c - rejection notices: milters with notify_rejections hear of every
  * refusal (ours or another milter's) as an X-SLUICE-REJECT command, queued while they are in a
- * transaction and sent when it ends.
+ * transaction and sent when it ends. The driver (gw_milter.c) says when; the notices go out
+ * through the connections (gw_milter_conn.c).
  */
-#include "gw_milter_int.h"
+#include "gw_milter_notice.h"
 
-#include <arpa/inet.h>
 #include <errno.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <strings.h>
 
-/* mc_warn_once - 1 the first time for this milter name in this process (a configuration
- * warning, not one per SMTP session) */
-int mc_warn_once(const char *name)
-{
-    static char warned[CONF_MILTER_MAX][CONF_NAME_MAX];
-
-    for (int i = 0; i < CONF_MILTER_MAX; i++) {
-        if (strcmp(warned[i], name) == 0)
-            return 0;
-        if (warned[i][0] == '\0') {
-            snprintf(warned[i], sizeof(warned[i]), "%s", name);
-            return 1;
-        }
-    }
-    return 0;
-}
-
-/* mc_notifiable - the milter reads our notices: it takes unknown commands, unanswered, and
- * CONNECT, whose {sluice_notify} macro tells it the notices are ours */
-int mc_notifiable(const struct mconn *c)
-{
-    return (c->proto & MILTER_P_NR_UNKN) &&
-           !(c->proto & (MILTER_P_NOUNKNOWN | MILTER_P_NOCONNECT));
-}
+#include "gw_milter_conn.h"
 
 /* mc_notices_flush - send the notices held while the milter was in a transaction */
 void mc_notices_flush(struct mconn *c)
@@ -104,11 +79,3 @@ void ms_notify(struct gw_milter_sess *ms, const struct mconn *by, const char *so
                   c->in_tx ? " (after this transaction)" : "", text);
     }
 }
-
-void gw_milter_notify_reject(struct gw_milter_sess *ms, const char *source, const char *stage,
-                             int code, const char *sender)
-{
-    if (ms)
-        ms_notify(ms, NULL, source, stage, code, sender);
-}
-

@@ -1,7 +1,8 @@
 /*
  * test_gw_milter.c - the milter client's message surgery, tested on its internals (through
- * gw_milter_int.h): header fields built from milter values, HEADER packets for long client
- * fields, edit caps, CHGHEADER indexes and our own fields, envelope edits and REPLBODY.
+ * gw_milter_core.h and the part headers): header fields built from milter values, HEADER
+ * packets for long client fields, edit caps, CHGHEADER indexes and our own fields, envelope
+ * edits and REPLBODY.
  */
 #include <stdarg.h>
 #include <stddef.h>
@@ -11,7 +12,10 @@
 #include <string.h>
 #include <cmocka.h>
 
-#include "gw_milter_int.h"
+#include "gw_milter.h"
+#include "gw_milter_conn.h"
+#include "gw_milter_core.h"
+#include "gw_milter_edit.h"
 
 #define MILTER_R_REPLYCODE_CHAR 'y'
 

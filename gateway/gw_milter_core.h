@@ -1,27 +1,32 @@
 /*
- * gw_milter_int.h - what the files of the milter client share (private to gw_milter*.c and its
+ * gw_milter_core.h - what the files of the milter client share (private to gw_milter*.c and its
  * unit test): the limits, the per-connection state enum, the session and connection structs
- * and the functions one part calls in another. The contract stays in gw_milter.h.
+ * and the small helpers on them (gw_milter_core.c). The contract stays in gw_milter.h.
  *
- * The parts (after Postfix's milter.c / milter8.c / cleanup_milter.c): gw_milter.c (setup, the
- * stage driver and the verdicts), gw_milter_conn.c (one milter connection: connect, I/O, what
- * each stage sends, the replies), gw_milter_notice.c (rejection notices to notify_rejections
- * milters) and gw_milter_edit.c (the end-of-message changes applied to the message).
+ * The files, from the top floor down (after Postfix's milter.c / milter8.c / cleanup_milter.c);
+ * a file calls only files below it:
+ *   gw_milter.c         setup, the stage driver, the public stage calls
+ *   gw_milter_notice.c  rejection notices to notify_rejections milters
+ *   gw_milter_conn.c    one milter connection: connect, I/O, what each stage sends, the
+ *                       replies and the verdicts they make; it reports the end of an
+ *                       asynchronous step up through ms->after, never calling the driver
+ *   gw_milter_edit.c    the end-of-message changes kept and applied to the message
+ *   gw_milter_core.c    this header's helpers: names, the packet scratch, queue ID, macros
+ *   gw_milter_result.c  the contract's values (verdicts, results, the message)
  */
-#ifndef SLUICE_GW_MILTER_INT_H
-#define SLUICE_GW_MILTER_INT_H
+#ifndef SLUICE_GW_MILTER_CORE_H
+#define SLUICE_GW_MILTER_CORE_H
 
 #include <stddef.h>
 #include <stdint.h>
 #include <uv.h>
 
 #include "conf.h"
-#include "gw_milter.h"
+#include "gw_milter_result.h"
 #include "log.h"
 #include "milter_proto.h"
 #include "qid.h"
 #include "uvstream.h"
-
 
 #define GW_M_SCRATCH (MILTER_CHUNK_MAX + 8192) /* one packet being built: a body chunk or a
                                                 * header (values are cut to fit) + macros */
@@ -35,6 +40,7 @@
 #define GW_M_NOTIFY_MACRO "{sluice_notify}" /* CONNECT macro of notify_rejections milters */
 #define GW_M_NOTIFY_CMD "X-SLUICE-REJECT"    /* the notice, an SMFIC_UNKNOWN */
 #define GW_M_NOTICE_QUEUE 16384   /* notices held for one milter during a transaction */
+#define GW_M_WHY_MAX 256          /* why a milter failed, as its log line says it */
 
 /* Connection states: XX(NAME, meaning) */
 #define GW_MC_STATE_MAP(XX)                                                                  \
@@ -125,6 +131,10 @@ struct gw_milter_sess {
     uv_loop_t *loop;
     gw_milter_cb cb;
     void *arg;
+    /* the driver's step end (gw_milter.c: ms_after): an asynchronous step of milter ms->cur
+     * ended with out (0 wait, 1 done, 2 decided). Set by gw_milter_new; the connection
+     * reports up through it and never calls the driver by name. */
+    void (*after)(struct gw_milter_sess *ms, int out);
     int n;
     struct mconn *mc;
     int nhandles;                 /* open or closing handles + pending getaddrinfo */
@@ -156,40 +166,12 @@ struct gw_milter_sess {
 /* one packet being built, shared by every session on the loop (single-threaded) */
 extern char gw_m_scratch[GW_M_SCRATCH];
 
-/* gw_milter_conn.c */
-int mc_send(struct mconn *c, const char *p, size_t n);
-int mc_skips(const struct mconn *c);
-int mc_put_header(struct mconn *c, const struct mhdr *h);
-int mc_advance(struct mconn *c);
-int mc_on_packet(struct mconn *c, const char *pkt, size_t len);
-
-/* gw_milter_edit.c */
-int mc_edit(struct mconn *c, const struct milter_reply *r);
-void mc_edits_free(struct mconn *c);
-int own_count(const char *own);
-int ms_index_headers(struct gw_milter_sess *ms);
-char *field_make(const char *name, const char *value, int leadspc, size_t *len);
-int mc_apply_edits(struct mconn *c);
-
-/* gw_milter.c */
+/* the queue ID for log lines: "NOQUEUE" before there is one */
 const char *ms_qid(const struct gw_milter_sess *ms);
+/* the one place a connection changes state (logged at debug level) */
 void mc_enter(struct mconn *c, enum mc_state st);
-int64_t stage_timeout(const struct mconn *c);
-int mc_send_macros(struct mconn *c, int mstage, char cmd);
-void mc_close(struct mconn *c, int quit);
-void ms_maybe_free(struct gw_milter_sess *ms);
-void mc_fail(struct mconn *c, const char *fmt, ...) LOG_FMT(2, 3);
-int mc_default(struct mconn *c);
-void ms_decide(struct gw_milter_sess *ms, struct mconn *c, enum gw_milter_verdict v,
-               const char *text);
-int reply_format(char *out, size_t cap, const char *text);
-void ms_after(struct gw_milter_sess *ms, int out);
-
-/* gw_milter_notice.c */
-int mc_warn_once(const char *name);
-int mc_notifiable(const struct mconn *c);
-void mc_notices_flush(struct mconn *c);
-void ms_notify(struct gw_milter_sess *ms, const struct mconn *by, const char *source,
-               const char *stage, int code, const char *sender);
+/* the macro set under name[0..nl) ("i" and "{i}" are one), or NULL */
+const struct mmacro *ms_macro_find(const struct gw_milter_sess *ms, const char *name,
+                                   size_t nl);
 
 #endif
