@@ -365,14 +365,7 @@ static int mc_envelope(struct mconn *c, char *why, size_t wl)
 oom:
     free(snd);
     free(snd_args);
-    while (head) {
-        struct gw_milter_rcptmod *n = head->next;
-
-        free(head->addr);
-        free(head->args);
-        free(head);
-        head = n;
-    }
+    gw_milter_rcpts_free(head);
     snprintf(why, wl, "out of memory");
     return -ENOMEM;
 }

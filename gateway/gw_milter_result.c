@@ -6,16 +6,21 @@
 
 #include <stdlib.h>
 
-void gw_milter_msg_clear(struct gw_milter_msg *msg)
+void gw_milter_rcpts_free(struct gw_milter_rcptmod *r)
 {
-    struct gw_milter_rcptmod *r, *n;
+    while (r) {
+        struct gw_milter_rcptmod *n = r->next;
 
-    for (r = msg->rcpts; r; r = n) {
-        n = r->next;
         free(r->addr);
         free(r->args);
         free(r);
+        r = n;
     }
+}
+
+void gw_milter_msg_clear(struct gw_milter_msg *msg)
+{
+    gw_milter_rcpts_free(msg->rcpts);
     msg->rcpts = NULL;
     free(msg->sender);
     free(msg->sender_args);

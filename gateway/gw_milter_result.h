@@ -65,6 +65,8 @@ struct gw_milter_msg {
 
 typedef void (*gw_milter_cb)(void *arg, const struct gw_milter_result *res);
 
+/* Free a list of envelope changes (NULL: none). */
+void gw_milter_rcpts_free(struct gw_milter_rcptmod *r);
 /* Free the envelope changes and reset the out fields of msg (buf is kept). */
 void gw_milter_msg_clear(struct gw_milter_msg *msg);
 
