@@ -51,39 +51,23 @@
 
 #include "bpolicy.h"
 #include "conf.h"
+#include "dlv_core.h"
 #include "dlv_dsn.h"
 #include "metrics.h"
 #include "mstore.h"
 #include "spool.h"
 
-#define DLV_FETCH_BATCH 256     /* recipients per spool_due beyond those already in memory */
 #define DLV_POLL_MS 5000        /* fallback poll of the index when no notification comes */
 #define DLV_TICK_MS 1000        /* housekeeping: ramp end, idle connections */
-#define DLV_IDLE_MS 5000        /* an idle connection is closed after this */
 #define DLV_DRAIN_MS 30000      /* SIGTERM: longest wait for in-flight deliveries */
-#define DLV_MEM_BUDGET (192u << 20) /* jobs in memory, all mailstores together: messages
-                                     * (twice until loaded) and recipient arrays, reserved
-                                     * when fetched; the process stays under 256 MiB */
-#define DLV_RETRY_FLUSH_MS 1000 /* a failed spool_mark is retried after this */
-#define DLV_FLUSH_LOG_MS 60000  /* "still cannot record" is logged this often */
-#define DLV_DRAIN_UNRECORDED_MS 3000 /* SIGTERM: longest wait for outcomes that fail to record */
-#define DLV_HELD5_MAX 512       /* 5xx holds remembered per mailstore for a mass refusal */
 #define DLV_HEALTH_SAVE_MS 60000 /* the learned normal reply time is saved this often */
-#define DLV_QFENCE_MAX 64       /* messages being changed by operator commands at once */
-#define DLV_AGE_PREFIX "queue age " /* last_reply of a recipient held for its age */
 #define DLV_SCAN_MS 5000        /* held recipients due to be returned are looked for this often */
-#define DLV_SCAN_MAX 256        /* rows per mailstore per scan */
-#define DLV_RET_BATCH 32        /* units (DSNs) per transaction */
-
-struct dlv;
 
 /* Start scheduling every mailstore of c over sp (opened without a loop). index_path is the
  * spool's index.db, for the mailstore state table. Restores persisted states (paused stays
  * paused) and starts fetching at once. */
 int dlv_start(struct dlv **d, uv_loop_t *loop, struct spool *sp, const struct conf *c,
               const char *index_path, char *err, size_t errlen);
-/* New mail was committed (a notification): every mailstore looks again. */
-void dlv_kick(struct dlv *d);
 /* SIGHUP: take new mailstore settings. Added mailstores start; removed ones finish what is in
  * flight and stop. Connections opened with old settings close when idle. */
 void dlv_reload(struct dlv *d, const struct conf *c);
@@ -97,16 +81,6 @@ void dlv_free(struct dlv *d);
 
 /* --- Operator actions (control socket) -------------------------------------------------- */
 
-/* cb runs on the loop thread once the change is durable: status 0 or -errno, count = the
- * recipients made due (release) or 0. If the call returns non-zero cb never runs. */
-typedef void (*dlv_op_cb)(void *arg, int status, long count);
-
-/* What an operator command found in flight: transactions ended before their final dot
- * (their recipients stay queued) and transactions past it, which finish. */
-struct dlv_stopped {
-    int stopped;
-    int finishing;
-};
 /* -ENOENT: no such mailstore. Nothing new starts, and what is in flight is stopped as
  * described above (*st, may be NULL). */
 int dlv_pause(struct dlv *d, const char *ms, const char *reason, const char *actor,
@@ -143,7 +117,6 @@ struct dlv_status {
     double recent_ms, normal_ms, slow_bound_ms; /* mstore.h; -1 / 0 / INFINITY: unknown */
     uint64_t cause_trips[MSTORE_NCAUSES];
 };
-#define DLV_MS_STATUS_MAX (2 * CONF_MAILSTORE_MAX) /* mailstores ever seen, reloads included */
 /* Snapshot of up to max mailstores; returns how many. */
 int dlv_status(struct dlv *d, struct dlv_status *out, int max);
 /* Drop the mailstore's loaded but unstarted jobs (their recipients stay queued and are
@@ -163,11 +136,10 @@ int dlv_drop_ready(struct dlv *d, const char *name);
 int dlv_fence(struct dlv *d, const char *name, const char *qid, const char *rcpt, int change,
               const char *why, struct dlv_stopped *st);
 int dlv_unfence(struct dlv *d, const char *name, const char *qid);
-/* cb(arg, finishing): the scope (mailstore name, or qid when name is NULL) has nothing in
+/* dlv_wait_cb(arg, finishing) (dlv_core.h): the scope (mailstore name, or qid when name is NULL) has nothing in
  * flight and every outcome recorded (finishing 0), or timeout_ms passed first (finishing =
  * transactions still running). Runs on the loop thread, never from inside this call.
  * -ECANCELED while stopping (SIGTERM): nothing to wait for then. */
-typedef void (*dlv_wait_cb)(void *arg, int finishing);
 int dlv_wait(struct dlv *d, const char *name, const char *qid, int64_t timeout_ms,
              dlv_wait_cb cb, void *arg);
 /* The state of mailstore name, or -ENOENT. */
@@ -189,10 +161,5 @@ int dlv_policy_entry(struct dlv *d, const char *domain, struct bpolicy_entry *e)
 int dlv_policy_reload(struct dlv *d, char *err, size_t errlen);
 /* What dlv_dsn_run needs, as the scheduler has it now (host gets a copy of the host name). */
 void dlv_dsn_ctx_of(struct dlv *d, struct dlv_dsn_ctx *cx, char *host, size_t hostlen);
-
-/* Retry delay after `attempts` failed attempts (1 = the first failure): retry_min doubled per
- * further attempt, capped at retry_max, times a jitter factor 0.75..1.25 from r in [0,1),
- * and kept within [retry_min, retry_max]. Pure, for tests. */
-int64_t dlv_backoff_ms(int64_t retry_min, int64_t retry_max, int attempts, double r);
 
 #endif

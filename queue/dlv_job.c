@@ -1,8 +1,9 @@
 /*
- * dlv_job.c - the worker side of the delivery scheduler (dlv_int.h): a job's load,
- * its per-recipient outcomes, the LMTP/SMTP connections that carry it and Maildir writes.
+ * dlv_job.c - the worker side of the delivery scheduler (dlv_job.h): a job's load,
+ * its per-recipient outcomes, the LMTP/SMTP connections that carry it and Maildir writes;
+ * the pump that starts jobs and the side effects of a mailstore's state changes.
  */
-#include "dlv_int.h"
+#include "dlv_job.h"
 
 #include <errno.h>
 #include <math.h>
@@ -16,6 +17,9 @@
 #include "audit.h"
 #include "bpolicy.h"
 #include "dlv_dsn.h"
+#include "dlv_out.h"
+#include "dlv_ret.h"
+#include "dlv_wait.h"
 #include "dsn.h"
 #include "lmtp.h"
 #include "log.h"
@@ -579,4 +583,110 @@ void dlv_maildir_after(uv_work_t *w, int status)
 {
     struct dlv_job *job = w->data;
     job_finish(job, status < 0 ? -ECANCELED : 0, "maildir delivery cancelled", "maildir");
+}
+
+/* --- Pump and state changes ------------------------------------------------------------------- */
+
+/* dlv_ms_busy - slots in use: transactions running, and connections still closing (a QUIT
+ * waiting for its 221, a connection being torn down): the mailstore still counts them
+ * against its own limit, so must we. */
+int dlv_ms_busy(const struct dlv_ms *ms)
+{
+    int closing = 0;
+
+    for (const struct dlv_conn *cn = ms->conns; cn; cn = cn->next)
+        if (!cn->job && !(cn->ready && lmtp_state(cn->lc) == LMTP_S_READY))
+            closing++;
+    return ms->inflight + closing;
+}
+
+/* dlv_ms_pump - start as many ready jobs as the mailstore's state admits. */
+void dlv_ms_pump(struct dlv_ms *ms)
+{
+    struct dlv *d = ms->d;
+    int64_t now = time_wall_ms(), wait;
+
+    if (d->flush_failing_since)
+        return;                 /* outcomes cannot be recorded: dlv_flush_after kicks again */
+    while (ms->ready_head && !ms->fenced && !d->draining && !d->stopped && !ms->gone) {
+        enum mstore_state from = ms->st.state;
+        if (d->nqfence && dlv_qid_fenced(d, ms->ready_head->qid)) {
+            struct dlv_job *job = ms->ready_head;     /* an operator is changing it */
+            ms->ready_head = job->next;
+            if (!ms->ready_head)
+                ms->ready_tail = NULL;
+            ms->nready--;
+            dlv_job_drop(job);
+            continue;
+        }
+        int n = mstore_may_start(&ms->st, dlv_ms_busy(ms), now, &wait);
+        if (ms->st.state != from)
+            dlv_on_transition(ms, from);      /* a ramp ended inside may_start */
+        if (n <= 0) {
+            if (wait >= 0)
+                dlv_ms_arm(ms, wait);
+            return;
+        }
+        struct dlv_job *job = ms->ready_head;
+        ms->ready_head = job->next;
+        if (!ms->ready_head)
+            ms->ready_tail = NULL;
+        ms->nready--;
+        job->next = NULL;
+        job->started = now;
+        int probe = job->probe = ms->st.state == MSTORE_TRIPPED;
+        mstore_started(&ms->st, now);
+        ms->inflight++;
+        job->rnext = ms->running;
+        ms->running = job;
+        if (probe)
+            log_info("mailstore %s: probe with %s", ms->cf.name, job->qid);
+        if (ms->cf.transport == CONF_MAILDIR) {
+            dlv_queue_work(d, &job->work, job, dlv_maildir_work, dlv_maildir_after);
+            continue;
+        }
+        struct dlv_conn *cn = NULL;
+        if (!probe) {
+            for (cn = ms->conns; cn; cn = cn->next)
+                if (cn->ready && !cn->job && cn->gen == ms->gen &&
+                    lmtp_state(cn->lc) == LMTP_S_READY)
+                    break;
+        }
+        if (cn)
+            dlv_conn_send(cn, job);
+        else
+            dlv_conn_open(ms, job);
+    }
+}
+
+/* dlv_on_transition - side effects of a state change made by mstore.c. */
+void dlv_on_transition(struct dlv_ms *ms, enum mstore_state from)
+{
+    enum mstore_state to = ms->st.state;
+    int64_t now = time_wall_ms();
+
+    if (to == MSTORE_TRIPPED && from != MSTORE_TRIPPED) {
+        ms->trips++;
+        ms->cause_trips[ms->st.cause]++;
+        if (ms->st.cause != MSTORE_C_FAILURES)
+            log_warn("alert: mailstore %s tripped (%s): %s; its recipients stay queued, a "
+                     "probe every %.0fs", ms->cf.name, mstore_cause_name(ms->st.cause),
+                     ms->st.reason, (double)ms->cf.probe_interval_ms / 1000.0);
+        if (ms->st.cause == MSTORE_C_MASS_5XX)
+            dlv_ms_requeue_mass(ms, now);
+    }
+    if (to == MSTORE_DEGRADED && from != MSTORE_DEGRADED)
+        log_warn("alert: mailstore %s degraded: %s; at most %.0f connections", ms->cf.name,
+                 ms->st.reason, ms->st.cwnd);
+    if (to == MSTORE_PAUSED || to == MSTORE_TRIPPED) {
+        dlv_ms_drop_ready(ms);
+        dlv_conn_close_idle(ms, 1);
+        /* nothing is delivered any more: say so now, not as the average decays */
+        ms->rate_ewma = 0;
+        ms->rate_last = ms->delivered;
+    }
+    if (from == MSTORE_TRIPPED && (to == MSTORE_RAMPING || to == MSTORE_ACTIVE))
+        dlv_op_add(ms, OP_DUE, NULL, NULL);   /* recovered: the ramp paces the backlog */
+    dlv_op_add(ms, OP_SAVE, NULL, NULL);
+    ms->drained = 0;
 }

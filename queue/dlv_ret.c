@@ -1,9 +1,9 @@
 /*
- * dlv_ret.c - returning mail from the delivery scheduler (dlv_int.h): units of
+ * dlv_ret.c - returning mail from the delivery scheduler (dlv_ret.h): units of
  * recipients to return or report on, run one batch at a time in the pool (dlv_dsn.h), and the
  * scan for held recipients whose bounce time has come and delivered ones owed a DSN.
  */
-#include "dlv_int.h"
+#include "dlv_ret.h"
 
 #include <errno.h>
 #include <math.h>

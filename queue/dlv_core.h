@@ -1,31 +1,71 @@
 /*
- * dlv_int.h - what the files of the delivery scheduler share (private to dlv*.c): the
- * per-mailstore, job, connection and return-path records, and the functions one part calls
- * in another. The contract for the rest of sluice-deliver stays in dlv.h.
+ * dlv_core.h - the bottom floor of the delivery scheduler: what its files share (the
+ * per-mailstore, job, connection and return-path records, the constants and callback types)
+ * and the helpers of dlv_core.c they all call. The contract for the rest of sluice-deliver
+ * is dlv.h, which takes its shared names from here.
  *
- * The parts: dlv.c (clock and id set, state ops, pump and timers, start, reload, stop and the
- * other public calls), dlv_fetch.c (outcomes and their flush, the fetch), dlv_job.c (jobs,
- * connections and Maildir writes: the worker side), dlv_ret.c (returning mail and the scan),
- * dlv_stop.c (operator stops and fences, waiting for what is in flight).
+ * The files, each calling only those below it:
+ *   dlv.c        the top: tick, start, reload, drain, stop, fences, waits, the public calls
+ *   dlv_stop.c   operator stops: ending a scope's transactions, late deliveries
+ *   dlv_fetch.c  the fetch: due rows into jobs
+ *   dlv_job.c    jobs: load, pump, connections, Maildir writes, outcomes decided, state changes
+ *   dlv_out.c    outcomes recorded in batches (spool_mark)
+ *   dlv_ret.c    returning mail and the scan
+ *   dlv_wait.c   waiting until a scope has nothing in flight
+ *   dlv_core.c   clock and id set, backoff, the mailstore table, state ops, timers and kicks,
+ *                fenced messages, the drain check
+ * A kick (dlv_ms_kick) goes up through d->kick, which dlv.c sets at start (pump, then fetch).
  */
-#ifndef SLUICE_DLV_INT_H
-#define SLUICE_DLV_INT_H
+#ifndef SLUICE_DLV_CORE_H
+#define SLUICE_DLV_CORE_H
 
 #include <stddef.h>
 #include <stdint.h>
 #include <uv.h>
 
 #include "bpolicy.h"
-#include "dlv.h"
+#include "conf.h"
 #include "dlv_dsn.h"
 #include "dsn.h"
 #include "lmtp.h"
+#include "metrics.h"
+#include "mstore.h"
 #include "qid.h"
+#include "spool.h"
 #include "timeutil.h"
 
+#define DLV_FETCH_BATCH 256     /* recipients per spool_due beyond those already in memory */
+#define DLV_IDLE_MS 5000        /* an idle connection is closed after this */
+#define DLV_MEM_BUDGET (192u << 20) /* jobs in memory, all mailstores together: messages
+                                     * (twice until loaded) and recipient arrays, reserved
+                                     * when fetched; the process stays under 256 MiB */
+#define DLV_RETRY_FLUSH_MS 1000 /* a failed spool_mark is retried after this */
+#define DLV_FLUSH_LOG_MS 60000  /* "still cannot record" is logged this often */
+#define DLV_DRAIN_UNRECORDED_MS 3000 /* SIGTERM: longest wait for outcomes that fail to record */
+#define DLV_HELD5_MAX 512       /* 5xx holds remembered per mailstore for a mass refusal */
+#define DLV_QFENCE_MAX 64       /* messages being changed by operator commands at once */
+#define DLV_AGE_PREFIX "queue age " /* last_reply of a recipient held for its age */
+#define DLV_SCAN_MAX 256        /* rows per mailstore per scan */
+#define DLV_RET_BATCH 32        /* units (DSNs) per transaction */
+#define DLV_MS_STATUS_MAX (2 * CONF_MAILSTORE_MAX) /* mailstores ever seen, reloads included */
 #define DLV_MS_MAX DLV_MS_STATUS_MAX
 
+struct dlv;
 struct dlv_ms;
+
+/* cb runs on the loop thread once the change is durable: status 0 or -errno, count = the
+ * recipients made due (release) or 0. If the call returns non-zero cb never runs. */
+typedef void (*dlv_op_cb)(void *arg, int status, long count);
+
+/* What an operator command found in flight: transactions ended before their final dot
+ * (their recipients stay queued) and transactions past it, which finish. */
+struct dlv_stopped {
+    int stopped;
+    int finishing;
+};
+
+/* dlv_wait (dlv.h) calls cb(arg, finishing) when its scope is idle or its time is up. */
+typedef void (*dlv_wait_cb)(void *arg, int finishing);
 
 struct dlv_rcpt {
     int64_t id;
@@ -231,6 +271,9 @@ struct dlv {
     int draining, stopped;
     int64_t drain_started;          /* wall ms */
     void (*drain_done)(void *);
+    /* a mailstore looks again (dlv_ms_kick): set by dlv.c at start, which pumps then
+     * fetches (the parts that do that sit above this floor) */
+    void (*kick)(struct dlv_ms *ms);
     void *drain_arg;
 };
 
@@ -268,66 +311,32 @@ struct dlv_scan {
         (tail) = (x);                      \
     } while (0)
 
-/* dlv.c */
+/* dlv_core.c */
 void dlv_queue_work(struct dlv *d, uv_work_t *req, void *data, uv_work_cb work,
                     uv_after_work_cb after);
 double dlv_rand(struct dlv *d);
+/* Retry delay after `attempts` failed attempts (1 = the first failure): retry_min doubled per
+ * further attempt, capped at retry_max, times a jitter factor 0.75..1.25 from r in [0,1),
+ * and kept within [retry_min, retry_max]. Pure, for tests. */
+int64_t dlv_backoff_ms(int64_t retry_min, int64_t retry_max, int attempts, double r);
+
 int dlv_ids_has(struct dlv *d, int64_t id);
 void dlv_ids_add(struct dlv *d, int64_t id);
 void dlv_ms_forget(struct dlv_ms *ms, int64_t id);
 struct dlv_ms *dlv_find_ms(struct dlv *d, const char *name);
 const char *dlv_trouble_name(const struct dlv_ms *ms, int64_t now);
+/* the slot of qid among the fenced messages, or -1 */
+int dlv_qfence_find(const struct dlv *d, const char *qid);
+int dlv_qid_fenced(const struct dlv *d, const char *qid);
 void dlv_ops_run(struct dlv *d);
 struct dlv_op *dlv_op_new(struct dlv_ms *ms, enum dlv_op_kind kind, dlv_op_cb cb, void *arg);
-void dlv_ms_pump(struct dlv_ms *ms);
+/* dlv_op_new, and start the queue */
+void dlv_op_add(struct dlv_ms *ms, enum dlv_op_kind kind, dlv_op_cb cb, void *arg);
 void dlv_ms_arm(struct dlv_ms *ms, int64_t delay_ms);
 void dlv_ms_kick(struct dlv_ms *ms);
-void dlv_on_transition(struct dlv_ms *ms, enum mstore_state from);
+/* New mail was committed (a notification): every mailstore looks again. */
+void dlv_kick(struct dlv *d);
+
 void dlv_check_drained(struct dlv *d);
-
-/* dlv_fetch.c */
-void dlv_out_add_full(struct dlv_ms *ms, const char *qid, int64_t id, enum spool_rstate state,
-                         int64_t next, const char *reply, int64_t bounce_at, int dsn_owed,
-                         const char *hold_reason, int attempt);
-void dlv_out_add(struct dlv_ms *ms, const char *qid, int64_t id, enum spool_rstate state,
-                    int64_t next, const char *reply, int attempt);
-void dlv_flush_after(uv_work_t *w, int status);
-void dlv_flush_outs(struct dlv *d);
-void dlv_ms_fetch(struct dlv_ms *ms);
-
-/* dlv_job.c */
-size_t dlv_job_mem(int cap, uint64_t message);
-void dlv_job_drop(struct dlv_job *job);
-void dlv_ms_drop_ready(struct dlv_ms *ms);
-void dlv_ms_drop_ready_qid(struct dlv_ms *ms, const char *qid);
-void dlv_job_load(struct dlv_job *job);
-void dlv_job_abandon(struct dlv_job *job);
-void dlv_ms_requeue_mass(struct dlv_ms *ms, int64_t now);
-void dlv_conn_close_idle(struct dlv_ms *ms, int all);
-void dlv_conn_send(struct dlv_conn *cn, struct dlv_job *job);
-void dlv_conn_open(struct dlv_ms *ms, struct dlv_job *job);
-void dlv_maildir_work(uv_work_t *w);
-void dlv_maildir_after(uv_work_t *w, int status);
-
-/* dlv_ret.c */
-void dlv_policy_of(struct dlv_ms *ms, const char *rcpt, struct bpolicy *p);
-void dlv_ret_free(struct dlv_ret *rt);
-struct dlv_ret *dlv_ret_unit(struct dlv *d, struct dlv_ret **batch, struct dlv_ms *ms,
-                                const char *qid, enum dsn_action action,
-                                enum dlv_ret_origin origin, int known);
-struct dlv_dsn_rcpt *dlv_ret_row(struct dlv_ret *rt, const struct spool_rcpt *row,
-                                    enum spool_chg_kind kind);
-void dlv_ret_queue_all(struct dlv *d, struct dlv_ret *batch);
-void dlv_scan_start(struct dlv *d);
-
-/* dlv_stop.c */
-void dlv_ms_stop(struct dlv_ms *ms, const char *qid, const char *rcpt, int change,
-                    const char *why, struct dlv_stopped *st);
-void dlv_late_deliveries(struct dlv *d, const char *qid, int change, const char *why,
-                            struct dlv_stopped *st);
-int dlv_qid_fenced(const struct dlv *d, const char *qid);
-int dlv_scope_running(const struct dlv *d, const char *name, const char *qid);
-void dlv_waiter_finish(struct dlv_waiter *w, int finishing);
-void dlv_check_waiters(struct dlv *d);
 
 #endif
