@@ -21,9 +21,10 @@
  * wait until nothing of the scope is in flight], reply with the counts stopped and finishing.
  *
  * Sections here: jobs, the write commands (thread side), lanes, loop side, start and stop; the
- * read, bounce and policy commands and the argument checks are in the parts dlv_ctl_int.h lists.
+ * read, bounce and policy commands and the argument checks are in the parts dlv_ctl_core.h lists.
  */
-#include "dlv_ctl_int.h"
+#include "dlv_ctl.h"
+#include "dlv_ctl_core.h"
 
 #include <errno.h>
 #include <jansson.h>
@@ -60,28 +61,6 @@ void dc_job_free(struct job *j)
     json_decref(j->waiting);
     free(j->st);
     free(j);
-}
-
-const char *dc_jstr(const json_t *req, const char *key)
-{
-    const char *s = json_string_value(json_object_get(req, key));
-    return s && *s ? s : NULL;
-}
-
-/* dc_dur_arg - a duration as a number of seconds or a string like "10m": ms, or -1 when absent,
- * -2 when malformed. */
-int64_t dc_dur_arg(const json_t *req, const char *key)
-{
-    const json_t *v = json_object_get(req, key);
-    int64_t ms;
-
-    if (!v || json_is_null(v))
-        return -1;
-    if (json_is_number(v))
-        return json_number_value(v) < 0 ? -2 : (int64_t)(json_number_value(v) * 1000.0);
-    if (!json_is_string(v) || conf_parse_duration(json_string_value(v), &ms) < 0)
-        return -2;
-    return ms;
 }
 
 /* --- Commands (thread side) ------------------------------------------------------------------- */

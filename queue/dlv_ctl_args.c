@@ -1,8 +1,8 @@
 /*
- * dlv_ctl_args.c - a control request of sluice-deliver on the loop thread (dlv_ctl_int.h):
+ * dlv_ctl_args.c - a control request of sluice-deliver on the loop thread (dlv_ctl_core.h):
  * its job, its arguments copied and checked, and the handler that rejects it or queues it.
  */
-#include "dlv_ctl_int.h"
+#include "dlv_ctl_core.h"
 
 #include <errno.h>
 #include <jansson.h>

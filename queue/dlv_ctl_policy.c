@@ -1,8 +1,8 @@
 /*
  * dlv_ctl_policy.c - sluice-deliver's bounce and bounce-policy commands, thread side
- * (dlv_ctl_int.h): returning held mail now (bounce), and showing or changing the policy map.
+ * (dlv_ctl_core.h): returning held mail now (bounce), and showing or changing the policy map.
  */
-#include "dlv_ctl_int.h"
+#include "dlv_ctl_core.h"
 
 #include <errno.h>
 #include <jansson.h>

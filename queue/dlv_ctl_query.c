@@ -1,8 +1,8 @@
 /*
- * dlv_ctl_query.c - sluice-deliver's read commands, thread side (dlv_ctl_int.h): status,
+ * dlv_ctl_query.c - sluice-deliver's read commands, thread side (dlv_ctl_core.h): status,
  * queue, show, affected, reseller and audit, each a reply built from one spool_query.
  */
-#include "dlv_ctl_int.h"
+#include "dlv_ctl_core.h"
 
 #include <errno.h>
 #include <jansson.h>

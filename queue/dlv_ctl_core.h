@@ -1,15 +1,16 @@
 /*
- * dlv_ctl_int.h - what the files of sluice-deliver's control commands share (private to
- * dlv_ctl*.c): the job and lane records, and the functions one part calls in another. The
- * contract stays in dlv_ctl.h.
+ * dlv_ctl_core.h - what the files of sluice-deliver's control commands share (private to
+ * dlv_ctl*.c): the job and lane records, the argument helpers of dlv_ctl_core.c (the bottom
+ * floor), and the functions one part calls in another. The contract stays in dlv_ctl.h.
  *
  * The parts: dlv_ctl.c (jobs, the write commands' spool side, lanes, the loop side, start
  * and stop), dlv_ctl_query.c (the read commands: status, queue, show, affected, reseller,
  * audit), dlv_ctl_policy.c (bounce and the bounce policy) and dlv_ctl_args.c (a request's
- * arguments checked on the loop, and the handler that queues it).
+ * arguments checked on the loop, and the handler that queues it), above dlv_ctl_core.c (a
+ * request's string and duration arguments, used by all of them).
  */
-#ifndef SLUICE_DLV_CTL_INT_H
-#define SLUICE_DLV_CTL_INT_H
+#ifndef SLUICE_DLV_CTL_CORE_H
+#define SLUICE_DLV_CTL_CORE_H
 
 #include <jansson.h>
 #include <pthread.h>
@@ -19,7 +20,8 @@
 
 #include "bpolicy.h"
 #include "ctl_server.h"
-#include "dlv_ctl.h"
+#include "conf.h"
+#include "dlv.h"
 #include "dlv_dsn.h"
 #include "domain.h"
 #include "spool_query.h"
@@ -130,10 +132,13 @@ struct job {
 /* reject - reject_rep (dlv_ctl_args.c) with its format checked at each call. */
 #define reject(j, code, fmt, arg) reject_rep(j, ctl_reply_error(code, fmt, arg))
 
-/* dlv_ctl.c */
-void dc_job_free(struct job *j);
+/* dlv_ctl_core.c */
+/* the string argument key of req: NULL when absent or empty */
 const char *dc_jstr(const json_t *req, const char *key);
 int64_t dc_dur_arg(const json_t *req, const char *key);
+
+/* dlv_ctl.c */
+void dc_job_free(struct job *j);
 int dc_stops_flight(enum ctl_cmd c);
 void dc_job_queue(struct job *j);
 void dc_op_done(void *arg, int status, long count);
