@@ -56,17 +56,19 @@ static const char *transport_name(enum conf_transport t)
 
 static void params_of(const struct conf_mailstore *cf, struct mstore_params *p)
 {
-    p->max_connections = cf->max_connections;
-    p->trip_after = cf->trip_after;
-    p->probe_interval_ms = cf->probe_interval_ms;
-    p->release_start_rate = cf->release_start_rate;
-    p->release_ramp_ms = cf->release_ramp_ms;
-    p->slow_factor = cf->slow_factor;
-    p->slow_reply_ms = cf->slow_reply_ms;
-    p->slow_floor_ms = cf->slow_floor_ms;
-    p->mass_users = cf->mass_failure_users;
-    p->mass_ratio = cf->mass_failure_ratio;
-    p->mass_window_ms = cf->mass_failure_window_ms;
+    *p = (struct mstore_params){
+        .max_connections = cf->max_connections,
+        .trip_after = cf->trip_after,
+        .probe_interval_ms = cf->probe_interval_ms,
+        .release_start_rate = cf->release_start_rate,
+        .release_ramp_ms = cf->release_ramp_ms,
+        .slow_factor = cf->slow_factor,
+        .slow_reply_ms = cf->slow_reply_ms,
+        .slow_floor_ms = cf->slow_floor_ms,
+        .mass_users = cf->mass_failure_users,
+        .mass_ratio = cf->mass_failure_ratio,
+        .mass_window_ms = cf->mass_failure_window_ms,
+    };
 }
 
 /* --- Kick and timers -------------------------------------------------------------------------- */
@@ -248,7 +250,6 @@ int dlv_start(struct dlv **out, uv_loop_t *loop, struct spool *sp, const struct 
     d->loop = loop;
     d->sp = sp;
     d->share = 1;
-    d->kick = ms_kick;
     snprintf(d->index_path, sizeof(d->index_path), "%s", index_path);
     snprintf(d->helo, sizeof(d->helo), "%s", c->gateway.hostname);
     d->ids_cap = 1024;
@@ -271,6 +272,7 @@ int dlv_start(struct dlv **out, uv_loop_t *loop, struct spool *sp, const struct 
         if (conf_dsn_queue(c, &dq) == 0)
             ms_new(d, &dq, 1);
     }
+    d->kick = ms_kick;          /* how the parts below make a mailstore look again */
     d->last_poll = uv_now(loop);
     uv_timer_start(&d->tick, tick_cb, DLV_TICK_MS, DLV_TICK_MS);
     for (int i = 0; i < d->nms; i++)
@@ -422,6 +424,34 @@ int dlv_release(struct dlv *d, const char *name, double rate, int64_t ramp_ms, c
     return 0;
 }
 
+/* status_of - the view of one mailstore that dlv_status gives (counts since start, state,
+ * health). */
+static void status_of(const struct dlv_ms *ms, int64_t now, struct dlv_status *s)
+{
+    *s = (struct dlv_status){
+        .state = ms->st.state, .since = ms->st.since, .fails = ms->st.fails,
+        .inflight = ms->inflight, .connections = ms->nconns, .ready = ms->nready,
+        .rate = mstore_rate(&ms->st, now),
+        .cwnd = ms->st.state == MSTORE_RAMPING || ms->st.state == MSTORE_DEGRADED
+                ? ms->st.cwnd : ms->cf.max_connections,
+        .delivered = ms->delivered, .deferred = ms->deferred, .held = ms->held,
+        .bounced = ms->bounced, .trips = ms->trips, .delivery_rate = ms->rate_ewma,
+        .last_error_at = ms->last_error_at, .max_connections = ms->cf.max_connections,
+        .lat = ms->lat, .closing = dlv_ms_busy(ms) - ms->inflight,
+        .trouble = mstore_trouble(&ms->st, now), .cause = ms->st.cause,
+        .recent_ms = mstore_recent_ms(&ms->st),
+        .normal_ms = ms->st.normal_n >= MSTORE_LAT_LEARN ? ms->st.normal_ms : 0,
+        .slow_bound_ms = mstore_slow_bound(&ms->st),
+    };
+    snprintf(s->name, sizeof(s->name), "%s", ms->cf.name);
+    snprintf(s->transport, sizeof(s->transport), "%s", transport_name(ms->cf.transport));
+    snprintf(s->reason, sizeof(s->reason), "%s", ms->st.reason);
+    snprintf(s->actor, sizeof(s->actor), "%s", ms->st.actor);
+    snprintf(s->public_reason, sizeof(s->public_reason), "%s", ms->st.public_reason);
+    snprintf(s->last_error, sizeof(s->last_error), "%s", ms->last_error);
+    memcpy(s->cause_trips, ms->cause_trips, sizeof(s->cause_trips));
+}
+
 int dlv_status(struct dlv *d, struct dlv_status *out, int max)
 {
     int n = 0;
@@ -434,38 +464,7 @@ int dlv_status(struct dlv *d, struct dlv_status *out, int max)
             n--;
             continue;
         }
-        memset(s, 0, sizeof(*s));
-        snprintf(s->name, sizeof(s->name), "%s", ms->cf.name);
-        snprintf(s->transport, sizeof(s->transport), "%s", transport_name(ms->cf.transport));
-        s->state = ms->st.state;
-        snprintf(s->reason, sizeof(s->reason), "%s", ms->st.reason);
-        snprintf(s->actor, sizeof(s->actor), "%s", ms->st.actor);
-        snprintf(s->public_reason, sizeof(s->public_reason), "%s", ms->st.public_reason);
-        s->since = ms->st.since;
-        s->inflight = ms->inflight;
-        s->connections = ms->nconns;
-        s->ready = ms->nready;
-        s->fails = ms->st.fails;
-        s->rate = mstore_rate(&ms->st, now);
-        s->cwnd = ms->st.state == MSTORE_RAMPING || ms->st.state == MSTORE_DEGRADED
-                  ? ms->st.cwnd : ms->cf.max_connections;
-        s->delivered = ms->delivered;
-        s->deferred = ms->deferred;
-        s->held = ms->held;
-        s->bounced = ms->bounced;
-        s->trips = ms->trips;
-        s->delivery_rate = ms->rate_ewma;
-        snprintf(s->last_error, sizeof(s->last_error), "%s", ms->last_error);
-        s->last_error_at = ms->last_error_at;
-        s->max_connections = ms->cf.max_connections;
-        s->lat = ms->lat;
-        s->closing = dlv_ms_busy(ms) - ms->inflight;
-        s->trouble = mstore_trouble(&ms->st, now);
-        s->cause = ms->st.cause;
-        s->recent_ms = mstore_recent_ms(&ms->st);
-        s->normal_ms = ms->st.normal_n >= MSTORE_LAT_LEARN ? ms->st.normal_ms : 0;
-        s->slow_bound_ms = mstore_slow_bound(&ms->st);
-        memcpy(s->cause_trips, ms->cause_trips, sizeof(s->cause_trips));
+        status_of(ms, now, s);
     }
     return n;
 }
