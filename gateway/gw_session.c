@@ -19,11 +19,15 @@
  *   - Input memory is bounded: s->in holds at most a partial command line (< max_command_line)
  *     or, while paused, the rest of one read; DATA/BDAT content streams to the spool.
  *
- * This file: the state machine and command table, closing, timers, the transaction, HELO and
- * EHLO and the small commands, and the public functions. The other parts are listed in
- * gw_session_int.h.
+ * This file, the top floor: the state machine and command table, HELO and EHLO and the small
+ * commands, the public functions, and the two dispatchers of what the floors below report:
+ * session_io_event (input, a timeout) and session_milter_cb (a milter stage's verdict). The
+ * floors are listed in gw_session_core.h; each calls only the ones below it.
  */
-#include "gw_session_int.h"
+#include "gw_session.h"
+#include "gw_session_connect.h"
+#include "gw_session_data.h"
+#include "gw_session_envelope.h"
 
 #include <errno.h>
 #include <inttypes.h>
@@ -51,17 +55,14 @@ struct gw_cmd {
     unsigned flags;
 };
 
-static const char *const gw_state_names[] = {
-#define XX(name, text) #name,
-    GW_STATE_MAP(XX)
-#undef XX
-};
-
-static void session_shutdown_cb(uv_shutdown_t *req, int status);
-static void session_closed_cb(uv_handle_t *h);
-static void session_free(struct gw_session *s);
-static void session_log_disconnect(struct gw_session *s);
-static void session_timer_cb(uv_timer_t *t);
+static size_t session_io_event(struct gw_session *s, enum gw_io_ev ev, const char *p,
+                               size_t n);
+static void session_timeout(struct gw_session *s);
+static void session_milter_cb(void *arg, const struct gw_milter_result *res);
+static size_t session_process(struct gw_session *s, const char *p, size_t n);
+static void session_helo_stage(struct gw_session *s, int esmtp);
+static void session_helo_finish(struct gw_session *s, int esmtp,
+                                const struct gw_milter_result *res);
 static void session_command(struct gw_session *s, const char *line, size_t len);
 static int cmd_helo(struct gw_session *s, struct smtp_cmd *cmd);
 static int cmd_ehlo(struct gw_session *s, struct smtp_cmd *cmd);
@@ -93,259 +94,28 @@ static const struct gw_cmd gw_cmds[SMTP_UNKNOWN] = {
     [SMTP_STARTTLS] = { ST(GREET) | ST(READY), cmd_starttls, GW_CMD_FLUSH },
 };
 
-const char *gw_session_state_name(enum gw_state st)
-{
-    return (unsigned)st < GW_S_COUNT ? gw_state_names[st] : "?";
-}
+/* ---------------------------------------------------------------- reports from below */
 
-/* session_bprintf - append to buf[*len..size); -ENOSPC rather than silent truncation */
-int session_bprintf(char *buf, size_t size, size_t *len, const char *fmt, ...)
+/* session_io_event - the io floor's one callback: input to run, or the timer expired */
+static size_t session_io_event(struct gw_session *s, enum gw_io_ev ev, const char *p,
+                               size_t n)
 {
-    va_list ap;
-    int n;
-
-    if (*len >= size)
-        return -ENOSPC;
-    va_start(ap, fmt);
-    n = vsnprintf(buf + *len, size - *len, fmt, ap);
-    va_end(ap);
-    if (n < 0 || (size_t)n >= size - *len)
-        return -ENOSPC;
-    *len += (size_t)n;
+    switch (ev) {
+    case GW_IO_INPUT:
+        return session_process(s, p, n);
+    case GW_IO_EARLY:
+        session_early_input(s, p, n);
+        return n;
+    case GW_IO_TIMEOUT:
+        session_timeout(s);
+        return 0;
+    }
     return 0;
 }
 
-/* session_enter - the one place the state changes */
-void session_enter(struct gw_session *s, enum gw_state st)
+/* session_timeout - the session's timer expired: what that means depends on the state */
+static void session_timeout(struct gw_session *s)
 {
-    if (s->state == st)
-        return;
-    log_debug(GW_CLIENT ": state %s -> %s", GW_WHO(s), gw_session_state_name(s->state),
-              gw_session_state_name(st));
-    s->state = st;
-}
-
-const char *session_host(const struct gw_session *s)
-{
-    return s->srv->conf->gateway.hostname;
-}
-
-/* session_name - the client's forward-confirmed name, or "unknown" (Postfix's rule) */
-const char *session_name(const struct gw_session *s)
-{
-    return s->rdns == GW_RDNS_OK && s->ptr ? s->ptr : "unknown";
-}
-
-/* ---------------------------------------------------------------- closing */
-
-int gw_session_ip_add(struct gw_session *s)
-{
-    const struct conf *c = s->srv->conf;
-
-    gw_server_ip_key(s->addr, c->gateway.client_ipv4_prefix_length,
-                     c->gateway.client_ipv6_prefix_length, s->ip_key, sizeof(s->ip_key));
-    s->ip_counted = 1;
-    return gw_server_ip_count(s->srv, s->ip_key);
-}
-
-/* session_ip_release - the session is closing: its client may connect again at once, so it
- * no longer counts against max_connections_per_ip (idempotent) */
-void session_ip_release(struct gw_session *s)
-{
-    if (s->ip_counted) {
-        gw_server_ip_uncount(s->srv, s->ip_key);
-        s->ip_counted = 0;
-    }
-}
-
-/* session_close - after QUIT or a 421: send what is batched, close_notify under TLS, then
- * shut the write side down once the queue is written (uv_shutdown waits for it) and close.
- * The linger timer bounds the wait for a peer that does not read. */
-void session_close(struct gw_session *s)
-{
-    if (s->closing || s->gone)
-        return;
-    session_flush(s);
-    if (s->gone)
-        return;
-    s->closing = 1;
-    session_ip_release(s);
-    if (s->tls && s->tls_done) {
-        gw_tls_conn_shutdown(s->tls);
-        session_tls_drain(s);
-    }
-    session_read_stop(s);
-    if (s->state != GW_S_COMMIT)
-        session_enter(s, GW_S_CLOSING);
-    uv_timer_start(&s->timer, session_timer_cb, GW_CLOSE_LINGER_MS, 0);
-    s->shutdown_req.data = s;
-    if (uv_shutdown(&s->shutdown_req, &s->h.stream, session_shutdown_cb) < 0)
-        session_close_now(s);
-}
-
-/* session_close_now - close both handles; the session goes in the last close callback (or
- * in the commit callback, whichever comes last) */
-void session_close_now(struct gw_session *s)
-{
-    if (s->gone)
-        return;
-    s->gone = 1;
-    s->closing = 1;
-    s->reading = 0;
-    session_ip_release(s);
-    if (s->addr[0] != '\0')
-        session_log_disconnect(s);
-    if (s->tx.msg) {
-        spool_msg_abort(s->tx.msg);
-        s->tx.msg = NULL;
-    }
-    session_milter_close(s);
-    uv_close(&s->h.handle, session_closed_cb);
-    uv_close((uv_handle_t *)&s->timer, session_closed_cb);
-}
-
-static void session_shutdown_cb(uv_shutdown_t *req, int status)
-{
-    session_close_now(req->data);
-}
-
-static void session_closed_cb(uv_handle_t *h)
-{
-    struct gw_session *s = h->data;
-
-    if (--s->handles_open > 0)
-        return;
-    /* off the server's list and its per-IP table, then counted out */
-    if (s->prev)
-        s->prev->next = s->next;
-    else
-        s->srv->sessions = s->next;
-    if (s->next)
-        s->next->prev = s->prev;
-    s->prev = s->next = NULL;
-    session_ip_release(s);
-    gw_server_session_gone(s->srv);
-    session_unref(s);
-}
-
-void session_unref(struct gw_session *s)
-{
-    if (--s->refs == 0)
-        session_free(s);
-}
-
-static void session_free(struct gw_session *s)
-{
-    if (s->tx.msg)
-        spool_msg_abort(s->tx.msg);
-    gw_milter_free(s->milter);
-    free(s->tx.mmsg.buf);
-    gw_milter_msg_clear(&s->tx.mmsg);
-    free(s->tx.mprefix);
-    gw_tls_conn_free(s->tls);
-    free(s->ptr);
-    free(s->refusal);
-    free(s->via);
-    free(s->tx.rcpts);
-    free(s->tx.rin);
-    free(s->in);
-    free(s->out);
-    free(s);
-}
-
-/* session_log_disconnect - Postfix's line: "disconnect from unknown[1.2.3.4] ehlo=1 mail=1
- * rcpt=0/1 quit=1 commands=3/4" (ok/total where they differ) */
-static void session_log_disconnect(struct gw_session *s)
-{
-    char buf[512], name[SMTP_VERB_TEXT_MAX + 1];
-    size_t len = 0;
-    unsigned ok = 0, all = 0;
-
-    for (int v = 0; v < GW_VERB_COUNT; v++) {
-        const char *vn = smtp_verb_name((enum smtp_verb)v);
-        size_t k;
-        int r;
-
-        if (s->verb_all[v] == 0)
-            continue;
-        for (k = 0; vn[k] && k < sizeof(name) - 1; k++)
-            name[k] = (char)(vn[k] >= 'A' && vn[k] <= 'Z' ? vn[k] + 32 : vn[k]);
-        name[k] = '\0';
-        if (s->verb_ok[v] == s->verb_all[v])
-            r = session_bprintf(buf, sizeof(buf), &len, " %s=%u", name, s->verb_ok[v]);
-        else
-            r = session_bprintf(buf, sizeof(buf), &len, " %s=%u/%u", name, s->verb_ok[v],
-                                s->verb_all[v]);
-        if (r < 0)
-            break;
-        ok += s->verb_ok[v];
-        all += s->verb_all[v];
-    }
-    buf[len] = '\0';
-    if (ok == all)
-        log_info("disconnect from " GW_CLIENT "%s commands=%u", GW_WHO(s), buf, all);
-    else
-        log_info("disconnect from " GW_CLIENT "%s commands=%u/%u", GW_WHO(s), buf, ok, all);
-}
-
-/* session_lost - the peer went away or the socket broke */
-void session_lost(struct gw_session *s, const char *why)
-{
-    if (s->gone)
-        return;
-    if (s->state == GW_S_PROXY) {
-        /* a load balancer's plain TCP health check connects and closes: not worth more */
-        log_debug("PROXY listener: [%s] closed before a header (%zu octets): %s", s->addr,
-                  s->in_len, why);
-        session_proxy_drop(s);
-        return;
-    }
-    if (!s->closing)
-        log_info("lost connection after %s from " GW_CLIENT ": %s",
-                 s->state == GW_S_DATA || s->state == GW_S_BDAT ? "DATA"
-                                                                  : gw_session_state_name(s->state),
-                 GW_WHO(s), why);
-    session_close_now(s);
-}
-
-/* ---------------------------------------------------------------- timers */
-
-/*
- * session_arm - one timer per session. Between commands it is the idle timeout (RFC 5321
- * 4.5.3.2: at least 5 minutes); during DATA/BDAT also the deadline for the whole message
- * (data_timeout) and within a command line the deadline for the whole line
- * (command_line_timeout), so a client trickling one octet at a time cannot hold a session
- * forever; in TLS the handshake deadline. Before the banner (PROXY, WAIT) only s->deadline
- * counts: the greet delay may be longer than the idle timeout.
- */
-void session_arm(struct gw_session *s)
-{
-    const struct conf_gateway *g = &s->srv->conf->gateway;
-    uint64_t ms = (uint64_t)g->idle_timeout_ms;
-    uint64_t now, dl[3] = { s->tx.data_deadline, s->cmd_deadline, s->deadline };
-
-    if (s->gone || s->closing)
-        return;
-    if (s->state == GW_S_PROXY || s->state == GW_S_WAIT)
-        ms = UINT64_MAX;
-    now = uv_now(s->srv->loop);
-    for (int i = 0; i < 3; i++) {
-        uint64_t left = dl[i] > now ? dl[i] - now : 1;
-
-        if (dl[i] && left < ms)
-            ms = left;
-    }
-    uv_timer_start(&s->timer, session_timer_cb, ms ? ms : 1, 0);
-}
-
-static void session_timer_cb(uv_timer_t *t)
-{
-    struct gw_session *s = t->data;
-
-    if (s->closing) {             /* the linger after a close expired */
-        session_close_now(s);
-        return;
-    }
     switch (s->state) {
     case GW_S_PROXY:
         /* never SMTP without the header: no reply, the proxy just sees the close */
@@ -380,18 +150,60 @@ static void session_timer_cb(uv_timer_t *t)
     session_close(s);
 }
 
-/* session_count_error - a 4xx/5xx for client input; past max_errors the session ends
- * (Postfix smtpd_hard_error_limit) */
-void session_count_error(struct gw_session *s)
+/* session_milter_cb - an outstanding milter stage finished: finish the command it held */
+static void session_milter_cb(void *arg, const struct gw_milter_result *res)
 {
-    if (++s->errors < s->srv->conf->gateway.max_errors || s->closing)
+    struct gw_session *s = arg;
+    enum gw_mpend what = s->mpend;
+
+    s->mpend = GW_MP_NONE;
+    s->paused = 0;
+    if (s->gone || s->closing) {
+        session_unref(s);
         return;
-    log_info("too many errors after %s from " GW_CLIENT, gw_session_state_name(s->state),
-             GW_WHO(s));
-    session_reply(s, GW_R_TOO_MANY_CONNECTIONS, "421 4.7.0 %s Error: too many errors", session_host(s));
-    tx_reset(s);
-    session_close(s);
+    }
+    switch (what) {
+    case GW_MP_CONNECT:
+        if (res->verdict == GW_MV_REJECT || res->verdict == GW_MV_TEMPFAIL) {
+            snprintf(s->milter_reply, sizeof(s->milter_reply), "%s", res->reply);
+            snprintf(s->milter_by, sizeof(s->milter_by), "%s", res->milter);
+            session_milter_log(s, "CONNECT", res, "");
+        }
+        session_greet_on(s);
+        break;
+    case GW_MP_HELO:
+    case GW_MP_EHLO:
+        session_helo_finish(s, what == GW_MP_EHLO, res);
+        break;
+    case GW_MP_MAIL:
+        session_mail_finish(s, res);
+        break;
+    case GW_MP_RCPT:
+        session_rcpt_finish(s, res);
+        break;
+    case GW_MP_RCPT_REJ:
+        break;
+    case GW_MP_DATA:
+        session_data_finish(s, res);
+        break;
+    case GW_MP_EOM_DATA:
+        if (res->verdict != GW_MV_CONTINUE)
+            session_eom_verdict(s, res);
+        else if (!session_eom_content(s))
+            session_commit(s);
+        break;
+    case GW_MP_EOM:
+        session_eom_verdict(s, res);
+        break;
+    case GW_MP_NONE:
+    default:
+        fatal("session: milter callback without a stage (%d)", (int)what);
+    }
+    session_unref(s);             /* the stage's reference; the connection's remains */
+    session_resume(s);
 }
+
+/* ---------------------------------------------------------------- commands */
 
 /* session_junk - NOOP, RSET, VRFY and HELP cost a client nothing; past junk_command_limit
  * of them each one counts as an error, so a client cannot hold a session open with them
@@ -400,107 +212,6 @@ static void session_junk(struct gw_session *s)
 {
     if (++s->junk > s->srv->conf->gateway.junk_command_limit)
         session_count_error(s);
-}
-
-/* session_forgive - a message was accepted: this is a working client (Postfix forgives too) */
-void session_forgive(struct gw_session *s)
-{
-    s->errors = 0;
-    s->junk = 0;
-}
-
-/* ---------------------------------------------------------------- the transaction */
-
-/* tx_reset - forget the transaction (RSET, HELO, end of message); keep the arrays */
-void tx_reset(struct gw_session *s)
-{
-    struct gw_tx *tx = &s->tx;
-
-    if (tx->msg) {
-        spool_msg_abort(tx->msg);
-        tx->msg = NULL;
-    }
-    tx->qid[0] = '\0';
-    tx->sender[0] = '\0';
-    tx->envid[0] = '\0';
-    tx->body = SMTP_BODY_NONE;
-    tx->smtputf8 = 0;
-    tx->ret = SMTP_RET_NONE;
-    tx->nrcpt = 0;
-    tx->nrcpt_tried = 0;
-    tx->data_started = 0;
-    tx->data_deadline = 0;
-    tx->size = 0;
-    tx->spf_done = 0;
-    if (s->milter && s->mpend == GW_MP_NONE)
-        gw_milter_abort(s->milter);
-    free(tx->mmsg.buf);
-    tx->mmsg.buf = NULL;
-    tx->mmsg.len = tx->mmsg.cap = 0;
-    gw_milter_msg_clear(&tx->mmsg);
-    free(tx->mprefix);
-    tx->mprefix = NULL;
-    tx->margs[0] = '\0';
-    tx->milter_buffer = 0;
-    tx->milter_headers = 0;
-    tx->mdata_done = 0;
-    tx->discard = 0;
-    tx->discard_by[0] = '\0';
-}
-
-/* tx_rcpt_reserve - room for one more recipient (doubling; bounded by max_recipients) */
-int tx_rcpt_reserve(struct gw_session *s)
-{
-    struct gw_tx *tx = &s->tx;
-    struct gw_rcpt *r;
-    struct spool_rcpt_in *ri;
-    int cap;
-
-    if (tx->nrcpt < tx->rcpt_cap)
-        return 0;
-    cap = tx->rcpt_cap ? tx->rcpt_cap * 2 : GW_RCPT_FIRST;
-    if (!(r = realloc(tx->rcpts, (size_t)cap * sizeof(*r))))
-        return -ENOMEM;
-    tx->rcpts = r;
-    if (!(ri = realloc(tx->rin, (size_t)cap * sizeof(*ri))))
-        return -ENOMEM;
-    tx->rin = ri;
-    tx->rcpt_cap = cap;
-    return 0;
-}
-
-/* ---------------------------------------------------------------- commands */
-
-/* session_seq_error - 503 5.5.1 with what is missing (Postfix's wording) */
-void session_seq_error(struct gw_session *s, enum smtp_verb v)
-{
-    const char *why = "Error: bad sequence of commands";
-
-    switch (v) {
-    case SMTP_MAIL:
-        why = s->state == GW_S_GREET ? "Error: send HELO/EHLO first"
-                                     : "Error: nested MAIL command";
-        break;
-    case SMTP_RCPT:
-    case SMTP_DATA:
-    case SMTP_BDAT:
-        if (s->state == GW_S_GREET)
-            why = "Error: send HELO/EHLO first";
-        else if (s->state == GW_S_READY)
-            why = "Error: need MAIL command";
-        else if (s->state == GW_S_MAIL)
-            why = "Error: need RCPT command";
-        else if (s->state == GW_S_CHUNKED)
-            why = "Error: BDAT transfer in progress";
-        break;
-    case SMTP_STARTTLS:
-        why = "Error: MAIL transaction in progress";
-        break;
-    default:
-        break;
-    }
-    session_reply(s, GW_R_PROTOCOL, "503 5.5.1 %s", why);
-    session_count_error(s);
 }
 
 /* session_command - parse one command line (without CRLF) and run its handler */
@@ -556,10 +267,37 @@ static int cmd_ehlo(struct gw_session *s, struct smtp_cmd *cmd)
     return 0;
 }
 
+/* session_helo_stage - HELO/EHLO to the milters (unless one refused the session already),
+ * then the reply now or from session_milter_cb */
+static void session_helo_stage(struct gw_session *s, int esmtp)
+{
+    struct gw_milter_result res;
+    char bits[16];
+
+    if (!s->milter || s->milter_reply[0]) {   /* a milter refused the session already */
+        session_helo_finish(s, esmtp, NULL);
+        return;
+    }
+    if (s->tls_done) {
+        const char *cipher = gw_tls_conn_cipher(s->tls);
+
+        gw_milter_macro(s->milter, "{tls_version}", gw_tls_conn_version(s->tls));
+        gw_milter_macro(s->milter, "{cipher}", cipher);
+        /* every cipher suite TLS 1.2/1.3 negotiates here is AES-128/256 or ChaCha20 */
+        snprintf(bits, sizeof(bits), "%d", strstr(cipher, "128") ? 128 : 256);
+        gw_milter_macro(s->milter, "{cipher_bits}", bits);
+    }
+    if (gw_milter_helo(s->milter, s->helo, &res) == 0) {
+        session_milter_wait(s, esmtp ? GW_MP_EHLO : GW_MP_HELO);
+        return;
+    }
+    session_helo_finish(s, esmtp, &res);
+}
+
 /* session_helo_finish - the HELO/EHLO reply. A milter's refusal of HELO is kept like one at
  * CONNECT: HELO itself gets 250 and every MAIL of the session gets the milter's reply. */
-void session_helo_finish(struct gw_session *s, int esmtp,
-                         const struct gw_milter_result *res)
+static void session_helo_finish(struct gw_session *s, int esmtp,
+                                const struct gw_milter_result *res)
 {
     const struct conf_gateway *g = &s->srv->conf->gateway;
 
@@ -670,7 +408,7 @@ static int cmd_starttls(struct gw_session *s, struct smtp_cmd *cmd)
  * It stops early when the session pauses (commit), closes, or has a partial command line left
  * (the caller keeps the rest in s->in).
  */
-size_t session_process(struct gw_session *s, const char *p, size_t n)
+static size_t session_process(struct gw_session *s, const char *p, size_t n)
 {
     uint64_t cmdmax = s->srv->conf->gateway.max_command_line;
     size_t off = 0;
@@ -773,6 +511,8 @@ struct gw_session *gw_session_new(struct gw_server *srv, int is_unix)
     uv_timer_init(srv->loop, &s->timer);
     s->h.handle.data = s;
     s->timer.data = s;
+    s->io_cb = session_io_event;
+    s->milter_cb = session_milter_cb;
     s->handles_open = 2;
     return s;
 }
@@ -820,15 +560,6 @@ void gw_session_start(struct gw_session *s, const char *reject)
         return;
     }
     session_connect(s, "");
-}
-
-/* session_reject - over a connection limit: 421 4.7.0 instead of the banner, and close */
-void session_reject(struct gw_session *s, const char *why)
-{
-    log_info("NOQUEUE: reject: CONNECT from " GW_CLIENT ": 421 4.7.0 Error: %s", GW_WHO(s),
-             why);
-    session_reply(s, GW_R_TOO_MANY_CONNECTIONS, "421 4.7.0 %s Error: %s", session_host(s), why);
-    session_close(s);
 }
 
 void gw_session_abort(struct gw_session *s)

@@ -1,8 +1,9 @@
 /*
  * gw_session_connect.c - a session's start: the PROXY header from a trusted proxy, reverse
- * DNS and DNS lists, the greet delay and pregreet check, then the banner.
+ * DNS and DNS lists, the milters' CONNECT, the greet delay and pregreet check, then the
+ * banner (or the 421 of a connection limit instead).
  */
-#include "gw_session_int.h"
+#include "gw_session_connect.h"
 
 #include <errno.h>
 #include <inttypes.h>
@@ -21,6 +22,7 @@ static void session_greet(struct gw_session *s);
 static void session_proxy_header(struct gw_session *s, const struct gw_proxy_result *pr,
                                  size_t used);
 static void session_printable(const char *p, size_t n, char *out, size_t outlen);
+static void session_pregreet(struct gw_session *s);
 
 /* ---------------------------------------------------------------- reverse DNS and DNS lists */
 
@@ -177,7 +179,7 @@ static void session_printable(const char *p, size_t n, char *out, size_t outlen)
 
 /* session_pregreet - the client talked before our banner (postscreen's pregreet test): a
  * real MTA waits for the 220 (RFC 5321 3.1), spamware often does not */
-void session_pregreet(struct gw_session *s)
+static void session_pregreet(struct gw_session *s)
 {
     const struct conf_gateway *g = &s->srv->conf->gateway;
     uint64_t start = s->deadline - (uint64_t)g->greet_delay_ms;
@@ -205,20 +207,20 @@ void session_pregreet(struct gw_session *s)
 }
 
 /* session_early_input - octets before the banner: the PROXY header, or a pregreet */
-void session_early_input(struct gw_session *s, const uv_buf_t *buf, size_t n)
+void session_early_input(struct gw_session *s, const char *base, size_t n)
 {
     struct gw_proxy_result pr;
     char first[64];
     int r;
 
-    if (!session_scratch(buf->base)) {
+    if (!session_scratch(base)) {
         s->in_len += n;
     } else if (s->state == GW_S_PROXY) {
         /* s->in is full and still no header: far longer than any proxy sends */
         log_info("PROXY header from [%s] longer than %zu octets: dropped", s->addr, s->in_cap);
         session_proxy_drop(s);
         return;
-    } else if (session_keep(s, buf->base, n) < 0) {
+    } else if (session_keep(s, base, n) < 0) {
         session_lost(s, "out of memory");
         return;
     }
@@ -243,15 +245,6 @@ void session_early_input(struct gw_session *s, const uv_buf_t *buf, size_t n)
         return;
     }
     session_proxy_header(s, &pr, (size_t)r);
-}
-
-/* session_proxy_drop - close a connection that never became an SMTP session: it had no
- * "connect from" line, so it gets no "disconnect from" either (the caller logged why) */
-void session_proxy_drop(struct gw_session *s)
-{
-    session_ip_release(s);  /* by the address it was counted under, before it goes */
-    s->addr[0] = '\0';
-    session_close_now(s);
 }
 
 /* session_proxy_header - a valid header of used octets starts s->in: the client is who it
@@ -283,4 +276,36 @@ static void session_proxy_header(struct gw_session *s, const struct gw_proxy_res
     session_enter(s, GW_S_GREET);
     uv_timer_stop(&s->timer);
     session_connect(s, via);
+}
+
+/* session_reject - over a connection limit: 421 4.7.0 instead of the banner, and close */
+void session_reject(struct gw_session *s, const char *why)
+{
+    log_info("NOQUEUE: reject: CONNECT from " GW_CLIENT ": 421 4.7.0 Error: %s", GW_WHO(s),
+             why);
+    session_reply(s, GW_R_TOO_MANY_CONNECTIONS, "421 4.7.0 %s Error: %s", session_host(s), why);
+    session_close(s);
+}
+
+/* session_greet_on - the milters saw CONNECT: a milter's 421 (or SMFIR_SHUTDOWN) goes out
+ * instead of the greeting; otherwise the banner now, or after greet_delay */
+void session_greet_on(struct gw_session *s)
+{
+    const struct conf_gateway *g = &s->srv->conf->gateway;
+
+    if (strncmp(s->milter_reply, "421", 3) == 0) {
+        session_reply(s, gw_ctl_reason_of(s->milter_reply), "%s", s->milter_reply);
+        session_close(s);
+        return;
+    }
+    if (g->greet_delay_ms > 0) {
+        session_enter(s, GW_S_WAIT);
+        s->deadline = uv_now(s->srv->loop) + (uint64_t)g->greet_delay_ms;
+        session_read_start(s);
+        if (s->in_len > 0)
+            session_pregreet(s);
+        session_arm(s);
+        return;
+    }
+    session_banner(s);
 }

@@ -1,8 +1,9 @@
 /*
  * gw_session_data.c - DATA and BDAT: the message content streamed to the spool with our
- * Received header, end of data, and the commit whose callback sends "250 ... queued as".
+ * Received header, end of data with the milters' end-of-message stage and verdict, and the
+ * commit whose callback sends "250 ... queued as".
  */
-#include "gw_session_int.h"
+#include "gw_session_data.h"
 
 #include <errno.h>
 #include <inttypes.h>
@@ -23,6 +24,7 @@ static void session_chunk_done(struct gw_session *s);
 static void session_eom(struct gw_session *s);
 static void session_storage_reply(struct gw_session *s, int status);
 static void session_commit_cb(void *arg, const char *qid, int status);
+static int session_eom_milters(struct gw_session *s);
 
 int cmd_data(struct gw_session *s, struct smtp_cmd *cmd)
 {
@@ -104,18 +106,6 @@ int cmd_bdat(struct gw_session *s, struct smtp_cmd *cmd)
 }
 
 /* ---------------------------------------------------------------- message content and commit */
-
-/* session_proto - RFC 3848 "with" keyword (SMTPUTF8 ones from RFC 6531 4.3) */
-const char *session_proto(const struct gw_session *s)
-{
-    int tls = s->tls_done;
-
-    if (s->tx.smtputf8)
-        return tls ? "UTF8SMTPS" : "UTF8SMTP";
-    if (!s->esmtp)
-        return tls ? "SMTPS" : "SMTP";
-    return tls ? "ESMTPS" : "ESMTP";
-}
 
 /*
  * session_msg_start - at DATA or the first BDAT: open the spool message and prepend our
@@ -510,4 +500,63 @@ void session_tx_end(struct gw_session *s)
     session_reply(s, GW_R_SHUTTING_DOWN, "421 4.3.2 %s Service shutting down, closing transmission channel",
                   session_host(s));
     session_close(s);
+}
+
+/* session_eom_milters - end of data with milters: DATA first for BDAT, then the content.
+ * 1: handled (pending, or answered), 0: commit now. */
+static int session_eom_milters(struct gw_session *s)
+{
+    struct gw_tx *tx = &s->tx;
+    struct gw_milter_result res;
+
+    if (!tx->mdata_done) {
+        tx->mdata_done = 1;
+        if (gw_milter_data(s->milter, &res) == 0) {
+            session_milter_wait(s, GW_MP_EOM_DATA);
+            return 1;
+        }
+        if (res.verdict != GW_MV_CONTINUE) {
+            session_eom_verdict(s, &res);
+            return 1;
+        }
+    }
+    return session_eom_content(s);
+}
+
+int session_eom_content(struct gw_session *s)
+{
+    struct gw_tx *tx = &s->tx;
+    struct gw_milter_result res;
+
+    if ((!tx->milter_buffer && !tx->milter_headers) || tx->discard)
+        return 0;
+    tx->mmsg.own = tx->mprefix;
+    tx->mmsg.headers_only = tx->milter_headers;
+    if (gw_milter_eom(s->milter, &tx->mmsg, &res) == 0) {
+        session_milter_wait(s, GW_MP_EOM);
+        return 1;
+    }
+    session_eom_verdict(s, &res);
+    return 1;
+}
+
+/* session_eom_verdict - the milters' decision on the whole message */
+void session_eom_verdict(struct gw_session *s, const struct gw_milter_result *res)
+{
+    struct gw_tx *tx = &s->tx;
+
+    if (res->verdict == GW_MV_REJECT || res->verdict == GW_MV_TEMPFAIL) {
+        session_milter_log(s, "END-OF-MESSAGE", res, "");
+        tx_reset(s);
+        session_enter(s, GW_S_READY);
+        session_milter_reply(s, res->reply);
+        session_tx_end(s);
+        return;
+    }
+    if (res->verdict == GW_MV_DISCARD) {
+        tx->discard = 1;
+        snprintf(tx->discard_by, sizeof(tx->discard_by), "%s", res->milter);
+        session_milter_log(s, "END-OF-MESSAGE", res, "");
+    }
+    session_commit(s);
 }

@@ -2,7 +2,7 @@
  * gw_session_envelope.c - MAIL FROM and RCPT TO, each beside its completion: our checks, the
  * SPF answer, then the milters' verdict (the second half of each command).
  */
-#include "gw_session_int.h"
+#include "gw_session_envelope.h"
 
 #include <errno.h>
 #include <inttypes.h>

@@ -1,23 +1,18 @@
 /*
- * gw_session_io.c - the session's octets: replies batched into s->out and written once per
- * input batch, reads into s->in or the loop-wide scratch buffer, and the TLS pump. What was
- * read goes to the protocol through one entry, session_process() in gw_session.c.
+ * gw_session_io.c - the session's octets: the batched replies in s->out written once per
+ * input batch, reads into s->in or the loop-wide scratch buffer, the TLS pump, the timer and
+ * the orderly close. What was read, and a timeout, go up through one callback, s->io_cb
+ * (gw_session.c's dispatcher): this floor calls no session function above it by name.
  */
-#include "gw_session_int.h"
+#include "gw_session_io.h"
 
 #include <errno.h>
-#include <inttypes.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <strings.h>
-#include <time.h>
 
-#include "gw_ctl.h"
 #include "gw_server.h"
 #include "gw_tls.h"
-#include "rcptmap.h"
 
 struct gw_wreq {
     uv_write_t req;
@@ -37,105 +32,10 @@ static void session_write_cb(uv_write_t *req, int status);
 static void session_tls_pump(struct gw_session *s);
 static void session_alloc_cb(uv_handle_t *h, size_t suggested, uv_buf_t *buf);
 static void session_read_cb(uv_stream_t *st, ssize_t nread, const uv_buf_t *buf);
+static void session_shutdown_cb(uv_shutdown_t *req, int status);
+static void session_timer_cb(uv_timer_t *t);
 
 /* ---------------------------------------------------------------- output */
-
-/* session_reply - append one reply line (CRLF added), counted for the metrics under why
- * (GW_R_NONE for a 2xx/3xx). A line longer than RFC 5321 allows is cut; only client-supplied
- * text (addresses, bounded by the parser) could make it long. */
-void session_reply(struct gw_session *s, enum gw_reason why, const char *fmt, ...)
-{
-    va_list ap;
-    int n;
-
-    if (s->gone)
-        return;
-    if (s->out_cap - s->out_len < GW_REPLY_MAX + 1) {
-        size_t cap = s->out_cap ? s->out_cap * 2 : GW_OUT_INIT;
-        char *p;
-
-        while (cap - s->out_len < GW_REPLY_MAX + 1)
-            cap *= 2;
-        if (!(p = realloc(s->out, cap))) {
-            log_warn(GW_CLIENT ": out of memory for replies", GW_WHO(s));
-            session_close_now(s);
-            return;
-        }
-        s->out = p;
-        s->out_cap = cap;
-    }
-    va_start(ap, fmt);
-    n = vsnprintf(s->out + s->out_len, GW_REPLY_MAX - 1, fmt, ap);
-    va_end(ap);
-    if (n < 0)
-        n = 0;
-    if (n > GW_REPLY_MAX - 2)
-        n = GW_REPLY_MAX - 2;
-    gw_ctl_reply(why);
-    memcpy(s->out + s->out_len + n, "\r\n", 2);
-    s->out_len += (size_t)n + 2;
-}
-
-void session_reply_r(struct gw_session *s, enum gw_reason why, const struct smtp_reply *r)
-{
-    session_reply(s, why, "%d %s %s", r->code, r->enh, r->text);
-}
-
-/* session_parse_reason - the reason of a parser's refusal (enum smtp_err) */
-enum gw_reason session_parse_reason(int err)
-{
-    switch (err) {
-    case SMTP_ESIZE_EXCEEDED:
-        return GW_R_TOO_BIG;
-    case SMTP_EBAD_SENDER:
-    case SMTP_EBAD_RCPT:
-    case SMTP_ENULL_RCPT:
-    case SMTP_ESENDER_LOCAL_LONG:
-    case SMTP_ESENDER_DOMAIN_LONG:
-    case SMTP_ESENDER_PATH_LONG:
-    case SMTP_ERCPT_LOCAL_LONG:
-    case SMTP_ERCPT_DOMAIN_LONG:
-    case SMTP_ERCPT_PATH_LONG:
-        return GW_R_BAD_ADDRESS;
-    case SMTP_ESENDER_UTF8:
-    case SMTP_ERCPT_UTF8:
-        return GW_R_OTHER_5XX;
-    default:                    /* syntax, parameters, unknown and bad sequence */
-        return GW_R_PROTOCOL;
-    }
-}
-
-/* session_data_reason - the reason of a refused message text (enum gw_data_err) */
-enum gw_reason session_data_reason(int err)
-{
-    switch (err) {
-    case GW_DATA_EHEADER_COUNT:
-    case GW_DATA_EHEADER_SIZE:
-    case GW_DATA_ESIZE:
-        return GW_R_TOO_BIG;
-    case GW_DATA_ENUL:
-        return GW_R_OTHER_5XX;
-    case GW_DATA_ESTORE:
-        return GW_R_TEMPFAIL;
-    default:                    /* bare CR or LF, a line too long */
-        return GW_R_PROTOCOL;
-    }
-}
-
-/* session_rcptmap_reason - the reason of a recipient the map refused (enum rcptmap_result) */
-enum gw_reason session_rcptmap_reason(int rc)
-{
-    switch (rc) {
-    case RCPTMAP_OK:
-        return GW_R_NONE;
-    case RCPTMAP_UNKNOWN_USER:
-        return GW_R_UNKNOWN_USER;
-    case RCPTMAP_NOT_LOCAL:
-        return GW_R_RELAY_DENIED;
-    default:
-        return GW_R_TEMPFAIL;
-    }
-}
 
 /* session_send - raw octets to the socket: try the write now, queue only the rest */
 static void session_send(struct gw_session *s, const char *p, size_t n)
@@ -261,7 +161,7 @@ int session_keep(struct gw_session *s, const char *p, size_t n)
 /* session_consume_in - process what waits in s->in and keep the rest at its start */
 void session_consume_in(struct gw_session *s)
 {
-    size_t used = session_process(s, s->in, s->in_len);
+    size_t used = s->io_cb(s, GW_IO_INPUT, s->in, s->in_len);
 
     if (s->gone)
         return;
@@ -380,7 +280,7 @@ static void session_read_cb(uv_stream_t *st, ssize_t nread, const uv_buf_t *buf)
     if (s->closing)
         return;                   /* after QUIT or a 421 input is ignored */
     if (s->state == GW_S_PROXY || s->state == GW_S_WAIT) {
-        session_early_input(s, buf, (size_t)nread);
+        s->io_cb(s, GW_IO_EARLY, buf->base, (size_t)nread);
         return;
     }
     if (s->tls) {
@@ -391,7 +291,7 @@ static void session_read_cb(uv_stream_t *st, ssize_t nread, const uv_buf_t *buf)
         session_tls_pump(s);
     } else if (buf->base == gw_scratch) {
         if (s->in_len == 0) {
-            used = session_process(s, gw_scratch, (size_t)nread);
+            used = s->io_cb(s, GW_IO_INPUT, gw_scratch, (size_t)nread);
             if (!s->gone && session_keep(s, gw_scratch + used, (size_t)nread - used) < 0)
                 session_lost(s, "out of memory");
         } else if (session_keep(s, gw_scratch, (size_t)nread) < 0) {
@@ -405,4 +305,75 @@ static void session_read_cb(uv_stream_t *st, ssize_t nread, const uv_buf_t *buf)
     }
     if (!s->gone)
         session_after_input(s);
+}
+
+/* ---------------------------------------------------------------- timer and close */
+/* session_close - after QUIT or a 421: send what is batched, close_notify under TLS, then
+ * shut the write side down once the queue is written (uv_shutdown waits for it) and close.
+ * The linger timer bounds the wait for a peer that does not read. */
+void session_close(struct gw_session *s)
+{
+    if (s->closing || s->gone)
+        return;
+    session_flush(s);
+    if (s->gone)
+        return;
+    s->closing = 1;
+    session_ip_release(s);
+    if (s->tls && s->tls_done) {
+        gw_tls_conn_shutdown(s->tls);
+        session_tls_drain(s);
+    }
+    session_read_stop(s);
+    if (s->state != GW_S_COMMIT)
+        session_enter(s, GW_S_CLOSING);
+    uv_timer_start(&s->timer, session_timer_cb, GW_CLOSE_LINGER_MS, 0);
+    s->shutdown_req.data = s;
+    if (uv_shutdown(&s->shutdown_req, &s->h.stream, session_shutdown_cb) < 0)
+        session_close_now(s);
+}
+
+static void session_shutdown_cb(uv_shutdown_t *req, int status)
+{
+    session_close_now(req->data);
+}
+
+/*
+ * session_arm - one timer per session. Between commands it is the idle timeout (RFC 5321
+ * 4.5.3.2: at least 5 minutes); during DATA/BDAT also the deadline for the whole message
+ * (data_timeout) and within a command line the deadline for the whole line
+ * (command_line_timeout), so a client trickling one octet at a time cannot hold a session
+ * forever; in TLS the handshake deadline. Before the banner (PROXY, WAIT) only s->deadline
+ * counts: the greet delay may be longer than the idle timeout.
+ */
+void session_arm(struct gw_session *s)
+{
+    const struct conf_gateway *g = &s->srv->conf->gateway;
+    uint64_t ms = (uint64_t)g->idle_timeout_ms;
+    uint64_t now, dl[3] = { s->tx.data_deadline, s->cmd_deadline, s->deadline };
+
+    if (s->gone || s->closing)
+        return;
+    if (s->state == GW_S_PROXY || s->state == GW_S_WAIT)
+        ms = UINT64_MAX;
+    now = uv_now(s->srv->loop);
+    for (int i = 0; i < 3; i++) {
+        uint64_t left = dl[i] > now ? dl[i] - now : 1;
+
+        if (dl[i] && left < ms)
+            ms = left;
+    }
+    uv_timer_start(&s->timer, session_timer_cb, ms ? ms : 1, 0);
+}
+
+/* session_timer_cb - the linger after a close expired, or a timeout for the top to act on */
+static void session_timer_cb(uv_timer_t *t)
+{
+    struct gw_session *s = t->data;
+
+    if (s->closing) {             /* the linger after a close expired */
+        session_close_now(s);
+        return;
+    }
+    s->io_cb(s, GW_IO_TIMEOUT, NULL, 0);
 }

@@ -1,27 +1,20 @@
 /*
- * gw_session_milter.c - the session's side of the milters: the connect and HELO stages, the
- * end-of-message stage and its verdict, the milters' envelope edits, and the one callback
- * every milter stage answers through.
+ * gw_session_milter.c - the session's side of the milters below the commands: opening them
+ * with CONNECT, a milter's refusal to the client, and the milters' envelope edits at commit.
+ * The stages' verdicts come back through s->milter_cb (gw_session.c), which finishes the
+ * command each held.
  */
-#include "gw_session_int.h"
+#include "gw_session_milter.h"
 
 #include <errno.h>
-#include <inttypes.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
-#include <time.h>
 
 #include "gw_server.h"
-#include "gw_tls.h"
 #include "router.h"
 #include "version.h"
-
-static void session_milter_cb(void *arg, const struct gw_milter_result *res);
-static int session_eom_content(struct gw_session *s);
-static void session_eom_verdict(struct gw_session *s, const struct gw_milter_result *res);
 
 /* ---------------------------------------------------------------- milters */
 
@@ -34,52 +27,6 @@ void session_milter_reply(struct gw_session *s, const char *reply)
         tx_reset(s);
         session_close(s);
     }
-}
-
-/* session_milter_close - QUIT to the milters now that the session ends (unless a stage is
- * outstanding: then they go with the session) */
-void session_milter_close(struct gw_session *s)
-{
-    if (!s->milter)
-        return;
-    if (s->mpend != GW_MP_NONE) {
-        if (!s->gone)
-            return;
-        /* Closed while a stage waits (shutdown, a write error): nobody needs the verdict,
-         * and a milter that keeps sending "progress" must not keep the session and its
-         * message buffer alive. After gw_milter_free no callback comes, so the stage's
-         * reference goes here; the connection's own lasts until the handles are closed. */
-        s->mpend = GW_MP_NONE;
-        s->paused = 0;
-        gw_milter_free(s->milter);
-        s->milter = NULL;
-        session_unref(s);
-        return;
-    }
-    gw_milter_free(s->milter);
-    s->milter = NULL;
-}
-
-/* session_milter_wait - a milter stage is outstanding: input waits (paused) so replies stay
- * in order, and the stage holds a reference like a commit does */
-void session_milter_wait(struct gw_session *s, enum gw_mpend what)
-{
-    s->refs++;
-    s->paused = 1;
-    s->mpend = what;
-}
-
-/* session_milter_log - "QID: milter NAME: reject: STAGE from unknown[IP]: REPLY; from=<>" */
-void session_milter_log(struct gw_session *s, const char *stage,
-                        const struct gw_milter_result *res, const char *extra)
-{
-    const char *what = res->verdict == GW_MV_DISCARD ? "discard"
-                     : res->verdict == GW_MV_TEMPFAIL ? "tempfail" : "reject";
-
-    log_info("%s: milter %s: %s: %s from " GW_CLIENT ": %s; from=<%s>%s proto=%s helo=<%s>",
-             s->tx.qid[0] ? s->tx.qid : "NOQUEUE", res->milter, what, stage, GW_WHO(s),
-             res->verdict == GW_MV_DISCARD ? "250 2.0.0 Ok" : res->reply, s->tx.sender, extra,
-             session_proto(s), s->helo);
 }
 
 /* session_milter_connect - open the milters and send them CONNECT before the banner.
@@ -96,7 +43,7 @@ int session_milter_connect(struct gw_session *s)
 
     if (c->n_milters == 0)
         return 0;
-    s->milter = gw_milter_new(s->srv->loop, c, c->gateway.milter_max_size, session_milter_cb,
+    s->milter = gw_milter_new(s->srv->loop, c, c->gateway.milter_max_size, s->milter_cb,
                               s);
     if (!s->milter) {
         log_warn(GW_CLIENT ": out of memory for milters: 451 to every MAIL", GW_WHO(s));
@@ -159,113 +106,6 @@ int session_milter_connect(struct gw_session *s)
         session_milter_log(s, "CONNECT", &res, "");
     }
     return 0;
-}
-
-/* session_greet_on - the milters saw CONNECT: a milter's 421 (or SMFIR_SHUTDOWN) goes out
- * instead of the greeting; otherwise the banner now, or after greet_delay */
-void session_greet_on(struct gw_session *s)
-{
-    const struct conf_gateway *g = &s->srv->conf->gateway;
-
-    if (strncmp(s->milter_reply, "421", 3) == 0) {
-        session_reply(s, gw_ctl_reason_of(s->milter_reply), "%s", s->milter_reply);
-        session_close(s);
-        return;
-    }
-    if (g->greet_delay_ms > 0) {
-        session_enter(s, GW_S_WAIT);
-        s->deadline = uv_now(s->srv->loop) + (uint64_t)g->greet_delay_ms;
-        session_read_start(s);
-        if (s->in_len > 0)
-            session_pregreet(s);
-        session_arm(s);
-        return;
-    }
-    session_banner(s);
-}
-
-void session_helo_stage(struct gw_session *s, int esmtp)
-{
-    struct gw_milter_result res;
-    char bits[16];
-
-    if (!s->milter || s->milter_reply[0]) {   /* a milter refused the session already */
-        session_helo_finish(s, esmtp, NULL);
-        return;
-    }
-    if (s->tls_done) {
-        const char *cipher = gw_tls_conn_cipher(s->tls);
-
-        gw_milter_macro(s->milter, "{tls_version}", gw_tls_conn_version(s->tls));
-        gw_milter_macro(s->milter, "{cipher}", cipher);
-        /* every cipher suite TLS 1.2/1.3 negotiates here is AES-128/256 or ChaCha20 */
-        snprintf(bits, sizeof(bits), "%d", strstr(cipher, "128") ? 128 : 256);
-        gw_milter_macro(s->milter, "{cipher_bits}", bits);
-    }
-    if (gw_milter_helo(s->milter, s->helo, &res) == 0) {
-        session_milter_wait(s, esmtp ? GW_MP_EHLO : GW_MP_HELO);
-        return;
-    }
-    session_helo_finish(s, esmtp, &res);
-}
-
-/* session_eom_milters - end of data with milters: DATA first for BDAT, then the content.
- * 1: handled (pending, or answered), 0: commit now. */
-int session_eom_milters(struct gw_session *s)
-{
-    struct gw_tx *tx = &s->tx;
-    struct gw_milter_result res;
-
-    if (!tx->mdata_done) {
-        tx->mdata_done = 1;
-        if (gw_milter_data(s->milter, &res) == 0) {
-            session_milter_wait(s, GW_MP_EOM_DATA);
-            return 1;
-        }
-        if (res.verdict != GW_MV_CONTINUE) {
-            session_eom_verdict(s, &res);
-            return 1;
-        }
-    }
-    return session_eom_content(s);
-}
-
-static int session_eom_content(struct gw_session *s)
-{
-    struct gw_tx *tx = &s->tx;
-    struct gw_milter_result res;
-
-    if ((!tx->milter_buffer && !tx->milter_headers) || tx->discard)
-        return 0;
-    tx->mmsg.own = tx->mprefix;
-    tx->mmsg.headers_only = tx->milter_headers;
-    if (gw_milter_eom(s->milter, &tx->mmsg, &res) == 0) {
-        session_milter_wait(s, GW_MP_EOM);
-        return 1;
-    }
-    session_eom_verdict(s, &res);
-    return 1;
-}
-
-/* session_eom_verdict - the milters' decision on the whole message */
-static void session_eom_verdict(struct gw_session *s, const struct gw_milter_result *res)
-{
-    struct gw_tx *tx = &s->tx;
-
-    if (res->verdict == GW_MV_REJECT || res->verdict == GW_MV_TEMPFAIL) {
-        session_milter_log(s, "END-OF-MESSAGE", res, "");
-        tx_reset(s);
-        session_enter(s, GW_S_READY);
-        session_milter_reply(s, res->reply);
-        session_tx_end(s);
-        return;
-    }
-    if (res->verdict == GW_MV_DISCARD) {
-        tx->discard = 1;
-        snprintf(tx->discard_by, sizeof(tx->discard_by), "%s", res->milter);
-        session_milter_log(s, "END-OF-MESSAGE", res, "");
-    }
-    session_commit(s);
 }
 
 /* strip_path - "<a@b>" -> "a@b" into out; -1 when it does not fit or is not sane */
@@ -361,57 +201,4 @@ int session_apply_envelope(struct gw_session *s)
         log_qid(LOG_INFO, tx->qid, "milter %s: every recipient deleted: discard", last_del);
     }
     return 0;
-}
-
-/* session_milter_cb - an outstanding milter stage finished: finish the command it held */
-static void session_milter_cb(void *arg, const struct gw_milter_result *res)
-{
-    struct gw_session *s = arg;
-    enum gw_mpend what = s->mpend;
-
-    s->mpend = GW_MP_NONE;
-    s->paused = 0;
-    if (s->gone || s->closing) {
-        session_unref(s);
-        return;
-    }
-    switch (what) {
-    case GW_MP_CONNECT:
-        if (res->verdict == GW_MV_REJECT || res->verdict == GW_MV_TEMPFAIL) {
-            snprintf(s->milter_reply, sizeof(s->milter_reply), "%s", res->reply);
-            snprintf(s->milter_by, sizeof(s->milter_by), "%s", res->milter);
-            session_milter_log(s, "CONNECT", res, "");
-        }
-        session_greet_on(s);
-        break;
-    case GW_MP_HELO:
-    case GW_MP_EHLO:
-        session_helo_finish(s, what == GW_MP_EHLO, res);
-        break;
-    case GW_MP_MAIL:
-        session_mail_finish(s, res);
-        break;
-    case GW_MP_RCPT:
-        session_rcpt_finish(s, res);
-        break;
-    case GW_MP_RCPT_REJ:
-        break;
-    case GW_MP_DATA:
-        session_data_finish(s, res);
-        break;
-    case GW_MP_EOM_DATA:
-        if (res->verdict != GW_MV_CONTINUE)
-            session_eom_verdict(s, res);
-        else if (!session_eom_content(s))
-            session_commit(s);
-        break;
-    case GW_MP_EOM:
-        session_eom_verdict(s, res);
-        break;
-    case GW_MP_NONE:
-    default:
-        fatal("session: milter callback without a stage (%d)", (int)what);
-    }
-    session_unref(s);             /* the stage's reference; the connection's remains */
-    session_resume(s);
 }
