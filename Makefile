@@ -132,6 +132,13 @@ $(B)/tools/%: $(B)/obj/tests/tools/%.o $(B)/libsluice.a
 	@mkdir -p $(dir $@)
 	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS)
 
+# the durability tests' gateway: the gateway's own main object with its spool_open() wrapped
+# by the linker (tests/tools/gateway_fault.c), so no production binary can fail on purpose
+$(B)/tools/gateway_fault: $(B)/obj/tests/tools/gateway_fault.o \
+                          $(B)/obj/gateway/sluice-gateway_main.o $(B)/libsluice.a
+	@mkdir -p $(dir $@)
+	$(CC) $(LDFLAGS) -Wl,--wrap=spool_open -o $@ $^ $(LDLIBS)
+
 # run also installs swaks, the client of the README's first example
 run: deps
 	@scripts/deps.sh run

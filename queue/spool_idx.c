@@ -218,7 +218,7 @@ static void sql_rcpt_key(sqlite3_context *ctx, int argc, sqlite3_value **argv)
 /* busy - wait for the other daemon's write transaction in short steps: it lasts a
  * millisecond or a few (a group commit, a chunk of a bulk change), and SQLite's own handler
  * sleeps up to 100 ms between tries, which a gateway's commit would then wait on top. A
- * quarter of a millisecond first (a chunk's lock is at most about one), then longer steps
+ * quarter of a millisecond first (a chunk's lock lasts a few at most), then longer steps
  * for a long wait (a migration, a stuck peer). */
 #define BUSY_FINE_MS 20        /* poll every BUSY_FINE_NS for this long, */
 #define BUSY_FINE_NS 250000L

@@ -35,10 +35,12 @@
 #define SPOOL_CHUNK_FIRST 256           /* rows in the first chunk of a bulk change */
 #define SPOOL_CHUNK_MIN 16
 #define SPOOL_CHUNK_MAX 8192
-#define SPOOL_CHUNK_LO_US 250          /* a bulk change's chunk works (its lock, then the */
-#define SPOOL_CHUNK_HI_US 1000         /* write-out of its WAL pages) this long or so, */
+#define SPOOL_CHUNK_LO_US 1000          /* a bulk change's chunk works (its lock, then the */
+#define SPOOL_CHUNK_HI_US 4000          /* write-out of its WAL pages) this long or so, */
 #define SPOOL_CHUNK_REST 3              /* and rests three times as long after each, */
 #define SPOOL_CHUNK_REST_MS 2           /* this long at least */
+#define SPOOL_BULK_CKPT_FRAMES 4096     /* WAL frames (16 MiB) before a bulk change checkpoints */
+#define SPOOL_AUTOCKPT_FRAMES 1000      /* the synchronous connection's autocheckpoint else */
 
 struct spool_msg {
     struct spool *sp;
@@ -100,6 +102,7 @@ struct spool {
     /* synchronous API */
     pthread_mutex_t smu;
     struct spool_idx six;
+    int bulk_frames;                    /* the WAL's frames after six's last commit (bulk) */
     /* the reserve (spool_reserve.h); rmu, because the writer restores it while a synchronous
      * call may be releasing it */
     pthread_mutex_t rmu;

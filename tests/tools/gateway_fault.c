@@ -2,8 +2,9 @@
  * gateway_fault.c - sluice-gateway built with the spool's fault-injection hook wired, for the
  * end-to-end durability tests that need no root (tests/e2e/test_durability.py).
  *
- * This is the gateway's own main (gateway/sluice-gateway_main.c, included below, unchanged)
- * with spool_open() wrapped so that struct spool_opts.fault is set. The hook reads the file
+ * This is the gateway's own main (build/obj/gateway/sluice-gateway_main.o, unchanged), linked
+ * with -Wl,--wrap=spool_open (the Makefile's rule for this tool), so that its call to
+ * spool_open() comes here first and struct spool_opts.fault is set. The hook reads the file
  * named by SLUICE_SPOOL_FAULT_FILE at every step: when it holds the step's name on a line
  * ("seg_sync", "index_commit", ... as spool.h lists them), that step fails with EIO. A test
  * turns a fault on and off by writing or removing the file while the gateway runs.
@@ -20,15 +21,10 @@
 
 #include "spool.h"
 
-static int fault_spool_open(struct spool **sp, const struct spool_opts *o, char *err,
-                            size_t errlen);
-int gateway_main(int argc, char **argv);
-
-#define spool_open fault_spool_open
-#define main gateway_main
-#include "../../gateway/sluice-gateway_main.c"
-#undef main
-#undef spool_open
+/* the linker's names (ld --wrap): the gateway's spool_open() calls __wrap_spool_open, which
+ * calls the spool's own as __real_spool_open */
+int __real_spool_open(struct spool **sp, const struct spool_opts *o, char *err, size_t errlen);
+int __wrap_spool_open(struct spool **sp, const struct spool_opts *o, char *err, size_t errlen);
 
 #define FAULT_LINE_MAX 64
 
@@ -52,8 +48,7 @@ static int fault_hook(const char *step, void *arg)
     return hit ? -EIO : 0;
 }
 
-static int fault_spool_open(struct spool **sp, const struct spool_opts *o, char *err,
-                            size_t errlen)
+int __wrap_spool_open(struct spool **sp, const struct spool_opts *o, char *err, size_t errlen)
 {
     struct spool_opts so = *o;
     const char *path = getenv("SLUICE_SPOOL_FAULT_FILE");
@@ -62,10 +57,5 @@ static int fault_spool_open(struct spool **sp, const struct spool_opts *o, char 
         so.fault = fault_hook;
         so.fault_arg = (void *)path;
     }
-    return spool_open(sp, &so, err, errlen);
-}
-
-int main(int argc, char **argv)
-{
-    return gateway_main(argc, argv);
+    return __real_spool_open(sp, &so, err, errlen);
 }

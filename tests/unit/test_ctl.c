@@ -22,7 +22,7 @@
 #include "ctl_proto.h"
 #include "metrics.h"
 #include "spool_query.h"
-#include "../../gateway/gw_ctl.h"
+#include "gw_ctl.h"
 
 /* --- Protocol ---------------------------------------------------------------------------- */
 

@@ -14,7 +14,7 @@
 
 #include <cmocka.h>
 
-#include "../../queue/dsn.h"
+#include "dsn.h"
 
 static const char ORIG[] = "Received: from x by mx.test\r\nSubject: hi\r\nX-Mark: head\r\n\r\n"
                            "the body line\r\n";

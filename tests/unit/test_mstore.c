@@ -20,8 +20,8 @@
 #include <string.h>
 #include <unistd.h>
 
-#include "../../queue/dlv.h"
-#include "../../queue/mstore.h"
+#include "dlv.h"
+#include "mstore.h"
 #include "log.h"
 
 #define T0 1800000000000LL     /* fake clock, unix ms */

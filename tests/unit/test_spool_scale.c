@@ -31,7 +31,8 @@
 #include "qid.h"
 #include "spool.h"
 #include "spool_query.h"
-#include "../../queue/spool_idx.h"
+#include "spool_idx.h"
+#include "spool_int.h"
 
 #define TEST_TIMEOUT_S 300
 #define FX_RCPTS 16
@@ -775,6 +776,37 @@ static void test_bulk_with_commits(void **state)
     assert_int_equal(qd + hd, 0);
 }
 
+/* A bulk change turns SQLite's autocheckpoint off (it synced index.db after almost every
+ * chunk, in the gateway's way) and leaves checkpoints to the gateway's checkpointer; with no
+ * gateway running it must still keep the WAL short itself, or a change of a million rows
+ * would grow index.db-wal by gigabytes. Opened as sluice-deliver opens it (no writer, no
+ * checkpointer), the WAL after a hold of 40,000 rows stays within the bulk change's own
+ * bound: SPOOL_BULK_CKPT_FRAMES, plus what the last chunks wrote before it checkpointed. */
+static void test_bulk_keeps_wal_short(void **state)
+{
+    struct fx *f = *state;
+    char path[512], wal[520];
+    struct stat st;
+    sqlite3 *db;
+
+    fill_users(f, 5000, 8, 4000, 1, 1, 21);           /* 40,000 rows on ms1 */
+    fx_close(f);
+    assert_int_equal(spool_index_path(f->dir, path, sizeof(path)), 0);
+    snprintf(wal, sizeof(wal), "%s-wal", path);
+    /* an empty WAL to start from, so its size afterwards is what the change made it */
+    assert_int_equal(sqlite3_open(path, &db), SQLITE_OK);
+    assert_int_equal(sqlite3_exec(db, "PRAGMA wal_checkpoint(TRUNCATE)", NULL, NULL, NULL),
+                     SQLITE_OK);
+    sqlite3_close(db);
+    fx_open(f, 0);
+    assert_int_equal(spool_hold(f->sp, NULL, "ms1", "wal test"), 40000);
+    assert_int_equal(stat(wal, &st), 0);
+    print_message("index.db-wal after the hold: %lld bytes\n", (long long)st.st_size);
+    assert_true(st.st_size <= (off_t)(SPOOL_BULK_CKPT_FRAMES * 2) * (4096 + 24));
+    assert_int_equal(spool_unhold(f->sp, NULL, "ms1", time(NULL)), 40000);
+    assert_counts_exact(f);
+}
+
 /* --- query plans: what must never scan the queue --------------------------------------- */
 
 static const char *const idx_sql[SPOOL_IDX_NSTMT] = {
@@ -852,6 +884,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_domain_users, setup, teardown),
         cmocka_unit_test_setup_teardown(test_query_bound_and_stop, setup, teardown),
         cmocka_unit_test_setup_teardown(test_bulk_with_commits, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_bulk_keeps_wal_short, setup, teardown),
         cmocka_unit_test_setup_teardown(test_plans, setup, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
