@@ -21,6 +21,8 @@
 #include <sys/time.h>
 #include <unistd.h>
 
+#include "fdio.h"
+
 #define MAILDIR_WRITE_CHUNK 65536 /* LF-converted output buffered per write(2) */
 
 static int maildir_put(char *out, size_t len, size_t *n, char ch);
@@ -189,21 +191,6 @@ static int maildir_prepare(const char *box)
 
 /* --- Delivery --------------------------------------------------------------------------------- */
 
-static int maildir_write_all(int fd, const char *p, size_t n)
-{
-    while (n > 0) {
-        ssize_t w = write(fd, p, n);
-        if (w < 0) {
-            if (errno == EINTR)
-                continue;
-            return -errno;
-        }
-        p += w;
-        n -= (size_t)w;
-    }
-    return 0;
-}
-
 /* maildir_write_msg - the two header lines, then msg with CRLF as LF. Returns bytes written
  * in *size. */
 static int maildir_write_msg(int fd, const char *rcpt, const char *sender, const char *msg,
@@ -228,13 +215,13 @@ static int maildir_write_msg(int fd, const char *rcpt, const char *sender, const
             continue;
         buf[n++] = msg[i];
         if (n == MAILDIR_WRITE_CHUNK) {
-            if ((r = maildir_write_all(fd, buf, n)) < 0)
+            if ((r = fdio_write_full(fd, buf, n)) < 0)
                 goto out;
             *size += n;
             n = 0;
         }
     }
-    r = maildir_write_all(fd, buf, n);
+    r = fdio_write_full(fd, buf, n);
     *size += n;
 out:
     free(buf);

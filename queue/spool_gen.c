@@ -14,6 +14,7 @@
 #include <unistd.h>
 
 #include "crc32c.h"
+#include "fdio.h"
 #include "log.h"
 #include "spool_int.h"
 #include "spool_rec.h"
@@ -37,8 +38,8 @@ static int gen_write(struct spool *sp, const struct spool_gen *g, int *fd)
         return -errno;
     spool_rec_hdr_make(&h, g->qid, SPOOL_REC_TRAILER, g->len, 0, crc32c(0, g->data, g->len));
     spool_rec_hdr_encode(&h, raw);
-    if ((r = spool_write_full(*fd, g->data, g->len)) < 0 ||
-        (r = spool_write_full(*fd, raw, sizeof(raw))) < 0) {
+    if ((r = fdio_write_full(*fd, g->data, g->len)) < 0 ||
+        (r = fdio_write_full(*fd, raw, sizeof(raw))) < 0) {
         close(*fd);
         *fd = -1;
         unlinkat(sp->tmpfd, g->qid, 0);

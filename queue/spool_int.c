@@ -49,22 +49,6 @@ int spool_reserve_ok(struct spool *sp)
     return spool_reserve_in_place(&sp->rsv);
 }
 
-int spool_write_full(int fd, const void *buf, size_t len)
-{
-    const char *p = buf;
-    while (len > 0) {
-        ssize_t n = write(fd, p, len);
-        if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            return -errno;
-        }
-        p += n;
-        len -= (size_t)n;
-    }
-    return 0;
-}
-
 int spool_pwritev_full(int fd, struct iovec *iov, int n, off_t off)
 {
     while (n > 0) {

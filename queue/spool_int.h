@@ -123,8 +123,8 @@ int64_t spool_mono_us(void);
 /* the reserve (spool_reserve.h) under rmu */
 int spool_rsv_restore(struct spool *sp, int force);
 int spool_rsv_release(struct spool *sp, const char *why);
-/* whole writes (0 or -errno), and an fsync or fdatasync counted in the stats */
-int spool_write_full(int fd, const void *buf, size_t len);
+/* whole writes (0 or -errno; a plain write is fdio_write_full, fdio.h), and an fsync or
+ * fdatasync counted in the stats */
 int spool_pwritev_full(int fd, struct iovec *iov, int n, off_t off);
 int spool_sync_fd(struct spool *sp, int fd, int data_only);
 void spool_mem_release(struct spool *sp, size_t n);

@@ -19,6 +19,7 @@
 #include <unistd.h>
 
 #include "crc32c.h"
+#include "fdio.h"
 #include "log.h"
 #include "spool_int.h"
 #include "spool_rec.h"
@@ -47,7 +48,7 @@ static int spill(struct spool_msg *m)
     fd = openat(sp->tmpfd, m->qid, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
     if (fd < 0)
         return -errno;
-    if ((r = spool_write_full(fd, m->body, m->body_len)) < 0) {
+    if ((r = fdio_write_full(fd, m->body, m->body_len)) < 0) {
         close(fd);
         unlinkat(sp->tmpfd, m->qid, 0);
         return r;
@@ -103,7 +104,7 @@ int spool_msg_write(struct spool_msg *m, const void *buf, size_t len)
         if ((r = spill(m)) < 0)
             return m->err = r;
     }
-    if ((r = spool_write_full(m->tmp_fd, buf, len)) < 0)
+    if ((r = fdio_write_full(m->tmp_fd, buf, len)) < 0)
         return m->err = r;
     m->body_crc = crc32c(m->body_crc, buf, len);
     m->file_len += len;
@@ -290,13 +291,13 @@ static int big_finish(struct spool *sp, struct spool_msg *m)
     }
     if ((r = spool_fault(sp, "big_write")) < 0)
         return r;
-    if (m->prefix_len && (r = spool_write_full(m->tmp_fd, m->prefix, m->prefix_len)) < 0)
+    if (m->prefix_len && (r = fdio_write_full(m->tmp_fd, m->prefix, m->prefix_len)) < 0)
         return r;
     m->crc = crc32c(m->body_crc, m->prefix, m->prefix_len);
     uint64_t len = m->file_len + m->prefix_len;
     spool_rec_hdr_make(&h, m->qid, SPOOL_REC_TRAILER, len, (uint32_t)m->prefix_len, m->crc);
     spool_rec_hdr_encode(&h, raw);
-    if ((r = spool_write_full(m->tmp_fd, raw, sizeof(raw))) < 0)
+    if ((r = fdio_write_full(m->tmp_fd, raw, sizeof(raw))) < 0)
         return r;
     if ((r = spool_fault(sp, "big_sync")) < 0 || (r = spool_sync_fd(sp, m->tmp_fd, 0)) < 0)
         return r;
