@@ -464,8 +464,9 @@ static int bulk_wal_open(struct spool_idx *ix)
 /* bulk_write_out - write the chunk's WAL pages to the disk now, from this thread, and return
  * how long that took (us). A chunk commits without a sync of its own, so otherwise its pages
  * would wait in the page cache for the next WAL sync, which is the gateway's commit of a
- * message: the submission would pay for the chunk's writes. sync_file_range writes and waits without the device flush; the gateway's own sync
- * still makes its commit durable, and bulk_barrier the whole change. */
+ * message: the submission would pay for the chunk's writes. sync_file_range writes and
+ * waits without the device flush; the gateway's own sync still makes its commit durable, and
+ * bulk_barrier the whole change. */
 static int64_t bulk_write_out(int walfd)
 {
     int64_t t0 = spool_mono_us();
